@@ -1,0 +1,16 @@
+"""seqpe-kernels: fused kernels for SeqPE (sequential position encoding).
+
+Public API:
+  tokenize(positions, max_digits, base=10)   -> (digits, pad_mask)
+  SeqPE(...)                                   reference encoder (authors' state-dict layout)
+  FusedSeqPE(..., backend="auto")              same module, fused forward/backward
+  load_checkpoint(path, ...)                   the authors' image .pth / text model_1.safetensors
+"""
+from .reference import SeqPE, tokenize, max_digits_for
+from .fused import FusedSeqPE
+from .backend import available_backends
+from .checkpoint import load_checkpoint
+
+__version__ = "0.1.0"
+__all__ = ["SeqPE", "FusedSeqPE", "tokenize", "max_digits_for", "load_checkpoint", "available_backends",
+           "__version__"]

@@ -1,0 +1,5 @@
+"""Backend selection placeholder (being written)."""
+
+
+def available_backends():
+    return {"torch": (True, "eager reference")}

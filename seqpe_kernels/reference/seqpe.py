@@ -1,0 +1,300 @@
+"""Reference SeqPE encoder: a faithful re-implementation of the authors' ``SequentialPE`` (SEQPE_SPEC §2).
+
+Plain eager PyTorch, op for op the same computation (and the same dtype flow under autocast) as the
+authors' module, with the same state-dict keys and layouts so their checkpoints load with strict=True.
+Every fused path in this package is tested against this module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tokenize import check_positions, tokenize
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximate GELU, written as the authors' ``NewGELUActivation`` (explicit cube via pow)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class Conv1D(nn.Module):
+    """GPT-2 ``Conv1D``: a linear layer whose weight is stored ``[in, out]``; y = x @ W + b via addmm."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class _Dropout(nn.Module):
+    """nn.Dropout that a test can drive with explicit keep-masks (``SeqPE.dropout_masks[site]``).
+
+    With a mask given it computes ``x * mask / (1 - p)``, the same as F.dropout with that mask, so a fused
+    kernel's seeded masks can be replayed here for exact parity with dropout on.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.site = ""
+        self.owner: Optional[list] = None  # [SeqPE], set by the owner; a list so it is not a submodule
+
+    def forward(self, x):
+        masks = self.owner[0].dropout_masks if self.owner else None
+        if masks is not None and self.site in masks and self.training and self.p > 0:
+            m = masks[self.site]
+            return x * m.to(x.dtype) * (1.0 / (1.0 - self.p))
+        return F.dropout(x, self.p, self.training)
+
+
+class SeqPEAttention(nn.Module):
+    def __init__(self, embed_dim, num_heads, attn_pdrop, resid_pdrop, scale_attn_weights=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.embed_dim = embed_dim
+        self.head_dim = embed_dim // num_heads
+        self.scale_attn_weights = scale_attn_weights
+        self.c_attn = Conv1D(3 * embed_dim, embed_dim)
+        self.c_proj = Conv1D(embed_dim, embed_dim)
+        self.attn_dropout = _Dropout(attn_pdrop)
+        self.resid_dropout = _Dropout(resid_pdrop)
+
+    def _split_heads(self, t):
+        return t.view(t.size()[:-1] + (self.num_heads, self.head_dim)).permute(0, 2, 1, 3)
+
+    def forward(self, h, attention_mask):
+        q, k, v = self.c_attn(h).split(self.embed_dim, dim=2)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        w = torch.matmul(q, k.transpose(-1, -2))
+        if self.scale_attn_weights:
+            w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        # additive mask after scaling, finfo(dtype of the logits).min, built from a float32 0/1 mask: under
+        # autocast bf16 logits + fp32 mask promote to fp32 (SEQPE_SPEC §2.3, §7.2)
+        mask = attention_mask.unsqueeze(1)
+        w = w + torch.finfo(w.dtype).min * (1 - mask)
+        w = F.softmax(w, dim=-1).type(v.dtype)
+        w = self.attn_dropout(w)
+        o = torch.matmul(w, v)
+        o = o.permute(0, 2, 1, 3).contiguous()
+        o = o.view(o.size()[:-2] + (self.embed_dim,))
+        return self.resid_dropout(self.c_proj(o))
+
+
+class SeqPEMLP(nn.Module):
+    def __init__(self, embed_dim, resid_pdrop):
+        super().__init__()
+        self.c_fc = Conv1D(4 * embed_dim, embed_dim)
+        self.c_proj = Conv1D(embed_dim, 4 * embed_dim)
+        self.dropout = _Dropout(resid_pdrop)
+
+    def forward(self, h):
+        return self.dropout(self.c_proj(gelu_new(self.c_fc(h))))
+
+
+class SeqPEBlock(nn.Module):
+    def __init__(self, embed_dim, num_heads, resid_pdrop, attn_pdrop, eps, scale_attn_weights=True):
+        super().__init__()
+        self.attn = SeqPEAttention(embed_dim, num_heads, attn_pdrop, resid_pdrop, scale_attn_weights)
+        self.layernorm_1 = nn.LayerNorm(embed_dim, eps=eps)
+        self.layernorm_2 = nn.LayerNorm(embed_dim, eps=eps)
+        self.mlp = SeqPEMLP(embed_dim, resid_pdrop)
+
+    def forward(self, h, attention_mask):
+        h = self.attn(self.layernorm_1(h), attention_mask) + h
+        return h + self.mlp(self.layernorm_2(h))
+
+
+def attention_mask(pad_mask: torch.Tensor, direction: str, mask_padding: bool) -> torch.Tensor:
+    """[M, T, T] float 0/1 allowed-attention matrix with the CLS key appended (never masked), §2.3 step 2."""
+    M, L = pad_mask.shape
+    T = L + 1
+    base = torch.ones(T, T, device=pad_mask.device)
+    if direction == "causal":
+        base = torch.tril(base)
+    mask = base.unsqueeze(0).repeat(M, 1, 1)
+    if mask_padding:
+        keys = torch.cat([pad_mask, torch.ones(M, 1, dtype=pad_mask.dtype, device=pad_mask.device)], dim=-1)
+        mask = mask * keys.unsqueeze(1)
+    return mask.float()
+
+
+class SeqPE(nn.Module):
+    """The SeqPE position encoder (reference implementation).
+
+    Args follow the authors' ``SequentialPE`` (SEQPE_SPEC §2.1) with this package's defaults set to the
+    paper configurations: ``use_last_layernorm=True``, ``mask_padding=False``, ``attn_pdrop=0``.
+    ``init`` is "text" (normal, std 0.02) or "image" (timm-style truncated normal at ±2, std 0.02).
+    ``base`` other than 10 is an extension: the digit table then has ``base`` rows (not loadable from the
+    authors' checkpoints, which are decimal).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, max_digits: int, num_layers: int = 2, data_dim: int = 1,
+                 out_dim: Optional[int] = None, attn_direction: str = "causal", mask_padding: bool = False,
+                 use_last_layernorm: bool = True, resid_pdrop: float = 0.1, attn_pdrop: float = 0.0,
+                 temperature: float = 1.0, layer_norm_eps: float = 1e-5, init: str = "text",
+                 init_norm_weight: float = 1.0, base: int = 10, scale_attn_weights: bool = True):
+        super().__init__()
+        _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out_dim, attn_direction,
+                         resid_pdrop, attn_pdrop, temperature, init, base)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.max_digits = max_digits
+        self.num_layers = num_layers
+        self.data_dim = data_dim
+        self.out_dim = out_dim if out_dim and out_dim > 0 else embed_dim
+        self.attn_direction = attn_direction
+        self.mask_padding = mask_padding
+        self.use_last_layernorm = use_last_layernorm
+        self.resid_pdrop = resid_pdrop
+        self.attn_pdrop = attn_pdrop
+        self.temperature = temperature
+        self.layer_norm_eps = layer_norm_eps
+        self.base = base
+        self.scale_attn_weights = scale_attn_weights
+        self.init_scheme = init
+        self.check_range = True  # validate position ranges (one host sync); switch off on hot paths
+        # test hook: {site: keep-mask} replayed by the dropout layers (see _Dropout)
+        self.dropout_masks: Optional[Dict[str, torch.Tensor]] = None
+
+        L = data_dim * max_digits
+        self.pos_of_seqpe_embed = nn.Embedding(L, embed_dim)
+        self.token_of_seqpe_embed = nn.Embedding(base, embed_dim)
+        if data_dim > 1:
+            self.dim_token_embed = nn.Parameter(torch.zeros(data_dim, 1, embed_dim))
+        self.cls_token_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.transformers = nn.ModuleList([
+            SeqPEBlock(embed_dim, num_heads, resid_pdrop, attn_pdrop, layer_norm_eps, scale_attn_weights)
+            for _ in range(num_layers)])
+        if use_last_layernorm:
+            self.layernorm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.out_proj = nn.Linear(embed_dim, self.out_dim)
+        for i, blk in enumerate(self.transformers):
+            for site, mod in ((f"attn{i}", blk.attn.attn_dropout), (f"resid_attn{i}", blk.attn.resid_dropout),
+                              (f"resid_mlp{i}", blk.mlp.dropout)):
+                mod.site, mod.owner = site, [self]
+        self.reset_parameters(init_norm_weight)
+
+    # ------------------------------------------------------------------ init (SEQPE_SPEC §2.6, §2.7)
+    @torch.no_grad()
+    def reset_parameters(self, init_norm_weight: float = 1.0):
+        if self.init_scheme == "image":
+            def draw(t):
+                nn.init.trunc_normal_(t, std=0.02, a=-2.0, b=2.0)
+        else:
+            def draw(t):
+                nn.init.normal_(t, std=0.02)
+        if self.data_dim > 1:
+            draw(self.dim_token_embed)
+        draw(self.cls_token_embed)
+        for m in self.modules():
+            if isinstance(m, (Conv1D, nn.Linear)):
+                draw(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                draw(m.weight)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(init_norm_weight)
+                m.bias.zero_()
+
+    def no_weight_decay_keywords(self):
+        names = {"pos_of_seqpe_embed", "token_of_seqpe_embed", "layernorm", "cls_token_embed"}
+        if self.data_dim > 1:
+            names.add("dim_token_embed")
+        return names
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence including CLS (T = d*K + 1)."""
+        return self.data_dim * self.max_digits + 1
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, max_digits={self.max_digits}, "
+                f"num_layers={self.num_layers}, data_dim={self.data_dim}, out_dim={self.out_dim}, "
+                f"attn_direction={self.attn_direction!r}, mask_padding={self.mask_padding}, "
+                f"use_last_layernorm={self.use_last_layernorm}, base={self.base}")
+
+    def config(self) -> dict:
+        """Constructor arguments that rebuild an identical module (used by FusedSeqPE.from_reference)."""
+        return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, max_digits=self.max_digits,
+                    num_layers=self.num_layers, data_dim=self.data_dim, out_dim=self.out_dim,
+                    attn_direction=self.attn_direction, mask_padding=self.mask_padding,
+                    use_last_layernorm=self.use_last_layernorm, resid_pdrop=self.resid_pdrop,
+                    attn_pdrop=self.attn_pdrop, temperature=self.temperature,
+                    layer_norm_eps=self.layer_norm_eps, init=self.init_scheme, base=self.base,
+                    scale_attn_weights=self.scale_attn_weights)
+
+    # ------------------------------------------------------------------ forward
+    def tokenize(self, positions: torch.Tensor):
+        return tokenize(positions, self.max_digits, self.base, self.data_dim, self.check_range)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Integer positions ``[M]`` (1-D) or ``[M, data_dim]`` -> embeddings ``[M, out_dim]``."""
+        digits, pad_mask = self.tokenize(positions)
+        return self.forward_digits(digits, pad_mask)
+
+    def _check_digits(self, digits, pad_mask):
+        L = self.data_dim * self.max_digits
+        if digits.dim() != 2 or digits.shape[1] != L:
+            raise ValueError(f"digits must have shape [M, {L}] (data_dim*max_digits), got {tuple(digits.shape)}")
+        if digits.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"digits must be integer ids, got {digits.dtype}")
+        if pad_mask is None:
+            pad_mask = torch.ones(digits.shape, dtype=torch.float32, device=digits.device)
+        if pad_mask.shape != digits.shape:
+            raise ValueError(f"pad_mask shape {tuple(pad_mask.shape)} != digits shape {tuple(digits.shape)}")
+        if self.check_range and digits.numel() > 0:
+            lo, hi = torch.aminmax(digits)
+            if int(lo) < 0 or int(hi) >= self.base:
+                raise ValueError(f"digit ids must lie in [0, {self.base}), got range [{int(lo)}, {int(hi)}]")
+        return digits.long(), pad_mask
+
+    def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The authors' interface: digit ids ``[M, L]`` and pad mask ``[M, L]`` -> ``[M, out_dim]``."""
+        digits, pad_mask = self._check_digits(digits, pad_mask)
+        M, L = digits.shape
+        mask = attention_mask(pad_mask, self.attn_direction, self.mask_padding)
+        pos_ids = torch.arange(L, device=digits.device).unsqueeze(0).repeat(M, 1)
+        x = self.token_of_seqpe_embed(digits) + self.pos_of_seqpe_embed(pos_ids)
+        if self.data_dim > 1:
+            dim = self.dim_token_embed.expand(-1, self.max_digits, -1).flatten(0, 1)
+            x = x + dim.unsqueeze(0).expand(M, -1, -1)
+        x = torch.cat([x, self.cls_token_embed.expand(M, -1, -1)], dim=1)
+        for blk in self.transformers:
+            x = blk(x, mask)
+        if self.use_last_layernorm:
+            x = self.layernorm(x)
+        return self.out_proj(x[:, -1]) * (1 / self.temperature)
+
+
+def _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out_dim, attn_direction,
+                     resid_pdrop, attn_pdrop, temperature, init, base):
+    if embed_dim < 1 or num_heads < 1:
+        raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
+    if embed_dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} does not divide embed_dim={embed_dim}")
+    if max_digits < 1 or num_layers < 1 or data_dim < 1:
+        raise ValueError(f"max_digits, num_layers and data_dim must be >= 1, got {max_digits}, {num_layers}, {data_dim}")
+    if attn_direction not in ("causal", "bi"):
+        raise ValueError(f"attn_direction must be 'causal' or 'bi', got {attn_direction!r}")
+    for name, p in (("resid_pdrop", resid_pdrop), ("attn_pdrop", attn_pdrop)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {p}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if init not in ("text", "image"):
+        raise ValueError(f"init must be 'text' or 'image', got {init!r}")
+    if base < 2:
+        raise ValueError(f"base must be >= 2, got {base}")
+    if out_dim is not None and out_dim <= 0 and out_dim != -1:
+        raise ValueError(f"out_dim must be positive (or None / -1 for embed_dim), got {out_dim}")

@@ -1,0 +1,92 @@
+"""Position -> digit sequence (SEQPE_SPEC §1), vectorised.
+
+The authors build digit strings with Python loops per position; here it is a handful of tensor ops on
+the positions' own device. Left padding with the digit 0, axes concatenated in order (row first).
+"""
+from __future__ import annotations
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def max_digits_for(max_position: int, data_dim: int = 1, base: int = 10) -> int:
+    """K as the reference derives it from ``pe_max_position`` (SEQPE_SPEC §1.2).
+
+    1-D: digits of (max_position - 1); 2-D: digits of (floor(sqrt(max_position)) - 1). Like the reference,
+    the count is in decimal for base 10; other bases count in that base.
+    """
+    if max_position < 1:
+        raise ValueError(f"max_position must be >= 1, got {max_position}")
+    if data_dim == 1:
+        top = max_position - 1
+    elif data_dim == 2:
+        import math
+
+        top = math.isqrt(max_position) - 1
+    else:
+        raise ValueError("max_digits_for follows the reference only for data_dim 1 or 2; pass max_digits explicitly")
+    return num_digits(top, base)
+
+
+def num_digits(value: int, base: int = 10) -> int:
+    """Number of base-`base` digits of a non-negative integer (0 has one digit)."""
+    if value < 0:
+        raise ValueError(f"value must be non-negative, got {value}")
+    n = 1
+    while value >= base:
+        value //= base
+        n += 1
+    return n
+
+
+def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, data_dim: int | None = None,
+                    check_range: bool = True) -> torch.Tensor:
+    """Validate and normalise positions to int64 ``[M, d]``. Raises with the reason on bad input."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor of integers, got {type(positions).__name__}")
+    if positions.dtype not in _INT_DTYPES:
+        raise TypeError(f"positions must have an integer dtype, got {positions.dtype} "
+                        "(positions are indices: convert with .long() only if the values are whole numbers)")
+    if base < 2:
+        raise ValueError(f"base must be >= 2, got {base}")
+    if max_digits < 1:
+        raise ValueError(f"max_digits must be >= 1, got {max_digits}")
+    if base ** max_digits > 2 ** 62:
+        raise ValueError(f"base**max_digits = {base}**{max_digits} does not fit in int64")
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(1)
+    elif positions.dim() != 2:
+        raise ValueError(f"positions must have shape [M] or [M, d], got {tuple(positions.shape)}")
+    if data_dim is not None and positions.shape[1] != data_dim:
+        raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
+                         f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")
+    positions = positions.long()
+    if check_range and positions.numel() > 0:
+        lo, hi = torch.aminmax(positions)
+        lo, hi = int(lo), int(hi)  # one sync; switch off with check_range=False on hot paths
+        if lo < 0:
+            raise ValueError(f"positions must be non-negative, got minimum {lo}")
+        if hi >= base ** max_digits:
+            raise ValueError(f"position {hi} needs more than max_digits={max_digits} base-{base} digits "
+                             f"(encodable range is 0..{base ** max_digits - 1} per axis)")
+    return positions
+
+
+def tokenize(positions: torch.Tensor, max_digits: int, base: int = 10, data_dim: int | None = None,
+             check_range: bool = True):
+    """Integer positions ``[M]`` or ``[M, d]`` -> ``(digits [M, d*K] int64, pad_mask [M, d*K] float32)``.
+
+    ``digits`` is the zero-padded fixed-width base-`base` string of each coordinate, axes concatenated;
+    ``pad_mask`` is 1 on real digits and 0 on the left padding (position 0 has one real digit).
+    """
+    pos = check_positions(positions, max_digits, base, data_dim, check_range)
+    K = max_digits
+    pows = base ** torch.arange(K - 1, -1, -1, device=pos.device, dtype=torch.int64)  # [K]
+    digits = torch.div(pos.unsqueeze(-1), pows, rounding_mode="floor") % base  # [M, d, K]
+    # number of real digits n = 1 + #{k >= 1 : p >= base^k}; real digits are the last n slots
+    n_real = 1 + (pos.unsqueeze(-1) >= pows[:-1].flip(0)).sum(-1) if K > 1 else torch.ones_like(pos)
+    slot = torch.arange(K, device=pos.device)
+    pad_mask = (slot >= (K - n_real).unsqueeze(-1)).to(torch.float32)
+    M, d = pos.shape
+    return digits.reshape(M, d * K), pad_mask.reshape(M, d * K)

@@ -1,5 +1,123 @@
-"""Backend selection placeholder (being written)."""
+"""The one place that decides which implementation runs a FusedSeqPE forward.
+
+Backends:
+  torch   eager reference (always available)
+  triton  fused Triton kernels (CUDA tensors; CPU only under TRITON_INTERPRET=1, for tests)
+  cuda    C++/CUDA extension (CUDA tensors)          -- issue 4, not built yet
+  cpu     C++ CPU extension (CPU tensors)            -- issue 4, not built yet
+  auto    triton on CUDA tensors, else the best usable CPU path, else torch
+
+`SEQPE_KERNELS_BACKEND` overrides ``backend="auto"``. An explicit request that cannot be met raises
+with the reason; ``auto`` falls back with one warning per (reason) naming why.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+MAX_TRITON_T = 32  # tokens per sequence (incl. CLS) the attention kernel handles
 
 
-def available_backends():
-    return {"torch": (True, "eager reference")}
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run these inputs; the message says why."""
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_status(device: torch.device) -> Tuple[bool, str]:
+    err = _triton_import_error()
+    if err:
+        return False, err
+    if device.type == "cuda":
+        return True, "fused Triton kernels"
+    if device.type == "cpu" and interpret_mode():
+        return True, "Triton interpreter (TRITON_INTERPRET=1): correct but slow, for tests"
+    return False, (f"Triton kernels need a CUDA tensor (got {device.type}); on CPU they run only under "
+                   "TRITON_INTERPRET=1")
+
+
+def extension_status(name: str, device: torch.device) -> Tuple[bool, str]:
+    if name == "cuda" and device.type != "cuda":
+        return False, f"the CUDA extension needs a CUDA tensor (got {device.type})"
+    if name == "cpu" and device.type != "cpu":
+        return False, f"the C++ CPU extension needs a CPU tensor (got {device.type})"
+    return False, "the C++/CUDA extension is not built yet in this version of seqpe-kernels"
+
+
+def status(name: str, device: torch.device) -> Tuple[bool, str]:
+    if name == "torch":
+        return True, "eager PyTorch reference"
+    if name == "triton":
+        return triton_status(device)
+    if name in ("cuda", "cpu"):
+        return extension_status(name, device)
+    raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def available_backends(device=None) -> Dict[str, Tuple[bool, str]]:
+    """{backend: (usable, reason)} for a device (default: cuda if present, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {b: status(b, device) for b in BACKENDS}
+
+
+def config_problem(module, name: str) -> Optional[str]:
+    """Why a fused backend cannot run this module's configuration (None if it can)."""
+    if name == "triton":
+        T = module.seq_len
+        if T > MAX_TRITON_T:
+            return f"sequence length T={T} (data_dim*max_digits+1) exceeds the Triton kernel limit {MAX_TRITON_T}"
+    return None
+
+
+_warned = set()
+
+
+def _warn_once(msg: str):
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def resolve(module, requested: str, device: torch.device) -> str:
+    """Backend that will run `module` on tensors of `device` (raises/warns as described above)."""
+    if requested == "auto":
+        requested = os.environ.get("SEQPE_KERNELS_BACKEND", "auto") or "auto"
+    if requested != "auto":
+        ok, why = status(requested, device)
+        if not ok:
+            raise BackendUnavailable(f"backend={requested!r} cannot run here: {why}")
+        prob = config_problem(module, requested)
+        if prob:
+            raise BackendUnavailable(f"backend={requested!r} does not support this configuration: {prob}")
+        return requested
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    reasons = []
+    for name in order:
+        ok, why = status(name, device)
+        prob = None if not ok else config_problem(module, name)
+        if ok and prob is None:
+            if reasons:
+                _warn_once(f"seqpe_kernels: backend 'auto' on {device.type} uses {name!r} because "
+                           + "; ".join(reasons))
+            return name
+        reasons.append(f"{name}: {prob or why}")
+    raise AssertionError("unreachable: torch is always usable")

@@ -1,8 +1,174 @@
-"""FusedSeqPE placeholder (being written)."""
-from .reference import SeqPE
+"""FusedSeqPE: the reference module's parameters and state dict, with a fused forward/backward.
+
+Per block: [residual + dropout + LayerNorm] -> c_attn GEMM -> tiny attention -> c_proj GEMM -> [residual +
+dropout + LN] -> c_fc GEMM -> gelu_new -> c_proj GEMM -> ... GEMMs stay in cuBLAS (torch.addmm, so autocast
+casts them exactly as in the reference); everything between them is one Triton op. The last block runs
+CLS-only (SEQPE_SPEC §2.8): non-CLS rows only need LN1 and their K/V projections, because only the CLS row
+of the final layer reaches the output. Backends are chosen in seqpe_kernels.backend.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from .reference.seqpe import SeqPE
+from .reference.tokenize import check_positions
+
+
+def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return param_dtype
 
 
 class FusedSeqPE(SeqPE):
+    """Drop-in replacement for :class:`SeqPE` (same constructor plus ``backend``; same state dict).
+
+    backend: "auto" (Triton on CUDA tensors, else the best CPU path, else eager), "triton", "cuda", "cpu" or
+    "torch" (the eager reference). An explicit backend that cannot run raises BackendUnavailable with the
+    reason; "auto" warns once when it falls back.
+    """
+
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        if backend not in ("auto",) + _backend.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose auto, {', '.join(_backend.BACKENDS)}")
         self.backend = backend
+        # test hook: when set to {}, the fused path fills it with the dropout keep-masks it drew, in the
+        # reference's site names and shapes, so SeqPE.dropout_masks can replay them (parity with dropout on)
+        self.record_dropout_masks: Optional[Dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def from_reference(cls, module: SeqPE, backend: str = "auto") -> "FusedSeqPE":
+        """A FusedSeqPE with the same configuration and weights (copied) as a reference SeqPE."""
+        p = next(module.parameters())
+        new = cls(**module.config(), backend=backend).to(device=p.device, dtype=p.dtype)
+        new.load_state_dict(module.state_dict(), strict=True)
+        new.train(module.training)
+        new.check_range = module.check_range
+        return new
+
+    def extra_repr(self):
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def resolved_backend(self, device) -> str:
+        return _backend.resolve(self, self.backend, torch.device(device))
+
+    # ------------------------------------------------------------------ entry points
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        dev = positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
+        name = self.resolved_backend(dev)
+        if name == "torch" or self.mask_padding:
+            # mask_padding needs the pad mask tensor; the reference tokenizer builds it on device
+            if name == "torch":
+                return super().forward(positions)
+            digits, pad_mask = self.tokenize(positions)
+            return self._fused(digits, pad_mask, from_positions=False, name=name)
+        pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
+        return self._fused(pos, None, from_positions=True, name=name)
+
+    def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        name = self.resolved_backend(digits.device)
+        if name == "torch":
+            return super().forward_digits(digits, pad_mask)
+        digits, pad_mask = self._check_digits(digits, pad_mask)
+        return self._fused(digits, pad_mask if self.mask_padding else None, from_positions=False, name=name)
+
+    # ------------------------------------------------------------------ fused path
+    def _fused(self, x, pad_mask, from_positions: bool, name: str):
+        if name != "triton":
+            raise _backend.BackendUnavailable(f"backend {name!r} has no fused implementation yet")
+        from . import ops  # noqa: F401  (registers the seqpe:: operators)
+
+        seqpe = torch.ops.seqpe
+        dev = x.device
+        M = x.shape[0]
+        D, H, T, L = self.embed_dim, self.num_heads, self.seq_len, self.seq_len - 1
+        R = M * T
+        cdt = _compute_dtype(dev, self.cls_token_embed.dtype)
+        cdt_code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[cdt]
+        causal = self.attn_direction == "causal"
+        sdiv = float(self.embed_dim // self.num_heads) ** 0.5 if self.scale_attn_weights else 1.0
+        p_res = self.resid_pdrop if self.training else 0.0
+        p_att = self.attn_pdrop if self.training else 0.0
+        nl = self.num_layers
+        seeds = None
+        if p_res > 0 or p_att > 0:
+            from .ops._common import new_seeds
+
+            seeds = new_seeds(3 * nl, dev)  # per layer: attention probs, attn residual, mlp residual
+        if pad_mask is not None:
+            pad_mask = pad_mask.to(torch.float32).contiguous()
+        rec = self.record_dropout_masks
+        if rec is not None and seeds is not None:
+            self._record_masks(rec, seeds, M, p_res, p_att)
+
+        dim = self.dim_token_embed if self.data_dim > 1 else None
+        h0 = seqpe.digit_embed(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
+                               self.cls_token_embed, from_positions, self.max_digits)
+        blk0 = self.transformers[0]
+        _, a, _, _ = seqpe.residual_layernorm(h0.view(R, D), None, blk0.layernorm_1.weight,
+                                              blk0.layernorm_1.bias, blk0.layernorm_1.eps, 0.0, None, 0, cdt_code)
+        h = h0.view(R, D)
+        for i in range(nl - 1):  # full blocks
+            blk = self.transformers[i]
+            nxt = self.transformers[i + 1].layernorm_1
+            qkv = torch.addmm(blk.attn.c_attn.bias, a, blk.attn.c_attn.weight).view(M, T, 3 * D)
+            o = seqpe.tiny_attention(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i)
+            y = torch.addmm(blk.attn.c_proj.bias, o.view(R, D), blk.attn.c_proj.weight)
+            ln2 = blk.layernorm_2
+            h, a, _, _ = seqpe.residual_layernorm(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
+                                                  cdt_code)
+            z = torch.addmm(blk.mlp.c_fc.bias, a, blk.mlp.c_fc.weight)
+            y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z), blk.mlp.c_proj.weight)
+            h, a, _, _ = seqpe.residual_layernorm(h, y, nxt.weight, nxt.bias, nxt.eps, p_res, seeds, 3 * i + 2,
+                                                  cdt_code)
+
+        # last block, CLS row only (plus every row's K/V)
+        i = nl - 1
+        blk = self.transformers[i]
+        Wa, ba = blk.attn.c_attn.weight, blk.attn.c_attn.bias
+        kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)
+        a_cls = a.view(M, T, D)[:, T - 1]
+        q = torch.addmm(ba[:D], a_cls, Wa[:, :D]).view(M, 1, D)
+        o = seqpe.tiny_attention(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i)
+        y = torch.addmm(blk.attn.c_proj.bias, o.view(M, D), blk.attn.c_proj.weight)
+        h_cls = h.view(M, T, D)[:, T - 1].contiguous()
+        ln2 = blk.layernorm_2
+        h2, a2, _, _ = seqpe.residual_layernorm(h_cls, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
+                                                cdt_code)
+        z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
+        y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z), blk.mlp.c_proj.weight)
+        if self.use_last_layernorm:
+            lnf = self.layernorm
+            _, fin, _, _ = seqpe.residual_layernorm(h2, y, lnf.weight, lnf.bias, lnf.eps, p_res, seeds, 3 * i + 2,
+                                                    cdt_code)
+        else:
+            fin, _, _, _ = seqpe.residual_layernorm(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code)
+        return F.linear(fin, self.out_proj.weight, self.out_proj.bias) * (1 / self.temperature)
+
+    def _record_masks(self, rec, seeds, M, p_res, p_att):
+        """Fill ``rec`` with the keep-masks the kernels will draw, shaped like the reference's sites."""
+        from .ops import attention_keep_mask, dropout_keep_mask
+
+        D, H, T, nl = self.embed_dim, self.num_heads, self.seq_len, self.num_layers
+        dev = seeds.device
+        for i in range(nl):
+            last = i == nl - 1
+            TQ = 1 if last else T
+            if p_att > 0:
+                am = attention_keep_mask(seeds, 3 * i, M, H, TQ, T, p_att)
+                full = torch.ones(M, H, T, T, device=dev)
+                full[:, :, T - TQ:] = am
+                rec[f"attn{i}"] = full
+            if p_res > 0:
+                for site, idx in ((f"resid_attn{i}", 3 * i + 1), (f"resid_mlp{i}", 3 * i + 2)):
+                    if last:
+                        full = torch.ones(M, T, D, device=dev)
+                        full[:, T - 1] = dropout_keep_mask(seeds, idx, (M, D), p_res)
+                    else:
+                        full = dropout_keep_mask(seeds, idx, (M * T, D), p_res).view(M, T, D)
+                    rec[site] = full

@@ -1,0 +1,263 @@
+"""Tiny-sequence attention: the whole T×T softmax attention of one (sequence, head) in registers.
+
+SeqPE sequences have T = 5..6 tokens (up to 32 here), so eager PyTorch's batched matmul / mask / softmax /
+matmul chain (plus the head split/merge copies and an [M, T, T] float mask) is pure memory traffic. One
+program reads q, k, v of one (sequence, head) straight out of the c_attn GEMM output (strided, no split
+copies), applies the causal and key-padding masks with the reference's semantics, and writes the head's
+output into the merged-head layout c_proj reads. Backward recomputes the probabilities (no T×T tensor is
+saved) and replays attention dropout from the saved Philox seed.
+
+Mask semantics (SEQPE_SPEC §2.3): masked logits are set to a large finite negative (the reference adds
+finfo.min), so a fully masked query row becomes uniform over all T keys, as in the reference; padded
+columns (j >= T) are -inf and never count.
+
+Query rows ``0..TQ-1`` are absolute token rows ``q_start..q_start+TQ-1``: TQ = T for a full block, and TQ = 1,
+q_start = T-1 for the CLS-only last layer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, next_pow2
+
+_FMIN = -3.0e38  # stands in for finfo.min: only equality among masked logits matters
+
+
+@triton.jit
+def _scores(q, k, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+
+
+@triton.jit
+def _probs(q, k, PAD, pad_row, iq, jk, T, L, q_start, sdiv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+           USE_DOT: tl.constexpr):
+    s = _scores(q, k, USE_DOT) / sdiv
+    allowed = jk[None, :] < T
+    if CAUSAL:
+        allowed = allowed & (jk[None, :] <= (q_start + iq)[:, None])
+    if HAS_MASK:
+        keym = tl.load(PAD + pad_row + jk, mask=jk < L, other=1.0)
+        allowed = allowed & (keym[None, :] != 0)
+    s = tl.where(allowed, s, -3.0e38)
+    s = tl.where(jk[None, :] < T, s, float("-inf"))
+    mx = tl.max(s, 1)
+    e = tl.exp(s - mx[:, None])
+    return e / tl.sum(e, 1)[:, None]
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H, D,
+              sdiv, p, drop_scale, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr,
+              ACC: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    iq = tl.arange(0, TQP)
+    jk = tl.arange(0, TP)
+    d = tl.arange(0, DHP)
+    dm = d < DH
+    col = h * DH + d
+    q = tl.load(Q + m * sqm + iq[:, None] * sqt + col[None, :], mask=(iq < TQ)[:, None] & dm[None, :],
+                other=0.0).to(ACC)
+    kvm = (jk < T)[:, None] & dm[None, :]
+    k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    pr = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
+    if DROPOUT:
+        seed = tl.load(SEEDS + seed_idx)
+        off = ((m * H + h) * TQ + iq[:, None]) * T + jk[None, :]
+        keep = tl.rand(seed, off.to(tl.int32)) > p
+        pr = tl.where(keep, pr * drop_scale, 0.0)
+    if USE_DOT:
+        o = tl.dot(pr, v, input_precision="ieee")
+    else:
+        o = tl.sum(pr[:, :, None] * v[None, :, :], axis=1)
+    tl.store(O + m * TQ * D + iq[:, None] * D + col[None, :], o.to(O.dtype.element_ty),
+             mask=(iq < TQ)[:, None] & dm[None, :])
+
+
+@triton.jit
+def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm,
+              dqm, dqt, dkm, dkt, dvm, dvt, T, TQ, L, q_start, H, D, sdiv, p, drop_scale,
+              DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    iq = tl.arange(0, TQP)
+    jk = tl.arange(0, TP)
+    d = tl.arange(0, DHP)
+    dm = d < DH
+    col = h * DH + d
+    qm = (iq < TQ)[:, None] & dm[None, :]
+    kvm = (jk < T)[:, None] & dm[None, :]
+    q = tl.load(Q + m * sqm + iq[:, None] * sqt + col[None, :], mask=qm, other=0.0).to(ACC)
+    k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    do = tl.load(DO + m * TQ * D + iq[:, None] * D + col[None, :], mask=qm, other=0.0).to(ACC)
+    pr = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
+    if USE_DOT:
+        dpd = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dpd = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
+    if DROPOUT:
+        seed = tl.load(SEEDS + seed_idx)
+        off = ((m * H + h) * TQ + iq[:, None]) * T + jk[None, :]
+        keepf = tl.where(tl.rand(seed, off.to(tl.int32)) > p, drop_scale, 0.0)
+        pd = pr * keepf
+        dp = dpd * keepf
+    else:
+        pd = pr
+        dp = dpd
+    ds = pr * (dp - tl.sum(pr * dp, 1)[:, None]) / sdiv
+    if USE_DOT:
+        dv = tl.dot(tl.trans(pd), do, input_precision="ieee")
+        dq = tl.dot(ds, k, input_precision="ieee")
+        dk = tl.dot(tl.trans(ds), q, input_precision="ieee")
+    else:
+        dv = tl.sum(pd[:, :, None] * do[:, None, :], axis=0)
+        dq = tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
+        dk = tl.sum(ds[:, :, None] * q[:, None, :], axis=0)
+    tl.store(DQ + m * dqm + iq[:, None] * dqt + col[None, :], dq.to(DQ.dtype.element_ty), mask=qm)
+    tl.store(DK + m * dkm + jk[:, None] * dkt + col[None, :], dk.to(DK.dtype.element_ty), mask=kvm)
+    tl.store(DV + m * dvm + jk[:, None] * dvt + col[None, :], dv.to(DV.dtype.element_ty), mask=kvm)
+
+
+def _views(qkv: torch.Tensor, kv: Optional[torch.Tensor], D: int):
+    """(q, k, v) strided views: from one [M, T, 3D] c_attn output, or q [M, TQ, D] + kv [M, T, 2D]."""
+    if kv is None:
+        return qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+    return qkv, kv[..., :D], kv[..., D:]
+
+
+def _launch_args(q, k, v, pad_mask, num_heads, causal, q_start):
+    M, TQ, D = q.shape
+    T = k.shape[1]
+    DH = D // num_heads
+    TP, TQP, DHP = next_pow2(T), next_pow2(TQ), next_pow2(DH)
+    use_dot = (TP >= 16 and TQP >= 16 and DHP >= 16 and q.dtype != torch.float64
+               and q.device.type == "cuda")
+    L = pad_mask.shape[1] if pad_mask is not None else 0
+    return M, TQ, D, T, DH, TP, TQP, DHP, use_dot, L
+
+
+def _check(q, k, v, pad_mask, num_heads):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3 or t.stride(-1) != 1:
+            raise ValueError(f"tiny_attention: {name} must be [M, T, D] with a contiguous last dim")
+    if q.shape[2] % num_heads:
+        raise ValueError(f"tiny_attention: num_heads={num_heads} does not divide width {q.shape[2]}")
+    if pad_mask is not None and (pad_mask.shape[0] != q.shape[0] or pad_mask.shape[1] != k.shape[1] - 1):
+        raise ValueError("tiny_attention: pad_mask must be [M, T-1] (no entry for the CLS key)")
+
+
+def tiny_attention_forward(qkv, kv, pad_mask, num_heads: int, causal: bool, q_start: int, scale_div: float,
+                           p: float, seeds, seed_idx: int) -> torch.Tensor:
+    D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
+    q, k, v = _views(qkv, kv, D)
+    _check(q, k, v, pad_mask, num_heads)
+    M, TQ, D, T, DH, TP, TQP, DHP, use_dot, L = _launch_args(q, k, v, pad_mask, num_heads, causal, q_start)
+    out = q.new_empty((M, TQ, D))
+    dropout = p > 0.0
+    if M > 0:
+        pad = pad_mask if pad_mask is not None else q
+        _attn_fwd[(M, num_heads)](
+            q, k, v, pad, out, seeds if dropout else q, seed_idx, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), pad.stride(0) if pad_mask is not None else 0, T, TQ, L,
+            q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
+            CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, ACC=acc_dtype(q),
+            num_warps=4 if TP * TQP * DHP <= 8192 else 8)
+    return out
+
+
+def tiny_attention_backward(dout, qkv, kv, pad_mask, num_heads: int, causal: bool, q_start: int,
+                            scale_div: float, p: float, seeds, seed_idx: int):
+    """Returns (d_qkv, d_kv): d_qkv has qkv's shape ([M,T,3D] or [M,TQ,D]); d_kv is empty without kv."""
+    D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
+    q, k, v = _views(qkv, kv, D)
+    M, TQ, D, T, DH, TP, TQP, DHP, use_dot, L = _launch_args(q, k, v, pad_mask, num_heads, causal, q_start)
+    dout = dout.contiguous()
+    d_first = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    d_kv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device) if kv is not None else qkv.new_empty((0,))
+    dq, dk, dv = _views(d_first, d_kv if kv is not None else None, D)
+    dropout = p > 0.0
+    if M > 0:
+        pad = pad_mask if pad_mask is not None else q
+        _attn_bwd[(M, num_heads)](
+            q, k, v, pad, dout, dq, dk, dv, seeds if dropout else q, seed_idx, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad.stride(0) if pad_mask is not None else 0,
+            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T, TQ, L,
+            q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
+            CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, ACC=acc_dtype(q),
+            num_warps=4 if TP * TQP * DHP <= 8192 else 8)
+    return d_first, d_kv
+
+
+@triton.jit
+def _attn_mask_kernel(SEEDS, seed_idx, OUT, N, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(tl.load(SEEDS + seed_idx), offs.to(tl.int32)) > p
+    tl.store(OUT + offs, keep.to(tl.float32), mask=offs < N)
+
+
+def attention_keep_mask(seeds, seed_idx: int, M: int, H: int, TQ: int, T: int, p: float) -> torch.Tensor:
+    """Test hook: the [M, H, TQ, T] keep-mask the kernels draw (offset ((m*H+h)*TQ+i)*T+j)."""
+    n = M * H * TQ * T
+    out = torch.empty(n, dtype=torch.float32, device=seeds.device)
+    if n:
+        _attn_mask_kernel[(triton.cdiv(n, 1024),)](seeds, seed_idx, out, n, p, BLOCK=1024)
+    return out.view(M, H, TQ, T)
+
+
+# ----------------------------------------------------------------------------- PyTorch operators
+from typing import Tuple  # noqa: E402
+
+from torch import Tensor  # noqa: E402
+
+
+@torch.library.custom_op("seqpe::tiny_attention", mutates_args=())
+def tiny_attention(qkv: Tensor, kv: Optional[Tensor], pad_mask: Optional[Tensor], num_heads: int, causal: bool,
+                   q_start: int, scale_div: float, p: float, seeds: Optional[Tensor], seed_idx: int) -> Tensor:
+    return tiny_attention_forward(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx)
+
+
+@tiny_attention.register_fake
+def _(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx):
+    D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], D))
+
+
+@torch.library.custom_op("seqpe::tiny_attention_backward", mutates_args=())
+def tiny_attention_bwd(dout: Tensor, qkv: Tensor, kv: Optional[Tensor], pad_mask: Optional[Tensor],
+                       num_heads: int, causal: bool, q_start: int, scale_div: float, p: float,
+                       seeds: Optional[Tensor], seed_idx: int) -> Tuple[Tensor, Tensor]:
+    return tiny_attention_backward(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds,
+                                   seed_idx)
+
+
+@tiny_attention_bwd.register_fake
+def _(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx):
+    return qkv.new_empty(qkv.shape), (kv.new_empty(kv.shape) if kv is not None else qkv.new_empty((0,)))
+
+
+def _attn_setup(ctx, inputs, output):
+    qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx = inputs
+    ctx.args = (num_heads, causal, q_start, scale_div, p, seed_idx)
+    ctx.has_kv = kv is not None
+    ctx.save_for_backward(qkv, kv, pad_mask, seeds)
+
+
+def _attn_backward(ctx, dout):
+    qkv, kv, pad_mask, seeds = ctx.saved_tensors
+    num_heads, causal, q_start, scale_div, p, seed_idx = ctx.args
+    d_first, d_kv = tiny_attention_bwd(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds,
+                                       seed_idx)
+    return d_first, (d_kv if ctx.has_kv else None), None, None, None, None, None, None, None, None
+
+
+tiny_attention.register_autograd(_attn_backward, setup_context=_attn_setup)

@@ -1,0 +1,175 @@
+"""Digit embedding: integer positions in, embedded token sequences out, CLS appended.
+
+With ``from_positions`` the kernel computes digit j of axis a as ``(p_a // base**(K-1-slot)) % base`` itself,
+so the [M, L] int64 digit tensor of the reference never exists; it then sums the token, digit-position and
+(n-D) dimension embeddings in the reference's order ((tok + pos) + dim, fp32) and writes the CLS vector at
+row L. ``from_positions=False`` takes the authors' digit ids instead.
+
+Backward reduces into the tables deterministically: each program accumulates a fixed chunk of sequences
+into registers (a one-hot product for the digit table), partials are summed in a fixed order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, num_sms
+
+
+@triton.jit
+def _digits(X, POW, m, sxm, j, L, K: tl.constexpr, BASE: tl.constexpr, FROM_POS: tl.constexpr):
+    jm = j < L
+    if FROM_POS:
+        axis = j // K
+        slot = j % K
+        p = tl.load(X + m * sxm + axis, mask=jm, other=0)
+        pw = tl.load(POW + slot, mask=jm, other=1)
+        return (p // pw) % BASE
+    return tl.load(X + m * sxm + j, mask=jm, other=0).to(tl.int64)
+
+
+@triton.jit
+def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
+               TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    cm = cols < D
+    j = tl.arange(0, TP)
+    jm = j < L
+    dig = _digits(X, POW, m, sxm, j, L, K, BASE, FROM_POS)
+    msk = jm[:, None] & cm[None, :]
+    e = tl.load(TOK + dig[:, None] * D + cols[None, :], mask=msk, other=0.0)
+    e = e + tl.load(POS + j[:, None] * D + cols[None, :], mask=msk, other=0.0)
+    if HAS_DIM:
+        e = e + tl.load(DIM + (j // K)[:, None] * D + cols[None, :], mask=msk, other=0.0)
+    base = OUT + m * T * D
+    tl.store(base + j[:, None] * D + cols[None, :], e, mask=msk)
+    cls = tl.load(CLS + cols, mask=cm, other=0.0)
+    tl.store(base + L * D + cols, cls, mask=cm)
+
+
+@triton.jit
+def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, M, L, T, D, seqs_per_prog, K: tl.constexpr,
+               BASE: tl.constexpr, BASEP: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr,
+               FROM_POS: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    cm = cols < D
+    j = tl.arange(0, TP)
+    b = tl.arange(0, BASEP)
+    acc_tok = tl.zeros([BASEP, BD], dtype=ACC)
+    acc_pos = tl.zeros([TP, BD], dtype=ACC)  # rows < L: digit positions, row L: CLS
+    for i in range(0, seqs_per_prog):
+        m = pid * seqs_per_prog + i
+        if m < M:
+            g = tl.load(G + m * T * D + j[:, None] * D + cols[None, :], mask=(j < T)[:, None] & cm[None, :],
+                        other=0.0).to(ACC)
+            acc_pos += g
+            dig = _digits(X, POW, m, sxm, j, L, K, BASE, FROM_POS)
+            onehot = ((dig[:, None] == b[None, :]) & (j < L)[:, None]).to(ACC)
+            acc_tok += tl.sum(onehot[:, :, None] * g[:, None, :], axis=0)
+    tl.store(TOK_PART + pid * BASEP * D + b[:, None] * D + cols[None, :], acc_tok, mask=cm[None, :])
+    tl.store(POS_PART + pid * TP * D + j[:, None] * D + cols[None, :], acc_pos, mask=cm[None, :])
+
+
+def _pow_table(K: int, base: int, device) -> torch.Tensor:
+    return torch.tensor([base ** (K - 1 - s) for s in range(K)], dtype=torch.int64, device=device)
+
+
+def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, dim: Optional[torch.Tensor],
+                        cls: torch.Tensor, from_positions: bool, max_digits: int) -> torch.Tensor:
+    """x: positions [M, d] (from_positions) or digit ids [M, L]. Returns h0 [M, L+1, D] in the table dtype."""
+    M = x.shape[0]
+    base, D = tok.shape
+    L = pos.shape[0]
+    T = L + 1
+    out = tok.new_empty((M, T, D))
+    if M == 0:
+        return out
+    K = max_digits
+    TP = next_pow2(T)
+    BD = min(256, next_pow2(D))
+    powt = _pow_table(K, base, x.device)
+    dimt = dim.reshape(-1, D) if dim is not None else tok
+    _embed_fwd[(M, triton.cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out, x.stride(0), L, T, D,
+                                         K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
+                                         HAS_DIM=dim is not None, num_warps=4)
+    return out
+
+
+def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool, max_digits: int, base: int,
+                         data_dim: int):
+    """Returns (d_tok [base, D], d_pos [L, D], d_dim [d, 1, D] (empty if d == 1), d_cls [1, 1, D])."""
+    M, T, D = g.shape
+    L = T - 1
+    K = max_digits
+    g = g.contiguous()
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    TP, BASEP = next_pow2(T), next_pow2(base)
+    BD = max(16, min(128, next_pow2(D), 8192 // (TP * BASEP)))
+    n_prog = max(1, min(M, 2 * num_sms(g.device)))
+    per = triton.cdiv(M, n_prog) if M else 1
+    n_prog = triton.cdiv(M, per) if M else 1
+    tok_part = g.new_zeros((n_prog, BASEP, D), dtype=acc)
+    pos_part = g.new_zeros((n_prog, TP, D), dtype=acc)
+    if M > 0:
+        _embed_bwd[(n_prog, triton.cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
+                                                  x.stride(0), M, L, T, D, per, K=K, BASE=base, BASEP=BASEP,
+                                                  TP=TP, BD=BD, FROM_POS=from_positions,
+                                                  ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                                  num_warps=4)
+    tok_g = tok_part.sum(0)[:base].to(g.dtype)
+    pos_all = pos_part.sum(0)
+    pos_g = pos_all[:L].to(g.dtype)
+    cls_g = pos_all[L].reshape(1, 1, D).to(g.dtype).clone()  # must not alias pos_g (custom-op rule)
+    dim_g = pos_g.reshape(data_dim, K, D).sum(1, keepdim=True) if data_dim > 1 else g.new_empty((0,))
+    return tok_g, pos_g, dim_g, cls_g
+
+
+# ----------------------------------------------------------------------------- PyTorch operators
+from typing import Tuple  # noqa: E402
+
+from torch import Tensor  # noqa: E402
+
+
+@torch.library.custom_op("seqpe::digit_embed", mutates_args=())
+def digit_embed(x: Tensor, tok: Tensor, pos: Tensor, dim: Optional[Tensor], cls: Tensor, from_positions: bool,
+                max_digits: int) -> Tensor:
+    return digit_embed_forward(x, tok, pos, dim, cls, from_positions, max_digits)
+
+
+@digit_embed.register_fake
+def _(x, tok, pos, dim, cls, from_positions, max_digits):
+    return tok.new_empty((x.shape[0], pos.shape[0] + 1, tok.shape[1]))
+
+
+@torch.library.custom_op("seqpe::digit_embed_backward", mutates_args=())
+def digit_embed_bwd(g: Tensor, x: Tensor, from_positions: bool, max_digits: int, base: int,
+                    data_dim: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return digit_embed_backward(g, x, from_positions, max_digits, base, data_dim)
+
+
+@digit_embed_bwd.register_fake
+def _(g, x, from_positions, max_digits, base, data_dim):
+    M, T, D = g.shape
+    dim = g.new_empty((data_dim, 1, D)) if data_dim > 1 else g.new_empty((0,))
+    return g.new_empty((base, D)), g.new_empty((T - 1, D)), dim, g.new_empty((1, 1, D))
+
+
+def _embed_setup(ctx, inputs, output):
+    x, tok, pos, dim, cls, from_positions, max_digits = inputs
+    ctx.args = (from_positions, max_digits, tok.shape[0], dim.shape[0] if dim is not None else 1)
+    ctx.save_for_backward(x)
+
+
+def _embed_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    from_positions, max_digits, base, data_dim = ctx.args
+    dtok, dpos, ddim, dcls = digit_embed_bwd(g, x, from_positions, max_digits, base, data_dim)
+    return None, dtok, dpos, (ddim if data_dim > 1 else None), dcls, None, None
+
+
+digit_embed.register_autograd(_embed_backward, setup_context=_embed_setup)

@@ -3,8 +3,8 @@
 Backends:
   torch   eager reference (always available)
   triton  fused Triton kernels (CUDA tensors; CPU only under TRITON_INTERPRET=1, for tests)
-  cuda    C++/CUDA extension (CUDA tensors)          -- issue 4, not built yet
-  cpu     C++ CPU extension (CPU tensors)            -- issue 4, not built yet
+  cuda    C++/CUDA extension (CUDA tensors), built from csrc/ (JIT on first use, or ahead of time)
+  cpu     C++ CPU extension (CPU tensors), same build
   auto    triton on CUDA tensors, else the best usable CPU path, else torch
 
 `SEQPE_KERNELS_BACKEND` overrides ``backend="auto"``. An explicit request that cannot be met raises
@@ -58,7 +58,9 @@ def extension_status(name: str, device: torch.device) -> Tuple[bool, str]:
         return False, f"the CUDA extension needs a CUDA tensor (got {device.type})"
     if name == "cpu" and device.type != "cpu":
         return False, f"the C++ CPU extension needs a CPU tensor (got {device.type})"
-    return False, "the C++/CUDA extension is not built yet in this version of seqpe-kernels"
+    from . import _ext
+
+    return _ext.status(device.type)
 
 
 def status(name: str, device: torch.device) -> Tuple[bool, str]:

@@ -79,9 +79,10 @@ class FusedSeqPE(SeqPE):
 
     # ------------------------------------------------------------------ fused path
     def _fused(self, x, pad_mask, from_positions: bool, name: str):
-        if name != "triton":
-            raise _backend.BackendUnavailable(f"backend {name!r} has no fused implementation yet")
         from . import ops  # noqa: F401  (registers the seqpe:: operators)
+        from .ops._common import IMPL_EXT, IMPL_TRITON
+
+        impl = IMPL_TRITON if name == "triton" else IMPL_EXT  # "cpu" / "cuda": the C++/CUDA extension
 
         seqpe = torch.ops.seqpe
         dev = x.device
@@ -108,24 +109,25 @@ class FusedSeqPE(SeqPE):
 
         dim = self.dim_token_embed if self.data_dim > 1 else None
         h0 = seqpe.digit_embed(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
-                               self.cls_token_embed, from_positions, self.max_digits)
+                               self.cls_token_embed, from_positions, self.max_digits, impl)
         blk0 = self.transformers[0]
         _, a, _, _ = seqpe.residual_layernorm(h0.view(R, D), None, blk0.layernorm_1.weight,
-                                              blk0.layernorm_1.bias, blk0.layernorm_1.eps, 0.0, None, 0, cdt_code)
+                                              blk0.layernorm_1.bias, blk0.layernorm_1.eps, 0.0, None, 0, cdt_code,
+                                              impl)
         h = h0.view(R, D)
         for i in range(nl - 1):  # full blocks
             blk = self.transformers[i]
             nxt = self.transformers[i + 1].layernorm_1
             qkv = torch.addmm(blk.attn.c_attn.bias, a, blk.attn.c_attn.weight).view(M, T, 3 * D)
-            o = seqpe.tiny_attention(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i)
+            o = seqpe.tiny_attention(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i, impl)
             y = torch.addmm(blk.attn.c_proj.bias, o.view(R, D), blk.attn.c_proj.weight)
             ln2 = blk.layernorm_2
             h, a, _, _ = seqpe.residual_layernorm(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
-                                                  cdt_code)
+                                                  cdt_code, impl)
             z = torch.addmm(blk.mlp.c_fc.bias, a, blk.mlp.c_fc.weight)
-            y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z), blk.mlp.c_proj.weight)
+            y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z, impl), blk.mlp.c_proj.weight)
             h, a, _, _ = seqpe.residual_layernorm(h, y, nxt.weight, nxt.bias, nxt.eps, p_res, seeds, 3 * i + 2,
-                                                  cdt_code)
+                                                  cdt_code, impl)
 
         # last block, CLS row only (plus every row's K/V)
         i = nl - 1
@@ -134,20 +136,20 @@ class FusedSeqPE(SeqPE):
         kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)
         a_cls = a.view(M, T, D)[:, T - 1]
         q = torch.addmm(ba[:D], a_cls, Wa[:, :D]).view(M, 1, D)
-        o = seqpe.tiny_attention(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i)
+        o = seqpe.tiny_attention(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i, impl)
         y = torch.addmm(blk.attn.c_proj.bias, o.view(M, D), blk.attn.c_proj.weight)
         h_cls = h.view(M, T, D)[:, T - 1].contiguous()
         ln2 = blk.layernorm_2
         h2, a2, _, _ = seqpe.residual_layernorm(h_cls, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
-                                                cdt_code)
+                                                cdt_code, impl)
         z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
-        y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z), blk.mlp.c_proj.weight)
+        y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z, impl), blk.mlp.c_proj.weight)
         if self.use_last_layernorm:
             lnf = self.layernorm
             _, fin, _, _ = seqpe.residual_layernorm(h2, y, lnf.weight, lnf.bias, lnf.eps, p_res, seeds, 3 * i + 2,
-                                                    cdt_code)
+                                                    cdt_code, impl)
         else:
-            fin, _, _, _ = seqpe.residual_layernorm(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code)
+            fin, _, _, _ = seqpe.residual_layernorm(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code, impl)
         return F.linear(fin, self.out_proj.weight, self.out_proj.bias) * (1 / self.temperature)
 
     def _record_masks(self, rec, seeds, M, p_res, p_att):

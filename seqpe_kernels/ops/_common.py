@@ -35,3 +35,15 @@ def new_seeds(n: int, device) -> torch.Tensor:
     """Per-call Philox seeds drawn from torch's RNG (so torch.manual_seed reproduces a run, and
     torch.compile treats it as a random op instead of baking a constant)."""
     return torch.randint(0, 2 ** 31 - 1, (n,), device=device, dtype=torch.int64)
+
+
+# which implementation a seqpe:: operator runs: the Triton kernels in this package, or the C++/CUDA
+# extension (csrc/, loaded by seqpe_kernels._ext). One schema, one fake, one autograd formula for both.
+IMPL_TRITON = 0
+IMPL_EXT = 1
+
+
+def ext_ops():
+    from .. import _ext
+
+    return _ext.load()

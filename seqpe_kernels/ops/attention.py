@@ -219,15 +219,21 @@ from typing import Tuple  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
+from ._common import IMPL_EXT, ext_ops  # noqa: E402
+
 
 @torch.library.custom_op("seqpe::tiny_attention", mutates_args=())
 def tiny_attention(qkv: Tensor, kv: Optional[Tensor], pad_mask: Optional[Tensor], num_heads: int, causal: bool,
-                   q_start: int, scale_div: float, p: float, seeds: Optional[Tensor], seed_idx: int) -> Tensor:
+                   q_start: int, scale_div: float, p: float, seeds: Optional[Tensor], seed_idx: int,
+                   impl: int) -> Tensor:
+    if impl == IMPL_EXT:
+        return ext_ops().tiny_attention_fwd(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds,
+                                            seed_idx)
     return tiny_attention_forward(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx)
 
 
 @tiny_attention.register_fake
-def _(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx):
+def _(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx, impl):
     D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], D))
 
@@ -235,29 +241,32 @@ def _(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_i
 @torch.library.custom_op("seqpe::tiny_attention_backward", mutates_args=())
 def tiny_attention_bwd(dout: Tensor, qkv: Tensor, kv: Optional[Tensor], pad_mask: Optional[Tensor],
                        num_heads: int, causal: bool, q_start: int, scale_div: float, p: float,
-                       seeds: Optional[Tensor], seed_idx: int) -> Tuple[Tensor, Tensor]:
+                       seeds: Optional[Tensor], seed_idx: int, impl: int) -> Tuple[Tensor, Tensor]:
+    if impl == IMPL_EXT:
+        return ext_ops().tiny_attention_bwd(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p,
+                                            seeds, seed_idx)
     return tiny_attention_backward(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds,
                                    seed_idx)
 
 
 @tiny_attention_bwd.register_fake
-def _(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx):
+def _(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx, impl):
     return qkv.new_empty(qkv.shape), (kv.new_empty(kv.shape) if kv is not None else qkv.new_empty((0,)))
 
 
 def _attn_setup(ctx, inputs, output):
-    qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx = inputs
-    ctx.args = (num_heads, causal, q_start, scale_div, p, seed_idx)
+    qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx, impl = inputs
+    ctx.args = (num_heads, causal, q_start, scale_div, p, seed_idx, impl)
     ctx.has_kv = kv is not None
     ctx.save_for_backward(qkv, kv, pad_mask, seeds)
 
 
 def _attn_backward(ctx, dout):
     qkv, kv, pad_mask, seeds = ctx.saved_tensors
-    num_heads, causal, q_start, scale_div, p, seed_idx = ctx.args
+    num_heads, causal, q_start, scale_div, p, seed_idx, impl = ctx.args
     d_first, d_kv = tiny_attention_bwd(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds,
-                                       seed_idx)
-    return d_first, (d_kv if ctx.has_kv else None), None, None, None, None, None, None, None, None
+                                       seed_idx, impl)
+    return d_first, (d_kv if ctx.has_kv else None), None, None, None, None, None, None, None, None, None
 
 
 tiny_attention.register_autograd(_attn_backward, setup_context=_attn_setup)

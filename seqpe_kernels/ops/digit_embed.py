@@ -134,42 +134,48 @@ from typing import Tuple  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
+from ._common import IMPL_EXT, ext_ops  # noqa: E402
+
 
 @torch.library.custom_op("seqpe::digit_embed", mutates_args=())
 def digit_embed(x: Tensor, tok: Tensor, pos: Tensor, dim: Optional[Tensor], cls: Tensor, from_positions: bool,
-                max_digits: int) -> Tensor:
+                max_digits: int, impl: int) -> Tensor:
+    if impl == IMPL_EXT:
+        return ext_ops().digit_embed_fwd(x, tok, pos, dim, cls, from_positions, max_digits)
     return digit_embed_forward(x, tok, pos, dim, cls, from_positions, max_digits)
 
 
 @digit_embed.register_fake
-def _(x, tok, pos, dim, cls, from_positions, max_digits):
+def _(x, tok, pos, dim, cls, from_positions, max_digits, impl):
     return tok.new_empty((x.shape[0], pos.shape[0] + 1, tok.shape[1]))
 
 
 @torch.library.custom_op("seqpe::digit_embed_backward", mutates_args=())
 def digit_embed_bwd(g: Tensor, x: Tensor, from_positions: bool, max_digits: int, base: int,
-                    data_dim: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    data_dim: int, impl: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if impl == IMPL_EXT:
+        return ext_ops().digit_embed_bwd(g, x, from_positions, max_digits, base, data_dim)
     return digit_embed_backward(g, x, from_positions, max_digits, base, data_dim)
 
 
 @digit_embed_bwd.register_fake
-def _(g, x, from_positions, max_digits, base, data_dim):
+def _(g, x, from_positions, max_digits, base, data_dim, impl):
     M, T, D = g.shape
     dim = g.new_empty((data_dim, 1, D)) if data_dim > 1 else g.new_empty((0,))
     return g.new_empty((base, D)), g.new_empty((T - 1, D)), dim, g.new_empty((1, 1, D))
 
 
 def _embed_setup(ctx, inputs, output):
-    x, tok, pos, dim, cls, from_positions, max_digits = inputs
-    ctx.args = (from_positions, max_digits, tok.shape[0], dim.shape[0] if dim is not None else 1)
+    x, tok, pos, dim, cls, from_positions, max_digits, impl = inputs
+    ctx.args = (from_positions, max_digits, tok.shape[0], dim.shape[0] if dim is not None else 1, impl)
     ctx.save_for_backward(x)
 
 
 def _embed_backward(ctx, g):
     (x,) = ctx.saved_tensors
-    from_positions, max_digits, base, data_dim = ctx.args
-    dtok, dpos, ddim, dcls = digit_embed_bwd(g, x, from_positions, max_digits, base, data_dim)
-    return None, dtok, dpos, (ddim if data_dim > 1 else None), dcls, None, None
+    from_positions, max_digits, base, data_dim, impl = ctx.args
+    dtok, dpos, ddim, dcls = digit_embed_bwd(g, x, from_positions, max_digits, base, data_dim, impl)
+    return None, dtok, dpos, (ddim if data_dim > 1 else None), dcls, None, None, None
 
 
 digit_embed.register_autograd(_embed_backward, setup_context=_embed_setup)

@@ -19,6 +19,8 @@ _C = 0.7978845608028654  # sqrt(2/pi)
 @triton.jit
 def _tanh(u):
     # tanh via exp (no libdevice under the interpreter); saturates correctly at +-inf
+    # (clamped: tanh(+-20) is +-1 in fp32 and fp64, and exp never overflows)
+    u = tl.minimum(tl.maximum(u, -20.0), 20.0)
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
@@ -66,34 +68,41 @@ def gelu_backward(du: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- PyTorch operators
 from torch import Tensor  # noqa: E402
 
+from ._common import IMPL_EXT, ext_ops  # noqa: E402
+
 
 @torch.library.custom_op("seqpe::gelu_new", mutates_args=())
-def gelu_new(z: Tensor) -> Tensor:
+def gelu_new(z: Tensor, impl: int) -> Tensor:
+    if impl == IMPL_EXT:
+        return ext_ops().gelu_new_fwd(z)
     return gelu_forward(z)
 
 
 @gelu_new.register_fake
-def _(z):
+def _(z, impl):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("seqpe::gelu_new_backward", mutates_args=())
-def gelu_new_bwd(du: Tensor, z: Tensor) -> Tensor:
+def gelu_new_bwd(du: Tensor, z: Tensor, impl: int) -> Tensor:
+    if impl == IMPL_EXT:
+        return ext_ops().gelu_new_bwd(du, z)
     return gelu_backward(du, z.contiguous())
 
 
 @gelu_new_bwd.register_fake
-def _(du, z):
+def _(du, z, impl):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 def _gelu_setup(ctx, inputs, output):
+    ctx.impl = inputs[1]
     ctx.save_for_backward(inputs[0])
 
 
 def _gelu_backward(ctx, du):
     (z,) = ctx.saved_tensors
-    return gelu_new_bwd(du, z)
+    return gelu_new_bwd(du, z, ctx.impl), None
 
 
 gelu_new.register_autograd(_gelu_backward, setup_context=_gelu_setup)

@@ -110,8 +110,8 @@ def residual_layernorm_forward(x: torch.Tensor, y: Optional[torch.Tensor], w: Op
     stat_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = torch.empty_like(x) if y is not None else _empty(x)
     a = x.new_empty((R, D), dtype=DTYPES[out_dtype]) if has_ln else _empty(x)
-    mean = x.new_empty((R,), dtype=stat_dt)
-    rstd = x.new_empty((R,), dtype=stat_dt)
+    mean = (x.new_empty if has_ln else x.new_zeros)((R,), dtype=stat_dt)  # zeros: never uninitialised
+    rstd = (x.new_empty if has_ln else x.new_zeros)((R,), dtype=stat_dt)
     dropout = y is not None and p > 0.0
     if R > 0:
         BLOCK_D = next_pow2(D)
@@ -127,6 +127,9 @@ def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx
     forward. ``dh`` is the gradient reaching h from later residual uses, ``da`` the LN output's."""
     x = ln_in
     R, D = x.shape
+    # incoming gradients may be expanded (stride 0, from .sum()) or otherwise strided: the kernel indexes rows
+    da = da.contiguous() if da is not None else None
+    dh = dh.contiguous() if dh is not None else None
     has_ln = w is not None and da is not None
     dx = torch.empty_like(x)
     dy = x.new_empty((R, D), dtype=DTYPES[y_dtype]) if has_y else _empty(x)
@@ -181,16 +184,20 @@ from typing import Tuple  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
+from ._common import IMPL_EXT, ext_ops  # noqa: E402
+
 
 @torch.library.custom_op("seqpe::residual_layernorm", mutates_args=())
 def residual_layernorm(x: Tensor, y: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor], eps: float,
-                       p: float, seeds: Optional[Tensor], seed_idx: int,
-                       out_dtype: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       p: float, seeds: Optional[Tensor], seed_idx: int, out_dtype: int,
+                       impl: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if impl == IMPL_EXT:
+        return ext_ops().residual_layernorm_fwd(x, y, w, b, eps, p, seeds, seed_idx, out_dtype)
     return residual_layernorm_forward(x, y, w, b, eps, p, seeds, seed_idx, out_dtype)
 
 
 @residual_layernorm.register_fake
-def _(x, y, w, b, eps, p, seeds, seed_idx, out_dtype):
+def _(x, y, w, b, eps, p, seeds, seed_idx, out_dtype, impl):
     R, D = x.shape
     st = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = x.new_empty((R, D)) if y is not None else x.new_empty((0,))
@@ -201,12 +208,14 @@ def _(x, y, w, b, eps, p, seeds, seed_idx, out_dtype):
 @torch.library.custom_op("seqpe::residual_layernorm_backward", mutates_args=())
 def residual_layernorm_bwd(da: Optional[Tensor], dh: Optional[Tensor], ln_in: Tensor, w: Optional[Tensor],
                            mean: Tensor, rstd: Tensor, p: float, seeds: Optional[Tensor], seed_idx: int,
-                           has_y: bool, y_dtype: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                           has_y: bool, y_dtype: int, impl: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if impl == IMPL_EXT:
+        return ext_ops().residual_layernorm_bwd(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype)
     return residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype)
 
 
 @residual_layernorm_bwd.register_fake
-def _(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype):
+def _(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, impl):
     R, D = ln_in.shape
     has_ln = w is not None and da is not None
     dy = ln_in.new_empty((R, D), dtype=DTYPES[y_dtype]) if has_y else ln_in.new_empty((0,))
@@ -216,7 +225,8 @@ def _(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype):
 
 
 def _rln_setup(ctx, inputs, output):
-    x, y, w, b, eps, p, seeds, seed_idx, out_dtype = inputs
+    x, y, w, b, eps, p, seeds, seed_idx, out_dtype, impl = inputs
+    ctx.impl = impl
     h, a, mean, rstd = output
     ctx.has_y = y is not None
     ctx.y_dtype = dtype_code(y.dtype) if y is not None else 0
@@ -230,9 +240,9 @@ def _rln_backward(ctx, dh, da, dmean, drstd):
     dh = dh if (ctx.has_y and dh is not None and dh.numel()) else None
     da = da if (ctx.has_w and da is not None and da.numel()) else None
     dx, dy, dw, db = residual_layernorm_bwd(da, dh, ln_in, w if ctx.has_w else None, mean, rstd, ctx.p,
-                                            seeds, ctx.seed_idx, ctx.has_y, ctx.y_dtype)
+                                            seeds, ctx.seed_idx, ctx.has_y, ctx.y_dtype, ctx.impl)
     return (dx, dy if ctx.has_y else None, dw if (ctx.has_w and da is not None) else None,
-            db if (ctx.has_w and da is not None) else None, None, None, None, None, None)
+            db if (ctx.has_w and da is not None) else None, None, None, None, None, None, None)
 
 
 residual_layernorm.register_autograd(_rln_backward, setup_context=_rln_setup)

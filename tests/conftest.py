@@ -15,6 +15,13 @@ import pytest  # noqa: E402
 
 HAS_CUDA = _has_cuda
 
+# The test shapes are tiny: on a loaded 2-core CI machine, intra-op threading makes such ops many times
+# slower (measured ~50-100x on tiny CPU ops), so the suite runs single-threaded unless told otherwise.
+if not HAS_CUDA and "SEQPE_TEST_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+elif "SEQPE_TEST_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["SEQPE_TEST_THREADS"]))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -342,3 +342,28 @@ def test_gpu_parity_fp32_large(cfg):
 def test_gpu_parity_low_precision(cfg, dtype):
     _seed()
     _lowp_case(dtype, cfg, 1553)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_beyond_int32():
+    """Row offsets past 2**31 elements (int64 index arithmetic in the kernels): residual+LN and gelu on a
+    [R, D] with R*D > 2**31; the last rows are checked against PyTorch."""
+    import seqpe_kernels.ops  # noqa: F401
+
+    free = torch.cuda.mem_get_info()[0]
+    D = 512
+    R = (2 ** 31) // D + 4096
+    if free < 6 * R * D * 4:
+        pytest.skip(f"needs {6 * R * D * 4 / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB free")
+    x = torch.randn(R, D, device="cuda")
+    y = torch.randn(R, D, device="cuda")
+    w = torch.randn(D, device="cuda")
+    b = torch.randn(D, device="cuda")
+    h, a, _, _ = torch.ops.seqpe.residual_layernorm(x, y, w, b, 1e-5, 0.0, None, 0, 0, 0)
+    tail = slice(R - 2048, R)
+    ref_h = x[tail] + y[tail]
+    torch.testing.assert_close(h[tail], ref_h)
+    torch.testing.assert_close(a[tail], torch.nn.functional.layer_norm(ref_h, (D,), w, b, 1e-5), rtol=1e-5, atol=1e-5)
+    del h, a, y
+    u = torch.ops.seqpe.gelu_new(x, 0)
+    torch.testing.assert_close(u[tail], torch.nn.functional.gelu(x[tail], approximate="tanh"), rtol=1e-5, atol=1e-6)

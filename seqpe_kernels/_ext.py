@@ -1,9 +1,272 @@
-"""Loader of the C++/CUDA extension (csrc/): placeholder until the extension lands."""
+"""Loader of the C++/CUDA extension (csrc/): the ``seqpe_ext`` operators behind ``impl == IMPL_EXT``.
+
+``load()`` returns ``torch.ops.seqpe_ext``. It uses, in this order:
+
+1. a prebuilt ahead-of-time module ``seqpe_kernels._C`` (``SEQPE_KERNELS_BUILD_EXT=1 pip install
+   --no-build-isolation .``), if one is installed;
+2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja; cached under ``TORCH_EXTENSIONS_DIR``, by
+   default ``~/.cache/torch_extensions``): the C++ sources always, the CUDA sources too when torch is a
+   CUDA build and a CUDA toolkit (``nvcc``, found through ``CUDA_HOME``) of the same major version exists.
+
+The build runs once per process (thread-safe) and once per machine (the cache; the name encodes the torch
+version, CUDA version and CPU flags, so a shared cache never hands a library to the wrong torch).
+``status(device_type)`` never raises: it returns ``(ok, reason)``, cached, where the reason names a missing
+compiler, a torch/CUDA mismatch (what the library was built for and what is running) or a build error (with
+the path of the compiler log). ``SEQPE_KERNELS_NO_EXT=1`` disables the extension.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import threading
+import traceback
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CPU_SOURCES = ("ops_cpu.cpp",)
+CUDA_SOURCES = ("ops_cuda.cu",)
+PROBE_OP = "seqpe_ext::gelu_new_fwd"
+
+_lock = threading.RLock()
+_ops = None                      # torch.ops.seqpe_ext once loaded
+_error: Optional[str] = None     # why the extension cannot be used (cached)
+_info: Dict[str, object] = {}    # how it was obtained: source, path, cuda_reason
+_status: Dict[str, Tuple[bool, str]] = {}
 
 
-def status(device_type: str = "cpu"):
-    return False, "the C++/CUDA extension is not built yet in this version of seqpe-kernels"
+class ExtensionUnavailable(RuntimeError):
+    """The C++/CUDA extension cannot be loaded or built here; the message says why."""
+
+
+def disabled() -> bool:
+    return os.environ.get("SEQPE_KERNELS_NO_EXT", "0") == "1"
+
+
+def _running() -> str:
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", s)
+
+
+def _cpu_tag_and_flags():
+    """Vector ISA of this build: AVX2+FMA where torch itself runs its AVX2 kernels (x86-64), else baseline."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        cap = "DEFAULT"
+    if platform.machine().lower() in ("x86_64", "amd64") and cap in ("AVX2", "AVX512"):
+        return "avx2", ["-mavx2", "-mfma"]
+    return "base", []
+
+
+def _nvcc_version(cuda_home: str) -> Optional[str]:
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except Exception:
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def cuda_plan() -> Tuple[bool, str]:
+    """(compile the CUDA sources?, why / why not)."""
+    if not torch.version.cuda:
+        return False, f"torch {torch.__version__} is a CPU-only build (no CUDA): the CUDA sources are not compiled"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return False, (f"no CUDA toolkit found (nvcc; set CUDA_HOME) for {_running()}: "
+                       "the CUDA sources are not compiled")
+    v = _nvcc_version(CUDA_HOME)
+    if v is None:
+        return False, f"nvcc at {CUDA_HOME} does not report its version"
+    if v.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return False, (f"torch/CUDA mismatch: nvcc {v} at {CUDA_HOME} cannot build for {_running()} "
+                       "(the major versions must agree); the CUDA sources are not compiled")
+    return True, f"nvcc {v} at {CUDA_HOME}"
+
+
+def _extensions_root() -> str:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # noqa: F401 (private, stable for years)
+
+        return os.path.dirname(_get_build_directory("seqpe_probe", verbose=False))
+    except Exception:  # pragma: no cover
+        return os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+
+
+def build_name(with_cuda: bool) -> str:
+    tag, _ = _cpu_tag_and_flags()
+    cu = f"_cu{_sanitize(torch.version.cuda)}" if with_cuda else ""
+    return f"seqpe_ext_t{_sanitize(torch.__version__.split('+')[0])}{cu}_{tag}"
+
+
+def _version_defines():
+    return [f"-DSEQPE_TORCH_VERSION={_sanitize(torch.__version__)}",
+            f"-DSEQPE_CUDA_VERSION={_sanitize(torch.version.cuda or 'none')}"]
+
+
+def _read_build_info(path: str) -> str:
+    """'torch=...;cuda=...' from a built library without loading it (the marker string in ops_cpu.cpp)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return "unknown"
+    m = re.search(rb"SEQPE_EXT_BUILD_INFO\{([^}]*)\}", data)
+    return m.group(1).decode(errors="replace") if m else "unknown"
+
+
+def _load_aot() -> Optional[str]:
+    """Import the prebuilt seqpe_kernels._C if it exists; returns its path (None if not installed)."""
+    try:
+        spec = importlib.util.find_spec("seqpe_kernels._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None
+    try:
+        importlib.import_module("seqpe_kernels._C")
+    except ImportError as e:
+        raise ExtensionUnavailable(
+            f"the prebuilt seqpe_kernels._C ({spec.origin}) does not load: {e}. It was built for "
+            f"{_read_build_info(spec.origin)}; running {_running()}. Rebuild it "
+            "(SEQPE_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .) or delete it to use the JIT build")
+    built = _read_build_info(spec.origin)
+    want = f"torch={_sanitize(torch.__version__)}"
+    if built != "unknown" and not built.startswith(want + ";"):
+        log.warning("seqpe_kernels._C was built for %s but %s is running; rebuild it if ops misbehave",
+                    built, _running())
+    return spec.origin
+
+
+def _jit_build() -> str:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None:
+        raise ExtensionUnavailable(
+            f"no C++ compiler found ({cxx!r} / 'g++' not on PATH): install g++ (e.g. apt-get install g++) "
+            "or set CXX, or install a prebuilt seqpe_kernels._C")
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionUnavailable("ninja is not installed (pip install ninja): torch's JIT extension build needs it")
+    with_cuda, cuda_reason = cuda_plan()
+    _info["cuda_reason"] = cuda_reason
+    tag, arch_flags = _cpu_tag_and_flags()
+    name = build_name(with_cuda)
+    build_dir = os.path.join(_extensions_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    sources = [str(CSRC / s) for s in CPU_SOURCES] + ([str(CSRC / s) for s in CUDA_SOURCES] if with_cuda else [])
+    for s in sources:
+        if not os.path.exists(s):
+            raise ExtensionUnavailable(f"extension source {s} is missing (an installed package without csrc/?); "
+                                       "install from a source checkout or a prebuilt seqpe_kernels._C")
+    so = os.path.join(build_dir, f"{name}.so")
+    if not os.path.exists(so):
+        log.warning("seqpe_kernels: building the C++%s extension %s (first use on this machine, about a minute; "
+                    "cached in %s)", "/CUDA" if with_cuda else "", name, build_dir)
+    cflags = ["-O3", "-fopenmp", *arch_flags, *_version_defines()]
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_version_defines()]
+    try:
+        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                           extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
+                           is_python_module=False, verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
+    except Exception as e:
+        log_path = os.path.join(build_dir, "seqpe_build_error.log")
+        try:
+            with open(log_path, "w") as f:
+                f.write(f"{_running()}\nsources: {sources}\ncflags: {cflags}\n\n")
+                f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        except OSError:
+            log_path = "(could not write the log)"
+        first = next((ln for ln in str(e).splitlines() if "error" in ln.lower()), str(e).splitlines()[0] if str(e) else "")
+        raise ExtensionUnavailable(f"building the C++ extension {name} failed for {_running()}: {first.strip()[:300]} "
+                                   f"(full compiler output: {log_path})") from e
+    return so
 
 
 def load():
-    raise RuntimeError(status()[1])
+    """torch.ops.seqpe_ext, loading or building the extension on first use (raises ExtensionUnavailable)."""
+    global _ops, _error
+    if _ops is not None and not disabled():
+        return _ops
+    if disabled():
+        raise ExtensionUnavailable("the C++/CUDA extension is disabled by SEQPE_KERNELS_NO_EXT=1")
+    with _lock:
+        if _ops is not None:
+            return _ops
+        if _error is not None:
+            raise ExtensionUnavailable(_error)
+        try:
+            path = _load_aot()
+            if path is not None:
+                _info.update(source="prebuilt seqpe_kernels._C", path=path)
+                _info.setdefault("cuda_reason", "the prebuilt seqpe_kernels._C has no CUDA kernels "
+                                 f"(built for {_read_build_info(path)})")
+            else:
+                path = _jit_build()
+                _info.update(source="JIT build", path=path)
+            ops = torch.ops.seqpe_ext
+            ops.gelu_new_fwd  # resolves the schema: fails if the library registered nothing
+        except ExtensionUnavailable as e:
+            _error = str(e)
+            raise
+        except Exception as e:  # anything unexpected: report, never crash the caller's backend choice
+            _error = f"the C++ extension failed to load for {_running()}: {type(e).__name__}: {e}"
+            raise ExtensionUnavailable(_error) from e
+        _ops = ops
+        return _ops
+
+
+def has_cuda_kernels() -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(PROBE_OP, "CUDA"))
+    except Exception:
+        return False
+
+
+def status(device_type: str = "cpu") -> Tuple[bool, str]:
+    """(usable, reason) of the extension for tensors of ``device_type``; never raises; cached."""
+    if disabled():
+        return False, "the C++/CUDA extension is disabled by SEQPE_KERNELS_NO_EXT=1"
+    hit = _status.get(device_type)
+    if hit is not None:
+        return hit
+    with _lock:
+        try:
+            load()
+        except Exception as e:
+            res = (False, str(e))
+        else:
+            where = f"{_info.get('source')}: {_info.get('path')}"
+            if device_type == "cpu":
+                res = (True, f"C++ CPU extension ({where})")
+            elif device_type == "cuda":
+                if not has_cuda_kernels():
+                    res = (False, f"the C++ extension has no CUDA kernels: {_info.get('cuda_reason', 'not built')}")
+                elif not torch.cuda.is_available():
+                    res = (False, f"the extension has CUDA kernels but no CUDA device is visible to {_running()}")
+                else:
+                    res = (True, f"CUDA extension ({where})")
+            else:
+                res = (False, f"the extension has CPU and CUDA kernels only (got {device_type})")
+        _status[device_type] = res
+        return res
+
+
+def info() -> Dict[str, object]:
+    """How the extension was obtained (after a load): source, path, CUDA build decision."""
+    return dict(_info)

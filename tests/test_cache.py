@@ -1,0 +1,328 @@
+"""SeqPECache: equals recomputation, in sparse and dense mode, 1-D and 2-D, across every event that changes
+the encoder (optimizer steps incl. fused ones, in-place edits, load_state_dict, dtype changes, train/eval
+toggles, autocast) and across evictions."""
+import pytest
+import torch
+
+from seqpe_kernels import SeqPE
+from seqpe_kernels.cache import SeqPECache
+from seqpe_kernels.dedup import prefix_shared_forward
+
+RTOL = 1e-5
+
+
+def make(d=1, K=3, D=32, H=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("resid_pdrop", 0.0)  # so train-mode toggles are cacheable
+    m = SeqPE(D, H, K, data_dim=d, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m.eval()
+
+
+def queries(d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if d == 1:
+        p = torch.randint(0, 1000, (120,), generator=g)
+        return torch.cat([torch.arange(150, 260), p, p[:17]])  # inside and outside the dense box, dups
+    p = torch.randint(0, 100, (60, 2), generator=g)
+    return torch.cat([torch.cartesian_prod(torch.arange(8, 16), torch.arange(8, 16)), p, p[:9]])
+
+
+def box(d):
+    return range(0, 200) if d == 1 else (range(12), range(12))
+
+
+def setup(mode, d, **kw):
+    m = make(d=d)
+    c = SeqPECache(m, mode=mode, **kw)
+    with torch.no_grad():
+        c.precompute(box(d))
+    return m, c, queries(d)
+
+
+def check(c, m, pos):
+    with torch.no_grad():
+        ref = m(pos)
+        out = c(pos)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    assert err <= RTOL, f"cache differs from recomputation: {err:.3g}"
+    return out
+
+
+MODES = [("sparse", 1), ("sparse", 2), ("dense", 1), ("dense", 2)]
+
+
+@pytest.mark.parametrize("mode,d", MODES)
+def test_equals_recompute_and_hits(mode, d):
+    m, c, pos = setup(mode, d)
+    check(c, m, pos)
+    s1 = c.stats()
+    assert s1["misses"] > 0 and s1["invalidations"] == 0
+    check(c, m, pos)
+    s2 = c.stats()
+    assert s2["hits"] > s1["hits"]
+    if mode == "sparse":  # every position is cached now: the second call computes nothing
+        assert s2["computed"] == s1["computed"] and s2["misses"] == s1["misses"]
+        # a 1-D encoder also takes [M, 1]
+        if d == 1:
+            check(c, m, pos.unsqueeze(1))
+    else:  # dense: positions outside the box are recomputed each time (not stored)
+        assert s2["misses"] - s1["misses"] == s1["misses"]
+    # all-hit call: one gather
+    inside = torch.arange(0, 200, 3) if d == 1 else torch.cartesian_prod(torch.arange(12), torch.arange(5))
+    check(c, m, inside)
+    before = c.stats()["computed"]
+    check(c, m, inside)
+    assert c.stats()["computed"] == before
+
+
+def _opt_step(m, opt_cls, **kw):
+    opt = opt_cls(m.parameters(), lr=1e-2, **kw)
+    out = m(queries(m.data_dim, seed=3))
+    (out ** 2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _inplace(m):
+    with torch.no_grad():
+        m.transformers[0].attn.c_attn.weight.mul_(1.3)
+
+
+def _load(m):
+    other = make(d=m.data_dim, seed=5)
+    m.load_state_dict(other.state_dict())
+
+
+def _load_assign(m):
+    other = make(d=m.data_dim, seed=6)
+    m.load_state_dict(other.state_dict(), assign=True)
+
+
+def _set_data(m):
+    m.out_proj.weight.data = torch.randn_like(m.out_proj.weight)
+
+
+def _reset(m):
+    m.reset_parameters()
+
+
+EVENTS = {
+    "adamw_foreach": lambda m: _opt_step(m, torch.optim.AdamW, foreach=True),
+    "adam_fused": lambda m: _opt_step(m, torch.optim.Adam, fused=True),  # does not bump _version
+    "sgd_fused": lambda m: _opt_step(m, torch.optim.SGD, fused=True, momentum=0.9),
+    "sgd_plain": lambda m: _opt_step(m, torch.optim.SGD, foreach=False),
+    "inplace_no_grad": _inplace,
+    "load_state_dict": _load,
+    "load_state_dict_assign": _load_assign,
+    "param_data_assign": _set_data,
+    "reset_parameters": _reset,
+    "to_float64": lambda m: m.to(torch.float64),
+    "temperature": lambda m: setattr(m, "temperature", 2.5),
+}
+
+
+@pytest.mark.parametrize("event", sorted(EVENTS))
+@pytest.mark.parametrize("mode,d", MODES)
+def test_invalidation_events(event, mode, d):
+    m, c, pos = setup(mode, d)
+    old = check(c, m, pos)
+    check(c, m, pos)
+    inv = c.stats()["invalidations"]
+    EVENTS[event](m)
+    with torch.no_grad():
+        new_ref = m(pos)
+    assert not torch.allclose(old.to(new_ref.dtype), new_ref), "event did not change the encoder"
+    check(c, m, pos)
+    assert c.stats()["invalidations"] == inv + 1
+    check(c, m, pos)  # and caches again under the new state
+    assert c.stats()["invalidations"] == inv + 1
+
+
+@pytest.mark.parametrize("mode,d", MODES)
+def test_train_eval_toggle(mode, d):
+    m, c, pos = setup(mode, d)
+    check(c, m, pos)
+    m.train()  # dropout probabilities are 0, so training mode is deterministic and cacheable
+    check(c, m, pos)
+    assert c.stats()["invalidations"] == 1
+    m.eval()
+    check(c, m, pos)
+    assert c.stats()["invalidations"] == 2
+    m.transformers[1].train()  # a submodule alone
+    check(c, m, pos)
+    assert c.stats()["invalidations"] == 3
+
+
+@pytest.mark.parametrize("mode,d", [("sparse", 1), ("dense", 2)])
+def test_autocast_changes_key(mode, d):
+    m, c, pos = setup(mode, d)
+    check(c, m, pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        ref = m(pos)
+        out = c(pos)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref.float(), rtol=0, atol=1e-2 * ref.float().abs().max().item())
+    check(c, m, pos)  # and back in fp32
+    assert c.stats()["invalidations"] == 2
+
+
+@pytest.mark.parametrize("mode,d", MODES)
+def test_data_edits_need_invalidate_or_verify(mode, d):
+    # writes through `param.data` use a detached alias with its own version counter (documented)
+    m, c, pos = setup(mode, d)
+    check(c, m, pos)
+    m.out_proj.bias.data.add_(1.0)
+    c.invalidate()
+    check(c, m, pos)
+    m2, c2, _ = setup(mode, d, verify_values=True)
+    check(c2, m2, pos)
+    m2.out_proj.bias.data.add_(1.0)
+    check(c2, m2, pos)
+    assert c2.stats()["invalidations"] == 1
+
+
+def test_sparse_eviction_bounded_and_correct():
+    m = make()
+    row = m.out_dim * 4 + 24
+    c = SeqPECache(m, mode="sparse", max_bytes=100 * row)
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pos = torch.randint(0, 1000, (70,), generator=g)
+        check(c, m, pos)
+        check(c, m, pos[:40])  # recently used rows are hits
+        assert c.stats()["bytes"] <= c.max_bytes
+    s = c.stats()
+    assert s["evictions"] > 0 and 0 < s["entries"] <= 100
+    # more unique misses than the capacity in one call: still correct
+    check(c, m, torch.arange(0, 1000, 4))
+    assert c.stats()["bytes"] <= c.max_bytes
+    # LRU: the most recent rows survive
+    c2 = SeqPECache(m, mode="sparse", max_bytes=100 * row)
+    with torch.no_grad():
+        c2(torch.arange(0, 60))
+        c2(torch.arange(0, 10))          # touch 0..9
+        c2(torch.arange(100, 160))       # forces an eviction of the least recently used
+        before = c2.stats()["misses"]
+        c2(torch.arange(0, 10))
+    assert c2.stats()["misses"] == before
+
+
+def test_dense_eviction_and_oversize():
+    m = make(d=2, K=2)
+    row = m.out_dim * 4
+    c = SeqPECache(m, mode="dense", max_bytes=150 * row)
+    with torch.no_grad():
+        c.precompute((range(10), range(10)))          # 100 rows
+        c.precompute([(range(10, 20), (0, 10, 2))])   # 50 rows, fits
+        assert c.stats()["entries"] == 150
+        c(torch.tensor([[0, 0]]))                     # touch the first box
+        c.precompute((range(90, 100), range(0, 5)))   # 50 rows: evicts the LRU box (the second)
+        assert c.stats()["evictions"] == 50 and c.stats()["bytes"] <= c.max_bytes
+        with pytest.raises(ValueError, match="max_bytes"):
+            c.precompute((range(100), range(100)))
+    pos = torch.cat([torch.cartesian_prod(torch.arange(20), torch.arange(20)),
+                     torch.cartesian_prod(torch.arange(90, 100), torch.arange(0, 7))])
+    check(c, m, pos)
+
+
+def test_dense_text_style_range_and_grid():
+    m = make(K=4)
+    c = SeqPECache(m, mode="dense")
+    with torch.no_grad():
+        c.precompute(range(2048))
+        c.precompute([(5000, 5100), range(9000, 9999, 7)])
+    pos = torch.cat([torch.arange(2048), torch.arange(5000, 5100), torch.arange(9000, 9999, 7)])
+    before = c.stats()["computed"]
+    check(c, m, pos)
+    assert c.stats()["computed"] == before and c.stats()["misses"] == 0
+
+
+def test_invalidated_dense_box_recomputed_lazily():
+    m, c, pos = setup("dense", 1)
+    check(c, m, pos)
+    _inplace(m)
+    s0 = c.stats()["computed"]
+    check(c, m, torch.arange(0, 10))
+    assert c.stats()["computed"] - s0 == 200  # the whole touched box, once
+    check(c, m, torch.arange(0, 200))
+    assert c.stats()["computed"] - s0 == 200
+
+
+def test_grad_mode_rules():
+    m, c, pos = setup("sparse", 1)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        c(pos)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        c.precompute(range(10))
+    with torch.inference_mode():
+        a = c(pos)
+    # outputs created inside inference_mode are usable outside, and the cache keeps working outside it
+    with torch.no_grad():
+        assert torch.equal(c(pos), a)
+    m.requires_grad_(False)
+    out = c(pos)  # frozen encoder: fine with grad on
+    assert not out.requires_grad
+    m.requires_grad_(True)
+    c2 = SeqPECache(m, allow_grad=True)
+    out = c2(pos)
+    assert not out.requires_grad
+
+
+def test_training_with_dropout_refused():
+    m = make(resid_pdrop=0.1).train()
+    c = SeqPECache(m)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dropout"):
+        c(torch.arange(5))
+    m.eval()
+    with torch.no_grad():
+        c(torch.arange(5))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_validation(mode):
+    m = make()
+    c = SeqPECache(m, mode=mode)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="non-negative"):
+            c(torch.tensor([-1, 2]))
+        with pytest.raises(ValueError, match="max_digits"):
+            c(torch.tensor([1000]))
+        with pytest.raises(ValueError, match="data_dim"):
+            c(torch.zeros(3, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="shape"):
+            c(torch.zeros(2, 2, 2, dtype=torch.long))
+        with pytest.raises(TypeError):
+            c(torch.tensor([1.5]))
+        with pytest.raises(ValueError, match="max_digits"):
+            c.precompute(range(990, 1001))
+        m.check_range = False  # the cache always checks (keys must not alias)
+        with pytest.raises(ValueError, match="max_digits"):
+            c(torch.tensor([1000]))
+        assert c(torch.zeros(0, dtype=torch.long)).shape == (0, m.out_dim)
+    with pytest.raises(ValueError):
+        SeqPECache(m, mode="lru")
+
+
+def test_compute_hook_and_chunks():
+    m = make(K=4)
+    c = SeqPECache(m, compute=prefix_shared_forward, chunk_size=64)
+    pos = torch.randint(0, 10000, (300,))
+    check(c, m, pos)
+    check(c, m, pos)
+
+
+def test_unpackable_keys_fallback():
+    # base**max_digits per axis packs into int64, but 4 axes of 10**5 do not: dict index path
+    m = make(d=4, K=5, D=32, H=4)
+    c = SeqPECache(m)
+    assert not c._packable
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 100000, (40, 4), generator=g)
+    pos = torch.cat([pos, pos[:10]])
+    check(c, m, pos)
+    check(c, m, pos)
+    assert c.stats()["computed"] == 40

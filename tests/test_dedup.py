@@ -1,0 +1,190 @@
+"""Exact deduplication (dedup_forward) and prefix sharing (prefix_shared_forward) vs the plain encoder.
+
+Outputs and every parameter gradient must match the reference forward with dropout off (fp32, relative to
+the largest reference magnitude, SEQPE_SPEC §2.8 / KERNEL_GUIDE §5). Small widths keep these fast.
+"""
+import zlib
+
+import pytest
+import torch
+
+from seqpe_kernels import FusedSeqPE, SeqPE
+from seqpe_kernels.dedup import (build_prefix_trie, dedup_forward, prefix_shared_forward, prefix_trie_stats)
+
+RTOL = 1e-5
+
+
+def make(D=32, H=4, K=3, d=1, mask_padding=False, direction="causal", layers=2, seed=0, cls=SeqPE, **kw):
+    torch.manual_seed(seed)
+    m = cls(D, H, K, num_layers=layers, data_dim=d, attn_direction=direction, mask_padding=mask_padding, **kw)
+    with torch.no_grad():  # move off the init (LN weights 1, biases 0, tiny embeddings): sharper attention
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m.eval()
+
+
+def positions_for(kind, K, d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    top = 10 ** K
+    if d == 1:
+        if kind == "window":
+            return torch.arange(0, 157)
+        if kind == "random":
+            p = torch.randint(0, top, (97,), generator=g)
+            return torch.cat([p, p[:31], torch.tensor([0, 0, top - 1])])  # duplicates, extremes
+        if kind == "mixed":  # window 0..N-1 + pivots + candidates + a shifted window (SEQPE_SPEC §5.7)
+            win = torch.arange(64)
+            piv = torch.randint(0, top, (7,), generator=g)
+            cand = torch.randint(0, top, (7 * 9,), generator=g)
+            shifted = torch.arange(300, 364) % top
+            return torch.cat([win, piv, cand, shifted])
+    else:
+        side = min(top, 13)
+        grid = torch.cartesian_prod(*[torch.arange(side)] * d)
+        if kind == "window":  # the row-major grid
+            return grid
+        if kind == "random":
+            p = torch.randint(0, top, (89, d), generator=g)
+            return torch.cat([p, p[:23], torch.zeros(2, d, dtype=torch.long)])
+        if kind == "mixed":
+            piv = torch.randint(0, top, (5, d), generator=g)
+            cand = torch.randint(0, top, (5 * 8, d), generator=g)
+            shifted = torch.cartesian_prod(*[torch.arange(top - 9, top)] * d)
+            return torch.cat([grid, piv, cand, shifted])
+    raise ValueError(kind)
+
+
+def reference_and_grads(m, pos, fn=None):
+    out = m(pos) if fn is None else fn(m, pos)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    params = [p for p in m.parameters()]
+    grads = torch.autograd.grad((out * g).sum(), params)
+    return out.detach(), dict(zip([n for n, _ in m.named_parameters()], grads))
+
+
+def assert_close_rel(a, b, what):
+    scale = b.abs().max().clamp_min(1e-30)
+    err = ((a - b).abs().max() / scale).item()
+    assert err <= RTOL, f"{what}: relative error {err:.3g} > {RTOL}"
+
+
+def check_parity(m, pos, fn):
+    ref, gref = reference_and_grads(m, pos)
+    out, gout = reference_and_grads(m, pos, fn)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert_close_rel(out, ref, "output")
+    assert set(gout) == set(gref)
+    for name in gref:
+        assert gref[name].abs().max() > 0 or name.startswith("transformers"), f"{name}: zero reference grad"
+        assert_close_rel(gout[name], gref[name], f"grad {name}")
+
+
+FNS = {"dedup": dedup_forward, "prefix": prefix_shared_forward}
+
+
+@pytest.mark.parametrize("fn", ["dedup", "prefix"])
+@pytest.mark.parametrize("d,K", [(1, 3), (2, 2)])
+@pytest.mark.parametrize("mask_padding", [False, True])
+@pytest.mark.parametrize("kind", ["window", "random", "mixed"])
+def test_parity_causal(fn, d, K, mask_padding, kind):
+    m = make(D=32, H=4, K=K, d=d, mask_padding=mask_padding, seed=zlib.crc32(repr((d, K, mask_padding, kind)).encode()) % 1000)
+    check_parity(m, positions_for(kind, K, d), FNS[fn])
+
+
+@pytest.mark.parametrize("fn", ["dedup", "prefix"])
+def test_parity_other_configs(fn):
+    # odd width, 1 and 3 layers, out_dim != D, no final LN, temperature, unscaled attention, 2-D input of a
+    # 1-D encoder ([M, 1]), training mode with dropout probabilities 0 (exact, allowed)
+    pos = torch.cat([torch.arange(40), torch.tensor([999, 5, 5, 40, 123])])
+    for kw in (dict(D=48, H=3, K=3, layers=1, out_dim=20, temperature=0.7),
+               dict(D=40, H=5, K=4, layers=3, use_last_layernorm=False, scale_attn_weights=False,
+                    mask_padding=True)):
+        m = make(**kw)
+        check_parity(m, pos, FNS[fn])
+        check_parity(m, pos.unsqueeze(1), FNS[fn])
+        m.train()
+        m.resid_pdrop = m.attn_pdrop = 0.0
+        for mod in m.modules():
+            if hasattr(mod, "p"):
+                mod.p = 0.0
+        check_parity(m, pos, FNS[fn])
+
+
+def test_parity_3d_and_64_wide():
+    m = make(D=64, H=4, K=2, d=3)
+    pos = torch.cat([torch.cartesian_prod(torch.arange(4), torch.arange(3), torch.arange(5)),
+                     torch.randint(0, 100, (30, 3), generator=torch.Generator().manual_seed(3))])
+    check_parity(m, pos, prefix_shared_forward)
+    check_parity(m, pos, dedup_forward)
+
+
+def test_works_with_subclass():
+    m = make(cls=FusedSeqPE)
+    check_parity(m, positions_for("mixed", 3, 1), prefix_shared_forward)
+    check_parity(m, positions_for("mixed", 3, 1), dedup_forward)
+
+
+def test_bi_attention():
+    m = make(direction="bi")
+    pos = positions_for("random", 3, 1)
+    with pytest.raises(ValueError, match="causal"):
+        prefix_shared_forward(m, pos)
+    check_parity(m, pos, dedup_forward)  # identical positions are still exact
+
+
+def test_training_with_dropout_requires_explicit_option():
+    m = make(resid_pdrop=0.1, attn_pdrop=0.1).train()
+    pos = torch.cat([torch.arange(20), torch.arange(20)])
+    for fn in (dedup_forward, prefix_shared_forward):
+        with pytest.raises(RuntimeError, match="allow_in_training"):
+            fn(m, pos)
+        out = fn(m, pos, allow_in_training=True)
+        assert out.shape == (40, m.out_dim) and torch.isfinite(out).all()
+        # the documented difference: the two copies of each position share one dropout draw
+        assert torch.equal(out[:20], out[20:])
+        out.sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+        m.zero_grad()
+    plain = m(pos)
+    assert not torch.equal(plain[:20], plain[20:])  # the reference draws independent masks
+    m.eval()  # eval: no option needed
+    prefix_shared_forward(m, pos)
+
+
+def test_validation_and_empty():
+    m = make()
+    for fn in (dedup_forward, prefix_shared_forward):
+        with pytest.raises(ValueError, match="non-negative"):
+            fn(m, torch.tensor([-1, 2]))
+        with pytest.raises(ValueError, match="max_digits"):
+            fn(m, torch.tensor([1000]))
+        with pytest.raises(ValueError, match="shape"):
+            fn(m, torch.zeros(2, 2, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="data_dim"):
+            fn(m, torch.zeros(3, 2, dtype=torch.long))
+        with pytest.raises(TypeError):
+            fn(m, torch.tensor([1.0]))
+        assert fn(m, torch.zeros(0, dtype=torch.long)).shape == (0, m.out_dim)
+
+
+def test_trie_counts_match_spec():
+    # SEQPE_SPEC §2.8: token-states with prefix sharing
+    text = SeqPE(32, 4, 5)
+    assert prefix_trie_stats(text, torch.arange(512))["token_states"] == 1084
+    s = prefix_trie_stats(text, torch.arange(32768))
+    assert s["token_states"] == 69178 and s["reference_token_states"] == 196608
+    img = SeqPE(32, 4, 2, data_dim=2)
+    assert prefix_trie_stats(img, torch.cartesian_prod(torch.arange(14), torch.arange(14)))["token_states"] == 436
+
+
+def test_trie_structure():
+    digits = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 1, 2], [4, 1, 2]])
+    t = build_prefix_trie(digits)
+    assert t.counts == [2, 2, 3, 3]
+    # every node's ancestor path reproduces a real prefix
+    for j in range(3):
+        nd = torch.cat(t.node_digit)
+        paths = nd[t.anc[j]]
+        assert {tuple(r) for r in paths.tolist()} == {tuple(r) for r in digits[:, :j + 1].tolist()}
+    # leaf maps each sequence to its CLS node: duplicates share one
+    assert t.leaf[0] == t.leaf[2] and len(set(t.leaf.tolist())) == 3

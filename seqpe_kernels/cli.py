@@ -139,10 +139,23 @@ def _check_run(args) -> int:
 # ------------------------------------------------------------------------------------------- registration
 Subcommand = Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
+def _train_args(p: argparse.ArgumentParser):
+    from .train import add_arguments
+
+    add_arguments(p)
+
+
+def _train_run(args) -> int:
+    from .train import run
+
+    return run(args)
+
+
 SUBCOMMANDS: Dict[str, Subcommand] = {
     "env": ("versions, CUDA devices and the backend table with reasons", _env_args, _env_run),
     "bench": ("benchmark providers side by side (CSV + PNG)", _bench_args, _bench_run),
     "check": ("parity of every usable backend against the reference (exit 1 on failure)", _check_args, _check_run),
+    "train": ("train a tiny SeqPE LM / ViT (DDP under torchrun) and evaluate extrapolation", _train_args, _train_run),
 }
 
 

@@ -1,0 +1,842 @@
+"""``seqpe-kernels train``: train a tiny SeqPE language model or ViT end to end (SEQPE_SPEC §4, §5.5-§5.8).
+
+One training step (§5.8):
+
+1. draw the main-task window(s) (default window, or P shifted windows with probability ``--shift-rate``);
+2. draw a contrastive batch and, if this step's P == 1, a transfer batch;
+3. merge all positions and run the position encoder **once** (train mode, dropout on);
+4. split its output into main PE [P, N, O], pivots, candidates and transfer PEs;
+5. run the model with the main PE (sample b uses window b mod P) and compute the main loss;
+6. total = main + λ_ct·L_ct + λ_tr·L_tr (transfer only when P == 1), weights through PeWeightScheduler;
+7. backward, clip the encoder and the model separately (max-norm ``--clip``, 5.0), one AdamW step for both.
+
+After training the extrapolation is evaluated with the encoder in eval mode, run once per length: LM
+perplexity on held-out text at 1x, 2x, 4x, 8x the training length (positions 0..L-1), ViT accuracy on
+larger patch grids (positions (0,0)..(g-1,g-1)). A table is printed and a PNG drawn.
+
+Data: the LM trains on bytes (vocab 256) of ``--data`` (a UTF-8 text file) or of the embedded synthetic
+corpus ``seqpe_kernels/data/chronicle.txt``; the ViT on an image folder (one subfolder per class, read with
+Pillow) or on the built-in synthetic task (:func:`synthetic_images`: colour pair x which side of a boundary
+the first colour is on; the side needs position information).
+
+Scale-out: under ``torchrun --nproc_per_node N`` the encoder and the model are each wrapped in
+DistributedDataParallel (gloo on CPU, NCCL on CUDA); the global ``--batch-size`` is split across ranks and
+every rank draws its own positions from samplers seeded with ``seed + rank``, as the reference does. Each
+rank's stream of positions is a *position stream*; ``--position-streams K`` lets one process own several
+streams (its loss is then the mean over its streams, exactly what K DDP ranks average), so a 1-process run
+with ``--position-streams 2`` reproduces a 2-rank run step for step (used by the tests). Only rank 0
+prints and writes files.
+
+Use ``python -m seqpe_kernels.train ...`` or ``seqpe-kernels train ...``; programmatically
+:func:`train` with a :class:`TrainConfig`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TrainConfig", "train", "add_arguments", "run", "main", "synthetic_images", "resolve_config",
+           "TASK_DEFAULTS"]
+
+# ---------------------------------------------------------------------------------------------------- config
+TASK_DEFAULTS: Dict[str, dict] = {
+    # CPU-sized defaults: a tiny model trains in seconds to minutes on a laptop core
+    # (paper PE methods: text attn_scalar + 'single' Q/K projection, image attn_mul + 'multi'). The ViT needs
+    # the lower lr: at 3e-3 the main loss collapses the encoder to a position-independent output early on.
+    "lm": dict(steps=200, batch_size=8, lr=3e-3, model_dim=64, model_layers=2, model_heads=4, pe_dim=32,
+               pe_heads=2, pe_layers=2, pe_method="attn_scalar", pe_qk="single", block_size=64,
+               max_position=2048, contrastive_size=16, contrastive_batch=8, transfer_size=16, transfer_batch=4,
+               eval_scales=(1.0, 2.0, 4.0, 8.0)),
+    "vit": dict(steps=600, batch_size=32, lr=1e-3, model_dim=64, model_layers=2, model_heads=4, pe_dim=32,
+                pe_heads=2, pe_layers=2, pe_method="attn_mul", pe_qk="multi", img_size=16, patch_size=4,
+                max_position=1024, contrastive_size=16, contrastive_batch=8, transfer_size=8, transfer_batch=4,
+                eval_scales=(1.0, 1.5, 2.0, 3.0)),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` fields take the task's default (:data:`TASK_DEFAULTS`)."""
+    task: str = "lm"  # 'lm' | 'vit'
+    steps: Optional[int] = None
+    backend: str = "auto"  # FusedSeqPE backend: auto | torch | triton | cuda | cpu
+    dropout: float = 0.1  # encoder resid dropout and model dropout
+    seed: int = 0
+    contrastive_weight: float = 0.1
+    transfer_weight: float = 0.1
+    transfer_beta: float = 1.0  # both paper scripts
+    pe_warmup_steps: int = 0  # PeWeightScheduler warm-up (0: full weights from the start)
+    device: Optional[str] = None
+    batch_size: Optional[int] = None  # global batch (split across ranks)
+    lr: Optional[float] = None
+    pe_lr: Optional[float] = None  # encoder learning rate (default: lr)
+    weight_decay: float = 0.01
+    clip: float = 5.0  # max-norm, applied to the encoder and to the model separately
+    data: Optional[str] = None
+    # model / encoder sizes
+    model_dim: Optional[int] = None
+    model_layers: Optional[int] = None
+    model_heads: Optional[int] = None
+    pe_dim: Optional[int] = None  # encoder embed_dim D (its output width O is set by the model)
+    pe_heads: Optional[int] = None
+    pe_layers: Optional[int] = None
+    pe_temperature: float = 1.0  # encoder output is out_proj(...) / temperature (SEQPE_SPEC §2.3)
+    pe_method: Optional[str] = None  # how the model applies the PE (seqpe_kernels.pe_apply)
+    pe_qk: Optional[str] = None  # 'none' | 'single' | 'multi' Q/K projection of the PE (attn_* methods)
+    block_size: Optional[int] = None  # LM training length N
+    img_size: Optional[int] = None  # ViT training resolution
+    patch_size: Optional[int] = None
+    max_position: Optional[int] = None  # pe_max_position (1-D: positions < it; 2-D: grid floor(sqrt) per axis)
+    # regulariser batches (per position stream, like the reference's per-GPU sizes)
+    contrastive_size: Optional[int] = None  # C
+    contrastive_batch: Optional[int] = None  # B_c
+    transfer_size: Optional[int] = None  # T_n
+    transfer_batch: Optional[int] = None  # B_t
+    shift_rate: float = 0.1  # pe_random_shift_rate (0 disables random shift)
+    shift_pool: int = 320  # pe_random_shift_downsample
+    pe_main_batch_size: int = -1  # P when a shift fires (-1: the stream's batch size)
+    # evaluation
+    eval_scales: Optional[Sequence[float]] = None
+    eval_tokens: int = 8192  # LM: held-out tokens per length (at most)
+    eval_samples: int = 512  # ViT: images per grid (synthetic; a folder uses its held-out split)
+    do_eval: bool = True
+    position_streams: Optional[int] = None  # default: the world size
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d.get("eval_scales") is not None:
+            d["eval_scales"] = list(d["eval_scales"])
+        return d
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy with every ``None`` replaced by the task default, validated."""
+    if cfg.task not in TASK_DEFAULTS:
+        raise ValueError(f"--task must be one of {', '.join(TASK_DEFAULTS)}, got {cfg.task!r}")
+    d = cfg.to_dict()
+    for k, v in TASK_DEFAULTS[cfg.task].items():
+        if d.get(k) is None:
+            d[k] = list(v) if isinstance(v, tuple) else v
+    out = TrainConfig(**d)
+    if cfg.transfer_size is None:  # the default T_n never exceeds the window (T_n slots are drawn from N)
+        n = out.block_size if out.task == "lm" else (out.img_size // out.patch_size) ** 2
+        out.transfer_size = min(out.transfer_size, n)
+    if out.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    if not 0.0 <= out.dropout < 1.0:
+        raise ValueError("--dropout must be in [0, 1)")
+    if out.contrastive_weight < 0 or out.transfer_weight < 0:
+        raise ValueError("regulariser weights must be >= 0")
+    if out.model_dim % out.model_heads:
+        raise ValueError("--model-heads must divide --model-dim")
+    if out.pe_dim % out.pe_heads:
+        raise ValueError("--pe-heads must divide --pe-dim")
+    if out.task == "vit" and out.img_size % out.patch_size:
+        raise ValueError("--patch-size must divide --img-size")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class TextData:
+    """Byte-level tokens of a UTF-8 text; the last 10 % is held out for evaluation."""
+
+    def __init__(self, path: Optional[str]):
+        if path is None:
+            from .data.corpus import CHRONICLE_PATH
+
+            path, self.name = CHRONICLE_PATH, "embedded synthetic chronicle (seqpe_kernels/data/chronicle.txt)"
+        else:
+            self.name = path
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--data {path}: not a UTF-8 text file ({e})") from None
+        tokens = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+        split = int(len(tokens) * 0.9)
+        self.train, self.eval = tokens[:split], tokens[split:]
+
+    def batch(self, rng: np.random.Generator, n: int, length: int) -> torch.Tensor:
+        if len(self.train) < length + 1:
+            raise ValueError(f"the training text ({len(self.train)} bytes) is shorter than one block ({length})")
+        starts = rng.integers(0, len(self.train) - length + 1, size=n)
+        return torch.from_numpy(np.stack([self.train[s:s + length] for s in starts]))
+
+
+_PAIRS = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # red / green
+                   [[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]])  # blue / yellow
+SYNTHETIC_CLASSES = 8
+SYNTHETIC_SIDES = ("left", "right", "top", "bottom")
+
+
+def synthetic_images(rng: np.random.Generator, n: int, grid: int, patch: int,
+                     noise: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The built-in ViT task: ``n`` images [n, 3, grid*patch, grid*patch] and labels [n] in 0..7.
+
+    Each image is split by a straight boundary along patch borders (vertical or horizontal, at a random cell
+    1..grid-1) into two flat colour regions from one of two colour pairs (red/green or blue/yellow), plus
+    Gaussian pixel noise. ``label = 4 * pair + side``, side = where the pair's first colour lies: 0 left, 1
+    right, 2 top, 3 bottom. The pair is plain content (learnt within a few dozen steps, so the loss falls
+    fast); the side needs positions: every patch is one flat colour and, over the random boundary, each side
+    shows the same bag of patches, so a position-blind model tops out at 0.25 accuracy (chance 0.125). The
+    rule is the same at every grid size, so accuracy on larger grids measures PE extrapolation.
+    """
+    if grid < 2:
+        raise ValueError("the synthetic task needs a patch grid of at least 2 x 2")
+    S = grid * patch
+    side = rng.integers(0, 4, n)
+    pair = rng.integers(0, 2, n)
+    cut = rng.integers(1, grid, n)
+    idx = np.arange(grid)
+    coord = np.where((side < 2)[:, None, None], idx[None, None, :], idx[None, :, None])  # column or row index
+    first = (coord < cut[:, None, None]) ^ (side % 2 == 1)[:, None, None]  # [n, grid, grid]
+    cells = np.where(first[:, None], _PAIRS[pair, 0][:, :, None, None], _PAIRS[pair, 1][:, :, None, None])
+    img = np.repeat(np.repeat(cells, patch, axis=2), patch, axis=3) + noise * rng.standard_normal((n, 3, S, S))
+    labels = 4 * pair + side
+    return torch.from_numpy((img - 0.5).astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
+
+
+class MissingDependency(RuntimeError):
+    """An optional package a requested feature needs is not installed."""
+
+
+_IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class ImageFolderData:
+    """``root/<class>/<image>``; every 10th image of a class (if it has >= 2) is held out for evaluation."""
+
+    def __init__(self, root: str, img_size: int):
+        try:
+            from PIL import Image  # noqa: F401
+        except ImportError:
+            raise MissingDependency("--data with --task vit reads an image folder with Pillow, which is not installed "
+                               "(pip install pillow); without --data the built-in synthetic task needs "
+                               "nothing") from None
+        if not os.path.isdir(root):
+            raise ValueError(f"--data {root}: not a directory (expected one subfolder per class)")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if len(self.classes) < 2:
+            raise ValueError(f"--data {root}: needs at least two class subfolders, found {len(self.classes)}")
+        self.train_files, self.eval_files = [], []
+        for ci, c in enumerate(self.classes):
+            files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(_IMG_EXT))
+            if not files:
+                raise ValueError(f"--data {root}: class folder {c!r} has no images ({', '.join(_IMG_EXT)})")
+            held = {i for i in range(len(files)) if i % 10 == 9} or ({len(files) - 1} if len(files) >= 2 else set())
+            for i, f in enumerate(files):
+                (self.eval_files if i in held else self.train_files).append((os.path.join(root, c, f), ci))
+        self.name = root
+        self.num_classes = len(self.classes)
+        self.train_x, self.train_y = self.load(self.train_files, img_size)
+
+    @staticmethod
+    def load(files, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        xs = []
+        for path, _ in files:
+            with Image.open(path) as im:
+                im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+                xs.append(np.asarray(im, dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous() - 0.5
+        return x, torch.tensor([c for _, c in files], dtype=torch.long)
+
+    def batch(self, rng: np.random.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(rng.integers(0, len(self.train_y), size=n))
+        return self.train_x[idx], self.train_y[idx]
+
+
+# ---------------------------------------------------------------------------------------------------- streams
+class _PositionStream:
+    """One stream of positions (one reference GPU): main / contrastive / transfer samplers, seed + index."""
+
+    def __init__(self, cfg: TrainConfig, index: int, stream_batch: int):
+        from .samplers import ContrastiveSampler, MainWindowSampler, TransferSampler, resolve_main_batch_size
+
+        main_seed, ct_seed, tr_seed = np.random.SeedSequence(cfg.seed + index).spawn(3)
+        if cfg.task == "lm":
+            shape, dd, pipeline = cfg.block_size, 1, "text"
+        else:
+            g = cfg.img_size // cfg.patch_size
+            shape, dd, pipeline = (g, g), 2, "image"
+        self.num_windows = resolve_main_batch_size(stream_batch, cfg.pe_main_batch_size)
+        self.main = MainWindowSampler(shape, cfg.max_position, data_dim=dd, use_random_shift=cfg.shift_rate > 0,
+                                      shift_rate=cfg.shift_rate, shift_pool_size=cfg.shift_pool, seed=main_seed)
+        self.contrastive = None
+        if cfg.contrastive_weight > 0:
+            self.contrastive = ContrastiveSampler(cfg.max_position, cfg.contrastive_size, cfg.contrastive_batch,
+                                                  data_dim=dd, pipeline=pipeline, seed=ct_seed)
+        self.transfer = None
+        if cfg.transfer_weight > 0:
+            self.transfer = TransferSampler(shape, cfg.max_position, cfg.transfer_size, cfg.transfer_batch,
+                                            data_dim=dd, pipeline=pipeline, seed=tr_seed)
+
+
+def _combine_main(mains, stream_batch: int):
+    """Main positions of this process's streams -> (positions, P, teacher window index per stream).
+
+    One stream: its windows as drawn. Several streams with the same default window: that window once
+    (P = 1). Otherwise one window per sample (P = local batch): sample ``r*stream_batch + b`` gets stream r's
+    window ``b mod P_r``, which is what rank r computes.
+    """
+    if len(mains) == 1:
+        return mains[0].positions, mains[0].num_windows, [0]
+    first = mains[0]
+    if all(m.num_windows == 1 and torch.equal(m.positions, first.positions) for m in mains):
+        return first.positions, 1, [0] * len(mains)
+    wins, teacher = [], []
+    for m in mains:
+        pos = m.positions.view(m.num_windows, m.window_len, *m.positions.shape[1:])
+        teacher.append(len(wins))
+        wins.extend(pos[b % m.num_windows] for b in range(stream_batch))
+    return torch.cat(wins), len(wins), teacher
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def _build(cfg: TrainConfig, device: torch.device, num_classes: int):
+    from .fused import FusedSeqPE
+    from .models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
+    from .reference.tokenize import max_digits_for
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    p = cfg.dropout
+    if cfg.task == "lm":
+        mcfg = GPTConfig(vocab_size=256, block_size=cfg.block_size, n_embd=cfg.model_dim, n_layer=cfg.model_layers,
+                         n_head=cfg.model_heads, embd_pdrop=p, resid_pdrop=p, attn_pdrop=p,
+                         pe_method=cfg.pe_method, pe_qk=cfg.pe_qk)
+        dd, init = 1, "text"
+    else:
+        mcfg = ViTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
+                         embed_dim=cfg.model_dim, depth=cfg.model_layers, num_heads=cfg.model_heads, drop_rate=p,
+                         attn_drop_rate=p, pe_method=cfg.pe_method, pe_qk=cfg.pe_qk)
+        dd, init = 2, "image"
+    enc = FusedSeqPE(embed_dim=cfg.pe_dim, num_heads=cfg.pe_heads,
+                     max_digits=max_digits_for(cfg.max_position, dd), num_layers=cfg.pe_layers, data_dim=dd,
+                     out_dim=mcfg.pe_dim, resid_pdrop=p, init=init, temperature=cfg.pe_temperature,
+                     backend=cfg.backend)
+    if mcfg.pe_dim % cfg.pe_heads:
+        raise ValueError(f"the transfer loss splits the PE (width {mcfg.pe_dim}) into --pe-heads={cfg.pe_heads} "
+                         "chunks; choose a divisor")
+    model = SeqPEGPT(mcfg, enc) if cfg.task == "lm" else SeqPEViT(mcfg, enc)
+    # the encoder stays a separate module: its own DDP wrapper and its own gradient clipping; the model only
+    # ever receives the PE from the merged encoder call (training) or from encode-once (evaluation)
+    model.pe_encoder = None
+    return enc.to(device), model.to(device), mcfg
+
+
+def _param_groups(enc: nn.Module, model: nn.Module, cfg: TrainConfig):
+    """AdamW groups: encoder and model, each split into decayed matrices and undecayed rest (biases, norms,
+    embeddings, CLS tokens). The encoder may have its own learning rate (``pe_lr``, as the image pipeline)."""
+    groups = []
+    enc_skip = tuple(enc.no_weight_decay_keywords())
+    model_skip = ("wte", "cls_token")  # token embedding (tied head) and the ViT's CLS token / CLS PE
+    for module, skip, lr in ((enc, enc_skip, cfg.pe_lr or cfg.lr), (model, model_skip, cfg.lr)):
+        decay, rest = [], []
+        for name, p in module.named_parameters():
+            (decay if p.dim() >= 2 and not any(k in name for k in skip) else rest).append(p)
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": rest, "weight_decay": 0.0, "lr": lr}]
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _distributed():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run one training (and evaluation). Uses the default process group if one is initialised.
+
+    Returns a dict: ``losses``, ``main``, ``contrastive``, ``transfer`` (per step, averaged over all ranks;
+    ``None`` where a term was inactive), ``eval``, ``config``, ``checks``, ``time_s``, and the trained
+    (unwrapped) ``encoder`` and ``model`` modules.
+    """
+    from .reference.losses import PeWeightScheduler, contrastive_loss, transfer_loss
+    from .samplers import merge_positions, split_outputs, transfer_active
+
+    cfg = resolve_config(cfg)
+    distributed = _distributed()
+    if distributed:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    is_main = rank == 0
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if distributed else
+                              torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    K = cfg.position_streams or world
+    if K % world:
+        raise ValueError(f"--position-streams ({K}) must be a multiple of the number of ranks ({world})")
+    k_local = K // world
+    if cfg.batch_size % K:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of position streams "
+                         f"({K}: ranks x streams per rank)")
+    stream_batch = cfg.batch_size // K
+    local_batch = stream_batch * k_local
+
+    # data
+    if cfg.task == "lm":
+        data = TextData(cfg.data)
+        num_classes = 0
+    elif cfg.data is not None:
+        data = ImageFolderData(cfg.data, cfg.img_size)
+        num_classes = data.num_classes
+    else:
+        data, num_classes = None, SYNTHETIC_CLASSES
+    data_rng = np.random.default_rng([cfg.seed, 7919])  # global batch: same stream on every rank, sliced
+
+    enc, model, mcfg = _build(cfg, device, num_classes)
+    enc_backend = enc.resolved_backend(device)
+    streams = [_PositionStream(cfg, rank * k_local + i, stream_batch) for i in range(k_local)]
+    opt = torch.optim.AdamW(_param_groups(enc, model, cfg), lr=cfg.lr)
+    sched = PeWeightScheduler(cfg.contrastive_weight, cfg.transfer_weight, cfg.pe_warmup_steps)
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout masks differ per rank
+
+    enc_run, model_run = enc, model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        # every parameter gets a gradient every step (the fused CLS-only last block included, checked below),
+        # so DDP runs without find_unused_parameters
+        enc_run = DDP(enc, device_ids=ids)
+        model_run = DDP(model, device_ids=ids)
+
+    if is_main:
+        n_enc = sum(p.numel() for p in enc.parameters())
+        n_model = sum(p.numel() for p in model.parameters())
+        log(f"seqpe-kernels train: task={cfg.task} steps={cfg.steps} device={device} encoder backend="
+            f"{enc_backend} (asked {cfg.backend}) ranks={world} position streams={K} global batch={cfg.batch_size}")
+        data_name = data.name if data is not None else "built-in synthetic images (colour pair x side of a boundary)"
+        log(f"  data: {data_name}")
+        log(f"  encoder: D={cfg.pe_dim} heads={cfg.pe_heads} layers={cfg.pe_layers} K={enc.max_digits} O={enc.out_dim}"
+            f" ({n_enc:,} params); model: dim={cfg.model_dim} layers={cfg.model_layers} heads={cfg.model_heads}"
+            f" ({n_model:,} params); dropout={cfg.dropout} lr={cfg.lr} "
+            f"lambda_ct={cfg.contrastive_weight} lambda_tr={cfg.transfer_weight}")
+
+    hist = {"losses": [], "main": [], "contrastive": [], "transfer": []}
+    checks = {}
+    bar = None
+    if cfg.progress and is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"train {cfg.task}", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    enc.train()
+    model.train()
+    for step in range(cfg.steps):
+        w_ct, w_tr = sched.step()
+        # --- 1-2. positions of every stream owned by this process
+        mains = [s.main.next(s.num_windows) for s in streams]
+        cts = [s.contrastive.next() for s in streams] if cfg.contrastive_weight > 0 else None
+        trs = [s.transfer.next() if transfer_active(m, cfg.transfer_weight) else None
+               for s, m in zip(streams, mains)]
+        main_pos, P, teacher = _combine_main(mains, stream_batch)
+        piv = cand = None
+        if cts is not None:
+            piv = torch.cat([c.pivots for c in cts])
+            cand = torch.cat([c.candidates for c in cts])
+            labels_ct = torch.cat([c.labels for c in cts]).to(device)
+        active = [t for t in trs if t is not None]
+        tr_pos = torch.cat([t.positions for t in active]) if active else None
+        # --- 3-4. one merged encoder call, split
+        merged, layout = merge_positions(main_pos, piv, cand, tr_pos, num_windows=P)
+        y = enc_run(merged.to(device))
+        parts = split_outputs(y, layout)
+        # --- 5. main task (this process's slice of the global batch)
+        lo = rank * local_batch
+        if cfg.task == "lm":
+            ids = data.batch(data_rng, cfg.batch_size, cfg.block_size)[lo:lo + local_batch].to(device)
+            _, loss_main = model_run(ids, pe=parts.main, labels=ids)
+        else:
+            if data is None:
+                x, lab = synthetic_images(data_rng, cfg.batch_size, cfg.img_size // cfg.patch_size, cfg.patch_size)
+            else:
+                x, lab = data.batch(data_rng, cfg.batch_size)
+            x, lab = x[lo:lo + local_batch].to(device), lab[lo:lo + local_batch].to(device)
+            loss_main = F.cross_entropy(model_run(x, pe=parts.main).float(), lab)
+        # --- 6. regularisers
+        total = loss_main
+        loss_ct = None
+        if cts is not None:
+            loss_ct = contrastive_loss(parts.pivots, parts.candidates, labels_ct)
+            total = total + w_ct * loss_ct
+        tr_sum = torch.zeros((), device=device)
+        row = 0
+        for r, t in enumerate(trs):
+            if t is None:
+                continue
+            n = t.positions.shape[0]
+            tr_sum = tr_sum + transfer_loss(parts.main[teacher[r]], t.pivot_indices, parts.transfer[row:row + n],
+                                            num_heads=cfg.pe_heads, beta=cfg.transfer_beta,
+                                            batch_size=t.batch_size)
+            row += n
+        if active:
+            total = total + w_tr * (tr_sum / k_local)
+        # --- 7. backward, separate clipping, one AdamW step
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if step == 0:
+            checks["encoder_params_without_grad"] = [n for n, p in enc.named_parameters() if p.grad is None]
+            checks["model_params_without_grad"] = [n for n, p in model.named_parameters() if p.grad is None]
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+
+        # --- logging: averages over all ranks (the DDP loss), transfer as its contribution to the total
+        stats = torch.stack([total.detach().float(), loss_main.detach().float(),
+                             (loss_ct.detach().float() if loss_ct is not None else torch.zeros((), device=device)),
+                             tr_sum.detach().float(), torch.tensor(float(len(active)), device=device)])
+        if distributed:
+            dist.all_reduce(stats)
+            stats[:3] /= world
+        s = stats.tolist()
+        hist["losses"].append(s[0])
+        hist["main"].append(s[1])
+        hist["contrastive"].append(s[2] if loss_ct is not None else None)
+        hist["transfer"].append(s[3] / K if s[4] > 0 else None)
+        if bar is not None:
+            bar.set_postfix(loss=f"{s[0]:.4f}", main=f"{s[1]:.4f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    train_time = time.perf_counter() - t0
+    if is_main:
+        first, last = hist["losses"][0], hist["losses"][-1]
+        log(f"trained {cfg.steps} steps in {train_time:.1f}s: loss {first:.4f} -> {last:.4f} "
+            f"(main {hist['main'][0]:.4f} -> {hist['main'][-1]:.4f})")
+        if checks["encoder_params_without_grad"] or checks["model_params_without_grad"]:
+            log(f"  warning: parameters without a gradient after step 1: {checks}")
+
+    ev = None
+    if cfg.do_eval and is_main:
+        ev = evaluate(cfg, enc, model, data, device)
+        log(format_eval(ev))
+    if distributed:
+        dist.barrier()
+    config = cfg.to_dict()
+    config.update(world_size=world, position_streams=K, encoder_backend=enc_backend, device=str(device),
+                  max_digits=enc.max_digits, pe_out_dim=enc.out_dim, data_name=(data.name if data is not None
+                                                                                 else "synthetic"))
+    return dict(hist, eval=ev, config=config, checks=checks, time_s=train_time, encoder=enc, model=model)
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: torch.device) -> dict:
+    """Extrapolation: the encoder in eval mode, run once per length / grid, its table reused for every batch."""
+    from .samplers import grid_positions
+
+    was = enc.training, model.training
+    enc.eval()
+    model.eval()
+    rows = []
+    try:
+        if cfg.task == "lm":
+            N = cfg.block_size
+            for s in cfg.eval_scales:
+                L = max(2, int(round(s * N)))
+                row = {"scale": float(s), "length": L, "value": None, "tokens": 0}
+                if L > cfg.max_position:
+                    row["note"] = f"length {L} exceeds max_position {cfg.max_position}"
+                    rows.append(row)
+                    continue
+                toks = data.eval if len(data.eval) >= L else np.concatenate([data.train, data.eval])
+                n_seq = min(len(toks) // L, max(1, cfg.eval_tokens // L))
+                if n_seq == 0:
+                    row["note"] = f"not enough text for length {L}"
+                    rows.append(row)
+                    continue
+                if len(data.eval) < L:
+                    row["note"] = "held-out text shorter than the length: evaluated on the training text"
+                seqs = torch.from_numpy(toks[:n_seq * L].reshape(n_seq, L))
+                pe = enc(torch.arange(L, device=device)).view(1, L, -1)  # once per length
+                nll, cnt = 0.0, 0
+                for i in range(0, n_seq, 8):
+                    ids = seqs[i:i + 8].to(device)
+                    _, loss = model(ids, pe=pe, labels=ids)
+                    k = ids.shape[0] * (L - 1)
+                    nll += loss.item() * k
+                    cnt += k
+                row.update(value=math.exp(nll / cnt), tokens=cnt)
+                rows.append(row)
+            return {"metric": "perplexity", "train_length": N, "rows": rows}
+        g = cfg.img_size // cfg.patch_size
+        for s in cfg.eval_scales:
+            grid = max(2, int(round(s * g)))
+            size = grid * cfg.patch_size
+            if data is None:
+                x, lab = synthetic_images(np.random.default_rng([cfg.seed, 31337, grid]), cfg.eval_samples, grid,
+                                          cfg.patch_size)
+            else:
+                x, lab = ImageFolderData.load(data.eval_files or data.train_files, size)
+            pe = enc(torch.from_numpy(grid_positions(0, 0, grid, grid)).to(device)).view(1, grid * grid, -1)
+            correct = 0
+            for i in range(0, len(lab), 64):
+                logits = model(x[i:i + 64].to(device), pe=pe)
+                correct += int((logits.argmax(-1).cpu() == lab[i:i + 64]).sum())
+            rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": correct / len(lab),
+                         "samples": len(lab)})
+        return {"metric": "accuracy", "train_grid": g, "chance": 1.0 / model.config.num_classes,
+                "position_blind_ceiling": 2.0 / SYNTHETIC_CLASSES if data is None else None, "rows": rows}
+    finally:
+        enc.train(was[0])
+        model.train(was[1])
+
+
+def format_eval(ev: dict) -> str:
+    if ev["metric"] == "perplexity":
+        lines = [f"Extrapolation: LM perplexity on held-out text (trained on N={ev['train_length']} tokens, "
+                 f"positions 0..{ev['train_length'] - 1}; encoder run once per length)",
+                 f"  {'scale':>6} {'length':>7} {'tokens':>7} {'perplexity':>11}"]
+        for r in ev["rows"]:
+            v = f"{r['value']:11.3f}" if r["value"] is not None else f"{'n/a':>11}"
+            lines.append(f"  {r['scale']:5.1f}x {r['length']:7d} {r['tokens']:7d} {v}" +
+                         (f"  ({r['note']})" if r.get("note") else ""))
+    else:
+        g = ev["train_grid"]
+        blind = ev.get("position_blind_ceiling")
+        lines = [f"Extrapolation: ViT accuracy on larger patch grids (trained on a {g}x{g} grid; chance "
+                 f"{ev['chance']:.3f}" + (f", position-blind ceiling {blind:.3f}" if blind else "") +
+                 "; encoder run once per grid)",
+                 f"  {'scale':>6} {'grid':>7} {'pixels':>7} {'samples':>8} {'accuracy':>9}"]
+        for r in ev["rows"]:
+            lines.append(f"  {r['scale']:5.1f}x {r['grid']:>3d}x{r['grid']:<3d} {r['img_size']:7d} "
+                         f"{r['samples']:8d} {r['value']:9.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def write_json(result: dict, path: str):
+    keys = ("losses", "main", "contrastive", "transfer", "config", "eval", "checks", "time_s")
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({k: result[k] for k in keys}, f, indent=1)
+
+
+def plot(result: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    steps = np.arange(1, len(result["losses"]) + 1)
+    for key, style in (("losses", "-"), ("main", "--"), ("contrastive", ":"), ("transfer", "-.")):
+        v = np.array([np.nan if x is None else x for x in result[key]], dtype=float)
+        if np.isfinite(v).any():
+            ax.plot(steps, v, style, label="total" if key == "losses" else key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{cfg['task']} training ({cfg['encoder_backend']}, {cfg['world_size']} rank(s))")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    ev = result.get("eval")
+    if ev:
+        rows = [r for r in ev["rows"] if r["value"] is not None]
+        xs = [r["scale"] for r in rows]
+        ax.plot(xs, [r["value"] for r in rows], "o-")
+        ax.set_xlabel("evaluation length / training length" if ev["metric"] == "perplexity"
+                      else "evaluation grid / training grid")
+        ax.set_ylabel(ev["metric"])
+        if ev["metric"] == "perplexity":
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"extrapolation (trained on {ev['train_length']} tokens)")
+        else:
+            ax.axhline(ev["chance"], color="gray", ls=":", label="chance")
+            if ev.get("position_blind_ceiling"):
+                ax.axhline(ev["position_blind_ceiling"], color="gray", ls="--", label="position-blind ceiling")
+            ax.set_ylim(0, 1)
+            ax.legend()
+            ax.set_title(f"extrapolation (trained on a {ev['train_grid']}x{ev['train_grid']} grid)")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}x" for x in xs])
+        ax.grid(alpha=0.3)
+    else:
+        ax.axis("off")
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``seqpe-kernels train`` (task-dependent defaults are shown as 'task default')."""
+    lm, vit = TASK_DEFAULTS["lm"], TASK_DEFAULTS["vit"]
+
+    def td(key):
+        return f"task default: lm {lm.get(key)}, vit {vit.get(key)}"
+
+    p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="lm", help="language model or ViT (default lm)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps ({td('steps')})")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"],
+                   help="FusedSeqPE backend of the position encoder (default auto)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="encoder residual dropout and model dropout (default 0.1; 0 makes runs deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and positions (rank r: seed + r)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write per-step losses, config and evaluation as JSON")
+    p.add_argument("--contrastive-weight", type=float, default=0.1, help="lambda_ct (default 0.1; 0 disables)")
+    p.add_argument("--transfer-weight", type=float, default=0.1, help="lambda_tr (default 0.1; 0 disables)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:i] (default: cuda if present; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch, split across ranks ({td('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({td('lr')})")
+    p.add_argument("--pe-lr", type=float, default=None, help="encoder learning rate (default: --lr)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="lm: a UTF-8 text file (byte tokens); vit: an image folder with one subfolder per class "
+                        "(needs Pillow). Default: embedded data, no download")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="PNG of the losses and the extrapolation (default seqpe_train_<task>.png; '' for none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("model and encoder sizes")
+    g.add_argument("--model-dim", type=int, default=None, help=td("model_dim"))
+    g.add_argument("--model-layers", type=int, default=None, help=td("model_layers"))
+    g.add_argument("--model-heads", type=int, default=None, help=td("model_heads"))
+    g.add_argument("--pe-dim", type=int, default=None, help=f"encoder embed_dim ({td('pe_dim')})")
+    g.add_argument("--pe-heads", type=int, default=None, help=td("pe_heads"))
+    g.add_argument("--pe-layers", type=int, default=None, help=td("pe_layers"))
+    g.add_argument("--pe-temperature", type=float, default=1.0, help="encoder output temperature (default 1.0)")
+    g.add_argument("--pe-method", default=None, choices=["input_add", "attn_mul", "attn_add", "attn_scalar"],
+                   help=f"how the model applies the PE ({td('pe_method')})")
+    g.add_argument("--pe-qk", default=None, choices=["none", "single", "multi"],
+                   help=f"Q/K projection of the PE for the attn_* methods ({td('pe_qk')})")
+    g.add_argument("--block-size", type=int, default=None, help=f"LM training length N ({td('block_size')})")
+    g.add_argument("--img-size", type=int, default=None, help=f"ViT training resolution ({td('img_size')})")
+    g.add_argument("--patch-size", type=int, default=None, help=td("patch_size"))
+    g.add_argument("--max-position", type=int, default=None, help=f"pe_max_position ({td('max_position')})")
+    g = p.add_argument_group("regularisers and sampling (sizes per position stream, like the reference's per GPU)")
+    g.add_argument("--contrastive-size", type=int, default=None, help=f"C candidates ({td('contrastive_size')})")
+    g.add_argument("--contrastive-batch", type=int, default=None, help=f"B_c pivots ({td('contrastive_batch')})")
+    g.add_argument("--transfer-size", type=int, default=None, help=f"T_n slots ({td('transfer_size')})")
+    g.add_argument("--transfer-batch", type=int, default=None, help=f"B_t windows ({td('transfer_batch')})")
+    g.add_argument("--transfer-beta", type=float, default=1.0, help="transfer beta (default 1.0, the scripts)")
+    g.add_argument("--shift-rate", type=float, default=0.1, help="random-shift probability (default 0.1; 0 = off)")
+    g.add_argument("--shift-pool", type=int, default=320, help="random-shift pool size (default 320)")
+    g.add_argument("--pe-main-batch-size", type=int, default=-1,
+                   help="P windows on a shifted step (default -1: the stream's batch size)")
+    g.add_argument("--pe-warmup-steps", type=int, default=0, help="regulariser weight warm-up (default 0)")
+    g.add_argument("--position-streams", type=int, default=None,
+                   help="independent position streams (seed + index) the global batch is drawn from; default "
+                        "the number of ranks. A single process with K streams reproduces a K-rank run")
+    g = p.add_argument_group("optimisation and evaluation")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices (default 0.01)")
+    g.add_argument("--clip", type=float, default=5.0, help="gradient max-norm, encoder and model separately (5.0)")
+    g.add_argument("--eval-scales", type=float, nargs="+", default=None,
+                   help=f"evaluation lengths / grids as multiples of the training ones ({td('eval_scales')})")
+    g.add_argument("--eval-tokens", type=int, default=8192, help="LM: held-out tokens per length, at most")
+    g.add_argument("--eval-samples", type=int, default=512, help="ViT synthetic: images per grid")
+    g.add_argument("--no-eval", action="store_true", help="skip the extrapolation evaluation")
+    g.add_argument("--save", default=None, metavar="PATH", help="save the trained encoder and model state dicts")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed flags (every flag named like a TrainConfig field is taken over)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw.update(do_eval=not args.no_eval, progress=not args.no_progress)
+    return TrainConfig(**kw)
+
+
+def _init_distributed(device_arg: Optional[str]) -> bool:
+    """Initialise the default process group when launched by torchrun (WORLD_SIZE and MASTER_ADDR set)."""
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    use_cuda = (device_arg is None and torch.cuda.is_available()) or (device_arg or "").startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``seqpe-kernels train``; returns the exit code."""
+    try:
+        cfg = config_from_args(args)
+        resolve_config(cfg)
+    except ValueError as e:
+        print(f"seqpe-kernels train: {e}", file=sys.stderr)
+        return 2
+    started = _init_distributed(cfg.device)
+    try:
+        if started and cfg.device is not None and cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        rank = int(os.environ.get("RANK", "0")) if started else 0
+        log = print if rank == 0 else (lambda *a, **k: None)
+        from .backend import BackendUnavailable
+
+        try:
+            result = train(cfg, log=log)
+        except (ValueError, BackendUnavailable, MissingDependency, FileNotFoundError) as e:
+            print(f"seqpe-kernels train: {e}", file=sys.stderr)
+            return 2
+        if rank == 0:
+            if args.json:
+                write_json(result, args.json)
+                print(f"wrote {args.json}")
+            plot_path = f"seqpe_train_{result['config']['task']}.png" if args.plot is None else args.plot
+            if plot_path:
+                try:
+                    plot(result, plot_path)
+                    print(f"wrote {plot_path}")
+                except ImportError as e:
+                    print(f"seqpe-kernels train: no plot ({e})", file=sys.stderr)
+            if args.save:
+                torch.save({"encoder": result["encoder"].state_dict(), "model": result["model"].state_dict(),
+                            "config": result["config"]}, args.save)
+                print(f"wrote {args.save}")
+        return 0
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqpe_kernels.train",
+                                     description="Train a tiny SeqPE LM or ViT and evaluate extrapolation")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

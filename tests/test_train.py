@@ -1,0 +1,307 @@
+"""``seqpe-kernels train`` (seqpe_kernels/train.py): CLI runs on the embedded data, convergence parity of the
+torch and Triton encoder backends, and DistributedDataParallel (2 CPU ranks, gloo) against one process.
+
+Kept small for a shared 2-core CPU (run with OMP_NUM_THREADS=1): every test is well under a minute. On CPU the
+Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py before triton is imported), which is slow, so
+the parity configurations are tiny (encoder D=32, 2 heads, 2 layers, positions < 10 / a 6x6 grid).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from seqpe_kernels import train as T
+from seqpe_kernels.backend import status
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nan(v):
+    return np.array([np.nan if x is None else x for x in v], dtype=float)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_embedded_corpus_is_the_generators_output():
+    from seqpe_kernels.data.corpus import generate_chronicle, load_chronicle
+
+    text = load_chronicle()
+    assert text == generate_chronicle()
+    assert 20_000 <= len(text.encode("utf-8")) <= 50_000
+
+
+def test_synthetic_images_rule_and_position_blindness():
+    x, y = T.synthetic_images(np.random.default_rng(0), 64, 5, 4)
+    assert x.shape == (64, 3, 20, 20) and x.dtype == torch.float32 and y.shape == (64,)
+    assert int(y.min()) >= 0 and int(y.max()) < T.SYNTHETIC_CLASSES
+    x, y = T.synthetic_images(np.random.default_rng(1), 200, 4, 4, noise=0.0)
+    cells = x[:, :, ::4, ::4] + 0.5  # one pixel per patch, [n, 3, 4, 4]
+    pairs = torch.tensor(T._PAIRS, dtype=torch.float32)
+    for i in range(len(y)):
+        pair, side = divmod(int(y[i]), 4)
+        first = (cells[i] == pairs[pair, 0][:, None, None]).all(0)  # [4, 4] cells of the first colour
+        assert ((cells[i] == pairs[pair, 1][:, None, None]).all(0) | first).all()  # two flat colours only
+        edge = {0: first[:, 0], 1: first[:, -1], 2: first[0, :], 3: first[-1, :]}[side]
+        assert edge.all()  # the first colour touches its side
+    # the bag of patch colours does not tell the side: per side, the number of first-colour cells has the
+    # same distribution (cut uniform in 1..grid-1 on either side)
+    counts = {s: [] for s in range(4)}
+    _, yy = T.synthetic_images(np.random.default_rng(2), 4000, 4, 4, noise=0.0)
+    xx, _ = T.synthetic_images(np.random.default_rng(2), 4000, 4, 4, noise=0.0)
+    red = ((xx[:, :, ::4, ::4] + 0.5) == pairs[0, 0][:, None, None]).all(1).sum((1, 2))
+    blue = ((xx[:, :, ::4, ::4] + 0.5) == pairs[1, 0][:, None, None]).all(1).sum((1, 2))
+    for i in range(len(yy)):
+        counts[int(yy[i]) % 4].append(int(red[i] + blue[i]))
+    means = [np.mean(counts[s]) for s in range(4)]
+    assert max(means) - min(means) < 0.5, means
+
+
+# ------------------------------------------------------------------------------------------------ CLI runs
+def _cli(tmp_path, task, *extra):
+    js, png = tmp_path / f"{task}.json", tmp_path / f"{task}.png"
+    rc = T.main(["--task", task, "--steps", "30", "--backend", "torch", "--json", str(js), "--plot", str(png),
+                 "--no-progress", *extra])
+    assert rc == 0
+    assert png.exists() and png.stat().st_size > 5000
+    with open(js) as f:
+        d = json.load(f)
+    assert set(d) >= {"losses", "main", "contrastive", "transfer", "config", "eval"}
+    assert len(d["losses"]) == len(d["main"]) == len(d["contrastive"]) == len(d["transfer"]) == 30
+    assert all(np.isfinite(d["losses"])) and all(np.isfinite(d["main"]))
+    assert d["config"]["task"] == task and d["config"]["encoder_backend"] == "torch"
+    # transfer only when P == 1 (None on shifted steps); total = main + 0.1 ct + 0.1 tr
+    for tot, m, ct, tr in zip(d["losses"], d["main"], d["contrastive"], d["transfer"]):
+        assert abs(tot - (m + 0.1 * ct + 0.1 * (tr or 0.0))) < 1e-4 * abs(tot)
+    assert any(t is not None for t in d["transfer"])
+    assert d["checks"] == {"encoder_params_without_grad": [], "model_params_without_grad": []}
+    return d
+
+
+def test_cli_lm_embedded_text_loss_falls(tmp_path, capsys):
+    d = _cli(tmp_path, "lm", "--eval-tokens", "1024")
+    main = np.array(d["main"])
+    assert main[-5:].mean() < 0.8 * main[:5].mean(), main  # 5.5 -> ~3 nats in 30 steps
+    ev = d["eval"]
+    assert ev["metric"] == "perplexity" and [r["length"] for r in ev["rows"]] == [64, 128, 256, 512]
+    assert all(r["value"] is not None and 1.0 < r["value"] < 256.0 for r in ev["rows"])
+    out = capsys.readouterr().out
+    assert "Extrapolation: LM perplexity" in out and "wrote" in out
+
+
+def test_cli_vit_synthetic_loss_falls(tmp_path, capsys):
+    d = _cli(tmp_path, "vit", "--eval-samples", "128", "--eval-scales", "1", "2")
+    main = np.array(d["main"])
+    assert main[-5:].mean() < main[:5].mean() - 0.2, main  # the colour pair is learnt within 30 steps
+    ev = d["eval"]
+    assert ev["metric"] == "accuracy" and [r["grid"] for r in ev["rows"]] == [4, 8]
+    assert all(0.0 <= r["value"] <= 1.0 for r in ev["rows"])
+    assert "ViT accuracy on larger patch grids" in capsys.readouterr().out
+
+
+def test_python_m_entry_point_with_defaults(tmp_path):
+    """``python -m seqpe_kernels.train`` with the default backend (auto) and the default plot path."""
+    r = subprocess.run([sys.executable, "-m", "seqpe_kernels.train", "--task", "lm", "--steps", "2", "--no-eval",
+                        "--no-progress", "--block-size", "16"], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "trained 2 steps" in r.stdout
+    assert (tmp_path / "seqpe_train_lm.png").exists()
+
+
+def test_registered_as_seqpe_kernels_train(tmp_path):
+    from seqpe_kernels import cli
+
+    if "train" not in getattr(cli, "SUBCOMMANDS", {}):
+        pytest.skip("'train' is not registered in seqpe_kernels.cli.SUBCOMMANDS yet (python -m seqpe_kernels.train "
+                    "works meanwhile)")
+    rc = cli.main(["train", "--task", "lm", "--steps", "2", "--no-eval", "--no-progress", "--plot", "",
+                   "--backend", "torch", "--block-size", "16", "--json", str(tmp_path / "t.json")])
+    assert rc == 0 and (tmp_path / "t.json").exists()
+
+
+def test_user_data_text_and_errors(tmp_path, capsys):
+    txt = tmp_path / "t.txt"
+    txt.write_text("It was a bright cold day in April. Ünïcödé is fine.\n" * 60, encoding="utf-8")
+    rc = T.main(["--task", "lm", "--data", str(txt), "--steps", "3", "--block-size", "16", "--backend", "torch",
+                 "--no-progress", "--plot", "", "--eval-scales", "1", "2"])
+    assert rc == 0
+    assert str(txt) in capsys.readouterr().out
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00 not utf-8 \xc3\x28")
+    assert T.main(["--task", "lm", "--data", str(bad), "--steps", "1", "--no-progress", "--plot", ""]) == 2
+    assert "not a UTF-8 text file" in capsys.readouterr().err
+    assert T.main(["--task", "lm", "--batch-size", "3", "--position-streams", "2", "--steps", "1", "--plot", "",
+                   "--no-progress"]) == 2
+    assert "divisible" in capsys.readouterr().err
+
+
+def test_user_image_folder(tmp_path, capsys, monkeypatch):
+    pil = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for c, color in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            a = (rng.random((12, 12, 3)) * 60).astype(np.uint8)
+            a[: 6 if i % 2 else 12, :6] = color
+            pil.fromarray(a).save(tmp_path / "imgs" / c / f"{i}.png")
+    js = tmp_path / "f.json"
+    rc = T.main(["--task", "vit", "--data", str(tmp_path / "imgs"), "--steps", "3", "--img-size", "8",
+                 "--patch-size", "4", "--batch-size", "4", "--backend", "torch", "--no-progress", "--plot", "",
+                 "--json", str(js), "--eval-scales", "1", "2"])
+    assert rc == 0
+    d = json.loads(js.read_text())
+    assert [r["grid"] for r in d["eval"]["rows"]] == [2, 4] and d["eval"]["rows"][0]["samples"] == 2
+    assert d["eval"]["position_blind_ceiling"] is None
+    # without Pillow: a clear error, exit code 2
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    rc = T.main(["--task", "vit", "--data", str(tmp_path / "imgs"), "--steps", "1", "--no-progress", "--plot", ""])
+    assert rc == 2 and "Pillow" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ backend parity
+PARITY = {
+    # tiny on purpose: the interpreted Triton path costs ~2 s per training step even at this size
+    "lm": dict(task="lm", model_dim=16, model_layers=1, model_heads=2, pe_dim=32, pe_heads=2, pe_layers=2,
+               block_size=4, batch_size=2, max_position=10, contrastive_size=2, contrastive_batch=1,
+               transfer_size=2, transfer_batch=1),
+    "vit": dict(task="vit", model_dim=16, model_layers=1, model_heads=2, pe_dim=32, pe_heads=2, pe_layers=2,
+                img_size=8, patch_size=4, batch_size=2, max_position=36, contrastive_size=2, contrastive_batch=1,
+                transfer_size=2, transfer_batch=1),
+}
+
+
+def _assert_params_close(a: torch.nn.Module, b: torch.nn.Module, rel: float = 1e-4):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name, p in pa.items():
+        q = pb[name]
+        scale = max(1.0, p.detach().abs().max().item())
+        diff = (p.detach() - q.detach()).abs().max().item()
+        assert diff <= rel * scale, f"{name}: max |diff| {diff:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("task", ["lm", "vit"])
+def test_convergence_parity_torch_vs_triton(task):
+    """20 AdamW steps, dropout 0, one seed: the Triton encoder backend follows the eager reference."""
+    ok, why = status("triton", torch.device(DEVICE))
+    if not ok:
+        pytest.skip(f"triton backend not usable on {DEVICE}: {why}")
+    steps = 20
+    runs = {}
+    for backend in ("torch", "triton"):
+        cfg = T.TrainConfig(steps=steps, backend=backend, dropout=0.0, seed=3, lr=1e-3, device=DEVICE,
+                            do_eval=False, progress=False, **PARITY[task])
+        runs[backend] = T.train(cfg, log=lambda *a, **k: None)
+    ref, tri = runs["torch"], runs["triton"]
+    assert tri["config"]["encoder_backend"] == "triton"
+    # the fused CLS-only last block still gives every parameter a gradient -> DDP needs no find_unused_parameters
+    assert tri["checks"] == {"encoder_params_without_grad": [], "model_params_without_grad": []}
+    for key in ("losses", "main", "contrastive", "transfer"):
+        a, b = _nan(ref[key]), _nan(tri[key])
+        assert np.array_equal(np.isnan(a), np.isnan(b)), key
+        m = ~np.isnan(a)
+        np.testing.assert_allclose(b[m], a[m], rtol=1e-4, atol=1e-7, err_msg=key)
+    assert ref["losses"][-1] < ref["losses"][0]
+    _assert_params_close(ref["encoder"], tri["encoder"])
+    _assert_params_close(ref["model"], tri["model"])
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+DDP_ARGS = ["--task", "lm", "--dropout", "0", "--batch-size", "4", "--block-size", "16", "--model-dim", "16",
+            "--model-heads", "2", "--model-layers", "1", "--pe-dim", "16", "--pe-heads", "2", "--pe-layers", "2",
+            "--max-position", "256", "--contrastive-size", "4", "--contrastive-batch", "2", "--transfer-size", "4",
+            "--transfer-batch", "2", "--no-eval", "--no-progress", "--plot", "", "--device", "cpu", "--seed", "0"]
+
+
+def _torchrun(tmp_path, nproc: int, args, name: str):
+    js, pt = tmp_path / f"{name}.json", tmp_path / f"{name}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "seqpe_kernels.train", *args,
+           "--json", str(js), "--save", str(pt)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("seqpe-kernels train: task=") == 1  # only rank 0 prints
+    with open(js) as f:
+        return json.load(f), torch.load(pt), r
+
+
+def _single(tmp_path, args, name: str):
+    js, pt = tmp_path / f"{name}.json", tmp_path / f"{name}.pt"
+    assert T.main([*args, "--position-streams", "2", "--json", str(js), "--save", str(pt)]) == 0
+    with open(js) as f:
+        return json.load(f), torch.load(pt)
+
+
+def _compare_runs(d1, s1, d2, s2, rel=1e-4):
+    for key in ("losses", "main", "contrastive", "transfer"):
+        a, b = _nan(d1[key]), _nan(d2[key])
+        assert np.array_equal(np.isnan(a), np.isnan(b)), key
+        m = ~np.isnan(a)
+        np.testing.assert_allclose(a[m], b[m], rtol=rel, atol=1e-7, err_msg=key)
+    for part in ("encoder", "model"):
+        for k, v in s1[part].items():
+            scale = max(1.0, v.abs().max().item())
+            assert (v - s2[part][k]).abs().max().item() <= rel * scale, (part, k)
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path):
+    """2 gloo ranks (each its own positions, seed + rank) vs 1 process owning both position streams.
+
+    The global batch (4) is split 2 + 2; each rank draws main windows, contrastive and transfer batches from
+    samplers seeded with seed + rank. One process with ``--position-streams 2`` draws exactly those two
+    streams and averages their losses, which is what DDP's gradient averaging computes, so losses and final
+    weights agree up to float summation order. Random shift at rate 0.5 makes some steps mix a shifted and a
+    default stream (per-sample windows) and skip the transfer loss on one rank only.
+    """
+    args = DDP_ARGS + ["--steps", "4", "--backend", "torch", "--shift-rate", "0.5"]
+    d_ddp, s_ddp, _ = _torchrun(tmp_path, 2, args, "ddp")
+    assert d_ddp["config"]["world_size"] == 2 and d_ddp["config"]["position_streams"] == 2
+    d_one, s_one = _single(tmp_path, args, "one")
+    assert d_one["config"]["world_size"] == 1 and d_one["config"]["position_streams"] == 2
+    _compare_runs(d_ddp, s_ddp, d_one, s_one)
+    # sanity: the comparison is not vacuous -- one position stream for the whole batch is a different run
+    js = tmp_path / "probe.json"
+    assert T.main([*args, "--position-streams", "1", "--json", str(js)]) == 0
+    probe = json.loads(js.read_text())
+    assert not np.allclose(_nan(probe["contrastive"]), _nan(d_one["contrastive"]), rtol=1e-3)
+
+
+def test_ddp_fused_triton_backend_needs_no_find_unused_parameters(tmp_path):
+    """2 ranks with the Triton encoder (CLS-only last block): DDP without find_unused_parameters runs past step
+    1 (it raises there if a parameter got no gradient) and matches the eager single-process run."""
+    ok, why = status("triton", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"triton backend not usable on cpu (DDP test uses gloo on CPU): {why}")
+    tiny = ["--task", "lm", "--dropout", "0", "--batch-size", "2", "--block-size", "4", "--model-dim", "16",
+            "--model-heads", "2", "--model-layers", "1", "--pe-dim", "32", "--pe-heads", "2", "--pe-layers", "2",
+            "--max-position", "10", "--contrastive-size", "2", "--contrastive-batch", "1", "--transfer-size", "2",
+            "--transfer-batch", "1", "--no-eval", "--no-progress", "--plot", "", "--device", "cpu", "--steps", "2"]
+    d_ddp, s_ddp, _ = _torchrun(tmp_path, 2, tiny + ["--backend", "triton"], "ddp_triton")
+    assert d_ddp["config"]["encoder_backend"] == "triton"
+    assert d_ddp["checks"] == {"encoder_params_without_grad": [], "model_params_without_grad": []}
+    d_one, s_one = _single(tmp_path, tiny + ["--backend", "torch"], "one_torch")
+    _compare_runs(d_ddp, s_ddp, d_one, s_one)

@@ -110,21 +110,35 @@ class FusedSeqPE(SeqPE):
         dim = self.dim_token_embed if self.data_dim > 1 else None
         h0 = seqpe.digit_embed(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
                                self.cls_token_embed, from_positions, self.max_digits, impl)
-        blk0 = self.transformers[0]
-        _, a, _, _ = seqpe.residual_layernorm(h0.view(R, D), None, blk0.layernorm_1.weight,
-                                              blk0.layernorm_1.bias, blk0.layernorm_1.eps, 0.0, None, 0, cdt_code,
-                                              impl)
         h = h0.view(R, D)
+
+        # Layer 0 works on a table, not on tokens: a token's embedding, hence LN1 and its q/k/v, depends only on
+        # (digit, slot), so LN1 and the c_attn GEMM run on the base*L+1 distinct rows and are gathered per token
+        # (exact; no dropout precedes them). This removes the first layer's QKV GEMM over all M*T tokens.
+        rows = self._table_rows(x, from_positions)  # [M, T] row ids into the table
+        blk0 = self.transformers[0]
+        tab = self._embedding_table()
+        _, a_tab, _, _ = seqpe.residual_layernorm(tab, None, blk0.layernorm_1.weight, blk0.layernorm_1.bias,
+                                                  blk0.layernorm_1.eps, 0.0, None, 0, cdt_code, impl)
+        a = None  # per-token LN1 output of the current layer (layers >= 1)
+
+        def proj(i, lo, hi):
+            """Columns [lo, hi) of layer i's c_attn output for every token: [M, T, hi-lo]."""
+            W, b = self.transformers[i].attn.c_attn.weight, self.transformers[i].attn.c_attn.bias
+            if i == 0:
+                return F.embedding(rows, torch.addmm(b[lo:hi], a_tab, W[:, lo:hi]))
+            return torch.addmm(b[lo:hi], a, W[:, lo:hi]).view(M, T, hi - lo)
+
         for i in range(nl - 1):  # full blocks
             blk = self.transformers[i]
             nxt = self.transformers[i + 1].layernorm_1
-            qkv = torch.addmm(blk.attn.c_attn.bias, a, blk.attn.c_attn.weight).view(M, T, 3 * D)
+            qkv = proj(i, 0, 3 * D)
             o = seqpe.tiny_attention(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i, impl)
             y = torch.addmm(blk.attn.c_proj.bias, o.view(R, D), blk.attn.c_proj.weight)
             ln2 = blk.layernorm_2
-            h, a, _, _ = seqpe.residual_layernorm(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
-                                                  cdt_code, impl)
-            z = torch.addmm(blk.mlp.c_fc.bias, a, blk.mlp.c_fc.weight)
+            h, a2, _, _ = seqpe.residual_layernorm(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
+                                                   cdt_code, impl)
+            z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
             y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z, impl), blk.mlp.c_proj.weight)
             h, a, _, _ = seqpe.residual_layernorm(h, y, nxt.weight, nxt.bias, nxt.eps, p_res, seeds, 3 * i + 2,
                                                   cdt_code, impl)
@@ -133,9 +147,11 @@ class FusedSeqPE(SeqPE):
         i = nl - 1
         blk = self.transformers[i]
         Wa, ba = blk.attn.c_attn.weight, blk.attn.c_attn.bias
-        kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)
-        a_cls = a.view(M, T, D)[:, T - 1]
-        q = torch.addmm(ba[:D], a_cls, Wa[:, :D]).view(M, 1, D)
+        kv = proj(i, D, 3 * D)
+        if i == 0:  # the CLS query is the same table row for every sequence: one row, broadcast (stride 0)
+            q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
+        else:
+            q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
         o = seqpe.tiny_attention(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i, impl)
         y = torch.addmm(blk.attn.c_proj.bias, o.view(M, D), blk.attn.c_proj.weight)
         h_cls = h.view(M, T, D)[:, T - 1].contiguous()
@@ -151,6 +167,26 @@ class FusedSeqPE(SeqPE):
         else:
             fin, _, _, _ = seqpe.residual_layernorm(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code, impl)
         return F.linear(fin, self.out_proj.weight, self.out_proj.bias) * (1 / self.temperature)
+
+    def _embedding_table(self) -> torch.Tensor:
+        """[base*L + 1, D]: row b*L + j is the embedding of digit b in slot j ((tok + pos) + dim, the
+        reference's order, so rows are bit-identical to the per-token sums); the last row is CLS."""
+        D, L, K = self.embed_dim, self.seq_len - 1, self.max_digits
+        tab = self.token_of_seqpe_embed.weight[:, None, :] + self.pos_of_seqpe_embed.weight[None, :, :]
+        if self.data_dim > 1:
+            tab = tab + self.dim_token_embed.expand(-1, K, -1).reshape(1, L, D)
+        return torch.cat([tab.reshape(-1, D), self.cls_token_embed.reshape(1, D)], 0)
+
+    def _table_rows(self, x: torch.Tensor, from_positions: bool) -> torch.Tensor:
+        """[M, T] row ids into _embedding_table for positions [M, d] or digits [M, L]."""
+        L, K, base = self.seq_len - 1, self.max_digits, self.base
+        if from_positions:
+            pows = base ** torch.arange(K - 1, -1, -1, device=x.device, dtype=torch.int64)
+            digits = (torch.div(x.unsqueeze(-1), pows, rounding_mode="floor") % base).reshape(x.shape[0], L)
+        else:
+            digits = x
+        rows = digits * L + torch.arange(L, device=x.device)
+        return torch.cat([rows, rows.new_full((x.shape[0], 1), base * L)], 1)
 
     def _record_masks(self, rec, seeds, M, p_res, p_att):
         """Fill ``rec`` with the keep-masks the kernels will draw, shaped like the reference's sites."""

@@ -48,7 +48,7 @@ def _probs(q, k, PAD, pad_row, iq, jk, T, L, q_start, sdiv, CAUSAL: tl.constexpr
     s = tl.where(jk[None, :] < T, s, float("-inf"))
     mx = tl.max(s, 1)
     e = tl.exp(s - mx[:, None])
-    return e / tl.sum(e, 1)[:, None]
+    return e / tl.sum(e, 1)[:, None], allowed
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, sp
     kvm = (jk < T)[:, None] & dm[None, :]
     k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
     v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
-    pr = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
+    pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if DROPOUT:
         seed = tl.load(SEEDS + seed_idx)
         off = ((m * H + h) * TQ + iq[:, None]) * T + jk[None, :]
@@ -100,7 +100,7 @@ def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt,
     k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
     v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
     do = tl.load(DO + m * TQ * D + iq[:, None] * D + col[None, :], mask=qm, other=0.0).to(ACC)
-    pr = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
+    pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if USE_DOT:
         dpd = tl.dot(do, tl.trans(v), input_precision="ieee")
     else:
@@ -114,7 +114,10 @@ def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt,
     else:
         pd = pr
         dp = dpd
-    ds = pr * (dp - tl.sum(pr * dp, 1)[:, None]) / sdiv
+    # masked logits are constants in the forward, so they pass no gradient to q/k. (The reference's autograd
+    # differentiates through its additive finfo.min; the two differ only on fully masked rows, whose outputs
+    # never reach the encoder output, so their incoming gradient is zero either way.)
+    ds = tl.where(allowed, pr * (dp - tl.sum(pr * dp, 1)[:, None]), 0.0) / sdiv
     if USE_DOT:
         dv = tl.dot(tl.trans(pd), do, input_precision="ieee")
         dq = tl.dot(ds, k, input_precision="ieee")

@@ -228,6 +228,7 @@ def _rln_setup(ctx, inputs, output):
     x, y, w, b, eps, p, seeds, seed_idx, out_dtype, impl = inputs
     ctx.impl = impl
     h, a, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)  # saved statistics, not values the caller differentiates
     ctx.has_y = y is not None
     ctx.y_dtype = dtype_code(y.dtype) if y is not None else 0
     ctx.has_w = w is not None

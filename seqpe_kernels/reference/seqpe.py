@@ -256,7 +256,9 @@ class SeqPE(nn.Module):
             pad_mask = torch.ones(digits.shape, dtype=torch.float32, device=digits.device)
         if pad_mask.shape != digits.shape:
             raise ValueError(f"pad_mask shape {tuple(pad_mask.shape)} != digits shape {tuple(digits.shape)}")
-        if self.check_range and digits.numel() > 0:
+        if self.check_range and torch.compiler.is_compiling():
+            torch._assert_async(((digits >= 0) & (digits < self.base)).all(), f"digit ids must lie in [0, {self.base})")
+        elif self.check_range and digits.numel() > 0:
             lo, hi = torch.aminmax(digits)
             if int(lo) < 0 or int(hi) >= self.base:
                 raise ValueError(f"digit ids must lie in [0, {self.base}), got range [{int(lo)}, {int(hi)}]")

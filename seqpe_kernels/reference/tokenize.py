@@ -62,7 +62,11 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
         raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
                          f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")
     positions = positions.long()
-    if check_range and positions.numel() > 0:
+    if check_range and torch.compiler.is_compiling():
+        # no host sync inside a compiled graph: the same check as an on-device assert
+        torch._assert_async(((positions >= 0) & (positions < base ** max_digits)).all(),
+                            f"positions must lie in [0, {base ** max_digits}) (max_digits={max_digits}, base={base})")
+    elif check_range and positions.numel() > 0:
         lo, hi = torch.aminmax(positions)
         lo, hi = int(lo), int(hi)  # one sync; switch off with check_range=False on hot paths
         if lo < 0:

@@ -5,12 +5,16 @@ Public API:
   SeqPE(...)                                   reference encoder (authors' state-dict layout)
   FusedSeqPE(..., backend="auto")              same module, fused forward/backward
   load_checkpoint(path, ...)                   the authors' image .pth / text model_1.safetensors
+  SeqPECache(module)                           never-stale PE cache for evaluation / inference
+  dedup_forward / prefix_shared_forward        exact deduplication (dropout off)
 """
 from .reference import SeqPE, tokenize, max_digits_for
 from .fused import FusedSeqPE
 from .backend import available_backends
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .cache import SeqPECache
+from .dedup import dedup_forward, prefix_shared_forward
 
 __version__ = "0.1.0"
-__all__ = ["SeqPE", "FusedSeqPE", "tokenize", "max_digits_for", "load_checkpoint", "available_backends",
-           "__version__"]
+__all__ = ["SeqPE", "FusedSeqPE", "tokenize", "max_digits_for", "load_checkpoint", "save_checkpoint",
+           "available_backends", "SeqPECache", "dedup_forward", "prefix_shared_forward", "__version__"]

@@ -32,20 +32,29 @@ class FusedSeqPE(SeqPE):
     reason; "auto" warns once when it falls back.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", dedup: str = "auto", dedup_in_training: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if backend not in ("auto",) + _backend.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose auto, {', '.join(_backend.BACKENDS)}")
+        if dedup not in ("auto", "off", "unique", "prefix"):
+            raise ValueError(f"unknown dedup {dedup!r}; choose auto, off, unique or prefix")
         self.backend = backend
+        # Deduplication of repeated work inside one call (seqpe_kernels.dedup): "unique" encodes identical
+        # positions once; "prefix" (causal only) computes each shared decimal prefix once. Both are exact
+        # when dropout is inactive; with dropout active they correlate masks across sequences, so they run
+        # in training only with dedup_in_training=True. "auto" = "unique" exactly where it is exact.
+        self.dedup = dedup
+        self.dedup_in_training = dedup_in_training
         # test hook: when set to {}, the fused path fills it with the dropout keep-masks it drew, in the
         # reference's site names and shapes, so SeqPE.dropout_masks can replay them (parity with dropout on)
         self.record_dropout_masks: Optional[Dict[str, torch.Tensor]] = None
 
     @classmethod
-    def from_reference(cls, module: SeqPE, backend: str = "auto") -> "FusedSeqPE":
+    def from_reference(cls, module: SeqPE, backend: str = "auto", **options) -> "FusedSeqPE":
         """A FusedSeqPE with the same configuration and weights (copied) as a reference SeqPE."""
         p = next(module.parameters())
-        new = cls(**module.config(), backend=backend).to(device=p.device, dtype=p.dtype)
+        new = cls(**module.config(), backend=backend, **options).to(device=p.device, dtype=p.dtype)
         new.load_state_dict(module.state_dict(), strict=True)
         new.train(module.training)
         new.check_range = module.check_range
@@ -58,7 +67,34 @@ class FusedSeqPE(SeqPE):
         return _backend.resolve(self, self.backend, torch.device(device))
 
     # ------------------------------------------------------------------ entry points
+    def _dropout_active(self) -> bool:
+        return self.training and (self.resid_pdrop > 0 or self.attn_pdrop > 0)
+
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        mode = self.dedup
+        small = isinstance(positions, torch.Tensor) and positions.dim() >= 1 and positions.shape[0] <= 1
+        if mode != "off" and not small and not torch.compiler.is_compiling():
+            exact = not self._dropout_active()
+            if mode == "auto":
+                mode = "unique" if exact else "off"
+            elif not exact and not self.dedup_in_training:
+                raise RuntimeError(f"dedup={self.dedup!r} with dropout active correlates dropout masks across "
+                                   "sequences (not the reference's training); pass dedup_in_training=True to "
+                                   "accept that, or use dedup='auto'")
+            if mode == "prefix":
+                from .dedup import prefix_shared_forward
+
+                return prefix_shared_forward(self, positions, allow_in_training=True)
+            if mode == "unique":
+                pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
+                if pos.shape[0] > 1:
+                    uniq, inverse = torch.unique(pos, dim=0, return_inverse=True)
+                    if uniq.shape[0] < pos.shape[0]:
+                        return self._forward_positions(uniq)[inverse]
+                return self._forward_positions(pos)
+        return self._forward_positions(positions)
+
+    def _forward_positions(self, positions: torch.Tensor) -> torch.Tensor:
         dev = positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
         name = self.resolved_backend(dev)
         if name == "torch" or self.mask_padding:

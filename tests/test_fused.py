@@ -375,3 +375,27 @@ def test_gpu_offsets_beyond_int32():
     del h, a, y
     u = torch.ops.seqpe.gelu_new(x, 0)
     torch.testing.assert_close(u[tail], torch.nn.functional.gelu(x[tail], approximate="tanh"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dedup", ["auto", "unique", "prefix"])
+def test_dedup_option_exact_without_dropout(dedup):
+    """Repeated positions and shared prefixes: the dedup options equal the plain reference (outputs and all
+    parameter gradients) whenever dropout is inactive."""
+    _seed()
+    ref, _ = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, resid_pdrop=0.2)
+    ref.eval()
+    fus = sk.FusedSeqPE.from_reference(ref, backend="triton", dedup=dedup)
+    pos = torch.cat([torch.arange(12), torch.randint(0, 1000, (6,)), torch.arange(4)]).to(DEV)  # duplicates
+    check_parity(ref, fus, pos, tol=1e-5)
+
+
+def test_dedup_refuses_dropout_unless_asked():
+    _, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=2, resid_pdrop=0.2)
+    fus.train()
+    fus.dedup = "unique"
+    with pytest.raises(RuntimeError, match="dedup_in_training"):
+        fus(torch.tensor([1, 1, 2], device=DEV))
+    fus.dedup_in_training = True
+    assert fus(torch.tensor([1, 1, 2], device=DEV)).shape == (3, 32)
+    fus.dedup, fus.dedup_in_training = "auto", False  # auto: off under dropout, no error
+    assert fus(torch.tensor([1, 1, 2], device=DEV)).shape == (3, 32)

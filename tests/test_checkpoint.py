@@ -13,13 +13,6 @@ from seqpe_kernels.checkpoint import infer_config, load_checkpoint, read_state_d
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small(**kw):
     cfg = dict(embed_dim=128, num_heads=2, max_digits=3, data_dim=1, out_dim=48)  # 128 // 64 = 2 heads

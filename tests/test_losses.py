@@ -9,14 +9,6 @@ import torch.nn.functional as F
 from seqpe_kernels.reference.losses import (PeWeightScheduler, contrastive_loss, kl_div_mean, transfer_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and oversubscribe a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------ contrastive
 def test_contrastive_hand_computed():

@@ -7,14 +7,6 @@ from seqpe_kernels.models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
 from seqpe_kernels.reference.seqpe import SeqPE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and oversubscribe a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 GPT_VARIANTS = [("nope", "single", True), ("input_add", "single", True), ("attn_mul", "multi", True),
                 ("attn_add", "single", False), ("attn_scalar", "single", True), ("attn_scalar", "none", True),

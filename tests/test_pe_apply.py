@@ -8,14 +8,6 @@ from seqpe_kernels.pe_apply import (PeQK, attn_scalar, attn_scalar_explicit, inp
                                     pe_out_dim, rotary_tables, split_pe_qk, tile_windows)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and oversubscribe a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 DT = torch.float64
 

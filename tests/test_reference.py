@@ -18,14 +18,6 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs: intra-op threads only add OpenMP wake-up cost (100x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ============================================================================ seeds and weights
 @pytest.fixture

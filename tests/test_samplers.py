@@ -11,14 +11,6 @@ from seqpe_kernels.samplers import (ContrastiveSampler, MainWindowSampler, Trans
 from seqpe_kernels.samplers import _ordered_sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and oversubscribe a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _sq(a, b):
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)

@@ -10,14 +10,6 @@ from seqpe_kernels.reference import check_positions, max_digits_for, num_digits,
 ALPHABET = "0123456789abcdef"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP wake-up cost on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------------------- naive encoder
 def naive_pos2seq(p: int, K: int, base: int = 10):

@@ -52,6 +52,21 @@ def _probs(q, k, PAD, pad_row, iq, jk, T, L, q_start, sdiv, CAUSAL: tl.constexpr
 
 
 @triton.jit
+def _load_qkv(Q, K, V, m, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm, ACC: tl.constexpr):
+    q = tl.load(Q + m * sqm + iq[:, None] * sqt + col[None, :], mask=qm, other=0.0).to(ACC)
+    k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    return q, k, v
+
+
+@triton.jit
+def _keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p):
+    """Attention-dropout keep mask of one (sequence, head): Philox offset ((m*H + h)*TQ + i)*T + j."""
+    off = ((m * H + h) * TQ + iq[:, None]) * T + jk[None, :]
+    return tl.rand(tl.load(SEEDS + seed_idx), off.to(tl.int32)) > p
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H, D,
               sdiv, p, drop_scale, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr,
@@ -63,23 +78,17 @@ def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, sp
     d = tl.arange(0, DHP)
     dm = d < DH
     col = h * DH + d
-    q = tl.load(Q + m * sqm + iq[:, None] * sqt + col[None, :], mask=(iq < TQ)[:, None] & dm[None, :],
-                other=0.0).to(ACC)
+    qm = (iq < TQ)[:, None] & dm[None, :]
     kvm = (jk < T)[:, None] & dm[None, :]
-    k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
-    v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    q, k, v = _load_qkv(Q, K, V, m, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm, ACC)
     pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if DROPOUT:
-        seed = tl.load(SEEDS + seed_idx)
-        off = ((m * H + h) * TQ + iq[:, None]) * T + jk[None, :]
-        keep = tl.rand(seed, off.to(tl.int32)) > p
-        pr = tl.where(keep, pr * drop_scale, 0.0)
+        pr = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p), pr * drop_scale, 0.0)
     if USE_DOT:
         o = tl.dot(pr, v, input_precision="ieee")
     else:
         o = tl.sum(pr[:, :, None] * v[None, :, :], axis=1)
-    tl.store(O + m * TQ * D + iq[:, None] * D + col[None, :], o.to(O.dtype.element_ty),
-             mask=(iq < TQ)[:, None] & dm[None, :])
+    tl.store(O + m * TQ * D + iq[:, None] * D + col[None, :], o.to(O.dtype.element_ty), mask=qm)
 
 
 @triton.jit
@@ -96,9 +105,7 @@ def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt,
     col = h * DH + d
     qm = (iq < TQ)[:, None] & dm[None, :]
     kvm = (jk < T)[:, None] & dm[None, :]
-    q = tl.load(Q + m * sqm + iq[:, None] * sqt + col[None, :], mask=qm, other=0.0).to(ACC)
-    k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
-    v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    q, k, v = _load_qkv(Q, K, V, m, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm, ACC)
     do = tl.load(DO + m * TQ * D + iq[:, None] * D + col[None, :], mask=qm, other=0.0).to(ACC)
     pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if USE_DOT:
@@ -106,9 +113,7 @@ def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt,
     else:
         dpd = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
     if DROPOUT:
-        seed = tl.load(SEEDS + seed_idx)
-        off = ((m * H + h) * TQ + iq[:, None]) * T + jk[None, :]
-        keepf = tl.where(tl.rand(seed, off.to(tl.int32)) > p, drop_scale, 0.0)
+        keepf = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p), drop_scale, 0.0)
         pd = pr * keepf
         dp = dpd * keepf
     else:

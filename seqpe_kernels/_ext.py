@@ -37,6 +37,10 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("ops_cpu.cpp",)
 CUDA_SOURCES = ("ops_cuda.cu",)
 PROBE_OP = "seqpe_ext::gelu_new_fwd"
+# -fopenmp: at::parallel_for is an inline OpenMP region (libgomp is the one torch already loaded);
+# -fno-trapping-math / -fno-math-errno (as PyTorch's own build): lets GCC if-convert and vectorise the
+# clamped exp/tanh and the dropout selects; neither changes a computed value.
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno")
 
 _lock = threading.RLock()
 _ops = None                      # torch.ops.seqpe_ext once loaded
@@ -100,13 +104,31 @@ def cuda_plan() -> Tuple[bool, str]:
     return True, f"nvcc {v} at {CUDA_HOME}"
 
 
-def _extensions_root() -> str:
+def wheel_cuda_includes():
+    """Header folders of the NVIDIA wheels a CUDA build of torch depends on (nvidia/cu13/include, ...):
+    torch's CUDA headers include e.g. cusparse.h, which a bare toolkit install may not have."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory  # noqa: F401 (private, stable for years)
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    out = []
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in sorted(os.listdir(root)):
+            inc = os.path.join(root, sub, "include")
+            if os.path.isdir(inc):
+                out.append(inc)
+    return out
 
-        return os.path.dirname(_get_build_directory("seqpe_probe", verbose=False))
+
+def _build_directory(name: str) -> str:
+    """torch's JIT build folder for ``name`` (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<py>_<cu|cpu>)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private, stable for years
+
+        return _get_build_directory(name, verbose=False)
     except Exception:  # pragma: no cover
-        return os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+        root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+        return os.path.join(root, name)
 
 
 def build_name(with_cuda: bool) -> str:
@@ -115,9 +137,14 @@ def build_name(with_cuda: bool) -> str:
     return f"seqpe_ext_t{_sanitize(torch.__version__.split('+')[0])}{cu}_{tag}"
 
 
+def _version_token(v: str) -> str:
+    """A version as it is stringified into the library (-D value; the preprocessor's # keeps it verbatim)."""
+    return re.sub(r"[^A-Za-z0-9.+_]", "_", v)
+
+
 def _version_defines():
-    return [f"-DSEQPE_TORCH_VERSION={_sanitize(torch.__version__)}",
-            f"-DSEQPE_CUDA_VERSION={_sanitize(torch.version.cuda or 'none')}"]
+    return [f"-DSEQPE_TORCH_VERSION={_version_token(torch.__version__)}",
+            f"-DSEQPE_CUDA_VERSION={_version_token(torch.version.cuda or 'none')}"]
 
 
 def _read_build_info(path: str) -> str:
@@ -130,27 +157,81 @@ def _read_build_info(path: str) -> str:
     return m.group(1).decode(errors="replace") if m else "unknown"
 
 
+def _build_mismatch(built: str) -> Optional[str]:
+    """Why a library built for ``built`` ('torch=...;cuda=...') must not be loaded by the running torch."""
+    fields = dict(kv.split("=", 1) for kv in built.split(";") if "=" in kv)
+    want_torch, want_cuda = _version_token(torch.__version__), _version_token(torch.version.cuda or "none")
+    if fields.get("torch") not in (None, "unknown", want_torch):
+        return "torch"
+    if fields.get("cuda") not in (None, "none", want_cuda):
+        return "CUDA"
+    return None
+
+
 def _load_aot() -> Optional[str]:
-    """Import the prebuilt seqpe_kernels._C if it exists; returns its path (None if not installed)."""
+    """Import the prebuilt seqpe_kernels._C if it exists; returns its path (None if not installed).
+
+    The build information is read from the file first: a module built for another torch or CUDA version is
+    refused with both versions named (importing it would register the ops, after which nothing else can)."""
     try:
         spec = importlib.util.find_spec("seqpe_kernels._C")
     except (ImportError, ValueError):
         spec = None
     if spec is None:
         return None
+    built = _read_build_info(spec.origin)
+    how = ("Rebuild it (SEQPE_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .) or delete it to use the "
+           "JIT build")
+    what = _build_mismatch(built)
+    if what:
+        raise ExtensionUnavailable(f"{what} mismatch: the prebuilt seqpe_kernels._C ({spec.origin}) was built for "
+                                   f"{built.replace(';', ', ')} but {_running()} is running. {how}")
     try:
         importlib.import_module("seqpe_kernels._C")
     except ImportError as e:
         raise ExtensionUnavailable(
             f"the prebuilt seqpe_kernels._C ({spec.origin}) does not load: {e}. It was built for "
-            f"{_read_build_info(spec.origin)}; running {_running()}. Rebuild it "
-            "(SEQPE_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .) or delete it to use the JIT build")
-    built = _read_build_info(spec.origin)
-    want = f"torch={_sanitize(torch.__version__)}"
-    if built != "unknown" and not built.startswith(want + ";"):
-        log.warning("seqpe_kernels._C was built for %s but %s is running; rebuild it if ops misbehave",
-                    built, _running())
+            f"{built.replace(';', ', ')}; running {_running()}. {how}")
     return spec.origin
+
+
+def _compile(name: str, with_cuda: bool) -> str:
+    """One JIT build (C++ sources, plus CUDA ones if ``with_cuda``); returns the library path."""
+    from torch.utils import cpp_extension
+
+    _, arch_flags = _cpu_tag_and_flags()
+    build_dir = _build_directory(name)
+    os.makedirs(build_dir, exist_ok=True)
+    sources = [str(CSRC / s) for s in CPU_SOURCES] + ([str(CSRC / s) for s in CUDA_SOURCES] if with_cuda else [])
+    for s in sources:
+        if not os.path.exists(s):
+            raise ExtensionUnavailable(f"extension source {s} is missing (an installed package without csrc/?); "
+                                       "install from a source checkout or a prebuilt seqpe_kernels._C")
+    so = os.path.join(build_dir, f"{name}.so")
+    if not os.path.exists(so):
+        log.warning("seqpe_kernels: building the C++%s extension %s (first use on this machine, about a minute; "
+                    "cached in %s)", "/CUDA" if with_cuda else "", name, build_dir)
+    cflags = [*CXX_FLAGS, *arch_flags, *_version_defines()]
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_version_defines()]
+    try:
+        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                           extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
+                           extra_include_paths=wheel_cuda_includes() if with_cuda else None,
+                           is_python_module=False, verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
+    except Exception as e:
+        log_path = os.path.join(build_dir, "seqpe_build_error.log")
+        try:
+            with open(log_path, "w") as f:
+                f.write(f"{_running()}\nsources: {sources}\ncflags: {cflags}\n\n")
+                f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        except OSError:
+            log_path = "(could not write the log)"
+        msg = str(e)
+        first = next((ln for ln in msg.splitlines() if re.search(r"\b(fatal )?error:", ln)),
+                     msg.splitlines()[0] if msg else type(e).__name__)
+        raise ExtensionUnavailable(f"building the C++{'/CUDA' if with_cuda else ''} extension {name} failed for "
+                                   f"{_running()}: {first.strip()[:300]} (full compiler output: {log_path})") from e
+    return so
 
 
 def _jit_build() -> str:
@@ -165,37 +246,13 @@ def _jit_build() -> str:
         raise ExtensionUnavailable("ninja is not installed (pip install ninja): torch's JIT extension build needs it")
     with_cuda, cuda_reason = cuda_plan()
     _info["cuda_reason"] = cuda_reason
-    tag, arch_flags = _cpu_tag_and_flags()
-    name = build_name(with_cuda)
-    build_dir = os.path.join(_extensions_root(), name)
-    os.makedirs(build_dir, exist_ok=True)
-    sources = [str(CSRC / s) for s in CPU_SOURCES] + ([str(CSRC / s) for s in CUDA_SOURCES] if with_cuda else [])
-    for s in sources:
-        if not os.path.exists(s):
-            raise ExtensionUnavailable(f"extension source {s} is missing (an installed package without csrc/?); "
-                                       "install from a source checkout or a prebuilt seqpe_kernels._C")
-    so = os.path.join(build_dir, f"{name}.so")
-    if not os.path.exists(so):
-        log.warning("seqpe_kernels: building the C++%s extension %s (first use on this machine, about a minute; "
-                    "cached in %s)", "/CUDA" if with_cuda else "", name, build_dir)
-    cflags = ["-O3", "-fopenmp", *arch_flags, *_version_defines()]
-    cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_version_defines()]
-    try:
-        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                           extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
-                           is_python_module=False, verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
-    except Exception as e:
-        log_path = os.path.join(build_dir, "seqpe_build_error.log")
+    if with_cuda:
         try:
-            with open(log_path, "w") as f:
-                f.write(f"{_running()}\nsources: {sources}\ncflags: {cflags}\n\n")
-                f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
-        except OSError:
-            log_path = "(could not write the log)"
-        first = next((ln for ln in str(e).splitlines() if "error" in ln.lower()), str(e).splitlines()[0] if str(e) else "")
-        raise ExtensionUnavailable(f"building the C++ extension {name} failed for {_running()}: {first.strip()[:300]} "
-                                   f"(full compiler output: {log_path})") from e
-    return so
+            return _compile(build_name(True), True)
+        except ExtensionUnavailable as e:  # keep the CPU kernels usable: build them alone, say why CUDA is off
+            _info["cuda_reason"] = f"the CUDA sources did not build: {e}"
+            log.warning("seqpe_kernels: %s; building the C++ CPU part alone", _info["cuda_reason"])
+    return _compile(build_name(False), False)
 
 
 def load():

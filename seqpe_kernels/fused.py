@@ -162,7 +162,12 @@ class FusedSeqPE(SeqPE):
             """Columns [lo, hi) of layer i's c_attn output for every token: [M, T, hi-lo]."""
             W, b = self.transformers[i].attn.c_attn.weight, self.transformers[i].attn.c_attn.bias
             if i == 0:
-                return F.embedding(rows, torch.addmm(b[lo:hi], a_tab, W[:, lo:hi]))
+                tab_out = torch.addmm(b[lo:hi], a_tab, W[:, lo:hi])
+                if tab_out.dtype in (torch.float16, torch.bfloat16):
+                    # gather in fp32 so the backward sums the ~M*T/(base*L) gradient rows per table row in
+                    # fp32 (as the reference's per-token GEMM does), not in bf16; the forward is lossless
+                    return F.embedding(rows, tab_out.float()).to(tab_out.dtype)
+                return F.embedding(rows, tab_out)
             return torch.addmm(b[lo:hi], a, W[:, lo:hi]).view(M, T, hi - lo)
 
         for i in range(nl - 1):  # full blocks

@@ -1,0 +1,815 @@
+// CUDA implementations of the seqpe_ext operators (schemas in ops_cpu.cpp; registered here for CUDA).
+//
+// Same contracts and numerics as the Triton kernels in seqpe_kernels/ops/: fp32 accumulation for fp32 /
+// fp16 / bf16 tensors, fp64 for fp64; dropout keep-masks from Triton's tl.rand (philox.h) at the same int32
+// offsets, the seed read on the device (no host sync); parameter-gradient reductions through fixed chunks
+// and an ordered final sum (deterministic). Tensors of any of the four float dtypes are read and written
+// through a dtype code (a warp-uniform branch), so one instantiation per accumulator type serves every mix
+// of dtypes autocast produces (fp32 residual stream, bf16 GEMM outputs, ...).
+//
+// Kernels: digit embedding (one block per (sequence, column tile)); residual + dropout + LayerNorm (one
+// block per row, row kept in shared memory); its backward (one block per fixed chunk of rows); gelu_new
+// (grid-stride elementwise); tiny attention (one warp per (sequence, head), the T x T scores in shared
+// memory). Digit ids outside [0, base) are clamped here (the CPU path raises; the positions are validated
+// before the op by seqpe_kernels.reference.tokenize.check_positions).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "philox.h"
+#include "seqpe_ext.h"
+
+namespace seqpe {
+namespace {
+
+using at::ScalarType;
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+inline int dcode(ScalarType st) {
+  switch (st) {
+    case ScalarType::Float: return kF32;
+    case ScalarType::Half: return kF16;
+    case ScalarType::BFloat16: return kBF16;
+    case ScalarType::Double: return kF64;
+    default: TORCH_CHECK(false, "seqpe_ext (CUDA): unsupported dtype ", st);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t ld(const void* p, int dt, int64_t i) {
+  switch (dt) {
+    case kF32: return static_cast<acc_t>(static_cast<const float*>(p)[i]);
+    case kF16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
+    case kBF16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
+    default: return static_cast<acc_t>(static_cast<const double*>(p)[i]);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void st(void* p, int dt, int64_t i, acc_t v) {
+  switch (dt) {
+    case kF32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case kF16: static_cast<c10::Half*>(p)[i] = c10::Half(static_cast<float>(v)); break;
+    case kBF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(static_cast<float>(v)); break;
+    default: static_cast<double*>(p)[i] = static_cast<double>(v); break;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// sum over the block (blockDim.x a multiple of 32, <= 1024); `sh` holds 33 values
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* sh) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sh[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    T r = lane < nw ? sh[lane] : T(0);
+    r = warp_sum(r);
+    if (lane == 0) sh[32] = r;
+  }
+  __syncthreads();
+  const T r = sh[32];
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t tanh_k(acc_t u) {  // the Triton kernel's tanh: 1 - 2 / (exp(2u) + 1)
+  u = u < acc_t(-20) ? acc_t(-20) : (u > acc_t(20) ? acc_t(20) : u);
+  return acc_t(1) - acc_t(2) / (exp_acc(acc_t(2) * u) + acc_t(1));
+}
+
+inline int ln_threads(int64_t D) {
+  int t = 32;
+  while (t < D && t < 256) t <<= 1;
+  return t;
+}
+
+inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+
+// ==================================================================================== digit embedding
+constexpr int kMaxDigits = 32;
+struct DigitP {
+  const int64_t* x;
+  int64_t sxm, M, L, T, D, K, base;
+  bool from_positions;
+  int64_t pw[kMaxDigits];
+};
+
+__device__ __forceinline__ int64_t digit_of(const DigitP& a, int64_t m, int64_t j) {
+  int64_t d = a.from_positions ? (a.x[m * a.sxm + j / a.K] / a.pw[j % a.K]) % a.base : a.x[m * a.sxm + j];
+  return d < 0 ? 0 : (d >= a.base ? a.base - 1 : d);
+}
+
+__global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, const void* dim, const void* cls,
+                                 void* out, int dt) {
+  const int64_t m = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= a.D) return;
+  const int64_t D = a.D;
+  for (int64_t j = 0; j < a.L; ++j) {
+    const int64_t dig = digit_of(a, m, j);
+    if (dt == kF64) {
+      double e = ld<double>(tok, dt, dig * D + c) + ld<double>(pos, dt, j * D + c);
+      if (dim != nullptr) e = e + ld<double>(dim, dt, (j / a.K) * D + c);
+      st<double>(out, dt, (m * a.T + j) * D + c, e);
+    } else {
+      // the table dtype's arithmetic: fp32, or fp16/bf16 rounded after each add (as the reference)
+      float e = ld<float>(tok, dt, dig * D + c) + ld<float>(pos, dt, j * D + c);
+      if (dt == kF16) e = static_cast<float>(c10::Half(e));
+      if (dt == kBF16) e = static_cast<float>(c10::BFloat16(e));
+      if (dim != nullptr) e = e + ld<float>(dim, dt, (j / a.K) * D + c);
+      st<float>(out, dt, (m * a.T + j) * D + c, e);
+    }
+  }
+  if (dt == kF64)
+    st<double>(out, dt, (m * a.T + a.L) * D + c, ld<double>(cls, dt, c));
+  else
+    st<float>(out, dt, (m * a.T + a.L) * D + c, ld<float>(cls, dt, c));
+}
+
+template <typename acc_t>
+__global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, int64_t per) {
+  const int64_t ch = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= a.D) return;
+  const int64_t D = a.D, T = a.T, rows = a.base + T;
+  acc_t* P = part + ch * rows * D;
+  const int64_t m_end = min(a.M, (ch + 1) * per);
+  for (int64_t m = ch * per; m < m_end; ++m) {
+    for (int64_t j = 0; j < T; ++j) {
+      const acc_t v = ld<acc_t>(g, gdt, (m * T + j) * D + c);
+      P[(a.base + j) * D + c] += v;
+      if (j < a.L) P[digit_of(a, m, j) * D + c] += v;
+    }
+  }
+}
+
+// out[r, c] = sum over chunks (in order) of part[ch, r, c]
+template <typename acc_t>
+__global__ void chunk_sum_kernel(const acc_t* part, int64_t n_chunks, int64_t n, acc_t* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  acc_t s = 0;
+  for (int64_t ch = 0; ch < n_chunks; ++ch) s += part[ch * n + i];
+  out[i] = s;
+}
+
+DigitP digit_params(const Tensor& x, int64_t M, int64_t L, int64_t T, int64_t D, int64_t K, int64_t base,
+                    bool from_positions) {
+  TORCH_CHECK(K >= 1 && K <= kMaxDigits, "seqpe_ext::digit_embed (CUDA): max_digits must lie in [1, ", kMaxDigits,
+              "]");
+  DigitP a{};
+  a.x = x.data_ptr<int64_t>();
+  a.sxm = x.dim() == 2 ? x.size(1) : 1;
+  a.M = M, a.L = L, a.T = T, a.D = D, a.K = K, a.base = base, a.from_positions = from_positions;
+  int64_t v = 1;
+  for (int64_t s = K - 1; s >= 0; --s) {
+    a.pw[s] = v;
+    v *= base;
+  }
+  return a;
+}
+
+Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& pos_, const OptTensor& dim_,
+                            const Tensor& cls_, bool from_positions, int64_t max_digits) {
+  c10::cuda::CUDAGuard guard(tok_.device());
+  TORCH_CHECK(x_.dim() == 1 || x_.dim() == 2, "seqpe_ext::digit_embed_fwd: x must be [M] or [M, d|L]");
+  check_float_dtype(tok_, "digit_embed_fwd", "tok");
+  const int64_t M = x_.size(0), base = tok_.size(0), D = tok_.size(1), L = pos_.size(0), T = L + 1;
+  const auto stt = tok_.scalar_type();
+  const Tensor x = x_.to(tok_.device(), at::kLong).contiguous();
+  const Tensor tok = tok_.contiguous(), pos = pos_.to(stt).contiguous(), cls = cls_.to(stt).contiguous();
+  const bool has_dim = has(dim_);
+  const Tensor dim = has_dim ? dim_->to(stt).contiguous() : Tensor();
+  const int64_t sxm = x.dim() == 2 ? x.size(1) : 1;
+  TORCH_CHECK(from_positions ? sxm * max_digits == L : sxm == L, "seqpe_ext::digit_embed_fwd: x does not match L = ", L);
+  Tensor out = at::empty({M, T, D}, tok.options());
+  if (M == 0 || D == 0) return out;
+  const DigitP a = digit_params(x, M, L, T, D, max_digits, base, from_positions);
+  const int threads = 128;
+  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(cdiv(D, threads)));
+  embed_fwd_kernel<<<grid, threads, 0, stream()>>>(a, tok.data_ptr(), pos.data_ptr(),
+                                                   has_dim ? dim.data_ptr() : nullptr, cls.data_ptr(),
+                                                   out.data_ptr(), dcode(stt));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_positions, int64_t max_digits,
+                             int64_t base, int64_t data_dim) {
+  c10::cuda::CUDAGuard guard(g_.device());
+  TORCH_CHECK(g_.dim() == 3, "seqpe_ext::digit_embed_bwd: g must be [M, T, D]");
+  check_float_dtype(g_, "digit_embed_bwd", "g");
+  const int64_t M = g_.size(0), T = g_.size(1), D = g_.size(2), L = T - 1, K = max_digits;
+  TORCH_CHECK(L == data_dim * K, "seqpe_ext::digit_embed_bwd: T-1 must equal data_dim*max_digits");
+  const Tensor g = g_.contiguous();
+  const Tensor x = x_.to(g.device(), at::kLong).contiguous();
+  const auto gst = g.scalar_type();
+  const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t per = std::max<int64_t>(32, cdiv(M, 256));
+  const int64_t n_chunks = std::max<int64_t>(1, cdiv(M, per));
+  const int64_t rows = base + T;
+  Tensor part = at::zeros({n_chunks, rows, D}, g.options().dtype(acc_dt));
+  Tensor total = at::empty({rows, D}, g.options().dtype(acc_dt));
+  const DigitP a = digit_params(x, M, L, T, D, K, base, from_positions);
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_digit_embed_bwd_cuda", [&] {
+    if (M > 0 && D > 0) {
+      const int threads = 128;
+      const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(cdiv(D, threads)));
+      embed_bwd_kernel<scalar_t><<<grid, threads, 0, stream()>>>(a, g.data_ptr(), dcode(gst),
+                                                                 part.data_ptr<scalar_t>(), per);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t n = rows * D;
+    if (n > 0) {
+      chunk_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+          part.data_ptr<scalar_t>(), n_chunks, n, total.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  Tensor d_tok = total.narrow(0, 0, base).to(gst, false, true);
+  Tensor d_pos = total.narrow(0, base, L).to(gst, false, true);
+  Tensor d_cls = total.narrow(0, base + L, 1).to(gst, false, true).view({1, 1, D});
+  Tensor d_dim = data_dim > 1 ? total.narrow(0, base, L).view({data_dim, K, D}).sum(1, true).to(gst)
+                              : at::empty({0}, g.options());
+  return {d_tok, d_pos, d_dim, d_cls};
+}
+
+// ==================================================================================== residual + LN
+struct LnFwdP {
+  const void *x, *y, *w, *b;
+  void *h, *a, *mean, *rstd;
+  int xdt, ydt, wdt, adt;
+  int64_t R, D;
+  bool has_y, has_ln, dropout;
+  const int64_t* seeds;
+  int64_t seed_idx;
+  float p;
+};
+
+template <typename acc_t>
+__global__ void ln_fwd_kernel(LnFwdP a, acc_t eps, acc_t scale) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* hrow = reinterpret_cast<acc_t*>(smem);
+  __shared__ acc_t red[33];
+  const int64_t row = blockIdx.x, D = a.D;
+  const int64_t base = row * D;
+  const uint64_t seed = a.dropout ? static_cast<uint64_t>(a.seeds[a.seed_idx]) : 0;
+  acc_t s = 0;
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+    acc_t v = ld<acc_t>(a.x, a.xdt, base + c);
+    if (a.has_y) {
+      acc_t y = ld<acc_t>(a.y, a.ydt, base + c);
+      if (a.dropout) {
+        const bool keep = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(base + c)), a.p);
+        y = keep ? y * scale : acc_t(0);
+      }
+      v = v + y;
+      st<acc_t>(a.h, a.xdt, base + c, v);
+    }
+    hrow[c] = v;
+    s += v;
+  }
+  if (!a.has_ln) return;
+  const acc_t mu = block_sum(s, red) / static_cast<acc_t>(D);
+  acc_t sq = 0;
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+    const acc_t d = hrow[c] - mu;
+    sq += d * d;
+  }
+  const acc_t var = block_sum(sq, red) / static_cast<acc_t>(D);
+  const acc_t rs = acc_t(1) / sqrt_acc(var + eps);
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+    const acc_t o = (hrow[c] - mu) * rs * ld<acc_t>(a.w, a.wdt, c) + ld<acc_t>(a.b, a.wdt, c);
+    st<acc_t>(a.a, a.adt, base + c, o);
+  }
+  if (threadIdx.x == 0) {
+    static_cast<acc_t*>(a.mean)[row] = mu;
+    static_cast<acc_t*>(a.rstd)[row] = rs;
+  }
+}
+
+Tensor4 residual_layernorm_fwd_cuda(const Tensor& x_, const OptTensor& y_, const OptTensor& w_, const OptTensor& b_,
+                                    double eps, double p, const OptTensor& seeds, int64_t seed_idx,
+                                    int64_t out_dtype) {
+  c10::cuda::CUDAGuard guard(x_.device());
+  TORCH_CHECK(x_.dim() == 2, "seqpe_ext::residual_layernorm_fwd: x must be [R, D]");
+  check_float_dtype(x_, "residual_layernorm_fwd", "x");
+  const Tensor x = x_.contiguous();
+  const int64_t R = x.size(0), D = x.size(1);
+  const bool has_y = has(y_), has_ln = has(w_);
+  const Tensor y = has_y ? y_->contiguous() : Tensor();
+  if (has_y) TORCH_CHECK(y.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_fwd: y must have x's shape");
+  const bool f64 = x.scalar_type() == at::kDouble;
+  const auto stat_dt = f64 ? at::kDouble : at::kFloat;
+  const Tensor w = has_ln ? w_->to(stat_dt).contiguous() : Tensor();
+  const Tensor b = has_ln ? (has(b_) ? b_->to(stat_dt).contiguous() : at::zeros({D}, x.options().dtype(stat_dt)))
+                          : Tensor();
+  Tensor h = has_y ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor a = has_ln ? at::empty({R, D}, x.options().dtype(dtype_from_code(out_dtype))) : at::empty({0}, x.options());
+  Tensor mean = has_ln ? at::empty({R}, x.options().dtype(stat_dt)) : at::zeros({R}, x.options().dtype(stat_dt));
+  Tensor rstd = has_ln ? at::empty({R}, x.options().dtype(stat_dt)) : at::zeros({R}, x.options().dtype(stat_dt));
+  const bool dropout = has_y && p > 0.0;
+  Tensor sd;
+  if (dropout) {
+    check_seeds(seeds, seed_idx, "residual_layernorm_fwd");
+    sd = seeds->to(x.device(), at::kLong).contiguous();
+  }
+  if (R == 0 || D == 0 || (!has_y && !has_ln)) return {h, a, mean, rstd};
+  LnFwdP P{x.data_ptr(), has_y ? y.data_ptr() : nullptr, has_ln ? w.data_ptr() : nullptr,
+           has_ln ? b.data_ptr() : nullptr, has_y ? h.data_ptr() : nullptr, has_ln ? a.data_ptr() : nullptr,
+           mean.data_ptr(), rstd.data_ptr(), dcode(x.scalar_type()),
+           has_y ? dcode(y.scalar_type()) : 0, dcode(stat_dt), has_ln ? dcode(a.scalar_type()) : 0, R, D, has_y,
+           has_ln, dropout, dropout ? sd.data_ptr<int64_t>() : nullptr, seed_idx, static_cast<float>(p)};
+  const int threads = ln_threads(D);
+  AT_DISPATCH_FLOATING_TYPES(stat_dt, "seqpe_residual_layernorm_fwd_cuda", [&] {
+    const size_t smem = static_cast<size_t>(D) * sizeof(scalar_t);
+    TORCH_CHECK(smem <= 48 * 1024, "seqpe_ext::residual_layernorm_fwd (CUDA): width ", D, " too large");
+    const scalar_t epsv = static_cast<scalar_t>(f64 ? eps : static_cast<double>(static_cast<float>(eps)));
+    ln_fwd_kernel<scalar_t><<<static_cast<unsigned>(R), threads, smem, stream()>>>(
+        P, epsv, static_cast<scalar_t>(drop_scale(p)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {h, a, mean, rstd};
+}
+
+struct LnBwdP {
+  const void *x, *da, *dh, *w, *mean, *rstd;
+  void *dx, *dy;
+  int xdt, dadt, dhdt, ydt;
+  int64_t R, D, per;
+  bool has_dh, has_ln, has_y, dropout;
+  const int64_t* seeds;
+  int64_t seed_idx;
+  float p;
+};
+
+template <typename acc_t>
+__global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* dw_part, acc_t* db_part) {
+  __shared__ acc_t red[33];
+  const int64_t ch = blockIdx.x, D = a.D;
+  const int64_t r_end = min(a.R, (ch + 1) * a.per);
+  const uint64_t seed = a.dropout ? static_cast<uint64_t>(a.seeds[a.seed_idx]) : 0;
+  const acc_t* w = static_cast<const acc_t*>(a.w);
+  for (int64_t row = ch * a.per; row < r_end; ++row) {
+    const int64_t base = row * D;
+    acc_t mu = 0, rs = 0, k1 = 0, k2 = 0;
+    if (a.has_ln) {
+      mu = static_cast<const acc_t*>(a.mean)[row];
+      rs = static_cast<const acc_t*>(a.rstd)[row];
+      acc_t c1 = 0, c2 = 0;
+      for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+        const acc_t xh = (ld<acc_t>(a.x, a.xdt, base + c) - mu) * rs;
+        const acc_t dxh = ld<acc_t>(a.da, a.dadt, base + c) * w[c];
+        c1 += dxh * xh;
+        c2 += dxh;
+      }
+      k1 = block_sum(c1, red) / static_cast<acc_t>(D);
+      k2 = block_sum(c2, red) / static_cast<acc_t>(D);
+    }
+    for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+      acc_t g = a.has_dh ? ld<acc_t>(a.dh, a.dhdt, base + c) : acc_t(0);
+      if (a.has_ln) {
+        const acc_t xh = (ld<acc_t>(a.x, a.xdt, base + c) - mu) * rs;
+        const acc_t da = ld<acc_t>(a.da, a.dadt, base + c);
+        const acc_t dxh = da * w[c];
+        g += (dxh - (xh * k1 + k2)) * rs;
+        dw_part[ch * D + c] += da * xh;
+        db_part[ch * D + c] += da;
+      }
+      st<acc_t>(a.dx, a.xdt, base + c, g);
+      if (a.has_y) {
+        acc_t dy = g;
+        if (a.dropout) {
+          const bool keep = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(base + c)), a.p);
+          dy = keep ? dy * scale : acc_t(0);
+        }
+        st<acc_t>(a.dy, a.ydt, base + c, dy);
+      }
+    }
+  }
+}
+
+Tensor4 residual_layernorm_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_,
+                                    const OptTensor& w_, const Tensor& mean_, const Tensor& rstd_, double p,
+                                    const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
+  c10::cuda::CUDAGuard guard(ln_in_.device());
+  TORCH_CHECK(ln_in_.dim() == 2, "seqpe_ext::residual_layernorm_bwd: ln_in must be [R, D]");
+  check_float_dtype(ln_in_, "residual_layernorm_bwd", "ln_in");
+  const Tensor x = ln_in_.contiguous();
+  const int64_t R = x.size(0), D = x.size(1);
+  const bool has_dh = has(dh_);
+  const bool has_ln = has(w_) && has(da_);
+  const auto acc_dt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor da = has_ln ? da_->contiguous() : Tensor();
+  const Tensor dh = has_dh ? dh_->contiguous() : Tensor();
+  const Tensor w = has_ln ? w_->to(acc_dt).contiguous() : Tensor();
+  const Tensor mean = has_ln ? mean_.to(acc_dt).contiguous() : Tensor();
+  const Tensor rstd = has_ln ? rstd_.to(acc_dt).contiguous() : Tensor();
+  Tensor dx = at::empty_like(x);
+  Tensor dy = has_y ? at::empty({R, D}, x.options().dtype(dtype_from_code(y_dtype))) : at::empty({0}, x.options());
+  const bool dropout = has_y && p > 0.0;
+  Tensor sd;
+  if (dropout) {
+    check_seeds(seeds, seed_idx, "residual_layernorm_bwd");
+    sd = seeds->to(x.device(), at::kLong).contiguous();
+  }
+  const int64_t per = std::max<int64_t>(4, cdiv(R, 1024));
+  const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
+  Tensor dw_part = has_ln ? at::zeros({std::max<int64_t>(n_chunks, 1), D}, x.options().dtype(acc_dt)) : Tensor();
+  Tensor db_part = has_ln ? at::zeros({std::max<int64_t>(n_chunks, 1), D}, x.options().dtype(acc_dt)) : Tensor();
+  LnBwdP P{x.data_ptr(), has_ln ? da.data_ptr() : nullptr, has_dh ? dh.data_ptr() : nullptr,
+           has_ln ? w.data_ptr() : nullptr, has_ln ? mean.data_ptr() : nullptr, has_ln ? rstd.data_ptr() : nullptr,
+           dx.data_ptr(), has_y ? dy.data_ptr() : nullptr, dcode(x.scalar_type()),
+           has_ln ? dcode(da.scalar_type()) : 0, has_dh ? dcode(dh.scalar_type()) : 0,
+           has_y ? dcode(dy.scalar_type()) : 0, R, D, per, has_dh, has_ln, has_y, dropout,
+           dropout ? sd.data_ptr<int64_t>() : nullptr, seed_idx, static_cast<float>(p)};
+  Tensor dw, db;
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd_cuda", [&] {
+    if (n_chunks > 0 && D > 0) {
+      ln_bwd_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), ln_threads(D), 0, stream()>>>(
+          P, static_cast<scalar_t>(drop_scale(p)), has_ln ? dw_part.data_ptr<scalar_t>() : nullptr,
+          has_ln ? db_part.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (has_ln) {
+      Tensor dws = at::empty({D}, x.options().dtype(acc_dt)), dbs = at::empty({D}, x.options().dtype(acc_dt));
+      if (D > 0) {
+        const unsigned blocks = static_cast<unsigned>(cdiv(D, 256));
+        chunk_sum_kernel<scalar_t><<<blocks, 256, 0, stream()>>>(dw_part.data_ptr<scalar_t>(), dw_part.size(0), D,
+                                                                  dws.data_ptr<scalar_t>());
+        chunk_sum_kernel<scalar_t><<<blocks, 256, 0, stream()>>>(db_part.data_ptr<scalar_t>(), db_part.size(0), D,
+                                                                  dbs.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      dw = dws.to(w_->scalar_type()).view(w_->sizes());
+      db = dbs.to(w_->scalar_type()).view(w_->sizes());
+    }
+  });
+  if (!has_ln) {
+    dw = at::empty({0}, x.options());
+    db = at::empty({0}, x.options());
+  }
+  return {dx, dy, dw, db};
+}
+
+// ==================================================================================== gelu_new
+template <typename acc_t>
+__global__ void gelu_fwd_kernel(const void* z, int dt, void* u, int64_t n) {
+  const acc_t C = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t x = ld<acc_t>(z, dt, i);
+    const acc_t t = tanh_k<acc_t>(C * (x + A * x * x * x));
+    st<acc_t>(u, dt, i, acc_t(0.5) * x * (acc_t(1) + t));
+  }
+}
+
+template <typename acc_t>
+__global__ void gelu_bwd_kernel(const void* du, int dudt, const void* z, int dt, void* dz, int64_t n) {
+  const acc_t C = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
+  const acc_t A3 = static_cast<acc_t>(3.0 * 0.044715);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t x = ld<acc_t>(z, dt, i);
+    const acc_t t = tanh_k<acc_t>(C * (x + A * x * x * x));
+    const acc_t dt_ = (acc_t(1) - t * t) * C * (acc_t(1) + A3 * x * x);
+    st<acc_t>(dz, dt, i, ld<acc_t>(du, dudt, i) * (acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * dt_));
+  }
+}
+
+inline unsigned elem_blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(cdiv(n, 256), 1 << 20)); }
+
+Tensor gelu_new_fwd_cuda(const Tensor& z_) {
+  c10::cuda::CUDAGuard guard(z_.device());
+  check_float_dtype(z_, "gelu_new_fwd", "z");
+  const Tensor z = z_.contiguous();
+  Tensor u = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const int64_t n = z.numel();
+  if (n == 0) return u;
+  if (z.scalar_type() == at::kDouble)
+    gelu_fwd_kernel<double><<<elem_blocks(n), 256, 0, stream()>>>(z.data_ptr(), kF64, u.data_ptr(), n);
+  else
+    gelu_fwd_kernel<float><<<elem_blocks(n), 256, 0, stream()>>>(z.data_ptr(), dcode(z.scalar_type()), u.data_ptr(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return u;
+}
+
+Tensor gelu_new_bwd_cuda(const Tensor& du_, const Tensor& z_) {
+  c10::cuda::CUDAGuard guard(z_.device());
+  check_float_dtype(z_, "gelu_new_bwd", "z");
+  TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd: du must have z's shape");
+  const Tensor z = z_.contiguous();
+  const Tensor du = du_.contiguous();
+  Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const int64_t n = z.numel();
+  if (n == 0) return dz;
+  if (z.scalar_type() == at::kDouble)
+    gelu_bwd_kernel<double><<<elem_blocks(n), 256, 0, stream()>>>(du.data_ptr(), dcode(du.scalar_type()),
+                                                                 z.data_ptr(), kF64, dz.data_ptr(), n);
+  else
+    gelu_bwd_kernel<float><<<elem_blocks(n), 256, 0, stream()>>>(du.data_ptr(), dcode(du.scalar_type()),
+                                                                z.data_ptr(), dcode(z.scalar_type()), dz.data_ptr(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dz;
+}
+
+// ==================================================================================== tiny attention
+struct AttnP {
+  const void *qb, *kb;  // base pointers of the q view's tensor and the k/v views' tensor
+  int dt;
+  int64_t M, TQ, T, D, H, DH, L;
+  int64_t sqm, sqt, skm, skt;  // element strides (k and v share theirs)
+  int64_t q_off, k_off, v_off;
+  const float* pad;
+  bool causal, has_mask, dropout;
+  int64_t q_start;
+  float p;
+  const int64_t* seeds;
+  int64_t seed_idx;
+};
+
+__device__ __forceinline__ bool attn_allowed(const AttnP& a, int64_t m, int64_t i, int64_t j) {
+  bool allowed = !a.causal || j <= a.q_start + i;
+  if (a.has_mask && j < a.L) allowed = allowed && a.pad[m * a.L + j] != 0.0f;
+  return allowed;
+}
+
+// softmax probabilities of the (m, h) pair into S [TQ, T] (one warp; lanes split the head dim)
+template <typename acc_t>
+__device__ void attn_probs(const AttnP& a, int64_t m, int64_t h, acc_t sdiv, acc_t* S) {
+  const int lane = threadIdx.x & 31;
+  const int64_t col = h * a.DH;
+  for (int64_t i = 0; i < a.TQ; ++i) {
+    for (int64_t j = 0; j < a.T; ++j) {
+      if (attn_allowed(a, m, i, j)) {  // warp-uniform branch
+        acc_t part = 0;
+        for (int64_t d = lane; d < a.DH; d += 32)
+          part += ld<acc_t>(a.qb, a.dt, m * a.sqm + i * a.sqt + a.q_off + col + d) *
+                  ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.k_off + col + d);
+        part = warp_sum(part);
+        if (lane == 0) S[i * a.T + j] = part / sdiv;
+      } else if (lane == 0) {
+        S[i * a.T + j] = static_cast<acc_t>(-3.0e38);  // the Triton kernel's stand-in for finfo.min
+      }
+    }
+  }
+  __syncwarp();
+  for (int64_t i = lane; i < a.TQ; i += 32) {
+    acc_t* s = S + i * a.T;
+    acc_t mx = s[0];
+    for (int64_t j = 1; j < a.T; ++j) mx = s[j] > mx ? s[j] : mx;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < a.T; ++j) {
+      s[j] = exp_acc(s[j] - mx);
+      sum += s[j];
+    }
+    for (int64_t j = 0; j < a.T; ++j) s[j] = s[j] / sum;
+  }
+  __syncwarp();
+}
+
+template <typename acc_t>
+__global__ void attn_fwd_kernel(AttnP a, acc_t sdiv, acc_t scale, void* out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
+  if (pair >= a.M * a.H) return;
+  const int64_t m = pair / a.H, h = pair % a.H, col = h * a.DH;
+  acc_t* S = reinterpret_cast<acc_t*>(smem) + warp * a.TQ * a.T;
+  attn_probs<acc_t>(a, m, h, sdiv, S);
+  if (a.dropout) {
+    const uint64_t seed = static_cast<uint64_t>(a.seeds[a.seed_idx]);
+    for (int64_t idx = lane; idx < a.TQ * a.T; idx += 32) {
+      const uint64_t off = static_cast<uint64_t>((m * a.H + h) * a.TQ * a.T + idx);  // ((m*H+h)*TQ+i)*T+j
+      S[idx] = dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? S[idx] * scale : acc_t(0);
+    }
+    __syncwarp();
+  }
+  for (int64_t i = 0; i < a.TQ; ++i) {
+    for (int64_t d = lane; d < a.DH; d += 32) {
+      acc_t o = 0;
+      for (int64_t j = 0; j < a.T; ++j)
+        o += S[i * a.T + j] * ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.v_off + col + d);
+      st<acc_t>(out, a.dt, (m * a.TQ + i) * a.D + col + d, o);
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void attn_bwd_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* dout, int dodt, void* dq_base,
+                                void* dkv_base, int64_t dqm, int64_t dqt, int64_t dkm, int64_t dkt, int64_t dk_off,
+                                int64_t dv_off) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
+  if (pair >= a.M * a.H) return;
+  const int64_t m = pair / a.H, h = pair % a.H, col = h * a.DH;
+  const int64_t n = a.TQ * a.T;
+  acc_t* P = reinterpret_cast<acc_t*>(smem) + warp * 3 * n;
+  acc_t* PD = P + n;
+  acc_t* DS = PD + n;
+  attn_probs<acc_t>(a, m, h, sdiv, P);
+  const uint64_t seed = a.dropout ? static_cast<uint64_t>(a.seeds[a.seed_idx]) : 0;
+  for (int64_t i = 0; i < a.TQ; ++i) {
+    for (int64_t j = 0; j < a.T; ++j) {
+      acc_t part = 0;
+      for (int64_t d = lane; d < a.DH; d += 32)
+        part += ld<acc_t>(dout, dodt, (m * a.TQ + i) * a.D + col + d) *
+                ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.v_off + col + d);
+      part = warp_sum(part);
+      if (lane == 0) {
+        const int64_t idx = i * a.T + j;
+        acc_t kf = 1;
+        if (a.dropout) {
+          const uint64_t off = static_cast<uint64_t>((m * a.H + h) * n + idx);
+          kf = dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? scale : acc_t(0);
+        }
+        PD[idx] = P[idx] * kf;
+        DS[idx] = part * kf;
+      }
+    }
+  }
+  __syncwarp();
+  for (int64_t i = lane; i < a.TQ; i += 32) {
+    acc_t rowsum = 0;
+    for (int64_t j = 0; j < a.T; ++j) rowsum += P[i * a.T + j] * DS[i * a.T + j];
+    for (int64_t j = 0; j < a.T; ++j)  // masked logits are constants: no gradient (as the Triton kernel)
+      DS[i * a.T + j] = attn_allowed(a, m, i, j) ? P[i * a.T + j] * (DS[i * a.T + j] - rowsum) / sdiv : acc_t(0);
+  }
+  __syncwarp();
+  for (int64_t d = lane; d < a.DH; d += 32) {
+    for (int64_t i = 0; i < a.TQ; ++i) {  // dq_i = sum_j ds_ij k_j
+      acc_t s = 0;
+      for (int64_t j = 0; j < a.T; ++j)
+        s += DS[i * a.T + j] * ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.k_off + col + d);
+      st<acc_t>(dq_base, a.dt, m * dqm + i * dqt + col + d, s);
+    }
+    for (int64_t j = 0; j < a.T; ++j) {  // dk_j = sum_i ds_ij q_i ; dv_j = sum_i pd_ij do_i
+      acc_t sk = 0, sv = 0;
+      for (int64_t i = 0; i < a.TQ; ++i) {
+        sk += DS[i * a.T + j] * ld<acc_t>(a.qb, a.dt, m * a.sqm + i * a.sqt + a.q_off + col + d);
+        sv += PD[i * a.T + j] * ld<acc_t>(dout, dodt, (m * a.TQ + i) * a.D + col + d);
+      }
+      st<acc_t>(dkv_base, a.dt, m * dkm + j * dkt + dk_off + col + d, sk);
+      st<acc_t>(dkv_base, a.dt, m * dkm + j * dkt + dv_off + col + d, sv);
+    }
+  }
+}
+
+struct AttnSetup {
+  AttnP P;
+  Tensor qbase, kvbase, pad, seeds;
+};
+
+AttnSetup attn_setup(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& pad_mask, int64_t num_heads,
+                     bool causal, int64_t q_start, double p, const OptTensor& seeds, int64_t seed_idx, const char* op) {
+  TORCH_CHECK(qkv_.dim() == 3, "seqpe_ext::", op, ": qkv must be [M, T, 3D] (or q [M, TQ, D] with kv)");
+  check_float_dtype(qkv_, op, "qkv");
+  AttnSetup s;
+  AttnP& a = s.P;
+  s.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
+  a.M = s.qbase.size(0);
+  a.TQ = s.qbase.size(1);
+  if (has(kv_)) {
+    TORCH_CHECK(kv_->dim() == 3 && kv_->size(0) == a.M && kv_->size(2) % 2 == 0, "seqpe_ext::", op,
+                ": kv must be [M, T, 2D]");
+    TORCH_CHECK(kv_->scalar_type() == qkv_.scalar_type(), "seqpe_ext::", op, ": q and kv must share a dtype");
+    s.kvbase = kv_->stride(2) == 1 ? *kv_ : kv_->contiguous();
+    a.D = s.kvbase.size(2) / 2;
+    TORCH_CHECK(s.qbase.size(2) == a.D, "seqpe_ext::", op, ": q width does not match kv");
+    a.T = s.kvbase.size(1);
+    a.sqm = s.qbase.stride(0), a.sqt = s.qbase.stride(1);
+    a.skm = s.kvbase.stride(0), a.skt = s.kvbase.stride(1);
+    a.q_off = 0, a.k_off = 0, a.v_off = a.D;
+  } else {
+    TORCH_CHECK(s.qbase.size(2) % 3 == 0, "seqpe_ext::", op, ": qkv width must be 3D");
+    a.D = s.qbase.size(2) / 3;
+    a.T = a.TQ;
+    a.sqm = a.skm = s.qbase.stride(0);
+    a.sqt = a.skt = s.qbase.stride(1);
+    a.q_off = 0, a.k_off = a.D, a.v_off = 2 * a.D;
+  }
+  TORCH_CHECK(num_heads >= 1 && a.D % num_heads == 0, "seqpe_ext::", op, ": num_heads does not divide the width");
+  a.qb = s.qbase.data_ptr();
+  a.kb = s.kvbase.defined() ? s.kvbase.data_ptr() : s.qbase.data_ptr();
+  a.dt = dcode(s.qbase.scalar_type());
+  a.H = num_heads;
+  a.DH = a.D / num_heads;
+  a.has_mask = has(pad_mask);
+  a.L = a.has_mask ? pad_mask->size(1) : 0;
+  if (a.has_mask) {
+    TORCH_CHECK(pad_mask->dim() == 2 && pad_mask->size(0) == a.M && pad_mask->size(1) == a.T - 1, "seqpe_ext::", op,
+                ": pad_mask must be [M, T-1]");
+    s.pad = pad_mask->to(s.qbase.device(), at::kFloat).contiguous();
+  }
+  a.pad = a.has_mask ? s.pad.data_ptr<float>() : nullptr;
+  a.causal = causal;
+  a.q_start = q_start;
+  a.dropout = p > 0.0;
+  a.p = static_cast<float>(p);
+  a.seed_idx = seed_idx;
+  a.seeds = nullptr;
+  if (a.dropout) {
+    check_seeds(seeds, seed_idx, op);
+    s.seeds = seeds->to(s.qbase.device(), at::kLong).contiguous();
+    a.seeds = s.seeds.data_ptr<int64_t>();
+  }
+  return s;
+}
+
+// warps per block so that the per-warp shared scratch (`per_warp` bytes) fits in 48 KB
+inline int attn_warps(size_t per_warp, const char* op) {
+  TORCH_CHECK(per_warp <= 48 * 1024, "seqpe_ext::", op, " (CUDA): sequence too long for the shared-memory scratch");
+  int w = 4;
+  while (w > 1 && w * per_warp > 48 * 1024) w >>= 1;
+  return w;
+}
+
+Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask, int64_t num_heads,
+                               bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
+                               int64_t seed_idx) {
+  c10::cuda::CUDAGuard guard(qkv.device());
+  AttnSetup s = attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_fwd");
+  const AttnP& a = s.P;
+  Tensor out = at::empty({a.M, a.TQ, a.D}, s.qbase.options());
+  if (a.M == 0 || a.D == 0) return out;
+  const bool f64 = s.qbase.scalar_type() == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES(f64 ? at::kDouble : at::kFloat, "seqpe_attn_fwd_cuda", [&] {
+    const size_t per_warp = static_cast<size_t>(a.TQ * a.T) * sizeof(scalar_t);
+    const int w = attn_warps(per_warp, "tiny_attention_fwd");
+    const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, w));
+    const scalar_t sdiv = static_cast<scalar_t>(f64 ? scale_div : static_cast<double>(static_cast<float>(scale_div)));
+    attn_fwd_kernel<scalar_t><<<blocks, 32 * w, w * per_warp, stream()>>>(
+        a, sdiv, static_cast<scalar_t>(drop_scale(p)), out.data_ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask,
+                                int64_t num_heads, bool causal, int64_t q_start, double scale_div, double p,
+                                const OptTensor& seeds, int64_t seed_idx) {
+  c10::cuda::CUDAGuard guard(qkv.device());
+  AttnSetup s = attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_bwd");
+  const AttnP& a = s.P;
+  check_float_dtype(dout_, "tiny_attention_bwd", "dout");
+  TORCH_CHECK(dout_.dim() == 3 && dout_.size(0) == a.M && dout_.size(1) == a.TQ && dout_.size(2) == a.D,
+              "seqpe_ext::tiny_attention_bwd: dout must be [M, TQ, D]");
+  const Tensor dout = dout_.contiguous();
+  Tensor d_first = at::empty(qkv.sizes(), qkv.options());
+  Tensor d_kv = has(kv) ? at::empty(kv->sizes(), kv->options()) : at::empty({0}, qkv.options());
+  if (a.M == 0 || a.D == 0) {
+    d_first.zero_();
+    if (has(kv)) d_kv.zero_();
+    return {d_first, d_kv};
+  }
+  const bool has_kv = has(kv);
+  const int64_t W1 = d_first.size(2);
+  const int64_t Wk = has_kv ? d_kv.size(2) : W1;
+  const bool f64 = s.qbase.scalar_type() == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES(f64 ? at::kDouble : at::kFloat, "seqpe_attn_bwd_cuda", [&] {
+    const size_t per_warp = static_cast<size_t>(3 * a.TQ * a.T) * sizeof(scalar_t);
+    const int w = attn_warps(per_warp, "tiny_attention_bwd");
+    const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, w));
+    const scalar_t sdiv = static_cast<scalar_t>(f64 ? scale_div : static_cast<double>(static_cast<float>(scale_div)));
+    attn_bwd_kernel<scalar_t><<<blocks, 32 * w, w * per_warp, stream()>>>(
+        a, sdiv, static_cast<scalar_t>(drop_scale(p)), dout.data_ptr(), dcode(dout.scalar_type()), d_first.data_ptr(),
+        has_kv ? d_kv.data_ptr() : d_first.data_ptr(), a.TQ * W1, W1, a.T * Wk, Wk, has_kv ? 0 : a.D,
+        has_kv ? a.D : 2 * a.D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {d_first, d_kv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
+  m.impl("digit_embed_fwd", &digit_embed_fwd_cuda);
+  m.impl("digit_embed_bwd", &digit_embed_bwd_cuda);
+  m.impl("residual_layernorm_fwd", &residual_layernorm_fwd_cuda);
+  m.impl("residual_layernorm_bwd", &residual_layernorm_bwd_cuda);
+  m.impl("gelu_new_fwd", &gelu_new_fwd_cuda);
+  m.impl("gelu_new_bwd", &gelu_new_bwd_cuda);
+  m.impl("tiny_attention_fwd", &tiny_attention_fwd_cuda);
+  m.impl("tiny_attention_bwd", &tiny_attention_bwd_cuda);
+}
+
+}  // namespace seqpe

@@ -1,0 +1,52 @@
+// Shared declarations of the seqpe_ext operators (CPU in ops_cpu.cpp, CUDA in ops_cuda.cu).
+//
+// The operator contracts mirror the Python launchers in seqpe_kernels/ops/*.py (`*_forward` / `*_backward`):
+// same argument order, output shapes and dtypes, the same empty (0,)-tensors for absent outputs, and
+// outputs that never alias inputs or each other. The seqpe:: custom ops call these when impl == 1.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace seqpe {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using Tensor2 = std::tuple<Tensor, Tensor>;
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// dtype codes carried through the schemas (seqpe_kernels/ops/_common.py DTYPES)
+inline at::ScalarType dtype_from_code(int64_t code) {
+  switch (code) {
+    case 0: return at::kFloat;
+    case 1: return at::kHalf;
+    case 2: return at::kBFloat16;
+    case 3: return at::kDouble;
+    default: TORCH_CHECK(false, "seqpe_ext: unknown dtype code ", code, " (0 fp32, 1 fp16, 2 bf16, 3 fp64)");
+  }
+}
+
+inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+inline void check_float_dtype(const Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, "seqpe_ext::", op,
+              ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Philox seed of a dropout site: seeds[seed_idx] (int64 tensor of per-call seeds)
+inline void check_seeds(const OptTensor& seeds, int64_t seed_idx, const char* op) {
+  TORCH_CHECK(has(seeds), "seqpe_ext::", op, ": dropout p > 0 needs a seeds tensor");
+  TORCH_CHECK(seeds->scalar_type() == at::kLong, "seqpe_ext::", op, ": seeds must be int64, got ",
+              seeds->scalar_type());
+  TORCH_CHECK(seed_idx >= 0 && seed_idx < seeds->numel(), "seqpe_ext::", op, ": seed_idx ", seed_idx,
+              " out of range for ", seeds->numel(), " seeds");
+}
+
+inline double drop_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+
+}  // namespace seqpe

@@ -1,0 +1,516 @@
+"""The C++/CUDA extension (csrc/, loaded by seqpe_kernels._ext) against the Triton ops and the reference.
+
+* FusedSeqPE(backend="cpu") vs the reference SeqPE: outputs and every parameter gradient at 1e-5 relative
+  (fp64 at 1e-12) over test_fused's configuration matrix, plus sizes the interpreter cannot afford.
+* Every ext op against the Triton op on the same inputs (Triton under TRITON_INTERPRET=1 on CPU).
+* Dropout: keep-masks bit-equal to Triton's tl.rand masks, read back through the ops themselves, and the
+  dropout-on parity test with the masks recorded from the fused module.
+* torch.library.opcheck and fp64 gradcheck of the seqpe:: ops with impl=1; torch.compile(fullgraph) parity;
+  two Python threads on one module; the loader's failure reasons; the CUDA sources compile where possible.
+
+The extension must build wherever a C++ compiler exists: a build failure fails this module loudly (only
+SEQPE_KERNELS_NO_EXT=1 skips it, because then the extension was switched off on purpose).
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqpe_kernels as sk
+from seqpe_kernels import _ext
+from seqpe_kernels.backend import BackendUnavailable
+
+from conftest import HAS_CUDA
+from test_fused import CONFIGS, _op_samples, _seed, check_parity, random_positions, rel
+
+DEV = "cuda" if HAS_CUDA else "cpu"  # where the Triton ops run (interpreted on CPU)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ext_ops():
+    if _ext.disabled():
+        pytest.skip("SEQPE_KERNELS_NO_EXT=1: the C++/CUDA extension is switched off on purpose")
+    ok, why = _ext.status("cpu")
+    if not ok:
+        pytest.fail(f"the C++ extension must build and load on a machine with a C++ compiler: {why}", pytrace=False)
+    return _ext.load()
+
+
+def ext_pair(device="cpu", dtype=torch.float32, backend="cpu", **cfg):
+    """Reference with every parameter perturbed and an extension-backed FusedSeqPE copy of it."""
+    cfg.setdefault("resid_pdrop", 0.0)
+    ref = sk.SeqPE(**cfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ref = ref.to(device=device, dtype=dtype)
+    return ref, sk.FusedSeqPE.from_reference(ref, backend=backend)
+
+
+def _cfg_id(c):
+    return "-".join(f"{k[:4]}{v}" for k, v in c.items())
+
+
+# ----------------------------------------------------------------------------- parity with the reference
+EXTRA_CONFIGS = [
+    dict(embed_dim=96, num_heads=6, max_digits=6, data_dim=3, mask_padding=True, attn_direction="bi"),  # T=19
+    dict(embed_dim=40, num_heads=5, max_digits=8, data_dim=4, num_layers=1, mask_padding=True),  # T=33 > Triton's 32
+    dict(embed_dim=72, num_heads=3, max_digits=1, data_dim=1, num_layers=2),  # T=2
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + EXTRA_CONFIGS, ids=_cfg_id)
+def test_parity_matrix(cfg):
+    s = _seed()
+    M = 37 if cfg["embed_dim"] >= 384 else 53  # primes; the C++ path is cheap, unlike the interpreter
+    ref, fus = ext_pair(**cfg)
+    pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu")
+    try:
+        check_parity(ref, fus, pos, tol=1e-5)
+    except AssertionError as e:
+        raise AssertionError(f"{e} (seed {s})")
+
+
+@pytest.mark.parametrize("name,cfg,M", [
+    ("text", dict(embed_dim=768, num_heads=12, max_digits=5, out_dim=768), 211),
+    ("vits", dict(embed_dim=384, num_heads=6, max_digits=2, data_dim=2, out_dim=384, init="image"), 401),
+], ids=["text", "vits"])
+def test_parity_paper_shapes(name, cfg, M):
+    s = _seed()
+    ref, fus = ext_pair(**cfg)
+    pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu")
+    try:
+        check_parity(ref, fus, pos, tol=1e-5)
+    except AssertionError as e:
+        raise AssertionError(f"{e} (seed {s})")
+
+
+@pytest.mark.parametrize("M", [0, 1, 5])
+def test_small_batches(M):
+    _seed()
+    ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=3)
+    check_parity(ref, fus, random_positions(M, 3, 1, device="cpu"), tol=1e-5)
+
+
+@pytest.mark.parametrize("grad_out", ["noncontig", "stride0"])
+def test_output_grad_layouts(grad_out):
+    _seed()
+    ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=2, data_dim=2)
+    check_parity(ref, fus, random_positions(5, 2, 2, device="cpu"), tol=1e-5, grad_out=grad_out)
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_forward_digits_interface(mask_padding):
+    _seed()
+    ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=4, mask_padding=mask_padding)
+    check_parity(ref, fus, random_positions(6, 4, 1, device="cpu"), tol=1e-5, digits=True)
+
+
+@pytest.mark.parametrize("cfg", [dict(embed_dim=32, num_heads=2, max_digits=3, mask_padding=True),
+                                 dict(embed_dim=48, num_heads=3, max_digits=2, data_dim=2, attn_direction="bi",
+                                      out_dim=20, num_layers=3)], ids=["causal-mask", "2d-bi-3layers"])
+def test_fp64_parity(cfg):
+    _seed()
+    ref, fus = ext_pair(dtype=torch.float64, **cfg)
+    check_parity(ref, fus, random_positions(11, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu"),
+                 tol=1e-12)
+
+
+def test_eval_mode_deterministic_and_bad_digits():
+    _seed()
+    ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=3, resid_pdrop=0.3, attn_pdrop=0.2)
+    ref.eval(), fus.eval()
+    pos = random_positions(9, 3, 1, device="cpu")
+    with torch.no_grad():
+        assert rel(fus(pos), ref(pos)) <= 1e-5
+        assert torch.equal(fus(pos), fus(pos))
+    fus.check_range = False  # the kernel itself must still refuse digits outside [0, base)
+    with pytest.raises(RuntimeError, match="outside"):
+        fus.forward_digits(torch.full((2, 3), 11))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_autocast_two_error_rule(dtype):
+    """Under CPU autocast (low-precision GEMMs, mixed-dtype ops): err(ext) <= 2 err(reference) + 1e-3, both
+    against the fp32 reference (KERNEL_GUIDE §5). M and D are large enough that an extra low-precision
+    accumulation anywhere in the fused path shows (e.g. a bf16 gather whose backward sums ~M/10 gradients)."""
+    _seed()
+    cfg = dict(embed_dim=96, num_heads=4, max_digits=3, mask_padding=True)
+    ref, fus = ext_pair(**cfg)
+    pos = random_positions(211, 3, 1, device="cpu")
+    y32 = ref(pos)
+    g = torch.randn_like(y32)
+    y32.backward(g)
+    g32 = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        yl, yfl = ref(pos), fus(pos)
+    assert yfl.dtype == yl.dtype
+    yl.float().backward(g), yfl.float().backward(g)
+    e_ref, e_fus = rel(yl.float(), y32), rel(yfl.float(), y32)
+    assert e_fus <= 2 * e_ref + 1e-3, (e_fus, e_ref)
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
+        er, ef = rel(pr.grad.float(), g32[n]), rel(pf.grad.float(), g32[n])
+        assert ef <= 2 * er + 1e-3, (n, ef, er)
+
+
+# ----------------------------------------------------------------------------- ext ops vs Triton ops
+def _to(t, device):
+    return t.detach().to(device) if isinstance(t, torch.Tensor) else t
+
+
+def _grads_of(op, args, seed):
+    """Outputs and input gradients of ``op(*args)`` for a fixed random cotangent."""
+    args = tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+    out = op(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0
+    for o in outs:
+        if o.numel() and o.is_floating_point():
+            loss = loss + (o * torch.randn(o.shape, generator=gen).to(o.device)).sum()
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [o.detach().cpu() for o in outs], [None if g is None else g.cpu() for g in grads]
+
+
+def test_ops_match_triton():
+    """Each seqpe:: op with impl=1 (C++ on CPU tensors) against impl=0 (Triton) on the same inputs: outputs
+    and input gradients, dropout included (same seeds, so the same masks)."""
+    import seqpe_kernels.ops  # noqa: F401
+
+    torch.manual_seed(0)
+    for k, (op, a_tri) in enumerate(_op_samples(0)):
+        a_ext = tuple(_to(a, "cpu").requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                      and a.is_floating_point() else _to(a, "cpu") for a in a_tri[:-1]) + (1,)
+        o_t, g_t = _grads_of(op, a_tri, k)
+        o_e, g_e = _grads_of(op, a_ext, k)
+        for x, y in zip(o_e, o_t):
+            assert x.shape == y.shape and x.dtype == y.dtype, (op, k, x.shape, y.shape)
+            assert rel(x, y) <= 1e-6, (op, k, rel(x, y))
+        for x, y in zip(g_e, g_t):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert rel(x, y) <= 1e-6, (op, k, "grad", rel(x, y))
+
+
+def test_direct_ext_calls_strided_inputs(ext_ops):
+    """q/k/v as strided views of a wider buffer, expanded and transposed incoming gradients."""
+    from seqpe_kernels.ops.attention import tiny_attention_backward, tiny_attention_forward
+    from seqpe_kernels.ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+
+    torch.manual_seed(1)
+    M, T, D, H = 5, 6, 24, 3
+    buf = torch.randn(M, T, 3 * D + 7)
+    qkv = buf[..., 3:3 + 3 * D]  # non-contiguous rows, contiguous last dim
+    seeds = torch.randint(0, 2 ** 31 - 1, (3,))
+    for p in (0.0, 0.3):
+        o_e = ext_ops.tiny_attention_fwd(qkv, None, None, H, True, 0, 2.0, p, seeds, 2)
+        o_t = tiny_attention_forward(qkv.to(DEV), None, None, H, True, 0, 2.0, p, seeds.to(DEV), 2).cpu()
+        assert rel(o_e, o_t) <= 1e-6
+        dout = torch.randn(M, D, T).transpose(1, 2)  # non-contiguous
+        de = ext_ops.tiny_attention_bwd(dout, qkv, None, None, H, True, 0, 2.0, p, seeds, 2)
+        dt = tiny_attention_backward(dout.to(DEV), qkv.to(DEV), None, None, H, True, 0, 2.0, p, seeds.to(DEV), 2)
+        assert de[0].is_contiguous() and de[0].shape == qkv.shape and de[1].numel() == 0
+        assert rel(de[0], dt[0].cpu()) <= 1e-6
+    x, y = torch.randn(M * T, D), torch.randn(M * T, D)
+    w, b = torch.randn(D), torch.randn(D)
+    h, a, mean, rstd = ext_ops.residual_layernorm_fwd(x, y, w, b, 1e-5, 0.2, seeds, 1, 0)
+    ref = residual_layernorm_forward(x.to(DEV), y.to(DEV), w.to(DEV), b.to(DEV), 1e-5, 0.2, seeds.to(DEV), 1, 0)
+    for u, v in zip((h, a, mean, rstd), ref):
+        assert rel(u, v.cpu()) <= 1e-6
+    da = torch.ones(()).expand(M * T, D)  # stride 0
+    dh = torch.randn(D, M * T).t()
+    out_e = ext_ops.residual_layernorm_bwd(da, dh, h, w, mean, rstd, 0.2, seeds, 1, True, 0)
+    out_t = residual_layernorm_backward(da.to(DEV), dh.to(DEV), h.to(DEV), w.to(DEV), mean.to(DEV), rstd.to(DEV),
+                                        0.2, seeds.to(DEV), 1, True, 0)
+    for u, v in zip(out_e, out_t):
+        assert rel(u, v.cpu()) <= 1e-5
+    # outputs never alias inputs or each other
+    ptrs = [t.data_ptr() for t in out_e if t.numel()]
+    assert len(set(ptrs)) == len(ptrs) and not set(ptrs) & {h.data_ptr(), w.data_ptr(), mean.data_ptr()}
+
+
+# ----------------------------------------------------------------------------- dropout masks
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_keep_masks_bit_equal_to_triton(ext_ops, p):
+    from seqpe_kernels.ops import attention_keep_mask, dropout_keep_mask
+
+    seeds = torch.tensor([0, 1, 2 ** 31 - 2, 123456789], dtype=torch.int64)
+    for i in range(len(seeds)):
+        tri = dropout_keep_mask(seeds.to(DEV), i, (13, 97), p).cpu().flatten()
+        ext = ext_ops.dropout_keep_mask(int(seeds[i]), tri.numel(), p)
+        assert torch.equal(ext, tri), (p, i, (ext != tri).sum().item())
+    tri = attention_keep_mask(seeds.to(DEV), 3, 7, 3, 6, 6, p).cpu()
+    assert torch.equal(ext_ops.dropout_keep_mask(int(seeds[3]), tri.numel(), p).view_as(tri), tri)
+
+
+def test_ops_apply_the_triton_masks(ext_ops):
+    """The masks the ops apply, read back through the ops: LN with x = 0, y = 1 gives h = keep * scale;
+    attention with q = k = 0 (uniform probabilities) and one-hot v gives out[i, j] = keep_ij * scale / T."""
+    from seqpe_kernels.ops import attention_keep_mask, dropout_keep_mask
+
+    p, scale = 0.3, 1 / (1 - 0.3)
+    seeds = torch.randint(0, 2 ** 31 - 1, (4,))
+    R, D = 37, 53
+    h, _, _, _ = ext_ops.residual_layernorm_fwd(torch.zeros(R, D), torch.ones(R, D), None, None, 0.0, p, seeds, 2, 0)
+    keep = dropout_keep_mask(seeds.to(DEV), 2, (R, D), p).cpu()
+    assert torch.equal(h, keep * torch.tensor(scale, dtype=torch.float32))
+    dx, dy, _, _ = ext_ops.residual_layernorm_bwd(None, torch.ones(R, D), torch.zeros(R, D), None, torch.zeros(R),
+                                                  torch.zeros(R), p, seeds, 2, True, 0)
+    assert torch.equal(dy, keep * torch.tensor(scale, dtype=torch.float32)) and torch.equal(dx, torch.ones(R, D))
+    M, H, T = 7, 3, 6
+    DH = T
+    # full block: qkv [M, T, 3D]
+    qkv = torch.zeros(M, T, 3 * H * DH)
+    for h_ in range(H):
+        for j in range(T):
+            qkv[:, j, 2 * H * DH + h_ * DH + j] = 1.0
+    out = ext_ops.tiny_attention_fwd(qkv, None, None, H, False, 0, 1.0, p, seeds, 1)
+    got = (out.view(M, T, H, DH).permute(0, 2, 1, 3) * T / scale).round()
+    assert torch.equal(got, attention_keep_mask(seeds.to(DEV), 1, M, H, T, T, p).cpu())
+    # CLS-only block: q [M, 1, D] + kv [M, T, 2D], offsets with TQ = 1
+    kv = torch.cat([torch.zeros(M, T, H * DH), qkv[..., 2 * H * DH:]], dim=-1)
+    out = ext_ops.tiny_attention_fwd(torch.zeros(M, 1, H * DH), kv, None, H, False, T - 1, 1.0, p, seeds, 0)
+    got = (out.view(M, 1, H, DH).permute(0, 2, 1, 3) * T / scale).round()
+    assert torch.equal(got, attention_keep_mask(seeds.to(DEV), 0, M, H, 1, T, p).cpu())
+
+
+def test_keep_mask_offsets_wrap_like_int32(ext_ops):
+    """Offsets are int32 in the Triton kernels ((row * D + col).to(tl.int32)): past 2^32 they wrap, and
+    offsets in [2^31, 2^32) are the negative int32 values."""
+    a = ext_ops.dropout_keep_mask(77, 4096, 0.5, 0)
+    assert torch.equal(ext_ops.dropout_keep_mask(77, 4096, 0.5, 2 ** 32), a)
+    assert torch.equal(ext_ops.dropout_keep_mask(77, 4096, 0.5, 3 * 2 ** 32), a)
+    hi = ext_ops.dropout_keep_mask(77, 4096, 0.5, 2 ** 31 - 2048)  # crosses into negative int32 offsets
+    assert 0.4 < hi.mean().item() < 0.6 and not torch.equal(hi, a)
+
+
+@pytest.mark.parametrize("direction,mask_padding", [("causal", False), ("bi", True)])
+def test_dropout_replays_reference_masks(direction, mask_padding):
+    """With p > 0 the ext path equals the reference driven by the Triton hooks' keep-masks."""
+    _seed()
+    ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=3, resid_pdrop=0.3, attn_pdrop=0.25,
+                        attn_direction=direction, mask_padding=mask_padding, num_layers=2)
+    ref.train(), fus.train()
+    fus.record_dropout_masks = {}
+    pos = random_positions(5, 3, 1, device="cpu")
+    yf = fus(pos)
+    assert set(fus.record_dropout_masks) == {f"{s}{i}" for i in range(2) for s in ("attn", "resid_attn", "resid_mlp")}
+    ref.dropout_masks = {k: v.cpu() for k, v in fus.record_dropout_masks.items()}
+    yr = ref(pos)
+    assert rel(yf, yr) <= 1e-5
+    g = torch.randn_like(yr)
+    yr.backward(g), yf.backward(g)
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
+        assert rel(pf.grad, pr.grad) <= 1e-5, n
+    ref.dropout_masks = None
+    ref.eval()
+    assert rel(yf, ref(pos)) > 1e-3
+
+
+def test_dropout_fraction_and_fresh_masks(ext_ops):
+    for p in (0.1, 0.5):
+        keep = ext_ops.dropout_keep_mask(987654321, 1 << 16, p)
+        frac = 1 - keep.mean().item()
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / keep.numel()), (p, frac)
+    _seed()
+    _, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=2, resid_pdrop=0.5)
+    fus.train()
+    pos = random_positions(4, 2, 1, device="cpu")
+    with torch.no_grad():
+        assert not torch.equal(fus(pos), fus(pos))
+    torch.manual_seed(3)
+    a = fus(pos)
+    torch.manual_seed(3)
+    assert torch.equal(a, fus(pos))  # seeds come from torch's RNG
+
+
+# ----------------------------------------------------------------------------- registration
+def _ext_samples():
+    if DEV == "cuda" and not _ext.status("cuda")[0]:
+        pytest.skip(f"ext ops on CUDA tensors: {_ext.status('cuda')[1]}")
+    return _op_samples(IMPL=1)
+
+
+def test_opcheck_ext_ops():
+    import seqpe_kernels.ops  # noqa: F401
+
+    for op, args in _ext_samples():
+        torch.library.opcheck(op, args)
+
+
+def test_fp64_gradcheck_ext_ops():
+    import seqpe_kernels.ops  # noqa: F401
+
+    for op, args in _ext_samples():
+        args = tuple(a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                     and a.is_floating_point() else a for a in args)
+        if op is torch.ops.seqpe.residual_layernorm.default:
+            args = args[:8] + (3,) + args[9:]  # LN output in fp64 too (out_dtype code 3)
+
+        def f(*xs, op=op):
+            out = op(*xs)
+            # differentiable outputs only (residual_layernorm's mean/rstd are marked non-differentiable)
+            return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o.numel() and o.requires_grad)
+
+        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, nondet_tol=0.0)
+
+
+def test_compile_fullgraph_parity():
+    _seed()
+    torch._dynamo.reset()
+    ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=3)
+    compiled = torch.compile(fus, fullgraph=True, backend="aot_eager")
+    for M in (5, 9):  # two shapes
+        pos = random_positions(M, 3, 1, device="cpu")
+        fus.zero_grad(), ref.zero_grad()
+        yc, yr = compiled(pos), ref(pos)
+        assert rel(yc, yr) <= 1e-5
+        g = torch.randn_like(yr)
+        yc.backward(g), yr.backward(g)
+        for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
+            assert rel(pf.grad, pr.grad) <= 1e-5, n
+
+
+def test_two_threads_one_module():
+    _seed()
+    ref, fus = ext_pair(embed_dim=64, num_heads=4, max_digits=4, data_dim=1)
+    ref.eval(), fus.eval()
+    inputs = [random_positions(97 + 10 * i, 4, 1, device="cpu") for i in range(2)]
+    with torch.no_grad():
+        expected = [ref(p) for p in inputs]
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(20):
+                with torch.no_grad():
+                    y = fus(inputs[i])
+                err = rel(y, expected[i])
+                if err > 1e-5:
+                    errors.append((i, err))
+            # training step in the thread too: gradients of a private copy
+            y = fus(inputs[i]).sum()
+            torch.autograd.grad(y, list(fus.parameters()))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_concurrent_first_load_in_fresh_process():
+    """Several threads of a fresh process race to load(): one load, the same ops object everywhere."""
+    code = textwrap.dedent("""
+        import threading
+        from seqpe_kernels import _ext
+        res = []
+        ts = [threading.Thread(target=lambda: res.append(_ext.load())) for _ in range(4)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        assert len(res) == 4 and all(r is res[0] for r in res), res
+        import torch
+        x = torch.randn(8, 16)
+        assert torch.allclose(res[0].gelu_new_fwd(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
+        print("OK", _ext.status("cpu")[1])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- loader behaviour
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader's cached state reset (restored afterwards) and an empty extensions directory."""
+    monkeypatch.setattr(_ext, "_ops", None)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(_ext, "_status", {})
+    monkeypatch.setattr(_ext, "_info", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    return tmp_path
+
+
+def test_no_ext_switch(monkeypatch):
+    monkeypatch.setenv("SEQPE_KERNELS_NO_EXT", "1")
+    ok, why = _ext.status("cpu")
+    assert not ok and "SEQPE_KERNELS_NO_EXT=1" in why
+    with pytest.raises(RuntimeError, match="SEQPE_KERNELS_NO_EXT"):
+        _ext.load()
+    fus = sk.FusedSeqPE(32, 2, 3, backend="cpu")
+    with pytest.raises(BackendUnavailable, match="SEQPE_KERNELS_NO_EXT"):
+        fus(torch.arange(4))
+
+
+def test_build_error_reason_names_the_log(fresh_loader, monkeypatch):
+    src = fresh_loader / "csrc"
+    src.mkdir()
+    (src / "ops_cpu.cpp").write_text('#error "deliberately broken source for the loader test"\n')
+    monkeypatch.setattr(_ext, "CSRC", src)
+    ok, why = _ext.status("cpu")
+    assert not ok and "error" in why and "deliberately broken" in why, why
+    log = why.split("full compiler output: ")[1].rstrip(")")
+    assert os.path.exists(log) and "deliberately broken" in Path(log).read_text()
+    assert _ext.status("cpu") == (ok, why)  # cached
+    with pytest.raises(RuntimeError, match="deliberately broken"):
+        _ext.load()
+
+
+def test_missing_compiler_reason(fresh_loader, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setenv("PATH", str(fresh_loader))  # no g++ either
+    ok, why = _ext.status("cpu")
+    assert not ok and "no C++ compiler" in why, why
+
+
+def test_cuda_status_reason():
+    ok, why = _ext.status("cuda")
+    if not torch.version.cuda:
+        assert not ok and "CPU-only build" in why, why
+    elif not HAS_CUDA:
+        assert not ok, why
+    assert isinstance(why, str) and why
+
+
+def test_setup_builds_nothing_by_default():
+    code = ("import setuptools, os; os.environ.pop('SEQPE_KERNELS_BUILD_EXT', None); "
+            "setuptools.setup = lambda **kw: print('EXT', len(kw.get('ext_modules', []))); "
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "EXT 0" in out.stdout, out.stderr
+
+
+def test_cuda_sources_compile():
+    """Compiles csrc/ops_cuda.cu (the JIT build includes it when torch is a CUDA build and nvcc matches)."""
+    plan, why = _ext.cuda_plan()
+    if not plan:
+        print(f"CUDA compile check skipped: {why}")
+        pytest.skip(f"cannot compile the CUDA sources here: {why} (CI's venv has the CPU wheel of torch; "
+                    "the CUDA build is checked on GPU machines and with a CUDA torch + nvcc)")
+    assert _ext.has_cuda_kernels(), f"CUDA sources were not compiled in: {_ext.info()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+def test_cuda_ext_parity(cfg):
+    ok, why = _ext.status("cuda")
+    if not ok:
+        pytest.skip(f"CUDA extension unavailable: {why}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _seed()
+    ref, fus = ext_pair(device="cuda", backend="cuda", **cfg)
+    pos = random_positions(4099, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
+    check_parity(ref, fus, pos, tol=2e-5)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -31,14 +30,19 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+_TRITON_ERR: list = []  # memo (a plain list, not lru_cache: torch.compile traces this function)
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
+    if not _TRITON_ERR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_ERR.append(None)
+        except Exception as e:  # pragma: no cover - depends on the machine
+            _TRITON_ERR.append(f"triton is not importable ({type(e).__name__}: {e})")
+    return _TRITON_ERR[0]
 
 
 def triton_status(device: torch.device) -> Tuple[bool, str]:

@@ -141,7 +141,7 @@ class FusedSeqPE(SeqPE):
             pad_mask = pad_mask.to(torch.float32).contiguous()
         rec = self.record_dropout_masks
         if rec is not None and seeds is not None:
-            self._record_masks(rec, seeds, M, p_res, p_att)
+            self._record_masks(rec, seeds, M, p_res, p_att, impl)
 
         dim = self.dim_token_embed if self.data_dim > 1 else None
         h0 = seqpe.digit_embed(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
@@ -229,25 +229,37 @@ class FusedSeqPE(SeqPE):
         rows = digits * L + torch.arange(L, device=x.device)
         return torch.cat([rows, rows.new_full((x.shape[0], 1), base * L)], 1)
 
-    def _record_masks(self, rec, seeds, M, p_res, p_att):
-        """Fill ``rec`` with the keep-masks the kernels will draw, shaped like the reference's sites."""
-        from .ops import attention_keep_mask, dropout_keep_mask
+    def _record_masks(self, rec, seeds, M, p_res, p_att, impl):
+        """Fill ``rec`` with the keep-masks the kernels will draw, shaped like the reference's sites. Every
+        fused backend draws the same Philox stream (offset = flat index of the site's tensor)."""
+        from .ops._common import IMPL_EXT
+
+        def keep(idx, shape, p):
+            if impl == IMPL_EXT:  # the extension's host copy of the stream (no Triton needed)
+                from ._ext import load
+
+                n = 1
+                for s_ in shape:
+                    n *= s_
+                return load().dropout_keep_mask(int(seeds[idx]), n, p, 0).to(seeds.device).view(*shape)
+            from .ops import dropout_keep_mask
+
+            return dropout_keep_mask(seeds, idx, shape, p)
 
         D, H, T, nl = self.embed_dim, self.num_heads, self.seq_len, self.num_layers
         dev = seeds.device
         for i in range(nl):
             last = i == nl - 1
             TQ = 1 if last else T
-            if p_att > 0:
-                am = attention_keep_mask(seeds, 3 * i, M, H, TQ, T, p_att)
+            if p_att > 0:  # attention offsets ((m*H + h)*TQ + i)*T + j are the flat index of [M, H, TQ, T]
                 full = torch.ones(M, H, T, T, device=dev)
-                full[:, :, T - TQ:] = am
+                full[:, :, T - TQ:] = keep(3 * i, (M, H, TQ, T), p_att)
                 rec[f"attn{i}"] = full
             if p_res > 0:
                 for site, idx in ((f"resid_attn{i}", 3 * i + 1), (f"resid_mlp{i}", 3 * i + 2)):
                     if last:
                         full = torch.ones(M, T, D, device=dev)
-                        full[:, T - 1] = dropout_keep_mask(seeds, idx, (M, D), p_res)
+                        full[:, T - 1] = keep(idx, (M, D), p_res)
                     else:
-                        full = dropout_keep_mask(seeds, idx, (M * T, D), p_res).view(M, T, D)
+                        full = keep(idx, (M * T, D), p_res).view(M, T, D)
                     rec[site] = full

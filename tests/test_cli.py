@@ -169,3 +169,18 @@ def test_sweep_over_M(tmp_path):
                      csv_path=None, png_path=str(tmp_path / "s.png"), progress=False, print_table=False, quick=True)
     assert sorted(r["M"] for r in rows) == [4, 8]
     assert (tmp_path / "s.png").exists()
+
+
+def test_check_command_as_a_user_runs_it():
+    """`seqpe-kernels check` in a fresh process without the Triton interpreter (how a user on a CPU machine
+    runs it): every usable backend, dropout replay included, must pass and exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "seqpe_kernels.cli", "check"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "check PASSED" in r.stdout and " FAIL" not in r.stdout

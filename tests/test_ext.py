@@ -27,7 +27,7 @@ from seqpe_kernels import _ext
 from seqpe_kernels.backend import BackendUnavailable
 
 from conftest import HAS_CUDA
-from test_fused import CONFIGS, _op_samples, _seed, check_parity, random_positions, rel
+from test_fused import CONFIGS, _op_samples, _seed, check_parity, perturbed_pair, random_positions, rel
 
 DEV = "cuda" if HAS_CUDA else "cpu"  # where the Triton ops run (interpreted on CPU)
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +45,7 @@ def ext_ops():
 
 def ext_pair(device="cpu", dtype=torch.float32, backend="cpu", **cfg):
     """Reference with every parameter perturbed and an extension-backed FusedSeqPE copy of it."""
-    cfg.setdefault("resid_pdrop", 0.0)
-    ref = sk.SeqPE(**cfg)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    ref = ref.to(device=device, dtype=dtype)
-    return ref, sk.FusedSeqPE.from_reference(ref, backend=backend)
+    return perturbed_pair(device=device, dtype=dtype, backend=backend, **cfg)
 
 
 def _cfg_id(c):
@@ -72,10 +66,7 @@ def test_parity_matrix(cfg):
     M = 37 if cfg["embed_dim"] >= 384 else 53  # primes; the C++ path is cheap, unlike the interpreter
     ref, fus = ext_pair(**cfg)
     pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu")
-    try:
-        check_parity(ref, fus, pos, tol=1e-5)
-    except AssertionError as e:
-        raise AssertionError(f"{e} (seed {s})")
+    check_parity(ref, fus, pos, tol=1e-5, seed=s)
 
 
 @pytest.mark.parametrize("name,cfg,M", [
@@ -86,10 +77,7 @@ def test_parity_paper_shapes(name, cfg, M):
     s = _seed()
     ref, fus = ext_pair(**cfg)
     pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu")
-    try:
-        check_parity(ref, fus, pos, tol=1e-5)
-    except AssertionError as e:
-        raise AssertionError(f"{e} (seed {s})")
+    check_parity(ref, fus, pos, tol=1e-5, seed=s)
 
 
 @pytest.mark.parametrize("M", [0, 1, 5])

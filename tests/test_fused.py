@@ -23,15 +23,18 @@ def _seed():
     return s
 
 
-def perturbed_pair(device=DEV, dtype=torch.float32, **cfg):
+def perturbed_pair(device=DEV, dtype=torch.float32, backend="triton", **cfg):
     """Reference with every parameter perturbed (LN weights included) and a fused copy of it."""
     cfg.setdefault("resid_pdrop", 0.0)
     ref = sk.SeqPE(**cfg)
+    # noise shrinks with width so attention stays well-conditioned: at D=768 a 0.1 perturbation makes the
+    # problem so ill-conditioned that the fp32 *reference* is >1e-5 off its own fp64 run (measured 1.8e-5)
+    scale = 0.1 * min(1.0, (64 / cfg["embed_dim"]) ** 0.5)
     with torch.no_grad():
         for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn_like(p) * scale)
     ref = ref.to(device=device, dtype=dtype)
-    fus = sk.FusedSeqPE.from_reference(ref, backend="triton")
+    fus = sk.FusedSeqPE.from_reference(ref, backend=backend)
     return ref, fus
 
 
@@ -43,7 +46,14 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
 
 
-def check_parity(ref, fus, pos, tol, grad_out="dense", digits=False):
+def check_parity(ref, fus, pos, tol, grad_out="dense", digits=False, seed=None):
+    try:
+        _check_parity(ref, fus, pos, tol, grad_out, digits)
+    except AssertionError as e:
+        raise AssertionError(f"{e} (seed {seed})" if seed is not None else str(e)) from None
+
+
+def _check_parity(ref, fus, pos, tol, grad_out, digits):
     if digits:
         dg, pm = ref.tokenize(pos)
         yr, yf = ref.forward_digits(dg, pm), fus.forward_digits(dg, pm)
@@ -87,10 +97,7 @@ def test_parity_matrix(cfg):
     M = 3 if cfg["embed_dim"] >= 384 else 7  # interpreter cost grows with width
     ref, fus = perturbed_pair(**cfg)
     pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1))
-    try:
-        check_parity(ref, fus, pos, tol=1e-5)
-    except AssertionError as e:
-        raise AssertionError(f"{e} (seed {s})")
+    check_parity(ref, fus, pos, tol=1e-5, seed=s)
 
 
 @pytest.mark.parametrize("M", [0, 1, 5])
@@ -338,10 +345,7 @@ def test_gpu_parity_fp32_large(cfg):
     s = _seed()
     ref, fus = perturbed_pair(device="cuda", **cfg)
     pos = random_positions(4099, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
-    try:
-        check_parity(ref, fus, pos, tol=2e-5)
-    except AssertionError as e:
-        raise AssertionError(f"{e} (seed {s})")
+    check_parity(ref, fus, pos, tol=2e-5, seed=s)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .reference.seqpe import SeqPE
-from .reference.tokenize import check_positions
+from .reference.tokenize import check_positions, tokenize
 
 
 def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
@@ -90,20 +90,22 @@ class FusedSeqPE(SeqPE):
                 if pos.shape[0] > 1:
                     uniq, inverse = torch.unique(pos, dim=0, return_inverse=True)
                     if uniq.shape[0] < pos.shape[0]:
-                        return self._forward_positions(uniq)[inverse]
-                return self._forward_positions(pos)
+                        return self._forward_positions(uniq, validated=True)[inverse]
+                return self._forward_positions(pos, validated=True)
         return self._forward_positions(positions)
 
-    def _forward_positions(self, positions: torch.Tensor) -> torch.Tensor:
+    def _forward_positions(self, positions: torch.Tensor, validated: bool = False) -> torch.Tensor:
+        """``validated``: the range check (a host sync) already ran on these positions; not again."""
         dev = positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
         name = self.resolved_backend(dev)
-        if name == "torch" or self.mask_padding:
-            # mask_padding needs the pad mask tensor; the reference tokenizer builds it on device
-            if name == "torch":
-                return super().forward(positions)
-            digits, pad_mask = self.tokenize(positions)
+        check = self.check_range and not validated
+        if name == "torch":
+            digits, pad_mask = tokenize(positions, self.max_digits, self.base, self.data_dim, check)
+            return super().forward_digits(digits, pad_mask)
+        if self.mask_padding:  # needs the pad mask tensor; the tokenizer builds it on device
+            digits, pad_mask = tokenize(positions, self.max_digits, self.base, self.data_dim, check)
             return self._fused(digits, pad_mask, from_positions=False, name=name)
-        pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
+        pos = check_positions(positions, self.max_digits, self.base, self.data_dim, check)
         return self._fused(pos, None, from_positions=True, name=name)
 
     def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

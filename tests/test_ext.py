@@ -27,7 +27,8 @@ from seqpe_kernels import _ext
 from seqpe_kernels.backend import BackendUnavailable
 
 from conftest import HAS_CUDA
-from test_fused import CONFIGS, _op_samples, _seed, check_parity, perturbed_pair, random_positions, rel
+from test_fused import (CONFIGS, _op_samples, _seed, check_dropout_replay, check_parity, perturbed_pair,
+                        random_positions, rel)
 
 DEV = "cuda" if HAS_CUDA else "cpu"  # where the Triton ops run (interpreted on CPU)
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,25 +285,11 @@ def test_keep_mask_offsets_wrap_like_int32(ext_ops):
 
 @pytest.mark.parametrize("direction,mask_padding", [("causal", False), ("bi", True)])
 def test_dropout_replays_reference_masks(direction, mask_padding):
-    """With p > 0 the ext path equals the reference driven by the Triton hooks' keep-masks."""
+    """With p > 0 the ext path equals the reference driven by the keep-masks it records."""
     _seed()
     ref, fus = ext_pair(embed_dim=32, num_heads=2, max_digits=3, resid_pdrop=0.3, attn_pdrop=0.25,
                         attn_direction=direction, mask_padding=mask_padding, num_layers=2)
-    ref.train(), fus.train()
-    fus.record_dropout_masks = {}
-    pos = random_positions(5, 3, 1, device="cpu")
-    yf = fus(pos)
-    assert set(fus.record_dropout_masks) == {f"{s}{i}" for i in range(2) for s in ("attn", "resid_attn", "resid_mlp")}
-    ref.dropout_masks = {k: v.cpu() for k, v in fus.record_dropout_masks.items()}
-    yr = ref(pos)
-    assert rel(yf, yr) <= 1e-5
-    g = torch.randn_like(yr)
-    yr.backward(g), yf.backward(g)
-    for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
-        assert rel(pf.grad, pr.grad) <= 1e-5, n
-    ref.dropout_masks = None
-    ref.eval()
-    assert rel(yf, ref(pos)) > 1e-3
+    check_dropout_replay(ref, fus, random_positions(5, 3, 1, device="cpu"))
 
 
 def test_dropout_fraction_and_fresh_masks(ext_ops):

@@ -143,12 +143,18 @@ def test_dropout_replays_reference_masks(direction, mask_padding):
     _seed()
     ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, resid_pdrop=0.3, attn_pdrop=0.25,
                               attn_direction=direction, mask_padding=mask_padding, num_layers=2)
+    check_dropout_replay(ref, fus, random_positions(5, 3, 1))
+
+
+def check_dropout_replay(ref, fus, pos, num_layers=2):
+    """Train-mode fused forward records its keep-masks; the reference replaying them must agree in the
+    output and every parameter gradient, and must differ without them (the dropout did something)."""
     ref.train(), fus.train()
     fus.record_dropout_masks = {}
-    pos = random_positions(5, 3, 1)
     yf = fus(pos)
-    assert set(fus.record_dropout_masks) == {f"{s}{i}" for i in range(2) for s in ("attn", "resid_attn", "resid_mlp")}
-    ref.dropout_masks = fus.record_dropout_masks
+    assert set(fus.record_dropout_masks) == {f"{s}{i}" for i in range(num_layers)
+                                             for s in ("attn", "resid_attn", "resid_mlp")}
+    ref.dropout_masks = {k: v.to(pos.device) for k, v in fus.record_dropout_masks.items()}
     yr = ref(pos)
     assert rel(yf, yr) <= 1e-5
     g = torch.randn_like(yr)

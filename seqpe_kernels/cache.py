@@ -3,7 +3,7 @@
 At evaluation the encoder is a deterministic function of the integer position(s), so its output can be
 kept in a table and gathered: ``SeqPECache(module).cache(positions)`` returns ``module(positions)``,
 computing only the positions it does not hold (in one batched encoder call, duplicates encoded once) and
-gathering the rest with ``index_select`` (one gather kernel on CUDA).
+gathering the rest (one Triton row-gather kernel on CUDA, ``index_select`` elsewhere).
 
 Never stale
     Every call first builds a *state key* of the module and compares it with the key the table was built
@@ -56,12 +56,23 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .backend import triton_status
 from .dedup import dropout_active
 from .reference.tokenize import check_positions
 
 __all__ = ["SeqPECache"]
 
 _INDEX_BYTES_PER_ROW = 24  # sparse mode: key + row + tick (int64 each)
+
+
+def _gather(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table[rows]: the Triton row gather on CUDA (benchmarks/bench_cache.py measures it against the copy
+    bandwidth), index_select elsewhere (the interpreter would be far slower than torch on CPU)."""
+    if table.is_cuda and table.dim() == 2 and triton_status(table.device)[0]:
+        from .ops.gather import gather_rows
+
+        return gather_rows(table, rows)
+    return table.index_select(0, rows)
 
 # ------------------------------------------------------------------------------------ optimizer step hook
 _LIVE_CACHES: "weakref.WeakSet[SeqPECache]" = weakref.WeakSet()
@@ -395,7 +406,7 @@ class SeqPECache:
         self._clock += 1
         if n_hit == M and M > 0:
             self._ticks.index_fill_(0, rows, self._clock)
-            return self._table.index_select(0, rows)
+            return _gather(self._table, rows)
         miss = ~found
         miss_pos = pos[miss]
         if self._packable:
@@ -410,7 +421,7 @@ class SeqPECache:
         if n_hit:
             hit_rows = rows[found]
             self._ticks.index_fill_(0, hit_rows, self._clock)
-            out[found] = self._table.index_select(0, hit_rows)
+            out[found] = _gather(self._table, hit_rows)
         out[miss] = y.index_select(0, inv)
         self._sparse_insert(upos, y, protect=rows[found] if n_hit else None)
         return out
@@ -603,7 +614,7 @@ class SeqPECache:
         self._hits += n_fresh
         self._misses += M - n_fresh
         if n_hit == M and not stale and M > 0:
-            return self._table.index_select(0, rows)
+            return _gather(self._table, rows)
         miss = ~found
         upos, inv = (torch.unique(pos[miss], dim=0, sorted=True, return_inverse=True) if M - n_hit
                      else (pos[:0], None))
@@ -611,9 +622,9 @@ class SeqPECache:
         if M == 0:
             return y_extra[:0]
         if n_hit == M:
-            return self._table.index_select(0, rows)
+            return _gather(self._table, rows)
         out = torch.empty(M, y_extra.shape[1], dtype=y_extra.dtype, device=y_extra.device)
         if n_hit:
-            out[found] = self._table.index_select(0, rows[found])
+            out[found] = _gather(self._table, rows[found])
         out[miss] = y_extra.index_select(0, inv)
         return out

@@ -16,8 +16,9 @@ Two levels, both exact with dropout off (``module.eval()``, or ``resid_pdrop = a
     ancestors (node at level j attends to its ancestors at levels 0..j; the CLS token of each unique
     position attends to its whole path and itself). Written in plain PyTorch from the module's weights
     (GEMMs over the unique nodes only, the last block computes only K/V for digit nodes and the full block
-    for CLS rows), with ordinary autograd backward. For positions 0..32767 at K = 5 this is 69 178
-    token-states instead of 196 608.
+    for CLS rows), with ordinary autograd backward; where Triton runs (CUDA, or the interpreter) the ancestor
+    attention is the fused seqpe::prefix_attention op (seqpe_kernels/ops/prefix_attention.py). For
+    positions 0..32767 at K = 5 this is 69 178 token-states instead of 196 608.
 
 Why training with dropout is refused by default: the reference draws independent dropout masks for every
 sequence and every token, including for two copies of the same position in one call (§2.5). Deduplication
@@ -29,6 +30,7 @@ Training mode with all dropout probabilities at 0 is exact and needs no option.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend as _backend
 from .reference.seqpe import gelu_new as _gelu_new
 from .reference.tokenize import check_positions, tokenize
 
@@ -202,6 +205,17 @@ def _drop(x, site):
     return F.dropout(x, p, True) if (training and p > 0) else x
 
 
+def _fused_prefix_attention(module: nn.Module, device: torch.device) -> bool:
+    """Whether prefix_shared_forward runs its ancestor attention with the seqpe::prefix_attention Triton op:
+    where seqpe_kernels.backend says Triton can run (CUDA tensors, or the interpreter on CPU), unless the
+    module asks for the eager reference (``backend="torch"``, or ``SEQPE_KERNELS_BACKEND=torch`` under
+    ``"auto"``, as backend.resolve reads it)."""
+    requested = getattr(module, "backend", "auto")
+    if requested == "auto":
+        requested = os.environ.get("SEQPE_KERNELS_BACKEND", "auto") or "auto"
+    return requested != "torch" and _backend.triton_status(torch.device(device))[0]
+
+
 def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_training: bool = False) -> torch.Tensor:
     """``module(positions)`` for a causal SeqPE, computing each unique token-state once (see module doc).
 
@@ -247,8 +261,16 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
     h = torch.cat(parts, dim=0)  # [N, D]
     n_dig = trie.num_digit_nodes
 
+    fused_attn = _fused_prefix_attention(module, device)
+
     def attend(q, k, v, j, attn_site):
         """Rows of level j (q: [n_j, D]) over their ancestors' keys/values (global k, v: [*, D])."""
+        if fused_attn and not (attn_site[1] and attn_site[0] > 0):
+            # one fused Triton op (forward and backward) instead of the gather/matmul/softmax chain below;
+            # it has no attention dropout, so the eager path keeps that case
+            from .ops.prefix_attention import prefix_attention
+
+            return prefix_attention(q, k, v, trie.anc[j], trie.key_mask[j], Hh, scale)
         idx = trie.anc[j]
         n, a = idx.shape
         flat = idx.reshape(-1)
@@ -260,7 +282,7 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
             w = w / torch.full([], vh.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
         km = trie.key_mask[j]
         if km is not None:
-            w = w + torch.finfo(w.dtype).min * (1 - km[:, None, None, :])
+            w = w + torch.finfo(w.dtype).min * (1 - km.to(w.dtype)[:, None, None, :])  # fp32 mask * fp64 min = -inf
         w = F.softmax(w, dim=-1).type(vh.dtype)
         w = _drop(w, attn_site)
         o = torch.matmul(w, vh)                                             # [n, H, 1, de]

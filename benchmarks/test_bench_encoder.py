@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from seqpe_kernels.bench import (ALGO_PROVIDERS, CONFIGS, MODES, PROVIDERS, build_provider, check_exact,
+from seqpe_kernels.bench import (ALGO_PROVIDERS, CONFIGS, DEFAULT_PROVIDERS, MODES, build_provider, check_exact,
                                  make_positions, mode_callables, ref_fwd_flops, MODE_FLOP_FACTOR)
 from seqpe_kernels.reference import SeqPE
 
@@ -30,7 +30,7 @@ def _env_list(name, default):
     return [x.strip() for x in v.split(",") if x.strip()] or list(default)
 
 
-SEL_PROVIDERS = _env_list("SEQPE_BENCH_PROVIDERS", PROVIDERS)
+SEL_PROVIDERS = _env_list("SEQPE_BENCH_PROVIDERS", DEFAULT_PROVIDERS)
 SEL_CONFIGS = _env_list("SEQPE_BENCH_CONFIGS", ["text-default", "vits-default"] if ON_CPU else CONFIGS)
 SEL_MODES = _env_list("SEQPE_BENCH_MODES", MODES)
 

@@ -7,6 +7,7 @@ Public API:
   load_checkpoint(path, ...)                   the authors' image .pth / text model_1.safetensors
   SeqPECache(module)                           never-stale PE cache for evaluation / inference
   dedup_forward / prefix_shared_forward        exact deduplication (dropout off)
+  GraphedSeqPE(module)                         CUDA-graph replay of the encoder's forward + backward
 """
 from .reference import SeqPE, tokenize, max_digits_for
 from .fused import FusedSeqPE
@@ -14,7 +15,9 @@ from .backend import available_backends
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cache import SeqPECache
 from .dedup import dedup_forward, prefix_shared_forward
+from .graphs import GraphedSeqPE
 
 __version__ = "0.1.0"
 __all__ = ["SeqPE", "FusedSeqPE", "tokenize", "max_digits_for", "load_checkpoint", "save_checkpoint",
-           "available_backends", "SeqPECache", "dedup_forward", "prefix_shared_forward", "__version__"]
+           "available_backends", "SeqPECache", "dedup_forward", "prefix_shared_forward", "GraphedSeqPE",
+           "__version__"]

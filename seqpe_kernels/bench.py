@@ -4,9 +4,14 @@ Providers
   eager     the reference ``SeqPE`` (the baseline; always measured)
   compile   ``torch.compile`` of the reference (compile time excluded by warm-up; a failure is recorded
             with its reason and the run goes on)
+  compile-cg  ``torch.compile(mode="reduce-overhead")``: compiled and replayed as CUDA graphs (CUDA only), the
+            fair baseline for the graph providers (opt-in, like them)
   triton, cuda, cpu
             ``FusedSeqPE`` with that backend, only where ``available_backends`` says it is usable
             (Triton is never timed under the interpreter)
+  triton-graph, cuda-graph
+            the same, wrapped in ``GraphedSeqPE`` (forward and backward replayed as CUDA graphs; CUDA only;
+            opt-in: ``--provider triton-graph cuda-graph compile-cg``)
   dedup, prefix, cache
             ``dedup_forward`` / ``prefix_shared_forward`` (seqpe_kernels.dedup) and ``SeqPECache``
             (seqpe_kernels.cache), when those modules exist, in ``nograd`` mode only (the only mode in which
@@ -55,8 +60,12 @@ from .reference import SeqPE
 MODES = ("forward", "backward", "full", "nograd")
 QUICK_MODES = ("forward", "full", "nograd")
 FUSED_PROVIDERS = ("triton", "cuda", "cpu")
+GRAPH_PROVIDERS = ("triton-graph", "cuda-graph")   # the fused backends replayed as CUDA graphs (GraphedSeqPE)
 ALGO_PROVIDERS = ("dedup", "prefix", "cache")
-PROVIDERS = ("eager", "compile") + FUSED_PROVIDERS + ALGO_PROVIDERS
+PROVIDERS = ("eager", "compile", "compile-cg") + FUSED_PROVIDERS + GRAPH_PROVIDERS + ALGO_PROVIDERS
+# CUDA-graph providers are opt-in (--provider ...): their only full H100 run so far ended in an illegal memory
+# access that was not isolated to one provider (see benchmarks/results/NOTES.md)
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in GRAPH_PROVIDERS + ("compile-cg",))
 TRAIN_MODES = ("forward", "backward", "full")
 
 CSV_COLUMNS = (
@@ -579,6 +588,23 @@ def build_provider(name: str, cfg: BenchConfig, ref: SeqPE, device: torch.device
         except Exception as e:  # pragma: no cover - depends on the machine
             return Provider(name, None, None, skip_reason=f"torch.compile failed: {type(e).__name__}: {e}")
         return Provider(name, ref, compiled)
+    if name == "compile-cg":
+        if device.type != "cuda":
+            return Provider(name, None, None, skip_reason="CUDA graphs need a CUDA device")
+        compiled = torch.compile(ref, mode="reduce-overhead")
+
+        def call(pos):
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may be reused
+            return compiled(pos)
+        return Provider(name, ref, call)
+    if name in GRAPH_PROVIDERS:
+        if device.type != "cuda":
+            return Provider(name, None, None, skip_reason="CUDA graphs need a CUDA device")
+        inner = build_provider(name[:-len("-graph")], cfg, ref, device)
+        if inner.skip_reason:
+            return Provider(name, None, None, skip_reason=inner.skip_reason)
+        from .graphs import GraphedSeqPE
+        return Provider(name, inner.module, GraphedSeqPE(inner.module))
     if name in FUSED_PROVIDERS:
         ok, why = available_backends(device).get(name, (False, "unknown backend"))
         if not ok:
@@ -751,7 +777,8 @@ def run_bench(configs: Optional[Iterable[Union[str, BenchConfig, dict]]] = None,
     configs   names from CONFIGS, "all", BenchConfig objects or dicts of BenchConfig fields
               (default: all; quick: text-default and vits-default, whose shifted / ViT-B twins differ only
               in M / out_dim, which quick mode scales away anyway)
-    providers subset of PROVIDERS (default all; "eager" is always measured: it is the baseline)
+    providers subset of PROVIDERS (default DEFAULT_PROVIDERS: all but the CUDA-graph ones; "eager" is always
+              measured: it is the baseline)
     modes     subset of MODES (default all; quick: forward, full, nograd)
     quick     small M (one forward ~ QUICK_FWD_FLOPS), short timing budget: for a 2-core CPU in minutes
     sweep     every config at each M of ``sweep_ms`` (default depends on device / quick)
@@ -783,7 +810,7 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
         cfgs = [CONFIGS[n] for n in (QUICK_CONFIGS if quick else CONFIGS)]
     else:
         cfgs = [get_config(c) for c in configs]
-    providers = list(providers) if providers else list(PROVIDERS)
+    providers = list(providers) if providers else list(DEFAULT_PROVIDERS)
     for p in providers:
         if p not in PROVIDERS:
             raise ValueError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")

@@ -61,7 +61,8 @@ def _bench_args(p: argparse.ArgumentParser):
     p.add_argument("--config", nargs="+", default=["all"], metavar="NAME",
                    help=f"configs ({', '.join(CONFIGS)}) or 'all' (default; quick: text-default vits-default)")
     p.add_argument("--provider", nargs="+", default=None, choices=PROVIDERS, metavar="NAME",
-                   help=f"providers ({', '.join(PROVIDERS)}; default all; eager always runs as the baseline)")
+                   help=f"providers ({', '.join(PROVIDERS)}; default all but the CUDA-graph ones (triton-graph, "
+                        "cuda-graph, compile-cg: opt-in); eager always runs as the baseline)")
     p.add_argument("--mode", nargs="+", default=None, choices=MODES, metavar="MODE",
                    help=f"modes ({', '.join(MODES)}; default all, quick: forward full nograd)")
     p.add_argument("--quick", action="store_true", help="small M and short timing (minutes on a 2-core CPU)")

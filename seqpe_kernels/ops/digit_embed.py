@@ -76,7 +76,8 @@ def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, M, L, T, D, seqs_per_prog, K:
 
 
 def _pow_table(K: int, base: int, device) -> torch.Tensor:
-    return torch.tensor([base ** (K - 1 - s) for s in range(K)], dtype=torch.int64, device=device)
+    # computed on the device (no host-to-device copy, so the op can be captured in a CUDA graph)
+    return torch.pow(base, torch.arange(K - 1, -1, -1, dtype=torch.int64, device=device))
 
 
 def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, dim: Optional[torch.Tensor],

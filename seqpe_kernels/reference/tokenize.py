@@ -62,8 +62,9 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
         raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
                          f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")
     positions = positions.long()
-    if check_range and torch.compiler.is_compiling():
-        # no host sync inside a compiled graph: the same check as an on-device assert
+    if check_range and (torch.compiler.is_compiling() or
+                        (positions.is_cuda and torch.cuda.is_current_stream_capturing())):
+        # no host sync inside a compiled graph or a CUDA-graph capture: the same check as an on-device assert
         torch._assert_async(((positions >= 0) & (positions < base ** max_digits)).all(),
                             f"positions must lie in [0, {base ** max_digits}) (max_digits={max_digits}, base={base})")
     elif check_range and positions.numel() > 0:

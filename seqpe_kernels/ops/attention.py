@@ -164,6 +164,22 @@ def _check(q, k, v, pad_mask, num_heads):
         raise ValueError("tiny_attention: pad_mask must be [M, T-1] (no entry for the CLS key)")
 
 
+NUM_WARPS_OVERRIDE = None  # benchmarks/tune_attention.py sweeps this; None = the rule below
+
+
+def _num_warps(TP, TQP, DHP) -> int:
+    """Warps per (sequence, head) program. A program's tile is tiny (T <= 8 rows of one head at the paper
+    shapes), so one warp wins: on an H100 (benchmarks/tune_attention.py, 2026-11-22) 1 warp vs the former 4
+    took the full block from 199/338 us (fwd/bwd) to 60/126 us at text-default and 271/475 -> 99/201 us at
+    vits-default, and the CLS-only block from 130 -> 111 us (text) and 180 -> 117 us (ViT) fwd+bwd."""
+    if NUM_WARPS_OVERRIDE:
+        return int(NUM_WARPS_OVERRIDE)
+    n = TP * TQP * DHP
+    if n <= 4096 and TP < 16:  # measured shapes only (T <= 8, no tl.dot); larger tiles keep the old rule
+        return 1
+    return 4 if n <= 8192 else 8
+
+
 def tiny_attention_forward(qkv, kv, pad_mask, num_heads: int, causal: bool, q_start: int, scale_div: float,
                            p: float, seeds, seed_idx: int) -> torch.Tensor:
     D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
@@ -179,7 +195,7 @@ def tiny_attention_forward(qkv, kv, pad_mask, num_heads: int, causal: bool, q_st
             k.stride(1), v.stride(0), v.stride(1), pad.stride(0) if pad_mask is not None else 0, T, TQ, L,
             q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
             CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, ACC=acc_dtype(q),
-            num_warps=4 if TP * TQP * DHP <= 8192 else 8)
+            num_warps=_num_warps(TP, TQP, DHP))
     return out
 
 
@@ -202,7 +218,7 @@ def tiny_attention_backward(dout, qkv, kv, pad_mask, num_heads: int, causal: boo
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T, TQ, L,
             q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
             CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, ACC=acc_dtype(q),
-            num_warps=4 if TP * TQP * DHP <= 8192 else 8)
+            num_warps=_num_warps(TP, TQP, DHP))
     return d_first, d_kv
 
 

@@ -213,6 +213,11 @@ def _compile(name: str, with_cuda: bool) -> str:
                     "cached in %s)", "/CUDA" if with_cuda else "", name, build_dir)
     cflags = [*CXX_FLAGS, *arch_flags, *_version_defines()]
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_version_defines()]
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch reads the target from the visible GPU; with none (a build machine, CI) its arch list is
+        # empty and cpp_extension fails with an IndexError. Build for A100 / H100 plus PTX, as setup.py does.
+        cuda_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                       "-gencode=arch=compute_90,code=compute_90"]
     try:
         cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                            extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,

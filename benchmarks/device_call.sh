@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One leased-GPU call with a hard deadline (the device tool allows 10 minutes per command): runs the steps of
+# PHASE in priority order, each under the time still left, logs under $OUT, bundled into $OUT/logs.tgz.
+#   bash benchmarks/device_call.sh PHASE OUTDIR [DEADLINE_S]
+# PHASE a: env, CUDA extension build, GPU-marked tests, `check`, profile, cache/gather bench, bench of the two
+#          default configs.   PHASE b: the whole parity suite on the GPU, the remaining configs, the sweep.
+# On your own GPU, with no time limit, use benchmarks/gpu_run.sh instead.
+set -uo pipefail
+PHASE="$1"; OUT="$2"; LIMIT="${3:-570}"
+START=$(date +%s)
+mkdir -p "$OUT/logs"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR="$PWD/build/ext"
+DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null || echo unknown)
+step() {  # step NAME MAX_S CMD...: run CMD with the smaller of MAX_S and the time left; log to logs/NAME.txt
+  local name="$1" max="$2"; shift 2
+  local left=$(( LIMIT - ($(date +%s) - START) - 15 ))
+  local t=$(( max < left ? max : left ))
+  if (( t < 10 )); then echo "## $name: skipped, out of time" | tee -a "$OUT/logs/summary.txt"; return; fi
+  local t0=$(date +%s)
+  timeout "$t" "$@" > "$OUT/logs/$name.txt" 2>&1
+  local rc=$?
+  echo "## $name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $t s)" | tee -a "$OUT/logs/summary.txt"
+  tail -n "${TAILN:-6}" "$OUT/logs/$name.txt" | grep -v "^\s*$" | cut -c1-220
+}
+if [[ "$PHASE" == a ]]; then
+  step nvidia_smi 20 nvidia-smi
+  ( timeout 300 python3 -c "from seqpe_kernels import _ext; _ext.load(); print(_ext.status('cuda'))" \
+      > "$OUT/logs/ext_build.txt" 2>&1; echo "ext build rc=$?" >> "$OUT/logs/ext_build.txt" ) &
+  BUILD=$!
+  TAILN=4 step pytest_gpu_marked 150 python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
+      tests/test_gather.py tests/test_fused.py tests/test_cache.py tests/test_dedup.py
+  wait $BUILD; tail -3 "$OUT/logs/ext_build.txt"
+  step env 60 python3 -m seqpe_kernels.cli env
+  TAILN=4 step pytest_ext_gpu_marked 90 python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_ext.py
+  TAILN=25 step check 150 python3 -m seqpe_kernels.cli check
+  TAILN=3 step profile 90 python3 benchmarks/profile_step.py
+  TAILN=14 step bench_cache 100 python3 benchmarks/bench_cache.py --device cuda --csv "$OUT/cache_$DEV.csv"
+  for c in text-default vits-default; do
+    TAILN=40 step "bench_$c" 240 python3 -m seqpe_kernels.cli bench --no-progress --config "$c" \
+        --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
+  done
+elif [[ "$PHASE" == b ]]; then
+  ( timeout 200 python3 -c "from seqpe_kernels import _ext; _ext.load()" > "$OUT/logs/ext_build.txt" 2>&1 ) &
+  BUILD=$!
+  TAILN=6 step pytest_graphs 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py \
+      tests/test_prefix_attention.py tests/test_gather.py
+  wait $BUILD
+  for c in text-default vits-default; do
+    TAILN=40 step "bench_$c" 200 python3 -m seqpe_kernels.cli bench --no-progress --config "$c" \
+        --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
+  done
+  TAILN=14 step bench_cache 80 python3 benchmarks/bench_cache.py --device cuda --csv "$OUT/cache_$DEV.csv"
+  TAILN=8 step pytest_gpu_all 240 python3 -m pytest -q -p no:cacheprovider -rs -n 8 tests
+elif [[ "$PHASE" == c ]]; then
+  ( timeout 200 python3 -c "from seqpe_kernels import _ext; _ext.load()" > "$OUT/logs/ext_build.txt" 2>&1 ) &
+  BUILD=$!
+  TAILN=25 step tune_attention 70 python3 benchmarks/tune_attention.py
+  wait $BUILD
+  TAILN=30 step ext_bad_digits 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_ext.py -k bad_digits
+  TAILN=6 step pytest_new 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py \
+      tests/test_prefix_attention.py tests/test_gather.py
+  for c in text-default vits-default; do
+    TAILN=40 step "bench_$c" 150 python3 -m seqpe_kernels.cli bench --no-progress --config "$c" \
+        --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
+  done
+  TAILN=8 step pytest_gpu_all 240 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rs -n 6 \
+      tests/test_fused.py tests/test_ext.py tests/test_cache.py tests/test_dedup.py tests/test_reference.py
+fi
+tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

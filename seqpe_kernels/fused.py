@@ -117,12 +117,10 @@ class FusedSeqPE(SeqPE):
 
     # ------------------------------------------------------------------ fused path
     def _fused(self, x, pad_mask, from_positions: bool, name: str):
-        from . import ops  # noqa: F401  (registers the seqpe:: operators)
+        from . import ops as K  # eager: the ops' bodies via autograd.Function; compiled: the seqpe:: operators
         from .ops._common import IMPL_EXT, IMPL_TRITON
 
         impl = IMPL_TRITON if name == "triton" else IMPL_EXT  # "cpu" / "cuda": the C++/CUDA extension
-
-        seqpe = torch.ops.seqpe
         dev = x.device
         M = x.shape[0]
         D, H, T, L = self.embed_dim, self.num_heads, self.seq_len, self.seq_len - 1
@@ -146,7 +144,7 @@ class FusedSeqPE(SeqPE):
             self._record_masks(rec, seeds, M, p_res, p_att, impl)
 
         dim = self.dim_token_embed if self.data_dim > 1 else None
-        h0 = seqpe.digit_embed(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
+        h0 = K.digit_embed_call(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
                                self.cls_token_embed, from_positions, self.max_digits, impl)
         h = h0.view(R, D)
 
@@ -156,7 +154,7 @@ class FusedSeqPE(SeqPE):
         rows = self._table_rows(x, from_positions)  # [M, T] row ids into the table
         blk0 = self.transformers[0]
         tab = self._embedding_table()
-        _, a_tab, _, _ = seqpe.residual_layernorm(tab, None, blk0.layernorm_1.weight, blk0.layernorm_1.bias,
+        _, a_tab, _, _ = K.residual_layernorm_call(tab, None, blk0.layernorm_1.weight, blk0.layernorm_1.bias,
                                                   blk0.layernorm_1.eps, 0.0, None, 0, cdt_code, impl)
         a = None  # per-token LN1 output of the current layer (layers >= 1)
 
@@ -176,14 +174,14 @@ class FusedSeqPE(SeqPE):
             blk = self.transformers[i]
             nxt = self.transformers[i + 1].layernorm_1
             qkv = proj(i, 0, 3 * D)
-            o = seqpe.tiny_attention(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i, impl)
+            o = K.tiny_attention_call(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i, impl)
             y = torch.addmm(blk.attn.c_proj.bias, o.view(R, D), blk.attn.c_proj.weight)
             ln2 = blk.layernorm_2
-            h, a2, _, _ = seqpe.residual_layernorm(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
+            h, a2, _, _ = K.residual_layernorm_call(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
                                                    cdt_code, impl)
             z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
-            y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z, impl), blk.mlp.c_proj.weight)
-            h, a, _, _ = seqpe.residual_layernorm(h, y, nxt.weight, nxt.bias, nxt.eps, p_res, seeds, 3 * i + 2,
+            y = torch.addmm(blk.mlp.c_proj.bias, K.gelu_new_call(z, impl), blk.mlp.c_proj.weight)
+            h, a, _, _ = K.residual_layernorm_call(h, y, nxt.weight, nxt.bias, nxt.eps, p_res, seeds, 3 * i + 2,
                                                   cdt_code, impl)
 
         # last block, CLS row only (plus every row's K/V)
@@ -195,20 +193,20 @@ class FusedSeqPE(SeqPE):
             q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
         else:
             q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
-        o = seqpe.tiny_attention(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i, impl)
+        o = K.tiny_attention_call(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i, impl)
         y = torch.addmm(blk.attn.c_proj.bias, o.view(M, D), blk.attn.c_proj.weight)
         h_cls = h.view(M, T, D)[:, T - 1].contiguous()
         ln2 = blk.layernorm_2
-        h2, a2, _, _ = seqpe.residual_layernorm(h_cls, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
+        h2, a2, _, _ = K.residual_layernorm_call(h_cls, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
                                                 cdt_code, impl)
         z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
-        y = torch.addmm(blk.mlp.c_proj.bias, seqpe.gelu_new(z, impl), blk.mlp.c_proj.weight)
+        y = torch.addmm(blk.mlp.c_proj.bias, K.gelu_new_call(z, impl), blk.mlp.c_proj.weight)
         if self.use_last_layernorm:
             lnf = self.layernorm
-            _, fin, _, _ = seqpe.residual_layernorm(h2, y, lnf.weight, lnf.bias, lnf.eps, p_res, seeds, 3 * i + 2,
+            _, fin, _, _ = K.residual_layernorm_call(h2, y, lnf.weight, lnf.bias, lnf.eps, p_res, seeds, 3 * i + 2,
                                                     cdt_code, impl)
         else:
-            fin, _, _, _ = seqpe.residual_layernorm(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code, impl)
+            fin, _, _, _ = K.residual_layernorm_call(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code, impl)
         return F.linear(fin, self.out_proj.weight, self.out_proj.bias) * (1 / self.temperature)
 
     def _embedding_table(self) -> torch.Tensor:

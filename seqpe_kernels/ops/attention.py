@@ -243,7 +243,7 @@ from typing import Tuple  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
-from ._common import IMPL_EXT, ext_ops  # noqa: E402
+from ._common import IMPL_EXT, backward_op, eager_entry, ext_ops  # noqa: E402
 
 
 @torch.library.custom_op("seqpe::tiny_attention", mutates_args=())
@@ -288,9 +288,10 @@ def _attn_setup(ctx, inputs, output):
 def _attn_backward(ctx, dout):
     qkv, kv, pad_mask, seeds = ctx.saved_tensors
     num_heads, causal, q_start, scale_div, p, seed_idx, impl = ctx.args
-    d_first, d_kv = tiny_attention_bwd(dout, qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds,
-                                       seed_idx, impl)
+    d_first, d_kv = backward_op(ctx, tiny_attention_bwd, dout, qkv, kv, pad_mask, num_heads, causal, q_start,
+                                scale_div, p, seeds, seed_idx, impl)
     return d_first, (d_kv if ctx.has_kv else None), None, None, None, None, None, None, None, None, None
 
 
 tiny_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
+tiny_attention_call = eager_entry(tiny_attention, _attn_setup, _attn_backward)

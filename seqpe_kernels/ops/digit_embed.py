@@ -135,7 +135,7 @@ from typing import Tuple  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
-from ._common import IMPL_EXT, ext_ops  # noqa: E402
+from ._common import IMPL_EXT, backward_op, eager_entry, ext_ops  # noqa: E402
 
 
 @torch.library.custom_op("seqpe::digit_embed", mutates_args=())
@@ -175,8 +175,10 @@ def _embed_setup(ctx, inputs, output):
 def _embed_backward(ctx, g):
     (x,) = ctx.saved_tensors
     from_positions, max_digits, base, data_dim, impl = ctx.args
-    dtok, dpos, ddim, dcls = digit_embed_bwd(g, x, from_positions, max_digits, base, data_dim, impl)
+    dtok, dpos, ddim, dcls = backward_op(ctx, digit_embed_bwd, g, x, from_positions, max_digits, base, data_dim,
+                                         impl)
     return None, dtok, dpos, (ddim if data_dim > 1 else None), dcls, None, None, None
 
 
 digit_embed.register_autograd(_embed_backward, setup_context=_embed_setup)
+digit_embed_call = eager_entry(digit_embed, _embed_setup, _embed_backward)

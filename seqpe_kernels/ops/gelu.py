@@ -68,7 +68,7 @@ def gelu_backward(du: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- PyTorch operators
 from torch import Tensor  # noqa: E402
 
-from ._common import IMPL_EXT, ext_ops  # noqa: E402
+from ._common import IMPL_EXT, backward_op, eager_entry, ext_ops  # noqa: E402
 
 
 @torch.library.custom_op("seqpe::gelu_new", mutates_args=())
@@ -102,7 +102,8 @@ def _gelu_setup(ctx, inputs, output):
 
 def _gelu_backward(ctx, du):
     (z,) = ctx.saved_tensors
-    return gelu_new_bwd(du, z, ctx.impl), None
+    return backward_op(ctx, gelu_new_bwd, du, z, ctx.impl), None
 
 
 gelu_new.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+gelu_new_call = eager_entry(gelu_new, _gelu_setup, _gelu_backward)

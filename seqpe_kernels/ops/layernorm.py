@@ -184,7 +184,7 @@ from typing import Tuple  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
-from ._common import IMPL_EXT, ext_ops  # noqa: E402
+from ._common import IMPL_EXT, backward_op, eager_entry, ext_ops  # noqa: E402
 
 
 @torch.library.custom_op("seqpe::residual_layernorm", mutates_args=())
@@ -240,10 +240,11 @@ def _rln_backward(ctx, dh, da, dmean, drstd):
     ln_in, w, mean, rstd, seeds = ctx.saved_tensors
     dh = dh if (ctx.has_y and dh is not None and dh.numel()) else None
     da = da if (ctx.has_w and da is not None and da.numel()) else None
-    dx, dy, dw, db = residual_layernorm_bwd(da, dh, ln_in, w if ctx.has_w else None, mean, rstd, ctx.p,
-                                            seeds, ctx.seed_idx, ctx.has_y, ctx.y_dtype, ctx.impl)
+    dx, dy, dw, db = backward_op(ctx, residual_layernorm_bwd, da, dh, ln_in, w if ctx.has_w else None, mean, rstd,
+                                 ctx.p, seeds, ctx.seed_idx, ctx.has_y, ctx.y_dtype, ctx.impl)
     return (dx, dy if ctx.has_y else None, dw if (ctx.has_w and da is not None) else None,
             db if (ctx.has_w and da is not None) else None, None, None, None, None, None, None)
 
 
 residual_layernorm.register_autograd(_rln_backward, setup_context=_rln_setup)
+residual_layernorm_call = eager_entry(residual_layernorm, _rln_setup, _rln_backward)

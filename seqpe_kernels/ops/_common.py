@@ -43,10 +43,17 @@ IMPL_TRITON = 0
 IMPL_EXT = 1
 
 
+_EXT_OPS: list = []  # torch.ops.seqpe_ext once loaded: _ext.load() re-checks the environment on every call
+
+
 def ext_ops():
+    if _EXT_OPS:
+        return _EXT_OPS[0]
     from .. import _ext
 
-    return _ext.load()
+    ops = _ext.load()
+    _EXT_OPS.append(ops)
+    return ops
 
 
 def eager_entry(op, setup_context, backward):

@@ -3,7 +3,8 @@
 # PHASE in priority order, each under the time still left, logs under $OUT, bundled into $OUT/logs.tgz.
 #   bash benchmarks/device_call.sh PHASE OUTDIR [DEADLINE_S]
 # PHASE a: env, CUDA extension build, GPU-marked tests, `check`, profile, cache/gather bench, bench of the two
-#          default configs.   PHASE b: the whole parity suite on the GPU, the remaining configs, the sweep.
+#          default configs.   PHASE b/c: graph tests, bench with graph providers, attention tuning, the whole
+#          parity suite.   PHASE d: isolate run c's illegal memory access per provider, then the graph benches.
 # On your own GPU, with no time limit, use benchmarks/gpu_run.sh instead.
 set -uo pipefail
 PHASE="$1"; OUT="$2"; LIMIT="${3:-570}"
@@ -65,6 +66,20 @@ elif [[ "$PHASE" == c ]]; then
   done
   TAILN=8 step pytest_gpu_all 240 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rs -n 6 \
       tests/test_fused.py tests/test_ext.py tests/test_cache.py tests/test_dedup.py tests/test_reference.py
+elif [[ "$PHASE" == d ]]; then  # next lease: isolate the illegal access of run c, then measure graphs + fast path
+  ( timeout 200 python3 -c "from seqpe_kernels import _ext; _ext.load()" > "$OUT/logs/ext_build.txt" 2>&1 ) &
+  BUILD=$!
+  TAILN=6 step pytest_new 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py tests/test_gather.py
+  wait $BUILD
+  TAILN=12 step ext_bad_digits 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_ext.py -k bad_digits
+  for p in prefix triton-graph cuda-graph compile-cg; do
+    TAILN=12 step "isolate_$p" 90 env CUDA_LAUNCH_BLOCKING=1 python3 -m seqpe_kernels.cli bench --config vits-default \
+        --provider "$p" --csv none --png none
+  done
+  for c in text-default vits-default; do
+    TAILN=40 step "bench_$c" 150 python3 -m seqpe_kernels.cli bench --config "$c" --provider eager compile \
+        compile-cg triton cuda triton-graph cuda-graph --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
+  done
 fi
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

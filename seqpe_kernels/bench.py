@@ -883,6 +883,9 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
             for mode in modes:
                 if bar is not None:
                     bar.set_postfix_str(f"{cfg.name} M={cfg.M} {pname}/{mode}", refresh=False)
+                elif device.type == "cuda":
+                    # without the bar, still name each run: a CUDA fault kills the process without a row
+                    print(f"[bench] {cfg.name} M={cfg.M} {pname}/{mode}", file=sys.stderr, flush=True)
                 row = dict(base, provider=pname, mode=mode)
                 ff = MODE_FLOP_FACTOR[mode]
                 row["ref_gflop"] = ref_fwd_flops(cfg) * ff / 1e9

@@ -76,13 +76,12 @@ class GraphedSeqPE(nn.Module):
         parameter its own copy whenever its .grad is not already its own (one copy of the gradients per step)."""
         if self._hooks:
             return
-        owned = {}
 
         def hook(p):
             g = p.grad
-            if g is not None and owned.get(id(p)) is not g:
+            if g is not None and not getattr(g, "_seqpe_own_grad", False):  # a mark, so no reference is kept
                 p.grad = g.clone()
-                owned[id(p)] = p.grad
+                p.grad._seqpe_own_grad = True
 
         self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self.module.parameters()
                        if p.requires_grad]

@@ -23,11 +23,14 @@ step() {  # step NAME MAX_S CMD...: run CMD with the smaller of MAX_S and the ti
   echo "## $name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $t s)" | tee -a "$OUT/logs/summary.txt"
   tail -n "${TAILN:-6}" "$OUT/logs/$name.txt" | grep -v "^\s*$" | cut -c1-220
 }
-if [[ "$PHASE" == a ]]; then
-  step nvidia_smi 20 nvidia-smi
+build_ext_bg() {  # the C++/CUDA extension's JIT build in the background, while GPU-only steps run; sets BUILD
   ( timeout 300 python3 -c "from seqpe_kernels import _ext; _ext.load(); print(_ext.status('cuda'))" \
       > "$OUT/logs/ext_build.txt" 2>&1; echo "ext build rc=$?" >> "$OUT/logs/ext_build.txt" ) &
   BUILD=$!
+}
+if [[ "$PHASE" == a ]]; then
+  step nvidia_smi 20 nvidia-smi
+  build_ext_bg
   TAILN=4 step pytest_gpu_marked 150 python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
       tests/test_gather.py tests/test_fused.py tests/test_cache.py tests/test_dedup.py
   wait $BUILD; tail -3 "$OUT/logs/ext_build.txt"
@@ -41,8 +44,7 @@ if [[ "$PHASE" == a ]]; then
         --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
   done
 elif [[ "$PHASE" == b ]]; then
-  ( timeout 200 python3 -c "from seqpe_kernels import _ext; _ext.load()" > "$OUT/logs/ext_build.txt" 2>&1 ) &
-  BUILD=$!
+  build_ext_bg
   TAILN=6 step pytest_graphs 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py \
       tests/test_prefix_attention.py tests/test_gather.py
   wait $BUILD
@@ -53,8 +55,7 @@ elif [[ "$PHASE" == b ]]; then
   TAILN=14 step bench_cache 80 python3 benchmarks/bench_cache.py --device cuda --csv "$OUT/cache_$DEV.csv"
   TAILN=8 step pytest_gpu_all 240 python3 -m pytest -q -p no:cacheprovider -rs -n 8 tests
 elif [[ "$PHASE" == c ]]; then
-  ( timeout 200 python3 -c "from seqpe_kernels import _ext; _ext.load()" > "$OUT/logs/ext_build.txt" 2>&1 ) &
-  BUILD=$!
+  build_ext_bg
   TAILN=25 step tune_attention 70 python3 benchmarks/tune_attention.py
   wait $BUILD
   TAILN=30 step ext_bad_digits 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_ext.py -k bad_digits
@@ -67,8 +68,7 @@ elif [[ "$PHASE" == c ]]; then
   TAILN=8 step pytest_gpu_all 240 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rs -n 6 \
       tests/test_fused.py tests/test_ext.py tests/test_cache.py tests/test_dedup.py tests/test_reference.py
 elif [[ "$PHASE" == d ]]; then  # next lease: isolate the illegal access of run c, then measure graphs + fast path
-  ( timeout 200 python3 -c "from seqpe_kernels import _ext; _ext.load()" > "$OUT/logs/ext_build.txt" 2>&1 ) &
-  BUILD=$!
+  build_ext_bg
   TAILN=6 step pytest_new 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_graphs.py tests/test_gather.py
   wait $BUILD
   TAILN=12 step ext_bad_digits 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_ext.py -k bad_digits

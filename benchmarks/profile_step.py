@@ -57,10 +57,11 @@ def main():
                     step()
                 torch.cuda.synchronize()
             evs = prof.key_averages()
-            gpu = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in evs)
-            gpu_ms = gpu / 1e3 / args.steps
-            n_k = sum(e.count for e in evs if getattr(e, "self_device_time_total", 0) > 0
-                      and e.device_type == torch.autograd.DeviceType.CUDA) / args.steps
+            # kernel-level events only: op-level rows repeat their kernels' device time
+            kernels = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA
+                       and e.self_device_time_total > 0]
+            gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
+            n_k = sum(e.count for e in kernels) / args.steps
             print(f"\n=== {name} M={cfg.M} {prov}: wall {wall:.3f} ms/step, GPU kernel time {gpu_ms:.3f} ms/step, "
                   f"~{n_k:.0f} kernels/step")
             print(evs.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))

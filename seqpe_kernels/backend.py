@@ -103,10 +103,16 @@ def _warn_once(msg: str):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def resolve(module, requested: str, device: torch.device) -> str:
-    """Backend that will run `module` on tensors of `device` (raises/warns as described above)."""
+def requested_backend(requested: str) -> str:
+    """The backend asked for: ``requested``, or for "auto" the SEQPE_KERNELS_BACKEND override if set."""
     if requested == "auto":
         requested = os.environ.get("SEQPE_KERNELS_BACKEND", "auto") or "auto"
+    return requested
+
+
+def resolve(module, requested: str, device: torch.device) -> str:
+    """Backend that will run `module` on tensors of `device` (raises/warns as described above)."""
+    requested = requested_backend(requested)
     if requested != "auto":
         ok, why = status(requested, device)
         if not ok:

@@ -588,9 +588,9 @@ def build_provider(name: str, cfg: BenchConfig, ref: SeqPE, device: torch.device
         except Exception as e:  # pragma: no cover - depends on the machine
             return Provider(name, None, None, skip_reason=f"torch.compile failed: {type(e).__name__}: {e}")
         return Provider(name, ref, compiled)
+    if name in GRAPH_PROVIDERS + ("compile-cg",) and device.type != "cuda":
+        return Provider(name, None, None, skip_reason="CUDA graphs need a CUDA device")
     if name == "compile-cg":
-        if device.type != "cuda":
-            return Provider(name, None, None, skip_reason="CUDA graphs need a CUDA device")
         compiled = torch.compile(ref, mode="reduce-overhead")
 
         def call(pos):
@@ -598,8 +598,6 @@ def build_provider(name: str, cfg: BenchConfig, ref: SeqPE, device: torch.device
             return compiled(pos)
         return Provider(name, ref, call)
     if name in GRAPH_PROVIDERS:
-        if device.type != "cuda":
-            return Provider(name, None, None, skip_reason="CUDA graphs need a CUDA device")
         inner = build_provider(name[:-len("-graph")], cfg, ref, device)
         if inner.skip_reason:
             return Provider(name, None, None, skip_reason=inner.skip_reason)

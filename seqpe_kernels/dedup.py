@@ -30,7 +30,6 @@ Training mode with all dropout probabilities at 0 is exact and needs no option.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -209,10 +208,8 @@ def _fused_prefix_attention(module: nn.Module, device: torch.device) -> bool:
     """Whether prefix_shared_forward runs its ancestor attention with the seqpe::prefix_attention Triton op:
     where seqpe_kernels.backend says Triton can run (CUDA tensors, or the interpreter on CPU), unless the
     module asks for the eager reference (``backend="torch"``, or ``SEQPE_KERNELS_BACKEND=torch`` under
-    ``"auto"``, as backend.resolve reads it)."""
-    requested = getattr(module, "backend", "auto")
-    if requested == "auto":
-        requested = os.environ.get("SEQPE_KERNELS_BACKEND", "auto") or "auto"
+    ``"auto"``)."""
+    requested = _backend.requested_backend(getattr(module, "backend", "auto"))
     return requested != "torch" and _backend.triton_status(torch.device(device))[0]
 
 
@@ -262,15 +259,15 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
     n_dig = trie.num_digit_nodes
 
     fused_attn = _fused_prefix_attention(module, device)
+    if fused_attn:
+        from .ops import prefix_attention as _pa  # module attribute lookup at call time (tests spy on it)
 
     def attend(q, k, v, j, attn_site):
         """Rows of level j (q: [n_j, D]) over their ancestors' keys/values (global k, v: [*, D])."""
         if fused_attn and not (attn_site[1] and attn_site[0] > 0):
             # one fused Triton op (forward and backward) instead of the gather/matmul/softmax chain below;
             # it has no attention dropout, so the eager path keeps that case
-            from .ops.prefix_attention import prefix_attention
-
-            return prefix_attention(q, k, v, trie.anc[j], trie.key_mask[j], Hh, scale)
+            return _pa.prefix_attention(q, k, v, trie.anc[j], trie.key_mask[j], Hh, scale)
         idx = trie.anc[j]
         n, a = idx.shape
         flat = idx.reshape(-1)

@@ -92,9 +92,10 @@ class GraphedSeqPE(nn.Module):
 
     def _key(self, positions: torch.Tensor) -> Tuple:
         ac = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters())
-        params = tuple((p.data_ptr(), p.dtype) for p in self.module.parameters())
-        return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac, params)
+        params = list(self.module.parameters())  # one module traversal per call
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        ptrs = tuple((p.data_ptr(), p.dtype) for p in params)
+        return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac, ptrs)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         if not isinstance(positions, torch.Tensor) or not positions.is_cuda:

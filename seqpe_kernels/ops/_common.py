@@ -89,7 +89,6 @@ def eager_entry(op, setup_context, backward):
         return _Eager.apply(*args)
 
     call.__name__ = call.__qualname__ = getattr(op, "_name", "seqpe_op")
-    call.op = op
     return call
 
 

@@ -45,7 +45,35 @@ def _triton_import_error() -> Optional[str]:
     return _TRITON_ERR[0]
 
 
+_CUDA_PROBLEM: Dict[Optional[int], Optional[str]] = {}  # memo of cuda_device_problem per device index
+
+
+def cuda_device_problem(device: torch.device) -> Optional[str]:
+    """Why tensors cannot live on the CUDA ``device`` in this process (None if they can, or if it is not CUDA).
+
+    Every status below asks this first, so that no backend is reported usable on a CUDA device that does not
+    exist (a CPU-only torch build, no visible GPU, or an index past the last device)."""
+    if device.type != "cuda":
+        return None
+    if device.index in _CUDA_PROBLEM:
+        return _CUDA_PROBLEM[device.index]
+    if not torch.cuda.is_available():
+        why = (f"CUDA is not available (torch {torch.__version__}, "
+               + (f"built for CUDA {torch.version.cuda}, but no CUDA device is visible)" if torch.version.cuda
+                  else "a CPU-only build)"))
+    elif device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        why = f"there is no CUDA device {device} ({n} visible: cuda:0..cuda:{n - 1})"
+    else:
+        why = None
+    _CUDA_PROBLEM[device.index] = why
+    return why
+
+
 def triton_status(device: torch.device) -> Tuple[bool, str]:
+    bad = cuda_device_problem(device)
+    if bad:
+        return False, bad
     err = _triton_import_error()
     if err:
         return False, err
@@ -58,6 +86,9 @@ def triton_status(device: torch.device) -> Tuple[bool, str]:
 
 
 def extension_status(name: str, device: torch.device) -> Tuple[bool, str]:
+    bad = cuda_device_problem(device)
+    if bad:
+        return False, bad
     if name == "cuda" and device.type != "cuda":
         return False, f"the CUDA extension needs a CUDA tensor (got {device.type})"
     if name == "cpu" and device.type != "cpu":
@@ -69,7 +100,8 @@ def extension_status(name: str, device: torch.device) -> Tuple[bool, str]:
 
 def status(name: str, device: torch.device) -> Tuple[bool, str]:
     if name == "torch":
-        return True, "eager PyTorch reference"
+        bad = cuda_device_problem(device)
+        return (False, bad) if bad else (True, "eager PyTorch reference")
     if name == "triton":
         return triton_status(device)
     if name in ("cuda", "cpu"):
@@ -132,4 +164,5 @@ def resolve(module, requested: str, device: torch.device) -> str:
                            + "; ".join(reasons))
             return name
         reasons.append(f"{name}: {prob or why}")
-    raise AssertionError("unreachable: torch is always usable")
+    # only when no tensor can exist on ``device`` (e.g. resolved_backend("cuda") on a machine without CUDA)
+    raise BackendUnavailable(f"no backend can run on {device}: " + "; ".join(reasons))

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .backend import BACKENDS, BackendUnavailable, available_backends, interpret_mode
+from .backend import BACKENDS, BackendUnavailable, available_backends, cuda_device_problem, interpret_mode
 from .reference import SeqPE
 
 FP32_RTOL = 1e-5          # fused fp32 vs fp32 reference, relative to max |reference|
@@ -34,6 +34,11 @@ LP_ATOL_ULPS = 0.25       # two-error rule: atol = LP_ATOL_ULPS * eps(dtype) * m
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 _DNAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+class CheckRequestError(ValueError):
+    """The requested check cannot run here (unknown device / dtype / backend, or a backend named explicitly that
+    is unusable on the device); raised before any work. ``seqpe-kernels check`` turns it into exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -214,13 +219,22 @@ def run_check(device=None, dtypes: Optional[Iterable] = None, backends: Optional
     """Check every usable backend on ``device`` against the reference; print a table; False on any failure.
 
     device   default: cuda if available, else cpu
-    dtypes   default: fp32 (+ bf16 and fp16 on CUDA); names or torch dtypes
-    backends default: every backend ``available_backends`` marks usable
+    dtypes   default: fp32 (+ bf16 and fp16 on CUDA); names or torch dtypes (bf16 / fp16 on CUDA only)
+    backends default: every backend ``available_backends`` marks usable; named backends must each be usable
+             here (else CheckRequestError, before any work) and each run at least one comparison (else False)
     seed     default: fresh (printed, so a failure can be reproduced with --seed)
     threads  torch CPU threads while checking (default on CPU: 1 -- the shapes are tiny, and on a shared
              machine spinning OpenMP threads slow the Triton interpreter down several-fold); restored after
+
+    False also when no backend comparison ran at all: a check that compared nothing did not pass.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise CheckRequestError(f"unknown device {device!r} ({e})") from None
     if threads is None and device.type == "cpu":
         threads = 1
     old = torch.get_num_threads()
@@ -234,18 +248,11 @@ def run_check(device=None, dtypes: Optional[Iterable] = None, backends: Optional
 
 def _run_check(device, dtypes, backends, cases, seed, file, verbose) -> bool:
     file = file or sys.stdout
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda requested but torch.cuda.is_available() is False")
-    if dtypes is None:
-        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
-    dtypes = [_DTYPES[d] if isinstance(d, str) else d for d in dtypes]
+    dtypes, usable, skipped = plan_check(device, dtypes, backends)
+    explicit = backends is not None
     if seed is None:
         seed = int(time.time_ns() % (2 ** 31))
     cases = list(cases) if cases is not None else default_cases(device)
-    table = available_backends(device)
-    wanted = list(backends) if backends else list(BACKENDS)
-    usable = [b for b in wanted if b in table and table[b][0]]
-    skipped = {b: table[b][1] if b in table else "unknown backend" for b in wanted if b not in usable}
 
     rows: List[CheckRow] = []
     t_start = time.perf_counter()
@@ -289,11 +296,67 @@ def _run_check(device, dtypes, backends, cases, seed, file, verbose) -> bool:
                 except Exception as e:  # a crash is a failure, reported with its reason
                     rows.append(CheckRow(b, case.name, dname, "FAIL", note=f"{type(e).__name__}: {e}"))
             del fused
-    ok = all(r.status != "FAIL" for r in rows)
+    ran = _comparisons_per_backend(rows, usable)
+    not_run = [b for b, n in ran.items() if n == 0]
+    why_not = ""
+    if not any(ran.values()):
+        why_not = "no backend comparison ran"
+    elif explicit and not_run:
+        why_not = f"requested backend{'s' if len(not_run) > 1 else ''} {', '.join(not_run)} ran no comparison"
+    ok = all(r.status != "FAIL" for r in rows) and not why_not
     if verbose:
         print(format_check_table(rows, device, seed, skipped, time.perf_counter() - t_start), file=file)
-        print(f"check {'PASSED' if ok else 'FAILED'}", file=file)
+        print(f"check {'PASSED' if ok else 'FAILED'}" + (f" ({why_not})" if why_not else ""), file=file)
     return ok
+
+
+def plan_check(device: torch.device, dtypes, backends) -> Tuple[List[torch.dtype], List[str], Dict[str, str]]:
+    """(dtypes, backends to run, {backend not checked: why}); CheckRequestError for a request that cannot run."""
+    bad = cuda_device_problem(device)
+    if bad:
+        raise CheckRequestError(f"device {device}: {bad}")
+    if device.type not in ("cpu", "cuda"):
+        raise CheckRequestError(f"device {device}: the check runs on cpu or cuda devices")
+    if dtypes is None:
+        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+    out = []
+    for d in dtypes:
+        if isinstance(d, str) and d not in _DTYPES:
+            raise CheckRequestError(f"unknown dtype {d!r}; choose from {', '.join(_DTYPES)}")
+        dt = _DTYPES[d] if isinstance(d, str) else d
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            raise CheckRequestError(f"dtype {d} is not checked; choose from fp32, bf16, fp16")
+        if dt != torch.float32 and device.type != "cuda":
+            raise CheckRequestError(f"dtype {_DNAME[dt]}: low-precision parity runs on CUDA only (the Triton "
+                                    "interpreter has known bf16 defects); use fp32 on cpu")
+        if dt not in out:
+            out.append(dt)
+    if not out:
+        raise CheckRequestError("no dtype to check")
+    table = available_backends(device)
+    if backends is None:
+        usable = [b for b in BACKENDS if table[b][0]]
+        return out, usable, {b: table[b][1] for b in BACKENDS if not table[b][0]}
+    wanted = list(dict.fromkeys(backends))
+    if not wanted:
+        raise CheckRequestError("no backend to check")
+    unknown = [b for b in wanted if b not in table]
+    if unknown:
+        raise CheckRequestError(f"unknown backend{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                                f"choose from {', '.join(BACKENDS)}")
+    unusable = [f"{b} ({table[b][1]})" for b in wanted if not table[b][0]]
+    if unusable:
+        raise CheckRequestError(f"backend cannot run on {device}: " + "; ".join(unusable))
+    return out, wanted, {}
+
+
+def _comparisons_per_backend(rows: List["CheckRow"], backends: Sequence[str]) -> Dict[str, int]:
+    """{backend: rows that compared something (pass or FAIL)}, for every backend that was to run."""
+    ran = {b: 0 for b in backends}
+    for r in rows:
+        if r.backend in ran and r.status != "skipped":
+            ran[r.backend] += 1
+    return ran
 
 
 def _row(backend, case, dname, qs, missing, note=""):
@@ -369,8 +432,15 @@ def format_check_table(rows: List[CheckRow], device, seed, skipped: Dict[str, st
                 if not q.ok:
                     lines.append(f"{'':<15} failing: {q.name} err {_fe(q.err)} > bound {_fe(q.bound)} "
                                  f"(max|ref| {_fe(q.scale)})")
+    ran: Dict[str, List[int]] = {}  # backend: [compared, skipped] (in the order they ran)
+    for r in rows:
+        if r.backend != "reference-fp64":
+            ran.setdefault(r.backend, [0, 0])[r.status == "skipped"] += 1
+    lines.append("")
+    lines.append("backends compared against the reference: " + (", ".join(
+        f"{b} ({n} comparison{'s' if n != 1 else ''}" + (f", {k} skipped" if k else "") + ")"
+        for b, (n, k) in ran.items()) or "none"))
     if skipped:
-        lines.append("")
         lines.append("backends not checked on this device:")
         for b, why in skipped.items():
             lines.append(f"  {b:<7} {why}")

@@ -695,71 +695,83 @@ def plot(result: dict, path: str):
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``seqpe-kernels train`` (task-dependent defaults are shown as 'task default')."""
+    from .cli import (existing_path, float_in, minus_one_or_positive, nonnegative_int, output_path, positive_int,
+                      seed_int, usable_device)
+
     lm, vit = TASK_DEFAULTS["lm"], TASK_DEFAULTS["vit"]
 
     def td(key):
         return f"task default: lm {lm.get(key)}, vit {vit.get(key)}"
 
     p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="lm", help="language model or ViT (default lm)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps ({td('steps')})")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"training steps ({td('steps')})")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"],
                    help="FusedSeqPE backend of the position encoder (default auto)")
-    p.add_argument("--dropout", type=float, default=0.1,
+    p.add_argument("--dropout", type=float_in(0.0, 1.0, hi_open=True), default=0.1,
                    help="encoder residual dropout and model dropout (default 0.1; 0 makes runs deterministic)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and positions (rank r: seed + r)")
-    p.add_argument("--json", default=None, metavar="PATH",
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of weights, data and positions (rank r: seed + r)")
+    p.add_argument("--json", default=None, metavar="PATH", type=output_path(),
                    help="write per-step losses, config and evaluation as JSON")
-    p.add_argument("--contrastive-weight", type=float, default=0.1, help="lambda_ct (default 0.1; 0 disables)")
-    p.add_argument("--transfer-weight", type=float, default=0.1, help="lambda_tr (default 0.1; 0 disables)")
-    p.add_argument("--device", default=None,
+    p.add_argument("--contrastive-weight", type=float_in(0.0), default=0.1,
+                   help="lambda_ct (default 0.1; 0 disables)")
+    p.add_argument("--transfer-weight", type=float_in(0.0), default=0.1, help="lambda_tr (default 0.1; 0 disables)")
+    p.add_argument("--device", default=None, type=usable_device,
                    help="cpu or cuda[:i] (default: cuda if present; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"global batch, split across ranks ({td('batch_size')})")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({td('lr')})")
-    p.add_argument("--pe-lr", type=float, default=None, help="encoder learning rate (default: --lr)")
-    p.add_argument("--data", default=None, metavar="PATH",
+    p.add_argument("--lr", type=float_in(0.0, lo_open=True), default=None, help=f"AdamW learning rate ({td('lr')})")
+    p.add_argument("--pe-lr", type=float_in(0.0, lo_open=True), default=None,
+                   help="encoder learning rate (default: --lr)")
+    p.add_argument("--data", default=None, metavar="PATH", type=existing_path,
                    help="lm: a UTF-8 text file (byte tokens); vit: an image folder with one subfolder per class "
                         "(needs Pillow). Default: embedded data, no download")
-    p.add_argument("--plot", default=None, metavar="PATH",
+    p.add_argument("--plot", default=None, metavar="PATH", type=output_path(""),
                    help="PNG of the losses and the extrapolation (default seqpe_train_<task>.png; '' for none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("model and encoder sizes")
-    g.add_argument("--model-dim", type=int, default=None, help=td("model_dim"))
-    g.add_argument("--model-layers", type=int, default=None, help=td("model_layers"))
-    g.add_argument("--model-heads", type=int, default=None, help=td("model_heads"))
-    g.add_argument("--pe-dim", type=int, default=None, help=f"encoder embed_dim ({td('pe_dim')})")
-    g.add_argument("--pe-heads", type=int, default=None, help=td("pe_heads"))
-    g.add_argument("--pe-layers", type=int, default=None, help=td("pe_layers"))
-    g.add_argument("--pe-temperature", type=float, default=1.0, help="encoder output temperature (default 1.0)")
+    g.add_argument("--model-dim", type=positive_int, default=None, help=td("model_dim"))
+    g.add_argument("--model-layers", type=positive_int, default=None, help=td("model_layers"))
+    g.add_argument("--model-heads", type=positive_int, default=None, help=td("model_heads"))
+    g.add_argument("--pe-dim", type=positive_int, default=None, help=f"encoder embed_dim ({td('pe_dim')})")
+    g.add_argument("--pe-heads", type=positive_int, default=None, help=td("pe_heads"))
+    g.add_argument("--pe-layers", type=positive_int, default=None, help=td("pe_layers"))
+    g.add_argument("--pe-temperature", type=float_in(0.0, lo_open=True), default=1.0,
+                   help="encoder output temperature (default 1.0)")
     g.add_argument("--pe-method", default=None, choices=["input_add", "attn_mul", "attn_add", "attn_scalar"],
                    help=f"how the model applies the PE ({td('pe_method')})")
     g.add_argument("--pe-qk", default=None, choices=["none", "single", "multi"],
                    help=f"Q/K projection of the PE for the attn_* methods ({td('pe_qk')})")
-    g.add_argument("--block-size", type=int, default=None, help=f"LM training length N ({td('block_size')})")
-    g.add_argument("--img-size", type=int, default=None, help=f"ViT training resolution ({td('img_size')})")
-    g.add_argument("--patch-size", type=int, default=None, help=td("patch_size"))
-    g.add_argument("--max-position", type=int, default=None, help=f"pe_max_position ({td('max_position')})")
+    g.add_argument("--block-size", type=positive_int, default=None, help=f"LM training length N ({td('block_size')})")
+    g.add_argument("--img-size", type=positive_int, default=None, help=f"ViT training resolution ({td('img_size')})")
+    g.add_argument("--patch-size", type=positive_int, default=None, help=td("patch_size"))
+    g.add_argument("--max-position", type=positive_int, default=None, help=f"pe_max_position ({td('max_position')})")
     g = p.add_argument_group("regularisers and sampling (sizes per position stream, like the reference's per GPU)")
-    g.add_argument("--contrastive-size", type=int, default=None, help=f"C candidates ({td('contrastive_size')})")
-    g.add_argument("--contrastive-batch", type=int, default=None, help=f"B_c pivots ({td('contrastive_batch')})")
-    g.add_argument("--transfer-size", type=int, default=None, help=f"T_n slots ({td('transfer_size')})")
-    g.add_argument("--transfer-batch", type=int, default=None, help=f"B_t windows ({td('transfer_batch')})")
-    g.add_argument("--transfer-beta", type=float, default=1.0, help="transfer beta (default 1.0, the scripts)")
-    g.add_argument("--shift-rate", type=float, default=0.1, help="random-shift probability (default 0.1; 0 = off)")
+    g.add_argument("--contrastive-size", type=positive_int, default=None,
+                   help=f"C candidates ({td('contrastive_size')})")
+    g.add_argument("--contrastive-batch", type=positive_int, default=None,
+                   help=f"B_c pivots ({td('contrastive_batch')})")
+    g.add_argument("--transfer-size", type=positive_int, default=None, help=f"T_n slots ({td('transfer_size')})")
+    g.add_argument("--transfer-batch", type=positive_int, default=None, help=f"B_t windows ({td('transfer_batch')})")
+    g.add_argument("--transfer-beta", type=float_in(0.0, 1.0), default=1.0,
+                   help="transfer beta in [0, 1] (default 1.0, the scripts)")
+    g.add_argument("--shift-rate", type=float_in(0.0, 1.0), default=0.1,
+                   help="random-shift probability (default 0.1; 0 = off)")
     g.add_argument("--shift-pool", type=int, default=320, help="random-shift pool size (default 320)")
-    g.add_argument("--pe-main-batch-size", type=int, default=-1,
+    g.add_argument("--pe-main-batch-size", type=minus_one_or_positive, default=-1,
                    help="P windows on a shifted step (default -1: the stream's batch size)")
-    g.add_argument("--pe-warmup-steps", type=int, default=0, help="regulariser weight warm-up (default 0)")
-    g.add_argument("--position-streams", type=int, default=None,
+    g.add_argument("--pe-warmup-steps", type=nonnegative_int, default=0, help="regulariser weight warm-up (default 0)")
+    g.add_argument("--position-streams", type=positive_int, default=None,
                    help="independent position streams (seed + index) the global batch is drawn from; default "
                         "the number of ranks. A single process with K streams reproduces a K-rank run")
     g = p.add_argument_group("optimisation and evaluation")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices (default 0.01)")
-    g.add_argument("--clip", type=float, default=5.0, help="gradient max-norm, encoder and model separately (5.0)")
-    g.add_argument("--eval-scales", type=float, nargs="+", default=None,
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.01,
+                   help="AdamW weight decay of matrices (default 0.01)")
+    g.add_argument("--clip", type=float_in(0.0), default=5.0,
+                   help="gradient max-norm, encoder and model separately (5.0; 0 disables)")
+    g.add_argument("--eval-scales", type=float_in(0.0, lo_open=True), nargs="+", default=None,
                    help=f"evaluation lengths / grids as multiples of the training ones ({td('eval_scales')})")
-    g.add_argument("--eval-tokens", type=int, default=8192, help="LM: held-out tokens per length, at most")
-    g.add_argument("--eval-samples", type=int, default=512, help="ViT synthetic: images per grid")
+    g.add_argument("--eval-tokens", type=positive_int, default=8192, help="LM: held-out tokens per length, at most")
+    g.add_argument("--eval-samples", type=positive_int, default=512, help="ViT synthetic: images per grid")
     g.add_argument("--no-eval", action="store_true", help="skip the extrapolation evaluation")
     g.add_argument("--save", default=None, metavar="PATH", help="save the trained encoder and model state dicts")
 
@@ -792,6 +804,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         resolve_config(cfg)
+        if cfg.task == "lm" and cfg.data is not None and os.path.isdir(cfg.data):
+            raise ValueError(f"--data {cfg.data}: a directory; the lm task reads one UTF-8 text file")
     except ValueError as e:
         print(f"seqpe-kernels train: {e}", file=sys.stderr)
         return 2

@@ -184,3 +184,200 @@ def test_check_command_as_a_user_runs_it():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "check PASSED" in r.stdout and " FAIL" not in r.stdout
+
+
+# ------------------------------------------------------------------------------------------- nothing silently wrong
+# (issue 12): a check that compared nothing fails, env tells the truth about CUDA, every CLI mistake is one line on
+# stderr and exit code 2, never a traceback. All of these are refused before any real work (fast).
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from seqpe_kernels import check as check_mod  # noqa: E402
+from seqpe_kernels.backend import BackendUnavailable, available_backends, triton_status  # noqa: E402
+
+NO_CUDA = not torch.cuda.is_available()
+BAD_CUDA = "cuda" if NO_CUDA else "cuda:99"  # a CUDA device that does not exist on this machine
+
+
+def _err_line(capsys, command):
+    """The one stderr line of a refused command (argparse adds its usage lines before it)."""
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and "Traceback" not in cap.out
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert lines, cap.out
+    assert lines[-1].startswith(f"seqpe-kernels {command}"), cap.err
+    assert not any(ln.startswith("seqpe-kernels") for ln in lines[:-1]), cap.err  # one message, not several
+    return lines[-1]
+
+
+@pytest.mark.parametrize("backend", ["foo", "cuda"])
+def test_check_refuses_unknown_or_unusable_backend(backend, capsys):
+    """Item 5: `check --backend foo` / `--backend cuda` on a CPU device printed PASSED and exited 0."""
+    assert cli.main(["check", "--device", "cpu", "--backend", backend, "--seed", "1"]) == 2
+    msg = _err_line(capsys, "check")
+    assert backend in msg
+    if backend == "cuda":
+        assert "cannot run on cpu" in msg and "CUDA" in msg
+
+
+def test_check_refuses_triton_without_interpreter(monkeypatch, capsys):
+    """Item 5: `check --backend triton` on a CPU machine without TRITON_INTERPRET=1 ran zero comparisons, exit 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli.main(["check", "--device", "cpu", "--backend", "triton", "--seed", "1"]) == 2
+    msg = _err_line(capsys, "check")
+    assert "triton" in msg and "TRITON_INTERPRET=1" in msg
+
+
+def test_check_fails_when_no_comparison_ran(monkeypatch, capsys):
+    """Item 5: a usable backend whose every case is skipped (here: the module cannot be built) used to PASS."""
+    def unavailable(ref, backend):
+        raise BackendUnavailable("pretend this backend refuses every configuration")
+
+    monkeypatch.setattr(check_mod, "_fused_from", unavailable)
+    rc = cli.main(["check", "--device", "cpu", "--backend", "torch", "--seed", "2"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "check FAILED (no backend comparison ran)" in out
+    assert "backends compared against the reference: torch (0 comparisons, 4 skipped)" in out
+    # the library call says the same thing (False), and refuses unknown backends before any work
+    assert check_mod.run_check(device="cpu", backends=["torch"], seed=2, verbose=False) is False
+    with pytest.raises(check_mod.CheckRequestError, match="unknown backend 'foo'"):
+        check_mod.run_check(device="cpu", backends=["foo"], verbose=False)
+
+
+def test_check_table_names_the_backends_that_ran(capsys):
+    rc = cli.main(["check", "--device", "cpu", "--backend", "torch", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "backends compared against the reference: torch (3 comparisons, 1 skipped)" in out
+    assert "check PASSED" in out
+
+
+def test_backend_status_tells_the_truth_about_cuda():
+    """Item 6 (library side): no backend is usable on a CUDA device that does not exist here, with the reason."""
+    table = available_backends(BAD_CUDA)
+    assert set(table) == set(BACKENDS)
+    for name, (ok, why) in table.items():
+        assert not ok, (name, why)
+        assert ("CUDA is not available" in why) if NO_CUDA else ("no CUDA device cuda:99" in why)
+    assert not triton_status(torch.device(BAD_CUDA))[0]
+    import seqpe_kernels as sk
+    from seqpe_kernels import backend as B
+
+    fus = sk.FusedSeqPE(32, 2, 3, backend="triton")
+    with pytest.raises(BackendUnavailable, match="cannot run here"):
+        B.resolve(fus, "triton", torch.device(BAD_CUDA))
+    with pytest.raises(BackendUnavailable, match="no backend can run"):
+        sk.FusedSeqPE(32, 2, 3).resolved_backend(BAD_CUDA)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="about a CPU-only machine")
+def test_env_cuda_on_cpu_only_machine_says_unusable(capsys):
+    """Item 6: `env --device cuda` on a CPU-only torch said Triton was usable."""
+    assert cli.main(["env", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("backends for device cuda:")[1].splitlines()[1:]
+    rows = {ln.split()[0]: ln for ln in table if ln.strip()}
+    assert set(rows) == set(BACKENDS)
+    for b, ln in rows.items():
+        assert ln.split()[1] == "unusable" and "CUDA is not available" in ln, ln
+
+
+def test_env_unknown_device_is_one_line(capsys):
+    """Item 7: `env --device foo` was a RuntimeError traceback."""
+    assert cli.main(["env", "--device", "foo"]) == 2
+    assert "expected cpu, cuda or cuda:N, got 'foo'" in _err_line(capsys, "env")
+
+
+def test_train_on_missing_cuda_is_one_line(capsys):
+    """Item 7: `train --device cuda` on a CPU-only torch was 'AssertionError: Torch not compiled with CUDA enabled'."""
+    assert cli.main(["train", "--device", BAD_CUDA, "--steps", "1", "--no-eval", "--plot", ""]) == 2
+    msg = _err_line(capsys, "train")
+    assert "--device" in msg and ("CUDA is not available" in msg if NO_CUDA else "no CUDA device" in msg)
+
+
+def _run_cli(*argv):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # as a user runs it
+    return subprocess.run([sys.executable, "-m", "seqpe_kernels.cli", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [["env", "--device", "foo"],
+                                  ["train", "--device", BAD_CUDA],
+                                  ["check", "--backend", "cuda", "--device", "cpu"],
+                                  ["bench", "--device", BAD_CUDA, "--csv", "none", "--png", "none"]])
+def test_mistakes_in_a_real_process_have_no_traceback(argv):
+    """Items 5 and 7 as a user sees them: exit code 2, one message line on stderr, no traceback."""
+    r = _run_cli(*argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"seqpe-kernels {argv[0]}"), r.stderr
+    assert "check PASSED" not in r.stdout
+
+
+# every flag's bad values, as a user types them: refused with exit code 2 and one line, before any work
+BAD_ARGS = [
+    # env
+    ["env", "--device", "mps"], ["env", "--device", "cuda:x"], ["env", "--device", ""],
+    # bench
+    ["bench", "--device", "foo"], ["bench", "--device", BAD_CUDA], ["bench", "--config", "nope"],
+    ["bench", "--config", "all", "text-default"], ["bench", "--provider", "nope"], ["bench", "--mode", "nope"],
+    ["bench", "--M", "0"], ["bench", "--M", "-3"], ["bench", "--M", "x"], ["bench", "--threads", "0"],
+    ["bench", "--seed", "-1"], ["bench", "--seed", "abc"], ["bench", "--sweep-m", "4"],
+    ["bench", "--sweep", "--M", "4"], ["bench", "--sweep", "--sweep-m", "0"],
+    ["bench", "--csv", "{tmp}/a_file/x.csv"], ["bench", "--png", "{tmp}"],
+    # check
+    ["check", "--device", "foo"], ["check", "--device", BAD_CUDA], ["check", "--backend", "auto"],
+    ["check", "--dtype", "fp64"], ["check", "--dtype", "bf16", "--device", "cpu"],
+    ["check", "--seed", "-5"], ["check", "--seed", str(2 ** 40)],
+    # train
+    ["train", "--device", "foo"], ["train", "--task", "nope"], ["train", "--backend", "nope"],
+    ["train", "--steps", "0"], ["train", "--steps", "-3"], ["train", "--seed", "-1"], ["train", "--seed", "1.5"],
+    ["train", "--batch-size", "0"], ["train", "--lr", "0"], ["train", "--lr", "nan"], ["train", "--pe-lr", "-1"],
+    ["train", "--dropout", "1"], ["train", "--dropout", "-0.1"], ["train", "--contrastive-weight", "-1"],
+    ["train", "--transfer-weight", "inf"], ["train", "--model-dim", "0"], ["train", "--model-layers", "0"],
+    ["train", "--model-heads", "3"], ["train", "--pe-dim", "-8"], ["train", "--pe-heads", "0"],
+    ["train", "--pe-layers", "0"], ["train", "--pe-temperature", "0"], ["train", "--pe-method", "nope"],
+    ["train", "--pe-qk", "nope"], ["train", "--block-size", "0"], ["train", "--img-size", "0"],
+    ["train", "--patch-size", "0"], ["train", "--max-position", "0"], ["train", "--contrastive-size", "0"],
+    ["train", "--contrastive-batch", "0"], ["train", "--transfer-size", "0"], ["train", "--transfer-batch", "0"],
+    ["train", "--transfer-beta", "2"], ["train", "--shift-rate", "1.5"], ["train", "--shift-pool", "x"],
+    ["train", "--pe-main-batch-size", "0"], ["train", "--pe-warmup-steps", "-1"],
+    ["train", "--position-streams", "0"], ["train", "--weight-decay", "-1"], ["train", "--clip", "-1"],
+    ["train", "--eval-scales", "1", "0"], ["train", "--eval-tokens", "0"], ["train", "--eval-samples", "0"],
+    ["train", "--data", "{tmp}/missing.txt"], ["train", "--data", "{tmp}"], ["train", "--json", "{tmp}"],
+    ["train", "--plot", "{tmp}/a_file/p.png"],
+    ["train", "--task", "vit", "--img-size", "16", "--patch-size", "5"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGS, ids=[" ".join(a) for a in BAD_ARGS])
+def test_every_mistake_is_one_line_and_exit_2(argv, tmp_path, capsys, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("a refused command must not start any work")
+
+    import seqpe_kernels.bench
+    import seqpe_kernels.train
+    monkeypatch.setattr(seqpe_kernels.bench, "run_bench", no_work)
+    monkeypatch.setattr(check_mod, "default_cases", no_work)  # called once the request is accepted
+    monkeypatch.setattr(seqpe_kernels.train, "train", no_work)
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    _err_line(capsys, argv[0])
+
+
+def test_help_exits_0_and_internal_errors_are_not_usage_errors(monkeypatch, capsys):
+    assert cli.main(["check", "--help"]) == 0
+    capsys.readouterr()
+
+    def bug(**kw):
+        raise RuntimeError("an internal bug")
+
+    # a genuine bug keeps its traceback (not turned into exit code 2)
+    monkeypatch.setattr(check_mod, "run_check", bug)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        cli.main(["check", "--device", "cpu", "--backend", "torch"])

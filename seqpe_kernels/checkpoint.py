@@ -1,36 +1,78 @@
-"""Loading and saving SeqPE encoder weights in the authors' file layouts (SEQPE_SPEC §3).
+"""Loading and saving SeqPE encoder weights in the authors' file layouts (SEQPE_SPEC §3), with the configuration.
 
 Supported inputs of :func:`load_checkpoint`:
 
 * an image checkpoint (``best_model.pth`` / ``ckpt_epoch_N.pth``): a ``torch.save`` dict whose ``pe_model``
   entry is the ``SequentialPE`` state dict (other entries: ``model``, ``config``, ``optimizer`` ... ignored);
+* a ``seqpe-kernels train --save`` file: a ``torch.save`` dict whose ``encoder`` entry is the encoder;
 * a bare ``torch.save``-d state dict of the encoder;
 * a text (accelerate ``save_state``) directory: the encoder is ``model_1.safetensors`` inside it
   (``model.safetensors`` there is GPT-2);
 * a ``.safetensors`` file holding the encoder state dict.
 
-The architecture is read off the tensor shapes (width, digits per axis, data_dim, layers, output width,
-final LayerNorm, digit base). What the weights cannot tell - the head count, the attention direction, pad
-masking - comes from the arguments; for image checkpoints whose pickled ``config`` can be read, its
-``NUM_ATTENTION_HEADS`` fills in a missing ``num_heads`` and disagreements with the other recorded settings
-are reported as warnings.
+Configuration. :func:`save_checkpoint` and ``train --save`` record the encoder's full constructor
+configuration (``SeqPE.config()``) beside the weights: a ``seqpe_config`` entry of plain Python values in a
+``.pth`` dict (``torch.load(weights_only=True)`` reads it), a ``seqpe_config`` JSON string in the
+safetensors metadata (also for ``model_1.safetensors`` of a directory). The layouts stay what the authors'
+loaders read. On loading, the architecture is read off the tensor shapes (width, digits per axis, data_dim,
+layers, output width, final LayerNorm, digit base); what the weights cannot tell (heads, attention direction,
+pad masking, temperature, dropout, ...) comes, in this order, from the caller's arguments, the file's recorded
+configuration (``seqpe_config``; for older files the train run's ``config`` or the image checkpoint's pickled
+yacs config, e.g. ``NUM_ATTENTION_HEADS``), else a stated guess: a :class:`CheckpointConfigWarning` names every
+guessed value and the argument that overrides it. An argument that contradicts the file's record is used, with
+a warning naming both values.
+
+Safety. Nothing in a file is executed unless the caller opts in with ``allow_unsafe_pickle=True``. Files that
+``torch.load(weights_only=True)`` refuses (the image checkpoints pickle a yacs ``CfgNode``) are read with a
+restricted unpickler: it imports nothing, calls only the globals torch's weights-only loader allows (tensor
+rebuild functions, OrderedDict, dtypes, ...), and turns every other class or function the pickle names into an
+:class:`InertObject` that records the arguments and state the pickle gives it as plain data.
 """
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
+import collections
+import io
+import json
+import math
 import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint", "read_state_dict", "infer_config"]
+__all__ = ["load_checkpoint", "save_checkpoint", "read_state_dict", "infer_config", "InertObject",
+           "CheckpointConfigWarning", "InertPickleWarning"]
 
 _PROBE_KEY = "transformers.0.attn.c_attn.weight"
 _TEXT_ENCODER_FILE = "model_1.safetensors"
+_CONFIG_ENTRY = "seqpe_config"  # .pth dict entry / safetensors metadata key holding SeqPE.config()
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+
+# SeqPE constructor arguments: read off the weights / chosen by whoever trained the encoder
+_SHAPE_KEYS = ("embed_dim", "max_digits", "num_layers", "data_dim", "out_dim", "use_last_layernorm", "base")
+_CHOSEN_KEYS = ("num_heads", "attn_direction", "mask_padding", "temperature", "resid_pdrop", "attn_pdrop",
+                "scale_attn_weights", "layer_norm_eps", "init")
+_CONFIG_KEYS = _SHAPE_KEYS + _CHOSEN_KEYS
+# guesses for files that record nothing (the paper's settings; SEQPE_SPEC §2.1), each announced by a warning.
+# layer_norm_eps (fixed 1e-5 in the authors' code) and init (no effect on a loaded module) are left to the
+# constructor's defaults without a warning.
+_GUESSES = {"attn_direction": "causal", "mask_padding": False, "temperature": 1.0, "resid_pdrop": 0.1,
+            "attn_pdrop": 0.0, "scale_attn_weights": True}
+_PLAIN = (bool, int, float, str, type(None))
+
+
+class CheckpointConfigWarning(UserWarning):
+    """A setting of the loaded encoder was guessed, or an argument contradicts the file's recorded config."""
+
+
+class InertPickleWarning(UserWarning):
+    """A checkpoint pickles classes or functions that were replaced by :class:`InertObject` (nothing ran)."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -49,41 +91,298 @@ def _short_list(keys, n: int = 12) -> str:
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
 
 
-class _Placeholder(dict):
-    """Stands in for a pickled class that cannot be imported (e.g. yacs' CfgNode when yacs is absent).
+def _device_of(map_location) -> Optional[torch.device]:
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    return None
 
-    Derives from dict so a pickled dict subclass (CfgNode) keeps its items and ``.get`` works on it.
+
+# ----------------------------------------------------------------------------------------------- inert unpickling
+class InertObject(dict):
+    """What a pickled object of a class the loader does not trust becomes: data, nothing imported or run.
+
+    Each class or function a pickle names outside the trusted set becomes a subclass of this one whose
+    ``pickled_class`` is the name the file gave (``"yacs.config.CfgNode"``, ``"posix.system"``). Where the
+    pickle would call it (``__reduce__``, ``__new__``), an instance records the arguments in
+    ``pickled_args`` / ``pickled_kwargs``; where it would set state (``__setstate__`` / ``__dict__``), the
+    state is kept in ``pickled_state``. Dict items (a yacs CfgNode is a dict subclass) stay items; list items
+    go to ``pickled_items``. Attribute reads fall back to dict items and the recorded state, so
+    ``cfg.NUM_ATTENTION_HEADS`` reads like the original. Calling the class only records its arguments.
     """
 
-    _qualname = "?"
+    pickled_class = "?"
 
     def __new__(cls, *args, **kwargs):
-        return dict.__new__(cls)
+        self = dict.__new__(cls)
+        self.__dict__.update(pickled_args=args, pickled_kwargs=kwargs, pickled_state=None, pickled_items=[])
+        return self
 
-    def __init__(self, *args, **kwargs):
-        dict.__init__(self)
+    def __init__(self, *args, **kwargs):  # arguments are recorded by __new__, never applied
+        pass
 
     def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
+        self.__dict__["pickled_state"] = state
+
+    def _state_dict(self) -> dict:
+        st = self.__dict__.get("pickled_state")
+        if isinstance(st, tuple) and len(st) == 2 and all(s is None or isinstance(s, dict) for s in st):
+            return {**(st[0] or {}), **(st[1] or {})}
+        return st if isinstance(st, dict) else {}
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in self:
+            return self[name]
+        st = self._state_dict()
+        if name in st:
+            return st[name]
+        raise AttributeError(f"{type(self).pickled_class} (inert) has no item or recorded attribute {name!r}")
+
+    def __reduce__(self):
+        raise TypeError(f"an inert stand-in for {type(self).pickled_class} cannot be pickled")
 
     def __repr__(self):
-        return f"<unimportable {self._qualname} {dict.__repr__(self)}>"
+        extra = []
+        if self.__dict__.get("pickled_args"):
+            extra.append(f"args={self.pickled_args!r}")
+        if self.__dict__.get("pickled_state") is not None:
+            extra.append(f"state={self.pickled_state!r}")
+        body = dict.__repr__(self) if len(self) or not extra else ""
+        return f"<inert {type(self).pickled_class} {' '.join([body] + extra).strip()}>"
+
+
+def _inert_class(full_name: str) -> type:
+    short = full_name.rsplit(".", 1)[-1] or "Inert"
+    return type(short if short.isidentifier() else "Inert", (InertObject,),
+                {"pickled_class": full_name, "__module__": __name__})
+
+
+# inert globals that are expected in a run's checkpoint and only hold data: a run config (a yacs CfgNode, from
+# whichever module defines it, or an argparse Namespace) and numpy values are read as data without a warning;
+# anything else that had to be made inert is reported (InertPickleWarning). Nothing is called either way.
+_DATA_CLASSES = {"argparse.Namespace", "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar",
+                 "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct",
+                 "numpy._core.multiarray._reconstruct"}
+
+
+def _is_data_class(name: str) -> bool:
+    return name in _DATA_CLASSES or name.endswith(".CfgNode")
+
+
+def _trusted_globals() -> Dict[str, Any]:
+    """Globals the restricted unpickler resolves to the real objects: torch's own weights-only allowlist
+    (tensor rebuild functions, storages, dtypes, torch.Size/device, OrderedDict, set ...). Globals a user
+    added with torch.serialization.add_safe_globals are not included."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return dict(_get_allowed_globals())
+    except Exception:  # pragma: no cover - private torch API moved: a minimal allowlist
+        rc = {"collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size,
+              "torch.device": torch.device, "torch.nn.parameter.Parameter": torch.nn.Parameter,
+              "torch.Tensor": torch.Tensor, "builtins.set": set, "_codecs.encode": codecs.encode,
+              "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2}
+        for name in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
+            rc[f"torch._utils.{name}"] = getattr(torch._utils, name)
+        for t in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool):
+            rc[str(t)] = t
+        return rc
+
+
+class _InertUnpickler(pickle._Unpickler):
+    """Pure-Python unpickler that imports nothing and calls only trusted globals (see :class:`InertObject`).
+
+    Every opcode that can run code is overridden: GLOBAL/STACK_GLOBAL/INST/EXT* go through ``find_class``
+    (trusted object or inert class, never an import); REDUCE/NEWOBJ/NEWOBJ_EX/OBJ/INST call only trusted
+    globals (inert classes just record); BUILD sets state only on inert objects, OrderedDicts and tensors (as
+    torch's weights-only unpickler does); APPEND(S)/SETITEM(S)/ADDITEMS accept only real lists/dicts/sets
+    (and inert objects); out-of-band buffers are refused. Persistent ids (tensor storages) are torch's.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self._trusted = _trusted_globals()
+        self._trusted_ids = {id(v) for v in self._trusted.values()}
+        self._inert: Dict[str, type] = {}
+        self.inert_globals: set = set()
+
+    # --- names -> objects: never an import
+    def find_class(self, module, name):
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise pickle.UnpicklingError(f"bad global name {module!r}.{name!r}")
+        if self.proto < 3 and self.fix_imports:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        if full in self._trusted:
+            return self._trusted[full]
+        self.inert_globals.add(full)
+        if full not in self._inert:
+            self._inert[full] = _inert_class(full)
+        return self._inert[full]
+
+    # --- calls
+    def _is_trusted(self, obj) -> bool:
+        return id(obj) in self._trusted_ids
+
+    def _call(self, func, args, kwargs):
+        if isinstance(func, type) and issubclass(func, InertObject):
+            return InertObject.__new__(func, *args, **kwargs)  # records; runs nothing
+        if not self._is_trusted(func):
+            raise pickle.UnpicklingError(f"refusing to call {type(func).__name__} {func!r}: not a trusted global")
+        if kwargs:
+            raise pickle.UnpicklingError(f"refusing keyword arguments for {func!r}")
+        if func is codecs.encode:  # protocol-2 bytes: _codecs.encode(str, 'latin1') only
+            if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
+                raise pickle.UnpicklingError("refusing _codecs.encode with arguments other than (str, 'latin1')")
+        elif func is torch._tensor._rebuild_from_type_v2:
+            inner, new_type = (args + (None, None))[:2]
+            if not (self._is_trusted(inner) and callable(inner) and isinstance(new_type, type)
+                    and issubclass(new_type, torch.Tensor) and self._is_trusted(new_type)):
+                raise pickle.UnpicklingError("refusing _rebuild_from_type_v2 with an untrusted function or type")
+        return func(*args, **kwargs)
+
+    def _new(self, cls, args, kwargs):
+        if isinstance(cls, type) and issubclass(cls, InertObject):
+            return InertObject.__new__(cls, *args, **kwargs)
+        if cls is torch.nn.Parameter and not kwargs:
+            return torch.nn.Parameter(*args)
+        if isinstance(cls, type) and self._is_trusted(cls) and not kwargs:
+            return cls.__new__(cls, *args)
+        raise pickle.UnpicklingError(f"refusing to create an object of {cls!r}: not a trusted class")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        if not isinstance(args, tuple):
+            raise pickle.UnpicklingError("REDUCE arguments are not a tuple")
+        self.stack[-1] = self._call(self.stack[-1], args, {})
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, tuple(args), {}))
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, tuple(args), dict(kwargs)))
+
+    def _instantiate(self, klass, args):  # OBJ / INST
+        self.append(self._call(klass, tuple(args), {}))
+
+    # --- state
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, InertObject):
+            inst.__dict__["pickled_state"] = state
+        elif type(inst) is torch.Tensor:  # legacy tensor state, as torch's weights-only unpickler
+            inst.set_(*state)
+        elif type(inst) is torch.nn.Parameter:
+            inst.__setstate__(state)
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict) and \
+                all(isinstance(k, str) for k in state):  # a state dict's _metadata
+            inst.__dict__.update(state)
+        else:
+            raise pickle.UnpicklingError(f"refusing to set state on {type(inst).__name__}")
+
+    # --- containers
+    def load_append(self):
+        value = self.stack.pop()
+        self._extend(self.stack[-1], [value])
+
+    def load_appends(self):
+        items = self.pop_mark()
+        self._extend(self.stack[-1], items)
+
+    @staticmethod
+    def _extend(obj, items):
+        if type(obj) is list:
+            obj.extend(items)
+        elif isinstance(obj, InertObject):
+            obj.__dict__["pickled_items"].extend(items)
+        else:
+            raise pickle.UnpicklingError(f"refusing to append to {type(obj).__name__}")
+
+    def load_setitem(self):
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._setitems(self.stack[-1], [key, value])
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        self._setitems(self.stack[-1], items)
+
+    @staticmethod
+    def _setitems(obj, items):
+        if not (type(obj) in (dict, collections.OrderedDict, collections.Counter) or isinstance(obj, InertObject)):
+            raise pickle.UnpicklingError(f"refusing to set items on {type(obj).__name__}")
+        for i in range(0, len(items), 2):
+            obj[items[i]] = items[i + 1]  # dict / OrderedDict / Counter / InertObject: no user code
+
+    def load_additems(self):
+        items = self.pop_mark()
+        obj = self.stack[-1]
+        if type(obj) is not set:
+            raise pickle.UnpicklingError(f"refusing to add items to {type(obj).__name__}")
+        obj.update(items)
+
+    def load_refused(self):
+        raise pickle.UnpicklingError("out-of-band pickle buffers are not supported")
+
+
+for _op, _fn in ((pickle.REDUCE, _InertUnpickler.load_reduce), (pickle.NEWOBJ, _InertUnpickler.load_newobj),
+                 (pickle.NEWOBJ_EX, _InertUnpickler.load_newobj_ex), (pickle.BUILD, _InertUnpickler.load_build),
+                 (pickle.APPEND, _InertUnpickler.load_append), (pickle.APPENDS, _InertUnpickler.load_appends),
+                 (pickle.SETITEM, _InertUnpickler.load_setitem), (pickle.SETITEMS, _InertUnpickler.load_setitems),
+                 (pickle.ADDITEMS, _InertUnpickler.load_additems),
+                 (pickle.NEXT_BUFFER, _InertUnpickler.load_refused),
+                 (pickle.READONLY_BUFFER, _InertUnpickler.load_refused)):
+    _InertUnpickler.dispatch[_op[0]] = _fn
+del _op, _fn
+# OBJ and INST reach _instantiate (overridden); GLOBAL, STACK_GLOBAL, INST and EXT1/2/4 reach find_class.
+
+
+class _InertPickle:
+    """``pickle_module`` for torch.load: the restricted :class:`_InertUnpickler`; records the inert globals."""
+
+    __name__ = "seqpe_kernels.checkpoint._InertPickle"
+
+    def __init__(self):
+        self.inert_globals: set = set()
+        outer = self
+
+        class Unpickler(_InertUnpickler):
+            def load(self):
+                try:
+                    return super().load()
+                finally:
+                    outer.inert_globals |= self.inert_globals
+
+        self.Unpickler = Unpickler
+
+    def load(self, f, **kwargs):
+        return self.Unpickler(f, **kwargs).load()
 
 
 class _LenientUnpickler(pickle.Unpickler):
+    """Real unpickling (allow_unsafe_pickle=True); only classes that cannot be imported become inert."""
+
     def find_class(self, module, name):
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError):
-            return type(name, (_Placeholder,), {"_qualname": f"{module}.{name}"})
+            return _inert_class(f"{module}.{name}")
 
 
 class _LenientPickle:
-    """A ``pickle_module`` for torch.load that replaces unimportable classes by placeholders."""
-
     Unpickler = _LenientUnpickler
     __name__ = "seqpe_kernels.checkpoint._LenientPickle"
 
@@ -92,44 +391,52 @@ class _LenientPickle:
         return _LenientUnpickler(f, **kwargs).load()
 
 
-def _device_of(map_location) -> Optional[torch.device]:
-    if isinstance(map_location, (str, torch.device)):
-        return torch.device(map_location)
-    return None
+def _first_line(e: BaseException) -> str:
+    msg = str(e)
+    return next((ln for ln in msg.splitlines() if ln.strip()), type(e).__name__)
 
 
-def _torch_load(path: Path, map_location, allow_unsafe_pickle: bool):
+def _torch_load(path: Path, map_location, allow_unsafe_pickle: bool) -> Tuple[Any, Dict[str, Any]]:
+    """torch.load(weights_only=True); if it refuses the file's pickled objects, the inert unpickler (default)
+    or, only with allow_unsafe_pickle=True, the real pickle. Returns (object, {"unpickler", "inert_globals"})."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True), \
+            {"unpickler": "weights_only", "inert_globals": []}
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" not in msg:  # not a pickled class: the file itself is broken
-            first = next((ln for ln in msg.splitlines() if ln.strip()), type(e).__name__)
-            raise ValueError(f"{path}: could not read it as a torch.save file ({first})") from e
-        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-        culprit = culprit.group(1) if culprit else "a pickled Python object"
-        if not allow_unsafe_pickle:
-            raise ValueError(
-                f"{path}: the file pickles {culprit} (the image checkpoints store their yacs config this way), "
-                "which torch.load(weights_only=True) refuses; pass allow_unsafe_pickle=True to load it with "
-                "weights_only=False if you trust the file, or re-save just the encoder with save_checkpoint()."
-            ) from e
-        warnings.warn(
-            f"{path}: torch.load(weights_only=True) refused the file because it pickles {culprit} (the image "
-            "checkpoints store their yacs CfgNode config that way). Retrying with weights_only=False: this runs "
-            "the file's pickle code, so only do it for files you trust (pass allow_unsafe_pickle=False to refuse). "
-            "Classes that cannot be imported (e.g. yacs when it is not installed) are replaced by placeholders.",
-            UserWarning, stacklevel=3)
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_LenientPickle)
-        except Exception as e2:
-            raise ValueError(f"{path}: could not read it even with weights_only=False "
-                             f"({type(e2).__name__}: {e2})") from e2
+        refused = e
     except Exception as e:  # a file that is not a torch.save archive fails with many exception types
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise
-        raise ValueError(f"{path}: could not read it as a torch.save file "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise ValueError(f"{path}: could not read it as a torch.save file ({type(e).__name__}: "
+                         f"{_first_line(e) if str(e) else ''})") from e
+    if allow_unsafe_pickle:  # the caller trusts the file: real unpickling, which runs the file's pickle code
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False, pickle_module=_LenientPickle)
+        except Exception as e2:
+            raise ValueError(f"{path}: could not read it even with weights_only=False "
+                             f"({type(e2).__name__}: {e2})") from e2
+        return obj, {"unpickler": "unsafe", "inert_globals": []}
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
+                raise ValueError(f"{path}: a TorchScript archive, not a torch.save checkpoint; load it with "
+                                 "torch.jit.load if you trust it")
+    pm = _InertPickle()
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False, pickle_module=pm)
+    except Exception as e2:
+        raise ValueError(f"{path}: could not read it as a torch.save file ({_first_line(refused)}; the restricted "
+                         f"unpickler: {type(e2).__name__}: {_first_line(e2)}). Pass allow_unsafe_pickle=True "
+                         "to unpickle it for real (this runs code from the file) only if you trust it.") from e2
+    inert = sorted(pm.inert_globals)
+    odd = [g for g in inert if not _is_data_class(g)]
+    if odd:
+        warnings.warn(
+            f"{path}: the file pickles {', '.join(odd)}, which torch.load(weights_only=True) refuses. They were "
+            "read as inert data (seqpe_kernels.checkpoint.InertObject): nothing was imported or called. The "
+            "tensors are unaffected. Pass allow_unsafe_pickle=True to unpickle them for real (this runs code "
+            "from the file) only if you trust it.", InertPickleWarning, stacklevel=4)
+    return obj, {"unpickler": "inert", "inert_globals": inert}
 
 
 def _is_state_dict(obj) -> bool:
@@ -160,19 +467,40 @@ def _no_encoder_error(path, what: str, keys) -> ValueError:
                       f"keys found: {_short_list(keys)}.{hint}")
 
 
+def _check_recorded_config(cfg, where) -> Optional[Dict[str, Any]]:
+    """A recorded ``seqpe_config``: a dict of plain values; unknown keys are dropped with a warning."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Mapping) or not all(isinstance(k, str) for k in cfg):
+        raise ValueError(f"{where}: the recorded {_CONFIG_ENTRY} is not a dict of settings (got {type(cfg).__name__})")
+    bad = [k for k, v in cfg.items() if not isinstance(v, _PLAIN)]
+    if bad:
+        raise ValueError(f"{where}: the recorded {_CONFIG_ENTRY} has values that are not plain numbers, strings "
+                         f"or booleans: {bad}")
+    unknown = [k for k in cfg if k not in _CONFIG_KEYS]
+    if unknown:
+        warnings.warn(f"{where}: the recorded {_CONFIG_ENTRY} has settings this version does not know, ignored: "
+                      f"{unknown}", CheckpointConfigWarning, stacklevel=4)
+    return {k: v for k, v in cfg.items() if k in _CONFIG_KEYS}
+
+
 # ----------------------------------------------------------------------------------------------- reading
-def read_state_dict(path, map_location="cpu", allow_unsafe_pickle: bool = True
+def read_state_dict(path, map_location="cpu", allow_unsafe_pickle: bool = False
                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read the encoder's state dict from any supported container.
 
-    Returns ``(state_dict, info)``; ``info`` has ``format`` ("image-pth", "state-dict-pth", "safetensors",
-    "text-dir"), ``file`` (the file actually read) and ``config`` (the pickled run config of an image
-    checkpoint, or None).
+    Returns ``(state_dict, info)``; ``info`` has ``format`` ("image-pth", "train-pth", "state-dict-pth",
+    "safetensors", "text-dir"), ``file`` (the file actually read), ``seqpe_config`` (the recorded encoder
+    configuration, or None), ``config`` (the run config of an image checkpoint or a train file, or None),
+    ``unpickler`` ("weights_only", "inert", "unsafe" or None for safetensors) and ``inert_globals`` (names the
+    pickle referred to that were read as :class:`InertObject`). ``allow_unsafe_pickle``: see
+    :func:`load_checkpoint`.
     """
     path = Path(os.fspath(path))
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
-    info: Dict[str, Any] = {"format": None, "file": path, "config": None}
+    info: Dict[str, Any] = {"format": None, "file": path, "config": None, "seqpe_config": None,
+                            "unpickler": None, "inert_globals": []}
     if path.is_dir():
         f = path / _TEXT_ENCODER_FILE
         if not f.is_file():
@@ -183,29 +511,46 @@ def read_state_dict(path, map_location="cpu", allow_unsafe_pickle: bool = True
         path = f
     if path.suffix == ".safetensors":
         st = _require_safetensors()
+        from safetensors import safe_open
+
         dev = _device_of(map_location)
         try:
             sd = st.load_file(str(path), device=str(dev) if dev is not None else "cpu")
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
         except Exception as e:  # safetensors raises its own error type on a corrupt header
             raise ValueError(f"{path}: could not read it as a safetensors file ({e})") from e
+        if _CONFIG_ENTRY in meta:
+            try:
+                recorded = json.loads(meta[_CONFIG_ENTRY])
+            except ValueError as e:
+                raise ValueError(f"{path}: the '{_CONFIG_ENTRY}' metadata is not valid JSON ({e})") from e
+            info["seqpe_config"] = _check_recorded_config(recorded, path)
         info["format"] = info["format"] or "safetensors"
         what = "no encoder keys"
     else:
-        obj = _torch_load(path, map_location, allow_unsafe_pickle)
-        if isinstance(obj, Mapping) and "pe_model" in obj:
-            sd = obj["pe_model"]
-            info.update(format="image-pth", config=obj.get("config"))
-            if not _is_state_dict(sd):
-                raise ValueError(f"{path}: the 'pe_model' entry is not a state dict of tensors "
-                                 f"(got {type(sd).__name__})")
+        obj, how = _torch_load(path, map_location, allow_unsafe_pickle)
+        info.update(how)
+        container = isinstance(obj, Mapping) and not _is_state_dict(obj)
+        if container and "pe_model" in obj:
+            sd, fmt = obj["pe_model"], "image-pth"
+        elif container and "encoder" in obj and isinstance(obj["encoder"], Mapping):
+            sd, fmt = obj["encoder"], "train-pth"
         elif _is_state_dict(obj):
-            sd = obj
-            info["format"] = "state-dict-pth"
+            sd, fmt = obj, "state-dict-pth"
         elif isinstance(obj, Mapping):
-            raise _no_encoder_error(path, "no key 'pe_model'", obj.keys())
+            raise _no_encoder_error(path, "no key 'pe_model' (image checkpoint) or 'encoder' (seqpe-kernels "
+                                          "train --save)", obj.keys())
         else:
-            raise ValueError(f"{path}: expected a dict (an image checkpoint with 'pe_model', or a state dict), "
-                             f"got {type(obj).__name__}")
+            raise ValueError(f"{path}: expected a dict (an image checkpoint with 'pe_model', a train file with "
+                             f"'encoder', or a state dict), got {type(obj).__name__}")
+        if fmt != "state-dict-pth":
+            entry = "pe_model" if fmt == "image-pth" else "encoder"
+            if not _is_state_dict(sd):
+                raise ValueError(f"{path}: the '{entry}' entry is not a state dict of tensors "
+                                 f"(got {type(sd).__name__})")
+            info.update(config=obj.get("config"), seqpe_config=_check_recorded_config(obj.get(_CONFIG_ENTRY), path))
+        info["format"] = fmt
         what = "no key 'pe_model'"
     sd = _strip_prefix(dict(sd))
     if _PROBE_KEY not in sd:
@@ -258,15 +603,52 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
                 out_dim=out[0], use_last_layernorm="layernorm.weight" in sd, base=base)
 
 
-def _config_get(cfg, key):
+def _lookup(cfg, key):
+    """``cfg[key]`` / ``cfg.key`` of a run config (dict, CfgNode, inert object), also one level down
+    (``cfg.MODEL.key``); None when absent. Only plain values count."""
+    def get(c):
+        if isinstance(c, InertObject):
+            return c[key] if key in c else c._state_dict().get(key)
+        if isinstance(c, Mapping):
+            return c.get(key)
+        return None
     if cfg is None:
         return None
     try:
-        if isinstance(cfg, Mapping):
-            return cfg.get(key)
-        return getattr(cfg, key, None)
-    except Exception:  # a placeholder or exotic object: no hints
+        v = get(cfg)
+        if v is None and isinstance(cfg, Mapping):
+            v = next((get(c) for c in cfg.values() if isinstance(c, Mapping) and get(c) is not None), None)
+    except Exception:  # an exotic object: no hints
         return None
+    return v if isinstance(v, _PLAIN) else None
+
+
+def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
+    """Encoder settings recorded in an older file's run config: the image checkpoint's yacs config, or the
+    ``config`` of a train file written before ``seqpe_config`` existed."""
+    run = info["config"]
+    hints: Dict[str, Any] = {}
+    if info["format"] == "train-pth" and isinstance(run, Mapping) and "pe_heads" in run:
+        # what seqpe_kernels.train._build passed to FusedSeqPE (direction, padding, attn dropout: defaults)
+        hints = dict(num_heads=run.get("pe_heads"), temperature=run.get("pe_temperature", 1.0),
+                     resid_pdrop=run.get("dropout"), attn_pdrop=0.0, attn_direction="causal", mask_padding=False,
+                     scale_attn_weights=True, init="image" if run.get("task") == "vit" else "text")
+        return {k: v for k, v in hints.items() if isinstance(v, _PLAIN) and v is not None}, \
+            "the train run's 'config' entry"
+    heads = _lookup(run, "NUM_ATTENTION_HEADS")
+    if isinstance(heads, int) and not isinstance(heads, bool):
+        if heads == -1 and embed_dim // 64 >= 1:  # the authors' -1 means embed_dim // 64
+            heads = embed_dim // 64
+        if heads > 0:
+            hints["num_heads"] = heads
+    for key, name, ok in (("SEQPE_ATTN_DIRECTION", "attn_direction", lambda v: v in ("causal", "bi")),
+                          ("SEQPE_MASK_PADDING", "mask_padding", lambda v: isinstance(v, bool)),
+                          ("SEQPE_TEMPERATURE", "temperature",
+                           lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)):
+        v = _lookup(run, key)
+        if v is not None and ok(v):
+            hints[name] = v
+    return hints, "the checkpoint's pickled run config"
 
 
 def _describe_mismatch(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], path, cfg) -> Optional[str]:
@@ -293,59 +675,104 @@ def _describe_mismatch(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], 
     return (f"{path}: the weights do not fit {type(module).__name__}({cfg}): " + "; ".join(parts))
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    return a == b
+
+
 # ----------------------------------------------------------------------------------------------- public
-def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: str = "causal", mask_padding: bool = False,
-                    module_cls=None, map_location="cpu", *, allow_unsafe_pickle: bool = True, **overrides):
-    """Build a SeqPE encoder from the authors' checkpoint files (SEQPE_SPEC §3.3) and load it strictly.
+def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: Optional[str] = None,
+                    mask_padding: Optional[bool] = None, module_cls=None, map_location="cpu", *,
+                    allow_unsafe_pickle: bool = False, **overrides):
+    """Build a SeqPE encoder from a checkpoint (SEQPE_SPEC §3.3) and load it strictly.
 
     Args:
-        path: image ``.pth`` (``pe_model`` entry), bare state-dict ``.pth``, ``.safetensors`` file, or a text
-            accelerate directory containing ``model_1.safetensors``.
-        num_heads: encoder heads; not recorded in the weights. Default: the image config's
-            ``NUM_ATTENTION_HEADS`` when it can be read, else ``embed_dim // 64`` as the authors' CLI does
-            (12 for the text config, 6 for the image config).
-        attn_direction, mask_padding: as trained (not recorded in the weights; the paper used causal, False).
+        path: image ``.pth`` (``pe_model`` entry), ``seqpe-kernels train --save`` file (``encoder`` entry),
+            bare state-dict ``.pth``, ``.safetensors`` file, or a text accelerate directory containing
+            ``model_1.safetensors``.
+        num_heads, attn_direction, mask_padding, **overrides: constructor arguments (``temperature``,
+            ``resid_pdrop``, ``attn_pdrop``, ``scale_attn_weights``, ``layer_norm_eps``, ``init``, FusedSeqPE's
+            ``backend`` ...). The architecture comes from the tensor shapes; the rest from these arguments,
+            else from the configuration the file records (``seqpe_config``, written by :func:`save_checkpoint`
+            and ``train --save``; for older files the train run's config or the image config's
+            ``NUM_ATTENTION_HEADS`` / ``SEQPE_ATTN_DIRECTION`` / ``SEQPE_MASK_PADDING`` /
+            ``SEQPE_TEMPERATURE``), else a guess announced by a :class:`CheckpointConfigWarning` that names the
+            argument to pass: ``num_heads = embed_dim // 64`` as the authors' CLI defaults (12 for the text
+            config, 6 for the image config), the paper's causal direction, no pad masking, temperature 1,
+            ``resid_pdrop`` 0.1, ``attn_pdrop`` 0, scaled attention. An argument that contradicts the file's
+            record wins, with a warning naming both values.
         module_cls: class to instantiate (default :class:`seqpe_kernels.reference.SeqPE`; e.g. FusedSeqPE).
         map_location: where tensors are loaded; a device (string or torch.device) also moves the module there.
-        allow_unsafe_pickle: an image checkpoint's pickled yacs config makes ``torch.load(weights_only=True)``
-            fail; with True (default) it is retried with ``weights_only=False`` after a warning, with False
-            a ValueError is raised instead.
-        **overrides: further constructor arguments (resid_pdrop, temperature, init, ...) or corrections to
-            the inferred ones.
+        allow_unsafe_pickle: files that ``torch.load(weights_only=True)`` refuses (the image checkpoints pickle
+            a yacs CfgNode) are read by default with a restricted unpickler that imports and runs nothing
+            (unknown classes and functions become :class:`InertObject` data; an :class:`InertPickleWarning`
+            names any other than a CfgNode / Namespace / numpy value). True unpickles such files for real
+            with ``weights_only=False``, which runs code from the file: only for files you trust.
 
     Raises:
-        ValueError naming the missing/unexpected keys and shape mismatches when the weights do not fit.
+        ValueError naming the missing/unexpected keys and shape mismatches when the weights do not fit, or
+        when the file cannot be read.
     """
     if module_cls is None:
         from .reference import SeqPE as module_cls
     sd, info = read_state_dict(path, map_location, allow_unsafe_pickle)
+    where = info["file"]
     cfg = infer_config(sd)
-    run_cfg = info["config"]
-    if num_heads is None:
-        hint = _config_get(run_cfg, "NUM_ATTENTION_HEADS")
-        if isinstance(hint, int) and hint > 0:
-            num_heads = hint
-        else:
-            num_heads = cfg["embed_dim"] // 64
-            if num_heads < 1 or cfg["embed_dim"] % num_heads:
-                raise ValueError(f"cannot default num_heads for embed_dim={cfg['embed_dim']} (the authors' default "
-                                 "embed_dim // 64 does not apply); pass num_heads=")
-    for key, arg_name, value in (("SEQPE_ATTN_DIRECTION", "attn_direction", attn_direction),
-                                 ("SEQPE_MASK_PADDING", "mask_padding", mask_padding),
-                                 ("SEQPE_TEMPERATURE", "temperature", overrides.get("temperature", 1.0))):
-        recorded = _config_get(run_cfg, key)
-        if recorded is not None and not isinstance(recorded, _Placeholder) and recorded != value:
-            warnings.warn(f"{info['file']}: the checkpoint's config records {key}={recorded!r} but the encoder is "
-                          f"built with {arg_name}={value!r}; pass {arg_name}={recorded!r} to match training",
-                          UserWarning, stacklevel=2)
-    cfg.update(num_heads=num_heads, attn_direction=attn_direction, mask_padding=mask_padding)
-    cfg.update(overrides)
+
+    recorded, source = info["seqpe_config"], f"its {_CONFIG_ENTRY}"
+    if recorded is None:
+        recorded, source = _run_config_hints(info, cfg["embed_dim"])
+    else:
+        recorded = dict(recorded)
+        if recorded.get("out_dim") in (None, -1):
+            recorded["out_dim"] = recorded.get("embed_dim", cfg["embed_dim"])
+        wrong = [f"{k}={recorded[k]!r} (weights: {cfg[k]!r})" for k in _SHAPE_KEYS
+                 if k in recorded and not _same(recorded[k], cfg[k])]
+        if wrong:
+            raise ValueError(f"{where}: the file's {_CONFIG_ENTRY} contradicts its own weights: {', '.join(wrong)}")
+
+    explicit = dict(overrides)
+    for k, v in (("num_heads", num_heads), ("attn_direction", attn_direction), ("mask_padding", mask_padding)):
+        if v is not None:
+            explicit[k] = v
+    conflicts = [f"{k}={explicit[k]!r} was passed, the file records {k}={recorded[k]!r}"
+                 for k in _CHOSEN_KEYS if k in explicit and k in recorded and not _same(explicit[k], recorded[k])]
+    if conflicts:
+        warnings.warn(f"{where}: arguments contradict the configuration the file records ({source}): "
+                      f"{'; '.join(conflicts)}. The passed values are used; leave them out to load the encoder as "
+                      "it was saved.", CheckpointConfigWarning, stacklevel=2)
+    for k in _CHOSEN_KEYS:
+        if k in recorded:
+            cfg[k] = recorded[k]
+    cfg.update(explicit)
+
+    guessed = []
+    if "num_heads" not in cfg:
+        heads = cfg["embed_dim"] // 64
+        if heads < 1 or cfg["embed_dim"] % heads:
+            raise ValueError(f"{where}: the file does not record the number of heads and the authors' default "
+                             f"embed_dim // 64 does not apply to embed_dim={cfg['embed_dim']}; pass num_heads=")
+        cfg["num_heads"] = heads
+        guessed.append(f"num_heads={heads} (embed_dim // 64, the authors' CLI default)")
+    for k, v in _GUESSES.items():
+        if k not in cfg:
+            cfg[k] = v
+            guessed.append(f"{k}={v!r}")
+    if guessed:
+        names = ", ".join(g.split("=")[0] + "=..." for g in guessed)
+        warnings.warn(f"{where}: the file does not record these encoder settings, so they are guesses (the paper's "
+                      f"settings): {', '.join(guessed)}. If the encoder was trained otherwise its outputs are wrong: "
+                      f"pass {names} to load_checkpoint. (Files written by save_checkpoint or seqpe-kernels train "
+                      "--save record them.)", CheckpointConfigWarning, stacklevel=2)
     try:
         module = module_cls(**cfg)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{info['file']}: cannot build {getattr(module_cls, '__name__', module_cls)} with the "
+        raise ValueError(f"{where}: cannot build {getattr(module_cls, '__name__', module_cls)} with the "
                          f"configuration {cfg}: {e}") from e
-    problem = _describe_mismatch(module, sd, info["file"], cfg)
+    problem = _describe_mismatch(module, sd, where, cfg)
     if problem:
         raise ValueError(problem)
     module.load_state_dict(sd, strict=True)
@@ -355,25 +782,61 @@ def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: str =
     return module
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The encoder inside DDP (``.module``) / torch.compile (``._orig_mod``) wrappers."""
+    while not hasattr(module, "config"):
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        module = inner
+    return module
+
+
+def encoder_config(module: torch.nn.Module) -> Optional[Dict[str, Any]]:
+    """``module.config()`` as plain Python values (what the checkpoints record), or None if it has none."""
+    module = _unwrap(module)
+    if not callable(getattr(module, "config", None)):
+        return None
+    cfg = {k: v for k, v in module.config().items()}
+    bad = {k: v for k, v in cfg.items() if not isinstance(v, _PLAIN)}
+    if bad:
+        raise ValueError(f"the encoder's config() has values that are not plain numbers, strings or booleans: {bad}")
+    return cfg
+
+
 def save_checkpoint(module: torch.nn.Module, path) -> Path:
-    """Write ``module``'s state dict in one of the authors' layouts, chosen by ``path``:
+    """Write ``module``'s state dict and configuration in one of the authors' layouts, chosen by ``path``:
 
-    * ``*.safetensors``: a safetensors file of the state dict;
-    * no suffix (a directory, created if needed): ``<dir>/model_1.safetensors`` as accelerate writes it;
-    * ``*.pth`` / ``*.pt`` / ``*.bin``: an image-style ``torch.save({"pe_model": state_dict})``.
+    * ``*.safetensors``: a safetensors file of the state dict, ``seqpe_config`` JSON in its metadata;
+    * no suffix (a directory, created if needed): ``<dir>/model_1.safetensors`` as accelerate writes it, with
+      the same metadata;
+    * ``*.pth`` / ``*.pt`` / ``*.bin``: an image-style ``torch.save({"pe_model": state_dict,
+      "seqpe_config": {...}})`` (plain values: ``torch.load(weights_only=True)`` reads it).
 
-    Returns the path of the file written.
+    The configuration is ``module.config()`` (every constructor argument of SeqPE), so :func:`load_checkpoint`
+    rebuilds the same module without guessing. Returns the path of the file written.
     """
     path = Path(os.fspath(path))
-    sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    inner = _unwrap(module)
+    config = encoder_config(inner)
+    if config is None:
+        warnings.warn(f"save_checkpoint: {type(inner).__name__} has no config(); {path} records no encoder "
+                      "settings, so loading it will guess them", CheckpointConfigWarning, stacklevel=2)
+    sd = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}
     if path.suffix == "" or path.is_dir():
         path.mkdir(parents=True, exist_ok=True)
         path = path / _TEXT_ENCODER_FILE
     if path.suffix == ".safetensors":
         st = _require_safetensors()
-        st.save_file(sd, str(path))
+        meta = {"format": "pt"}
+        if config is not None:
+            meta[_CONFIG_ENTRY] = json.dumps(config, sort_keys=True)
+        st.save_file(sd, str(path), metadata=meta)
     elif path.suffix in (".pth", ".pt", ".bin"):
-        torch.save({"pe_model": sd}, path)
+        obj: Dict[str, Any] = {"pe_model": sd}
+        if config is not None:
+            obj[_CONFIG_ENTRY] = config
+        torch.save(obj, path)
     else:
         raise ValueError(f"save_checkpoint: unknown suffix {path.suffix!r}; use .pth/.pt/.bin (image-style "
                          "{'pe_model': ...}), .safetensors, or a directory name (text-style model_1.safetensors)")

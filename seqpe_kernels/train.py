@@ -29,6 +29,10 @@ prints and writes files.
 
 Use ``python -m seqpe_kernels.train ...`` or ``seqpe-kernels train ...``; programmatically
 :func:`train` with a :class:`TrainConfig`.
+
+``--save PATH`` writes the run (:func:`save_run`: the encoder with its configuration, which
+:func:`seqpe_kernels.load_checkpoint` reads, the model, AdamW, sampler and RNG states); ``--resume PATH``
+continues it for ``--steps`` more steps, exactly as an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TrainConfig", "train", "add_arguments", "run", "main", "synthetic_images", "resolve_config",
+__all__ = ["TrainConfig", "train", "add_arguments", "run", "main", "synthetic_images", "resolve_config", "save_run",
            "TASK_DEFAULTS"]
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -114,6 +118,7 @@ class TrainConfig:
     do_eval: bool = True
     position_streams: Optional[int] = None  # default: the world size
     progress: bool = True
+    resume: Optional[str] = None  # a `train --save` file: continue that run for `steps` more steps
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -371,7 +376,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     from .reference.losses import PeWeightScheduler, contrastive_loss, transfer_loss
     from .samplers import merge_positions, split_outputs, transfer_active
 
+    resume = _read_resume(cfg.resume) if cfg.resume else None
+    if resume is not None:
+        cfg = _resume_config(cfg, resume)
     cfg = resolve_config(cfg)
+    if resume is not None:
+        _check_resume_config(cfg, resume)
     distributed = _distributed()
     if distributed:
         import torch.distributed as dist
@@ -417,6 +427,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     opt = torch.optim.AdamW(_param_groups(enc, model, cfg), lr=cfg.lr)
     sched = PeWeightScheduler(cfg.contrastive_weight, cfg.transfer_weight, cfg.pe_warmup_steps)
     torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout masks differ per rank
+    start_step = 0
+    if resume is not None:
+        start_step = _restore(resume, enc, model, opt, sched, streams, data_rng, rank * k_local, rank, device,
+                              log if is_main else (lambda *a, **k: None))
 
     enc_run, model_run = enc, model
     if distributed:
@@ -528,6 +542,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - t0
+    train_state = _train_state(start_step + cfg.steps, sched, data_rng, streams, rank * k_local, device, distributed)
     if is_main:
         first, last = hist["losses"][0], hist["losses"][-1]
         log(f"trained {cfg.steps} steps in {train_time:.1f}s: loss {first:.4f} -> {last:.4f} "
@@ -545,7 +560,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     config.update(world_size=world, position_streams=K, encoder_backend=enc_backend, device=str(device),
                   max_digits=enc.max_digits, pe_out_dim=enc.out_dim, data_name=(data.name if data is not None
                                                                                  else "synthetic"))
-    return dict(hist, eval=ev, config=config, checks=checks, time_s=train_time, encoder=enc, model=model)
+    return dict(hist, eval=ev, config=config, checks=checks, time_s=train_time, encoder=enc, model=model,
+                optimizer=opt, train_state=train_state)
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -692,6 +708,156 @@ def plot(result: dict, path: str):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------- save / resume
+# config fields a resumed run must share with the saved one (they define the model or the loss); fields left
+# at None take the saved run's values, except these, which are per invocation
+_RESUME_MUST_MATCH = ("task", "model_dim", "model_layers", "model_heads", "pe_dim", "pe_heads", "pe_layers",
+                      "pe_temperature", "pe_method", "pe_qk", "max_position", "patch_size", "dropout",
+                      "contrastive_weight", "transfer_weight", "transfer_beta", "pe_warmup_steps", "shift_rate",
+                      "shift_pool", "pe_main_batch_size", "weight_decay", "clip")
+_RESUME_NOT_FILLED = ("steps", "device", "position_streams", "resume", "cuda_graphs")
+
+
+def _to_saveable(x):
+    """numpy arrays -> tensors (a sampler's state), so torch.load(weights_only=True) reads the file."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, dict):
+        return {k: _to_saveable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_saveable(v) for v in x)
+    return x
+
+
+def _from_saved(x):
+    if isinstance(x, torch.Tensor):
+        return x.numpy()
+    if isinstance(x, dict):
+        return {k: _from_saved(v) for k, v in x.items()}
+    return x
+
+
+def _train_state(step: int, sched, data_rng, streams, first_stream: int, device, distributed: bool) -> dict:
+    """Everything beyond the weights and the optimizer that the next step depends on: the step count, the
+    regulariser warm-up, the data RNG, every position stream's samplers and every rank's torch RNG."""
+    local = {"streams": {first_stream + i: {name: (_to_saveable(getattr(s, name).state_dict())
+                                                   if getattr(s, name) is not None else None)
+                                            for name in ("main", "contrastive", "transfer")}
+                         for i, s in enumerate(streams)},
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None}
+    ranks = [local]
+    if distributed:
+        import torch.distributed as dist
+
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, local)
+    return {"step": step, "pe_weight_scheduler": sched.state_dict(),
+            "data_rng": _to_saveable(data_rng.bit_generator.state),
+            "streams": {k: v for r in ranks for k, v in r["streams"].items()},
+            "torch_rng": [r["torch_rng"] for r in ranks], "cuda_rng": [r["cuda_rng"] for r in ranks]}
+
+
+def save_run(result: dict, path: str) -> None:
+    """Write a ``train --save`` file: ``encoder`` (state dict) with ``seqpe_config`` (its full constructor
+    configuration, so :func:`seqpe_kernels.load_checkpoint` rebuilds it without guessing), ``model``, ``config``
+    (the run's settings), ``optimizer`` and ``train_state`` (step, warm-up, sampler and RNG states), all plain
+    data that ``torch.load(weights_only=True)`` reads. ``--resume`` continues from it."""
+    from .checkpoint import encoder_config
+
+    obj = {"encoder": result["encoder"].state_dict(), "seqpe_config": encoder_config(result["encoder"]),
+           "model": result["model"].state_dict(), "config": result["config"]}
+    if result.get("optimizer") is not None:
+        obj["optimizer"] = result["optimizer"].state_dict()
+    if result.get("train_state") is not None:
+        obj["train_state"] = result["train_state"]
+    torch.save(obj, path)
+
+
+def _read_resume(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume {path}: not a file written by seqpe-kernels train --save "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    need = ("encoder", "model", "config")
+    if not isinstance(obj, dict) or any(k not in obj for k in need) or not isinstance(obj["config"], dict):
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"--resume {path}: not a file written by seqpe-kernels train --save (needs the entries "
+                         f"{list(need)}; found {keys})")
+    obj["path"] = path
+    return obj
+
+
+def _resume_config(cfg: TrainConfig, resume: dict) -> TrainConfig:
+    """``cfg`` with every field left at None (not given) taken from the saved run's config."""
+    saved, d = resume["config"], cfg.to_dict()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in _RESUME_NOT_FILLED and d.get(f.name) is None and saved.get(f.name) is not None:
+            d[f.name] = saved[f.name]
+    return TrainConfig(**d)
+
+
+def _check_resume_config(cfg: TrainConfig, resume: dict) -> None:
+    saved, d = resume["config"], cfg.to_dict()
+    bad = [f"{k}: saved {saved[k]!r}, this run {d[k]!r}" for k in _RESUME_MUST_MATCH
+           if k in saved and saved[k] != d[k]]
+    if bad:
+        raise ValueError(f"--resume {resume['path']}: this run's settings differ from the saved run's "
+                         f"({'; '.join(bad)}); pass the saved run's flags")
+
+
+def _restore(resume: dict, enc, model, opt, sched, streams, data_rng, first_stream: int, rank: int, device, log
+             ) -> int:
+    """Load a ``train --save`` file's states into a freshly built run; returns the step it had reached."""
+    path = resume["path"]
+    saved_cfg = resume.get("seqpe_config")
+    if saved_cfg is not None and saved_cfg != enc.config():
+        diff = {k: (saved_cfg.get(k), v) for k, v in enc.config().items() if saved_cfg.get(k) != v}
+        raise ValueError(f"--resume {path}: the saved encoder's configuration differs from this run's "
+                         f"(key: (saved, this run)): {diff}")
+    for name, module in (("encoder", enc), ("model", model)):
+        try:
+            module.load_state_dict(resume[name], strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"--resume {path}: the saved {name} does not fit this run's: {e}") from e
+    notes = []
+    if resume.get("optimizer") is not None:
+        opt.load_state_dict(resume["optimizer"])
+    else:
+        notes.append("no optimizer state saved: AdamW restarts")
+    state = resume.get("train_state")
+    if state is None:
+        log(f"  resumed weights from {path} (an older file: {', '.join(notes + ['no sampler/RNG state'])})")
+        return 0
+    sched.load_state_dict(state["pe_weight_scheduler"])
+    data_rng.bit_generator.state = state["data_rng"]
+    missing = []
+    for i, s in enumerate(streams):
+        saved = state["streams"].get(first_stream + i)
+        if saved is None:
+            missing.append(first_stream + i)
+            continue
+        for name in ("main", "contrastive", "transfer"):
+            if getattr(s, name) is not None and saved.get(name) is not None:
+                getattr(s, name).load_state_dict(_from_saved(saved[name]))
+    if missing:
+        notes.append(f"position streams {missing} were not saved: they restart from their seeds")
+    if rank < len(state["torch_rng"]):
+        torch.set_rng_state(state["torch_rng"][rank])
+        cuda = state["cuda_rng"][rank]
+        if cuda is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, device)
+    else:
+        notes.append("no saved RNG state for this rank")
+    log(f"  resumed from {path} at step {state['step']}" + (f" ({'; '.join(notes)})" if notes else ""))
+    return int(state["step"])
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``seqpe-kernels train`` (task-dependent defaults are shown as 'task default')."""
@@ -773,7 +939,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-tokens", type=positive_int, default=8192, help="LM: held-out tokens per length, at most")
     g.add_argument("--eval-samples", type=positive_int, default=512, help="ViT synthetic: images per grid")
     g.add_argument("--no-eval", action="store_true", help="skip the extrapolation evaluation")
-    g.add_argument("--save", default=None, metavar="PATH", help="save the trained encoder and model state dicts")
+    g.add_argument("--save", default=None, metavar="PATH",
+                   help="save the run (encoder with its config, model, optimizer, sampler and RNG states); "
+                        "seqpe_kernels.load_checkpoint(PATH) reads the encoder, --resume PATH continues the run")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run saved with --save for --steps more steps (flags left out take the saved "
+                        "run's values; flags that define the model or the loss must match it)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -834,8 +1005,7 @@ def run(args: argparse.Namespace) -> int:
                 except ImportError as e:
                     print(f"seqpe-kernels train: no plot ({e})", file=sys.stderr)
             if args.save:
-                torch.save({"encoder": result["encoder"].state_dict(), "model": result["model"].state_dict(),
-                            "config": result["config"]}, args.save)
+                save_run(result, args.save)
                 print(f"wrote {args.save}")
         return 0
     finally:

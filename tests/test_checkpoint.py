@@ -1,17 +1,43 @@
-"""load_checkpoint / save_checkpoint: the authors' containers (SEQPE_SPEC §3.3), config inference from
-tensor shapes, the DDP ``module.`` prefix, strict loading and the plain-words errors."""
+"""load_checkpoint / save_checkpoint: the authors' containers (SEQPE_SPEC §3.3), the recorded configuration,
+config inference from tensor shapes, the DDP ``module.`` prefix, strict loading, the plain-words errors, the
+warnings for guessed settings, and safe unpickling (nothing from a file runs unless the caller opts in).
+
+Randomness: every test runs after ``torch.manual_seed(SEED)`` (autouse fixture below); the hypothesis property
+tests draw their own seed, which hypothesis prints with a failing example (and print_blob=True replays it).
+Only the tests that write or read .safetensors files skip when safetensors is missing.
+"""
+import importlib
+import json
+import os
+import pickle
+import subprocess
 import sys
 import types
+import uuid
 import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seqpe_kernels import FusedSeqPE, SeqPE
-from seqpe_kernels.checkpoint import infer_config, load_checkpoint, read_state_dict, save_checkpoint
+from seqpe_kernels.checkpoint import (CheckpointConfigWarning, InertObject, InertPickleWarning, infer_config,
+                                      load_checkpoint, read_state_dict, save_checkpoint)
 
-safetensors_torch = pytest.importorskip("safetensors.torch")
+try:
+    import safetensors.torch as safetensors_torch
+except ImportError:  # pragma: no cover - depends on the environment
+    safetensors_torch = None
+needs_safetensors = pytest.mark.skipif(safetensors_torch is None,
+                                       reason="needs the 'safetensors' package (pip install safetensors)")
 
+SEED = 1234
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(SEED)  # fixed: a failure replays as is
 
 
 def small(**kw):
@@ -34,7 +60,14 @@ def assert_same_module(a, b, positions):
     assert torch.equal(a(positions), b(positions))
 
 
-def _fake_yacs(monkeypatch, removable=True):
+def quiet_load(*args, **kwargs):
+    """load_checkpoint that fails on any warning (a file with a recorded config loads silently)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_checkpoint(*args, **kwargs)
+
+
+def _fake_yacs(monkeypatch):
     """A stand-in for yacs.config.CfgNode (a dict subclass) in an importable throw-away module."""
     mod = types.ModuleType("fake_yacs_config")
 
@@ -58,26 +91,31 @@ def test_image_pth_round_trip(tmp_path, data_dim, max_digits):
     m = small(data_dim=data_dim, max_digits=max_digits, attn_direction="bi", mask_padding=True)
     f = save_checkpoint(m, tmp_path / "best_model.pth")
     assert f == tmp_path / "best_model.pth"
-    raw = torch.load(f, weights_only=True)
-    assert set(raw) == {"pe_model"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a plain {"pe_model": ...} file loads with weights_only=True, silently
-        loaded = load_checkpoint(f, attn_direction="bi", mask_padding=True)
-    assert type(loaded) is SeqPE
+    raw = torch.load(f, weights_only=True)  # the authors' layout plus the config, all plain data
+    assert set(raw) == {"pe_model", "seqpe_config"} and raw["seqpe_config"] == m.config()
+    loaded = quiet_load(f)  # direction and padding come from the file: no arguments, no warning
+    assert type(loaded) is SeqPE and loaded.config() == m.config()
     assert (loaded.data_dim, loaded.max_digits, loaded.num_heads) == (data_dim, max_digits, 2)
     pos = torch.randint(0, 10 ** max_digits, (9, data_dim) if data_dim > 1 else (9,))
     assert_same_module(m, loaded, pos)
+    assert quiet_load(f, attn_direction="bi", mask_padding=True).config() == m.config()  # agreeing args: silent
 
 
+@needs_safetensors
 def test_safetensors_round_trip(tmp_path):
     m = small(data_dim=2, max_digits=2, out_dim=20, num_layers=3, use_last_layernorm=False)
     f = save_checkpoint(m, tmp_path / "enc.safetensors")
     assert set(safetensors_torch.load_file(str(f))) == set(m.state_dict())
-    loaded = load_checkpoint(f)
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as fh:
+        assert json.loads(fh.metadata()["seqpe_config"]) == m.config()
+    loaded = quiet_load(f)
     assert (loaded.num_layers, loaded.out_dim, loaded.use_last_layernorm) == (3, 20, False)
     assert_same_module(m, loaded, torch.randint(0, 100, (7, 2)))
 
 
+@needs_safetensors
 def test_text_accelerate_directory(tmp_path):
     m = small(max_digits=5)
     d = tmp_path / "best_model"
@@ -87,10 +125,10 @@ def test_text_accelerate_directory(tmp_path):
     safetensors_torch.save_file({"transformer.wte.weight": torch.zeros(4, 8),
                                  "transformer.h.0.attn.c_attn.weight": torch.zeros(8, 24)}, str(d / "model.safetensors"))
     (d / "optimizer.bin").write_bytes(b"not an encoder")
-    loaded = load_checkpoint(d)
+    loaded = quiet_load(d)
     assert_same_module(m, loaded, torch.randint(0, 10 ** 5, (11,)))
     _, info = read_state_dict(d)
-    assert info["format"] == "text-dir" and info["file"] == f
+    assert info["format"] == "text-dir" and info["file"] == f and info["seqpe_config"] == m.config()
     # pointing at GPT-2's file by mistake names the right one
     with pytest.raises(ValueError, match="GPT-2 main-model weights.*model_1.safetensors"):
         load_checkpoint(d / "model.safetensors")
@@ -99,12 +137,13 @@ def test_text_accelerate_directory(tmp_path):
 def test_bare_state_dict_pth(tmp_path):
     m = small()
     torch.save(m.state_dict(), tmp_path / "sd.pt")
-    assert_same_module(m, load_checkpoint(tmp_path / "sd.pt"), torch.arange(0, 999, 37))
+    with pytest.warns(CheckpointConfigWarning):  # a bare state dict records no settings
+        assert_same_module(m, load_checkpoint(tmp_path / "sd.pt"), torch.arange(0, 999, 37))
     _, info = read_state_dict(tmp_path / "sd.pt")
-    assert info["format"] == "state-dict-pth"
+    assert info["format"] == "state-dict-pth" and info["seqpe_config"] is None
 
 
-@pytest.mark.parametrize("container", ["image", "bare", "safetensors"])
+@pytest.mark.parametrize("container", ["image", "bare", pytest.param("safetensors", marks=needs_safetensors)])
 def test_module_prefix_is_stripped(tmp_path, container):
     m = small()
     sd = {"module." + k: v for k, v in m.state_dict().items()}
@@ -117,36 +156,214 @@ def test_module_prefix_is_stripped(tmp_path, container):
     else:
         f = tmp_path / "c.safetensors"
         safetensors_torch.save_file(sd, str(f))
-    assert_same_module(m, load_checkpoint(f), torch.arange(0, 999, 53))
+    with pytest.warns(CheckpointConfigWarning):
+        assert_same_module(m, load_checkpoint(f), torch.arange(0, 999, 53))
 
 
-def test_full_image_checkpoint_with_pickled_config(tmp_path, monkeypatch):
-    """The image training script saves model/pe_model/max_accuracy/epoch/config, config being a pickled yacs
-    CfgNode: weights_only=True refuses it, the loader warns and retries; yacs need not be importable."""
-    mod, CfgNode = _fake_yacs(monkeypatch)
-    cfg = CfgNode(NUM_ATTENTION_HEADS=4, SEQPE_ATTN_DIRECTION="causal", SEQPE_MASK_PADDING=False,
-                  MODEL=CfgNode(EMBED_DIM=192))
-    m = small(num_heads=4, data_dim=2, max_digits=2)
-    f = tmp_path / "ckpt_epoch_10.pth"
-    torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, "pe_model": m.state_dict(),
-                "max_accuracy": 81.2, "epoch": 10, "config": cfg,
-                "optimizer": {"state": {}, "param_groups": []}}, f)
-    with pytest.raises(ValueError, match="allow_unsafe_pickle=True"):
-        load_checkpoint(f, allow_unsafe_pickle=False)
-    with pytest.warns(UserWarning, match=r"weights_only=True\) refused.*fake_yacs_config\.CfgNode.*weights_only=False"):
-        loaded = load_checkpoint(f)
-    assert loaded.num_heads == 4  # taken from the config's NUM_ATTENTION_HEADS (128 // 64 would give 2)
-    assert_same_module(m, loaded, torch.randint(0, 100, (5, 2)))
-    # yacs not installed: the config unpickles into a placeholder that still reads like a dict
-    monkeypatch.delitem(sys.modules, mod.__name__)
-    with pytest.warns(UserWarning, match="weights_only"):
-        sd, info = read_state_dict(f)
-    assert info["format"] == "image-pth" and info["config"]["NUM_ATTENTION_HEADS"] == 4
-    with pytest.warns(UserWarning):
-        assert load_checkpoint(f).num_heads == 4
-    # an explicit num_heads wins over the config
-    with pytest.warns(UserWarning):
-        assert load_checkpoint(f, num_heads=8).num_heads == 8
+def test_ddp_wrapped_module_saves_the_inner_encoder(tmp_path):
+    m = small(num_heads=8)
+    wrapper = torch.nn.Module()
+    wrapper.module = m  # what DistributedDataParallel looks like to save_checkpoint
+    f = save_checkpoint(wrapper, tmp_path / "ddp.pth")
+    assert quiet_load(f).config() == m.config()
+
+
+# ============================================================================ issue 12, item 2: heads recorded
+@pytest.mark.parametrize("fmt", ["pth", pytest.param("safetensors", marks=needs_safetensors),
+                                 pytest.param("dir", marks=needs_safetensors)])
+def test_heads_other_than_width_over_64_round_trip(tmp_path, fmt):
+    """FusedSeqPE(64, 4, 3) used to come back with 64 // 64 = 1 head and outputs 1e-2 off, silently."""
+    m = FusedSeqPE(64, 4, 3, backend="torch").eval()
+    f = save_checkpoint(m, tmp_path / {"pth": "e.pth", "safetensors": "e.safetensors", "dir": "e"}[fmt])
+    loaded = quiet_load(f, module_cls=FusedSeqPE, backend="torch")
+    assert loaded.num_heads == 4 and loaded.config() == m.config()
+    assert_same_module(m, loaded, torch.arange(0, 999, 7))
+    ref = quiet_load(f)  # the reference class, same config
+    assert type(ref) is SeqPE and ref.config() == m.config()
+    torch.testing.assert_close(ref.eval()(torch.arange(0, 999, 7)), m(torch.arange(0, 999, 7)))
+
+
+def test_guessed_heads_are_announced(tmp_path):
+    """A file without a record: the guess (embed_dim // 64) is stated with the argument that overrides it."""
+    m = FusedSeqPE(64, 4, 3)
+    torch.save({"pe_model": m.state_dict()}, tmp_path / "authors.pth")
+    with pytest.warns(CheckpointConfigWarning, match=r"num_heads=1 \(embed_dim // 64.*pass num_heads=\.\.\.") as w:
+        guessed = load_checkpoint(tmp_path / "authors.pth")
+    text = str(w[0].message)
+    for name in ("attn_direction='causal'", "mask_padding=False", "temperature=1.0", "resid_pdrop=0.1",
+                 "attn_pdrop=0.0", "scale_attn_weights=True"):
+        assert name in text
+    assert guessed.num_heads == 1
+    everything = dict(num_heads=4, attn_direction="causal", mask_padding=False, temperature=1.0, resid_pdrop=0.1,
+                      attn_pdrop=0.0, scale_attn_weights=True)
+    assert quiet_load(tmp_path / "authors.pth", **everything).config() == m.config()
+
+
+def test_argument_contradicting_the_record_warns_naming_both(tmp_path):
+    f = save_checkpoint(small(num_heads=4, temperature=2.0), tmp_path / "c.pth")
+    with pytest.warns(CheckpointConfigWarning, match=r"num_heads=8 was passed, the file records num_heads=4.*"
+                                                     r"temperature=1.0 was passed, the file records temperature=2.0"):
+        o = load_checkpoint(f, num_heads=8, temperature=1.0)
+    assert (o.num_heads, o.temperature) == (8, 1.0)  # the caller's values win
+
+
+def test_record_contradicting_the_weights_is_an_error(tmp_path):
+    m = small()
+    torch.save({"pe_model": m.state_dict(), "seqpe_config": dict(m.config(), embed_dim=64)}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=r"seqpe_config contradicts its own weights: embed_dim=64 \(weights: 128\)"):
+        load_checkpoint(tmp_path / "x.pth")
+    torch.save({"pe_model": m.state_dict(), "seqpe_config": dict(m.config(), future_knob=3)}, tmp_path / "y.pth")
+    with pytest.warns(CheckpointConfigWarning, match="does not know, ignored: \\['future_knob'\\]"):
+        assert load_checkpoint(tmp_path / "y.pth").config() == m.config()
+
+
+# ============================================================================ property: save -> load is identity
+@st.composite
+def encoder_configs(draw):
+    heads = draw(st.sampled_from([1, 2, 4, 8]))
+    embed_dim = heads * draw(st.sampled_from([4, 8, 16]))
+    return dict(embed_dim=embed_dim, num_heads=heads, max_digits=draw(st.integers(1, 3)),
+                num_layers=draw(st.integers(1, 2)), data_dim=draw(st.integers(1, 3)),
+                out_dim=draw(st.one_of(st.none(), st.integers(1, 24))),
+                attn_direction=draw(st.sampled_from(["causal", "bi"])), mask_padding=draw(st.booleans()),
+                use_last_layernorm=draw(st.booleans()),
+                resid_pdrop=draw(st.sampled_from([0.0, 0.1, 0.3])), attn_pdrop=draw(st.sampled_from([0.0, 0.1])),
+                temperature=draw(st.sampled_from([0.5, 1.0, 2.0, 1.0 / 3.0])),
+                layer_norm_eps=draw(st.sampled_from([1e-5, 1e-6])), init=draw(st.sampled_from(["text", "image"])),
+                base=draw(st.sampled_from([2, 10, 16])), scale_attn_weights=draw(st.booleans()))
+
+
+@pytest.mark.parametrize("fmt", ["pth", pytest.param("safetensors", marks=needs_safetensors),
+                                 pytest.param("dir", marks=needs_safetensors)])
+@settings(max_examples=15, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=encoder_configs(), seed=st.integers(0, 2 ** 31 - 1))
+def test_round_trip_is_identity(tmp_path_factory, fmt, cfg, seed):
+    torch.manual_seed(seed)
+    m = SeqPE(**cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    d = tmp_path_factory.mktemp("rt")
+    f = save_checkpoint(m, d / {"pth": "e.pth", "safetensors": "e.safetensors", "dir": "enc"}[fmt])
+    loaded = quiet_load(f)
+    assert loaded.config() == m.config()
+    g = torch.Generator().manual_seed(seed)
+    hi = cfg["base"] ** cfg["max_digits"]
+    pos = torch.randint(0, hi, (6, cfg["data_dim"]) if cfg["data_dim"] > 1 else (6,), generator=g)
+    assert_same_module(m, loaded, pos)
+    # training mode too: same dropout draws from the same seed
+    m.train()
+    loaded.train()
+    torch.manual_seed(seed)
+    a = m(pos)
+    torch.manual_seed(seed)
+    assert torch.equal(a, loaded(pos))
+
+
+# ============================================================================ issue 12, item 3: train --save files
+def _train_file(tmp_path, with_record: bool):
+    enc = FusedSeqPE(32, 4, 2, data_dim=2, out_dim=16, temperature=2.0, resid_pdrop=0.2, init="image")
+    obj = {"encoder": enc.state_dict(), "model": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)},
+           "config": {"task": "vit", "pe_dim": 32, "pe_heads": 4, "pe_layers": 2, "pe_temperature": 2.0,
+                      "dropout": 0.2, "max_digits": 2, "pe_out_dim": 16}}
+    if with_record:
+        obj["seqpe_config"] = enc.config()
+    torch.save(obj, tmp_path / "run.pth")
+    return enc, tmp_path / "run.pth"
+
+
+@pytest.mark.parametrize("with_record", [True, False])
+def test_train_save_file_loads(tmp_path, with_record):
+    """A `seqpe-kernels train --save` file ('encoder', 'model', 'config'): the encoder with its settings, from
+    its seqpe_config or, in files written before it existed, from the run's config (pe_heads, ...)."""
+    enc, f = _train_file(tmp_path, with_record)
+    loaded = quiet_load(f, module_cls=FusedSeqPE)
+    assert loaded.config() == enc.config()
+    _, info = read_state_dict(f)
+    assert info["format"] == "train-pth" and info["config"]["pe_heads"] == 4
+
+
+# ============================================================================ the authors' image checkpoints
+def _yacs_module(tmp_path, name):
+    """An importable module `name` with a yacs-like CfgNode (a dict subclass setting __dict__ flags in
+    __init__); every construction is logged in CALLS, so a test can tell whether loading built one."""
+    (tmp_path / f"{name}.py").write_text(
+        "CALLS = []\n"
+        "class CfgNode(dict):\n"
+        "    def __new__(cls, *a, **k):\n"
+        "        CALLS.append('new')\n"
+        "        return super().__new__(cls)\n"
+        "    def __init__(self, init_dict=None):\n"
+        "        super().__init__(init_dict or {})\n"
+        "        self.__dict__['__immutable__'] = False\n"
+        "        self.__dict__['__deprecated_keys__'] = set()\n"
+        "    def __getattr__(self, k):\n"
+        "        try:\n"
+        "            return self[k]\n"
+        "        except KeyError as e:\n"
+        "            raise AttributeError(k) from e\n"
+        "    def __setstate__(self, state):\n"
+        "        CALLS.append('setstate')\n"
+        "        self.__dict__.update(state)\n")
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("importable", [True, False])
+def test_image_checkpoint_with_yacs_config_loads_by_default(tmp_path, importable):
+    """The image training script saves model/pe_model/max_accuracy/epoch/config, config a pickled yacs CfgNode:
+    weights_only=True refuses it; the default loader reads it as inert data (nothing constructed), whether or
+    not its module can be imported, and uses NUM_ATTENTION_HEADS."""
+    name = f"fake_yacs_{uuid.uuid4().hex[:8]}"
+    mod = _yacs_module(tmp_path, name)
+    try:
+        cfg = mod.CfgNode({"NUM_ATTENTION_HEADS": 4, "SEQPE_ATTN_DIRECTION": "bi", "SEQPE_MASK_PADDING": True,
+                           "SEQPE_TEMPERATURE": 1.0, "MODEL": mod.CfgNode({"EMBED_DIM": 192})})
+        m = small(num_heads=4, data_dim=2, max_digits=2, attn_direction="bi", mask_padding=True)
+        f = tmp_path / "ckpt_epoch_10.pth"
+        torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, "pe_model": m.state_dict(),
+                    "max_accuracy": 81.2, "epoch": 10, "config": cfg,
+                    "optimizer": {"state": {}, "param_groups": []}}, f)
+        if not importable:
+            sys.modules.pop(name)
+            sys.path.remove(str(tmp_path))
+            (tmp_path / f"{name}.py").unlink()
+        else:
+            mod.CALLS.clear()
+        rest = dict(resid_pdrop=m.resid_pdrop, attn_pdrop=m.attn_pdrop, scale_attn_weights=True)
+        loaded = quiet_load(f, **rest)  # no InertPickleWarning for a CfgNode, no guess left
+        assert (loaded.num_heads, loaded.attn_direction, loaded.mask_padding) == (4, "bi", True)
+        assert_same_module(m, loaded, torch.randint(0, 100, (5, 2)))
+        _, info = read_state_dict(f)
+        assert info["format"] == "image-pth" and info["unpickler"] == "inert"
+        assert info["inert_globals"] == [f"{name}.CfgNode"]
+        c = info["config"]
+        assert isinstance(c, InertObject) and type(c).pickled_class == f"{name}.CfgNode"
+        assert c["NUM_ATTENTION_HEADS"] == 4 and c.NUM_ATTENTION_HEADS == 4 and c.MODEL.EMBED_DIM == 192
+        assert c.pickled_state["__immutable__"] is False
+        if importable:
+            assert mod.CALLS == []  # the real class was never constructed
+            # explicit opt-in: the old behaviour (real unpickling)
+            _, info = read_state_dict(f, allow_unsafe_pickle=True)
+            assert type(info["config"]) is mod.CfgNode and info["unpickler"] == "unsafe" and mod.CALLS
+        else:
+            assert name not in sys.modules
+        with pytest.warns(CheckpointConfigWarning, match="num_heads=8 was passed, the file records num_heads=4"):
+            assert load_checkpoint(f, num_heads=8, **rest).num_heads == 8  # an explicit argument wins
+    finally:
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+def test_authors_heads_minus_one_means_width_over_64(tmp_path, monkeypatch):
+    _, CfgNode = _fake_yacs(monkeypatch)
+    m = small(num_heads=2)  # 128 // 64
+    torch.save({"pe_model": m.state_dict(), "config": CfgNode(NUM_ATTENTION_HEADS=-1)}, tmp_path / "c.pth")
+    with pytest.warns(CheckpointConfigWarning) as w:
+        assert load_checkpoint(tmp_path / "c.pth").num_heads == 2
+    assert all("num_heads" not in str(x.message) for x in w)  # recorded (-1 = D/64), not guessed
 
 
 def test_config_disagreement_is_reported(tmp_path, monkeypatch):
@@ -156,32 +373,167 @@ def test_config_disagreement_is_reported(tmp_path, monkeypatch):
                tmp_path / "c.pth")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        load_checkpoint(tmp_path / "c.pth")
-    text = " | ".join(str(x.message) for x in w)
-    assert "SEQPE_ATTN_DIRECTION='bi'" in text and "attn_direction='bi'" in text
-    assert "SEQPE_MASK_PADDING=True" in text
+        o = load_checkpoint(tmp_path / "c.pth")
+    assert (o.attn_direction, o.mask_padding) == ("bi", True)  # the file's record, not a default
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        load_checkpoint(tmp_path / "c.pth", attn_direction="bi", mask_padding=True)
-    assert not any("records" in str(x.message) for x in w)
+        o = load_checkpoint(tmp_path / "c.pth", attn_direction="causal", mask_padding=False)
+    text = " | ".join(str(x.message) for x in w)
+    assert "attn_direction='causal' was passed, the file records attn_direction='bi'" in text
+    assert "mask_padding=False was passed, the file records mask_padding=True" in text
+    assert (o.attn_direction, o.mask_padding) == ("causal", False)
+
+
+# ============================================================================ issue 12, item 4: nothing runs
+class _Payload:
+    """Pickles as ``func(*args)``: what a malicious checkpoint hides beside the weights."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _payloads(marker):
+    m = str(marker)
+    return {
+        "os.system": _Payload(os.system, f"touch '{m}'"),
+        "subprocess.call": _Payload(subprocess.call, ["touch", m]),
+        "builtins.exec": _Payload(exec, f"open({m!r}, 'w').write('x')"),
+        "builtins.eval": _Payload(eval, f"__import__('os').system(\"touch '{m}'\")"),
+        "open": _Payload(open, m, "w"),
+        "getattr": _Payload(getattr, _Payload(__import__, "os"), "system"),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "subprocess.call", "builtins.exec", "builtins.eval", "open",
+                                     "getattr"])
+@pytest.mark.parametrize("beside_a_config", [True, False])
+def test_pickled_code_does_not_run_by_default(tmp_path, monkeypatch, payload, beside_a_config):
+    """Issue 12 item 4. With a custom class (a yacs-like config) pickled first, torch's weights-only loader
+    reports that class and the old code retried the whole file with weights_only=False: the payload ran."""
+    marker = tmp_path / "trace"
+    m = small(num_heads=4)
+    f = tmp_path / "evil.pth"
+    obj = {}
+    if beside_a_config:
+        _, CfgNode = _fake_yacs(monkeypatch)
+        obj["config"] = CfgNode(NUM_ATTENTION_HEADS=4)
+    obj.update(pe_model=m.state_dict(), seqpe_config=m.config(), extra=_payloads(marker)[payload])
+    torch.save(obj, f)
+    with pytest.warns(InertPickleWarning, match="nothing was imported or called"):
+        loaded = load_checkpoint(f)
+    assert not marker.exists()
+    assert_same_module(m, loaded, torch.arange(0, 999, 11))  # the weights still load
+    with pytest.warns(InertPickleWarning):
+        _, info = read_state_dict(f)
+    assert info["unpickler"] == "inert" and not marker.exists()
+    assert isinstance(info["inert_globals"], list) and info["inert_globals"]
+    if payload == "open":  # the explicit opt-in keeps the old behaviour (weights_only=False)
+        load_checkpoint(f, allow_unsafe_pickle=True)
+        assert marker.exists()
+
+
+def test_reduce_payload_runs_only_with_explicit_opt_in(tmp_path, monkeypatch):
+    """The issue's reproduction: a custom class made the old default retry with weights_only=False, and the
+    os.system payload beside it ran (a file appeared, with only a warning)."""
+    marker = tmp_path / "trace"
+    _, CfgNode = _fake_yacs(monkeypatch)
+    m = small()
+    f = tmp_path / "evil.pth"
+    torch.save({"config": CfgNode(NUM_ATTENTION_HEADS=2), "pe_model": m.state_dict(), "seqpe_config": m.config(),
+                "x": _payloads(marker)["os.system"]}, f)
+    with pytest.warns(InertPickleWarning, match="posix.system|nt.system"):
+        load_checkpoint(f)
+    assert not marker.exists()
+    load_checkpoint(f, allow_unsafe_pickle=True)
+    assert marker.exists()
+
+
+def test_module_named_by_the_pickle_is_not_imported(tmp_path):
+    """A class from a module whose import has side effects: the loader never imports it."""
+    name = f"side_effect_mod_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "imported"
+    mod = types.ModuleType(name)
+
+    class Thing:
+        pass
+
+    Thing.__module__, Thing.__qualname__ = name, "Thing"
+    mod.Thing = Thing
+    sys.modules[name] = mod
+    try:
+        m = small()
+        f = tmp_path / "c.pth"
+        torch.save({"pe_model": m.state_dict(), "seqpe_config": m.config(), "t": Thing()}, f)
+    finally:
+        del sys.modules[name]
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Thing: pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.warns(InertPickleWarning, match=f"{name}.Thing"):
+            loaded = load_checkpoint(f)
+        assert not marker.exists() and name not in sys.modules
+        assert_same_module(m, loaded, torch.arange(0, 999, 13))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+def test_rebuild_from_type_cannot_smuggle_a_call(tmp_path):
+    """torch's own _rebuild_from_type_v2 calls its first argument: only a trusted rebuild function may go there."""
+    marker = tmp_path / "trace"
+
+    class Smuggle:
+        def __reduce__(self):
+            return torch._tensor._rebuild_from_type_v2, (os.system, torch.Tensor, (f"touch '{marker}'",), {})
+
+    m = small()
+    f = tmp_path / "s.pth"
+    torch.save({"pe_model": m.state_dict(), "x": Smuggle()}, f)
+    with pytest.raises(ValueError, match="restricted unpickler.*untrusted function"):
+        load_checkpoint(f)
+    assert not marker.exists()
+
+
+def test_inert_objects_run_nothing():
+    from seqpe_kernels.checkpoint import _inert_class
+
+    cls = _inert_class("posix.system")
+    obj = cls("touch /tmp/should_not_exist")  # calling the stand-in records, runs nothing
+    assert isinstance(obj, InertObject) and obj.pickled_args == ("touch /tmp/should_not_exist",)
+    assert len(obj) == 0 and not callable(obj)
+    assert "posix.system" in repr(obj)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(obj)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*TorchScript archive:UserWarning")
+def test_torchscript_archive_is_refused(tmp_path):
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))
+    with pytest.raises(ValueError, match="could not read it as a torch.save file"):
+        load_checkpoint(tmp_path / "ts.pt")
 
 
 def test_module_cls_and_overrides(tmp_path):
     m = small(data_dim=2, max_digits=2)
     f = save_checkpoint(m, tmp_path / "e.pth")
-    fused = load_checkpoint(f, module_cls=FusedSeqPE)
-    assert isinstance(fused, FusedSeqPE)
-    o = load_checkpoint(f, num_heads=4, attn_direction="bi", mask_padding=True, resid_pdrop=0.3, attn_pdrop=0.1,
-                        temperature=2.0, init="image")
+    fused = quiet_load(f, module_cls=FusedSeqPE)
+    assert isinstance(fused, FusedSeqPE) and fused.config() == m.config()
+    with pytest.warns(CheckpointConfigWarning, match="the file records"):
+        o = load_checkpoint(f, num_heads=4, attn_direction="bi", mask_padding=True, resid_pdrop=0.3,
+                            attn_pdrop=0.1, temperature=2.0, init="image")
     assert (o.num_heads, o.attn_direction, o.mask_padding, o.resid_pdrop, o.attn_pdrop, o.temperature) == \
         (4, "bi", True, 0.3, 0.1, 2.0)
     assert all(p.device.type == "cpu" for p in o.parameters())
 
 
+@needs_safetensors
 def test_low_precision_file_loads_into_fp32_module(tmp_path):
     m = small()
     f = save_checkpoint(m.to(torch.bfloat16), tmp_path / "bf16.safetensors")
-    loaded = load_checkpoint(f)
+    loaded = quiet_load(f)
     for k, v in loaded.state_dict().items():
         assert v.dtype == torch.float32
         assert torch.equal(v, m.state_dict()[k].float())
@@ -198,13 +550,14 @@ def test_save_checkpoint_unknown_suffix(tmp_path):
     ("vit_b", dict(embed_dim=384, num_heads=6, max_digits=2, data_dim=2, out_dim=768, init="image"), 6),
 ])
 def test_paper_configs_inferred(tmp_path, name, kwargs, expect_heads):
-    m = SeqPE(**kwargs, use_last_layernorm=True)
+    m = SeqPE(**kwargs, use_last_layernorm=True, attn_pdrop=0.0)
     cfg = infer_config(m.state_dict())
     assert cfg == dict(embed_dim=kwargs["embed_dim"], max_digits=kwargs["max_digits"], num_layers=2,
                        data_dim=kwargs.get("data_dim", 1), out_dim=kwargs["out_dim"], use_last_layernorm=True,
                        base=10)
-    f = save_checkpoint(m, tmp_path / ("best_model" if name == "text" else "best_model.pth"))
-    loaded = load_checkpoint(f)
+    torch.save({"pe_model": m.state_dict()}, tmp_path / "authors.pth")  # the authors' files record no config
+    with pytest.warns(CheckpointConfigWarning, match=f"num_heads={expect_heads}"):
+        loaded = load_checkpoint(tmp_path / "authors.pth")
     assert loaded.num_heads == expect_heads  # embed_dim // 64, as the authors' CLI defaults
     assert loaded.config() == dict(m.config(), init=loaded.init_scheme)
 
@@ -223,34 +576,43 @@ def test_infer_config_variants(kwargs):
 
 
 def test_num_heads_cannot_default_for_narrow_width(tmp_path):
-    f = save_checkpoint(SeqPE(48, 4, 2), tmp_path / "n.pth")
+    m = SeqPE(48, 4, 2)
+    torch.save(m.state_dict(), tmp_path / "n.pth")
     with pytest.raises(ValueError, match="pass num_heads="):
-        load_checkpoint(f)
-    assert load_checkpoint(f, num_heads=4).num_heads == 4
+        load_checkpoint(tmp_path / "n.pth")
+    with pytest.warns(CheckpointConfigWarning):
+        assert load_checkpoint(tmp_path / "n.pth", num_heads=4).num_heads == 4
+    assert quiet_load(save_checkpoint(m, tmp_path / "rec.pth")).num_heads == 4  # recorded: no default needed
 
 
 # ============================================================================ errors in plain words
 def test_wrong_file_without_encoder(tmp_path):
     torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(2)}, "epoch": 3}, tmp_path / "vit.pth")
-    with pytest.raises(ValueError, match=r"no SeqPE encoder weights: no key 'pe_model' and no "
-                                         r"'transformers.0.attn.c_attn.weight'; keys found: \['model', 'epoch'\]"):
+    with pytest.raises(ValueError, match=r"no SeqPE encoder weights: no key 'pe_model' \(image checkpoint\) or "
+                                         r"'encoder' .* and no 'transformers.0.attn.c_attn.weight'; keys found: "
+                                         r"\['model', 'epoch'\]"):
         load_checkpoint(tmp_path / "vit.pth")
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(2), "patch_embed.proj.weight": torch.zeros(2)},
                tmp_path / "vit_sd.pth")
     with pytest.raises(ValueError, match=r"no SeqPE encoder weights.*ViT main-model weights.*'pe_model'"):
         load_checkpoint(tmp_path / "vit_sd.pth")
+
+
+@needs_safetensors
+def test_wrong_safetensors_file_without_encoder(tmp_path):
     safetensors_torch.save_file({"foo": torch.zeros(3)}, str(tmp_path / "foo.safetensors"))
     with pytest.raises(ValueError, match=r"no SeqPE encoder weights.*keys found: \['foo'\]"):
         load_checkpoint(tmp_path / "foo.safetensors")
+    m = small()
+    safetensors_torch.save_file(m.state_dict(), str(tmp_path / "bad.safetensors"), metadata={"seqpe_config": "{"})
+    with pytest.raises(ValueError, match="'seqpe_config' metadata is not valid JSON"):
+        load_checkpoint(tmp_path / "bad.safetensors")
 
 
 def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "garbage.pth").write_text("this is not a checkpoint")
     with pytest.raises(ValueError, match="could not read it as a torch.save file"):
         load_checkpoint(tmp_path / "garbage.pth")
-    (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01nonsense")
-    with pytest.raises(ValueError, match="could not read it as a safetensors file"):
-        load_checkpoint(tmp_path / "garbage.safetensors")
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "nope.pth")
     (tmp_path / "run").mkdir()
@@ -262,12 +624,19 @@ def test_unreadable_and_missing_files(tmp_path):
         load_checkpoint(tmp_path / "list.pth")
 
 
+@needs_safetensors
+def test_unreadable_safetensors(tmp_path):
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01nonsense")
+    with pytest.raises(ValueError, match="could not read it as a safetensors file"):
+        load_checkpoint(tmp_path / "garbage.safetensors")
+
+
 def test_missing_unexpected_and_mismatched_keys(tmp_path):
     m = small()
     sd = dict(m.state_dict())
     del sd["transformers.1.mlp.c_fc.bias"]
     sd["extra.weight"] = torch.zeros(2)
-    torch.save({"pe_model": sd}, tmp_path / "bad.pth")
+    torch.save({"pe_model": sd, "seqpe_config": m.config()}, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as ei:
         load_checkpoint(tmp_path / "bad.pth")
     msg = str(ei.value)
@@ -276,7 +645,7 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     # Conv1D weights saved in nn.Linear layout are recognised as transposed
     sd = dict(m.state_dict())
     sd["transformers.0.mlp.c_fc.weight"] = sd["transformers.0.mlp.c_fc.weight"].t().contiguous()
-    torch.save(sd, tmp_path / "t.pth")
+    torch.save({"pe_model": sd, "seqpe_config": m.config()}, tmp_path / "t.pth")
     with pytest.raises(ValueError, match=r"shape mismatches: transformers.0.mlp.c_fc.weight: file \[512, 128\] vs "
                                          r"module \[128, 512\] \(transposed"):
         load_checkpoint(tmp_path / "t.pth")
@@ -284,7 +653,7 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     f = save_checkpoint(m, tmp_path / "ok.pth")
     with pytest.raises(ValueError, match=r"out_proj.weight: file \[48, 128\] vs module \[7, 128\]"):
         load_checkpoint(f, out_dim=7)
-    with pytest.raises(ValueError, match="cannot build SeqPE.*does not divide"):
+    with pytest.warns(CheckpointConfigWarning), pytest.raises(ValueError, match="cannot build SeqPE.*does not divide"):
         load_checkpoint(f, num_heads=7)
 
 

@@ -296,3 +296,81 @@ def test_ddp_fused_triton_backend_needs_no_find_unused_parameters(tmp_path):
     assert d_ddp["checks"] == {"encoder_params_without_grad": [], "model_params_without_grad": []}
     d_one, s_one = _single(tmp_path, tiny + ["--backend", "torch"], "one_torch")
     _compare_runs(d_ddp, s_ddp, d_one, s_one)
+
+
+# ------------------------------------------------------------------------------------------------ save / resume
+TINY = ["--task", "lm", "--backend", "torch", "--no-eval", "--no-progress", "--plot", "", "--device", "cpu",
+        "--block-size", "8", "--batch-size", "2", "--model-dim", "16", "--model-heads", "2", "--model-layers", "1",
+        "--pe-dim", "32", "--pe-heads", "4", "--pe-layers", "1", "--max-position", "64", "--contrastive-size", "2",
+        "--contrastive-batch", "2", "--transfer-size", "2", "--transfer-batch", "1", "--shift-rate", "0.5",
+        "--pe-warmup-steps", "4", "--pe-temperature", "2", "--seed", "5"]
+
+
+def test_train_save_file_is_read_by_load_checkpoint(tmp_path):
+    """Issue 12 item 3: `train --save run.pth` wrote {'encoder', 'model', 'config'}, which load_checkpoint could
+    not read ('no SeqPE encoder weights'); now it loads the encoder with its recorded configuration, silently."""
+    import warnings
+
+    from seqpe_kernels import FusedSeqPE, load_checkpoint
+
+    f = tmp_path / "run.pth"
+    assert T.main([*TINY, "--steps", "2", "--save", str(f)]) == 0
+    saved = torch.load(f, weights_only=True)  # plain data only
+    assert {"encoder", "seqpe_config", "model", "config", "optimizer", "train_state"} <= set(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc = load_checkpoint(f, module_cls=FusedSeqPE, backend="torch")
+    assert enc.config() == saved["seqpe_config"]
+    assert (enc.num_heads, enc.temperature, enc.resid_pdrop, enc.embed_dim) == (4, 2.0, 0.1, 32)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, saved["encoder"][k]), k
+
+
+def test_resume_continues_the_run_exactly(tmp_path):
+    """3 steps, --save, then --resume for 3 more = 6 uninterrupted steps, bit for bit (dropout on, random shift,
+    regulariser warm-up): weights, AdamW state, samplers, data and torch RNGs all travel in the file."""
+    def run(name, steps, *extra):
+        js, pt = tmp_path / f"{name}.json", tmp_path / f"{name}.pt"
+        assert T.main([*TINY, "--steps", str(steps), "--json", str(js), "--save", str(pt), *extra]) == 0
+        return json.loads(js.read_text()), torch.load(pt, weights_only=True)
+
+    d_all, s_all = run("all", 6)
+    d_a, _ = run("first", 3)
+    d_b, s_b = run("second", 3, "--resume", str(tmp_path / "first.pt"))
+    assert d_a["losses"] + d_b["losses"] == d_all["losses"]
+    assert d_b["config"]["resume"] == str(tmp_path / "first.pt")
+    assert s_b["train_state"]["step"] == s_all["train_state"]["step"] == 6
+    for part in ("encoder", "model"):
+        for k, v in s_all[part].items():
+            assert torch.equal(v, s_b[part][k]), (part, k)
+    # the resumed run takes the saved run's sizes when they are not given
+    sizes = ["--pe-dim", "--pe-heads", "--model-dim", "--model-heads"]
+    short = [a for i, a in enumerate(TINY) if a not in sizes and (i == 0 or TINY[i - 1] not in sizes)]
+    assert T.main([*short, "--steps", "1", "--resume", str(tmp_path / "all.pt")]) == 0
+
+
+def test_resume_refuses_a_different_run(tmp_path, capsys):
+    f = tmp_path / "a.pt"
+    assert T.main([*TINY, "--steps", "1", "--save", str(f)]) == 0
+    capsys.readouterr()
+    other = [*TINY, "--steps", "1", "--resume", str(f), "--pe-heads", "2", "--dropout", "0"]
+    assert T.main(other) == 2
+    err = capsys.readouterr().err
+    assert "pe_heads: saved 4, this run 2" in err and "dropout: saved 0.1, this run 0.0" in err
+    from seqpe_kernels import SeqPE, save_checkpoint
+
+    enc_only = save_checkpoint(SeqPE(32, 4, 2), tmp_path / "enc.pth")
+    assert T.main([*TINY, "--steps", "1", "--resume", str(enc_only)]) == 2
+    assert "not a file written by seqpe-kernels train --save" in capsys.readouterr().err
+    assert T.main([*TINY, "--steps", "1", "--resume", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_resume_from_an_older_train_file(tmp_path, capsys):
+    """Files written before this change hold only encoder/model/config: the weights resume, AdamW restarts."""
+    f = tmp_path / "new.pt"
+    assert T.main([*TINY, "--steps", "1", "--save", str(f)]) == 0
+    saved = torch.load(f, weights_only=True)
+    torch.save({k: saved[k] for k in ("encoder", "model", "config")}, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert T.main([*TINY, "--steps", "1", "--resume", str(tmp_path / "old.pt")]) == 0
+    assert "no optimizer state saved: AdamW restarts" in capsys.readouterr().out

@@ -2,9 +2,18 @@
 # One leased-GPU call with a hard deadline (the device tool allows 10 minutes per command): runs the steps of
 # PHASE in priority order, each under the time still left, logs under $OUT, bundled into $OUT/logs.tgz.
 #   bash benchmarks/device_call.sh PHASE OUTDIR [DEADLINE_S]
-# PHASE a: env, CUDA extension build, GPU-marked tests, `check`, profile, cache/gather bench, bench of the two
-#          default configs.   PHASE b/c: graph tests, bench with graph providers, attention tuning, the whole
-#          parity suite.   PHASE d: isolate run c's illegal memory access per provider, then the graph benches.
+# PHASE e (current; issue 11 item 2, CUDA graphs; <= 9 min with DEADLINE_S=540, extension built in the
+#          background): (i) tests/test_graphs.py with -x (Triton cases; the C++/CUDA-extension case once the build
+#          is done), (ii) each CUDA-graph provider alone under CUDA_LAUNCH_BLOCKING=1 on the text config that
+#          crashed (bf16 autocast + dropout, real M; the extension-free ones while the extension builds),
+#          (iii) text-default and vits-default with every provider side by side (real M, --quick timing), CSV +
+#          PNG named with the device. Later steps are skipped when time runs out (logs/summary.txt says which).
+#     bash benchmarks/device_call.sh e "$OUT" 540
+# Historical (kept as they ran; do not use for new leases): PHASE a: env, CUDA extension build, GPU-marked tests,
+#          `check`, profile, cache/gather bench, bench of the two default configs.   PHASE b/c: graph tests, bench
+#          with graph providers, attention tuning, the whole parity suite.   PHASE d: isolate run c's illegal
+#          memory access per provider, then the graph benches (superseded by e: the access was traced by reading
+#          to bench's retained-graph backward replaying a captured backward without its forward).
 # On your own GPU, with no time limit, use benchmarks/gpu_run.sh instead.
 set -uo pipefail
 PHASE="$1"; OUT="$2"; LIMIT="${3:-570}"
@@ -79,6 +88,36 @@ elif [[ "$PHASE" == d ]]; then  # next lease: isolate the illegal access of run 
   for c in text-default vits-default; do
     TAILN=40 step "bench_$c" 150 python3 -m seqpe_kernels.cli bench --config "$c" --provider eager compile \
         compile-cg triton cuda triton-graph cuda-graph --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
+  done
+elif [[ "$PHASE" == e ]]; then
+  build_ext_bg
+  TAILN=3 step env 20 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, \
+      torch.cuda.get_device_name(0))"
+  # (i) the graph tests, Triton cases (no extension needed; the extension builds meanwhile)
+  TAILN=12 step pytest_graphs 170 python3 -X faulthandler -m pytest -x -q -p no:cacheprovider -rs \
+      tests/test_graphs.py -k "not cudaext"
+  # (ii) each CUDA-graph provider alone, synchronous launches: a fault is attributed to the provider/mode named
+  # last on stderr ("[bench] ..."); text-default at its real M (bf16 autocast, dropout) is the configuration of
+  # the first crash. The extension-free ones first, while the extension may still be building
+  isolate() {  # isolate PROVIDER LIMIT_S MODE...
+    local p="$1" lim="$2"; shift 2
+    TAILN=14 step "isolate_$p" "$lim" env CUDA_LAUNCH_BLOCKING=1 python3 -X faulthandler -m seqpe_kernels.cli \
+        bench --no-progress --config text-default --quick --M 1552 --provider "$p" --mode "$@" \
+        --csv "$OUT/isolate_${p}_$DEV.csv" --png none
+  }
+  isolate triton-graph 50 forward backward full nograd
+  isolate compile-cg 70 full
+  wait $BUILD; tail -3 "$OUT/logs/ext_build.txt"
+  TAILN=8 step pytest_graphs_ext 60 python3 -X faulthandler -m pytest -x -q -p no:cacheprovider -rs \
+      tests/test_graphs.py -k cudaext
+  isolate cuda-graph 50 forward backward full nograd
+  # (iii) every provider side by side (the default provider list includes the CUDA-graph ones); real M, the
+  # short --quick timing policy so that both configs fit
+  for cm in text-default:1552 vits-default:4324; do
+    c=${cm%%:*}; m=${cm##*:}
+    TAILN=48 step "bench_$c" 150 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress --config "$c" \
+        --quick --M "$m" --mode forward backward full nograd \
+        --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
   done
 fi
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"

@@ -5,13 +5,15 @@ Providers
   compile   ``torch.compile`` of the reference (compile time excluded by warm-up; a failure is recorded
             with its reason and the run goes on)
   compile-cg  ``torch.compile(mode="reduce-overhead")``: compiled and replayed as CUDA graphs (CUDA only), the
-            fair baseline for the graph providers (opt-in, like them)
+            fair baseline for the graph providers
   triton, cuda, cpu
             ``FusedSeqPE`` with that backend, only where ``available_backends`` says it is usable
             (Triton is never timed under the interpreter)
   triton-graph, cuda-graph
-            the same, wrapped in ``GraphedSeqPE`` (forward and backward replayed as CUDA graphs; CUDA only;
-            opt-in: ``--provider triton-graph cuda-graph compile-cg``)
+            the same, wrapped in ``GraphedSeqPE`` (forward and backward replayed as CUDA graphs; CUDA only)
+  The three CUDA-graph providers run by default on CUDA and are skipped with the reason on CPU; to leave them
+  out, name the providers to run (``--provider eager compile triton cuda ...``; Python:
+  ``run_bench(..., cuda_graphs=False)``).
   dedup, prefix, cache
             ``dedup_forward`` / ``prefix_shared_forward`` (seqpe_kernels.dedup) and ``SeqPECache``
             (seqpe_kernels.cache), when those modules exist, in ``nograd`` mode only (the only mode in which
@@ -20,7 +22,11 @@ Providers
 Modes
   forward   train mode (dropout on), grad enabled: the forward of a training step
   backward  backward only, through a retained graph (``retain_graph=True``); where that is not supported
-            it is derived as full - forward and the row says so
+            it is derived as full - forward and the row says so. The CUDA-graph providers are always derived:
+            a captured backward reads the activations its own forward replay left in the graph's pool and
+            overwrites them while it runs, so it cannot be replayed on its own (GraphedSeqPE refuses it;
+            repeating it is the likely cause of the illegal memory access in the first H100 run with graph
+            providers)
   full      forward + backward
   nograd    eval mode under ``torch.inference_mode``
 
@@ -63,9 +69,14 @@ FUSED_PROVIDERS = ("triton", "cuda", "cpu")
 GRAPH_PROVIDERS = ("triton-graph", "cuda-graph")   # the fused backends replayed as CUDA graphs (GraphedSeqPE)
 ALGO_PROVIDERS = ("dedup", "prefix", "cache")
 PROVIDERS = ("eager", "compile", "compile-cg") + FUSED_PROVIDERS + GRAPH_PROVIDERS + ALGO_PROVIDERS
-# CUDA-graph providers are opt-in (--provider ...): their only full H100 run so far ended in an illegal memory
-# access that was not isolated to one provider (see benchmarks/results/NOTES.md)
-DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in GRAPH_PROVIDERS + ("compile-cg",))
+CUDA_GRAPH_PROVIDERS = ("compile-cg",) + GRAPH_PROVIDERS
+# every provider by default; the CUDA-graph ones are skipped with the reason off CUDA (run_bench(cuda_graphs=False)
+# or an explicit provider list leaves them out)
+DEFAULT_PROVIDERS = PROVIDERS
+# why the CUDA-graph providers' backward row is derived (full - forward) instead of timed on its own
+GRAPH_BACKWARD_NOTE = ("backward-only timing not applicable to CUDA-graph replay (a captured backward consumes the "
+                       "activations of its own forward replay; repeating it without one reads overwritten memory): "
+                       "derived as full - forward")
 TRAIN_MODES = ("forward", "backward", "full")
 
 CSV_COLUMNS = (
@@ -549,6 +560,8 @@ class Provider:
     modes: Tuple[str, ...] = MODES
     skip_reason: str = ""
     note: str = ""                        # what the row measures, when it is not obvious
+    backward_derived: str = ""            # when set (and "backward" not in modes): the backward row is derived
+                                          # as full - forward, with this reason as its note
 
 
 def _optional(modname: str, attr: str):
@@ -590,19 +603,21 @@ def build_provider(name: str, cfg: BenchConfig, ref: SeqPE, device: torch.device
         return Provider(name, ref, compiled)
     if name in GRAPH_PROVIDERS + ("compile-cg",) and device.type != "cuda":
         return Provider(name, None, None, skip_reason="CUDA graphs need a CUDA device")
+    graph_modes = tuple(m for m in MODES if m != "backward")
     if name == "compile-cg":
         compiled = torch.compile(ref, mode="reduce-overhead")
 
         def call(pos):
             torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs may be reused
             return compiled(pos)
-        return Provider(name, ref, call)
+        return Provider(name, ref, call, modes=graph_modes, backward_derived=GRAPH_BACKWARD_NOTE)
     if name in GRAPH_PROVIDERS:
         inner = build_provider(name[:-len("-graph")], cfg, ref, device)
         if inner.skip_reason:
             return Provider(name, None, None, skip_reason=inner.skip_reason)
         from .graphs import GraphedSeqPE
-        return Provider(name, inner.module, GraphedSeqPE(inner.module))
+        return Provider(name, inner.module, GraphedSeqPE(inner.module), modes=graph_modes,
+                        backward_derived=GRAPH_BACKWARD_NOTE)
     if name in FUSED_PROVIDERS:
         ok, why = available_backends(device).get(name, (False, "unknown backend"))
         if not ok:
@@ -680,6 +695,10 @@ def mode_callables(prov: Provider, mode: str, positions, ac_dtype, device):
 
     if mode == "full":
         def fn():
+            # a fresh step every call, also in do_bench's untimed warm-up / estimate calls (its grad_to_none
+            # covers only the timed ones): under CUDA graphs (compile-cg's cudagraph trees) a .grad kept from
+            # the previous step lives in memory that step's replay reuses
+            _set_grads_none(params)
             with autocast():
                 y = prov.call(positions)
             y.backward(grad_like(y))
@@ -769,14 +788,16 @@ def run_bench(configs: Optional[Iterable[Union[str, BenchConfig, dict]]] = None,
               png_path: Optional[str] = "default", progress: bool = True, device=None,
               M: Optional[int] = None, sweep_ms: Optional[Sequence[int]] = None, seed: int = 0,
               policy: Optional[TimingPolicy] = None, print_table: bool = True, file=None,
-              threads: Optional[int] = None) -> List[dict]:
+              threads: Optional[int] = None, cuda_graphs: bool = True) -> List[dict]:
     """Run the benchmark grid and return its rows (dicts with the CSV columns).
 
     configs   names from CONFIGS, "all", BenchConfig objects or dicts of BenchConfig fields
               (default: all; quick: text-default and vits-default, whose shifted / ViT-B twins differ only
               in M / out_dim, which quick mode scales away anyway)
-    providers subset of PROVIDERS (default DEFAULT_PROVIDERS: all but the CUDA-graph ones; "eager" is always
-              measured: it is the baseline)
+    providers subset of PROVIDERS (default DEFAULT_PROVIDERS: all; the CUDA-graph ones are skipped with the
+              reason off CUDA; "eager" is always measured: it is the baseline)
+    cuda_graphs False: leave the CUDA-graph providers (compile-cg, triton-graph, cuda-graph) out of the default
+              provider list (an explicit ``providers`` list is taken as given)
     modes     subset of MODES (default all; quick: forward, full, nograd)
     quick     small M (one forward ~ QUICK_FWD_FLOPS), short timing budget: for a 2-core CPU in minutes
     sweep     every config at each M of ``sweep_ms`` (default depends on device / quick)
@@ -793,6 +814,8 @@ def run_bench(configs: Optional[Iterable[Union[str, BenchConfig, dict]]] = None,
     if threads:
         torch.set_num_threads(int(threads))
     try:
+        if providers is None and not cuda_graphs:
+            providers = [p for p in DEFAULT_PROVIDERS if p not in CUDA_GRAPH_PROVIDERS]
         return _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, progress, device, M,
                           sweep_ms, seed, policy, print_table, file)
     finally:
@@ -888,11 +911,14 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
                 ff = MODE_FLOP_FACTOR[mode]
                 row["ref_gflop"] = ref_fwd_flops(cfg) * ff / 1e9
                 row["floor_gflop"] = floor_fwd_flops(cfg) * ff / 1e9
-                if mode not in prov.modes:
+                if mode not in prov.modes and not (mode == "backward" and prov.backward_derived
+                                                   and not prov.skip_reason):
                     if bar is not None:
                         bar.update(1)
                     continue  # not applicable (dedup/prefix/cache are exact only without grad)
-                if prov.skip_reason:
+                if mode not in prov.modes:  # CUDA-graph providers: backward = full - forward, with the reason
+                    row.update(status="derived", note=prov.backward_derived)
+                elif prov.skip_reason:
                     row.update(status="skipped", note=prov.skip_reason)
                 else:
                     try:

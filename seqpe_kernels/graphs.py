@@ -2,40 +2,227 @@
 
 Why: a SeqPE step launches ~200 small kernels, and on a GPU the encoder's kernels finish faster than Python can
 issue them (measured on an H100: the fused Triton step does ~2.8 ms of GPU work behind ~10 ms of host time).
-Capturing the step once and replaying it removes the host cost entirely; the positions of a training step
-have a fixed shape (SEQPE_SPEC §6: windows + contrastive + transfer positions, the same count every step).
+Capturing the step once and replaying it removes the host cost; the positions of a training step come in a
+few fixed shapes (SEQPE_SPEC §6: windows + contrastive + transfer positions; the text step alternates two).
 
     enc = FusedSeqPE(...).cuda()
     genc = GraphedSeqPE(enc)                 # wraps, shares the parameters
-    pe = genc(positions)                     # first call per (shape, mode) captures; later calls replay
+    pe = genc(positions)                     # first call per key captures; later calls replay
     loss(pe).backward()                      # the backward replays a captured graph too
 
-One graph pair per key (positions shape/dtype/device, ``module.training``, grad mode, autocast dtype); a
-key seen for the first time is captured after ``warmup`` eager iterations on a side stream (so lazy
-initialisation, Triton compilation and cuBLAS workspaces stay out of the graph). Training graphs come from
-``torch.cuda.make_graphed_callables`` (forward + backward, parameter gradients accumulated by autograd as
-usual); no-grad graphs are a plain forward capture. Dropout stays random: the kernels' Philox seeds are drawn
-with torch's CUDA generator inside the graph, and captured generator calls advance on every replay.
+Keys: one graph (training: a forward/backward pair) per positions shape / dtype / device, ``module.training``,
+grad mode, CUDA autocast dtype and the parameters (objects, addresses, dtypes, requires_grad).
+``torch.no_grad`` and ``torch.inference_mode`` share one graph: they run the same kernels (inference mode only
+changes host-side autograd bookkeeping), and the graph's static input is a normal tensor that both may write.
+At most ``max_graphs`` keys are captured; calls with further keys run eagerly (one warning).
 
-Constraints (the usual CUDA-graph ones, checked where cheap):
+Guaranteed (each point has a GPU-marked test in tests/test_graphs.py):
+* outputs and every parameter gradient equal the eager module's (fp32: 1e-5 rel) on every replay, with fresh
+  positions each time, for training (forward + backward) and no-grad calls;
+* the parameter gradients handed to autograd are fresh tensors (cloned out of the graph's static buffers), so
+  ``.grad`` tensors, ``torch.autograd.grad`` results, gradient accumulation over micro-batches and an
+  optimizer step between replays all behave as in eager; returned outputs are clones as well (unless
+  ``clone_outputs=False``: then an output is the graph's static buffer and the next replay overwrites it);
+* dropout is fresh per replay and is what the eager module would draw: the kernels' Philox seeds are drawn
+  with torch's CUDA generator inside the graph, a replay advances the generator as the eager call does, and the
+  generator state is put back after warm-up and capture (the warm-up's draws are undone). With the same seed a
+  run with graphs sees the same dropout masks as one without;
+* each graph owns a private memory pool, its static tensors and (captured into that pool) its cuBLAS
+  workspace: the workspaces are cleared before and after every capture, so no other graph or eager GEMM shares
+  memory with it, and clearing workspaces elsewhere (``torch.compile(mode="reduce-overhead")`` does) or
+  destroying another graph cannot pull memory from under it. Graphs, pools and static tensors live as long as
+  the GraphedSeqPE (no reference cycles: they are freed when it is, or by ``reset()``, after a device
+  synchronisation);
+* Triton compiles during the ``warmup`` (>= 1) eager calls, which run on the capture's own static input (same
+  shapes, dtypes and alignment); a Triton compilation during a capture is detected (Triton's
+  ``knobs.runtime.jit_post_compile_hook``) and the capture is refused with the kernel's name.
+
+Refused with an error (``GraphReplayError``, a RuntimeError) instead of silently wrong results:
+* a second backward through one forward replay (``retain_graph=True`` re-use): the captured backward frees and
+  reuses the forward's activations inside its own pool while it runs, so a second replay would read
+  overwritten memory (wrong gradients; a garbage index tensor can scatter out of bounds);
+* backward of a stale output, i.e. one whose forward replay was followed by a newer forward replay of the same
+  graph (``y1 = g(p1); y2 = g(p2); (f(y1) + f(y2)).backward()``: y1's activations were overwritten). Call
+  backward before the next forward with the same key, or use two GraphedSeqPE instances. Autograd may already
+  have run the other output's backward when the error is raised: zero the gradients before retrying;
+* backward of an output after ``reset()``; ``warmup < 1``; positions that are not an integer CUDA tensor on
+  the parameters' device.
+
+The caller's duties (the usual CUDA-graph ones):
+* replays run on the caller's current stream, after the copy of ``positions`` into the static input on that
+  stream. Positions written on another stream must be waited for first
+  (``torch.cuda.current_stream().wait_stream(s)``), exactly as for an eager op; use it from one thread;
 * the encoder's weights must stay the same tensors (in-place optimizer updates are fine; ``.to()`` or
-  ``load_state_dict(assign=True)`` after capture is not: call ``reset()``);
-* a call must not synchronise with the host, so deduplication (``torch.unique``) is bypassed: the graph runs
-  the plain fused forward, which is exact anyway;
+  ``load_state_dict(assign=True)`` after capture gives new keys and new captures: call ``reset()`` to free the
+  old ones). Not for DDP-wrapped modules;
+* no host synchronisation inside a call, so deduplication (``torch.unique``) is bypassed: the graph runs the
+  plain fused forward (``module._forward_positions``), which is exact anyway;
 * position validation is the device-side assert of the fused path (``check_range``), which cannot raise a
   Python exception from inside a graph: out-of-range positions abort the CUDA context. Validate untrusted
   positions before calling (``seqpe_kernels.tokenize.check_positions``).
-Outputs are cloned out of the graph's static buffer by default (``clone_outputs=False`` saves that copy, but
-then a returned tensor is overwritten by the next replay).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import contextlib
+import numbers
+import sys
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["GraphedSeqPE"]
+__all__ = ["GraphedSeqPE", "GraphReplayError", "GraphCaptureError", "ReplayLedger", "ReplayTicket",
+           "triton_compile_watch"]
+
+
+class GraphReplayError(RuntimeError):
+    """A call that would replay a captured graph against the wrong activations (see the module docstring)."""
+
+
+class GraphCaptureError(RuntimeError):
+    """A capture that cannot be trusted (e.g. Triton compiled a kernel during it)."""
+
+
+# ------------------------------------------------------------------------------------------- bookkeeping
+class ReplayTicket:
+    """One forward replay of a captured forward/backward pair; its backward may run once, while it is the
+    newest forward replay of its graph."""
+
+    __slots__ = ("ledger", "generation", "backward_done")
+
+    def __init__(self, ledger: "ReplayLedger", generation: int):
+        self.ledger = ledger
+        self.generation = generation
+        self.backward_done = False
+
+    def claim_backward(self) -> None:
+        """Raise GraphReplayError unless this replay's backward may run now; mark it as run."""
+        led = self.ledger
+        if led.closed:
+            raise GraphReplayError(
+                f"backward of a GraphedSeqPE output ({led.what}) after reset(): its graphs were freed. Run the "
+                "backward before reset(), or recompute the output")
+        if self.backward_done:
+            raise GraphReplayError(
+                f"a second backward through one GraphedSeqPE forward replay ({led.what}, replay "
+                f"#{self.generation}): the captured backward overwrites the forward's saved activations while it "
+                "runs, so it can replay only once per forward replay (backward(retain_graph=True) re-use is "
+                "refused). Call the GraphedSeqPE again for each backward")
+        if self.generation != led.generation:
+            raise GraphReplayError(
+                f"backward of a stale GraphedSeqPE output ({led.what}): its forward replay #{self.generation} was "
+                f"superseded by replay #{led.generation} of the same graph, which overwrote its activations. Run "
+                "each output's backward before the next call with the same positions shape and mode (or use one "
+                "GraphedSeqPE per concurrent output). Gradients of other outputs in the same backward call may "
+                "already have been accumulated")
+        self.backward_done = True
+
+
+class ReplayLedger:
+    """Forward-replay generations of one captured forward/backward pair (host-side, no CUDA needed)."""
+
+    __slots__ = ("what", "generation", "closed")
+
+    def __init__(self, what: str = "graph"):
+        self.what = what
+        self.generation = 0
+        self.closed = False
+
+    def forward(self) -> ReplayTicket:
+        if self.closed:
+            raise GraphReplayError(f"GraphedSeqPE graph ({self.what}) used after reset()")
+        self.generation += 1
+        return ReplayTicket(self, self.generation)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+# ------------------------------------------------------------------------------------------- capture helpers
+@contextlib.contextmanager
+def triton_compile_watch() -> Iterator[List[str]]:
+    """Collect the names of the Triton kernels compiled (or loaded from Triton's disk cache) inside the block,
+    through ``triton.knobs.runtime.jit_post_compile_hook`` (chained with any hook already installed). Without
+    Triton, or with a Triton without ``knobs`` (< 3.4), nothing is collected."""
+    seen: List[str] = []
+    rt, prev, installed = None, None, False
+    try:
+        from triton import knobs
+
+        rt = knobs.runtime
+        prev = rt.jit_post_compile_hook
+
+        def hook(*args, **kwargs):
+            fn = kwargs.get("fn")
+            seen.append(str(getattr(fn, "name", None) or kwargs.get("repr") or "a Triton kernel"))
+            return prev(*args, **kwargs) if prev is not None else None
+
+        rt.jit_post_compile_hook = hook
+        installed = True
+    except Exception:  # no triton / no knobs: nothing to watch
+        pass
+    try:
+        yield seen
+    finally:
+        if installed:
+            rt.jit_post_compile_hook = prev
+
+
+def _clear_cublas_workspaces() -> None:
+    f = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if f is not None:
+        f()
+
+
+# Graphs closed while a capture is in progress (e.g. by the garbage collector, which may run during one): their
+# resources are parked here and freed after the capture, because a device synchronisation is illegal during a
+# capture and freeing the static input then could hand its memory to an allocation while a replay still reads it.
+_capturing = [0]
+_deferred: List[dict] = []
+
+
+@contextlib.contextmanager
+def _capture_guard(what: str):
+    """Around the captures of one graph: (1) cuBLAS workspaces cleared before, so the graph's GEMMs get a
+    workspace allocated inside the graph's own pool, not one that lives in another graph's pool or in the
+    general pool (where a later clear by someone else, e.g. torch.compile's CUDA-graph trees, would hand it to
+    eager tensors); (2) cleared after, so nothing outside this graph keeps using the block in its pool;
+    (3) no Triton compilation inside (the warm-up compiles; a kernel compiled during capture can invalidate it);
+    (4) graphs closed meanwhile are freed afterwards, not during the capture."""
+    torch.cuda.synchronize()
+    _clear_cublas_workspaces()
+    _capturing[0] += 1
+    try:
+        with triton_compile_watch() as compiled:
+            yield
+    finally:
+        _capturing[0] -= 1
+        _clear_cublas_workspaces()
+        if _deferred and not _capturing[0]:
+            try:
+                torch.cuda.synchronize()
+            finally:
+                _deferred.clear()
+    if compiled:
+        raise GraphCaptureError(
+            f"Triton compiled {', '.join(sorted(set(compiled)))} during the CUDA-graph capture of {what}, not during "
+            "the warm-up calls: the capture is refused (a kernel compiled inside a capture can invalidate it). "
+            "Report this with the shapes; a larger warmup= does not change what the warm-up compiles")
+
+
+def _warm_up(step: Callable[[], None], n: int) -> None:
+    """``n`` eager calls on a side stream, as before a capture: Triton compilation, cuBLAS / allocator lazy
+    initialisation and autograd's first-call work happen here, outside the graph."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(n):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
 
 
 class _Core(nn.Module):
@@ -53,92 +240,235 @@ class _Core(nn.Module):
             return fwd(positions)
 
 
+# ------------------------------------------------------------------------------------------- graphs
+class _Graph:
+    """State common to both kinds: a private pool, a static input, closing."""
+
+    def __init__(self, what: str, clone_outputs: bool):
+        self.what = what
+        self.clone_outputs = clone_outputs
+        self.pool = torch.cuda.graph_pool_handle()
+        self.ledger = ReplayLedger(what)
+        self.closed = False
+
+    def _copy_in(self, positions: torch.Tensor) -> None:
+        if positions.data_ptr() != self.static_in.data_ptr():
+            self.static_in.copy_(positions)  # on the current stream, which the replay then follows
+
+    def _out(self, static_out: torch.Tensor) -> torch.Tensor:
+        return static_out.clone() if self.clone_outputs else static_out.detach()
+
+    _RESOURCES = ("static_in", "static_out", "static_grad_out", "static_grads", "graph", "fwd_graph", "bwd_graph",
+                  "pool")
+
+    def close(self) -> None:
+        """Free the graph(s), the static tensors and the pool. Synchronises first: a replay may still be in
+        flight, and the static input lives outside the pool (an eager allocation could reuse it at once).
+        During another graph's capture (the garbage collector may close one then) the resources are parked and
+        freed after that capture."""
+        if getattr(self, "closed", True):
+            return
+        self.closed = True
+        self.ledger.close()
+        held = {k: self.__dict__.pop(k) for k in self._RESOURCES if k in self.__dict__}
+        if _capturing[0]:
+            _deferred.append(held)
+            return
+        try:
+            if not sys.is_finalizing() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+        except Exception:  # pragma: no cover - context already torn down
+            pass
+        held.clear()
+
+    def __del__(self):  # pragma: no cover - exercised on GPUs only
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _TrainingGraph(_Graph):
+    """Forward and backward captured into one pool (as torch.cuda.make_graphed_callables does), wrapped in an
+    autograd.Function whose backward checks the replay generation and returns fresh gradient tensors."""
+
+    def __init__(self, core: _Core, sample: torch.Tensor, params: Tuple[torch.Tensor, ...], warmup: int,
+                 clone_outputs: bool, what: str):
+        super().__init__(what, clone_outputs)
+        self.params = params
+        self.static_in = sample.clone()
+        with torch.enable_grad():
+            def step():
+                out = core(self.static_in)
+                torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
+
+            _warm_up(step, warmup)
+            self.fwd_graph, self.bwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with _capture_guard(what):
+                with torch.cuda.graph(self.fwd_graph, pool=self.pool):
+                    out = core(self.static_in)
+                self.static_grad_out = torch.empty_like(out)
+                with torch.cuda.graph(self.bwd_graph, pool=self.pool):
+                    grads = torch.autograd.grad(out, params, grad_outputs=self.static_grad_out, allow_unused=True)
+        self.static_out = out.detach()
+        self.static_grads = tuple(None if g is None else g.detach() for g in grads)
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        return _Replay.apply(self, positions, *self.params)
+
+    def replay_forward(self, positions: torch.Tensor) -> Tuple[ReplayTicket, torch.Tensor]:
+        ticket = self.ledger.forward()  # before the replay: from here on older tickets are stale
+        self._copy_in(positions)
+        self.fwd_graph.replay()
+        return ticket, self._out(self.static_out)
+
+    def replay_backward(self, ticket: ReplayTicket, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        ticket.claim_backward()
+        if grad.data_ptr() != self.static_grad_out.data_ptr():
+            self.static_grad_out.copy_(grad)
+        self.bwd_graph.replay()
+        # fresh tensors: autograd may install a returned gradient as p.grad as is, and the next replay rewrites
+        # the static buffers (pytorch#181723); one copy of the gradients per step
+        return tuple(None if g is None else g.clone() for g in self.static_grads)
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: _TrainingGraph, positions: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ticket, out = graph.replay_forward(positions)
+        ctx.graph, ctx.ticket = graph, ticket
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return (None, None) + ctx.graph.replay_backward(ctx.ticket, grad)
+
+
+class _InferenceGraph(_Graph):
+    """A plain forward capture for no-grad / inference-mode calls."""
+
+    def __init__(self, core: _Core, sample: torch.Tensor, warmup: int, clone_outputs: bool, what: str):
+        super().__init__(what, clone_outputs)
+        # captured outside inference mode, so the static input is a normal tensor that both no_grad and
+        # inference_mode callers can copy into (an inference tensor refuses in-place writes outside it)
+        with torch.inference_mode(False), torch.no_grad():
+            self.static_in = sample.clone()
+            _warm_up(lambda: core(self.static_in), warmup)
+            self.graph = torch.cuda.CUDAGraph()
+            with _capture_guard(what):
+                with torch.cuda.graph(self.graph, pool=self.pool):
+                    out = core(self.static_in)
+        self.static_out = out
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        self.ledger.forward()
+        self._copy_in(positions)
+        self.graph.replay()
+        return self._out(self.static_out)
+
+
+# ------------------------------------------------------------------------------------------- the module
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 class GraphedSeqPE(nn.Module):
-    def __init__(self, module: nn.Module, warmup: int = 3, clone_outputs: bool = True):
+    """CUDA-graph replay of ``module`` (a FusedSeqPE, or any module with a capturable forward); see the module
+    docstring for what is guaranteed and what is refused.
+
+    warmup        eager calls before each capture (>= 1: they compile the Triton kernels)
+    clone_outputs return a copy of the graph's output (default); False returns the static buffer itself, which
+                  the next replay with the same key overwrites
+    max_graphs    keys captured at most; calls with further keys run the module eagerly (one warning)
+    """
+
+    def __init__(self, module: nn.Module, warmup: int = 3, clone_outputs: bool = True, max_graphs: int = 8):
         super().__init__()
+        if not _is_int(warmup) or warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}: the warm-up calls compile the "
+                             "Triton kernels and initialise cuBLAS outside the capture (compiling inside a capture "
+                             "can invalidate it)")
+        if not _is_int(max_graphs) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         self.module = module
         self.warmup = int(warmup)
-        self.clone_outputs = clone_outputs
-        self._graphs: Dict[Tuple, object] = {}
-        self._hooks: list = []
+        self.clone_outputs = bool(clone_outputs)
+        self.max_graphs = int(max_graphs)
+        self._graphs: Dict[Tuple, _Graph] = {}
+        self._warned_full = False
 
     def reset(self):
-        """Drop every captured graph (after moving the module or replacing its parameters)."""
+        """Free every captured graph, its static tensors and its pool (after a device synchronisation). Needed
+        after moving the module or replacing its parameters; outputs of earlier replays refuse backward."""
+        for g in self._graphs.values():
+            g.close()
         self._graphs.clear()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def _guard_grads(self):
-        """make_graphed_callables hands out parameter gradients that live in the graph's static buffers, and
-        autograd may install such a tensor as ``p.grad`` as is, so the next replay would overwrite a gradient
-        the caller still holds (caught by tests/test_graphs.py on an H100). A post-accumulate hook gives each
-        parameter its own copy whenever its .grad is not already its own (one copy of the gradients per step)."""
-        if self._hooks:
-            return
-
-        def hook(p):
-            g = p.grad
-            if g is not None and not getattr(g, "_seqpe_own_grad", False):  # a mark, so no reference is kept
-                p.grad = g.clone()
-                p.grad._seqpe_own_grad = True
-
-        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self.module.parameters()
-                       if p.requires_grad]
 
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
     def _key(self, positions: torch.Tensor) -> Tuple:
+        """(shape, dtype, device, training, grad, autocast dtype, params). ``grad`` is False under both
+        torch.no_grad and torch.inference_mode: one graph serves both (same kernels)."""
         ac = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         params = list(self.module.parameters())  # one module traversal per call
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        ptrs = tuple((p.data_ptr(), p.dtype) for p in params)
+        # the Parameter objects too: a training graph routes its gradients to the objects it was captured with
+        ptrs = tuple((id(p), p.data_ptr(), p.dtype, p.requires_grad) for p in params)
         return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac, ptrs)
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _describe(key: Tuple) -> str:
+        shape, dtype, device, training, grad, ac, _ = key
+        return (f"positions {list(shape)} {str(dtype).replace('torch.', '')} on {device}, "
+                f"{'train' if training else 'eval'}, {'grad' if grad else 'no grad'}"
+                + (f", autocast {str(ac).replace('torch.', '')}" if ac is not None else ""))
+
+    def _check(self, positions) -> None:
         if not isinstance(positions, torch.Tensor) or not positions.is_cuda:
             raise ValueError("GraphedSeqPE needs positions as a CUDA tensor (CUDA graphs run on the GPU); "
                              f"got {type(positions).__name__}"
                              + (f" on {positions.device}" if isinstance(positions, torch.Tensor) else ""))
-        if positions.is_floating_point() or positions.dtype == torch.bool:
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        p = next(self.module.parameters(), None)
+        if p is not None and p.device != positions.device:
+            raise ValueError(f"positions are on {positions.device} but the encoder's parameters on {p.device}")
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        self._check(positions)
+        if positions.numel() == 0:
+            return self.module(positions)  # nothing worth a graph
         key = self._key(positions)
         g = self._graphs.get(key)
         if g is None:
+            if len(self._graphs) >= self.max_graphs:
+                if not self._warned_full:
+                    warnings.warn(f"GraphedSeqPE: {self.max_graphs} graphs captured already (max_graphs); calls "
+                                  f"with new keys (here {self._describe(key)}) run eagerly", RuntimeWarning,
+                                  stacklevel=2)
+                    self._warned_full = True
+                return self.module(positions)
             g = self._capture(positions, key)
             self._graphs[key] = g
-        out = g(positions)
-        return out.clone() if self.clone_outputs else out
+        return g(positions)
 
-    def _capture(self, positions: torch.Tensor, key: Tuple):
-        _, _, _, training, grad, ac, _ = key
-        core = _Core(self.module, ac).train(training)
-        if grad:
-            # the caller's autocast (if any) is re-entered inside _Core with caching off; make_graphed_callables
-            # refuses to capture under a caching autocast, so the outer one is switched off around the capture
-            with torch.autocast("cuda", enabled=False):
-                graphed = torch.cuda.make_graphed_callables(core, (positions.clone(),),
-                                                            num_warmup_iters=self.warmup)
-            self._guard_grads()
-            return graphed
-        # captured outside inference mode, so the static input is a normal tensor that both no_grad and
-        # inference_mode callers can copy into (an inference tensor refuses in-place writes outside it)
-        with torch.inference_mode(False), torch.no_grad():
-            static_in = positions.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(self.warmup):
-                    core(static_in)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = core(static_in)
-
-        def replay(pos):
-            static_in.copy_(pos)
-            graph.replay()
-            return static_out
-        return replay
+    def _capture(self, positions: torch.Tensor, key: Tuple) -> _Graph:
+        _, _, _, _, grad, ac, _ = key
+        what = self._describe(key)
+        core = _Core(self.module, ac)
+        # the caller's autocast (if any) is re-entered inside _Core with caching off (a cached cast made outside
+        # the capture must not be baked into it), so the outer one is switched off around warm-up and capture
+        # the CUDA generator is put back after warm-up and capture: the warm-up's dropout draws are undone, so the
+        # replay that follows draws what an eager call would have drawn (a capture itself does not advance it)
+        rng = torch.cuda.get_rng_state(positions.device)
+        try:
+            with torch.cuda.device(positions.device), torch.autocast("cuda", enabled=False):
+                if grad:
+                    params = tuple(p for p in self.module.parameters() if p.requires_grad)
+                    return _TrainingGraph(core, positions, params, self.warmup, self.clone_outputs, what)
+                return _InferenceGraph(core, positions, self.warmup, self.clone_outputs, what)
+        finally:
+            torch.cuda.set_rng_state(rng, positions.device)

@@ -118,6 +118,7 @@ class TrainConfig:
     do_eval: bool = True
     position_streams: Optional[int] = None  # default: the world size
     progress: bool = True
+    cuda_graphs: Optional[bool] = None  # encoder step as CUDA graphs (GraphedSeqPE); None: on where it applies
     resume: Optional[str] = None  # a `train --save` file: continue that run for `steps` more steps
 
     def to_dict(self) -> dict:
@@ -366,6 +367,24 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def cuda_graphs_plan(requested: Optional[bool], device: torch.device, backend: str, distributed: bool):
+    """(on, why): whether the encoder step runs as CUDA graphs (GraphedSeqPE). On by default where replay is
+    exact and safe: a CUDA device, the triton or cuda backend, one process (not under DDP, whose gradient hooks
+    a captured backward would bypass). ``requested`` False (``--no-cuda-graphs``) turns it off."""
+    if requested is False:
+        return False, "off (--no-cuda-graphs)"
+    why = None
+    if device.type != "cuda":
+        why = "needs a CUDA device"
+    elif distributed:
+        why = "not under DDP"
+    elif backend not in ("triton", "cuda"):
+        why = f"needs the triton or cuda backend, not {backend}"
+    if why is None:
+        return True, "on (--no-cuda-graphs turns it off)"
+    return False, f"off ({'requested, but ' if requested else ''}{why})"
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run one training (and evaluation). Uses the default process group if one is initialised.
 
@@ -441,12 +460,19 @@ def train(cfg: TrainConfig, log=print) -> dict:
         # so DDP runs without find_unused_parameters
         enc_run = DDP(enc, device_ids=ids)
         model_run = DDP(model, device_ids=ids)
+    graphs_on, graphs_why = cuda_graphs_plan(cfg.cuda_graphs, device, enc_backend, distributed)
+    if graphs_on:
+        from .graphs import GraphedSeqPE
+
+        # one capture per positions shape; same outputs, gradients and dropout masks as the eager encoder
+        enc_run = GraphedSeqPE(enc)
 
     if is_main:
         n_enc = sum(p.numel() for p in enc.parameters())
         n_model = sum(p.numel() for p in model.parameters())
         log(f"seqpe-kernels train: task={cfg.task} steps={cfg.steps} device={device} encoder backend="
             f"{enc_backend} (asked {cfg.backend}) ranks={world} position streams={K} global batch={cfg.batch_size}")
+        log(f"  encoder CUDA graphs: {graphs_why}")
         data_name = data.name if data is not None else "built-in synthetic images (colour pair x side of a boundary)"
         log(f"  data: {data_name}")
         log(f"  encoder: D={cfg.pe_dim} heads={cfg.pe_heads} layers={cfg.pe_layers} K={enc.max_digits} O={enc.out_dim}"
@@ -558,6 +584,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         dist.barrier()
     config = cfg.to_dict()
     config.update(world_size=world, position_streams=K, encoder_backend=enc_backend, device=str(device),
+                  encoder_cuda_graphs=graphs_on,
                   max_digits=enc.max_digits, pe_out_dim=enc.out_dim, data_name=(data.name if data is not None
                                                                                  else "synthetic"))
     return dict(hist, eval=ev, config=config, checks=checks, time_s=train_time, encoder=enc, model=model,
@@ -894,6 +921,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PATH", type=output_path(""),
                    help="PNG of the losses and the extrapolation (default seqpe_train_<task>.png; '' for none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the encoder's forward + backward as CUDA graphs (GraphedSeqPE: same results, "
+                        "no per-kernel launch cost). Default: on with a CUDA device, the triton or cuda backend "
+                        "and one process; --no-cuda-graphs turns it off")
     g = p.add_argument_group("model and encoder sizes")
     g.add_argument("--model-dim", type=positive_int, default=None, help=td("model_dim"))
     g.add_argument("--model-layers", type=positive_int, default=None, help=td("model_layers"))

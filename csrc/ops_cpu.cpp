@@ -234,9 +234,15 @@ struct DigitArgs {
   int64_t sxm, M, L, T, D, K, base;
   bool from_positions;
   const int64_t* pw;  // base^(K-1-slot)
-  // digit j of sequence m, or -1 when it lies outside [0, base)
+  // digit j of sequence m, or -1 when the input lies outside the encodable range (a position < 0 or >=
+  // base**K, a digit id outside [0, base))
   inline int64_t digit(int64_t m, int64_t j) const {
-    const int64_t d = from_positions ? (x[m * sxm + j / K] / pw[j % K]) % base : x[m * sxm + j];
+    if (from_positions) {
+      const int64_t p = x[m * sxm + j / K];
+      if (p < 0 || p / pw[0] >= base) return -1;
+      return (p / pw[j % K]) % base;
+    }
+    const int64_t d = x[m * sxm + j];
     return (d < 0 || d >= base) ? -1 : d;
   }
 };

@@ -10,8 +10,9 @@
 // Kernels: digit embedding (one block per (sequence, column tile)); residual + dropout + LayerNorm (one
 // block per row, row kept in shared memory); its backward (one block per fixed chunk of rows); gelu_new
 // (grid-stride elementwise); tiny attention (one warp per (sequence, head), the T x T scores in shared
-// memory). Digit ids outside [0, base) are clamped here (the CPU path raises; the positions are validated
-// before the op by seqpe_kernels.reference.tokenize.check_positions).
+// memory). Inputs are validated before the op (seqpe_kernels.reference.tokenize.check_positions) unless the
+// caller switched check_range off; then an out-of-range position or digit id makes its sequence's embedding
+// NaN (as the Triton kernel does; the CPU path raises) and never indexes outside the tables.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -112,9 +113,22 @@ struct DigitP {
   int64_t pw[kMaxDigits];
 };
 
+// digit j of sequence m, or -1 when the input lies outside the encodable range (a position < 0 or >=
+// base**K, a digit id outside [0, base))
 __device__ __forceinline__ int64_t digit_of(const DigitP& a, int64_t m, int64_t j) {
-  int64_t d = a.from_positions ? (a.x[m * a.sxm + j / a.K] / a.pw[j % a.K]) % a.base : a.x[m * a.sxm + j];
-  return d < 0 ? 0 : (d >= a.base ? a.base - 1 : d);
+  if (a.from_positions) {
+    const int64_t p = a.x[m * a.sxm + j / a.K];
+    if (p < 0 || p / a.pw[0] >= a.base) return -1;
+    return (p / a.pw[j % a.K]) % a.base;
+  }
+  const int64_t d = a.x[m * a.sxm + j];
+  return (d < 0 || d >= a.base) ? -1 : d;
+}
+
+__device__ __forceinline__ bool seq_valid(const DigitP& a, int64_t m) {
+  for (int64_t j = 0; j < a.L; ++j)
+    if (digit_of(a, m, j) < 0) return false;
+  return true;
 }
 
 __global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, const void* dim, const void* cls,
@@ -123,6 +137,15 @@ __global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, con
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= a.D) return;
   const int64_t D = a.D;
+  if (!seq_valid(a, m)) {  // out-of-range input (check_range=False): NaN, never an out-of-table read
+    for (int64_t j = 0; j < a.T; ++j) {
+      if (dt == kF64)
+        st<double>(out, dt, (m * a.T + j) * D + c, __longlong_as_double(0x7ff8000000000000LL));
+      else
+        st<float>(out, dt, (m * a.T + j) * D + c, __int_as_float(0x7fc00000));
+    }
+    return;
+  }
   for (int64_t j = 0; j < a.L; ++j) {
     const int64_t dig = digit_of(a, m, j);
     if (dt == kF64) {
@@ -156,7 +179,10 @@ __global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, 
     for (int64_t j = 0; j < T; ++j) {
       const acc_t v = ld<acc_t>(g, gdt, (m * T + j) * D + c);
       P[(a.base + j) * D + c] += v;
-      if (j < a.L) P[digit_of(a, m, j) * D + c] += v;
+      if (j < a.L) {
+        const int64_t dig = digit_of(a, m, j);
+        if (dig >= 0) P[dig * D + c] += v;
+      }
     }
   }
 }

@@ -226,6 +226,8 @@ class FusedSeqPE(SeqPE):
             digits = (torch.div(x.unsqueeze(-1), pows, rounding_mode="floor") % base).reshape(x.shape[0], L)
         else:
             digits = x
+        if not self.check_range:  # unvalidated digit ids: keep the gather in bounds (their rows come out NaN)
+            digits = digits.clamp(0, base - 1)
         rows = digits * L + torch.arange(L, device=x.device)
         return torch.cat([rows, rows.new_full((x.shape[0], 1), base * L)], 1)
 

@@ -20,39 +20,51 @@ from ._common import next_pow2, num_sms
 
 
 @triton.jit
-def _digits(X, POW, m, sxm, j, L, K: tl.constexpr, BASE: tl.constexpr, FROM_POS: tl.constexpr):
+def _digits(X, POW, m, sxm, sxc, j, L, K: tl.constexpr, BASE: tl.constexpr, FROM_POS: tl.constexpr):
+    """Digit ids [TP] of sequence m (0 beyond L) and a per-slot validity flag. Any strides (sxm, sxc) of x.
+    An input outside the encodable range (a position < 0 or >= BASE**K, a digit id outside [0, BASE)) is
+    flagged invalid and its digit is 0, so no load ever leaves the tables (check_range=False must not crash)."""
     jm = j < L
     if FROM_POS:
         axis = j // K
         slot = j % K
-        p = tl.load(X + m * sxm + axis, mask=jm, other=0)
+        p = tl.load(X + m * sxm + axis * sxc, mask=jm, other=0).to(tl.int64)
         pw = tl.load(POW + slot, mask=jm, other=1)
-        return (p // pw) % BASE
-    return tl.load(X + m * sxm + j, mask=jm, other=0).to(tl.int64)
+        top = tl.load(POW)  # BASE**(K-1)
+        ok = (p >= 0) & (p // top < BASE)
+        d = (p // pw) % BASE
+    else:
+        d = tl.load(X + m * sxm + j * sxc, mask=jm, other=0).to(tl.int64)
+        ok = (d >= 0) & (d < BASE)
+    return tl.where(ok, d, 0), ok | (j >= L)
 
 
 @triton.jit
-def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
+def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, sxc, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
                TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     cm = cols < D
     j = tl.arange(0, TP)
     jm = j < L
-    dig = _digits(X, POW, m, sxm, j, L, K, BASE, FROM_POS)
+    dig, ok = _digits(X, POW, m, sxm, sxc, j, L, K, BASE, FROM_POS)
     msk = jm[:, None] & cm[None, :]
     e = tl.load(TOK + dig[:, None] * D + cols[None, :], mask=msk, other=0.0)
     e = e + tl.load(POS + j[:, None] * D + cols[None, :], mask=msk, other=0.0)
     if HAS_DIM:
         e = e + tl.load(DIM + (j // K)[:, None] * D + cols[None, :], mask=msk, other=0.0)
+    # a sequence with an out-of-range input (possible only with check_range=False) comes out NaN, not wrapped
+    bad = tl.sum((ok == 0).to(tl.int32), axis=0) > 0
+    e = tl.where(bad, float("nan"), e)
     base = OUT + m * T * D
     tl.store(base + j[:, None] * D + cols[None, :], e, mask=msk)
     cls = tl.load(CLS + cols, mask=cm, other=0.0)
+    cls = tl.where(bad, float("nan"), cls)
     tl.store(base + L * D + cols, cls, mask=cm)
 
 
 @triton.jit
-def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, M, L, T, D, seqs_per_prog, K: tl.constexpr,
+def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, sxc, M, L, T, D, seqs_per_prog, K: tl.constexpr,
                BASE: tl.constexpr, BASEP: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr,
                FROM_POS: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -68,8 +80,8 @@ def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, M, L, T, D, seqs_per_prog, K:
             g = tl.load(G + m * T * D + j[:, None] * D + cols[None, :], mask=(j < T)[:, None] & cm[None, :],
                         other=0.0).to(ACC)
             acc_pos += g
-            dig = _digits(X, POW, m, sxm, j, L, K, BASE, FROM_POS)
-            onehot = ((dig[:, None] == b[None, :]) & (j < L)[:, None]).to(ACC)
+            dig, ok = _digits(X, POW, m, sxm, sxc, j, L, K, BASE, FROM_POS)
+            onehot = ((dig[:, None] == b[None, :]) & (j < L)[:, None] & ok[:, None]).to(ACC)
             acc_tok += tl.sum(onehot[:, :, None] * g[:, None, :], axis=0)
     tl.store(TOK_PART + pid * BASEP * D + b[:, None] * D + cols[None, :], acc_tok, mask=cm[None, :])
     tl.store(POS_PART + pid * TP * D + j[:, None] * D + cols[None, :], acc_pos, mask=cm[None, :])
@@ -95,7 +107,8 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
     BD = min(256, next_pow2(D))
     powt = _pow_table(K, base, x.device)
     dimt = dim.reshape(-1, D) if dim is not None else tok
-    _embed_fwd[(M, triton.cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out, x.stride(0), L, T, D,
+    _embed_fwd[(M, triton.cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out, x.stride(0),
+                                         x.stride(1) if x.dim() == 2 else 1, L, T, D,
                                          K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
                                          HAS_DIM=dim is not None, num_warps=4)
     return out
@@ -118,7 +131,8 @@ def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool,
     pos_part = g.new_zeros((n_prog, TP, D), dtype=acc)
     if M > 0:
         _embed_bwd[(n_prog, triton.cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
-                                                  x.stride(0), M, L, T, D, per, K=K, BASE=base, BASEP=BASEP,
+                                                  x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L,
+                                                  T, D, per, K=K, BASE=base, BASEP=BASEP,
                                                   TP=TP, BD=BD, FROM_POS=from_positions,
                                                   ACC=tl.float64 if acc == torch.float64 else tl.float32,
                                                   num_warps=4)

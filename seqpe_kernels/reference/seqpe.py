@@ -165,7 +165,12 @@ class SeqPE(nn.Module):
         self.base = base
         self.scale_attn_weights = scale_attn_weights
         self.init_scheme = init
-        self.check_range = True  # validate position ranges (one host sync); switch off on hot paths
+        # check_range: validate positions / digit ids before encoding (one host sync per call; an on-device
+        # assert under torch.compile or CUDA-graph capture). Switching it off gives up the error message, not
+        # memory safety: the fused kernels never index outside their tables and return NaN rows for
+        # out-of-range input (the C++ CPU backend still raises); this eager reference raises from
+        # F.embedding for a digit id >= base and wraps positions >= base**max_digits to their low digits.
+        self.check_range = True
         # test hook: {site: keep-mask} replayed by the dropout layers (see _Dropout)
         self.dropout_masks: Optional[Dict[str, torch.Tensor]] = None
 

@@ -1,6 +1,20 @@
-"""Test setup: without a GPU, Triton kernels run under the interpreter, which must be switched on
-before triton is first imported."""
+"""Test setup.
+
+* Without a GPU, Triton kernels run under the interpreter, which must be switched on before triton is first
+  imported.
+* Random seeds: before every test (and before its fixtures) torch, ``random`` and numpy's global RNG are seeded
+  with a fresh seed, recorded in the test's ``user_properties`` (junit XML) and appended to any failure report
+  (its message and a "random seed" section), so every failure can be replayed with ``SEQPE_TEST_SEED=N``.
+  ``current_seed()`` is that seed (test_fused._seed() reseeds with it).
+* GPU tests (``@pytest.mark.gpu``) run with TF32 off and float32 matmul precision "highest": fp32 parity at
+  1e-5 is meaningless against a 10-bit-mantissa GEMM.
+* C++/CUDA extension: ``require_ext(device_type)`` skips only when the extension is switched off
+  (SEQPE_KERNELS_NO_EXT=1) or this machine cannot build it for a documented reason that is not a build error
+  (no C++ compiler; for CUDA: a CPU-only torch, no CUDA toolkit, a torch/nvcc major-version mismatch, no visible
+  device); a compile or load error fails the test with the reason (which names the compiler log).
+"""
 import os
+import random
 
 try:
     import torch
@@ -33,4 +47,128 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return f"seqpe-kernels tests: CUDA={'yes' if HAS_CUDA else 'no'}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    seed = os.environ.get(SEED_ENV)
+    return (f"seqpe-kernels tests: CUDA={'yes' if HAS_CUDA else 'no'}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+            + (f"{SEED_ENV}={seed} (every test replays this seed)" if seed else "random seed per test (printed on failure)"))
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+SEED_ENV = "SEQPE_TEST_SEED"
+_CURRENT_SEED = [None]
+
+
+def _draw_seed() -> int:
+    env = os.environ.get(SEED_ENV)
+    return int(env) if env else int.from_bytes(os.urandom(4), "little") % (2 ** 31)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def current_seed() -> int:
+    """The seed the running test was seeded with (a fresh one outside a test)."""
+    if _CURRENT_SEED[0] is None:
+        _CURRENT_SEED[0] = _draw_seed()
+    return _CURRENT_SEED[0]
+
+
+def _seed_of(item):
+    seeds = [v for k, v in getattr(item, "user_properties", ()) if k == "seed"]
+    return seeds[-1] if seeds else None
+
+
+_TF32_SAVED = "_seqpe_tf32_saved"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # a hook, not an autouse fixture: it runs before every fixture (so fixtures draw seeded numbers too), and
+    # hypothesis' function-scoped-fixture health check does not see it
+    s = _draw_seed()
+    seed_everything(s)
+    _CURRENT_SEED[0] = s
+    item.user_properties.append(("seed", s))
+    if HAS_CUDA and "gpu" in item.keywords:
+        setattr(item, _TF32_SAVED, (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                                    torch.get_float32_matmul_precision()))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    _CURRENT_SEED[0] = None
+    saved = getattr(item, _TF32_SAVED, None)
+    if saved is not None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, prec = saved
+        torch.set_float32_matmul_precision(prec)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    s = _seed_of(item)
+    if not rep.failed or s is None:
+        return
+    note = (f"random seed {s}: replay with {SEED_ENV}={s} python -m pytest '{item.nodeid}'")
+    longrepr = rep.longrepr
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None and f"seed={s}" not in crash.message:
+        crash.message = f"[seed={s}] {crash.message}"   # first: the short summary line shows its start only
+    if hasattr(longrepr, "addsection"):
+        longrepr.addsection("random seed", note)       # printed right under the traceback
+    else:
+        rep.sections.append(("random seed", note))
+
+
+# ------------------------------------------------------------------------------------ C++/CUDA extension
+# Reasons the loader gives (seqpe_kernels._ext) for which the extension cannot be built here without anything
+# being broken: skipped, with the reason. Anything else (a compile error, a load error, a stale prebuilt module,
+# a CUDA build that failed while torch is a CUDA build and nvcc matches, an unknown reason) fails.
+EXT_SKIP_REASONS = (
+    "disabled by SEQPE_KERNELS_NO_EXT=1",                # switched off on purpose
+    "no C++ compiler found",                             # _jit_build: nothing to compile with
+    "is a CPU-only build (no CUDA)",                     # cuda_plan: torch cannot run CUDA kernels
+    "no CUDA toolkit found",                             # cuda_plan: no nvcc
+    "torch/CUDA mismatch: nvcc",                         # cuda_plan: nvcc's major version != torch's CUDA
+    "the prebuilt seqpe_kernels._C has no CUDA kernels",  # an AOT install built without CUDA, on purpose
+    "but no CUDA device is visible",                     # CUDA kernels built, no GPU to run them
+)
+EXT_FAIL_REASONS = ("did not build", "failed", "does not load", "mismatch: the prebuilt", "error")
+
+
+def ext_verdict(device_type: str = "cpu"):
+    """("ok" | "skip" | "fail", reason) for tests that need the extension's kernels for ``device_type``."""
+    from seqpe_kernels import _ext
+
+    if _ext.disabled():
+        return "skip", "the C++/CUDA extension is disabled by SEQPE_KERNELS_NO_EXT=1"
+    ok, why = _ext.status(device_type)
+    if ok:
+        return "ok", why
+    if any(f in why for f in EXT_FAIL_REASONS):
+        return "fail", why
+    if any(s in why for s in EXT_SKIP_REASONS):
+        return "skip", why
+    return "fail", f"(not a documented reason to skip) {why}"
+
+
+def require_ext(device_type: str = "cpu") -> None:
+    """Skip or fail (see the module doc) unless the extension's kernels for ``device_type`` are usable."""
+    verdict, why = ext_verdict(device_type)
+    if verdict == "skip":
+        pytest.skip(f"C++/CUDA extension ({device_type}) cannot be built here: {why}")
+    if verdict == "fail":
+        pytest.fail(f"the C++/CUDA extension ({device_type}) must build and load on this machine but did not: {why}",
+                    pytrace=False)

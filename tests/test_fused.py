@@ -3,22 +3,28 @@
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) with small M; tests marked
 `gpu` run the large-M and low-precision cases whenever a CUDA device is present.
 """
+import copy
+import gc
 import math
-import os
 
 import pytest
 import torch
 
 import seqpe_kernels as sk
 from seqpe_kernels.backend import BackendUnavailable
+from seqpe_kernels.check import FP32_RTOL, LP_ATOL_ULPS, _compare_two_error
+from seqpe_kernels.ops._common import dtype_code
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, current_seed, require_ext
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
 def _seed():
-    s = int.from_bytes(os.urandom(4), "little")
+    """The running test's seed (conftest.py draws one per test, seeds torch with it before the test and adds it
+    to any failure report; SEQPE_TEST_SEED=N replays it): torch is reseeded with it and it is returned, for
+    messages that name it."""
+    s = current_seed()
     torch.manual_seed(s)
     return s
 
@@ -75,6 +81,52 @@ def _check_parity(ref, fus, pos, tol, grad_out, digits):
     for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
         assert pf.grad is not None, f"no gradient for {n}"
         assert rel(pf.grad, pr.grad) <= tol, f"grad {n}: rel err {rel(pf.grad, pr.grad):.3e}"
+
+
+def check_parity_vs_fp64(ref, fus, pos, tol=FP32_RTOL, seed=None):
+    """fp32 parity where errors add up (GPU, large M, D up to 768): the fused fp32 output and every parameter
+    gradient within ``tol`` (1e-5, the stated fp32 rule) x max|exact| of the *exact* answer, an fp64 run of the
+    reference. Against the fp32 reference the comparison would measure the sum of two fp32 errors of the same
+    size (the fp32 reference itself is ~1e-5 off fp64 at D=768 on ill-conditioned weights, see perturbed_pair;
+    the gradients sum M*T = 25k token rows per GEMM); the fused-vs-fp32-reference and fp32-reference-vs-fp64
+    errors are printed with any failure."""
+    ref64 = copy.deepcopy(ref).double()
+    y32, yf, y64 = ref(pos), fus(pos), ref64(pos)
+    assert yf.shape == y32.shape and yf.dtype == y32.dtype
+    g = torch.randn_like(y32)
+    y32.backward(g), yf.backward(g), y64.backward(g.double())
+    bad = []
+
+    def cmp(name, f, r32, r64):
+        if f is None:
+            bad.append(f"{name}: no gradient")
+            return
+        e = rel(f.double(), r64)
+        if not e <= tol:
+            bad.append(f"{name}: rel err vs fp64 {e:.3e} > {tol:g} (fused vs fp32 reference {rel(f, r32):.3e}, "
+                       f"fp32 reference vs fp64 {rel(r32.double(), r64):.3e})")
+
+    cmp("output", yf.detach(), y32.detach(), y64.detach())
+    for (n, p32), (_, pf), (_, p64) in zip(ref.named_parameters(), fus.named_parameters(), ref64.named_parameters()):
+        cmp(f"grad {n}", pf.grad, p32.grad, p64.grad)
+    assert not bad, "; ".join(bad) + (f" (seed {seed})" if seed is not None else "")
+
+
+def assert_two_error_rule(dtype, fused, torch_lp, ref32, what=""):
+    """seqpe_kernels.check's two-error rule, per quantity (KERNEL_GUIDE §5): err(fused low precision) <=
+    2 * err(PyTorch low precision) + LP_ATOL_ULPS * eps(dtype) * max|fp32 reference|, max-abs errors against the
+    fp32 reference. Each argument is (output, {parameter name: gradient}); check.py's own comparison is used."""
+    def f64(t):
+        return None if t is None else t.detach().to(torch.float64)
+
+    (yf, gf), (yl, gl), (yr, gr) = fused, torch_lp, ref32
+    qs, missing = _compare_two_error(f64(yf), {n: f64(v) for n, v in gf.items()}, f64(yl),
+                                     {n: f64(v) for n, v in gl.items()}, f64(yr), {n: f64(v) for n, v in gr.items()},
+                                     dtype)
+    assert not missing, f"{what}: no fused gradient for {missing}"
+    bad = [f"{q.name}: err {q.err:.3e} > bound {q.bound:.3e} (max|ref| {q.scale:.3e})" for q in qs if not q.ok]
+    assert not bad, (f"{what}: two-error rule (2 x err(torch {dtype}) + {LP_ATOL_ULPS} eps x max|ref|) broken: "
+                     + "; ".join(bad))
 
 
 # One config per row covers each value of the matrix at least once (a full product is too slow interpreted):
@@ -314,10 +366,10 @@ def test_compile_fullgraph_parity(backend):
 
 
 # ----------------------------------------------------------------------------- GPU-only
-def _lowp_case(dtype, cfg, M):
-    """Two-error rule (KERNEL_GUIDE §5): err(fused autocast) <= 2 * err(reference autocast) + atol,
-    both against an fp32 reference (TF32 off)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+# (tests/conftest.py runs every gpu-marked test with TF32 off and float32 matmul precision "highest")
+def _lowp_case(dtype, cfg, M, seed=None):
+    """Two-error rule (KERNEL_GUIDE §5, seqpe_kernels.check's constants): err(fused autocast) <= 2 * err(reference
+    autocast) + LP_ATOL_ULPS * eps * max|ref|, per output and parameter gradient, against an fp32 reference."""
     ref, fus = perturbed_pair(device="cuda", **cfg)
     pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
     y32 = ref(pos)
@@ -329,11 +381,9 @@ def _lowp_case(dtype, cfg, M):
         yl = ref(pos)
         yfl = fus(pos)
     yl.float().backward(g), yfl.float().backward(g)
-    e_ref, e_fus = rel(yl.float(), y32), rel(yfl.float(), y32)
-    assert e_fus <= 2 * e_ref + 1e-3, (e_fus, e_ref)
-    for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
-        er, ef = rel(pr.grad, g32[n]), rel(pf.grad, g32[n])
-        assert ef <= 2 * er + 1e-3, (n, ef, er)
+    assert_two_error_rule(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
+                          (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32),
+                          what=f"{dtype} seed {seed}")
 
 
 GPU_CONFIGS = [
@@ -347,44 +397,264 @@ GPU_CONFIGS = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=["text", "vits", "3d-bi-T19", "3layers"])
 def test_gpu_parity_fp32_large(cfg):
-    torch.backends.cuda.matmul.allow_tf32 = False
     s = _seed()
     ref, fus = perturbed_pair(device="cuda", **cfg)
     pos = random_positions(4099, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
-    check_parity(ref, fus, pos, tol=2e-5, seed=s)
+    check_parity_vs_fp64(ref, fus, pos, tol=FP32_RTOL, seed=s)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("cfg", GPU_CONFIGS[:3], ids=["text", "vits", "3d-bi-T19"])
 def test_gpu_parity_low_precision(cfg, dtype):
-    _seed()
-    _lowp_case(dtype, cfg, 1553)
+    s = _seed()
+    _lowp_case(dtype, cfg, 1553, seed=s)
+
+
+# ------------------------------------------------ GPU-only: element offsets beyond 2**31 (int64 index arithmetic)
+# Each test gives the tensors a kernel indexes more than 2**31 elements and checks rows at both ends and either
+# side of each 2**31 boundary against eager PyTorch run on just those rows (fp64). Memory is freed before and
+# after each; the comparisons are done and the big tensors released before anything is asserted (a failure's
+# traceback would otherwise keep tens of GB alive for the next test). impl 0: Triton, 1: the CUDA extension.
+INT32_LIMIT = 2 ** 31
+BF16_REL = torch.finfo(torch.bfloat16).eps  # fp32 math rounded once to bf16: <= half an ulp (2**-8) per element
+IMPLS = pytest.mark.parametrize("impl", [0, 1], ids=["triton", "ext"])
+
+
+@pytest.fixture
+def gpu_bytes():
+    """Empties the CUDA caching allocator before and after the test; yields need(nbytes), which skips the test
+    unless that much device memory is free (a GPU too small for it is not a failure of the kernels)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    def need(nbytes):
+        free = torch.cuda.mem_get_info()[0]
+        if free < nbytes:
+            pytest.skip(f"needs {nbytes / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
+
+    yield need
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def rows_around(n, *edges, k=2):
+    """Sorted row indices in [0, n): the first and last k, and k either side of each edge."""
+    idx = set(range(min(k, n))) | set(range(max(n - k, 0), n))
+    for e in edges:
+        idx |= {i for i in range(e - k, e + k + 1) if 0 <= i < n}
+    return torch.tensor(sorted(idx), dtype=torch.long)
+
+
+def record_err(errs, name, got, ref, rtol):
+    """Append (name, max|got - ref|, rtol * max|ref|) to errs."""
+    got, ref = got.detach().double(), ref.detach().double()
+    assert got.shape == ref.shape, (name, tuple(got.shape), tuple(ref.shape))
+    errs.append((name, (got - ref).abs().max().item(), rtol * ref.abs().max().item()))
+
+
+def assert_errs(errs):
+    bad = [f"{n}: max|diff| {e:.3e} > {b:.3e}" for n, e, b in errs if not e <= b]
+    assert not bad, "; ".join(bad)
+
+
+def _setup_impl(impl, device_type="cuda"):
+    import seqpe_kernels.ops  # noqa: F401  (registers torch.ops.seqpe)
+
+    if impl == 1:
+        require_ext(device_type)
+
+
+def eager_tiny_attention(qkv, pad, H, causal, sdiv):
+    """The tiny_attention contract (ops/attention.py) in eager PyTorch, qkv [S, T, 3D] -> [S, T, D]: masked logits
+    are constants (finfo.min), so a fully masked row is uniform over all T keys and passes no gradient to q or k;
+    pad [S, T-1] has no entry for the last (CLS) key."""
+    S, T, D3 = qkv.shape
+    D = D3 // 3
+    q, k, v = (t.reshape(S, T, H, D // H).transpose(1, 2) for t in qkv.split(D, dim=-1))
+    s = q @ k.transpose(-1, -2) / sdiv
+    allowed = torch.ones(T, T, dtype=torch.bool, device=qkv.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed[None, None]
+    if pad is not None:
+        key = torch.cat([pad, torch.ones_like(pad[:, :1])], 1) != 0
+        allowed = allowed & key[:, None, None, :]
+    s = torch.where(allowed, s, torch.finfo(s.dtype).min)
+    return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(S, T, D)
+
+
+def _lp_rtol(dtype):
+    return BF16_REL if dtype == torch.bfloat16 else FP32_RTOL
+
+
+def _attention_beyond_int32(M, T, D, H, impl, dev="cuda", lp=torch.bfloat16, limit=INT32_LIMIT):
+    sdiv = float(D // H) ** 0.5
+    qkv = torch.randn(M, T, 3 * D, device=dev, dtype=lp)
+    pad = (torch.rand(M, T - 1, device=dev) > 0.3).float()
+    sel = rows_around(M, limit // (T * 3 * D), limit // (T * D)).to(dev)
+    out = torch.ops.seqpe.tiny_attention(qkv, None, pad, H, True, 0, sdiv, 0.0, None, 0, impl)
+    out_s = out[sel]
+    del out
+    dout = torch.randn(M, T, D, device=dev, dtype=lp)
+    dqkv, _ = torch.ops.seqpe.tiny_attention_backward(dout, qkv, None, pad, H, True, 0, sdiv, 0.0, None, 0, impl)
+    dqkv_s, dout_s = dqkv[sel], dout[sel]
+    q_s, pad_s = qkv[sel].double().requires_grad_(), pad[sel]
+    del dqkv, dout, qkv
+    o_ref = eager_tiny_attention(q_s, pad_s, H, True, sdiv)
+    o_ref.backward(dout_s.double())
+    errs = []
+    record_err(errs, "output", out_s, o_ref, _lp_rtol(lp))
+    for i, name in enumerate(("dq", "dk", "dv")):
+        record_err(errs, name, dqkv_s[..., i * D:(i + 1) * D], q_s.grad[..., i * D:(i + 1) * D], _lp_rtol(lp))
+    return errs
 
 
 @pytest.mark.gpu
-def test_gpu_offsets_beyond_int32():
-    """Row offsets past 2**31 elements (int64 index arithmetic in the kernels): residual+LN and gelu on a
-    [R, D] with R*D > 2**31; the last rows are checked against PyTorch."""
-    import seqpe_kernels.ops  # noqa: F401
+@IMPLS
+def test_gpu_attention_offsets_beyond_int32(impl, gpu_bytes):
+    """tiny_attention forward + backward at the text shape (T=6, D=768, 12 heads), causal with a key-padding mask,
+    bf16 (the dtype the c_attn output has under autocast): M = 466 098 sequences, so the output / dout
+    [M, T, D] pass 2**31 elements and qkv / d_qkv [M, T, 3D] pass 6.4e9 (their 2**31 boundary is at sequence
+    155 344). Needs ~34 GB."""
+    _setup_impl(impl)
+    T, D, H = 6, 768, 12
+    M = INT32_LIMIT // (T * D) + 64
+    gpu_bytes(8 * M * T * D * 2 + (2 << 30))  # qkv + d_qkv (3 x), out + dout, bf16
+    assert_errs(_attention_beyond_int32(M, T, D, H, impl))
 
-    free = torch.cuda.mem_get_info()[0]
-    D = 512
-    R = (2 ** 31) // D + 4096
-    if free < 6 * R * D * 4:
-        pytest.skip(f"needs {6 * R * D * 4 / 2**30:.0f} GiB free on the GPU, {free / 2**30:.0f} GiB free")
-    x = torch.randn(R, D, device="cuda")
-    y = torch.randn(R, D, device="cuda")
-    w = torch.randn(D, device="cuda")
-    b = torch.randn(D, device="cuda")
-    h, a, _, _ = torch.ops.seqpe.residual_layernorm(x, y, w, b, 1e-5, 0.0, None, 0, 0, 0)
-    tail = slice(R - 2048, R)
-    ref_h = x[tail] + y[tail]
-    torch.testing.assert_close(h[tail], ref_h)
-    torch.testing.assert_close(a[tail], torch.nn.functional.layer_norm(ref_h, (D,), w, b, 1e-5), rtol=1e-5, atol=1e-5)
+
+def _digit_embed_beyond_int32(M, K, D, impl, dev="cuda", limit=INT32_LIMIT):
+    from seqpe_kernels.reference import tokenize
+
+    base, L = 10, K
+    T = L + 1
+    x = torch.randint(0, base ** K, (M,), device=dev)
+    tok, pos = torch.randn(base, D, device=dev), torch.randn(L, D, device=dev)
+    cls = torch.randn(1, 1, D, device=dev)
+    sel = rows_around(M, limit // (T * D)).to(dev)
+    digits, _ = tokenize(x[sel], K, base)
+    errs = []
+    h0 = torch.ops.seqpe.digit_embed(x, tok, pos, None, cls, True, K, impl)
+    h0_s = h0[sel]
+    del h0
+    record_err(errs, "forward", h0_s, torch.cat([tok[digits] + pos, cls.expand(len(sel), 1, D)], 1), FP32_RTOL)
+    # backward reduces over every sequence: the gradient is zero except on the checked ones
+    g = torch.zeros(M, T, D, device=dev)
+    g[sel] = torch.randn(len(sel), T, D, device=dev)
+    dtok, dpos, ddim, dcls = torch.ops.seqpe.digit_embed_backward(g, x, True, K, base, 1, impl)
+    gs = g[sel].double()
+    del g
+    tok_ref = torch.zeros(base, D, dtype=torch.float64, device=dev).index_add_(0, digits.reshape(-1),
+                                                                              gs[:, :L].reshape(-1, D))
+    record_err(errs, "d_tok", dtok, tok_ref, FP32_RTOL)
+    record_err(errs, "d_pos", dpos, gs[:, :L].sum(0), FP32_RTOL)
+    record_err(errs, "d_cls", dcls.reshape(D), gs[:, L].sum(0), FP32_RTOL)
+    return errs
+
+
+@pytest.mark.gpu
+@IMPLS
+def test_gpu_digit_embed_offsets_beyond_int32(impl, gpu_bytes):
+    """digit_embed forward and backward at the text shape (K=5, T=6, D=768), fp32 (the tables and h0 are fp32 in
+    every run): M = 466 098 sequences, so h0 / its gradient [M, T, D] pass 2**31 elements. Forward rows and the
+    table gradients (from a gradient that is zero outside the checked sequences) against eager PyTorch.
+    Needs ~9 GB (one [M, T, D] fp32 tensor at a time)."""
+    _setup_impl(impl)
+    K, D = 5, 768
+    M = INT32_LIMIT // ((K + 1) * D) + 64
+    gpu_bytes(M * (K + 1) * D * 4 + (2 << 30))
+    assert_errs(_digit_embed_beyond_int32(M, K, D, impl))
+
+
+def _layernorm_backward_beyond_int32(R, D, impl, dev="cuda", lp=torch.bfloat16, limit=INT32_LIMIT):
+    import torch.nn.functional as F
+
+    eps = 1e-5
+    h = torch.randn(R, D, device=dev)  # the LN input (fp32 residual stream)
+    w, b = 1 + 0.1 * torch.randn(D, device=dev), 0.1 * torch.randn(D, device=dev)
+    var, mean = torch.var_mean(h, dim=1, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    del var
+    sel = rows_around(R, limit // D).to(dev)
+    # dw/db reduce over every row: the LN output's gradient (bf16, as under autocast) is zero except on the
+    # checked rows; the residual gradient dh is dense
+    da = torch.zeros(R, D, device=dev, dtype=lp)
+    da[sel] = torch.randn(len(sel), D, device=dev, dtype=lp)
+    dh = torch.randn(R, D, device=dev)
+    dx, dy, dw, db = torch.ops.seqpe.residual_layernorm_backward(da, dh, h, w, mean, rstd, 0.0, None, 0, True,
+                                                                dtype_code(lp), impl)
+    dx_s, dy_s, hs, da_s, dh_s = dx[sel], dy[sel], h[sel], da[sel], dh[sel]
+    assert dy.dtype == lp
+    del dx, dy, h, da, dh
+    hs = hs.double().requires_grad_()
+    w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
+    F.layer_norm(hs, (D,), w64, b64, eps).backward(da_s.double())
+    dx_ref = hs.grad + dh_s.double()
+    errs = []
+    record_err(errs, "dx", dx_s, dx_ref, FP32_RTOL)
+    record_err(errs, f"dy ({lp})", dy_s, dx_ref, _lp_rtol(lp))
+    record_err(errs, "dw", dw, w64.grad, FP32_RTOL)
+    record_err(errs, "db", db, b64.grad, FP32_RTOL)
+    return errs
+
+
+@pytest.mark.gpu
+@IMPLS
+def test_gpu_layernorm_backward_offsets_beyond_int32(impl, gpu_bytes):
+    """residual_layernorm backward with R*D > 2**31 (D=768, R = 2 796 266 rows): fp32 LN input, dh and dx,
+    bf16 LN-output gradient and dy (the dtypes under autocast). Needs ~35 GB."""
+    _setup_impl(impl)
+    D = 768
+    R = INT32_LIMIT // D + 64
+    gpu_bytes(16 * R * D + (2 << 30))  # h, dh, dx fp32; da, dy bf16
+    assert_errs(_layernorm_backward_beyond_int32(R, D, impl))
+
+
+def _layernorm_gelu_forward_beyond_int32(R, D, impl, dev="cuda", limit=INT32_LIMIT, k=1024):
+    import torch.nn.functional as F
+
+    x = torch.randn(R, D, device=dev)
+    y = torch.randn(R, D, device=dev)
+    w = torch.randn(D, device=dev)
+    b = torch.randn(D, device=dev)
+    h, a, _, _ = torch.ops.seqpe.residual_layernorm(x, y, w, b, 1e-5, 0.0, None, 0, 0, impl)
+    sel = rows_around(R, limit // D, k=k).to(dev)
+    h_s, a_s, x_s, y_s = h[sel], a[sel], x[sel].double(), y[sel].double()
     del h, a, y
-    u = torch.ops.seqpe.gelu_new(x, 0)
-    torch.testing.assert_close(u[tail], torch.nn.functional.gelu(x[tail], approximate="tanh"), rtol=1e-5, atol=1e-6)
+    u_s = torch.ops.seqpe.gelu_new(x, impl)[sel]
+    del x
+    errs = []
+    ref_h = x_s + y_s
+    record_err(errs, "h", h_s, ref_h, FP32_RTOL)
+    record_err(errs, "LN", a_s, F.layer_norm(ref_h, (D,), w.double(), b.double(), 1e-5), FP32_RTOL)
+    record_err(errs, "gelu", u_s, F.gelu(x_s, approximate="tanh"), FP32_RTOL)
+    return errs
+
+
+@pytest.mark.gpu
+@IMPLS
+def test_gpu_offsets_beyond_int32(impl, gpu_bytes):
+    """Row offsets past 2**31 elements: residual+LN forward and gelu on a [R, D] fp32 with R*D > 2**31
+    (D=512); rows at both ends and around the boundary against PyTorch (fp64). Needs ~35 GB (x, y, h, a)."""
+    _setup_impl(impl)
+    D = 512
+    R = INT32_LIMIT // D + 4096
+    gpu_bytes(4 * R * D * 4 + (2 << 30))
+    assert_errs(_layernorm_gelu_forward_beyond_int32(R, D, impl))
+
+
+@IMPLS
+def test_offset_checks_themselves_small(impl):
+    """The GPU offset tests above, run here at tiny sizes with a small "limit" (fp32, the interpreter has no
+    bf16 arithmetic; impl 1 is the C++ CPU extension): their references, row choices and reductions must agree
+    with the kernels, so a GPU failure of theirs means the offsets, not the test."""
+    _setup_impl(impl, DEV)
+    T, D, H = 3, 16, 2
+    assert_errs(_attention_beyond_int32(7, T, D, H, impl, dev=DEV, lp=torch.float32, limit=4 * T * 3 * D))
+    assert_errs(_digit_embed_beyond_int32(9, 2, 16, impl, dev=DEV, limit=5 * 3 * 16))
+    assert_errs(_layernorm_backward_beyond_int32(23, 24, impl, dev=DEV, lp=torch.float32, limit=11 * 24))
+    assert_errs(_layernorm_gelu_forward_beyond_int32(17, 24, impl, dev=DEV, limit=9 * 24, k=2))
 
 
 @pytest.mark.parametrize("dedup", ["auto", "unique", "prefix"])

@@ -54,3 +54,43 @@ def test_cache_uses_triton_gather_on_cuda(monkeypatch):
         c.precompute(range(5000))
         torch.testing.assert_close(c(pos), m(pos), rtol=1e-5, atol=1e-6)
     assert calls and calls[-1] == 20000
+
+
+@pytest.mark.gpu
+def test_gpu_gather_offsets_beyond_int32():
+    """Table and output both past 2**31 elements (D=768 bf16, 2 796 266 table rows, 64 more output rows): rows at
+    both ends and around the 2**31 boundaries of table and output, including table rows past the boundary
+    gathered into the first output rows and vice versa, equal index_select bit for bit. Needs ~9 GB."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    D = 768
+    N = 2 ** 31 // D + 64
+    M = N + 64
+    need = (N + M) * D * 2 + (1 << 30)
+    free = torch.cuda.mem_get_info()[0]
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
+    equal = _gather_beyond_int32(N, M, D)  # the big tensors are gone before anything is asserted
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert equal
+
+
+def _gather_beyond_int32(N, M, D, dev="cuda", dtype=torch.bfloat16, limit=2 ** 31, k=256):
+    edge = limit // D  # first row whose last element passes the limit (table and output alike)
+    tab = torch.randn(N, D, device=dev, dtype=dtype)
+    rows = torch.randint(0, N, (M,), device=dev)
+    rows[:k] = torch.arange(N - k, N, device=dev)                 # table rows past the limit into the first out rows
+    rows[-k:] = torch.arange(k, device=dev)                        # the first table rows into out rows past it
+    rows[k:k + 9] = torch.arange(edge - 4, edge + 5, device=dev)  # either side of the table's boundary
+    out = gather_rows(tab, rows)
+    sel = torch.cat([torch.arange(0, 4 * k), torch.arange(M - 4 * k, M), torch.arange(edge - 4 * k, edge + 4 * k),
+                     torch.randint(0, M, (16 * k,))]).clamp(0, M - 1).to(dev)
+    return torch.equal(out[sel], tab.index_select(0, rows[sel]))
+
+
+def test_offset_check_itself_small():
+    """The GPU offset test's gather and row choice at a tiny size (limit 20 rows): its check must pass here."""
+    assert _gather_beyond_int32(40, 48, 24, dev=DEV, dtype=torch.float32, limit=20 * 24, k=2)

@@ -1,7 +1,8 @@
 """seqpe::prefix_attention (fused ancestor attention of prefix_shared_forward) vs the eager ``attend`` math.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py). Outputs and the gradients of q, k, v are
-compared relative to the largest reference magnitude: fp32 at 1e-5, fp64 at 1e-12.
+compared relative to the largest reference magnitude: fp32 at 1e-5, fp64 at 1e-12 (on the GPU, where n and
+the atomic dk/dv sums are large, fp32 at 1e-5 of an fp64 reference).
 """
 import zlib
 
@@ -66,18 +67,25 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)).item() if b.numel() else 0.0
 
 
-def check_case(n, N, a, H, de, dtype, masked, scale, device=DEV, tol=None):
+def check_case(n, N, a, H, de, dtype, masked, scale, device=DEV, tol=None, ref_dtype=None):
+    """The op vs ref_attend; with ref_dtype (fp64 for an fp32 op) the reference runs on a ref_dtype copy of the
+    inputs, so the tolerance bounds the op's own error rather than the sum of two same-precision errors."""
     tol = TOL[dtype] if tol is None else tol
     big, q, k, v, anc, km = make_inputs(n, N, a, H, de, dtype, masked, device)
     assert not q.is_contiguous() and q.stride(0) == 3 * H * de
     out = pa.prefix_attention(q, k, v, anc, km, H, scale)
-    ref = ref_attend(q, k, v, anc, km, H, scale)
+    big_r, (q_r, k_r, v_r) = big, (q, k, v)
+    if ref_dtype is not None:
+        D3 = 3 * H * de
+        big_r = big.detach().to(ref_dtype).requires_grad_()
+        q_r, k_r, v_r = big_r[3:3 + n, :D3 // 3], big_r[:N, D3 // 3:2 * D3 // 3], big_r[:N, 2 * D3 // 3:]
+    ref = ref_attend(q_r, k_r, v_r, anc, km, H, scale)
     assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
     what = f"n={n} N={N} a={a} H={H} de={de} {dtype} masked={masked} scale={scale}"
     assert rel(out, ref) <= tol, f"output {what}: rel err {rel(out, ref):.3g}"
-    g = torch.randn_like(ref)
+    g = torch.randn_like(out)
     (gb,) = torch.autograd.grad((out * g).sum(), big)
-    (gr,) = torch.autograd.grad((ref * g).sum(), big)
+    (gr,) = torch.autograd.grad((ref * g.to(ref.dtype)).sum(), big_r)
     D = H * de
     # q rows [3, 3+n) of the first D columns; k and v every row of their column blocks
     for name, sl in (("q", (slice(3, 3 + n), slice(0, D))), ("k", (slice(0, N), slice(D, 2 * D))),
@@ -221,7 +229,81 @@ def test_prefix_shared_forward_eager_when_asked_or_dropout(monkeypatch):
 def test_gpu_large():
     seed_for("gpu")
     for masked in (False, True):
-        check_case(n=20000, N=5000, a=7, H=8, de=64, dtype=torch.float32, masked=masked, scale=True, tol=2e-5)
+        check_case(n=20000, N=5000, a=7, H=8, de=64, dtype=torch.float32, masked=masked, scale=True,
+                   ref_dtype=torch.float64)
         check_case(n=3000, N=700, a=6, H=6, de=12, dtype=torch.float64, masked=masked, scale=False)
     m = make(D=128, H=4, K=5, mask_padding=True, layers=2).to(DEV)
     check_parity(m, torch.randint(0, 10 ** 5, (4000,), device=DEV))
+
+
+def _prefix_beyond_int32(R, H, de, a, dev="cuda", lp=torch.bfloat16, limit=2 ** 31, e=64):
+    from test_fused import _lp_rtol, record_err, rows_around
+
+    D = H * de
+    big = torch.randn(R, 3 * D, device=dev, dtype=lp)  # one "c_attn output": q, k, v column slices
+    q, k, v = big[:, :D], big[:, D:2 * D], big[:, 2 * D:]
+    i = torch.arange(R, device=dev)
+    anc = torch.stack([i - t for t in range(a)], 1).clamp_min(0)   # a chain of ancestors: rows i, i-1, ...
+    anc[:e, 1] = R - 1 - torch.arange(e, device=dev)               # the first nodes read the last k/v rows
+    anc[-e:, 2] = torch.arange(e, device=dev)                      # the last nodes read the first rows
+    km = (torch.rand(R, a, device=dev) > 0.3).float()
+    # q/k/v reads pass the limit at row limit // 3D, the output / dq / dk / dv writes at row limit // D
+    sel = rows_around(R, limit // (3 * D), limit // D, e, R - e).to(dev)
+    km[sel[::4]] = 0.0                                              # some fully masked nodes among the checked
+    out = pa.prefix_attention(q, k, v, anc, km, H, True)
+    out_s = out[sel]
+    del out
+    # dk/dv sum over every node that has the row as an ancestor: dout is zero except on the checked nodes
+    dout = torch.zeros(R, D, device=dev, dtype=lp)
+    dout[sel] = torch.randn(len(sel), D, device=dev, dtype=lp)
+    dq, dk, dv = torch.ops.seqpe.prefix_attention_backward(dout, q, k, v, anc, km, H, True)
+    uniq, inv = torch.unique(anc[sel], return_inverse=True)
+    got = {"dq": dq[sel], "dk": dk[uniq], "dv": dv[uniq]}
+    # every other row of dq / dk / dv must be exactly zero (no stray writes or atomics)
+    stray = {n: int(t.count_nonzero()) - int(got[n].count_nonzero()) for n, t in (("dq", dq), ("dk", dk), ("dv", dv))}
+    qs = q[sel].double().requires_grad_()
+    kr, vr = k[uniq].double().requires_grad_(), v[uniq].double().requires_grad_()
+    dout_s, km_s = dout[sel].double(), km[sel]
+    del big, q, k, v, dq, dk, dv, dout
+    o_ref = ref_attend(qs, kr, vr, inv, km_s, H, True)
+    o_ref.backward(dout_s)
+    errs = []
+    record_err(errs, "output", out_s, o_ref, _lp_rtol(lp))
+    for name, ref in (("dq", qs.grad), ("dk", kr.grad), ("dv", vr.grad)):
+        record_err(errs, name, got[name], ref, _lp_rtol(lp))
+    return errs, stray
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_beyond_int32():
+    """prefix_attention forward + backward with every indexed tensor past 2**31 elements: D=768 (12 heads of 64),
+    bf16 q/k/v as column slices of one [R, 3D] buffer, R = 2 796 266 nodes and k/v rows, 4 ancestors each (rows
+    near both ends and either side of both boundaries checked against ref_attend in fp64). Needs ~47 GB."""
+    import gc
+
+    from test_fused import assert_errs
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    H, de, a = 12, 64, 4
+    D = H * de
+    R = 2 ** 31 // D + 64
+    need = 22 * R * D + (2 << 30)  # big (3D bf16) + dout + dq (bf16) + fp32 dk/dv buffers + their bf16 copies
+    free = torch.cuda.mem_get_info()[0]
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
+    errs, stray = _prefix_beyond_int32(R, H, de, a)
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert stray == {"dq": 0, "dk": 0, "dv": 0}, f"nonzero gradient rows outside the checked nodes: {stray}"
+    assert_errs(errs)
+
+
+def test_offset_check_itself_small():
+    """The GPU offset test's inputs, references and zero-elsewhere checks at a tiny size (fp32, limit at row 30
+    of 61): they must pass here, so a GPU failure of that test means the offsets, not the test."""
+    from test_fused import assert_errs
+
+    errs, stray = _prefix_beyond_int32(61, 2, 8, 4, dev=DEV, lp=torch.float32, limit=30 * 3 * 16, e=5)
+    assert stray == {"dq": 0, "dk": 0, "dv": 0}, stray
+    assert_errs(errs)

@@ -5,14 +5,14 @@ Weights are re-randomised with a fresh seed on every run (set SEQPE_TEST_SEED to
 printed and included in every assertion message.
 """
 import math
-import os
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from seqpe_kernels.reference import SeqPE, tokenize
+
+from conftest import current_seed
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
@@ -22,8 +22,9 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 # ============================================================================ seeds and weights
 @pytest.fixture
 def seed():
-    env = os.environ.get("SEQPE_TEST_SEED")
-    s = int(env) if env else random.SystemRandom().randrange(2 ** 31)
+    """The test's seed from conftest.py (fresh per test, SEQPE_TEST_SEED=N replays it; it is also appended to any
+    failure report), so the seed a failure names is the one that replays these weights."""
+    s = current_seed()
     print(f"SEQPE_TEST_SEED={s}")  # shown with the failure report
     return s
 

@@ -51,7 +51,7 @@ if os.environ.get("SEQPE_KERNELS_BUILD_EXT", "0") == "1":
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *defines]
     if os.environ.get("SEQPE_KERNELS_CPU_ARCH"):
         cxx.append(os.environ["SEQPE_KERNELS_CPU_ARCH"])
-    sources = [os.path.join(csrc, "module.cpp"), os.path.join(csrc, "ops_cpu.cpp")]
+    sources = [os.path.join(csrc, "module.cpp"), os.path.join(csrc, "ops_cpu.cpp"), os.path.join(csrc, "encoder.cpp")]
     if with_cuda:
         import importlib.util
 

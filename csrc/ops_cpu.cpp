@@ -470,7 +470,7 @@ Tensor4 residual_layernorm_fwd_cpu(const Tensor& x_, const OptTensor& y_, const 
   uint64_t seed = 0;
   if (dropout) {
     check_seeds(seeds, seed_idx, "residual_layernorm_fwd");
-    seed = static_cast<uint64_t>(seeds->select(0, seed_idx).item<int64_t>());
+    seed = host_seed(seeds, seed_idx);
   }
   if (R == 0 || D == 0 || (!has_y && !has_ln)) return {h, a, mean, rstd};
   const LnFwdArgs args{byte_ptr(x), has_y ? byte_ptr(y) : nullptr, has_y ? byte_ptr(h) : nullptr,
@@ -571,7 +571,7 @@ Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, c
   uint64_t seed = 0;
   if (dropout) {
     check_seeds(seeds, seed_idx, "residual_layernorm_bwd");
-    seed = static_cast<uint64_t>(seeds->select(0, seed_idx).item<int64_t>());
+    seed = host_seed(seeds, seed_idx);
   }
   const int64_t per = std::max<int64_t>(8, cdiv(R, 128));
   const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
@@ -753,7 +753,7 @@ AttnViews attn_views(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& 
   g.seed = 0;
   if (g.dropout) {
     check_seeds(seeds, seed_idx, op);
-    g.seed = static_cast<uint64_t>(seeds->select(0, seed_idx).item<int64_t>());
+    g.seed = host_seed(seeds, seed_idx);
   }
   return v;
 }

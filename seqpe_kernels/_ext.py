@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ("ops_cpu.cpp",)
+CPU_SOURCES = ("ops_cpu.cpp", "encoder.cpp")
 CUDA_SOURCES = ("ops_cuda.cu",)
 PROBE_OP = "seqpe_ext::gelu_new_fwd"
 # -fopenmp: at::parallel_for is an inline OpenMP region (libgomp is the one torch already loaded);

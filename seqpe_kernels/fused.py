@@ -14,14 +14,28 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
+from . import encoder as _enc
 from .reference.seqpe import SeqPE
 from .reference.tokenize import check_positions, tokenize
 
 
 def _compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
+    # autocast casts float32 GEMM inputs to its dtype and leaves float64 alone
+    if param_dtype != torch.float64 and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return param_dtype
+
+
+_EXT: list = []
+
+
+def _ext_ops():
+    """torch.ops.seqpe_ext, loaded once (the backend resolver already checked that it loads)."""
+    if not _EXT:
+        from . import _ext
+
+        _EXT.append(_ext.load())
+    return _EXT[0]
 
 
 class FusedSeqPE(SeqPE):
@@ -64,7 +78,17 @@ class FusedSeqPE(SeqPE):
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def resolved_backend(self, device) -> str:
-        return _backend.resolve(self, self.backend, torch.device(device))
+        device = torch.device(device)
+        if torch.compiler.is_compiling():
+            return _backend.resolve(self, self.backend, device)
+        # cached per (device, requested backend): availability does not change within a process, and the
+        # checks (environment, extension status, config) cost ~10 us per call on the host
+        key = (device, _backend.requested_backend(self.backend))
+        cache = self.__dict__.setdefault("_resolved", {})
+        name = cache.get(key)
+        if name is None:
+            name = cache[key] = _backend.resolve(self, self.backend, device)
+        return name
 
     # ------------------------------------------------------------------ entry points
     def _dropout_active(self) -> bool:
@@ -116,7 +140,57 @@ class FusedSeqPE(SeqPE):
         return self._fused(digits, pad_mask if self.mask_padding else None, from_positions=False, name=name)
 
     # ------------------------------------------------------------------ fused path
+    def _plan(self, cdt: torch.dtype, from_positions: bool) -> "_enc.Plan":
+        """The data-independent facts of a call, cached per (compute dtype, mode, input kind); rebuilt when a
+        configuration attribute it reads has changed."""
+        training = self.training
+        key = (cdt, training, from_positions, self.resid_pdrop, self.attn_pdrop, self.temperature,
+               self.attn_direction, self.scale_attn_weights, self.use_last_layernorm)
+        cache = self.__dict__.setdefault("_plans", {})
+        plan = cache.get(key)
+        if plan is None:
+            from .ops._common import CODES
+
+            D, H = self.embed_dim, self.num_heads
+            plan = _enc.Plan(
+                D=D, H=H, K=self.max_digits, L=self.seq_len - 1, T=self.seq_len, base=self.base,
+                data_dim=self.data_dim, nl=self.num_layers, causal=self.attn_direction == "causal",
+                sdiv=float(D // H) ** 0.5 if self.scale_attn_weights else 1.0,
+                p_res=self.resid_pdrop if training else 0.0, p_att=self.attn_pdrop if training else 0.0,
+                inv_tau=1 / self.temperature, eps1=tuple(b.layernorm_1.eps for b in self.transformers),
+                eps2=tuple(b.layernorm_2.eps for b in self.transformers),
+                epsf=self.layernorm.eps if self.use_last_layernorm else -1.0, from_positions=from_positions,
+                cdt_code=CODES[cdt])
+            cache[key] = plan
+        return plan
+
+
     def _fused(self, x, pad_mask, from_positions: bool, name: str):
+        """Eager: the whole encoder as one autograd node (seqpe_kernels.encoder). Under torch.compile: the
+        per-op dataflow below, whose seqpe:: operators the compiler sees."""
+        if torch.compiler.is_compiling():
+            return self._fused_ops(x, pad_mask, from_positions, name)
+        dev = x.device
+        cdt = _compute_dtype(dev, self.cls_token_embed.dtype)
+        plan = self._plan(cdt, from_positions)
+        seeds = None
+        if plan.p_res > 0 or plan.p_att > 0:  # per layer: attention probs, attn residual, mlp residual; from
+            # torch's RNG (torch.manual_seed reproduces a run; CUDA graphs replay the draw)
+            seeds = torch.randint(0, 2 ** 31 - 1, (3 * plan.nl,), device=dev, dtype=torch.int64)
+        if pad_mask is not None:
+            pad_mask = pad_mask.to(torch.float32).contiguous()
+        rec = self.record_dropout_masks
+        if rec is not None and seeds is not None:
+            from .ops._common import IMPL_EXT, IMPL_TRITON
+
+            self._record_masks(rec, seeds, x.shape[0], plan.p_res, plan.p_att,
+                               IMPL_TRITON if name == "triton" else IMPL_EXT)
+        params = _enc.flat_params(self)
+        if name == "triton":
+            return _enc.run(plan, _enc.triton_runner(), x, pad_mask, seeds, params, not self.check_range)
+        return _enc.ext_encoder(plan, _ext_ops(), x, pad_mask, seeds, params, not self.check_range)
+
+    def _fused_ops(self, x, pad_mask, from_positions: bool, name: str):
         from . import ops as K  # eager: the ops' bodies via autograd.Function; compiled: the seqpe:: operators
         from .ops._common import IMPL_EXT, IMPL_TRITON
 

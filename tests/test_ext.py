@@ -433,6 +433,8 @@ def test_no_ext_switch(monkeypatch):
 def test_build_error_reason_names_the_log(fresh_loader, monkeypatch):
     src = fresh_loader / "csrc"
     src.mkdir()
+    for name in _ext.CPU_SOURCES:  # the other sources as they are, ops_cpu.cpp broken
+        (src / name).write_text((_ext.CSRC / name).read_text())
     (src / "ops_cpu.cpp").write_text('#error "deliberately broken source for the loader test"\n')
     monkeypatch.setattr(_ext, "CSRC", src)
     ok, why = _ext.status("cpu")

@@ -680,23 +680,3 @@ def test_dedup_refuses_dropout_unless_asked():
     fus.dedup, fus.dedup_in_training = "auto", False  # auto: off under dropout, no error
     assert fus(torch.tensor([1, 1, 2], device=DEV)).shape == (3, 32)
 
-
-def test_eager_calls_bypass_the_dispatcher():
-    """Eager forward builds the ops' own autograd.Function nodes (not the torch.library generated ones):
-    the dispatch layers cost more host time than the kernels at small sizes (ops/_common.eager_entry)."""
-    _seed()
-    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3)
-    y = fus(random_positions(3, 3, 1))
-    names, stack, seen = set(), [y.grad_fn], set()
-    while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        names.add(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
-    assert "_EagerBackward" in names, sorted(names)
-    assert not any(nm.startswith("GeneratedBackwardFor_seqpe") for nm in names), sorted(names)
-    with pytest.raises(RuntimeError):  # like the registered op: no double backward
-        g, = torch.autograd.grad(y.sum(), fus.cls_token_embed, create_graph=True)
-        g.sum().backward()

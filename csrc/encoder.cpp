@@ -1,0 +1,532 @@
+// The whole encoder in one extension call per direction, for the cpu and cuda backends.
+//
+// seqpe_kernels/encoder.py runs the layer sequence in Python over the Triton kernels; this is the same
+// sequence, step for step (same kernels, same GEMMs, same saved tensors), over the seqpe_ext kernels, so an
+// encoder call costs two dispatcher calls from Python instead of ~60 Python-level ops and autograd nodes.
+// The per-op kernels are reached through the dispatcher (typed handles), which picks their CPU or CUDA
+// implementation from the tensors' device; this file itself is device-agnostic (CompositeExplicitAutograd).
+//
+// seqpe_ext::encoder(x, pad, seeds, params, icfg, fcfg) -> out [M, O], with its own C++ autograd node
+// (torch::autograd::Function: its forward saves what the backward needs with save_for_backward, so parameters
+// updated in place before backward raise, retain_graph and saved-tensor hooks work as for any op).
+//   params: the present ones of tok, pos, dim (1-D: absent), cls; per layer ln1.w, ln1.b, c_attn.w, .b,
+//           attn.c_proj.w, .b, ln2.w, .b, c_fc.w, .b, mlp.c_proj.w, .b; final ln.w, .b (absent when off);
+//           out_proj.w, .b
+//   icfg:   D, H, K, L, T, base, data_dim, nl, causal, from_positions, cdt code, clamp_rows
+//   fcfg:   sdiv, p_res, p_att, inv_tau, eps_final (< 0: no final LN), eps1[nl], eps2[nl]
+// Saved tensors never alias an input: a weight already in the compute dtype, and the final LN input when it
+// is the out_proj input, are saved as empty placeholders and taken from the parameters / other entries.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "seqpe_ext.h"
+
+namespace seqpe {
+namespace {
+
+using TensorList = std::vector<Tensor>;
+using OptList = c10::List<std::optional<Tensor>>;
+
+struct Cfg {
+  int64_t D, H, K, L, T, base, data_dim, nl;
+  bool causal, from_positions, clamp_rows;
+  int64_t code;
+  at::ScalarType cdt;
+  double sdiv, p_res, p_att, inv_tau, epsf;
+  std::vector<double> eps1, eps2;
+};
+
+Cfg parse(at::IntArrayRef ic, at::ArrayRef<double> fc) {
+  TORCH_CHECK(ic.size() == 12, "seqpe_ext::encoder: icfg must have 12 entries, got ", ic.size());
+  Cfg c;
+  c.D = ic[0], c.H = ic[1], c.K = ic[2], c.L = ic[3], c.T = ic[4], c.base = ic[5], c.data_dim = ic[6], c.nl = ic[7];
+  c.causal = ic[8] != 0, c.from_positions = ic[9] != 0, c.code = ic[10], c.clamp_rows = ic[11] != 0;
+  c.cdt = dtype_from_code(c.code);
+  TORCH_CHECK(c.nl >= 1 && static_cast<int64_t>(fc.size()) == 5 + 2 * c.nl,
+              "seqpe_ext::encoder: fcfg must have 5 + 2*layers entries");
+  c.sdiv = fc[0], c.p_res = fc[1], c.p_att = fc[2], c.inv_tau = fc[3], c.epsf = fc[4];
+  c.eps1.assign(fc.begin() + 5, fc.begin() + 5 + c.nl);
+  c.eps2.assign(fc.begin() + 5 + c.nl, fc.end());
+  return c;
+}
+
+// ------------------------------------------------------------------------ the per-op kernels (dispatched)
+using EmbedFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, bool, int64_t);
+using EmbedBwd = Tensor4(const Tensor&, const Tensor&, bool, int64_t, int64_t, int64_t);
+using RlnFwd = Tensor4(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
+                       const OptTensor&, int64_t, int64_t);
+using RlnBwd = Tensor4(const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
+                       const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
+using AttnFwd = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t, double, double,
+                       const OptTensor&, int64_t);
+using AttnBwd = Tensor2(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t,
+                        double, double, const OptTensor&, int64_t);
+using GeluFwd = Tensor(const Tensor&);
+using GeluBwd = Tensor(const Tensor&, const Tensor&);
+
+template <typename F>
+c10::TypedOperatorHandle<F> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+
+struct Kernels {
+  c10::TypedOperatorHandle<EmbedFwd> embed_fwd = handle<EmbedFwd>("seqpe_ext::digit_embed_fwd");
+  c10::TypedOperatorHandle<EmbedBwd> embed_bwd = handle<EmbedBwd>("seqpe_ext::digit_embed_bwd");
+  c10::TypedOperatorHandle<RlnFwd> rln_fwd = handle<RlnFwd>("seqpe_ext::residual_layernorm_fwd");
+  c10::TypedOperatorHandle<RlnBwd> rln_bwd = handle<RlnBwd>("seqpe_ext::residual_layernorm_bwd");
+  c10::TypedOperatorHandle<AttnFwd> attn_fwd = handle<AttnFwd>("seqpe_ext::tiny_attention_fwd");
+  c10::TypedOperatorHandle<AttnBwd> attn_bwd = handle<AttnBwd>("seqpe_ext::tiny_attention_bwd");
+  c10::TypedOperatorHandle<GeluFwd> gelu_fwd = handle<GeluFwd>("seqpe_ext::gelu_new_fwd");
+  c10::TypedOperatorHandle<GeluBwd> gelu_bwd = handle<GeluBwd>("seqpe_ext::gelu_new_bwd");
+};
+
+const Kernels& K() {
+  static const Kernels k;  // after every op of the library is registered (first call, not load time)
+  return k;
+}
+
+// inner ATen calls skip autograd/view tracking (the Python side holds the one autograd node) and autocast
+// (every GEMM input is already cast to the compute dtype, as autocast would have cast it)
+struct Guards {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
+inline Tensor param(const OptList& params, int64_t i) {
+  std::optional<Tensor> t = params.get(i);
+  return t.has_value() ? *t : Tensor();
+}
+
+inline Tensor cast(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+// a weight in the compute dtype, for the saved list: an empty placeholder when no cast was needed
+inline Tensor saved_cast(const Tensor& cast_t, const Tensor& param_t) {
+  return cast_t.is_same(param_t) ? at::empty({0}, param_t.options()) : cast_t;
+}
+
+inline Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+Tensor embedding_table(const Tensor& tok, const Tensor& pos, const Tensor& dim, const Tensor& cls, const Cfg& c) {
+  Tensor tab = tok.unsqueeze(1) + pos.unsqueeze(0);
+  if (c.data_dim > 1) tab = tab + dim.expand({-1, c.K, -1}).reshape({1, c.L, c.D});
+  return at::cat({tab.reshape({-1, c.D}), cls.reshape({1, c.D})}, 0);
+}
+
+Tensor table_rows(const Tensor& x, const Cfg& c) {
+  const int64_t M = x.size(0);
+  if (x.is_cpu() && x.scalar_type() == at::kLong && x.dim() == 2) {  // one loop instead of ~9 small ops
+    const Tensor xc = x.contiguous();
+    Tensor rows = at::empty({M, c.T}, xc.options());
+    const int64_t* px = xc.const_data_ptr<int64_t>();
+    int64_t* pr = rows.data_ptr<int64_t>();
+    const int64_t w = xc.size(1);
+    std::vector<int64_t> pw(c.K);
+    for (int64_t s = c.K - 1, v = 1; s >= 0; --s, v *= c.base) pw[s] = v;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < c.L; ++j) {
+        int64_t d;
+        if (c.from_positions) {  // floor division and a non-negative remainder, as torch's div/% give
+          const int64_t p = px[m * w + j / c.K], q = pw[j % c.K];
+          int64_t f = p / q;
+          if ((p % q != 0) && (p < 0)) --f;
+          d = f % c.base;
+          if (d < 0) d += c.base;
+        } else {
+          d = px[m * w + j];
+        }
+        if (c.clamp_rows) d = d < 0 ? 0 : (d >= c.base ? c.base - 1 : d);
+        pr[m * c.T + j] = d * c.L + j;
+      }
+      pr[m * c.T + c.L] = c.base * c.L;
+    }
+    return rows;
+  }
+  Tensor digits;
+  if (c.from_positions) {
+    Tensor pows = at::pow(c.base, at::arange(c.K - 1, -1, -1, x.options().dtype(at::kLong)));
+    digits = at::remainder(at::div(x.unsqueeze(-1), pows, "floor"), c.base).reshape({M, c.L});
+  } else {
+    digits = x;
+  }
+  if (c.clamp_rows) digits = digits.clamp(0, c.base - 1);
+  Tensor rows = digits * c.L + at::arange(c.L, x.options().dtype(at::kLong));
+  return at::cat({rows, at::full({M, 1}, c.base * c.L, rows.options())}, 1);
+}
+
+bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// layer 0's q/k/v rows gathered per token from the table's GEMM output; in fp32 for half types so the backward
+// sums the per-token gradient rows in fp32 (as the reference's per-token GEMM accumulates)
+Tensor gather(const Tensor& tab_out, const Tensor& rows) {
+  if (low_precision(tab_out.scalar_type()))
+    return at::embedding(tab_out.to(at::kFloat), rows).to(tab_out.scalar_type());
+  return at::embedding(tab_out, rows);
+}
+
+Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
+  if (low_precision(g.scalar_type()))
+    return at::embedding_dense_backward(g.to(at::kFloat), rows, n, -1, false).to(g.scalar_type());
+  return at::embedding_dense_backward(g, rows, n, -1, false);
+}
+
+// ------------------------------------------------------------------------------------------- forward
+// saved layout: the GLOBAL entries, FULL_N entries per full block, LAST_N entries for the last block
+enum Global : int64_t { G_ROWS, G_TAB, G_ATAB, G_MT, G_RT, GLOBAL_N };
+enum Full : int64_t { F_WA, F_WO, F_WF, F_WP, F_QKV, F_O, F_HB, F_M1, F_R1, F_A2, F_Z, F_U, F_HM, F_M2, F_R2, F_A, FULL_N };
+enum Last : int64_t { L_WA, L_WO, L_WF, L_WP, L_Q, L_KV, L_O, L_H2, L_M1, L_R1, L_A2, L_Z, L_U, L_H3, L_M2, L_R2, L_FIN,
+                      L_WOUT, LAST_N };
+
+TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTensor& seeds, const OptList& params,
+                            at::IntArrayRef icfg, at::ArrayRef<double> fcfg, bool save) {
+  const Cfg c = parse(icfg, fcfg);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == 8 + 12 * c.nl, "seqpe_ext::encoder_fwd: expected ",
+              8 + 12 * c.nl, " parameters, got ", params.size());
+  Guards guards;
+  const Kernels& k = K();
+  const int64_t M = x.size(0), D = c.D, T = c.T, R = M * T;
+  const Tensor tok = param(params, 0), pos = param(params, 1), dim = param(params, 2), cls = param(params, 3);
+  TensorList S;
+  if (save) S.reserve(GLOBAL_N + FULL_N * (c.nl - 1) + LAST_N);
+  auto keep = [&](const Tensor& t) {
+    if (save) S.push_back(t.defined() ? t : at::empty({0}, tok.options()));
+  };
+
+  Tensor h = k.embed_fwd.call(x, tok, pos, dim.defined() ? OptTensor(dim) : OptTensor(), cls, c.from_positions, c.K)
+                 .view({R, D});
+  const Tensor rows = table_rows(x, c);
+  const Tensor tab = embedding_table(tok, pos, dim, cls, c);
+  Tensor a_tab, mt, rt;
+  std::tie(std::ignore, a_tab, mt, rt) =
+      k.rln_fwd.call(tab, std::nullopt, param(params, 4), param(params, 5), c.eps1[0], 0.0, std::nullopt, 0, c.code);
+  keep(rows), keep(tab), keep(a_tab), keep(mt), keep(rt);
+  Tensor a;  // LN1 output of the current layer (layers >= 1)
+  for (int64_t i = 0; i < c.nl; ++i) {
+    const int64_t o0 = 4 + 12 * i;
+    const Tensor Wa_p = param(params, o0 + 2), Wo_p = param(params, o0 + 4), Wf_p = param(params, o0 + 8),
+                 Wp_p = param(params, o0 + 10);
+    const Tensor Wa = cast(Wa_p, c.cdt), ba = cast(param(params, o0 + 3), c.cdt), Wo = cast(Wo_p, c.cdt),
+                 bo = cast(param(params, o0 + 5), c.cdt), Wf = cast(Wf_p, c.cdt), bf = cast(param(params, o0 + 9), c.cdt),
+                 Wp = cast(Wp_p, c.cdt), bp = cast(param(params, o0 + 11), c.cdt);
+    const Tensor ln2w = param(params, o0 + 6), ln2b = param(params, o0 + 7);
+    keep(saved_cast(Wa, Wa_p)), keep(saved_cast(Wo, Wo_p)), keep(saved_cast(Wf, Wf_p)), keep(saved_cast(Wp, Wp_p));
+    if (i < c.nl - 1) {  // full block
+      Tensor qkv = i == 0 ? gather(at::addmm(ba, a_tab, Wa), rows) : at::addmm(ba, a, Wa).view({M, T, 3 * D});
+      Tensor o = k.attn_fwd.call(qkv, std::nullopt, pad, c.H, c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
+      Tensor y = at::addmm(bo, o.view({R, D}), Wo);
+      Tensor hb, a2, m1, r1;
+      std::tie(hb, a2, m1, r1) = k.rln_fwd.call(h, y, ln2w, ln2b, c.eps2[i], c.p_res, seeds, 3 * i + 1, c.code);
+      Tensor z = at::addmm(bf, a2, Wf);
+      Tensor u = k.gelu_fwd.call(z);
+      y = at::addmm(bp, u, Wp);
+      Tensor m2, r2;
+      std::tie(h, a, m2, r2) = k.rln_fwd.call(hb, y, param(params, o0 + 12), param(params, o0 + 13), c.eps1[i + 1],
+                                              c.p_res, seeds, 3 * i + 2, c.code);
+      keep(qkv), keep(o), keep(hb), keep(m1), keep(r1), keep(a2), keep(z), keep(u), keep(h), keep(m2), keep(r2);
+      keep(a);
+      continue;
+    }
+    // last block: the CLS query only, every row's K/V
+    Tensor kv, q;
+    if (i == 0) {
+      kv = gather(at::addmm(ba.narrow(0, D, 2 * D), a_tab, Wa.narrow(1, D, 2 * D)), rows);
+      q = at::addmm(ba.narrow(0, 0, D), a_tab.narrow(0, a_tab.size(0) - 1, 1), Wa.narrow(1, 0, D)).view({1, 1, D});
+    } else {
+      kv = at::addmm(ba.narrow(0, D, 2 * D), a, Wa.narrow(1, D, 2 * D)).view({M, T, 2 * D});
+      q = at::addmm(ba.narrow(0, 0, D), a.view({M, T, D}).select(1, T - 1), Wa.narrow(1, 0, D)).view({M, 1, D});
+    }
+    Tensor o = k.attn_fwd.call(q.expand({M, 1, D}), kv, pad, c.H, c.causal, T - 1, c.sdiv, c.p_att, seeds, 3 * i);
+    Tensor y = at::addmm(bo, o.view({M, D}), Wo);
+    Tensor h_cls = h.view({M, T, D}).select(1, T - 1).contiguous();
+    Tensor h2, a2, m1, r1;
+    std::tie(h2, a2, m1, r1) = k.rln_fwd.call(h_cls, y, ln2w, ln2b, c.eps2[i], c.p_res, seeds, 3 * i + 1, c.code);
+    Tensor z = at::addmm(bf, a2, Wf);
+    Tensor u = k.gelu_fwd.call(z);
+    y = at::addmm(bp, u, Wp);
+    const int64_t fo = 4 + 12 * c.nl;
+    Tensor h3, fin, m2, r2;
+    if (c.epsf >= 0) {
+      std::tie(h3, fin, m2, r2) = k.rln_fwd.call(h2, y, param(params, fo), param(params, fo + 1), c.epsf, c.p_res,
+                                                 seeds, 3 * i + 2, c.code);
+    } else {
+      std::tie(h3, std::ignore, m2, r2) =
+          k.rln_fwd.call(h2, y, std::nullopt, std::nullopt, 0.0, c.p_res, seeds, 3 * i + 2, c.code);
+      fin = h3;
+    }
+    const Tensor Wout_p = param(params, fo + 2);
+    const Tensor Wout = cast(Wout_p, c.cdt), bout = cast(param(params, fo + 3), c.cdt);
+    const Tensor fin_c = cast(fin, c.cdt);
+    Tensor out = at::addmm(bout, fin_c, Wout.t());
+    if (c.inv_tau != 1.0) out = out * c.inv_tau;
+    keep(q), keep(kv), keep(o), keep(h2), keep(m1), keep(r1), keep(a2), keep(z), keep(u), keep(h3), keep(m2), keep(r2);
+    keep(fin_c.is_same(h3) ? Tensor() : fin_c), keep(saved_cast(Wout, Wout_p));
+    TensorList result;
+    result.reserve(1 + S.size());
+    result.push_back(out);
+    for (auto& t : S) result.push_back(std::move(t));
+    return result;
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+// ------------------------------------------------------------------------------------------- backward
+TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor& pad, const OptTensor& seeds,
+                            const OptList& params, const OptList& saved, at::IntArrayRef icfg,
+                            at::ArrayRef<double> fcfg, at::IntArrayRef needs) {
+  const Cfg c = parse(icfg, fcfg);
+  const int64_t n = 8 + 12 * c.nl;
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == n && static_cast<int64_t>(needs.size()) == n,
+              "seqpe_ext::encoder_bwd: expected ", n, " parameters and needs flags");
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == GLOBAL_N + FULL_N * (c.nl - 1) + LAST_N,
+              "seqpe_ext::encoder_bwd: the saved list does not match the configuration");
+  Guards guards;
+  const Kernels& k = K();
+  const int64_t M = x.size(0), D = c.D, T = c.T, R = M * T, nrows = c.base * c.L + 1;
+  const int64_t yc = c.code;  // dtype code of every branch output (GEMM outputs are in the compute dtype)
+  TensorList grads(n);
+  auto G = [&](int64_t j) { return param(saved, j); };
+  auto F = [&](int64_t i, int64_t j) { return param(saved, GLOBAL_N + FULL_N * i + j); };
+  const int64_t lb = GLOBAL_N + FULL_N * (c.nl - 1);
+  auto Lt = [&](int64_t j) { return param(saved, lb + j); };
+  auto put = [&](int64_t idx, const Tensor& g) {
+    if (!needs[idx] || !g.defined()) return;
+    const at::ScalarType pt = param(params, idx).scalar_type();
+    grads[idx] = g.scalar_type() == pt ? g : g.to(pt);
+  };
+  // a weight in the compute dtype: the saved cast, or the parameter itself when none was needed
+  auto weight = [&](const Tensor& saved_w, int64_t param_idx) {
+    return saved_w.numel() ? saved_w : param(params, param_idx);
+  };
+  // mlp: y = addmm(bp, gelu(addmm(bf, a2, Wf)), Wp); puts the four parameter gradients, returns d a2
+  auto mlp_bwd = [&](const Tensor& dy, const Tensor& a2, const Tensor& z, const Tensor& u, const Tensor& Wf,
+                     const Tensor& Wp, int64_t o) {
+    Tensor du = dy.mm(Wp.t());
+    if (needs[o + 10]) put(o + 10, u.t().mm(dy));
+    if (needs[o + 11]) put(o + 11, dy.sum(0));
+    Tensor dz = k.gelu_bwd.call(du, z);
+    if (needs[o + 8]) put(o + 8, a2.t().mm(dz));
+    if (needs[o + 9]) put(o + 9, dz.sum(0));
+    return dz.mm(Wf.t());
+  };
+  const Tensor rows = G(G_ROWS), a_tab = G(G_ATAB);
+
+  // out = addmm(bout, fin, Wout^T) * inv_tau
+  const int64_t fo = 4 + 12 * c.nl;
+  Tensor g = c.inv_tau != 1.0 ? gout * c.inv_tau : gout;
+  g = cast(g, c.cdt);
+  const Tensor h3 = Lt(L_H3);
+  const Tensor fin = Lt(L_FIN).numel() ? Lt(L_FIN) : h3;
+  Tensor dfin = g.mm(weight(Lt(L_WOUT), fo + 2));
+  if (needs[fo + 2]) put(fo + 2, g.t().mm(fin));
+  if (needs[fo + 3]) put(fo + 3, g.sum(0));
+  int64_t i = c.nl - 1;
+  int64_t o0 = 4 + 12 * i;
+  Tensor dh2, dy;
+  if (c.epsf >= 0) {
+    Tensor dwf, dbf;
+    std::tie(dh2, dy, dwf, dbf) = k.rln_bwd.call(dfin, std::nullopt, h3, param(params, fo), Lt(L_M2), Lt(L_R2),
+                                                 c.p_res, seeds, 3 * i + 2, true, yc);
+    put(fo, dwf), put(fo + 1, dbf);
+  } else {
+    std::tie(dh2, dy, std::ignore, std::ignore) =
+        k.rln_bwd.call(std::nullopt, cast(dfin, h3.scalar_type()), h3, std::nullopt, Lt(L_M2), Lt(L_R2), c.p_res,
+                       seeds, 3 * i + 2, true, yc);
+  }
+  Tensor da2 = mlp_bwd(dy, Lt(L_A2), Lt(L_Z), Lt(L_U), weight(Lt(L_WF), o0 + 8), weight(Lt(L_WP), o0 + 10), o0);
+  Tensor dhc, dyat, dw2, db2;
+  std::tie(dhc, dyat, dw2, db2) = k.rln_bwd.call(da2, dh2, Lt(L_H2), param(params, o0 + 6), Lt(L_M1), Lt(L_R1),
+                                                 c.p_res, seeds, 3 * i + 1, true, yc);
+  put(o0 + 6, dw2), put(o0 + 7, db2);
+  Tensor dattn = dyat.mm(weight(Lt(L_WO), o0 + 4).t());
+  if (needs[o0 + 4]) put(o0 + 4, Lt(L_O).view({M, D}).t().mm(dyat));
+  if (needs[o0 + 5]) put(o0 + 5, dyat.sum(0));
+  Tensor dq, dkv;
+  std::tie(dq, dkv) = k.attn_bwd.call(dattn.view({M, 1, D}), Lt(L_Q).expand({M, 1, D}), Lt(L_KV), pad, c.H, c.causal,
+                                      T - 1, c.sdiv, c.p_att, seeds, 3 * i);
+  Tensor dh = at::zeros({R, D}, dhc.options());
+  dh.view({M, T, D}).select(1, T - 1).copy_(dhc);
+  Tensor Wa = weight(Lt(L_WA), o0 + 2);
+  Tensor d_a_tab, da;
+  if (i == 0) {
+    Tensor dq_row = dq.sum(0);  // [1, D]: the CLS query is one table row broadcast to every sequence
+    Tensor dtab_kv = gather_bwd(dkv, rows, nrows);
+    d_a_tab = dtab_kv.mm(Wa.narrow(1, D, 2 * D).t());
+    d_a_tab.narrow(0, nrows - 1, 1).add_(dq_row.mm(Wa.narrow(1, 0, D).t()));
+    if (needs[o0 + 2])
+      put(o0 + 2, at::cat({a_tab.narrow(0, nrows - 1, 1).t().mm(dq_row), a_tab.t().mm(dtab_kv)}, 1));
+    if (needs[o0 + 3]) put(o0 + 3, at::cat({dq_row.sum(0), dtab_kv.sum(0)}));
+  } else {
+    const Tensor a = F(i - 1, F_A);
+    Tensor dkv2 = dkv.view({R, 2 * D}), dq2 = dq.view({M, D});
+    da = dkv2.mm(Wa.narrow(1, D, 2 * D).t());
+    da.view({M, T, D}).select(1, T - 1).add_(dq2.mm(Wa.narrow(1, 0, D).t()));
+    if (needs[o0 + 2])
+      put(o0 + 2, at::cat({a.view({M, T, D}).select(1, T - 1).t().mm(dq2), a.t().mm(dkv2)}, 1));
+    if (needs[o0 + 3]) put(o0 + 3, at::cat({dq2.sum(0), dkv2.sum(0)}));
+  }
+
+  for (i = c.nl - 2; i >= 0; --i) {  // full blocks, last to first
+    o0 = 4 + 12 * i;
+    Tensor dh1, dwn, dbn;
+    std::tie(dh1, dy, dwn, dbn) =
+        k.rln_bwd.call(da.defined() ? OptTensor(da) : OptTensor(), dh, F(i, F_HM), param(params, o0 + 12),
+                       F(i, F_M2), F(i, F_R2), c.p_res, seeds, 3 * i + 2, true, yc);
+    put(o0 + 12, dwn), put(o0 + 13, dbn);
+    da2 = mlp_bwd(dy, F(i, F_A2), F(i, F_Z), F(i, F_U), weight(F(i, F_WF), o0 + 8), weight(F(i, F_WP), o0 + 10), o0);
+    std::tie(dh, dyat, dw2, db2) = k.rln_bwd.call(da2, dh1, F(i, F_HB), param(params, o0 + 6), F(i, F_M1), F(i, F_R1),
+                                                  c.p_res, seeds, 3 * i + 1, true, yc);
+    put(o0 + 6, dw2), put(o0 + 7, db2);
+    dattn = dyat.mm(weight(F(i, F_WO), o0 + 4).t());
+    if (needs[o0 + 4]) put(o0 + 4, F(i, F_O).view({R, D}).t().mm(dyat));
+    if (needs[o0 + 5]) put(o0 + 5, dyat.sum(0));
+    Tensor dqkv;
+    std::tie(dqkv, std::ignore) = k.attn_bwd.call(dattn.view({M, T, D}), F(i, F_QKV), std::nullopt, pad, c.H,
+                                                  c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
+    Wa = weight(F(i, F_WA), o0 + 2);
+    if (i == 0) {
+      Tensor dtab_out = gather_bwd(dqkv, rows, nrows);
+      d_a_tab = dtab_out.mm(Wa.t());
+      if (needs[o0 + 2]) put(o0 + 2, a_tab.t().mm(dtab_out));
+      if (needs[o0 + 3]) put(o0 + 3, dtab_out.sum(0));
+      da = Tensor();
+    } else {
+      Tensor dq2 = dqkv.view({R, 3 * D});
+      da = dq2.mm(Wa.t());
+      if (needs[o0 + 2]) put(o0 + 2, F(i - 1, F_A).t().mm(dq2));
+      if (needs[o0 + 3]) put(o0 + 3, dq2.sum(0));
+    }
+  }
+
+  // layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
+  Tensor dtab, dw1, db1;
+  std::tie(dtab, std::ignore, dw1, db1) = k.rln_bwd.call(d_a_tab, std::nullopt, G(G_TAB), param(params, 4), G(G_MT),
+                                                         G(G_RT), 0.0, std::nullopt, 0, false, 0);
+  put(4, dw1), put(5, db1);
+  Tensor dtok, dpos, ddim, dcls;
+  std::tie(dtok, dpos, ddim, dcls) = k.embed_bwd.call(dh.view({M, T, D}), x, c.from_positions, c.K, c.base, c.data_dim);
+  Tensor body = dtab.narrow(0, 0, nrows - 1).view({c.base, c.L, D});
+  put(0, dtok + body.sum(1));
+  put(1, dpos + body.sum(0));
+  if (c.data_dim > 1)
+    put(2, ddim + body.view({c.base, c.data_dim, c.K, D}).sum(at::IntArrayRef{0, 2}).view({c.data_dim, 1, D}));
+  put(3, dcls + dtab.narrow(0, nrows - 1, 1).view({1, 1, D}));
+  for (int64_t j = 0; j < n; ++j)  // an undefined Tensor does not cross into Python as a list element
+    if (!grads[j].defined()) grads[j] = at::empty({0}, gout.options());
+  return grads;
+}
+
+// ------------------------------------------------------------------------------------------- autograd
+// The parameters arrive as the list of those present (no dim table for 1-D, no final LayerNorm when off):
+// each is an input variable of the one autograd node, so AccumulateGrad / DDP hooks see every parameter.
+OptList full_params(at::TensorList present, const Cfg& c) {
+  OptList full;
+  full.reserve(8 + 12 * c.nl);
+  int64_t j = 0;
+  const int64_t n = 8 + 12 * c.nl, dim_idx = 2, lnf_idx = 4 + 12 * c.nl;
+  const bool has_dim = c.data_dim > 1, has_lnf = c.epsf >= 0;
+  TORCH_CHECK(static_cast<int64_t>(present.size()) == n - (has_dim ? 0 : 1) - (has_lnf ? 0 : 2),
+              "seqpe_ext::encoder: got ", present.size(), " parameters for this configuration");
+  for (int64_t i = 0; i < n; ++i) {
+    if ((i == dim_idx && !has_dim) || ((i == lnf_idx || i == lnf_idx + 1) && !has_lnf))
+      full.push_back(std::nullopt);
+    else
+      full.push_back(present[j++]);
+  }
+  return full;
+}
+
+std::vector<int64_t> present_index(const Cfg& c) {  // full-list index of each present parameter
+  std::vector<int64_t> idx;
+  const int64_t n = 8 + 12 * c.nl, lnf_idx = 4 + 12 * c.nl;
+  for (int64_t i = 0; i < n; ++i)
+    if (!((i == 2 && c.data_dim == 1) || ((i == lnf_idx || i == lnf_idx + 1) && c.epsf < 0))) idx.push_back(i);
+  return idx;
+}
+
+struct EncoderFn : public torch::autograd::Function<EncoderFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                const OptTensor& pad, const OptTensor& seeds, at::TensorList params,
+                                                at::IntArrayRef icfg, at::ArrayRef<double> fcfg) {
+    const Cfg c = parse(icfg, fcfg);
+    TensorList res = encoder_fwd_impl(x, pad, seeds, full_params(params, c), icfg, fcfg, true);
+    // saved: x, pad, seeds, the parameters (their versions are checked before backward), the activations
+    torch::autograd::variable_list to_save;
+    to_save.reserve(3 + params.size() + res.size() - 1);
+    to_save.push_back(x);
+    to_save.push_back(opt(pad));
+    to_save.push_back(opt(seeds));
+    to_save.insert(to_save.end(), params.begin(), params.end());
+    to_save.insert(to_save.end(), std::make_move_iterator(res.begin() + 1), std::make_move_iterator(res.end()));
+    ctx->save_for_backward(std::move(to_save));
+    ctx->saved_data["icfg"] = std::vector<int64_t>(icfg.begin(), icfg.end());
+    ctx->saved_data["fcfg"] = std::vector<double>(fcfg.begin(), fcfg.end());
+    ctx->saved_data["np"] = static_cast<int64_t>(params.size());
+    // the edge of each parameter: variable inputs before the parameters are x and whichever of pad/seeds exist
+    ctx->saved_data["edge0"] = static_cast<int64_t>(1 + (has(pad) ? 1 : 0) + (has(seeds) ? 1 : 0));
+    return {res[0]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    const std::vector<int64_t> icfg = ctx->saved_data["icfg"].toIntVector();
+    const std::vector<double> fcfg = ctx->saved_data["fcfg"].toDoubleVector();
+    const int64_t np = ctx->saved_data["np"].toInt(), edge0 = ctx->saved_data["edge0"].toInt();
+    const Cfg c = parse(icfg, fcfg);
+    torch::autograd::variable_list sv = ctx->get_saved_variables();
+    const Tensor x = sv[0];
+    const OptTensor pad = sv[1].defined() ? OptTensor(sv[1]) : OptTensor();
+    const OptTensor seeds = sv[2].defined() ? OptTensor(sv[2]) : OptTensor();
+    const OptList params = full_params(at::TensorList(sv).slice(3, np), c);
+    OptList saved;
+    saved.reserve(sv.size() - 3 - np);
+    for (size_t i = 3 + np; i < sv.size(); ++i) saved.push_back(sv[i]);
+    const std::vector<int64_t> idx = present_index(c);
+    std::vector<int64_t> needs(8 + 12 * c.nl, 0);
+    for (int64_t j = 0; j < np; ++j) needs[idx[j]] = ctx->needs_input_grad(edge0 + j) ? 1 : 0;
+    Tensor gout = grad_out[0];
+    const TensorList grads = encoder_bwd_impl(gout, x, pad, seeds, params, saved, icfg, fcfg, needs);
+    // one entry per forward argument: x, pad, seeds, each parameter, icfg, fcfg
+    torch::autograd::variable_list out(3 + np + 2);
+    for (int64_t j = 0; j < np; ++j)
+      if (needs[idx[j]]) out[3 + j] = grads[idx[j]];
+    return out;
+  }
+};
+
+// the encoder with autograd: one node whose inputs are the parameters; no node (and nothing saved) when no
+// parameter needs a gradient
+Tensor encoder_autograd(const Tensor& x, const OptTensor& pad, const OptTensor& seeds, at::TensorList params,
+                        at::IntArrayRef icfg, at::ArrayRef<double> fcfg) {
+  bool grad = at::GradMode::is_enabled();
+  if (grad) {
+    grad = false;
+    for (const Tensor& p : params) grad = grad || p.requires_grad();
+  }
+  if (grad) return EncoderFn::apply(x, pad, seeds, params, icfg, fcfg)[0];
+  const Cfg c = parse(icfg, fcfg);
+  return encoder_fwd_impl(x, pad, seeds, full_params(params, c), icfg, fcfg, false)[0];
+}
+
+// below autograd (inference mode, or no tensor that needs a gradient): the forward alone
+Tensor encoder_plain(const Tensor& x, const OptTensor& pad, const OptTensor& seeds, at::TensorList params,
+                     at::IntArrayRef icfg, at::ArrayRef<double> fcfg) {
+  const Cfg c = parse(icfg, fcfg);
+  return encoder_fwd_impl(x, pad, seeds, full_params(params, c), icfg, fcfg, false)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(seqpe_ext, m) {
+  m.def("encoder(Tensor x, Tensor? pad, Tensor? seeds, Tensor[] params, int[] icfg, float[] fcfg) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(seqpe_ext, Autograd, m) { m.impl("encoder", &encoder_autograd); }
+
+TORCH_LIBRARY_IMPL(seqpe_ext, CompositeExplicitAutograd, m) { m.impl("encoder", &encoder_plain); }
+
+}  // namespace seqpe

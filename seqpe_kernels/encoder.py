@@ -1,0 +1,471 @@
+"""The whole fused encoder as one autograd boundary (eager mode).
+
+Why: a SeqPE step is ~60 small ops. Run one op at a time, each with its own autograd node and dispatch, the
+host cost (Python, dispatcher, autograd engine) exceeds the kernels' own time at the paper's sizes on a GPU
+(H100: 2.8 ms of GPU work behind ~10 ms of host time) and dominates on CPU. Here one ``autograd.Function``
+runs every layer forward and saves what the backward needs; its backward computes every parameter gradient
+in one pass. The kernels are the same as the per-op path's (``seqpe_kernels.ops`` launchers for Triton; the
+``seqpe_ext`` operators for the C++/CUDA backends), called directly.
+
+The layer sequence itself (which kernel, which GEMM, what is saved) is written twice, deliberately: here in
+Python for the Triton backend, and in C++ (``csrc/encoder.cpp``, one extension call per direction) for the
+``cpu`` / ``cuda`` backends, where it replaces ~60 Python-level calls by one. Both follow fused.py's per-op
+dataflow (which torch.compile traces) exactly; tests/test_encoder.py holds all three to the reference.
+
+GEMMs: explicit casts to the compute dtype (each weight cast once per call; fp32: no cast), then
+``torch.addmm`` -- the same values autocast produces for the reference's ``Conv1D`` / ``nn.Linear``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .ops._common import DTYPES
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about one encoder call that does not depend on the data (cached per module state)."""
+    D: int
+    H: int
+    K: int
+    L: int
+    T: int
+    base: int
+    data_dim: int
+    nl: int
+    causal: bool
+    sdiv: float
+    p_res: float
+    p_att: float
+    inv_tau: float
+    eps1: Tuple[float, ...]
+    eps2: Tuple[float, ...]
+    epsf: float           # final LayerNorm eps; < 0: no final LayerNorm
+    from_positions: bool
+    cdt_code: int         # compute dtype of the GEMMs / LN outputs (autocast dtype, else the parameters')
+
+    @property
+    def cdt(self) -> torch.dtype:
+        return DTYPES[self.cdt_code]
+
+    def ext_config(self, clamp_rows: bool):
+        """(icfg, fcfg) lists of csrc/encoder.cpp."""
+        cache = self.__dict__.get("_ext_cfg")
+        if cache is None:
+            icfg = [self.D, self.H, self.K, self.L, self.T, self.base, self.data_dim, self.nl, int(self.causal),
+                    int(self.from_positions), self.cdt_code]
+            fcfg = [self.sdiv, self.p_res, self.p_att, self.inv_tau, self.epsf, *self.eps1, *self.eps2]
+            cache = (icfg + [0], icfg + [1], fcfg)
+            object.__setattr__(self, "_ext_cfg", cache)
+        return (cache[1] if clamp_rows else cache[0]), cache[2]
+
+
+def flat_params(m) -> List[Optional[torch.Tensor]]:
+    """The module's parameters in the order the encoder functions take them:
+    tok, pos, dim (or None), cls; per layer ln1.w, ln1.b, c_attn.w, c_attn.b, attn.c_proj.w, .b, ln2.w, ln2.b,
+    c_fc.w, c_fc.b, mlp.c_proj.w, .b; final ln.w, .b (or None, None); out_proj.w, .b.
+    Read through the modules' own dicts (nn.Module.__getattr__ made this ~45 us per call on the dev CPU), so a
+    replaced parameter or submodule is always picked up."""
+    mods, prm = m._modules, m._parameters
+    ps = [mods["token_of_seqpe_embed"]._parameters["weight"], mods["pos_of_seqpe_embed"]._parameters["weight"],
+          prm.get("dim_token_embed"), prm["cls_token_embed"]]
+    for blk in mods["transformers"]._modules.values():
+        bm = blk._modules
+        at, ml = bm["attn"]._modules, bm["mlp"]._modules
+        l1, l2 = bm["layernorm_1"]._parameters, bm["layernorm_2"]._parameters
+        ca, cp, fc, mp = (at["c_attn"]._parameters, at["c_proj"]._parameters, ml["c_fc"]._parameters,
+                          ml["c_proj"]._parameters)
+        ps += [l1["weight"], l1["bias"], ca["weight"], ca["bias"], cp["weight"], cp["bias"], l2["weight"], l2["bias"],
+               fc["weight"], fc["bias"], mp["weight"], mp["bias"]]
+    ln = mods.get("layernorm")
+    if ln is not None and m.use_last_layernorm:
+        ps += [ln._parameters["weight"], ln._parameters["bias"]]
+    else:
+        ps += [None, None]
+    op = mods["out_proj"]._parameters
+    ps += [op["weight"], op["bias"]]
+    return ps
+
+
+class Prims:
+    """One backend's kernels, called directly (no torch.library dispatch, no per-op autograd node)."""
+
+    def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd):
+        self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
+        self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
+        self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
+        self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
+
+
+def ext_prims(ops) -> Prims:
+    """The C++/CUDA extension's operators (torch.ops.seqpe_ext) as prims."""
+    return Prims(ops.digit_embed_fwd, ops.digit_embed_bwd, ops.residual_layernorm_fwd, ops.residual_layernorm_bwd,
+                 ops.tiny_attention_fwd, ops.tiny_attention_bwd, ops.gelu_new_fwd, ops.gelu_new_bwd)
+
+
+_TRITON: list = []
+_TRITON_RUNNER: list = []
+
+
+def triton_runner() -> "PythonRunner":
+    if not _TRITON_RUNNER:
+        _TRITON_RUNNER.append(PythonRunner(triton_prims()))
+    return _TRITON_RUNNER[0]
+
+
+def triton_prims() -> Prims:
+    if not _TRITON:
+        from .ops.attention import tiny_attention_backward, tiny_attention_forward
+        from .ops.digit_embed import digit_embed_backward, digit_embed_forward
+        from .ops.gelu import gelu_backward, gelu_forward
+        from .ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+
+        _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
+                             residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
+                             gelu_forward, gelu_backward))
+    return _TRITON[0]
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def embedding_table(tok, pos, dim, cls, L: int, K: int, data_dim: int) -> torch.Tensor:
+    """[base*L + 1, D]: row b*L + j is digit b in slot j ((tok + pos) + dim: the reference's order, so rows are
+    bit-identical to its per-token sums); the last row is CLS."""
+    D = tok.shape[1]
+    tab = tok[:, None, :] + pos[None, :, :]
+    if data_dim > 1:
+        tab = tab + dim.expand(-1, K, -1).reshape(1, L, D)
+    return torch.cat([tab.reshape(-1, D), cls.reshape(1, D)], 0)
+
+
+def table_rows(x: torch.Tensor, from_positions: bool, L: int, K: int, base: int, clamp: bool) -> torch.Tensor:
+    """[M, T] row ids into embedding_table for positions [M, d] or digits [M, L]."""
+    if from_positions:
+        pows = base ** torch.arange(K - 1, -1, -1, device=x.device, dtype=torch.int64)
+        digits = (torch.div(x.unsqueeze(-1), pows, rounding_mode="floor") % base).reshape(x.shape[0], L)
+    else:
+        digits = x
+    if clamp:  # unvalidated digit ids (check_range=False): keep the gather in bounds (their rows come out NaN)
+        digits = digits.clamp(0, base - 1)
+    rows = digits * L + torch.arange(L, device=x.device)
+    return torch.cat([rows, rows.new_full((x.shape[0], 1), base * L)], 1)
+
+
+def _gather(tab_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # low precision: gather in fp32 so the backward sums the ~M*T/(base*L) gradient rows per table row in fp32
+    # (as the reference's per-token GEMM accumulates), not in bf16; the forward is lossless
+    if tab_out.dtype in (torch.float16, torch.bfloat16):
+        return F.embedding(rows, tab_out.float()).to(tab_out.dtype)
+    return F.embedding(rows, tab_out)
+
+
+def _gather_bwd(g: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    if g.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten.embedding_dense_backward(g.float(), rows, n, -1, False).to(g.dtype)
+    return torch.ops.aten.embedding_dense_backward(g, rows, n, -1, False)
+
+
+def _cast(t: Optional[torch.Tensor], dt: torch.dtype):
+    return t if t is None or t.dtype == dt else t.to(dt)
+
+
+def _to(g: Optional[torch.Tensor], like: Optional[torch.Tensor]):
+    """A gradient in its parameter's dtype (the backward of autocast's cast)."""
+    return g if g is None or like is None or g.dtype == like.dtype else g.to(like.dtype)
+
+
+# ------------------------------------------------------------------------------------------- forward
+def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], seeds: Optional[torch.Tensor],
+            params: Sequence[Optional[torch.Tensor]], save: bool, clamp_rows: bool = False):
+    """Returns (out [M, O], saved: dict name -> tensor or None (empty unless ``save``))."""
+    D, H, T, L, K, nl = plan.D, plan.H, plan.T, plan.L, plan.K, plan.nl
+    cdt, code = plan.cdt, plan.cdt_code
+    M = x.shape[0]
+    R = M * T
+    tok, pos, dim, cls = params[0], params[1], params[2], params[3]
+    S = {}
+
+    h = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K).view(R, D)
+    rows = table_rows(x, plan.from_positions, L, K, plan.base, clamp_rows)
+    tab = embedding_table(tok, pos, dim, cls, L, K, plan.data_dim)
+    _, a_tab, mt, rt = P.rln_fwd(tab, None, params[4], params[5], plan.eps1[0], 0.0, None, 0, code)
+    if save:
+        S.update(rows=rows, tab=tab, a_tab=a_tab, mt=mt, rt=rt)
+    a = None  # LN1 output of the current layer (layers >= 1)
+    for i in range(nl):
+        o0 = 4 + 12 * i
+        Wa, ba, Wo, bo = (_cast(t, cdt) for t in params[o0 + 2:o0 + 6])
+        Wf, bf, Wp, bp = (_cast(t, cdt) for t in params[o0 + 8:o0 + 12])
+        ln2w, ln2b = params[o0 + 6], params[o0 + 7]
+        last = i == nl - 1
+        if save:
+            S.update({f"Wa{i}": Wa, f"Wo{i}": Wo, f"Wf{i}": Wf, f"Wp{i}": Wp})
+        if not last:
+            if i == 0:
+                qkv = _gather(torch.addmm(ba, a_tab, Wa), rows)
+            else:
+                qkv = torch.addmm(ba, a, Wa).view(M, T, 3 * D)
+            o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i)
+            y = torch.addmm(bo, o.view(R, D), Wo)
+            hb, a2, m1, r1 = P.rln_fwd(h, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)
+            z = torch.addmm(bf, a2, Wf)
+            u = P.gelu_fwd(z)
+            y = torch.addmm(bp, u, Wp)
+            nw, nb = params[o0 + 12], params[o0 + 13]
+            h, a, m2, r2 = P.rln_fwd(hb, y, nw, nb, plan.eps1[i + 1], plan.p_res, seeds, 3 * i + 2, code)
+            if save:  # hb: the stream after the attention residual (LN2's input), h after the MLP's
+                S.update({f"qkv{i}": qkv, f"o{i}": o, f"hb{i}": hb, f"m1_{i}": m1, f"r1_{i}": r1, f"a2_{i}": a2,
+                          f"z{i}": z, f"u{i}": u, f"hm{i}": h, f"m2_{i}": m2, f"r2_{i}": r2, f"a{i}": a})
+            continue
+        # last block: CLS query only, every row's K/V
+        if i == 0:
+            kv = _gather(torch.addmm(ba[D:], a_tab, Wa[:, D:]), rows)
+            q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
+        else:
+            kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)
+            q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
+        o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i)
+        y = torch.addmm(bo, o.view(M, D), Wo)
+        h_cls = h.view(M, T, D)[:, T - 1].contiguous()
+        h2, a2, m1, r1 = P.rln_fwd(h_cls, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)
+        z = torch.addmm(bf, a2, Wf)
+        u = P.gelu_fwd(z)
+        y = torch.addmm(bp, u, Wp)
+        fo = 4 + 12 * nl
+        if plan.epsf >= 0:
+            h3, fin, m2, r2 = P.rln_fwd(h2, y, params[fo], params[fo + 1], plan.epsf, plan.p_res, seeds,
+                                        3 * i + 2, code)
+        else:
+            h3, _, m2, r2 = P.rln_fwd(h2, y, None, None, 0.0, plan.p_res, seeds, 3 * i + 2, code)
+            fin = h3
+        Wout, bout = _cast(params[fo + 2], cdt), _cast(params[fo + 3], cdt)
+        fin_c = _cast(fin, cdt)
+        out = torch.addmm(bout, fin_c, Wout.t())
+        if plan.inv_tau != 1.0:
+            out = out * plan.inv_tau
+        if save:
+            S.update(q=q, kv=kv, o_last=o, h2=h2, m1_last=m1, r1_last=r1, a2_last=a2, z_last=z, u_last=u, h3=h3,
+                     m2_last=m2, r2_last=r2, fin=fin_c, Wout=Wout)
+        return out, S
+    raise AssertionError("unreachable: nl >= 1")
+
+
+# ------------------------------------------------------------------------------------------- backward
+def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Optional[torch.Tensor],
+             seeds: Optional[torch.Tensor], params: Sequence[Optional[torch.Tensor]], S: dict,
+             needs: Sequence[bool]) -> List[Optional[torch.Tensor]]:
+    """Gradients of every parameter (None where ``needs`` is False or the parameter is absent)."""
+    D, H, T, L, K, nl = plan.D, plan.H, plan.T, plan.L, plan.K, plan.nl
+    cdt = plan.cdt
+    M = x.shape[0]
+    R = M * T
+    n = len(params)
+    grads: List[Optional[torch.Tensor]] = [None] * n
+    yc = plan.cdt_code  # dtype code of every branch output y (GEMM outputs are in the compute dtype)
+    rows, nrows = S["rows"], plan.base * L + 1
+
+    def put(idx, g):
+        if g is not None and needs[idx]:
+            grads[idx] = _to(g, params[idx])
+
+    # out = addmm(bout, fin, Wout^T) * inv_tau
+    g = gout * plan.inv_tau if plan.inv_tau != 1.0 else gout
+    g = _cast(g, cdt)
+    fo = 4 + 12 * nl
+    dfin = g.mm(S["Wout"])
+    if needs[fo + 2]:
+        put(fo + 2, g.t().mm(S["fin"]))
+    if needs[fo + 3]:
+        put(fo + 3, g.sum(0))
+    i = nl - 1
+    o0 = 4 + 12 * i
+    if plan.epsf >= 0:
+        dh2, dy, dwf, dbf = P.rln_bwd(dfin, None, S["h3"], params[fo], S["m2_last"], S["r2_last"], plan.p_res,
+                                      seeds, 3 * i + 2, True, yc)
+        put(fo, dwf)
+        put(fo + 1, dbf)
+    else:
+        dh2, dy, _, _ = P.rln_bwd(None, _to(dfin, S["h3"]), S["h3"], None, S["m2_last"], S["r2_last"], plan.p_res,
+                                  seeds, 3 * i + 2, True, yc)
+    da2 = _mlp_bwd(P, dy, S["a2_last"], S["z_last"], S["u_last"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs)
+    dhc, dyat, dw2, db2 = P.rln_bwd(da2, dh2, S["h2"], params[o0 + 6], S["m1_last"], S["r1_last"], plan.p_res,
+                                    seeds, 3 * i + 1, True, yc)
+    put(o0 + 6, dw2)
+    put(o0 + 7, db2)
+    Wo = S[f"Wo{i}"]
+    do = dyat.mm(Wo.t())
+    if needs[o0 + 4]:
+        put(o0 + 4, S["o_last"].view(M, D).t().mm(dyat))
+    if needs[o0 + 5]:
+        put(o0 + 5, dyat.sum(0))
+    dq, dkv = P.attn_bwd(do.view(M, 1, D), S["q"], S["kv"], pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att,
+                         seeds, 3 * i)
+    dh = torch.zeros((R, D), dtype=dhc.dtype, device=dhc.device)
+    dh.view(M, T, D)[:, T - 1] = dhc
+    Wa = S[f"Wa{i}"]
+    need_W, need_b = needs[o0 + 2], needs[o0 + 3]
+    d_a_tab = None
+    if i == 0:
+        dq_row = dq.sum(0)  # [1, D]: the CLS query is one table row broadcast to every sequence
+        dtab_kv = _gather_bwd(dkv, rows, nrows)
+        a_tab = S["a_tab"]
+        d_a_tab = dtab_kv.mm(Wa[:, D:].t())
+        d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
+        if need_W:
+            put(o0 + 2, torch.cat([a_tab[-1:].t().mm(dq_row), a_tab.t().mm(dtab_kv)], 1))
+        if need_b:
+            put(o0 + 3, torch.cat([dq_row.sum(0), dtab_kv.sum(0)]))
+        da = None
+    else:
+        a = S[f"a{i - 1}"]
+        dkv2 = dkv.view(R, 2 * D)
+        dq2 = dq.view(M, D)
+        da = dkv2.mm(Wa[:, D:].t())
+        da.view(M, T, D)[:, T - 1] += dq2.mm(Wa[:, :D].t())
+        if need_W:
+            put(o0 + 2, torch.cat([a.view(M, T, D)[:, T - 1].t().mm(dq2), a.t().mm(dkv2)], 1))
+        if need_b:
+            put(o0 + 3, torch.cat([dq2.sum(0), dkv2.sum(0)]))
+
+    for i in range(nl - 2, -1, -1):  # full blocks, last to first
+        o0 = 4 + 12 * i
+        dh1, dy, dwn, dbn = P.rln_bwd(da, dh, S[f"hm{i}"], params[o0 + 12], S[f"m2_{i}"], S[f"r2_{i}"], plan.p_res,
+                                      seeds, 3 * i + 2, True, yc)
+        put(o0 + 12, dwn)
+        put(o0 + 13, dbn)
+        da2 = _mlp_bwd(P, dy, S[f"a2_{i}"], S[f"z{i}"], S[f"u{i}"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs)
+        dh, dyat, dw2, db2 = P.rln_bwd(da2, dh1, S[f"hb{i}"], params[o0 + 6], S[f"m1_{i}"], S[f"r1_{i}"],
+                                       plan.p_res, seeds, 3 * i + 1, True, yc)
+        put(o0 + 6, dw2)
+        put(o0 + 7, db2)
+        Wo = S[f"Wo{i}"]
+        do = dyat.mm(Wo.t())
+        if needs[o0 + 4]:
+            put(o0 + 4, S[f"o{i}"].view(R, D).t().mm(dyat))
+        if needs[o0 + 5]:
+            put(o0 + 5, dyat.sum(0))
+        dqkv, _ = P.attn_bwd(do.view(M, T, D), S[f"qkv{i}"], None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att,
+                             seeds, 3 * i)
+        Wa = S[f"Wa{i}"]
+        if i == 0:
+            dtab_out = _gather_bwd(dqkv, rows, nrows)
+            d_a_tab = dtab_out.mm(Wa.t())
+            put(o0 + 2, S["a_tab"].t().mm(dtab_out) if needs[o0 + 2] else None)
+            put(o0 + 3, dtab_out.sum(0) if needs[o0 + 3] else None)
+            da = None
+        else:
+            dq2 = dqkv.view(R, 3 * D)
+            a = S[f"a{i - 1}"]
+            da = dq2.mm(Wa.t())
+            put(o0 + 2, a.t().mm(dq2) if needs[o0 + 2] else None)
+            put(o0 + 3, dq2.sum(0) if needs[o0 + 3] else None)
+
+    # layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
+    dtab, _, dw1, db1 = P.rln_bwd(d_a_tab, None, S["tab"], params[4], S["mt"], S["rt"], 0.0, None, 0, False, 0)
+    put(4, dw1)
+    put(5, db1)
+    dtok, dpos, ddim, dcls = P.embed_bwd(dh.view(M, T, D), x, plan.from_positions, K, plan.base, plan.data_dim)
+    body = dtab[:-1].view(plan.base, L, D)
+    put(0, dtok + body.sum(1))
+    put(1, dpos + body.sum(0))
+    if plan.data_dim > 1:
+        put(2, ddim + body.view(plan.base, plan.data_dim, K, D).sum((0, 2)).view(plan.data_dim, 1, D))
+    put(3, dcls + dtab[-1].view(1, 1, D))
+    return grads
+
+
+def _mlp_bwd(P, dy, a2, z, u, Wf, Wp, o0, put, needs):
+    """y = addmm(bp, gelu(addmm(bf, a2, Wf)), Wp): returns d a2, puts the four parameter gradients."""
+    du = dy.mm(Wp.t())
+    if needs[o0 + 10]:
+        put(o0 + 10, u.t().mm(dy))
+    if needs[o0 + 11]:
+        put(o0 + 11, dy.sum(0))
+    dz = P.gelu_bwd(du, z)
+    if needs[o0 + 8]:
+        put(o0 + 8, a2.t().mm(dz))
+    if needs[o0 + 9]:
+        put(o0 + 9, dz.sum(0))
+    return dz.mm(Wf.t())
+
+
+# ------------------------------------------------------------------------------------------- autograd
+def _keep_graph() -> bool:
+    """Whether the running backward was asked to retain the graph (True when unknown: then the saved state is
+    freed with the graph instead of right after the backward)."""
+    f = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if f is None else bool(f())
+
+
+class PythonRunner:
+    """The layer sequence above over one backend's kernels (Triton). Its state is a plain Python object."""
+
+    def __init__(self, prims: Prims):
+        self.prims = prims
+
+    def forward(self, plan, x, pad, seeds, params, save: bool, clamp_rows: bool):
+        out, S = forward(plan, self.prims, x, pad, seeds, params, save, clamp_rows)
+        if not save:
+            return out, None
+        return out, [x, pad, seeds, params, [p._version if p is not None else 0 for p in params], S]
+
+    def backward(self, plan, gout, state, needs, release: bool):
+        if state[0] is None:
+            raise RuntimeError(_SECOND_BACKWARD)
+        x, pad, seeds, params, versions, S = state
+        for i, (p, v) in enumerate(zip(params, versions)):
+            if p is not None and p._version != v:
+                raise RuntimeError(_modified(i, p._version, v))
+        grads = backward(plan, self.prims, gout, x, pad, seeds, params, S, needs)
+        if release:
+            state[:] = [None] * len(state)
+        return grads
+
+
+_SECOND_BACKWARD = ("Trying to backward through the fused SeqPE encoder a second time (its saved activations were "
+                    "freed after the first backward). Pass retain_graph=True to the first backward if you need a "
+                    "second one.")
+
+
+def _modified(i, now, then):
+    return ("one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"parameter {i} of the fused SeqPE encoder (in the order of seqpe_kernels.encoder.flat_params) is at "
+            f"version {now}; expected version {then} instead. Update parameters (optimizer.step()) after backward, "
+            "not between forward and backward.")
+
+
+def ext_encoder(plan: Plan, ops, x, pad, seeds, params, clamp_rows: bool) -> torch.Tensor:
+    """The C++/CUDA backends: one ``seqpe_ext::encoder`` call, which carries its own C++ autograd node
+    (csrc/encoder.cpp); the parameters are passed as the list of those present."""
+    icfg, fcfg = plan.ext_config(clamp_rows)
+    return ops.encoder(x, pad, seeds, [p for p in params if p is not None], icfg, fcfg)
+
+
+class EncoderFunction(torch.autograd.Function):
+    """One autograd node for the whole encoder call: inputs (plan, runner, x, pad, seeds, clamp_rows, *params),
+    output [M, O]. The runner keeps what the backward needs (not save_for_backward: ~100 tensors per call cost
+    more host time than the kernels at small sizes) and frees it after the backward unless the graph is
+    retained; parameters modified in place between forward and backward raise, as with saved tensors."""
+
+    @staticmethod
+    def forward(ctx, plan, runner, x, pad, seeds, clamp_rows, *params):
+        out, state = runner.forward(plan, x, pad, seeds, params, True, clamp_rows)
+        ctx.plan, ctx.runner, ctx.state = plan, runner, state
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        grads = ctx.runner.backward(ctx.plan, gout, ctx.state, ctx.needs_input_grad[6:], not _keep_graph())
+        return (None, None, None, None, None, None, *grads)
+
+
+def run(plan: Plan, runner, x, pad, seeds, params, clamp_rows: bool) -> torch.Tensor:
+    """The encoder's output; one autograd node when a parameter needs a gradient, else a plain forward that
+    saves nothing."""
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        return EncoderFunction.apply(plan, runner, x, pad, seeds, clamp_rows, *params)
+    return runner.forward(plan, x, pad, seeds, params, False, clamp_rows)[0]

@@ -1,0 +1,165 @@
+"""The whole-encoder autograd boundary (seqpe_kernels/encoder.py for Triton, csrc/encoder.cpp for the C++/CUDA
+backends): one node per call, autograd's own contracts kept (retain_graph, a second backward refused, in-place
+parameter updates between forward and backward refused, frozen parameters, gradient accumulation), on every
+usable fused backend. Parity of outputs and gradients is tested in test_fused.py / test_ext.py / test_layouts.py,
+which all run through this boundary."""
+import pytest
+import torch
+
+import seqpe_kernels as sk
+
+from conftest import HAS_CUDA
+from test_fused import perturbed_pair, random_positions, rel, _seed
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+FUSED = [b for b, (ok, _) in sk.available_backends(DEV).items() if ok and b != "torch"]
+
+
+def test_every_fused_backend_is_covered():
+    assert FUSED, f"no fused backend usable on {DEV}"
+
+
+def autograd_nodes(y):
+    """Counts of the autograd node types reachable from y (AccumulateGrad included)."""
+    counts, stack, seen = {}, [y.grad_fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        name = n.name() if type(n).__name__ == "CppFunction" else type(n).__name__
+        counts[name] = counts.get(name, 0) + 1
+        stack.extend(f for f, _ in n.next_functions)
+    return counts
+
+
+ENCODER_NODE = {"triton": "EncoderFunctionBackward", "cpu": "torch::autograd::CppNode<seqpe::(anonymous "
+                "namespace)::EncoderFn>", "cuda": "torch::autograd::CppNode<seqpe::(anonymous namespace)::EncoderFn>"}
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("training", [False, True])
+def test_eager_call_is_one_autograd_node(backend, training):
+    """An eager call is one autograd boundary whose inputs are the parameters: no per-op nodes, no torch.library
+    dispatch per op. Guards the host cost from growing back (each node costs tens of microseconds of host time;
+    ~60 of them bounded the training step on an H100)."""
+    _seed()
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, data_dim=2, resid_pdrop=0.1,
+                              backend=backend)
+    fus.train(training)
+    y = fus(random_positions(3, 3, 2))
+    nodes = autograd_nodes(y)
+    n_params = len(list(fus.parameters()))
+    assert nodes == {ENCODER_NODE[backend]: 1, "AccumulateGrad": n_params}, nodes
+    with pytest.raises(RuntimeError):  # like the registered ops: no double backward
+        g, = torch.autograd.grad(y.sum(), fus.cls_token_embed, create_graph=True)
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_grad_call_saves_nothing(backend):
+    _seed()
+    _, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, backend=backend)
+    with torch.no_grad():
+        y = fus(random_positions(3, 3, 1))
+    assert y.grad_fn is None
+    with torch.inference_mode():
+        assert fus(random_positions(3, 3, 1)).shape == (3, 32)
+    for p in fus.parameters():
+        p.requires_grad_(False)
+    y = fus(random_positions(3, 3, 1))  # grad mode on, nothing to differentiate: no node either
+    assert y.grad_fn is None and not y.requires_grad
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_parameter_changed_between_forward_and_backward_raises(backend):
+    """An in-place parameter update between forward and backward (an optimizer step) raises, as autograd does for
+    any saved tensor, instead of mixing old activations with new weights."""
+    _seed()
+    _, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, backend=backend)
+    y = fus(random_positions(3, 3, 1))
+    with torch.no_grad():
+        fus.transformers[0].mlp.c_fc.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_retain_graph_and_second_backward(backend):
+    """retain_graph=True allows a second backward (same gradients again); without it the second one raises."""
+    s = _seed()
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, backend=backend)
+    pos = random_positions(5, 3, 1)
+    g = torch.randn(5, 32, device=DEV)
+    y = fus(pos)
+    y.backward(g, retain_graph=True)
+    first = [p.grad.clone() for p in fus.parameters()]
+    y.backward(g)
+    for a, p in zip(first, fus.parameters()):
+        assert rel(p.grad, 2 * a) <= 1e-6, f"seed {s}"
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(g)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradient_accumulation_over_two_calls(backend):
+    """Two micro-batches, one backward: the gradients sum as the reference's do."""
+    s = _seed()
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, data_dim=2, backend=backend)
+    p1, p2 = random_positions(4, 3, 2), random_positions(6, 3, 2)
+    g1, g2 = torch.randn(4, 32, device=DEV), torch.randn(6, 32, device=DEV)
+    ((ref(p1) * g1).sum() + (ref(p2) * g2).sum()).backward()
+    ((fus(p1) * g1).sum() + (fus(p2) * g2).sum()).backward()
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
+        assert rel(pf.grad, pr.grad) <= 1e-5, f"{n} (seed {s})"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_frozen_parameters_get_no_gradient(backend):
+    s = _seed()
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, num_layers=2, backend=backend)
+    frozen = {"token_of_seqpe_embed.weight", "transformers.0.attn.c_attn.weight", "transformers.1.mlp.c_fc.bias",
+              "out_proj.weight", "transformers.0.layernorm_1.weight", "layernorm.bias"}
+    for m in (ref, fus):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in frozen)
+    pos = random_positions(5, 3, 1)
+    g = torch.randn(5, 32, device=DEV)
+    ref(pos).backward(g)
+    fus(pos).backward(g)
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
+        if n in frozen:
+            assert pf.grad is None, n
+        else:
+            assert rel(pf.grad, pr.grad) <= 1e-5, f"{n} (seed {s})"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_replaced_parameter_is_used(backend):
+    """The encoder reads the module's parameters at every call: a parameter or submodule replaced after the first
+    call is the one used (no stale cached list)."""
+    s = _seed()
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, backend=backend)
+    pos = random_positions(5, 3, 1)
+    fus(pos)
+    for m in (ref, fus):
+        torch.manual_seed(s)
+        m.out_proj = torch.nn.Linear(32, 32).to(DEV)
+        m.transformers[1].mlp.c_fc.bias = torch.nn.Parameter(torch.randn(128, device=DEV))
+    assert rel(fus(pos), ref(pos)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_autograd_grad_and_outputs_used_twice(backend):
+    """torch.autograd.grad (no .grad writes) and an output used by two losses."""
+    s = _seed()
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=2, data_dim=2, backend=backend)
+    pos = random_positions(4, 2, 2)
+    outs = []
+    for m in (ref, fus):
+        y = m(pos)
+        loss = (y ** 2).sum() + y[:, :3].sum()
+        outs.append(torch.autograd.grad(loss, list(m.parameters())))
+    for (n, _), a, b in zip(ref.named_parameters(), *outs):
+        assert rel(b, a) <= 1e-5, f"{n} (seed {s})"
+    assert all(p.grad is None for p in fus.parameters())

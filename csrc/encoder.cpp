@@ -466,8 +466,10 @@ struct EncoderFn : public torch::autograd::Function<EncoderFn> {
     ctx->saved_data["icfg"] = std::vector<int64_t>(icfg.begin(), icfg.end());
     ctx->saved_data["fcfg"] = std::vector<double>(fcfg.begin(), fcfg.end());
     ctx->saved_data["np"] = static_cast<int64_t>(params.size());
-    // the edge of each parameter: variable inputs before the parameters are x and whichever of pad/seeds exist
-    ctx->saved_data["edge0"] = static_cast<int64_t>(1 + (has(pad) ? 1 : 0) + (has(seeds) ? 1 : 0));
+    std::vector<int64_t> needs;  // which parameters need a gradient (requires_grad at forward time)
+    needs.reserve(params.size());
+    for (const Tensor& p : params) needs.push_back(p.requires_grad() ? 1 : 0);
+    ctx->saved_data["needs"] = std::move(needs);
     return {res[0]};
   }
 
@@ -475,7 +477,8 @@ struct EncoderFn : public torch::autograd::Function<EncoderFn> {
                                                  torch::autograd::variable_list grad_out) {
     const std::vector<int64_t> icfg = ctx->saved_data["icfg"].toIntVector();
     const std::vector<double> fcfg = ctx->saved_data["fcfg"].toDoubleVector();
-    const int64_t np = ctx->saved_data["np"].toInt(), edge0 = ctx->saved_data["edge0"].toInt();
+    const int64_t np = ctx->saved_data["np"].toInt();
+    const std::vector<int64_t> needs_p = ctx->saved_data["needs"].toIntVector();
     const Cfg c = parse(icfg, fcfg);
     torch::autograd::variable_list sv = ctx->get_saved_variables();
     const Tensor x = sv[0];
@@ -487,7 +490,7 @@ struct EncoderFn : public torch::autograd::Function<EncoderFn> {
     for (size_t i = 3 + np; i < sv.size(); ++i) saved.push_back(sv[i]);
     const std::vector<int64_t> idx = present_index(c);
     std::vector<int64_t> needs(8 + 12 * c.nl, 0);
-    for (int64_t j = 0; j < np; ++j) needs[idx[j]] = ctx->needs_input_grad(edge0 + j) ? 1 : 0;
+    for (int64_t j = 0; j < np; ++j) needs[idx[j]] = needs_p[j];
     Tensor gout = grad_out[0];
     const TensorList grads = encoder_bwd_impl(gout, x, pad, seeds, params, saved, icfg, fcfg, needs);
     // one entry per forward argument: x, pad, seeds, each parameter, icfg, fcfg

@@ -441,7 +441,7 @@ def ext_encoder(plan: Plan, ops, x, pad, seeds, params, clamp_rows: bool) -> tor
     """The C++/CUDA backends: one ``seqpe_ext::encoder`` call, which carries its own C++ autograd node
     (csrc/encoder.cpp); the parameters are passed as the list of those present."""
     icfg, fcfg = plan.ext_config(clamp_rows)
-    return ops.encoder(x, pad, seeds, [p for p in params if p is not None], icfg, fcfg)
+    return ops.encoder.default(x, pad, seeds, [p for p in params if p is not None], icfg, fcfg)
 
 
 class EncoderFunction(torch.autograd.Function):

@@ -171,7 +171,7 @@ class FusedSeqPE(SeqPE):
         if torch.compiler.is_compiling():
             return self._fused_ops(x, pad_mask, from_positions, name)
         dev = x.device
-        cdt = _compute_dtype(dev, self.cls_token_embed.dtype)
+        cdt = _compute_dtype(dev, self._parameters["cls_token_embed"].dtype)
         plan = self._plan(cdt, from_positions)
         seeds = None
         if plan.p_res > 0 or plan.p_att > 0:  # per layer: attention probs, attn residual, mlp residual; from

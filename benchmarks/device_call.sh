@@ -2,7 +2,15 @@
 # One leased-GPU call with a hard deadline (the device tool allows 10 minutes per command): runs the steps of
 # PHASE in priority order, each under the time still left, logs under $OUT, bundled into $OUT/logs.tgz.
 #   bash benchmarks/device_call.sh PHASE OUTDIR [DEADLINE_S]
-# PHASE e (current; issue 11 item 2, CUDA graphs; <= 9 min with DEADLINE_S=540, extension built in the
+# PHASE f (current; the one call of a 15-minute lease, <= 9.5 min with DEADLINE_S=560; issue 11 items 1, 2, 4,
+#          5 and issue 12's GPU tests), in priority order: while the CUDA extension builds, `check --backend
+#          triton` and the triton-graph provider alone under CUDA_LAUNCH_BLOCKING=1 (the config that crashed);
+#          then the GPU tier (pytest -m gpu, -n 4) and `check --backend cuda`; text-default and vits-default with
+#          every provider side by side (CSV + PNG named with the device); cuda-graph and compile-cg alone; the
+#          host-time script; the whole-encoder and layout suites on CUDA. Later steps are skipped when time runs
+#          out (logs/summary.txt says which).
+#     bash benchmarks/device_call.sh f "$OUT" 560
+# PHASE e (issue 11 item 2, CUDA graphs; <= 9 min with DEADLINE_S=540, extension built in the
 #          background): (i) tests/test_graphs.py with -x (Triton cases; the C++/CUDA-extension case once the build
 #          is done), (ii) each CUDA-graph provider alone under CUDA_LAUNCH_BLOCKING=1 on the text config that
 #          crashed (bf16 autocast + dropout, real M; the extension-free ones while the extension builds),
@@ -119,6 +127,35 @@ elif [[ "$PHASE" == e ]]; then
         --quick --M "$m" --mode forward backward full nograd \
         --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
   done
+elif [[ "$PHASE" == f ]]; then
+  build_ext_bg
+  TAILN=3 step env 20 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, \
+      torch.cuda.get_device_name(0))"
+  # while the extension builds: the Triton backend's check and its CUDA-graph provider alone (synchronous launches:
+  # a fault is attributed to the provider/mode named last on stderr)
+  TAILN=30 step check_triton 60 python3 -X faulthandler -m seqpe_kernels.cli check --backend triton
+  isolate() {  # isolate PROVIDER LIMIT_S
+    TAILN=12 step "isolate_$1" "$2" env CUDA_LAUNCH_BLOCKING=1 python3 -X faulthandler -m seqpe_kernels.cli bench \
+        --no-progress --config text-default --quick --M 1552 --provider "$1" --mode forward full nograd \
+        --csv "$OUT/isolate_${1}_$DEV.csv" --png none
+  }
+  isolate triton-graph 45
+  wait $BUILD; tail -3 "$OUT/logs/ext_build.txt"
+  # the GPU tier (issue 11 item 5: <= 5 min with check), then the extension's check
+  TAILN=16 step tier 170 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 4 --timeout 120 -m gpu tests
+  TAILN=30 step check_cuda 45 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda
+  # every provider side by side at the paper's sizes (graphs on; the short --quick timing policy so both fit)
+  for cm in text-default:1552 vits-default:4324; do
+    c=${cm%%:*}; m=${cm##*:}
+    TAILN=48 step "bench_$c" 110 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress --config "$c" \
+        --quick --M "$m" --mode forward full nograd \
+        --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
+  done
+  isolate cuda-graph 40
+  isolate compile-cg 40
+  TAILN=12 step host_time 30 python3 benchmarks/host_time.py --reps 5 --iters 100
+  TAILN=8 step encoder_layouts 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 4 \
+      tests/test_encoder.py tests/test_layouts.py
 fi
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

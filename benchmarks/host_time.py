@@ -2,15 +2,20 @@
 
     python benchmarks/host_time.py [--reps 7] [--iters 200] [--backends torch cpu triton]
 
-1. **Host time of a tiny training step** (D=16, 2 heads, 2 layers, K=5, M=8, resid/attn dropout 0.1, forward +
-   ``backward`` of a fixed output gradient, 1 thread): at this size the kernels do almost nothing, so the time
-   is what Python, the dispatcher and autograd cost per step. Providers are interleaved, ``--reps`` rounds of
-   ``--iters`` steps each, and the median per-step time of each provider is reported with its ratio to eager
-   (target: the C++ backend at <= 0.25x eager). Triton (on CPU only under TRITON_INTERPRET=1) is not timed: the
+1. **Host time of a tiny training step** (D=16, 2 heads, 2 layers, K=5, M=8, forward + ``backward`` of a fixed
+   output gradient, 1 thread), with dropout as the paper trains (residual 0.1, attention 0) and with every
+   dropout site on (residual and attention 0.1): at this size the kernels do almost nothing, so the time is what
+   Python, the dispatcher and autograd cost per step. Providers and settings are interleaved, ``--reps`` rounds
+   of ``--iters`` steps each, and the median per-step time of each is reported with its ratio to eager (target:
+   the C++ backend at <= 0.25x eager). Triton (on CPU only under TRITON_INTERPRET=1) is not timed: the
    interpreter's cost says nothing about a GPU launcher.
 2. **Launches per text-default training step** (M=1552, D=768, 12 heads, K=5, dropout 0.1; counted on a small M
    since the count does not depend on M): ATen operators that reach a CPU kernel (torch profiler, CPU) and
    Triton kernel launches (counted by wrapping the launcher), per backend. On a GPU each is one kernel launch.
+
+3. ``--instructions``: the same tiny step counted in CPU instructions under valgrind's callgrind (each backend in
+   its own process, counting only the steps: warm-up and imports excluded). Instruction counts do not depend
+   on what else the machine is doing, so this ratio is the stable one on a shared CPU (slow: ~1 min).
 
 Run on the 2-core dev CPU; absolute times are only meaningful as ratios measured in the same run.
 """
@@ -25,7 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-TINY = dict(embed_dim=16, num_heads=2, max_digits=5, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.1)
+TINY = dict(embed_dim=16, num_heads=2, max_digits=5, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.0)
+DROPOUT = {"paper dropout (resid 0.1, attn 0)": dict(resid_pdrop=0.1, attn_pdrop=0.0),
+           "every site (resid 0.1, attn 0.1)": dict(resid_pdrop=0.1, attn_pdrop=0.1)}
 TEXT = dict(embed_dim=768, num_heads=12, max_digits=5, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.0)
 
 
@@ -53,18 +60,74 @@ def step(mod, pos, gout):
 
 
 def host_times(backends, reps: int, iters: int):
-    mods = {b: make(b, TINY, 8) for b in backends}
-    for b in backends:  # warm-up: the extension load, first-call caches
+    """{(setting, backend): [ms per step, one per round]}, every (setting, backend) interleaved in each round."""
+    mods = {(name, b): make(b, {**TINY, **drop}, 8) for name, drop in DROPOUT.items() for b in backends}
+    for k in mods:  # warm-up: the extension load, first-call caches
         for _ in range(20):
-            step(*mods[b])
-    per = {b: [] for b in backends}
+            step(*mods[k])
+    per = {k: [] for k in mods}
     for _ in range(reps):
-        for b in backends:
+        for k in mods:
             t0 = time.perf_counter()
             for _ in range(iters):
-                step(*mods[b])
-            per[b].append((time.perf_counter() - t0) / iters * 1e3)
+                step(*mods[k])
+            per[k].append((time.perf_counter() - t0) / iters * 1e3)
     return per
+
+
+_CG_C = r"""
+#include <valgrind/callgrind.h>
+void cg_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS; }
+"""
+
+
+def _cg_child(backend: str, setting: str, steps: int):
+    """Run under callgrind: warm up, then count ``steps`` steps between the client requests."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    d = tempfile.mkdtemp()
+    src, lib = os.path.join(d, "cg.c"), os.path.join(d, "libcg.so")
+    with open(src, "w") as f:
+        f.write(_CG_C)
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", src, "-o", lib], check=True)
+    cg = ctypes.CDLL(lib)
+    mod, pos, g = make(backend, {**TINY, **DROPOUT[setting]}, 8)
+    for _ in range(20):
+        step(mod, pos, g)
+    cg.cg_start()
+    for _ in range(steps):
+        step(mod, pos, g)
+    cg.cg_stop()
+
+
+def instructions(backends, steps: int = 50):
+    """{(setting, backend): instructions per step}, each measured in its own process under callgrind."""
+    import re
+    import subprocess
+    import tempfile
+
+    out = {}
+    for setting in DROPOUT:
+        for b in backends:
+            f = os.path.join(tempfile.mkdtemp(), "cg.out")
+            subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={f}.%p",
+                            sys.executable, __file__, "--_cg-child", b, setting, str(steps)],
+                           check=True, capture_output=True)
+            total = 0
+            for name in os.listdir(os.path.dirname(f)):
+                with open(os.path.join(os.path.dirname(f), name)) as fh:
+                    for line in fh:
+                        m = re.match(r"(?:summary|totals):\s+(\d+)", line)
+                        if m:
+                            total = max(total, int(m.group(1)))
+            out[(setting, b)] = total / steps
+    return out
 
 
 def count_launches(backend: str, M: int = 16):
@@ -82,7 +145,13 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--backends", nargs="+", default=["torch", "cpu"])
     ap.add_argument("--no-count", action="store_true", help="skip the launch count")
+    ap.add_argument("--instructions", action="store_true", help="also count instructions per step (callgrind)")
+    ap.add_argument("--_cg-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._cg_child:
+        b, setting, steps = args._cg_child
+        _cg_child(b, setting, int(steps))
+        return 0
     import torch
 
     torch.set_num_threads(1)
@@ -90,14 +159,25 @@ def main(argv=None):
 
     print(f"seqpe-kernels {__version__}, torch {torch.__version__}, 1 thread")
     per = host_times(args.backends, args.reps, args.iters)
-    base = statistics.median(per["torch"]) if "torch" in per else None
-    print(f"\ntiny training step (D=16, 2 heads, 2 layers, M=8, dropout on, fwd+bwd), {args.reps} interleaved "
-          f"rounds x {args.iters} steps:")
-    print(f"  {'backend':<8} {'median ms':>10} {'min':>7} {'max':>7} {'x eager':>8}")
-    for b, ts in per.items():
-        med = statistics.median(ts)
-        ratio = f"{med / base:.2f}" if base else "-"
-        print(f"  {b:<8} {med:>10.3f} {min(ts):>7.3f} {max(ts):>7.3f} {ratio:>8}")
+    print(f"\ntiny training step (D=16, 2 heads, 2 layers, M=8, fwd+bwd), {args.reps} interleaved rounds x "
+          f"{args.iters} steps:")
+    print(f"  {'dropout':<34} {'backend':<8} {'median ms':>10} {'min':>7} {'max':>7} {'x eager':>8}")
+    for name in DROPOUT:
+        base = statistics.median(per[(name, "torch")]) if (name, "torch") in per else None
+        for b in args.backends:
+            ts = per[(name, b)]
+            med = statistics.median(ts)
+            ratio = f"{med / base:.2f}" if base else "-"
+            print(f"  {name:<34} {b:<8} {med:>10.3f} {min(ts):>7.3f} {max(ts):>7.3f} {ratio:>8}")
+    if args.instructions:
+        ins = instructions(args.backends)
+        print("\ninstructions per tiny step (callgrind, each backend in its own process; load-independent):")
+        for name in DROPOUT:
+            base = ins.get((name, "torch"))
+            for b in args.backends:
+                n = ins[(name, b)]
+                ratio = f"{n / base:.2f}" if base else "-"
+                print(f"  {name:<34} {b:<8} {n / 1e6:>8.2f} M  {ratio:>6}x eager")
     if not args.no_count:
         print("\nkernel launches per text-default training step (M=16 here; the count does not depend on M):")
         backends = ["torch", "cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])

@@ -161,13 +161,10 @@ Tensor table_rows(const Tensor& x, const Cfg& c) {
 
 bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// layer 0's q/k/v rows gathered per token from the table's GEMM output; in fp32 for half types so the backward
-// sums the per-token gradient rows in fp32 (as the reference's per-token GEMM accumulates)
-Tensor gather(const Tensor& tab_out, const Tensor& rows) {
-  if (low_precision(tab_out.scalar_type()))
-    return at::embedding(tab_out.to(at::kFloat), rows).to(tab_out.scalar_type());
-  return at::embedding(tab_out, rows);
-}
+// layer 0's q/k/v rows gathered per token from the table's GEMM output (lossless in any dtype: one kernel); the
+// backward sums the per-token gradient rows in fp32 for half types (as the reference's per-token GEMM
+// accumulates), not in bf16
+Tensor gather(const Tensor& tab_out, const Tensor& rows) { return at::embedding(tab_out, rows); }
 
 Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
   if (low_precision(g.scalar_type()))

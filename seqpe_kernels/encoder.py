@@ -155,14 +155,14 @@ def table_rows(x: torch.Tensor, from_positions: bool, L: int, K: int, base: int,
 
 
 def _gather(tab_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    # low precision: gather in fp32 so the backward sums the ~M*T/(base*L) gradient rows per table row in fp32
-    # (as the reference's per-token GEMM accumulates), not in bf16; the forward is lossless
-    if tab_out.dtype in (torch.float16, torch.bfloat16):
-        return F.embedding(rows, tab_out.float()).to(tab_out.dtype)
+    # a gather is lossless in any dtype: one kernel (the per-op path gathers in fp32 so that autograd's backward
+    # accumulates in fp32; here the backward is _gather_bwd, which does that explicitly)
     return F.embedding(rows, tab_out)
 
 
 def _gather_bwd(g: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    # low precision: sum the ~M*T/(base*L) gradient rows per table row in fp32 (as the reference's per-token GEMM
+    # accumulates), not in bf16
     if g.dtype in (torch.float16, torch.bfloat16):
         return torch.ops.aten.embedding_dense_backward(g.float(), rows, n, -1, False).to(g.dtype)
     return torch.ops.aten.embedding_dense_backward(g, rows, n, -1, False)

@@ -800,6 +800,7 @@ def save_run(result: dict, path: str) -> None:
         obj["optimizer"] = result["optimizer"].state_dict()
     if result.get("train_state") is not None:
         obj["train_state"] = result["train_state"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # output_path() allows new folders
     torch.save(obj, path)
 
 
@@ -970,10 +971,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-tokens", type=positive_int, default=8192, help="LM: held-out tokens per length, at most")
     g.add_argument("--eval-samples", type=positive_int, default=512, help="ViT synthetic: images per grid")
     g.add_argument("--no-eval", action="store_true", help="skip the extrapolation evaluation")
-    g.add_argument("--save", default=None, metavar="PATH",
+    g.add_argument("--save", default=None, metavar="PATH", type=output_path(),
                    help="save the run (encoder with its config, model, optimizer, sampler and RNG states); "
                         "seqpe_kernels.load_checkpoint(PATH) reads the encoder, --resume PATH continues the run")
-    g.add_argument("--resume", default=None, metavar="PATH",
+    g.add_argument("--resume", default=None, metavar="PATH", type=existing_path,
                    help="continue a run saved with --save for --steps more steps (flags left out take the saved "
                         "run's values; flags that define the model or the loss must match it)")
 

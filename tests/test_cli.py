@@ -349,6 +349,7 @@ BAD_ARGS = [
     ["train", "--position-streams", "0"], ["train", "--weight-decay", "-1"], ["train", "--clip", "-1"],
     ["train", "--eval-scales", "1", "0"], ["train", "--eval-tokens", "0"], ["train", "--eval-samples", "0"],
     ["train", "--data", "{tmp}/missing.txt"], ["train", "--data", "{tmp}"], ["train", "--json", "{tmp}"],
+    ["train", "--save", "{tmp}"], ["train", "--save", "/proc/seqpe-run.pth"], ["train", "--resume", "{tmp}/none.pth"],
     ["train", "--plot", "{tmp}/a_file/p.png"],
     ["train", "--task", "vit", "--img-size", "16", "--patch-size", "5"],
 ]

@@ -213,8 +213,10 @@ def _fused_prefix_attention(module: nn.Module, device: torch.device) -> bool:
     return requested != "torch" and _backend.triton_status(torch.device(device))[0]
 
 
-def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_training: bool = False) -> torch.Tensor:
+def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_training: bool = False, *,
+                          validated: bool = False) -> torch.Tensor:
     """``module(positions)`` for a causal SeqPE, computing each unique token-state once (see module doc).
+    ``validated``: the positions' range check (a host sync) already ran; not again.
 
     Equals ``module.forward`` (outputs and all parameter gradients, fp32 rounding) with dropout off, for
     1-D and n-D positions, mask_padding on or off. Reads the module's weights directly, so any ``SeqPE``
@@ -231,7 +233,7 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
     device, _ = _param_device_dtype(module)
     base = getattr(module, "base", 10)
     K, d = module.max_digits, module.data_dim
-    digits, pad = tokenize(positions, K, base, d, getattr(module, "check_range", True))
+    digits, pad = tokenize(positions, K, base, d, getattr(module, "check_range", True) and not validated)
     M, L = digits.shape
     if M == 0:
         return module(positions)

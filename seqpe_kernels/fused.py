@@ -94,42 +94,50 @@ class FusedSeqPE(SeqPE):
     def _dropout_active(self) -> bool:
         return self.training and (self.resid_pdrop > 0 or self.attn_pdrop > 0)
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+    def _dedup_mode(self) -> str:
+        """The deduplication this call uses: "off", "unique" or "prefix" (depends on the configuration and the
+        train/eval mode only, not on the data)."""
         mode = self.dedup
-        small = isinstance(positions, torch.Tensor) and positions.dim() >= 1 and positions.shape[0] <= 1
-        if mode != "off" and not small and not torch.compiler.is_compiling():
-            exact = not self._dropout_active()
-            if mode == "auto":
-                mode = "unique" if exact else "off"
-            elif not exact and not self.dedup_in_training:
-                raise RuntimeError(f"dedup={self.dedup!r} with dropout active correlates dropout masks across "
-                                   "sequences (not the reference's training); pass dedup_in_training=True to "
-                                   "accept that, or use dedup='auto'")
-            if mode == "prefix":
-                from .dedup import prefix_shared_forward
+        if mode == "off" or torch.compiler.is_compiling():  # unique / prefix sync with the host: not in a graph
+            return "off"
+        exact = not self._dropout_active()
+        if mode == "auto":
+            return "unique" if exact else "off"
+        if not exact and not self.dedup_in_training:
+            raise RuntimeError(f"dedup={self.dedup!r} with dropout active correlates dropout masks across "
+                               "sequences (not the reference's training); pass dedup_in_training=True to "
+                               "accept that, or use dedup='auto'")
+        return mode
 
-                return prefix_shared_forward(self, positions, allow_in_training=True)
-            if mode == "unique":
-                pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
-                if pos.shape[0] > 1:
-                    uniq, inverse = torch.unique(pos, dim=0, return_inverse=True)
-                    if uniq.shape[0] < pos.shape[0]:
-                        return self._forward_positions(uniq, validated=True)[inverse]
-                return self._forward_positions(pos, validated=True)
-        return self._forward_positions(positions)
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Integer positions ``[M]`` / ``[M, data_dim]`` -> ``[M, out_dim]``: choose the plan (dedup mode) once,
+        validate the positions once, run."""
+        mode = self._dedup_mode()
+        pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
+        if mode == "prefix" and pos.shape[0] > 1:  # the prefix trie of the validated positions
+            from .dedup import prefix_shared_forward
+
+            return prefix_shared_forward(self, pos, allow_in_training=True, validated=True)
+        if mode == "unique" and pos.shape[0] > 1:
+            uniq, inverse = torch.unique(pos, dim=0, return_inverse=True)
+            if uniq.shape[0] < pos.shape[0]:
+                return self._encode(uniq)[inverse]
+        return self._encode(pos)
 
     def _forward_positions(self, positions: torch.Tensor, validated: bool = False) -> torch.Tensor:
-        """``validated``: the range check (a host sync) already ran on these positions; not again."""
-        dev = positions.device if isinstance(positions, torch.Tensor) else torch.device("cpu")
-        name = self.resolved_backend(dev)
+        """The plain forward (no deduplication, no host sync besides the range check): what GraphedSeqPE captures.
+        ``validated``: the range check already ran on these positions (it is a host sync): not again."""
         check = self.check_range and not validated
-        if name == "torch":
-            digits, pad_mask = tokenize(positions, self.max_digits, self.base, self.data_dim, check)
-            return super().forward_digits(digits, pad_mask)
-        if self.mask_padding:  # needs the pad mask tensor; the tokenizer builds it on device
-            digits, pad_mask = tokenize(positions, self.max_digits, self.base, self.data_dim, check)
+        return self._encode(check_positions(positions, self.max_digits, self.base, self.data_dim, check))
+
+    def _encode(self, pos: torch.Tensor) -> torch.Tensor:
+        """Validated int64 positions [M, d] -> [M, out_dim] on the resolved backend."""
+        name = self.resolved_backend(pos.device)
+        if name == "torch" or self.mask_padding:  # the pad mask tensor: the tokenizer builds it on device
+            digits, pad_mask = tokenize(pos, self.max_digits, self.base, self.data_dim, check_range=False)
+            if name == "torch":
+                return super().forward_digits(digits, pad_mask)
             return self._fused(digits, pad_mask, from_positions=False, name=name)
-        pos = check_positions(positions, self.max_digits, self.base, self.data_dim, check)
         return self._fused(pos, None, from_positions=True, name=name)
 
     def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -23,7 +23,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops._common import DTYPES
+# dtype codes carried through the operator schemas (as seqpe_kernels.ops._common, without importing triton)
+DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,37 @@ def flat_params(m) -> List[Optional[torch.Tensor]]:
 
 
 class Prims:
-    """One backend's kernels, called directly (no torch.library dispatch, no per-op autograd node)."""
+    """One backend's kernels, called directly (no torch.library dispatch, no per-op autograd node).
+    ``gather``: layer 0's per-token gather of the table's q/k/v rows."""
 
-    def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd):
+    def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd,
+                 gather=None):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
+        self.gather = gather or _gather
+
+
+def operator_prims(impl: int) -> Prims:
+    """The registered ``seqpe::`` operators (fake + autograd formula each) as prims, for the traced path: under
+    torch.compile ``forward`` runs over these and autograd differentiates it op by op (no ``backward`` here).
+    The layer-0 gather then runs in fp32 so that autograd's embedding backward accumulates in fp32."""
+    from .ops import digit_embed_call, gelu_new_call, residual_layernorm_call, tiny_attention_call
+
+    def embed_fwd(x, tok, pos, dim, cls, from_positions, K):
+        return digit_embed_call(x, tok, pos, dim, cls, from_positions, K, impl)
+
+    def rln_fwd(x, y, w, b, eps, p, seeds, idx, code):
+        return residual_layernorm_call(x, y, w, b, eps, p, seeds, idx, code, impl)
+
+    def attn_fwd(q, kv, pad, H, causal, q_start, sdiv, p, seeds, idx):
+        return tiny_attention_call(q, kv, pad, H, causal, q_start, sdiv, p, seeds, idx, impl)
+
+    def gelu_fwd(z):
+        return gelu_new_call(z, impl)
+
+    return Prims(embed_fwd, None, rln_fwd, None, attn_fwd, None, gelu_fwd, None, gather=_gather_fp32)
 
 
 def ext_prims(ops) -> Prims:
@@ -160,6 +186,12 @@ def _gather(tab_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return F.embedding(rows, tab_out)
 
 
+def _gather_fp32(tab_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    if tab_out.dtype in (torch.float16, torch.bfloat16):
+        return F.embedding(rows, tab_out.float()).to(tab_out.dtype)
+    return F.embedding(rows, tab_out)
+
+
 def _gather_bwd(g: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     # low precision: sum the ~M*T/(base*L) gradient rows per table row in fp32 (as the reference's per-token GEMM
     # accumulates), not in bf16
@@ -205,7 +237,7 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
             S.update({f"Wa{i}": Wa, f"Wo{i}": Wo, f"Wf{i}": Wf, f"Wp{i}": Wp})
         if not last:
             if i == 0:
-                qkv = _gather(torch.addmm(ba, a_tab, Wa), rows)
+                qkv = P.gather(torch.addmm(ba, a_tab, Wa), rows)
             else:
                 qkv = torch.addmm(ba, a, Wa).view(M, T, 3 * D)
             o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i)
@@ -222,7 +254,7 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
             continue
         # last block: CLS query only, every row's K/V
         if i == 0:
-            kv = _gather(torch.addmm(ba[D:], a_tab, Wa[:, D:]), rows)
+            kv = P.gather(torch.addmm(ba[D:], a_tab, Wa[:, D:]), rows)
             q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
         else:
             kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)

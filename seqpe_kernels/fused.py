@@ -152,32 +152,33 @@ class FusedSeqPE(SeqPE):
         """The data-independent facts of a call, cached per (compute dtype, mode, input kind); rebuilt when a
         configuration attribute it reads has changed."""
         training = self.training
+        if torch.compiler.is_compiling():  # traced once per graph: no cache to mutate
+            return self._build_plan(cdt, from_positions, training)
         key = (cdt, training, from_positions, self.resid_pdrop, self.attn_pdrop, self.temperature,
                self.attn_direction, self.scale_attn_weights, self.use_last_layernorm)
         cache = self.__dict__.setdefault("_plans", {})
         plan = cache.get(key)
         if plan is None:
-            from .ops._common import CODES
-
-            D, H = self.embed_dim, self.num_heads
-            plan = _enc.Plan(
-                D=D, H=H, K=self.max_digits, L=self.seq_len - 1, T=self.seq_len, base=self.base,
-                data_dim=self.data_dim, nl=self.num_layers, causal=self.attn_direction == "causal",
-                sdiv=float(D // H) ** 0.5 if self.scale_attn_weights else 1.0,
-                p_res=self.resid_pdrop if training else 0.0, p_att=self.attn_pdrop if training else 0.0,
-                inv_tau=1 / self.temperature, eps1=tuple(b.layernorm_1.eps for b in self.transformers),
-                eps2=tuple(b.layernorm_2.eps for b in self.transformers),
-                epsf=self.layernorm.eps if self.use_last_layernorm else -1.0, from_positions=from_positions,
-                cdt_code=CODES[cdt])
-            cache[key] = plan
+            plan = cache[key] = self._build_plan(cdt, from_positions, training)
         return plan
+
+    def _build_plan(self, cdt: torch.dtype, from_positions: bool, training: bool) -> "_enc.Plan":
+        D, H = self.embed_dim, self.num_heads
+        return _enc.Plan(
+            D=D, H=H, K=self.max_digits, L=self.seq_len - 1, T=self.seq_len, base=self.base,
+            data_dim=self.data_dim, nl=self.num_layers, causal=self.attn_direction == "causal",
+            sdiv=float(D // H) ** 0.5 if self.scale_attn_weights else 1.0,
+            p_res=self.resid_pdrop if training else 0.0, p_att=self.attn_pdrop if training else 0.0,
+            inv_tau=1 / self.temperature, eps1=tuple(b.layernorm_1.eps for b in self.transformers),
+            eps2=tuple(b.layernorm_2.eps for b in self.transformers),
+            epsf=self.layernorm.eps if self.use_last_layernorm else -1.0, from_positions=from_positions,
+            cdt_code=_enc.DTYPE_CODES[cdt])
 
 
     def _fused(self, x, pad_mask, from_positions: bool, name: str):
-        """Eager: the whole encoder as one autograd node (seqpe_kernels.encoder). Under torch.compile: the
-        per-op dataflow below, whose seqpe:: operators the compiler sees."""
-        if torch.compiler.is_compiling():
-            return self._fused_ops(x, pad_mask, from_positions, name)
+        """Eager: the whole encoder as one autograd node (seqpe_kernels.encoder: Triton in Python, the C++/CUDA
+        backends in C++). Under torch.compile: the same layer sequence over the registered seqpe:: operators
+        (each with its fake and autograd formula), which is what the compiler traces."""
         dev = x.device
         cdt = _compute_dtype(dev, self._parameters["cls_token_embed"].dtype)
         plan = self._plan(cdt, from_positions)
@@ -194,124 +195,15 @@ class FusedSeqPE(SeqPE):
             self._record_masks(rec, seeds, x.shape[0], plan.p_res, plan.p_att,
                                IMPL_TRITON if name == "triton" else IMPL_EXT)
         params = _enc.flat_params(self)
+        clamp = not self.check_range
+        if torch.compiler.is_compiling():
+            from .ops._common import IMPL_EXT, IMPL_TRITON
+
+            prims = _enc.operator_prims(IMPL_TRITON if name == "triton" else IMPL_EXT)
+            return _enc.forward(plan, prims, x, pad_mask, seeds, params, save=False, clamp_rows=clamp)[0]
         if name == "triton":
-            return _enc.run(plan, _enc.triton_runner(), x, pad_mask, seeds, params, not self.check_range)
-        return _enc.ext_encoder(plan, _ext_ops(), x, pad_mask, seeds, params, not self.check_range)
-
-    def _fused_ops(self, x, pad_mask, from_positions: bool, name: str):
-        from . import ops as K  # eager: the ops' bodies via autograd.Function; compiled: the seqpe:: operators
-        from .ops._common import IMPL_EXT, IMPL_TRITON
-
-        impl = IMPL_TRITON if name == "triton" else IMPL_EXT  # "cpu" / "cuda": the C++/CUDA extension
-        dev = x.device
-        M = x.shape[0]
-        D, H, T, L = self.embed_dim, self.num_heads, self.seq_len, self.seq_len - 1
-        R = M * T
-        cdt = _compute_dtype(dev, self.cls_token_embed.dtype)
-        cdt_code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[cdt]
-        causal = self.attn_direction == "causal"
-        sdiv = float(self.embed_dim // self.num_heads) ** 0.5 if self.scale_attn_weights else 1.0
-        p_res = self.resid_pdrop if self.training else 0.0
-        p_att = self.attn_pdrop if self.training else 0.0
-        nl = self.num_layers
-        seeds = None
-        if p_res > 0 or p_att > 0:
-            from .ops._common import new_seeds
-
-            seeds = new_seeds(3 * nl, dev)  # per layer: attention probs, attn residual, mlp residual
-        if pad_mask is not None:
-            pad_mask = pad_mask.to(torch.float32).contiguous()
-        rec = self.record_dropout_masks
-        if rec is not None and seeds is not None:
-            self._record_masks(rec, seeds, M, p_res, p_att, impl)
-
-        dim = self.dim_token_embed if self.data_dim > 1 else None
-        h0 = K.digit_embed_call(x, self.token_of_seqpe_embed.weight, self.pos_of_seqpe_embed.weight, dim,
-                               self.cls_token_embed, from_positions, self.max_digits, impl)
-        h = h0.view(R, D)
-
-        # Layer 0 works on a table, not on tokens: a token's embedding, hence LN1 and its q/k/v, depends only on
-        # (digit, slot), so LN1 and the c_attn GEMM run on the base*L+1 distinct rows and are gathered per token
-        # (exact; no dropout precedes them). This removes the first layer's QKV GEMM over all M*T tokens.
-        rows = self._table_rows(x, from_positions)  # [M, T] row ids into the table
-        blk0 = self.transformers[0]
-        tab = self._embedding_table()
-        _, a_tab, _, _ = K.residual_layernorm_call(tab, None, blk0.layernorm_1.weight, blk0.layernorm_1.bias,
-                                                  blk0.layernorm_1.eps, 0.0, None, 0, cdt_code, impl)
-        a = None  # per-token LN1 output of the current layer (layers >= 1)
-
-        def proj(i, lo, hi):
-            """Columns [lo, hi) of layer i's c_attn output for every token: [M, T, hi-lo]."""
-            W, b = self.transformers[i].attn.c_attn.weight, self.transformers[i].attn.c_attn.bias
-            if i == 0:
-                tab_out = torch.addmm(b[lo:hi], a_tab, W[:, lo:hi])
-                if tab_out.dtype in (torch.float16, torch.bfloat16):
-                    # gather in fp32 so the backward sums the ~M*T/(base*L) gradient rows per table row in
-                    # fp32 (as the reference's per-token GEMM does), not in bf16; the forward is lossless
-                    return F.embedding(rows, tab_out.float()).to(tab_out.dtype)
-                return F.embedding(rows, tab_out)
-            return torch.addmm(b[lo:hi], a, W[:, lo:hi]).view(M, T, hi - lo)
-
-        for i in range(nl - 1):  # full blocks
-            blk = self.transformers[i]
-            nxt = self.transformers[i + 1].layernorm_1
-            qkv = proj(i, 0, 3 * D)
-            o = K.tiny_attention_call(qkv, None, pad_mask, H, causal, 0, sdiv, p_att, seeds, 3 * i, impl)
-            y = torch.addmm(blk.attn.c_proj.bias, o.view(R, D), blk.attn.c_proj.weight)
-            ln2 = blk.layernorm_2
-            h, a2, _, _ = K.residual_layernorm_call(h, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
-                                                   cdt_code, impl)
-            z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
-            y = torch.addmm(blk.mlp.c_proj.bias, K.gelu_new_call(z, impl), blk.mlp.c_proj.weight)
-            h, a, _, _ = K.residual_layernorm_call(h, y, nxt.weight, nxt.bias, nxt.eps, p_res, seeds, 3 * i + 2,
-                                                  cdt_code, impl)
-
-        # last block, CLS row only (plus every row's K/V)
-        i = nl - 1
-        blk = self.transformers[i]
-        Wa, ba = blk.attn.c_attn.weight, blk.attn.c_attn.bias
-        kv = proj(i, D, 3 * D)
-        if i == 0:  # the CLS query is the same table row for every sequence: one row, broadcast (stride 0)
-            q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
-        else:
-            q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
-        o = K.tiny_attention_call(q, kv, pad_mask, H, causal, T - 1, sdiv, p_att, seeds, 3 * i, impl)
-        y = torch.addmm(blk.attn.c_proj.bias, o.view(M, D), blk.attn.c_proj.weight)
-        h_cls = h.view(M, T, D)[:, T - 1].contiguous()
-        ln2 = blk.layernorm_2
-        h2, a2, _, _ = K.residual_layernorm_call(h_cls, y, ln2.weight, ln2.bias, ln2.eps, p_res, seeds, 3 * i + 1,
-                                                cdt_code, impl)
-        z = torch.addmm(blk.mlp.c_fc.bias, a2, blk.mlp.c_fc.weight)
-        y = torch.addmm(blk.mlp.c_proj.bias, K.gelu_new_call(z, impl), blk.mlp.c_proj.weight)
-        if self.use_last_layernorm:
-            lnf = self.layernorm
-            _, fin, _, _ = K.residual_layernorm_call(h2, y, lnf.weight, lnf.bias, lnf.eps, p_res, seeds, 3 * i + 2,
-                                                    cdt_code, impl)
-        else:
-            fin, _, _, _ = K.residual_layernorm_call(h2, y, None, None, 0.0, p_res, seeds, 3 * i + 2, cdt_code, impl)
-        return F.linear(fin, self.out_proj.weight, self.out_proj.bias) * (1 / self.temperature)
-
-    def _embedding_table(self) -> torch.Tensor:
-        """[base*L + 1, D]: row b*L + j is the embedding of digit b in slot j ((tok + pos) + dim, the
-        reference's order, so rows are bit-identical to the per-token sums); the last row is CLS."""
-        D, L, K = self.embed_dim, self.seq_len - 1, self.max_digits
-        tab = self.token_of_seqpe_embed.weight[:, None, :] + self.pos_of_seqpe_embed.weight[None, :, :]
-        if self.data_dim > 1:
-            tab = tab + self.dim_token_embed.expand(-1, K, -1).reshape(1, L, D)
-        return torch.cat([tab.reshape(-1, D), self.cls_token_embed.reshape(1, D)], 0)
-
-    def _table_rows(self, x: torch.Tensor, from_positions: bool) -> torch.Tensor:
-        """[M, T] row ids into _embedding_table for positions [M, d] or digits [M, L]."""
-        L, K, base = self.seq_len - 1, self.max_digits, self.base
-        if from_positions:
-            pows = base ** torch.arange(K - 1, -1, -1, device=x.device, dtype=torch.int64)
-            digits = (torch.div(x.unsqueeze(-1), pows, rounding_mode="floor") % base).reshape(x.shape[0], L)
-        else:
-            digits = x
-        if not self.check_range:  # unvalidated digit ids: keep the gather in bounds (their rows come out NaN)
-            digits = digits.clamp(0, base - 1)
-        rows = digits * L + torch.arange(L, device=x.device)
-        return torch.cat([rows, rows.new_full((x.shape[0], 1), base * L)], 1)
+            return _enc.run(plan, _enc.triton_runner(), x, pad_mask, seeds, params, clamp)
+        return _enc.ext_encoder(plan, _ext_ops(), x, pad_mask, seeds, params, clamp)
 
     def _record_masks(self, rec, seeds, M, p_res, p_att, impl):
         """Fill ``rec`` with the keep-masks the kernels will draw, shaped like the reference's sites. Every

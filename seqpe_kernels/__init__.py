@@ -8,6 +8,8 @@ Public API:
   SeqPECache(module)                           never-stale PE cache for evaluation / inference
   dedup_forward / prefix_shared_forward        exact deduplication (dropout off)
   GraphedSeqPE(module)                         CUDA-graph replay of the encoder's forward + backward
+  patch(pe_model) / unpatch(pe_model)          run an existing SeqPE encoder (the authors' SequentialPE) fused, in place
+  prepare_seqpe_data(positions, max_digits)    vectorised drop-in for the authors' PeUtils.prepare_seqpe_data
 """
 from .reference import SeqPE, tokenize, max_digits_for
 from .fused import FusedSeqPE
@@ -16,8 +18,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cache import SeqPECache
 from .dedup import dedup_forward, prefix_shared_forward
 from .graphs import GraphedSeqPE
+from .patch import patch, unpatch, prepare_seqpe_data  # binds seqpe_kernels.patch to the function (see patch.py)
 
 __version__ = "0.1.0"
 __all__ = ["SeqPE", "FusedSeqPE", "tokenize", "max_digits_for", "load_checkpoint", "save_checkpoint",
            "available_backends", "SeqPECache", "dedup_forward", "prefix_shared_forward", "GraphedSeqPE",
-           "__version__"]
+           "patch", "unpatch", "prepare_seqpe_data", "__version__"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pe_apply import PeQK, input_add, pe_attention, pe_out_dim, rotary_tables
+from .pe_apply import PeQK, alibi_attn_mask, input_add, pe_attention, pe_out_dim, rotary_tables
 from .samplers import grid_positions
 
 __all__ = ["GPTConfig", "SeqPEGPT", "ViTConfig", "SeqPEViT"]
@@ -32,7 +32,7 @@ _ATTN_METHODS = ("attn_mul", "attn_add", "attn_scalar")
 
 
 def _check_method(method: str, pe_qk: str):
-    if method not in ("nope", "input_add", "rotary") + _ATTN_METHODS:
+    if method not in ("nope", "input_add", "rotary", "alibi") + _ATTN_METHODS:
         raise ValueError(f"unknown pe_method {method!r}")
     if pe_qk not in ("none", "single", "multi"):
         raise ValueError(f"pe_qk must be 'none', 'single' or 'multi', got {pe_qk!r}")
@@ -41,8 +41,9 @@ def _check_method(method: str, pe_qk: str):
 class _PeContext:
     """Per-forward PE state shared by the layers (computed once per window)."""
 
-    def __init__(self, method, shared=None, rope=None, peqk=None):
+    def __init__(self, method, shared=None, rope=None, peqk=None, mask=None):
         self.method, self.shared, self.rope, self.peqk = method, shared, rope, peqk
+        self.mask = mask  # additive attention mask (the ALiBi baseline's bias, causal part included)
 
     def qk(self, layer: int):
         if self.method in _ATTN_METHODS:
@@ -64,7 +65,8 @@ class _Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         pq, pk = ctx.qk(layer)
         o = pe_attention(q, k, v, ctx.method, pq=pq, pk=pk, rope=ctx.rope, scalar_scale=self.scalar_scale,
-                         causal=self.causal, dropout_p=self.attn_pdrop if self.training else 0.0)
+                         causal=self.causal, dropout_p=self.attn_pdrop if self.training else 0.0,
+                         attn_mask=ctx.mask)
         return self.resid_drop(self.proj(o.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -118,6 +120,8 @@ class GPTConfig:
 
     @property
     def pe_dim(self) -> int:
+        if self.pe_method == "alibi":  # the ALiBi baseline's per-head coordinates m_h * p
+            return self.n_head
         return pe_out_dim(self.pe_method, self.n_embd, self.n_head, self.pe_multi_head)
 
 
@@ -177,13 +181,15 @@ class SeqPEGPT(nn.Module):
         dev = self.wte.weight.device
         return self.pe_encoder(self.default_positions(n, start_pos, dev)).view(1, n, -1)
 
-    def _context(self, pe, N):
+    def _context(self, pe, N, B=None):
         c = self.config
         if c.pe_method == "nope":
             return _PeContext("nope"), None
         pe = pe[:, :N]
         if c.pe_method == "input_add":
             return _PeContext("input_add"), pe
+        if c.pe_method == "alibi":  # pe: per-head coordinates m_h * p of the ALiBi baseline
+            return _PeContext("alibi", mask=alibi_attn_mask(pe, B, causal=True)), None
         if c.pe_method == "rotary":
             return _PeContext("rotary", rope=rotary_tables(pe)), None
         return _PeContext(c.pe_method, shared=self.pe_qk.prepare(pe), peqk=self.pe_qk), None
@@ -200,7 +206,7 @@ class SeqPEGPT(nn.Module):
                 raise ValueError(f"pe must be [P, >= {N}, {c.pe_dim}], got {tuple(pe.shape)}")
             if B % pe.shape[0]:
                 raise ValueError(f"batch size {B} is not a multiple of the number of PE windows {pe.shape[0]}")
-        ctx, add = self._context(pe, N)
+        ctx, add = self._context(pe, N, B)
         x = self.wte(input_ids)
         if add is not None:
             x = input_add(x, add.to(x.dtype))
@@ -232,6 +238,9 @@ class ViTConfig:
     pe_method: str = "attn_mul"
     pe_qk: str = "multi"
     pe_multi_head: bool = True
+    # the CLS token's PE row: 'learned' (§4.2) or 'identity' (fixed: no rotation for 'rotary', zeros otherwise;
+    # the RoPE baseline's CLS is not rotated, as in RoPE-ViT)
+    cls_pe: str = "learned"
 
     @classmethod
     def small(cls, **kw) -> "ViTConfig":
@@ -270,6 +279,10 @@ class SeqPEViT(nn.Module):
         super().__init__()
         c = config
         _check_method(c.pe_method, c.pe_qk)
+        if c.pe_method == "alibi":
+            raise ValueError("pe_method 'alibi' is 1-D and causal (the LM's); the ViT has no ALiBi")
+        if c.cls_pe not in ("learned", "identity"):
+            raise ValueError(f"cls_pe must be 'learned' or 'identity', got {c.cls_pe!r}")
         if c.embed_dim % c.num_heads:
             raise ValueError("num_heads must divide embed_dim")
         if c.pe_method != "nope" and pe_encoder is None:
@@ -279,7 +292,12 @@ class SeqPEViT(nn.Module):
         self.patch_embed = nn.Conv2d(c.in_chans, c.embed_dim, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_drop = nn.Dropout(c.drop_rate)
-        if c.pe_method != "nope":
+        if c.pe_method != "nope" and c.cls_pe == "identity":
+            row = torch.zeros(1, 1, c.pe_dim)
+            if c.pe_method == "rotary":  # [sin | cos] = [0 | 1]: no rotation
+                row[..., c.pe_dim // 2:] = 1.0
+            self.register_buffer("cls_token_pos_embed", row, persistent=False)
+        elif c.pe_method != "nope":
             self.cls_token_pos_embed = nn.Parameter(torch.zeros(1, 1, c.pe_dim))
         self.blocks = nn.ModuleList(
             _Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.attn_drop_rate, c.drop_rate, 1e-6, False,
@@ -293,7 +311,7 @@ class SeqPEViT(nn.Module):
     @torch.no_grad()
     def _init_weights(self):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if hasattr(self, "cls_token_pos_embed"):
+        if isinstance(getattr(self, "cls_token_pos_embed", None), nn.Parameter):
             nn.init.trunc_normal_(self.cls_token_pos_embed, std=0.02)
         for name, m in self.named_modules():
             if name.startswith("pe_encoder"):

@@ -1,6 +1,7 @@
 """How the main model consumes the SeqPE output (SEQPE_SPEC §4.2-§4.4), re-implemented from the spec.
 
-Methods: ``input_add``, ``attn_mul``, ``attn_add``, ``attn_scalar``, ``rotary`` (plus ``nope``: no PE).
+Methods: ``input_add``, ``attn_mul``, ``attn_add``, ``attn_scalar``, ``rotary`` (plus ``nope``: no PE, and
+``alibi``: the causal linear bias of the ALiBi baseline, :func:`alibi_attn_mask`; see :mod:`seqpe_kernels.baselines`).
 
 **Windows, not copies.** The encoder gives one PE table per distinct position window, ``pe`` [P, N, O]
 (P = 1 on default steps, P = pe_main_batch_size on shifted steps). The reference tiles it to the batch with
@@ -29,13 +30,14 @@ from torch import nn
 
 __all__ = ["METHODS", "pe_out_dim", "tile_windows", "window_broadcast", "input_add", "split_pe_qk", "PeQK",
            "attn_mul", "attn_add", "rotary_tables", "rotary", "rotate_pairs", "attn_scalar",
-           "attn_scalar_bias", "attn_scalar_explicit", "pe_attention"]
+           "attn_scalar_bias", "attn_scalar_explicit", "pe_attention", "alibi_attn_mask"]
 
-METHODS = ("nope", "input_add", "attn_mul", "attn_add", "attn_scalar", "rotary")
+METHODS = ("nope", "input_add", "attn_mul", "attn_add", "attn_scalar", "rotary", "alibi")
 
 
 def pe_out_dim(method: str, model_dim: int, num_heads: int, multi_head: bool = True) -> int:
-    """Encoder output width O required by a method (SEQPE_SPEC §4.1); -1 for 'nope'."""
+    """Encoder output width O required by a method (SEQPE_SPEC §4.1); -1 for 'nope'. 'alibi' is no SeqPE method
+    (it raises; the ALiBi baseline's width is its head count, :class:`seqpe_kernels.baselines.ALiBi`)."""
     if model_dim % num_heads:
         raise ValueError(f"num_heads={num_heads} does not divide model_dim={model_dim}")
     d_h = model_dim // num_heads
@@ -284,6 +286,30 @@ def attn_scalar_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: 
     return torch.matmul(w, v)
 
 
+# ============================================================================================ ALiBi
+def alibi_attn_mask(pe: torch.Tensor, batch_size: Optional[int] = None, causal: bool = True) -> torch.Tensor:
+    """The ALiBi bias as an additive SDPA mask from per-window coordinates ``pe`` [P, N, H] = ``m_h * p``
+    (:class:`seqpe_kernels.baselines.ALiBi`): ``-m_h (p_i - p_j)`` for keys j <= i and ``-inf`` above the
+    diagonal (``causal``; otherwise ``-m_h |p_i - p_j|``). Returns [P, H, N, N], or with ``batch_size`` B the
+    mask for the batch (sample b uses window b mod P; [1, H, N, N] when P == 1, broadcast by SDPA)."""
+    if pe.dim() != 3:
+        raise ValueError(f"alibi: per-window coordinates must be [P, N, H], got {tuple(pe.shape)}")
+    c = pe.float().transpose(1, 2)  # [P, H, N]
+    d = c[..., :, None] - c[..., None, :]  # m_h (p_i - p_j)
+    if causal:
+        N = c.shape[-1]
+        allowed = torch.ones(N, N, dtype=torch.bool, device=pe.device).tril()
+        mask = torch.where(allowed, -d, torch.full_like(d, float("-inf")))
+    else:
+        mask = -d.abs()
+    if batch_size is not None and mask.shape[0] > 1:
+        if batch_size % mask.shape[0]:
+            raise ValueError(f"batch size {batch_size} is not a multiple of the number of PE windows "
+                             f"{mask.shape[0]}")
+        mask = mask.repeat(batch_size // mask.shape[0], 1, 1, 1)
+    return mask
+
+
 # ============================================================================================ dispatcher
 def pe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str,
                  pq: Optional[torch.Tensor] = None, pk: Optional[torch.Tensor] = None,
@@ -293,13 +319,19 @@ def pe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str,
     """Attention with the PE applied after the head split: q, k, v [B, H, N, d_h] -> [B, H, N, d_h].
 
     ``method`` 'attn_mul' / 'attn_add' / 'attn_scalar' need (pq, pk) from :class:`PeQK`; 'rotary' needs
-    ``rope = rotary_tables(pe)``; 'input_add' / 'nope' apply nothing here.
+    ``rope = rotary_tables(pe)``; 'alibi' needs ``attn_mask = alibi_attn_mask(pe, B)`` (causal part included);
+    'input_add' / 'nope' apply nothing here.
     """
     sc = _head_scale(q, scale)
     if method in ("attn_mul", "attn_add", "attn_scalar") and (pq is None or pk is None):
         raise ValueError(f"{method} needs the per-window (pq, pk) from PeQK")
     if method == "rotary" and rope is None:
         raise ValueError("rotary needs rope=rotary_tables(pe)")
+    if method == "alibi":
+        if attn_mask is None:
+            raise ValueError("alibi needs attn_mask=alibi_attn_mask(pe, batch_size)")
+        if attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)
     if method == "attn_scalar":
         return attn_scalar(q, k, v, pq, pk, scalar_scale, causal, attn_mask, dropout_p, sc)
     if method == "attn_mul":
@@ -308,7 +340,7 @@ def pe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str,
         q, k = attn_add(q, k, pq, pk)
     elif method == "rotary":
         q, k = rotary(q, k, tables=rope)
-    elif method not in ("input_add", "nope"):
+    elif method not in ("input_add", "nope", "alibi"):
         raise ValueError(f"unknown PE method {method!r}; expected one of {METHODS}")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=causal and attn_mask is None, scale=sc)

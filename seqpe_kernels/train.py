@@ -27,6 +27,11 @@ streams (its loss is then the mean over its streams, exactly what K DDP ranks av
 with ``--position-streams 2`` reproduces a 2-rank run step for step (used by the tests). Only rank 0
 prints and writes files.
 
+Baselines: ``--pe {learned,sinusoidal,rope,alibi,none}`` trains the same model with a baseline position
+encoding of :mod:`seqpe_kernels.baselines` in place of SeqPE (the ViT: their 2-D forms; no ALiBi). The SeqPE
+regularisers (contrastive, transfer) and the random window shift are off for them, so a baseline trains on the
+positions 0..N-1 only, as a standard GPT-2 / ViT does; ``seqpe-kernels study`` compares them all.
+
 Use ``python -m seqpe_kernels.train ...`` or ``seqpe-kernels train ...``; programmatically
 :func:`train` with a :class:`TrainConfig`.
 
@@ -70,16 +75,22 @@ TASK_DEFAULTS: Dict[str, dict] = {
 }
 
 
+_SEQPE_DEFAULTS = dict(contrastive_weight=0.1, transfer_weight=0.1, shift_rate=0.1)  # the paper scripts
+_BASELINE_METHODS = {"learned": "input_add", "sinusoidal": "input_add", "rope": "rotary", "alibi": "alibi",
+                     "none": "nope"}  # how the model applies each baseline (seqpe_kernels.baselines)
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. ``None`` fields take the task's default (:data:`TASK_DEFAULTS`)."""
     task: str = "lm"  # 'lm' | 'vit'
+    pe: str = "seqpe"  # 'seqpe' or a baseline of seqpe_kernels.baselines (learned, sinusoidal, rope, alibi, none)
     steps: Optional[int] = None
     backend: str = "auto"  # FusedSeqPE backend: auto | torch | triton | cuda | cpu
     dropout: float = 0.1  # encoder resid dropout and model dropout
     seed: int = 0
-    contrastive_weight: float = 0.1
-    transfer_weight: float = 0.1
+    contrastive_weight: Optional[float] = None  # lambda_ct: 0.1 for seqpe, 0 (off) for the baselines
+    transfer_weight: Optional[float] = None  # lambda_tr: 0.1 for seqpe, 0 (off) for the baselines
     transfer_beta: float = 1.0  # both paper scripts
     pe_warmup_steps: int = 0  # PeWeightScheduler warm-up (0: full weights from the start)
     device: Optional[str] = None
@@ -108,7 +119,7 @@ class TrainConfig:
     contrastive_batch: Optional[int] = None  # B_c
     transfer_size: Optional[int] = None  # T_n
     transfer_batch: Optional[int] = None  # B_t
-    shift_rate: float = 0.1  # pe_random_shift_rate (0 disables random shift)
+    shift_rate: Optional[float] = None  # pe_random_shift_rate: 0.1 for seqpe, 0 (off) for the baselines
     shift_pool: int = 320  # pe_random_shift_downsample
     pe_main_batch_size: int = -1  # P when a shift fires (-1: the stream's batch size)
     # evaluation
@@ -130,9 +141,28 @@ class TrainConfig:
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """A copy with every ``None`` replaced by the task default, validated."""
+    from .baselines import PE_CHOICES, VIT_PE_CHOICES
+
     if cfg.task not in TASK_DEFAULTS:
         raise ValueError(f"--task must be one of {', '.join(TASK_DEFAULTS)}, got {cfg.task!r}")
+    choices = PE_CHOICES if cfg.task == "lm" else VIT_PE_CHOICES
+    if cfg.pe not in choices:
+        raise ValueError(f"--pe {cfg.pe}: not available for --task {cfg.task} (choose from {', '.join(choices)})")
     d = cfg.to_dict()
+    if cfg.pe != "seqpe":  # a baseline: no SeqPE regularisers, no random shift, its own way of applying the PE
+        for k, flag in (("contrastive_weight", "--contrastive-weight"), ("transfer_weight", "--transfer-weight"),
+                        ("shift_rate", "--shift-rate")):
+            if d.get(k):
+                raise ValueError(f"{flag} applies to --pe seqpe only (the baselines train without SeqPE's "
+                                 f"regularisers and random shift); got {flag} {d[k]:g} with --pe {cfg.pe}")
+            d[k] = 0.0
+        if cfg.pe_method is not None or cfg.pe_qk is not None:
+            raise ValueError(f"--pe-method / --pe-qk choose how the model applies SeqPE; --pe {cfg.pe} applies "
+                             "itself its own way")
+        d["pe_method"], d["pe_qk"] = _BASELINE_METHODS[cfg.pe], "none"
+    for k, v in _SEQPE_DEFAULTS.items():
+        if d.get(k) is None:
+            d[k] = v
     for k, v in TASK_DEFAULTS[cfg.task].items():
         if d.get(k) is None:
             d[k] = list(v) if isinstance(v, tuple) else v
@@ -321,16 +351,25 @@ def _build(cfg: TrainConfig, device: torch.device, num_classes: int):
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     p = cfg.dropout
+    multi_head = cfg.pe != "rope"  # RoPE: one d_h table shared by all heads
     if cfg.task == "lm":
         mcfg = GPTConfig(vocab_size=256, block_size=cfg.block_size, n_embd=cfg.model_dim, n_layer=cfg.model_layers,
                          n_head=cfg.model_heads, embd_pdrop=p, resid_pdrop=p, attn_pdrop=p,
-                         pe_method=cfg.pe_method, pe_qk=cfg.pe_qk)
+                         pe_method=cfg.pe_method, pe_qk=cfg.pe_qk, pe_multi_head=multi_head)
         dd, init = 1, "text"
     else:
         mcfg = ViTConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=num_classes,
                          embed_dim=cfg.model_dim, depth=cfg.model_layers, num_heads=cfg.model_heads, drop_rate=p,
-                         attn_drop_rate=p, pe_method=cfg.pe_method, pe_qk=cfg.pe_qk)
+                         attn_drop_rate=p, pe_method=cfg.pe_method, pe_qk=cfg.pe_qk, pe_multi_head=multi_head,
+                         cls_pe="identity" if cfg.pe == "rope" else "learned")
         dd, init = 2, "image"
+    if cfg.pe != "seqpe":
+        from .baselines import build_position_module
+
+        enc = build_position_module(cfg.pe, dd, cfg.model_dim, cfg.model_heads, cfg.max_position)
+        model = SeqPEGPT(mcfg, enc) if cfg.task == "lm" else SeqPEViT(mcfg, enc)
+        model.pe_encoder = None
+        return enc.to(device), model.to(device), mcfg
     enc = FusedSeqPE(embed_dim=cfg.pe_dim, num_heads=cfg.pe_heads,
                      max_digits=max_digits_for(cfg.max_position, dd), num_layers=cfg.pe_layers, data_dim=dd,
                      out_dim=mcfg.pe_dim, resid_pdrop=p, init=init, temperature=cfg.pe_temperature,
@@ -357,7 +396,7 @@ def _param_groups(enc: nn.Module, model: nn.Module, cfg: TrainConfig):
             (decay if p.dim() >= 2 and not any(k in name for k in skip) else rest).append(p)
         groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
                    {"params": rest, "weight_decay": 0.0, "lr": lr}]
-    return groups
+    return [g for g in groups if g["params"]]  # a parameter-free baseline has none
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -385,8 +424,9 @@ def cuda_graphs_plan(requested: Optional[bool], device: torch.device, backend: s
     return False, f"off ({'requested, but ' if requested else ''}{why})"
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> dict:
     """Run one training (and evaluation). Uses the default process group if one is initialised.
+    ``progress_desc`` labels the progress bar (default ``train <task>``).
 
     Returns a dict: ``losses``, ``main``, ``contrastive``, ``transfer`` (per step, averaged over all ranks;
     ``None`` where a term was inactive), ``eval``, ``config``, ``checks``, ``time_s``, and the trained
@@ -441,7 +481,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     data_rng = np.random.default_rng([cfg.seed, 7919])  # global batch: same stream on every rank, sliced
 
     enc, model, mcfg = _build(cfg, device, num_classes)
-    enc_backend = enc.resolved_backend(device)
+    seqpe = cfg.pe == "seqpe"
+    enc_backend = enc.resolved_backend(device) if seqpe else f"none ({cfg.pe} baseline)"
     streams = [_PositionStream(cfg, rank * k_local + i, stream_batch) for i in range(k_local)]
     opt = torch.optim.AdamW(_param_groups(enc, model, cfg), lr=cfg.lr)
     sched = PeWeightScheduler(cfg.contrastive_weight, cfg.transfer_weight, cfg.pe_warmup_steps)
@@ -458,7 +499,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         ids = [device.index] if device.type == "cuda" else None
         # every parameter gets a gradient every step (the fused CLS-only last block included, checked below),
         # so DDP runs without find_unused_parameters
-        enc_run = DDP(enc, device_ids=ids)
+        if any(p.requires_grad for p in enc.parameters()):  # parameter-free baselines need no wrapper
+            enc_run = DDP(enc, device_ids=ids)
         model_run = DDP(model, device_ids=ids)
     graphs_on, graphs_why = cuda_graphs_plan(cfg.cuda_graphs, device, enc_backend, distributed)
     if graphs_on:
@@ -475,8 +517,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"  encoder CUDA graphs: {graphs_why}")
         data_name = data.name if data is not None else "built-in synthetic images (colour pair x side of a boundary)"
         log(f"  data: {data_name}")
-        log(f"  encoder: D={cfg.pe_dim} heads={cfg.pe_heads} layers={cfg.pe_layers} K={enc.max_digits} O={enc.out_dim}"
-            f" ({n_enc:,} params); model: dim={cfg.model_dim} layers={cfg.model_layers} heads={cfg.model_heads}"
+        pe_desc = (f"encoder: D={cfg.pe_dim} heads={cfg.pe_heads} layers={cfg.pe_layers} K={enc.max_digits} "
+                   f"O={enc.out_dim}" if seqpe else f"position encoding: {cfg.pe} baseline ({type(enc).__name__}, "
+                   f"applied as {cfg.pe_method}, O={enc.out_dim}; SeqPE regularisers and random shift off)")
+        log(f"  {pe_desc} ({n_enc:,} params); model: dim={cfg.model_dim} layers={cfg.model_layers} heads={cfg.model_heads}"
             f" ({n_model:,} params); dropout={cfg.dropout} lr={cfg.lr} "
             f"lambda_ct={cfg.contrastive_weight} lambda_tr={cfg.transfer_weight}")
 
@@ -486,7 +530,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=f"train {cfg.task}", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.steps, desc=progress_desc or f"train {cfg.task}", dynamic_ncols=True, file=sys.stderr)
     t0 = time.perf_counter()
     enc.train()
     model.train()
@@ -546,7 +590,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             checks["encoder_params_without_grad"] = [n for n, p in enc.named_parameters() if p.grad is None]
             checks["model_params_without_grad"] = [n for n, p in model.named_parameters() if p.grad is None]
         if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.clip)
+            if seqpe or any(True for _ in enc.parameters()):  # not for parameter-free baselines
+                torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.clip)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
 
@@ -585,7 +630,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     config = cfg.to_dict()
     config.update(world_size=world, position_streams=K, encoder_backend=enc_backend, device=str(device),
                   encoder_cuda_graphs=graphs_on,
-                  max_digits=enc.max_digits, pe_out_dim=enc.out_dim, data_name=(data.name if data is not None
+                  max_digits=getattr(enc, "max_digits", None), pe_out_dim=enc.out_dim, data_name=(data.name if data is not None
                                                                                  else "synthetic"))
     return dict(hist, eval=ev, config=config, checks=checks, time_s=train_time, encoder=enc, model=model,
                 optimizer=opt, train_state=train_state)
@@ -628,13 +673,19 @@ def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: t
                     k = ids.shape[0] * (L - 1)
                     nll += loss.item() * k
                     cnt += k
-                row.update(value=math.exp(nll / cnt), tokens=cnt)
+                mean_nll = nll / cnt  # exp overflows past ~709 nats (a diverged model): report inf
+                row.update(value=math.exp(mean_nll) if mean_nll < 700 else float("inf"), tokens=cnt)
                 rows.append(row)
             return {"metric": "perplexity", "train_length": N, "rows": rows}
         g = cfg.img_size // cfg.patch_size
         for s in cfg.eval_scales:
             grid = max(2, int(round(s * g)))
             size = grid * cfg.patch_size
+            limit = getattr(enc, "position_limit", None)
+            if limit is not None and grid > limit:
+                rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": None, "samples": 0,
+                             "note": f"grid {grid} exceeds the {cfg.pe} table ({limit} per axis)"})
+                continue
             if data is None:
                 x, lab = synthetic_images(np.random.default_rng([cfg.seed, 31337, grid]), cfg.eval_samples, grid,
                                           cfg.patch_size)
@@ -671,8 +722,9 @@ def format_eval(ev: dict) -> str:
                  "; encoder run once per grid)",
                  f"  {'scale':>6} {'grid':>7} {'pixels':>7} {'samples':>8} {'accuracy':>9}"]
         for r in ev["rows"]:
+            v = f"{r['value']:9.3f}" if r["value"] is not None else f"{'n/a':>9}"
             lines.append(f"  {r['scale']:5.1f}x {r['grid']:>3d}x{r['grid']:<3d} {r['img_size']:7d} "
-                         f"{r['samples']:8d} {r['value']:9.3f}")
+                         f"{r['samples']:8d} {v}" + (f"  ({r['note']})" if r.get("note") else ""))
     return "\n".join(lines)
 
 
@@ -738,7 +790,7 @@ def plot(result: dict, path: str):
 # ---------------------------------------------------------------------------------------------------- save / resume
 # config fields a resumed run must share with the saved one (they define the model or the loss); fields left
 # at None take the saved run's values, except these, which are per invocation
-_RESUME_MUST_MATCH = ("task", "model_dim", "model_layers", "model_heads", "pe_dim", "pe_heads", "pe_layers",
+_RESUME_MUST_MATCH = ("task", "pe", "model_dim", "model_layers", "model_heads", "pe_dim", "pe_heads", "pe_layers",
                       "pe_temperature", "pe_method", "pe_qk", "max_position", "patch_size", "dropout",
                       "contrastive_weight", "transfer_weight", "transfer_beta", "pe_warmup_steps", "shift_rate",
                       "shift_pool", "pe_main_batch_size", "weight_decay", "clip")
@@ -889,6 +941,7 @@ def _restore(resume: dict, enc, model, opt, sched, streams, data_rng, first_stre
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``seqpe-kernels train`` (task-dependent defaults are shown as 'task default')."""
+    from .baselines import PE_CHOICES
     from .cli import (existing_path, float_in, minus_one_or_positive, nonnegative_int, output_path, positive_int,
                       seed_int, usable_device)
 
@@ -898,6 +951,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         return f"task default: lm {lm.get(key)}, vit {vit.get(key)}"
 
     p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="lm", help="language model or ViT (default lm)")
+    p.add_argument("--pe", choices=list(PE_CHOICES), default="seqpe",
+                   help="position encoding: seqpe (default) or a baseline (learned, sinusoidal, rope, alibi, none; "
+                        "the ViT takes their 2-D forms and has no alibi). The SeqPE regularisers and random shift "
+                        "are off for the baselines")
     p.add_argument("--steps", type=positive_int, default=None, help=f"training steps ({td('steps')})")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"],
                    help="FusedSeqPE backend of the position encoder (default auto)")
@@ -906,9 +963,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of weights, data and positions (rank r: seed + r)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_path(),
                    help="write per-step losses, config and evaluation as JSON")
-    p.add_argument("--contrastive-weight", type=float_in(0.0), default=0.1,
-                   help="lambda_ct (default 0.1; 0 disables)")
-    p.add_argument("--transfer-weight", type=float_in(0.0), default=0.1, help="lambda_tr (default 0.1; 0 disables)")
+    p.add_argument("--contrastive-weight", type=float_in(0.0), default=None,
+                   help="lambda_ct (default 0.1 with --pe seqpe; 0 disables; baselines: off)")
+    p.add_argument("--transfer-weight", type=float_in(0.0), default=None,
+                   help="lambda_tr (default 0.1 with --pe seqpe; 0 disables; baselines: off)")
     p.add_argument("--device", default=None, type=usable_device,
                    help="cpu or cuda[:i] (default: cuda if present; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--batch-size", type=positive_int, default=None,
@@ -952,8 +1010,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transfer-batch", type=positive_int, default=None, help=f"B_t windows ({td('transfer_batch')})")
     g.add_argument("--transfer-beta", type=float_in(0.0, 1.0), default=1.0,
                    help="transfer beta in [0, 1] (default 1.0, the scripts)")
-    g.add_argument("--shift-rate", type=float_in(0.0, 1.0), default=0.1,
-                   help="random-shift probability (default 0.1; 0 = off)")
+    g.add_argument("--shift-rate", type=float_in(0.0, 1.0), default=None,
+                   help="random-shift probability (default 0.1 with --pe seqpe; 0 = off; baselines: off)")
     g.add_argument("--shift-pool", type=int, default=320, help="random-shift pool size (default 320)")
     g.add_argument("--pe-main-batch-size", type=minus_one_or_positive, default=-1,
                    help="P windows on a shifted step (default -1: the stream's batch size)")
@@ -1009,6 +1067,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_config(cfg)
         if cfg.task == "lm" and cfg.data is not None and os.path.isdir(cfg.data):
             raise ValueError(f"--data {cfg.data}: a directory; the lm task reads one UTF-8 text file")
+        if cfg.pe != "seqpe" and (args.save or cfg.resume):
+            raise ValueError(f"--save / --resume write and read SeqPE runs; not available with --pe {cfg.pe}")
     except ValueError as e:
         print(f"seqpe-kernels train: {e}", file=sys.stderr)
         return 2

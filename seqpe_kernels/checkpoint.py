@@ -33,7 +33,6 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
-import io
 import json
 import math
 import os

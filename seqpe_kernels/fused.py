@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import backend as _backend
 from . import encoder as _enc

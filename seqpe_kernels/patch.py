@@ -43,7 +43,6 @@ Note: ``seqpe_kernels.patch`` is the function (exported by the package); this mo
 from __future__ import annotations
 
 import inspect
-import math
 import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -53,7 +52,7 @@ from torch import nn
 from . import backend as _backend
 from .fused import FusedSeqPE
 from .reference.seqpe import SeqPE, gelu_new
-from .reference.tokenize import check_positions, tokenize
+from .reference.tokenize import tokenize
 
 __all__ = ["patch", "unpatch", "is_patched", "patch_state", "prepare_seqpe_data", "to_fused", "PatchError"]
 

@@ -323,7 +323,7 @@ def test_bench_graph_providers_default_and_skipped_with_reason_on_cpu(monkeypatc
     assert set(B.CUDA_GRAPH_PROVIDERS) == {"compile-cg", "triton-graph", "cuda-graph"}
     assert set(B.CUDA_GRAPH_PROVIDERS) <= set(B.DEFAULT_PROVIDERS)
     seen = {}
-    monkeypatch.setattr(B, "_run_bench", lambda configs, providers, *a: seen.setdefault("p", providers) and [])
+    monkeypatch.setattr(B.run, "_run_bench", lambda configs, providers, *a: seen.setdefault("p", providers) and [])
     B.run_bench(cuda_graphs=False, device="cpu")
     assert seen["p"] and not set(seen["p"]) & set(B.CUDA_GRAPH_PROVIDERS)
     monkeypatch.undo()
@@ -350,7 +350,7 @@ def test_bench_graph_backward_is_derived_with_the_reason(monkeypatch):
                               backward_derived=B.GRAPH_BACKWARD_NOTE)
         return real(name, cfg, ref, device)
 
-    monkeypatch.setattr(B, "build_provider", fake)
+    monkeypatch.setattr(B.run, "build_provider", fake)
     rows = B.run_bench([_tiny()], providers=["eager", "triton-graph"], modes=["forward", "backward", "full"], M=8,
                        quick=True, csv_path=None, png_path=None, progress=False, print_table=True, device="cpu")
     by = {(r["provider"], r["mode"]): r for r in rows}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tokenize import check_positions, tokenize
+from .tokenize import tokenize
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from seqpe_kernels import FusedSeqPE, SeqPE  # noqa: E402
-from seqpe_kernels.cache import SeqPECache  # noqa: E402
-from seqpe_kernels.dedup import prefix_shared_forward, prefix_trie_stats  # noqa: E402
+from seqpe_kernels.savings.cache import SeqPECache  # noqa: E402
+from seqpe_kernels.savings.dedup import prefix_shared_forward, prefix_trie_stats  # noqa: E402
 
 
 def timeit(fn, repeats, device="cpu"):

@@ -15,9 +15,7 @@ from .reference import SeqPE, tokenize, max_digits_for
 from .fused import FusedSeqPE
 from .backend import available_backends
 from .checkpoint import load_checkpoint, save_checkpoint
-from .cache import SeqPECache
-from .dedup import dedup_forward, prefix_shared_forward
-from .graphs import GraphedSeqPE
+from .savings import GraphedSeqPE, SeqPECache, dedup_forward, prefix_shared_forward
 from .patch import patch, unpatch, prepare_seqpe_data  # binds seqpe_kernels.patch to the function (see patch.py)
 
 __version__ = "0.1.0"

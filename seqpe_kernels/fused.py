@@ -53,7 +53,7 @@ class FusedSeqPE(SeqPE):
         if dedup not in ("auto", "off", "unique", "prefix"):
             raise ValueError(f"unknown dedup {dedup!r}; choose auto, off, unique or prefix")
         self.backend = backend
-        # Deduplication of repeated work inside one call (seqpe_kernels.dedup): "unique" encodes identical
+        # Deduplication of repeated work inside one call (seqpe_kernels.savings.dedup): "unique" encodes identical
         # positions once; "prefix" (causal only) computes each shared decimal prefix once. Both are exact
         # when dropout is inactive; with dropout active they correlate masks across sequences, so they run
         # in training only with dedup_in_training=True. "auto" = "unique" exactly where it is exact.
@@ -114,7 +114,7 @@ class FusedSeqPE(SeqPE):
         mode = self._dedup_mode()
         pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
         if mode == "prefix" and pos.shape[0] > 1:  # the prefix trie of the validated positions
-            from .dedup import prefix_shared_forward
+            from .savings.dedup import prefix_shared_forward
 
             return prefix_shared_forward(self, pos, allow_in_training=True, validated=True)
         if mode == "unique" and pos.shape[0] > 1:

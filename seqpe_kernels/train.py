@@ -504,7 +504,7 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
         model_run = DDP(model, device_ids=ids)
     graphs_on, graphs_why = cuda_graphs_plan(cfg.cuda_graphs, device, enc_backend, distributed)
     if graphs_on:
-        from .graphs import GraphedSeqPE
+        from .savings.graphs import GraphedSeqPE
 
         # one capture per positions shape; same outputs, gradients and dropout masks as the eager encoder
         enc_run = GraphedSeqPE(enc)

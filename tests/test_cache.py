@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from seqpe_kernels import SeqPE
-from seqpe_kernels.cache import SeqPECache
-from seqpe_kernels.dedup import prefix_shared_forward
+from seqpe_kernels.savings.cache import SeqPECache
+from seqpe_kernels.savings.dedup import prefix_shared_forward
 
 RTOL = 1e-5
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqpe_kernels import FusedSeqPE, SeqPE
-from seqpe_kernels.dedup import (build_prefix_trie, dedup_forward, prefix_shared_forward, prefix_trie_stats)
+from seqpe_kernels.savings.dedup import (build_prefix_trie, dedup_forward, prefix_shared_forward, prefix_trie_stats)
 
 RTOL = 1e-5
 

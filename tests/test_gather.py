@@ -40,7 +40,7 @@ def test_gather_opcheck():
 @pytest.mark.gpu
 def test_cache_uses_triton_gather_on_cuda(monkeypatch):
     from seqpe_kernels import SeqPE
-    from seqpe_kernels import cache as cache_mod
+    from seqpe_kernels.savings import cache as cache_mod
     from seqpe_kernels.ops import gather as gather_mod
 
     calls = []

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import seqpe_kernels as sk
-from seqpe_kernels import graphs as G
+from seqpe_kernels.savings import graphs as G
 
 from conftest import HAS_CUDA
 from test_fused import perturbed_pair, random_positions, rel, _seed

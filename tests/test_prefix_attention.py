@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import seqpe_kernels.ops.prefix_attention as pa
 from seqpe_kernels import FusedSeqPE
-from seqpe_kernels.dedup import prefix_shared_forward
+from seqpe_kernels.savings.dedup import prefix_shared_forward
 
 from conftest import HAS_CUDA
 from test_dedup import assert_close_rel, make, positions_for
@@ -26,7 +26,7 @@ def seed_for(*key):
 
 
 def ref_attend(q, k, v, anc, key_mask, H, scale):
-    """The eager ``attend`` of seqpe_kernels.dedup.prefix_shared_forward, line for line. One change: the key
+    """The eager ``attend`` of seqpe_kernels.savings.dedup.prefix_shared_forward, line for line. One change: the key
     mask is cast to the logits' dtype first (eager multiplies float32 mask by finfo(fp64).min, which is
     -inf in float32, so its fp64 fully-masked rows are NaN); identical for fp32."""
     n, a = anc.shape
@@ -122,7 +122,7 @@ def test_many_nodes_several_programs(masked):
 
 def test_trie_ancestors_and_contiguous_inputs():
     # real trie rows: ancestors are unique prefixes shared by many nodes; contiguous q/k/v; key mask dtype
-    from seqpe_kernels.dedup import build_prefix_trie
+    from seqpe_kernels.savings.dedup import build_prefix_trie
     from seqpe_kernels.reference.tokenize import tokenize
 
     seed_for("trie")

@@ -15,8 +15,8 @@ Providers
   out, name the providers to run (``--provider eager compile triton cuda ...``; Python:
   ``run_bench(..., cuda_graphs=False)``).
   dedup, prefix, cache
-            ``dedup_forward`` / ``prefix_shared_forward`` (seqpe_kernels.dedup) and ``SeqPECache``
-            (seqpe_kernels.cache), when those modules exist, in ``nograd`` mode only (the only mode in which
+            ``dedup_forward`` / ``prefix_shared_forward`` (seqpe_kernels.savings.dedup) and ``SeqPECache``
+            (seqpe_kernels.savings.cache), when those modules exist, in ``nograd`` mode only (the only mode in which
             they are exact) and only after their output matched the reference
 
 Modes

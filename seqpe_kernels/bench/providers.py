@@ -78,7 +78,7 @@ def build_provider(name: str, cfg: BenchConfig, ref: SeqPE, device: torch.device
         inner = build_provider(name[:-len("-graph")], cfg, ref, device)
         if inner.skip_reason:
             return Provider(name, None, None, skip_reason=inner.skip_reason)
-        from ..graphs import GraphedSeqPE
+        from ..savings.graphs import GraphedSeqPE
         return Provider(name, inner.module, GraphedSeqPE(inner.module), modes=graph_modes,
                         backward_derived=GRAPH_BACKWARD_NOTE)
     if name in FUSED_PROVIDERS:
@@ -95,13 +95,13 @@ def build_provider(name: str, cfg: BenchConfig, ref: SeqPE, device: torch.device
             fused.check_range = False
         return Provider(name, fused, fused)
     if name in ("dedup", "prefix"):
-        fn, why = _optional("dedup", "dedup_forward" if name == "dedup" else "prefix_shared_forward")
+        fn, why = _optional("savings.dedup", "dedup_forward" if name == "dedup" else "prefix_shared_forward")
         if fn is None:
             return Provider(name, None, None, skip_reason=why)
         return Provider(name, ref, lambda pos, _f=fn: _f(ref, pos), modes=("nograd",),
                         note=f"{fn.__name__} over the eager reference")
     if name == "cache":
-        cls, why = _optional("cache", "SeqPECache")
+        cls, why = _optional("savings.cache", "SeqPECache")
         if cls is None:
             return Provider(name, None, None, skip_reason=why)
         try:

@@ -1,6 +1,6 @@
 """Prefix-trie attention: each trie node's single query attends over its own ancestors' keys/values.
 
-Used by ``seqpe_kernels.dedup.prefix_shared_forward``: there a level-j node (a unique decimal prefix) attends
+Used by ``seqpe_kernels.savings.dedup.prefix_shared_forward``: there a level-j node (a unique decimal prefix) attends
 to its ancestors at levels 0..j, and a CLS node to its whole path plus itself. The eager version gathers k/v
 rows by ``anc`` into [n, H, a, de] copies, runs two tiny batched matmuls, an additive mask and a softmax.
 Here one program handles a block of nodes for one head: it reads the ancestor rows of k/v straight out of

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend as _backend
-from .reference.seqpe import gelu_new as _gelu_new
-from .reference.tokenize import check_positions, tokenize
+from .. import backend as _backend
+from ..reference.seqpe import gelu_new as _gelu_new
+from ..reference.tokenize import check_positions, tokenize
 
 __all__ = ["dedup_forward", "prefix_shared_forward", "build_prefix_trie", "PrefixTrie", "prefix_trie_stats",
            "dropout_active"]
@@ -262,7 +262,7 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
 
     fused_attn = _fused_prefix_attention(module, device)
     if fused_attn:
-        from .ops import prefix_attention as _pa  # module attribute lookup at call time (tests spy on it)
+        from ..ops import prefix_attention as _pa  # module attribute lookup at call time (tests spy on it)
 
     def attend(q, k, v, j, attn_site):
         """Rows of level j (q: [n_j, D]) over their ancestors' keys/values (global k, v: [*, D])."""

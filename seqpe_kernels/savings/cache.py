@@ -56,9 +56,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .backend import triton_status
+from ..backend import triton_status
 from .dedup import dropout_active
-from .reference.tokenize import check_positions
+from ..reference.tokenize import check_positions
 
 __all__ = ["SeqPECache"]
 
@@ -69,7 +69,7 @@ def _gather(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """table[rows]: the Triton row gather on CUDA (benchmarks/bench_cache.py measures it against the copy
     bandwidth), index_select elsewhere (the interpreter would be far slower than torch on CPU)."""
     if table.is_cuda and table.dim() == 2 and triton_status(table.device)[0]:
-        from .ops.gather import gather_rows
+        from ..ops.gather import gather_rows
 
         return gather_rows(table, rows)
     return table.index_select(0, rows)
@@ -154,7 +154,7 @@ class SeqPECache:
         allow_grad: return detached rows even when grad mode is on and the module requires grad.
         verify_values: also fingerprint parameter contents on each call (catches ``p.data`` edits).
         compute: ``fn(module, positions) -> [M, O]`` used for misses (default ``module(positions)``); e.g.
-            ``seqpe_kernels.dedup.prefix_shared_forward`` for causal encoders.
+            ``seqpe_kernels.savings.dedup.prefix_shared_forward`` for causal encoders.
         chunk_size: encode misses in chunks of this many positions (default: one call).
     """
 

@@ -95,3 +95,57 @@ def tokenize(positions: torch.Tensor, max_digits: int, base: int = 10, data_dim:
     pad_mask = (slot >= (K - n_real).unsqueeze(-1)).to(torch.float32)
     M, d = pos.shape
     return digits.reshape(M, d * K), pad_mask.reshape(M, d * K)
+
+
+def prepare_seqpe_data(raw_pos_list, max_digits: int, device=None, pad_value: int = 0, is_left_padding: bool = True,
+                       *, base: int = 10, check_range: bool = True):
+    """Vectorised drop-in for the authors' ``PeUtils.prepare_seqpe_data`` (same arguments, same outputs).
+
+    ``raw_pos_list``: integer positions -- a list of ints (1-D) or of tuples (n-D, row first), a numpy array, or a
+    tensor ``[M]`` / ``[M, d]`` (kept on its device). Returns ``(digits int64 [M, d*K], pad_mask float32
+    [M, d*K])`` on ``device`` (default: the positions' device; CPU for Python lists): each axis's decimal digits,
+    padded to ``max_digits`` with ``pad_value`` (left padding by default, as every call site of the authors' code
+    uses), axes concatenated; pad_mask is 1 on real digits. A few tensor ops instead of a Python string loop per
+    position. Unlike the original (ragged lists, then an opaque error), a position with more than ``max_digits``
+    digits or a negative one raises with the reason.
+
+    Swap it in with one line: ``PeUtils.prepare_seqpe_data = staticmethod(seqpe_kernels.prepare_seqpe_data)``.
+    """
+    pos = _as_positions(raw_pos_list, device)
+    digits, mask = tokenize(pos, max_digits, base, None, check_range)
+    if is_left_padding and pad_value == 0:
+        return digits, mask
+    M = digits.shape[0]
+    K = max_digits
+    dig = digits.view(M, -1, K)
+    n = mask.view(M, -1, K).sum(-1, keepdim=True).long()          # real digits per axis
+    slot = torch.arange(K, device=digits.device)
+    if is_left_padding:
+        real = slot >= (K - n)
+    else:  # real digits first, then the padding
+        idx = (slot + (K - n)).clamp(max=K - 1)
+        dig = torch.gather(dig, -1, idx)
+        real = slot < n
+    dig = torch.where(real, dig, torch.full_like(dig, pad_value))
+    return dig.reshape(M, -1), real.to(torch.float32).reshape(M, -1)
+
+
+def _as_positions(raw, device) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        pos = raw
+    else:
+        try:
+            import numpy as np
+
+            if isinstance(raw, np.ndarray):
+                raw = torch.from_numpy(raw)
+        except ImportError:  # pragma: no cover
+            pass
+        if isinstance(raw, torch.Tensor):
+            pos = raw
+        else:
+            raw = list(raw)
+            pos = torch.tensor(raw, dtype=torch.int64) if raw else torch.empty(0, dtype=torch.int64)
+    if device is not None:
+        pos = pos.to(device)
+    return pos

@@ -259,8 +259,13 @@ def attn_scalar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Ten
         raise ValueError(f"batch size {B} is not a multiple of the number of PE windows {P}")
     q_aug = augment(q, pq * scalar_scale if scalar_scale != 1.0 else pq)
     k_aug = augment(k, pk)
-    return F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=causal and attn_mask is None, scale=sc)
+    # v padded with zero columns to the q/k width: the flash / memory-efficient SDPA kernels need one head dim
+    # for q, k and v, and without them SDPA falls back to the math path that materialises [B, H, N, N]
+    d_v = v.shape[-1]
+    v_aug = F.pad(v, (0, q_aug.shape[-1] - d_v)) if q_aug.shape[-1] != d_v else v
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=causal and attn_mask is None, scale=sc)
+    return out[..., :d_v] if v_aug is not v else out
 
 
 def attn_scalar_bias(pq: torch.Tensor, pk: torch.Tensor, scalar_scale: float = 1.0) -> torch.Tensor:

@@ -266,3 +266,18 @@ def test_end_to_end_with_encoder_gradients_flow():
     out = pe_attention(q, k, v, "attn_scalar", pq=pq, pk=pk, causal=True)
     out.square().sum().backward()
     assert enc.out_proj.weight.grad is not None and enc.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_attn_scalar_runs_on_the_flash_kernel():
+    """attn_scalar must not need the math SDPA path (it materialises the [B, H, N, N] scores the augmented-head
+    identity exists to avoid): restricted to the flash kernel it still runs and equals the explicit-bias form."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    B, H, N, d = 2, 4, 64, 32
+    q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
+    pq, pk = torch.randn(1, H, N, 16), torch.randn(1, H, N, 16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = attn_scalar(q, k, v, pq, pk, scalar_scale=0.5, causal=True)
+    want = attn_scalar_explicit(q, k, v, pq, pk, scalar_scale=0.5, causal=True)
+    assert out.shape == (B, H, N, d) and (out - want).abs().max() <= 1e-5

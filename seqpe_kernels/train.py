@@ -1111,7 +1111,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seqpe_kernels.train",
                                      description="Train a tiny SeqPE LM or ViT and evaluate extrapolation")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a refused argument (one line on stderr already): its exit code, as cli.main does
+        return int(e.code or 0)
+    return run(args)
 
 
 if __name__ == "__main__":

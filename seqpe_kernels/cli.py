@@ -1,4 +1,4 @@
-"""``seqpe-kernels`` command line: ``env``, ``bench``, ``check`` (and more subcommands via ``SUBCOMMANDS``).
+"""``seqpe-kernels`` command line: ``env``, ``bench``, ``check``, ``train``, ``study`` (table ``SUBCOMMANDS``).
 
 Adding a subcommand is one entry in the ``SUBCOMMANDS`` table: ``name: (help, add_arguments, run)`` where
 ``add_arguments(parser)`` declares its flags and ``run(args) -> int`` returns the exit code. Heavy imports
@@ -286,11 +286,25 @@ def _train_run(args) -> int:
     return run(args)
 
 
+def _study_args(p: argparse.ArgumentParser):
+    from .study import add_arguments
+
+    add_arguments(p)
+
+
+def _study_run(args) -> int:
+    from .study import run
+
+    return run(args)
+
+
 SUBCOMMANDS: Dict[str, Subcommand] = {
     "env": ("versions, CUDA devices and the backend table with reasons", _env_args, _env_run),
     "bench": ("benchmark providers side by side (CSV + PNG)", _bench_args, _bench_run),
     "check": ("parity of every usable backend against the reference (exit 1 on failure)", _check_args, _check_run),
     "train": ("train a tiny SeqPE LM / ViT (DDP under torchrun) and evaluate extrapolation", _train_args, _train_run),
+    "study": ("SeqPE against the baseline position encodings: train each, evaluate extrapolation, table + plot",
+              _study_args, _study_run),
 }
 
 

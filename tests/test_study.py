@@ -1,0 +1,106 @@
+"""``seqpe-kernels study`` (seqpe_kernels/study.py): the smoke test of the whole command at toy size (seconds),
+the JSON rows, table and plot, diverged runs reported rather than dropped, and usage errors (exit 2, one line)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from seqpe_kernels import cli
+from seqpe_kernels import study as S
+
+KEYS = {"task", "pe", "seed", "scale", "length", "metric", "value"}
+
+
+def test_study_quick_toy_lm_smoke(tmp_path, capsys):
+    js, png, md = tmp_path / "s.json", tmp_path / "s.png", tmp_path / "s.md"
+    rc = cli.main(["study", "--task", "lm", "--quick", "--toy", "--no-progress", "--json", str(js), "--plot",
+                   str(png), "--md", str(md)])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    assert isinstance(rows, list) and all(KEYS <= set(r) for r in rows)
+    pes = ["seqpe", "learned", "sinusoidal", "rope", "alibi", "none"]
+    assert list(dict.fromkeys(r["pe"] for r in rows)) == pes  # every PE, in order
+    assert len(rows) == len(pes) * 2 * 2  # 2 seeds x 2 scales at toy size
+    assert {r["seed"] for r in rows} == {0, 1} and {r["scale"] for r in rows} == {1.0, 2.0}
+    assert {r["length"] for r in rows} == {8, 16} and {r["metric"] for r in rows} == {"perplexity"}
+    assert all(r["status"] == "ok" and 1.0 < r["value"] < 1000 for r in rows)
+    assert png.stat().st_size > 5000
+    out = capsys.readouterr().out
+    for pe in pes:
+        assert pe in out
+    assert "±" in out and "2× / 1×" in out
+    text = md.read_text()
+    assert "seqpe-kernels study --task lm --quick --toy" in text and "commit" in text and "| seqpe |" in text
+
+
+def test_study_toy_vit_subset(tmp_path, capsys):
+    js = tmp_path / "v.json"
+    rc = cli.main(["study", "--task", "vit", "--toy", "--pe", "seqpe", "rope", "none", "--seeds", "1",
+                   "--no-progress", "--json", str(js), "--plot", ""])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    assert [r["pe"] for r in rows] == ["seqpe"] * 2 + ["rope"] * 2 + ["none"] * 2
+    assert all(r["metric"] == "accuracy" and 0 <= r["value"] <= 1 for r in rows)
+    assert [r["length"] for r in rows[:2]] == [2, 4]  # patches per grid side
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_diverged_runs_are_reported_not_dropped(tmp_path, monkeypatch, capsys):
+    from seqpe_kernels import train as T
+
+    real = T.train
+
+    def fake(cfg, log=print, progress_desc=None):
+        r = real(cfg, log=log, progress_desc=progress_desc)
+        if cfg.pe == "none" and cfg.seed == 1:
+            r["losses"][1] = float("nan")
+        return r
+
+    monkeypatch.setattr(T, "train", fake)
+    js = tmp_path / "d.json"
+    rc = cli.main(["study", "--toy", "--pe", "rope", "none", "--no-progress", "--json", str(js), "--plot", ""])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    bad = [r for r in rows if r["pe"] == "none" and r["seed"] == 1]
+    assert len(bad) == 2 and all(r["status"] == "diverged" and r["value"] is None for r in bad)
+    assert all(r["status"] == "ok" for r in rows if r not in bad)
+    out = capsys.readouterr().out
+    assert "DIVERGED at step 1" in out and "1/2 diverged" in out and "1 diverged (reported" in out
+
+
+def test_summary_and_table():
+    rows = [dict(task="lm", pe=pe, seed=s, scale=sc, length=int(8 * sc), metric="perplexity", value=v, status="ok")
+            for pe, vals in (("a", {1.0: (10.0, 12.0), 4.0: (11.0, 13.2)}), ("b", {1.0: (5.0, 5.0), 4.0: (50.0, 5.0)}))
+            for sc, vs in vals.items() for s, v in enumerate(vs)]
+    rows[-1] = dict(rows[-1], value=None, status="diverged")
+    summ = {(s["pe"], s["scale"]): s for s in S.summarize(rows)}
+    assert summ[("a", 1.0)]["mean"] == 11.0 and summ[("a", 1.0)]["std"] == pytest.approx(math.sqrt(2))
+    assert summ[("b", 4.0)]["n_ok"] == 1 and summ[("b", 4.0)]["diverged"] == 1 and summ[("b", 4.0)]["std"] == 0.0
+    table = S.format_table({"rows": rows, "task": "lm"})
+    assert "+10.0 % ± 0.0" in table  # a: 11/10 and 13.2/12 -> +10 % for both seeds
+    assert "50.00 ± 0.00 (1/2 diverged)" in table
+    md = S.format_table({"rows": rows, "task": "lm"}, markdown=True)
+    assert md.splitlines()[0].startswith("| PE | 1× (8) | 4× (32) |")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--task", "vit", "--pe", "alibi"], "not available for --task vit"),
+    (["--seeds", "0"], "must be >= 1"),
+    (["--quick", "--large"], "not allowed with"),
+    (["--pe", "wavelet"], "invalid choice"),
+    (["--steps", "-3"], "must be >= 1"),
+    (["--data", "/no/such/file"], "no such file"),
+])
+def test_study_usage_errors(capsys, argv, msg):
+    rc = cli.main(["study", "--toy", "--no-progress", "--plot", "", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and "Traceback" not in err
+    assert len([l for l in err.strip().splitlines() if not l.startswith("usage") and not l.startswith(" ")]) == 1
+
+
+def test_presets_cover_both_tasks():
+    for name, p in S.PRESETS.items():
+        assert set(p) == {"lm", "vit"} and all(p[t]["seeds"] >= 1 for t in p), name
+    assert S.PRESETS["quick"]["lm"]["seeds"] >= 2 and S.PRESETS["quick"]["vit"]["seeds"] >= 2
+    assert S.STUDY_SCALES["lm"] == (1.0, 2.0, 4.0, 8.0, 16.0) and S.STUDY_SCALES["vit"] == (1.0, 2.0, 3.0, 4.0)

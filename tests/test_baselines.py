@@ -265,6 +265,7 @@ def test_train_cli_with_baseline(tmp_path, capsys, task, pe):
     (["--pe", "sinusoidal", "--pe-method", "attn_mul"], "its own way"),
     (["--task", "vit", "--pe", "alibi"], "not available for --task vit"),
     (["--pe", "none", "--save", "x.pth"], "SeqPE runs"),
+    (["--pe", "learned", "--pe-lr", "1e-3"], "trains at --lr"),
 ])
 def test_train_baseline_usage_errors(capsys, argv, msg):
     rc = T.main(["--steps", "1", "--no-progress", "--plot", "", *argv])
@@ -281,3 +282,10 @@ def test_learned_vit_eval_past_its_table_is_reported_not_measured():
     rows = r["eval"]["rows"]
     assert rows[0]["value"] is not None and rows[1]["value"] is None and "exceeds" in rows[1]["note"]
     assert "n/a" in T.format_eval(r["eval"])
+
+
+def test_encoder_lr_defaults():
+    """The ViT's SeqPE encoder trains 10x slower than the model (issue 15); a baseline's table at the model's lr."""
+    assert T.resolve_config(T.TrainConfig(task="vit")).pe_lr == 1e-4
+    assert T.resolve_config(T.TrainConfig(task="vit", pe="learned")).pe_lr is None
+    assert T.resolve_config(T.TrainConfig(task="lm")).pe_lr is None

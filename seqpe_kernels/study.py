@@ -11,9 +11,10 @@ length, metric, value`` (``length``: tokens for the LM, patches per grid side fo
 dropped, or ``n/a``: a length a learned table has no rows for). ``--md`` writes a report with the command,
 device, commit, date, timings and the table.
 
-Sizes (:data:`PRESETS`): ``--quick`` (2 seeds, the ``train`` task defaults: minutes on 2 CPU cores), the
-default (3 seeds, longer training: well under 45 minutes for the LM on 2 CPU cores), ``--large`` (a bigger model
-and longer runs, meant for a GPU). On a CPU the study runs torch single-threaded (``--threads``): these models
+Sizes (:data:`PRESETS`): ``--quick`` (3 seeds, short runs: minutes on 2 CPU cores), the default (more steps,
+ViT 5 seeds: well under 45 minutes on 2 CPU cores), ``--large`` (a bigger model and longer runs, meant for a
+GPU). Models and data are the ``train`` task defaults (tiny byte-level GPT-2 on the embedded 40 KB text; tiny
+ViT on the synthetic side-of-a-boundary task). On a CPU the study runs torch single-threaded (``--threads``): these models
 are tiny and a second thread only adds contention.
 """
 from __future__ import annotations
@@ -49,13 +50,14 @@ PRESETS: Dict[str, Dict[str, dict]] = {
                     contrastive_batch=2, transfer_size=4, transfer_batch=2, eval_samples=32,
                     eval_scales=(1.0, 2.0)),
     },
+    # 2-core CPU, one torch thread, measured: LM quick ~4 min, default ~15 min; ViT quick ~5 min, default ~12 min
     "quick": {
-        "lm": dict(seeds=2),
-        "vit": dict(seeds=2),
+        "lm": dict(seeds=3, steps=500),
+        "vit": dict(seeds=3, steps=1000),
     },
     "default": {
-        "lm": dict(seeds=3, steps=1000),
-        "vit": dict(seeds=3, steps=1500),
+        "lm": dict(seeds=3, steps=2000),
+        "vit": dict(seeds=5, steps=1500),
     },
     # for a GPU (not run on the 2-core development machines): a 4-layer d=256 LM on 256-token windows (16x =
     # 4096) and a 4-layer d=128 ViT on an 8x8 grid; give the LM a real corpus with --data (the embedded one is
@@ -105,7 +107,7 @@ def run_study(task: str, pes: Sequence[str], seeds: int, preset: str = "quick", 
                                          "encoder_cuda_graphs", "do_eval", "world_size", "position_streams",
                                          "device")
                             and v is not None}
-            losses = r["losses"]
+            losses, main = r["losses"], r["main"]
             bad_step = next((s for s, v in enumerate(losses) if not _finite(v)), None)
             ev = r["eval"]
             diverged = bad_step is not None or any(row["value"] is not None and not _finite(row["value"])
@@ -114,18 +116,19 @@ def run_study(task: str, pes: Sequence[str], seeds: int, preset: str = "quick", 
                 length = row["length"] if task == "lm" else row["grid"]
                 status = "diverged" if diverged else ("ok" if row["value"] is not None else "n/a")
                 out = dict(task=task, pe=pe, seed=seed, scale=row["scale"], length=length, metric=ev["metric"],
-                           value=row["value"] if status == "ok" else None, status=status)
+                           value=row["value"] if status == "ok" else None, status=status, steps=cfg.steps
+                           if cfg.steps is not None else r["config"]["steps"])
                 if row.get("note"):
                     out["note"] = row["note"]
                 rows.append(out)
             run = dict(pe=pe, seed=seed, status="diverged" if diverged else "ok", train_s=round(r["time_s"], 2),
-                       wall_s=round(wall, 2), first_loss=losses[0], final_loss=float(np.mean(losses[-10:])),
+                       wall_s=round(wall, 2), first_loss=main[0], final_loss=float(np.mean(main[-10:])),
                        encoder_backend=r["config"]["encoder_backend"])
             if bad_step is not None:
                 run["diverged_at_step"] = bad_step
             runs.append(run)
             word = "DIVERGED" + (f" at step {bad_step}" if bad_step is not None else " (non-finite evaluation)") \
-                if diverged else f"final loss {run['final_loss']:.3f}"
+                if diverged else f"final main loss {run['final_loss']:.3f}"
             vals = " ".join(f"{x['scale']:g}x:{x['value']:.3f}" if x["value"] is not None else f"{x['scale']:g}x:-"
                             for x in rows[-len(ev['rows']):])
             log(f"  [{i}/{n_runs}] {pe:<10} seed {seed}: {word}, {ev['metric']} {vals} ({wall:.0f}s)")
@@ -220,15 +223,25 @@ def format_table(study: dict, markdown: bool = False) -> str:
 
 
 def _title(study: dict) -> str:
-    st = study["settings"]
+    rows = study["rows"]
+    first = min(r["scale"] for r in rows)
+    n = next(r["length"] for r in rows if r["scale"] == first)  # the training length / grid side
     if study["task"] == "lm":
-        what = (f"LM perplexity on held-out text, trained on {st.get('block_size')}-token windows "
-                f"(lower is better)")
+        what = f"LM perplexity on held-out text, trained on {n}-token windows (lower is better)"
     else:
-        g = st.get("img_size", 0) // max(1, st.get("patch_size", 1))
-        what = f"ViT accuracy on the synthetic task, trained on a {g}x{g} patch grid (higher is better)"
-    return (f"{what}; mean ± std over {study['seeds']} seed(s), {st.get('steps')} steps each "
-            f"(preset {study['preset']})")
+        what = f"ViT accuracy on the synthetic task, trained on a {n}x{n} patch grid (higher is better)"
+    steps = study["settings"].get("steps") or next((r["steps"] for r in rows if r.get("steps")), None)
+    return (f"{what}; mean ± std over {study['seeds']} seed(s)" + (f", {steps} steps each" if steps else "") +
+            f" (preset {study['preset']})")
+
+
+def study_from_rows(rows: Sequence[dict], preset: str = "?") -> dict:
+    """A study dict (for :func:`format_table` / :func:`plot_study`) from the rows of a ``--json`` file."""
+    if not rows:
+        raise ValueError("no rows")
+    return {"rows": list(rows), "runs": [], "settings": {}, "wall_s": 0.0, "task": rows[0]["task"],
+            "pes": list(dict.fromkeys(r["pe"] for r in rows)), "seeds": len({r["seed"] for r in rows}),
+            "preset": preset}
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -252,8 +265,13 @@ def plot_study(study: dict, path: str) -> None:
         ax.fill_between(x, [s["min"] for s in ss], [s["max"] for s in ss], color=line.get_color(), alpha=0.15)
     scales = sorted({s["scale"] for s in summ})
     if metric == "perplexity":
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("evaluation length / training length")
     else:
         ax.set_xlabel("evaluation grid side / training grid side")
@@ -262,7 +280,9 @@ def plot_study(study: dict, path: str) -> None:
         ax.set_ylim(0, 1.02)
     ax.set_xticks(scales)
     ax.set_xticklabels([f"{s:g}x" for s in scales])
-    ax.minorticks_off()
+    from matplotlib.ticker import NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_ylabel(metric)
     ax.set_title(_title(study).split(";")[0] + f"\n{study['seeds']} seeds: lines = mean, bands = min..max",
                  fontsize=9)
@@ -312,14 +332,15 @@ def write_report(study: dict, path: str, command: str) -> None:
              f"- command: `{command}`",
              f"- device: {study.get('device', '?')}",
              f"- torch {torch.__version__}, python {platform.python_version()}",
-             f"- commit: {study.get('commit', '?')}",
+             f"- commit: {study.get('commit', '?')} (at the start; -dirty: the working tree had uncommitted "
+             "changes)",
              f"- date: {study.get('date', '?')}",
              f"- wall time: {study['wall_s'] / 60:.1f} min for {len(study['runs'])} runs", "",
              _title(study) + ":", "", format_table(study, markdown=True), "",
              "Settings shared by every run: " + ", ".join(f"{k}={v}" for k, v in st.items() if k != "task") + ".",
              "SeqPE trains with its contrastive and transfer regularisers and the random window shift; the "
              "baselines without them (positions 0..N-1 only).", "",
-             "| pe | seed | status | first loss | final loss (mean of last 10 steps) | train s | wall s |",
+             "| pe | seed | status | first main loss | final main loss (mean of the last 10 steps) | train s | wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in study["runs"]:
         lines.append(f"| {r['pe']} | {r['seed']} | {r['status']} | {r['first_loss']:.3f} | {r['final_loss']:.3f} | "
@@ -339,10 +360,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"position encodings to compare ({', '.join(PE_CHOICES)}; default all of the task's: the "
                         "ViT has no alibi)")
     p.add_argument("--seeds", type=positive_int, default=None,
-                   help="seeds 0..N-1 per PE (default: quick 2, default 3, large 3)")
+                   help="seeds 0..N-1 per PE (default: quick 3, default 3 (lm) / 5 (vit), large 3)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the `train` task defaults and 2 seeds (LM: ~5 min on 2 CPU cores for all six PEs)")
+                      help="3 seeds of short runs (LM 500 steps, ViT 1000): ~5 min on 2 CPU cores for all PEs")
     size.add_argument("--large", action="store_true",
                       help="a bigger model and longer runs, for a GPU (see PRESETS in seqpe_kernels/study.py)")
     p.add_argument("--toy", action="store_true", help=argparse.SUPPRESS)  # CI smoke size (seconds); wins over the rest
@@ -362,6 +383,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default 1 on a CPU: faster for these tiny models on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--from-json", default=None, metavar="PATH", type=_existing_file,
+                   help="train nothing: print the table of a --json file and redraw its --plot")
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def _replot(args) -> int:
+    from .cli import UsageError
+
+    try:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"task", "pe", "seed", "scale",
+                                                                                    "length", "metric", "value"} <= set(r)
+                                                               for r in rows):
+            raise ValueError("not a list of study rows")
+        for r in rows:
+            r.setdefault("status", "ok" if r["value"] is not None else "diverged")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--from-json {args.from_json}: {e}") from None
+    base = os.path.basename(args.from_json)
+    preset = next((p for p in PRESETS if f"-{p}" in base), "?")
+    study = study_from_rows(rows, preset)
+    print(_title(study) + ":")
+    print(format_table(study))
+    if args.plot:
+        plot_study(study, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -392,6 +446,8 @@ def run(args: argparse.Namespace) -> int:
     from .baselines import PE_CHOICES, VIT_PE_CHOICES
     from .cli import UsageError
 
+    if args.from_json:
+        return _replot(args)
     choices = PE_CHOICES if args.task == "lm" else VIT_PE_CHOICES
     pes = list(dict.fromkeys(args.pe)) if args.pe else list(choices)
     bad = [p for p in pes if p not in choices]
@@ -407,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
     plot_path = f"study-{args.task}-{preset}.png" if args.plot is None else args.plot
     command = _command(args)
+    commit, started = _git_commit(), datetime.datetime.now(datetime.timezone.utc)  # what ran, and when
     print(f"seqpe-kernels study: task={args.task} preset={preset} PEs={' '.join(pes)} seeds={seeds} "
           f"({len(pes) * seeds} runs)")
     from .backend import BackendUnavailable
@@ -417,8 +474,8 @@ def run(args: argparse.Namespace) -> int:
                           backend=args.backend, data=args.data, progress=not args.no_progress)
     except (ValueError, BackendUnavailable, MissingDependency) as e:
         raise UsageError(str(e)) from None
-    study.update(device=device_description(args.device), commit=_git_commit(),
-                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    study.update(device=device_description(args.device), commit=commit,
+                 date=started.strftime("%Y-%m-%d %H:%M UTC"))
     print()
     print(_title(study) + ":")
     print(format_table(study))

@@ -32,6 +32,14 @@ def test_study_quick_toy_lm_smoke(tmp_path, capsys):
     assert "±" in out and "2× / 1×" in out
     text = md.read_text()
     assert "seqpe-kernels study --task lm --quick --toy" in text and "commit" in text and "| seqpe |" in text
+    assert all(r["steps"] == 3 for r in rows)
+    # --from-json: the same table and a redrawn plot, without training
+    png2 = tmp_path / "again.png"
+    assert cli.main(["study", "--from-json", str(js), "--plot", str(png2)]) == 0
+    again = capsys.readouterr().out
+    assert png2.stat().st_size > 5000
+    table = [l for l in out.splitlines() if l.startswith(("PE ", "seqpe ", "alibi "))]
+    assert table and all(l in again for l in table)
 
 
 def test_study_toy_vit_subset(tmp_path, capsys):
@@ -91,6 +99,7 @@ def test_summary_and_table():
     (["--pe", "wavelet"], "invalid choice"),
     (["--steps", "-3"], "must be >= 1"),
     (["--data", "/no/such/file"], "no such file"),
+    (["--from-json", "/no/such.json"], "no such file"),
 ])
 def test_study_usage_errors(capsys, argv, msg):
     rc = cli.main(["study", "--toy", "--no-progress", "--plot", "", *argv])

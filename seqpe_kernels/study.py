@@ -332,9 +332,9 @@ def write_report(study: dict, path: str, command: str) -> None:
              f"- command: `{command}`",
              f"- device: {study.get('device', '?')}",
              f"- torch {torch.__version__}, python {platform.python_version()}",
-             f"- commit: {study.get('commit', '?')} (at the start; -dirty: the working tree had uncommitted "
-             "changes)",
-             f"- date: {study.get('date', '?')}",
+             f"- commit: {study.get('commit', '?')} (at the start" +
+             ("; -dirty: the working tree had uncommitted changes)" if "dirty" in study.get("commit", "") else ")"),
+             f"- date: {study.get('date', '?')} (start)",
              f"- wall time: {study['wall_s'] / 60:.1f} min for {len(study['runs'])} runs", "",
              _title(study) + ":", "", format_table(study, markdown=True), "",
              "Settings shared by every run: " + ", ".join(f"{k}={v}" for k, v in st.items() if k != "task") + ".",

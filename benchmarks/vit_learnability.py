@@ -1,6 +1,6 @@
 """Why some seeds of the tiny SeqPE ViT never learned position (issue 15), and what fixed it.
 
-Runs ``seqpe_kernels.train`` on the synthetic ViT task for several seeds under named settings and prints, per seed,
+Runs ``seqpe_kernels.training.train`` on the synthetic ViT task for several seeds under named settings and prints, per seed,
 the main loss every 100 steps (mean of 50 steps; ln 4 = 1.386 is the position-blind plateau: the colour pair is
 learnt, the side is a guess among 4) and the accuracy at 1x, 2x, 4x the training grid. ``--trace`` also prints,
 every ``--every`` steps, how much SeqPE's output varies over the 16 training positions: the norm of its
@@ -63,8 +63,8 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=50)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    import seqpe_kernels.train as T
-    from seqpe_kernels.samplers import grid_positions
+    import seqpe_kernels.training.train as T
+    from seqpe_kernels.training.samplers import grid_positions
 
     captured, trace, count = {}, [], [0]
     build = T._build

@@ -330,7 +330,7 @@ def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
     run = info["config"]
     hints: Dict[str, Any] = {}
     if info["format"] == "train-pth" and isinstance(run, Mapping) and "pe_heads" in run:
-        # what seqpe_kernels.train._build passed to FusedSeqPE (direction, padding, attn dropout: defaults)
+        # what seqpe_kernels.training.train._build passed to FusedSeqPE (direction, padding, attn dropout: defaults)
         hints = dict(num_heads=run.get("pe_heads"), temperature=run.get("pe_temperature", 1.0),
                      resid_pdrop=run.get("dropout"), attn_pdrop=0.0, attn_direction="causal", mask_padding=False,
                      scale_attn_weights=True, init="image" if run.get("task") == "vit" else "text")

@@ -275,25 +275,25 @@ def _check_run(args) -> int:
 Subcommand = Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 def _train_args(p: argparse.ArgumentParser):
-    from .train import add_arguments
+    from .training.train import add_arguments
 
     add_arguments(p)
 
 
 def _train_run(args) -> int:
-    from .train import run
+    from .training.train import run
 
     return run(args)
 
 
 def _study_args(p: argparse.ArgumentParser):
-    from .study import add_arguments
+    from .training.study import add_arguments
 
     add_arguments(p)
 
 
 def _study_run(args) -> int:
-    from .study import run
+    from .training.study import run
 
     return run(args)
 

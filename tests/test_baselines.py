@@ -1,4 +1,4 @@
-"""Baseline position encodings (seqpe_kernels/baselines.py) and their use by the models and ``train --pe``.
+"""Baseline position encodings (seqpe_kernels/training/baselines.py) and their use by the models and ``train --pe``.
 
 What each test pins: shapes and errors of every module; the learned table's rows past the training length get no
 gradient (and stay at their initialisation through AdamW training); RoPE's relative-shift property (scores
@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqpe_kernels import baselines as B
-from seqpe_kernels import train as T
-from seqpe_kernels.models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
-from seqpe_kernels.pe_apply import alibi_attn_mask, rotary, rotary_tables
-from seqpe_kernels.samplers import grid_positions
+from seqpe_kernels.training import baselines as B
+from seqpe_kernels.training import train as T
+from seqpe_kernels.training.models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
+from seqpe_kernels.training.pe_apply import alibi_attn_mask, rotary, rotary_tables
+from seqpe_kernels.training.samplers import grid_positions
 
 
 def _grid(g, h0=0, w0=0):
@@ -230,7 +230,7 @@ def test_alibi_model_attention_equals_explicit_formula():
     pe = m(torch.arange(N)).double().view(1, N, H)
     x = torch.randn(2, N, C, dtype=torch.float64)
     attn = model.blocks[0].attn
-    from seqpe_kernels.models import _PeContext
+    from seqpe_kernels.training.models import _PeContext
 
     got = attn(x, _PeContext("alibi", mask=alibi_attn_mask(pe, 2)), 0)
     q, k, v = attn.qkv(x).view(2, N, 3, H, C // H).permute(2, 0, 3, 1, 4)

@@ -1,6 +1,6 @@
 """One source of truth for workloads: a benchmark step is a training step's encoder input.
 
-``seqpe-kernels bench`` draws its positions with the training stack's samplers (seqpe_kernels.samplers) and merges
+``seqpe-kernels bench`` draws its positions with the training stack's samplers (seqpe_kernels.training.samplers) and merges
 them with ``merge_positions``, as ``seqpe-kernels train`` does; these tests fail if the benchmark grows its own
 imitation again, or if the step sizes drift from SEQPE_SPEC §6.
 """
@@ -10,7 +10,8 @@ import torch
 
 from seqpe_kernels.bench import CONFIGS, make_positions, training_step
 from seqpe_kernels.bench.workloads import SHIFT_POOL, STEPS
-from seqpe_kernels.samplers import ContrastiveSampler, MainWindowSampler, TransferSampler, merge_positions
+from seqpe_kernels.training.contrastive import ContrastiveSampler
+from seqpe_kernels.training.samplers import MainWindowSampler, TransferSampler, merge_positions
 
 # SEQPE_SPEC §6, per GPU of a 4-GPU run: main ; pivots ; candidates ; transfer
 SPEC_SIZES = {"text-default": (512, 16, 512, 512), "text-shifted": (16 * 512, 16, 512, 0),

@@ -361,10 +361,10 @@ def test_every_mistake_is_one_line_and_exit_2(argv, tmp_path, capsys, monkeypatc
         raise AssertionError("a refused command must not start any work")
 
     import seqpe_kernels.bench
-    import seqpe_kernels.train
+    import seqpe_kernels.training.train
     monkeypatch.setattr(seqpe_kernels.bench, "run_bench", no_work)
     monkeypatch.setattr(check_mod, "default_cases", no_work)  # called once the request is accepted
-    monkeypatch.setattr(seqpe_kernels.train, "train", no_work)
+    monkeypatch.setattr(seqpe_kernels.training.train, "train", no_work)
     (tmp_path / "a_file").write_text("x")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2

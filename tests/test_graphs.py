@@ -716,7 +716,7 @@ def test_train_uses_cuda_graphs_by_default_and_matches_without():
     """`seqpe-kernels train` on CUDA replays the encoder step as CUDA graphs by default; the losses equal a run
     with --no-cuda-graphs (dropout 0: deterministic; the eager run deduplicates, so equal up to rounding, which
     AdamW can amplify a little on near-zero gradients after the first step)."""
-    from seqpe_kernels import train as T
+    from seqpe_kernels.training import train as T
 
     runs = {}
     for graphs in (None, False):
@@ -734,7 +734,7 @@ def test_train_uses_cuda_graphs_by_default_and_matches_without():
 def test_train_cuda_graphs_flag_and_plan():
     import argparse
 
-    from seqpe_kernels import train as T
+    from seqpe_kernels.training import train as T
 
     p = argparse.ArgumentParser()
     T.add_arguments(p)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqpe_kernels.models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
+from seqpe_kernels.training.models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
 from seqpe_kernels.reference.seqpe import SeqPE
 
 
@@ -121,8 +121,9 @@ def test_paper_configs():
 def test_tiny_lm_trains_with_full_seqpe_pipeline():
     """A few CPU steps of the §5.8 training step: one merged encoder call, LM + contrastive + transfer loss."""
     from seqpe_kernels.reference.losses import contrastive_loss, transfer_loss
-    from seqpe_kernels.samplers import (ContrastiveSampler, MainWindowSampler, TransferSampler, merge_positions,
-                                        split_outputs, transfer_active)
+    from seqpe_kernels.training.contrastive import ContrastiveSampler
+    from seqpe_kernels.training.samplers import (MainWindowSampler, TransferSampler, merge_positions,
+                                                 split_outputs, transfer_active)
 
     torch.manual_seed(0)
     N, B, V = 16, 8, 16

@@ -741,7 +741,7 @@ def test_attn_scalar_replacement_matches_the_authors(mode, P):
     only SDPA's flash kernel allowed) equals the authors' tiled explicit bias, outputs and gradients."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from seqpe_kernels import pe_apply
+    from seqpe_kernels.training import pe_apply
 
     _seed()
     B, H, N, C = 4, 2, 24, 16

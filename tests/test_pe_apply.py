@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from seqpe_kernels.pe_apply import (PeQK, attn_scalar, attn_scalar_explicit, input_add, pe_attention,
+from seqpe_kernels.training.pe_apply import (PeQK, attn_scalar, attn_scalar_explicit, input_add, pe_attention,
                                     pe_out_dim, rotary_tables, split_pe_qk, tile_windows)
 
 
@@ -91,7 +91,7 @@ def test_rotary_is_a_rotation_for_unit_pe():
     N, d = 5, 4
     theta = torch.arange(N, dtype=DT)[:, None] * torch.tensor([1.0, 0.1], dtype=DT)
     pe = torch.cat([theta.sin(), theta.cos()], -1)[None]  # [1, N, d]
-    from seqpe_kernels.pe_apply import rotary
+    from seqpe_kernels.training.pe_apply import rotary
     x = torch.randn(1, 1, 1, d, dtype=DT).expand(1, 1, N, d)
     rq, _ = rotary(x, x, pe)
     torch.testing.assert_close(rq.norm(dim=-1), x.norm(dim=-1))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from seqpe_kernels.samplers import (ContrastiveSampler, MainWindowSampler, TransferSampler, epoch_order,
-                                    grid_positions, merge_positions, resolve_main_batch_size, split_outputs,
-                                    transfer_active)
-from seqpe_kernels.samplers import _ordered_sample
+from seqpe_kernels.training.contrastive import ContrastiveSampler
+from seqpe_kernels.training.samplers import (MainWindowSampler, TransferSampler, epoch_order, grid_positions,
+                                             merge_positions, resolve_main_batch_size, split_outputs, transfer_active)
+from seqpe_kernels.training.samplers import _ordered_sample
 
 
 

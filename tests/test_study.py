@@ -1,4 +1,4 @@
-"""``seqpe-kernels study`` (seqpe_kernels/study.py): the smoke test of the whole command at toy size (seconds),
+"""``seqpe-kernels study`` (seqpe_kernels/training/study.py): the smoke test of the whole command at toy size (seconds),
 the JSON rows, table and plot, diverged runs reported rather than dropped, and usage errors (exit 2, one line)."""
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from seqpe_kernels import cli
-from seqpe_kernels import study as S
+from seqpe_kernels.training import study as S
 
 KEYS = {"task", "pe", "seed", "scale", "length", "metric", "value"}
 
@@ -55,7 +55,7 @@ def test_study_toy_vit_subset(tmp_path, capsys):
 
 
 def test_diverged_runs_are_reported_not_dropped(tmp_path, monkeypatch, capsys):
-    from seqpe_kernels import train as T
+    from seqpe_kernels.training import train as T
 
     real = T.train
 

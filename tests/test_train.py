@@ -1,4 +1,4 @@
-"""``seqpe-kernels train`` (seqpe_kernels/train.py): CLI runs on the embedded data, convergence parity of the
+"""``seqpe-kernels train`` (seqpe_kernels/training/train.py): CLI runs on the embedded data, convergence parity of the
 torch and Triton encoder backends, and DistributedDataParallel (2 CPU ranks, gloo) against one process.
 
 Kept small for a shared 2-core CPU (run with OMP_NUM_THREADS=1): every test is well under a minute. On CPU the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqpe_kernels import train as T
+from seqpe_kernels.training import train as T
 from seqpe_kernels.backend import status
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def _nan(v):
 
 # ------------------------------------------------------------------------------------------------ data
 def test_embedded_corpus_is_the_generators_output():
-    from seqpe_kernels.data.corpus import generate_chronicle, load_chronicle
+    from seqpe_kernels.training.data.corpus import generate_chronicle, load_chronicle
 
     text = load_chronicle()
     assert text == generate_chronicle()
@@ -116,8 +116,8 @@ def test_cli_vit_synthetic_loss_falls(tmp_path, capsys):
 
 
 def test_python_m_entry_point_with_defaults(tmp_path):
-    """``python -m seqpe_kernels.train`` with the default backend (auto) and the default plot path."""
-    r = subprocess.run([sys.executable, "-m", "seqpe_kernels.train", "--task", "lm", "--steps", "2", "--no-eval",
+    """``python -m seqpe_kernels.training.train`` with the default backend (auto) and the default plot path."""
+    r = subprocess.run([sys.executable, "-m", "seqpe_kernels.training.train", "--task", "lm", "--steps", "2", "--no-eval",
                         "--no-progress", "--block-size", "16"], cwd=tmp_path, env=_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -231,7 +231,7 @@ DDP_ARGS = ["--task", "lm", "--dropout", "0", "--batch-size", "4", "--block-size
 def _torchrun(tmp_path, nproc: int, args, name: str):
     js, pt = tmp_path / f"{name}.json", tmp_path / f"{name}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "seqpe_kernels.train", *args,
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "seqpe_kernels.training.train", *args,
            "--json", str(js), "--save", str(pt)]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

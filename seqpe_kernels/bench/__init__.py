@@ -31,7 +31,7 @@ Modes
   nograd    eval mode under ``torch.inference_mode``
 
 Workloads are SEQPE_SPEC §6: the positions of one training step, drawn with the training stack's own samplers
-(seqpe_kernels.samplers, §4.5 / §5.1 / §5.3, seeded) and merged in the order main ; pivots ; candidates ;
+(seqpe_kernels.training.samplers, §4.5 / §5.1 / §5.3, seeded) and merged in the order main ; pivots ; candidates ;
 transfer (§5.7) exactly as ``seqpe-kernels train`` merges them (bench/workloads.py). Text runs under bf16 autocast on CUDA (as accelerate does) and in fp32 on CPU; the
 ViT configs are fp32.
 

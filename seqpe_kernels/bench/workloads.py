@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..samplers import ContrastiveSampler, MainWindowSampler, MergeLayout, TransferSampler, merge_positions
+from ..training.contrastive import ContrastiveSampler
+from ..training.samplers import MainWindowSampler, MergeLayout, TransferSampler, merge_positions
 from .configs import BenchConfig
 
 

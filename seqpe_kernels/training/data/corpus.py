@@ -3,9 +3,9 @@
 * LM: ``chronicle.txt`` (~40 KB), a synthetic English "chronicle" produced deterministically by
   :func:`generate_chronicle` below (a small story grammar, lines wrapped at 72 columns, numbered chapters
   and dated entries). Written for this package and dedicated to the public domain (CC0). Regenerate with
-  ``python -m seqpe_kernels.data.corpus > seqpe_kernels/data/chronicle.txt``; a test checks that the
+  ``python -m seqpe_kernels.training.data.corpus > seqpe_kernels/training/data/chronicle.txt``; a test checks that the
   shipped file equals the generator's output.
-* ViT: no file; :func:`seqpe_kernels.train.synthetic_images` draws images on the fly.
+* ViT: no file; :func:`seqpe_kernels.training.train.synthetic_images` draws images on the fly.
 
 The generator uses its own 64-bit PRNG (splitmix64), so its output does not depend on the Python version.
 """

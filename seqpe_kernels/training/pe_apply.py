@@ -1,7 +1,7 @@
 """How the main model consumes the SeqPE output (SEQPE_SPEC §4.2-§4.4), re-implemented from the spec.
 
 Methods: ``input_add``, ``attn_mul``, ``attn_add``, ``attn_scalar``, ``rotary`` (plus ``nope``: no PE, and
-``alibi``: the causal linear bias of the ALiBi baseline, :func:`alibi_attn_mask`; see :mod:`seqpe_kernels.baselines`).
+``alibi``: the causal linear bias of the ALiBi baseline, :func:`alibi_attn_mask`; see :mod:`seqpe_kernels.training.baselines`).
 
 **Windows, not copies.** The encoder gives one PE table per distinct position window, ``pe`` [P, N, O]
 (P = 1 on default steps, P = pe_main_batch_size on shifted steps). The reference tiles it to the batch with
@@ -37,7 +37,7 @@ METHODS = ("nope", "input_add", "attn_mul", "attn_add", "attn_scalar", "rotary",
 
 def pe_out_dim(method: str, model_dim: int, num_heads: int, multi_head: bool = True) -> int:
     """Encoder output width O required by a method (SEQPE_SPEC §4.1); -1 for 'nope'. 'alibi' is no SeqPE method
-    (it raises; the ALiBi baseline's width is its head count, :class:`seqpe_kernels.baselines.ALiBi`)."""
+    (it raises; the ALiBi baseline's width is its head count, :class:`seqpe_kernels.training.baselines.ALiBi`)."""
     if model_dim % num_heads:
         raise ValueError(f"num_heads={num_heads} does not divide model_dim={model_dim}")
     d_h = model_dim // num_heads
@@ -294,7 +294,7 @@ def attn_scalar_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: 
 # ============================================================================================ ALiBi
 def alibi_attn_mask(pe: torch.Tensor, batch_size: Optional[int] = None, causal: bool = True) -> torch.Tensor:
     """The ALiBi bias as an additive SDPA mask from per-window coordinates ``pe`` [P, N, H] = ``m_h * p``
-    (:class:`seqpe_kernels.baselines.ALiBi`): ``-m_h (p_i - p_j)`` for keys j <= i and ``-inf`` above the
+    (:class:`seqpe_kernels.training.baselines.ALiBi`): ``-m_h (p_i - p_j)`` for keys j <= i and ``-inf`` above the
     diagonal (``causal``; otherwise ``-m_h |p_i - p_j|``). Returns [P, H, N, N], or with ``batch_size`` B the
     mask for the batch (sample b uses window b mod P; [1, H, N, N] when P == 1, broadcast by SDPA)."""
     if pe.dim() != 3:

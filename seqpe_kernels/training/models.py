@@ -1,11 +1,11 @@
 """Small main models that consume a position encoder: a GPT-2-style LM and a ViT (SEQPE_SPEC §4).
 
 Both take any position encoder (an ``nn.Module`` with ``forward(positions) -> [M, O]``, e.g.
-:class:`seqpe_kernels.SeqPE`) and one PE method of :mod:`seqpe_kernels.pe_apply`. Defaults are tiny (train on
+:class:`seqpe_kernels.SeqPE`) and one PE method of :mod:`seqpe_kernels.training.pe_apply`. Defaults are tiny (train on
 a CPU in seconds); ``GPTConfig.paper()`` / ``ViTConfig.small()`` / ``ViTConfig.base()`` give the paper sizes.
 
 The PE is passed per distinct window, ``pe`` [P, N, O] (sample b uses window b mod P), typically the ``main``
-part of :func:`seqpe_kernels.samplers.split_outputs` after one merged encoder call; without ``pe`` the model
+part of :func:`seqpe_kernels.training.samplers.split_outputs` after one merged encoder call; without ``pe`` the model
 encodes its default positions itself. PE-derived tensors (Q/K projection, rotary tables) are computed once per
 window and broadcast, never tiled to the batch.
 

@@ -15,7 +15,7 @@ perplexity on held-out text at 1x, 2x, 4x, 8x the training length (positions 0..
 larger patch grids (positions (0,0)..(g-1,g-1)). A table is printed and a PNG drawn.
 
 Data: the LM trains on bytes (vocab 256) of ``--data`` (a UTF-8 text file) or of the embedded synthetic
-corpus ``seqpe_kernels/data/chronicle.txt``; the ViT on an image folder (one subfolder per class, read with
+corpus ``seqpe_kernels/training/data/chronicle.txt``; the ViT on an image folder (one subfolder per class, read with
 Pillow) or on the built-in synthetic task (:func:`synthetic_images`: colour pair x which side of a boundary
 the first colour is on; the side needs position information).
 
@@ -28,11 +28,11 @@ with ``--position-streams 2`` reproduces a 2-rank run step for step (used by the
 prints and writes files.
 
 Baselines: ``--pe {learned,sinusoidal,rope,alibi,none}`` trains the same model with a baseline position
-encoding of :mod:`seqpe_kernels.baselines` in place of SeqPE (the ViT: their 2-D forms; no ALiBi). The SeqPE
+encoding of :mod:`seqpe_kernels.training.baselines` in place of SeqPE (the ViT: their 2-D forms; no ALiBi). The SeqPE
 regularisers (contrastive, transfer) and the random window shift are off for them, so a baseline trains on the
 positions 0..N-1 only, as a standard GPT-2 / ViT does; ``seqpe-kernels study`` compares them all.
 
-Use ``python -m seqpe_kernels.train ...`` or ``seqpe-kernels train ...``; programmatically
+Use ``python -m seqpe_kernels.training.train ...`` or ``seqpe-kernels train ...``; programmatically
 :func:`train` with a :class:`TrainConfig`.
 
 ``--save PATH`` writes the run (:func:`save_run`: the encoder with its configuration, which
@@ -43,13 +43,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -59,260 +56,19 @@ from torch import nn
 __all__ = ["TrainConfig", "train", "add_arguments", "run", "main", "synthetic_images", "resolve_config", "save_run",
            "TASK_DEFAULTS"]
 
-# ---------------------------------------------------------------------------------------------------- config
-TASK_DEFAULTS: Dict[str, dict] = {
-    # CPU-sized defaults: a tiny model trains in seconds to minutes on a laptop core
-    # (paper PE methods: text attn_scalar + 'single' Q/K projection, image attn_mul + 'multi'). The ViT needs
-    # the lower lr: at 3e-3 the main loss collapses the encoder to a position-independent output early on.
-    # It also needs the encoder 10x slower than the model (pe_lr, the image pipeline's separate encoder group):
-    # with the encoder at the model's 1e-3, AdamW flattens SeqPE's output over the training grid within ~20 steps
-    # (spread across the 16 positions / common part: 0.15 at init -> 0.03), the model sits on the
-    # position-blind plateau (loss ln 4) for a seed-dependent 200 to 1000+ steps, and after 600 steps 1 seed in 8
-    # reached accuracy 1.0 (16 seeds at 1500 steps: 12). With pe_lr 1e-4 the spread stays at 0.1-0.6, every seed
-    # leaves the plateau by step ~500 and 15 of 16 reach 1.0 by step 1000 (issue 15; the baselines, on the
-    # model's lr, learn the task in 100-300 steps). Task defaults apply to --pe seqpe; the baselines train
-    # their position encoding (the learned table) at --lr.
-    "lm": dict(steps=200, batch_size=8, lr=3e-3, model_dim=64, model_layers=2, model_heads=4, pe_dim=32,
-               pe_heads=2, pe_layers=2, pe_method="attn_scalar", pe_qk="single", block_size=64,
-               max_position=2048, contrastive_size=16, contrastive_batch=8, transfer_size=16, transfer_batch=4,
-               eval_scales=(1.0, 2.0, 4.0, 8.0)),
-    "vit": dict(steps=1000, batch_size=32, lr=1e-3, pe_lr=1e-4, model_dim=64, model_layers=2, model_heads=4,
-                pe_dim=32, pe_heads=2, pe_layers=2, pe_method="attn_mul", pe_qk="multi", img_size=16, patch_size=4,
-                max_position=1024, contrastive_size=16, contrastive_batch=8, transfer_size=8, transfer_batch=4,
-                eval_scales=(1.0, 1.5, 2.0, 3.0)),
-}
-
-
-_SEQPE_DEFAULTS = dict(contrastive_weight=0.1, transfer_weight=0.1, shift_rate=0.1)  # the paper scripts
-_BASELINE_METHODS = {"learned": "input_add", "sinusoidal": "input_add", "rope": "rotary", "alibi": "alibi",
-                     "none": "nope"}  # how the model applies each baseline (seqpe_kernels.baselines)
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs. ``None`` fields take the task's default (:data:`TASK_DEFAULTS`)."""
-    task: str = "lm"  # 'lm' | 'vit'
-    pe: str = "seqpe"  # 'seqpe' or a baseline of seqpe_kernels.baselines (learned, sinusoidal, rope, alibi, none)
-    steps: Optional[int] = None
-    backend: str = "auto"  # FusedSeqPE backend: auto | torch | triton | cuda | cpu
-    dropout: float = 0.1  # encoder resid dropout and model dropout
-    seed: int = 0
-    contrastive_weight: Optional[float] = None  # lambda_ct: 0.1 for seqpe, 0 (off) for the baselines
-    transfer_weight: Optional[float] = None  # lambda_tr: 0.1 for seqpe, 0 (off) for the baselines
-    transfer_beta: float = 1.0  # both paper scripts
-    pe_warmup_steps: int = 0  # PeWeightScheduler warm-up (0: full weights from the start)
-    device: Optional[str] = None
-    batch_size: Optional[int] = None  # global batch (split across ranks)
-    lr: Optional[float] = None
-    pe_lr: Optional[float] = None  # encoder learning rate (default: lr)
-    weight_decay: float = 0.01
-    clip: float = 5.0  # max-norm, applied to the encoder and to the model separately
-    data: Optional[str] = None
-    # model / encoder sizes
-    model_dim: Optional[int] = None
-    model_layers: Optional[int] = None
-    model_heads: Optional[int] = None
-    pe_dim: Optional[int] = None  # encoder embed_dim D (its output width O is set by the model)
-    pe_heads: Optional[int] = None
-    pe_layers: Optional[int] = None
-    pe_temperature: float = 1.0  # encoder output is out_proj(...) / temperature (SEQPE_SPEC §2.3)
-    pe_method: Optional[str] = None  # how the model applies the PE (seqpe_kernels.pe_apply)
-    pe_qk: Optional[str] = None  # 'none' | 'single' | 'multi' Q/K projection of the PE (attn_* methods)
-    block_size: Optional[int] = None  # LM training length N
-    img_size: Optional[int] = None  # ViT training resolution
-    patch_size: Optional[int] = None
-    max_position: Optional[int] = None  # pe_max_position (1-D: positions < it; 2-D: grid floor(sqrt) per axis)
-    # regulariser batches (per position stream, like the reference's per-GPU sizes)
-    contrastive_size: Optional[int] = None  # C
-    contrastive_batch: Optional[int] = None  # B_c
-    transfer_size: Optional[int] = None  # T_n
-    transfer_batch: Optional[int] = None  # B_t
-    shift_rate: Optional[float] = None  # pe_random_shift_rate: 0.1 for seqpe, 0 (off) for the baselines
-    shift_pool: int = 320  # pe_random_shift_downsample
-    pe_main_batch_size: int = -1  # P when a shift fires (-1: the stream's batch size)
-    # evaluation
-    eval_scales: Optional[Sequence[float]] = None
-    eval_tokens: int = 8192  # LM: held-out tokens per length (at most)
-    eval_samples: int = 512  # ViT: images per grid (synthetic; a folder uses its held-out split)
-    do_eval: bool = True
-    position_streams: Optional[int] = None  # default: the world size
-    progress: bool = True
-    cuda_graphs: Optional[bool] = None  # encoder step as CUDA graphs (GraphedSeqPE); None: on where it applies
-    resume: Optional[str] = None  # a `train --save` file: continue that run for `steps` more steps
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if d.get("eval_scales") is not None:
-            d["eval_scales"] = list(d["eval_scales"])
-        return d
-
-
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """A copy with every ``None`` replaced by the task default, validated."""
-    from .baselines import PE_CHOICES, VIT_PE_CHOICES
-
-    if cfg.task not in TASK_DEFAULTS:
-        raise ValueError(f"--task must be one of {', '.join(TASK_DEFAULTS)}, got {cfg.task!r}")
-    choices = PE_CHOICES if cfg.task == "lm" else VIT_PE_CHOICES
-    if cfg.pe not in choices:
-        raise ValueError(f"--pe {cfg.pe}: not available for --task {cfg.task} (choose from {', '.join(choices)})")
-    d = cfg.to_dict()
-    if cfg.pe != "seqpe":  # a baseline: no SeqPE regularisers, no random shift, its own way of applying the PE
-        for k, flag in (("contrastive_weight", "--contrastive-weight"), ("transfer_weight", "--transfer-weight"),
-                        ("shift_rate", "--shift-rate")):
-            if d.get(k):
-                raise ValueError(f"{flag} applies to --pe seqpe only (the baselines train without SeqPE's "
-                                 f"regularisers and random shift); got {flag} {d[k]:g} with --pe {cfg.pe}")
-            d[k] = 0.0
-        if cfg.pe_method is not None or cfg.pe_qk is not None:
-            raise ValueError(f"--pe-method / --pe-qk choose how the model applies SeqPE; --pe {cfg.pe} applies "
-                             "itself its own way")
-        if cfg.pe_lr is not None:
-            raise ValueError(f"--pe-lr is the SeqPE encoder's learning rate; --pe {cfg.pe} trains at --lr")
-        d["pe_method"], d["pe_qk"] = _BASELINE_METHODS[cfg.pe], "none"
-    for k, v in _SEQPE_DEFAULTS.items():
-        if d.get(k) is None:
-            d[k] = v
-    for k, v in TASK_DEFAULTS[cfg.task].items():
-        if d.get(k) is None and not (k == "pe_lr" and cfg.pe != "seqpe"):
-            d[k] = list(v) if isinstance(v, tuple) else v
-    out = TrainConfig(**d)
-    if cfg.transfer_size is None:  # the default T_n never exceeds the window (T_n slots are drawn from N)
-        n = out.block_size if out.task == "lm" else (out.img_size // out.patch_size) ** 2
-        out.transfer_size = min(out.transfer_size, n)
-    if out.steps < 1:
-        raise ValueError("--steps must be >= 1")
-    if not 0.0 <= out.dropout < 1.0:
-        raise ValueError("--dropout must be in [0, 1)")
-    if out.contrastive_weight < 0 or out.transfer_weight < 0:
-        raise ValueError("regulariser weights must be >= 0")
-    if out.model_dim % out.model_heads:
-        raise ValueError("--model-heads must divide --model-dim")
-    if out.pe_dim % out.pe_heads:
-        raise ValueError("--pe-heads must divide --pe-dim")
-    if out.task == "vit" and out.img_size % out.patch_size:
-        raise ValueError("--patch-size must divide --img-size")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- data
-class TextData:
-    """Byte-level tokens of a UTF-8 text; the last 10 % is held out for evaluation."""
-
-    def __init__(self, path: Optional[str]):
-        if path is None:
-            from .data.corpus import CHRONICLE_PATH
-
-            path, self.name = CHRONICLE_PATH, "embedded synthetic chronicle (seqpe_kernels/data/chronicle.txt)"
-        else:
-            self.name = path
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--data {path}: not a UTF-8 text file ({e})") from None
-        tokens = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
-        split = int(len(tokens) * 0.9)
-        self.train, self.eval = tokens[:split], tokens[split:]
-
-    def batch(self, rng: np.random.Generator, n: int, length: int) -> torch.Tensor:
-        if len(self.train) < length + 1:
-            raise ValueError(f"the training text ({len(self.train)} bytes) is shorter than one block ({length})")
-        starts = rng.integers(0, len(self.train) - length + 1, size=n)
-        return torch.from_numpy(np.stack([self.train[s:s + length] for s in starts]))
-
-
-_PAIRS = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # red / green
-                   [[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]])  # blue / yellow
-SYNTHETIC_CLASSES = 8
-SYNTHETIC_SIDES = ("left", "right", "top", "bottom")
-
-
-def synthetic_images(rng: np.random.Generator, n: int, grid: int, patch: int,
-                     noise: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The built-in ViT task: ``n`` images [n, 3, grid*patch, grid*patch] and labels [n] in 0..7.
-
-    Each image is split by a straight boundary along patch borders (vertical or horizontal, at a random cell
-    1..grid-1) into two flat colour regions from one of two colour pairs (red/green or blue/yellow), plus
-    Gaussian pixel noise. ``label = 4 * pair + side``, side = where the pair's first colour lies: 0 left, 1
-    right, 2 top, 3 bottom. The pair is plain content (learnt within a few dozen steps, so the loss falls
-    fast); the side needs positions: every patch is one flat colour and, over the random boundary, each side
-    shows the same bag of patches, so a position-blind model tops out at 0.25 accuracy (chance 0.125). The
-    rule is the same at every grid size, so accuracy on larger grids measures PE extrapolation.
-    """
-    if grid < 2:
-        raise ValueError("the synthetic task needs a patch grid of at least 2 x 2")
-    S = grid * patch
-    side = rng.integers(0, 4, n)
-    pair = rng.integers(0, 2, n)
-    cut = rng.integers(1, grid, n)
-    idx = np.arange(grid)
-    coord = np.where((side < 2)[:, None, None], idx[None, None, :], idx[None, :, None])  # column or row index
-    first = (coord < cut[:, None, None]) ^ (side % 2 == 1)[:, None, None]  # [n, grid, grid]
-    cells = np.where(first[:, None], _PAIRS[pair, 0][:, :, None, None], _PAIRS[pair, 1][:, :, None, None])
-    img = np.repeat(np.repeat(cells, patch, axis=2), patch, axis=3) + noise * rng.standard_normal((n, 3, S, S))
-    labels = 4 * pair + side
-    return torch.from_numpy((img - 0.5).astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
-
-
-class MissingDependency(RuntimeError):
-    """An optional package a requested feature needs is not installed."""
-
-
-_IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
-class ImageFolderData:
-    """``root/<class>/<image>``; every 10th image of a class (if it has >= 2) is held out for evaluation."""
-
-    def __init__(self, root: str, img_size: int):
-        try:
-            from PIL import Image  # noqa: F401
-        except ImportError:
-            raise MissingDependency("--data with --task vit reads an image folder with Pillow, which is not installed "
-                               "(pip install pillow); without --data the built-in synthetic task needs "
-                               "nothing") from None
-        if not os.path.isdir(root):
-            raise ValueError(f"--data {root}: not a directory (expected one subfolder per class)")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if len(self.classes) < 2:
-            raise ValueError(f"--data {root}: needs at least two class subfolders, found {len(self.classes)}")
-        self.train_files, self.eval_files = [], []
-        for ci, c in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(_IMG_EXT))
-            if not files:
-                raise ValueError(f"--data {root}: class folder {c!r} has no images ({', '.join(_IMG_EXT)})")
-            held = {i for i in range(len(files)) if i % 10 == 9} or ({len(files) - 1} if len(files) >= 2 else set())
-            for i, f in enumerate(files):
-                (self.eval_files if i in held else self.train_files).append((os.path.join(root, c, f), ci))
-        self.name = root
-        self.num_classes = len(self.classes)
-        self.train_x, self.train_y = self.load(self.train_files, img_size)
-
-    @staticmethod
-    def load(files, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
-        xs = []
-        for path, _ in files:
-            with Image.open(path) as im:
-                im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                xs.append(np.asarray(im, dtype=np.float32) / 255.0)
-        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous() - 0.5
-        return x, torch.tensor([c for _, c in files], dtype=torch.long)
-
-    def batch(self, rng: np.random.Generator, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(rng.integers(0, len(self.train_y), size=n))
-        return self.train_x[idx], self.train_y[idx]
-
+from .config import _BASELINE_METHODS, _SEQPE_DEFAULTS, TASK_DEFAULTS, TrainConfig, resolve_config  # noqa: F401
+from .datasets import (_PAIRS, SYNTHETIC_CLASSES, ImageFolderData, MissingDependency, TextData,  # noqa: F401
+                       synthetic_images)
+from .evaluate import evaluate, format_eval, plot, write_json  # noqa: F401
+from .resume import _check_resume_config, _read_resume, _restore, _resume_config, _train_state, save_run  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------- streams
 class _PositionStream:
     """One stream of positions (one reference GPU): main / contrastive / transfer samplers, seed + index."""
 
     def __init__(self, cfg: TrainConfig, index: int, stream_batch: int):
-        from .samplers import ContrastiveSampler, MainWindowSampler, TransferSampler, resolve_main_batch_size
+        from .contrastive import ContrastiveSampler
+        from .samplers import MainWindowSampler, TransferSampler, resolve_main_batch_size
 
         main_seed, ct_seed, tr_seed = np.random.SeedSequence(cfg.seed + index).spawn(3)
         if cfg.task == "lm":
@@ -355,9 +111,9 @@ def _combine_main(mains, stream_batch: int):
 
 # ---------------------------------------------------------------------------------------------------- models
 def _build(cfg: TrainConfig, device: torch.device, num_classes: int):
-    from .fused import FusedSeqPE
+    from ..fused import FusedSeqPE
     from .models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
-    from .reference.tokenize import max_digits_for
+    from ..reference.tokenize import max_digits_for
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     p = cfg.dropout
@@ -442,7 +198,7 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
     ``None`` where a term was inactive), ``eval``, ``config``, ``checks``, ``time_s``, and the trained
     (unwrapped) ``encoder`` and ``model`` modules.
     """
-    from .reference.losses import PeWeightScheduler, contrastive_loss, transfer_loss
+    from ..reference.losses import PeWeightScheduler, contrastive_loss, transfer_loss
     from .samplers import merge_positions, split_outputs, transfer_active
 
     resume = _read_resume(cfg.resume) if cfg.resume else None
@@ -514,7 +270,7 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
         model_run = DDP(model, device_ids=ids)
     graphs_on, graphs_why = cuda_graphs_plan(cfg.cuda_graphs, device, enc_backend, distributed)
     if graphs_on:
-        from .savings.graphs import GraphedSeqPE
+        from ..savings.graphs import GraphedSeqPE
 
         # one capture per positions shape; same outputs, gradients and dropout masks as the eager encoder
         enc_run = GraphedSeqPE(enc)
@@ -646,313 +402,11 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
                 optimizer=opt, train_state=train_state)
 
 
-# ---------------------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: torch.device) -> dict:
-    """Extrapolation: the encoder in eval mode, run once per length / grid, its table reused for every batch."""
-    from .samplers import grid_positions
-
-    was = enc.training, model.training
-    enc.eval()
-    model.eval()
-    rows = []
-    try:
-        if cfg.task == "lm":
-            N = cfg.block_size
-            for s in cfg.eval_scales:
-                L = max(2, int(round(s * N)))
-                row = {"scale": float(s), "length": L, "value": None, "tokens": 0}
-                if L > cfg.max_position:
-                    row["note"] = f"length {L} exceeds max_position {cfg.max_position}"
-                    rows.append(row)
-                    continue
-                toks = data.eval if len(data.eval) >= L else np.concatenate([data.train, data.eval])
-                n_seq = min(len(toks) // L, max(1, cfg.eval_tokens // L))
-                if n_seq == 0:
-                    row["note"] = f"not enough text for length {L}"
-                    rows.append(row)
-                    continue
-                if len(data.eval) < L:
-                    row["note"] = "held-out text shorter than the length: evaluated on the training text"
-                seqs = torch.from_numpy(toks[:n_seq * L].reshape(n_seq, L))
-                pe = enc(torch.arange(L, device=device)).view(1, L, -1)  # once per length
-                nll, cnt = 0.0, 0
-                for i in range(0, n_seq, 8):
-                    ids = seqs[i:i + 8].to(device)
-                    _, loss = model(ids, pe=pe, labels=ids)
-                    k = ids.shape[0] * (L - 1)
-                    nll += loss.item() * k
-                    cnt += k
-                mean_nll = nll / cnt  # exp overflows past ~709 nats (a diverged model): report inf
-                row.update(value=math.exp(mean_nll) if mean_nll < 700 else float("inf"), tokens=cnt)
-                rows.append(row)
-            return {"metric": "perplexity", "train_length": N, "rows": rows}
-        g = cfg.img_size // cfg.patch_size
-        for s in cfg.eval_scales:
-            grid = max(2, int(round(s * g)))
-            size = grid * cfg.patch_size
-            limit = getattr(enc, "position_limit", None)
-            if limit is not None and grid > limit:
-                rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": None, "samples": 0,
-                             "note": f"grid {grid} exceeds the {cfg.pe} table ({limit} per axis)"})
-                continue
-            if data is None:
-                x, lab = synthetic_images(np.random.default_rng([cfg.seed, 31337, grid]), cfg.eval_samples, grid,
-                                          cfg.patch_size)
-            else:
-                x, lab = ImageFolderData.load(data.eval_files or data.train_files, size)
-            pe = enc(torch.from_numpy(grid_positions(0, 0, grid, grid)).to(device)).view(1, grid * grid, -1)
-            correct = 0
-            for i in range(0, len(lab), 64):
-                logits = model(x[i:i + 64].to(device), pe=pe)
-                correct += int((logits.argmax(-1).cpu() == lab[i:i + 64]).sum())
-            rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": correct / len(lab),
-                         "samples": len(lab)})
-        return {"metric": "accuracy", "train_grid": g, "chance": 1.0 / model.config.num_classes,
-                "position_blind_ceiling": 2.0 / SYNTHETIC_CLASSES if data is None else None, "rows": rows}
-    finally:
-        enc.train(was[0])
-        model.train(was[1])
-
-
-def format_eval(ev: dict) -> str:
-    if ev["metric"] == "perplexity":
-        lines = [f"Extrapolation: LM perplexity on held-out text (trained on N={ev['train_length']} tokens, "
-                 f"positions 0..{ev['train_length'] - 1}; encoder run once per length)",
-                 f"  {'scale':>6} {'length':>7} {'tokens':>7} {'perplexity':>11}"]
-        for r in ev["rows"]:
-            v = f"{r['value']:11.3f}" if r["value"] is not None else f"{'n/a':>11}"
-            lines.append(f"  {r['scale']:5.1f}x {r['length']:7d} {r['tokens']:7d} {v}" +
-                         (f"  ({r['note']})" if r.get("note") else ""))
-    else:
-        g = ev["train_grid"]
-        blind = ev.get("position_blind_ceiling")
-        lines = [f"Extrapolation: ViT accuracy on larger patch grids (trained on a {g}x{g} grid; chance "
-                 f"{ev['chance']:.3f}" + (f", position-blind ceiling {blind:.3f}" if blind else "") +
-                 "; encoder run once per grid)",
-                 f"  {'scale':>6} {'grid':>7} {'pixels':>7} {'samples':>8} {'accuracy':>9}"]
-        for r in ev["rows"]:
-            v = f"{r['value']:9.3f}" if r["value"] is not None else f"{'n/a':>9}"
-            lines.append(f"  {r['scale']:5.1f}x {r['grid']:>3d}x{r['grid']:<3d} {r['img_size']:7d} "
-                         f"{r['samples']:8d} {v}" + (f"  ({r['note']})" if r.get("note") else ""))
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------- outputs
-def write_json(result: dict, path: str):
-    keys = ("losses", "main", "contrastive", "transfer", "config", "eval", "checks", "time_s")
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({k: result[k] for k in keys}, f, indent=1)
-
-
-def plot(result: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = result["config"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    steps = np.arange(1, len(result["losses"]) + 1)
-    for key, style in (("losses", "-"), ("main", "--"), ("contrastive", ":"), ("transfer", "-.")):
-        v = np.array([np.nan if x is None else x for x in result[key]], dtype=float)
-        if np.isfinite(v).any():
-            ax.plot(steps, v, style, label="total" if key == "losses" else key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{cfg['task']} training ({cfg['encoder_backend']}, {cfg['world_size']} rank(s))")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    ev = result.get("eval")
-    if ev:
-        rows = [r for r in ev["rows"] if r["value"] is not None]
-        xs = [r["scale"] for r in rows]
-        ax.plot(xs, [r["value"] for r in rows], "o-")
-        ax.set_xlabel("evaluation length / training length" if ev["metric"] == "perplexity"
-                      else "evaluation grid / training grid")
-        ax.set_ylabel(ev["metric"])
-        if ev["metric"] == "perplexity":
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"extrapolation (trained on {ev['train_length']} tokens)")
-        else:
-            ax.axhline(ev["chance"], color="gray", ls=":", label="chance")
-            if ev.get("position_blind_ceiling"):
-                ax.axhline(ev["position_blind_ceiling"], color="gray", ls="--", label="position-blind ceiling")
-            ax.set_ylim(0, 1)
-            ax.legend()
-            ax.set_title(f"extrapolation (trained on a {ev['train_grid']}x{ev['train_grid']} grid)")
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{x:g}x" for x in xs])
-        ax.grid(alpha=0.3)
-    else:
-        ax.axis("off")
-    fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------- save / resume
-# config fields a resumed run must share with the saved one (they define the model or the loss); fields left
-# at None take the saved run's values, except these, which are per invocation
-_RESUME_MUST_MATCH = ("task", "pe", "model_dim", "model_layers", "model_heads", "pe_dim", "pe_heads", "pe_layers",
-                      "pe_temperature", "pe_method", "pe_qk", "max_position", "patch_size", "dropout",
-                      "contrastive_weight", "transfer_weight", "transfer_beta", "pe_warmup_steps", "shift_rate",
-                      "shift_pool", "pe_main_batch_size", "weight_decay", "clip")
-_RESUME_NOT_FILLED = ("steps", "device", "position_streams", "resume", "cuda_graphs")
-
-
-def _to_saveable(x):
-    """numpy arrays -> tensors (a sampler's state), so torch.load(weights_only=True) reads the file."""
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x.copy())
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, dict):
-        return {k: _to_saveable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_saveable(v) for v in x)
-    return x
-
-
-def _from_saved(x):
-    if isinstance(x, torch.Tensor):
-        return x.numpy()
-    if isinstance(x, dict):
-        return {k: _from_saved(v) for k, v in x.items()}
-    return x
-
-
-def _train_state(step: int, sched, data_rng, streams, first_stream: int, device, distributed: bool) -> dict:
-    """Everything beyond the weights and the optimizer that the next step depends on: the step count, the
-    regulariser warm-up, the data RNG, every position stream's samplers and every rank's torch RNG."""
-    local = {"streams": {first_stream + i: {name: (_to_saveable(getattr(s, name).state_dict())
-                                                   if getattr(s, name) is not None else None)
-                                            for name in ("main", "contrastive", "transfer")}
-                         for i, s in enumerate(streams)},
-             "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None}
-    ranks = [local]
-    if distributed:
-        import torch.distributed as dist
-
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, local)
-    return {"step": step, "pe_weight_scheduler": sched.state_dict(),
-            "data_rng": _to_saveable(data_rng.bit_generator.state),
-            "streams": {k: v for r in ranks for k, v in r["streams"].items()},
-            "torch_rng": [r["torch_rng"] for r in ranks], "cuda_rng": [r["cuda_rng"] for r in ranks]}
-
-
-def save_run(result: dict, path: str) -> None:
-    """Write a ``train --save`` file: ``encoder`` (state dict) with ``seqpe_config`` (its full constructor
-    configuration, so :func:`seqpe_kernels.load_checkpoint` rebuilds it without guessing), ``model``, ``config``
-    (the run's settings), ``optimizer`` and ``train_state`` (step, warm-up, sampler and RNG states), all plain
-    data that ``torch.load(weights_only=True)`` reads. ``--resume`` continues from it."""
-    from .checkpoint import encoder_config
-
-    obj = {"encoder": result["encoder"].state_dict(), "seqpe_config": encoder_config(result["encoder"]),
-           "model": result["model"].state_dict(), "config": result["config"]}
-    if result.get("optimizer") is not None:
-        obj["optimizer"] = result["optimizer"].state_dict()
-    if result.get("train_state") is not None:
-        obj["train_state"] = result["train_state"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # output_path() allows new folders
-    torch.save(obj, path)
-
-
-def _read_resume(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--resume {path}: not a file written by seqpe-kernels train --save "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    need = ("encoder", "model", "config")
-    if not isinstance(obj, dict) or any(k not in obj for k in need) or not isinstance(obj["config"], dict):
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"--resume {path}: not a file written by seqpe-kernels train --save (needs the entries "
-                         f"{list(need)}; found {keys})")
-    obj["path"] = path
-    return obj
-
-
-def _resume_config(cfg: TrainConfig, resume: dict) -> TrainConfig:
-    """``cfg`` with every field left at None (not given) taken from the saved run's config."""
-    saved, d = resume["config"], cfg.to_dict()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in _RESUME_NOT_FILLED and d.get(f.name) is None and saved.get(f.name) is not None:
-            d[f.name] = saved[f.name]
-    return TrainConfig(**d)
-
-
-def _check_resume_config(cfg: TrainConfig, resume: dict) -> None:
-    saved, d = resume["config"], cfg.to_dict()
-    bad = [f"{k}: saved {saved[k]!r}, this run {d[k]!r}" for k in _RESUME_MUST_MATCH
-           if k in saved and saved[k] != d[k]]
-    if bad:
-        raise ValueError(f"--resume {resume['path']}: this run's settings differ from the saved run's "
-                         f"({'; '.join(bad)}); pass the saved run's flags")
-
-
-def _restore(resume: dict, enc, model, opt, sched, streams, data_rng, first_stream: int, rank: int, device, log
-             ) -> int:
-    """Load a ``train --save`` file's states into a freshly built run; returns the step it had reached."""
-    path = resume["path"]
-    saved_cfg = resume.get("seqpe_config")
-    if saved_cfg is not None and saved_cfg != enc.config():
-        diff = {k: (saved_cfg.get(k), v) for k, v in enc.config().items() if saved_cfg.get(k) != v}
-        raise ValueError(f"--resume {path}: the saved encoder's configuration differs from this run's "
-                         f"(key: (saved, this run)): {diff}")
-    for name, module in (("encoder", enc), ("model", model)):
-        try:
-            module.load_state_dict(resume[name], strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"--resume {path}: the saved {name} does not fit this run's: {e}") from e
-    notes = []
-    if resume.get("optimizer") is not None:
-        opt.load_state_dict(resume["optimizer"])
-    else:
-        notes.append("no optimizer state saved: AdamW restarts")
-    state = resume.get("train_state")
-    if state is None:
-        log(f"  resumed weights from {path} (an older file: {', '.join(notes + ['no sampler/RNG state'])})")
-        return 0
-    sched.load_state_dict(state["pe_weight_scheduler"])
-    data_rng.bit_generator.state = state["data_rng"]
-    missing = []
-    for i, s in enumerate(streams):
-        saved = state["streams"].get(first_stream + i)
-        if saved is None:
-            missing.append(first_stream + i)
-            continue
-        for name in ("main", "contrastive", "transfer"):
-            if getattr(s, name) is not None and saved.get(name) is not None:
-                getattr(s, name).load_state_dict(_from_saved(saved[name]))
-    if missing:
-        notes.append(f"position streams {missing} were not saved: they restart from their seeds")
-    if rank < len(state["torch_rng"]):
-        torch.set_rng_state(state["torch_rng"][rank])
-        cuda = state["cuda_rng"][rank]
-        if cuda is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(cuda, device)
-    else:
-        notes.append("no saved RNG state for this rank")
-    log(f"  resumed from {path} at step {state['step']}" + (f" ({'; '.join(notes)})" if notes else ""))
-    return int(state["step"])
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``seqpe-kernels train`` (task-dependent defaults are shown as 'task default')."""
     from .baselines import PE_CHOICES
-    from .cli import (existing_path, float_in, minus_one_or_positive, nonnegative_int, output_path, positive_int,
+    from ..cli import (existing_path, float_in, minus_one_or_positive, nonnegative_int, output_path, positive_int,
                       seed_int, usable_device)
 
     lm, vit = TASK_DEFAULTS["lm"], TASK_DEFAULTS["vit"]
@@ -1088,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         rank = int(os.environ.get("RANK", "0")) if started else 0
         log = print if rank == 0 else (lambda *a, **k: None)
-        from .backend import BackendUnavailable
+        from ..backend import BackendUnavailable
 
         try:
             result = train(cfg, log=log)
@@ -1118,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seqpe_kernels.train",
+    parser = argparse.ArgumentParser(prog="python -m seqpe_kernels.training.train",
                                      description="Train a tiny SeqPE LM or ViT and evaluate extrapolation")
     add_arguments(parser)
     try:

@@ -1,9 +1,9 @@
 """Baseline position encodings for the training stack: what SeqPE is compared against (``seqpe-kernels study``).
 
 Each baseline is a small ``nn.Module`` with the same call as the SeqPE encoder, ``forward(positions) -> [M, O]``
-(positions [M] for 1-D, [M, 2] (row, col) for 2-D), so :class:`~seqpe_kernels.models.SeqPEGPT` and
-:class:`~seqpe_kernels.models.SeqPEViT` use it unchanged through one of their PE methods
-(:mod:`seqpe_kernels.pe_apply`). The attribute ``pe_method`` names that method:
+(positions [M] for 1-D, [M, 2] (row, col) for 2-D), so :class:`~seqpe_kernels.training.models.SeqPEGPT` and
+:class:`~seqpe_kernels.training.models.SeqPEViT` use it unchanged through one of their PE methods
+(:mod:`seqpe_kernels.training.pe_apply`). The attribute ``pe_method`` names that method:
 
 ======================  ===============  =========================================================================
 ``--pe``                ``pe_method``    what ``forward`` returns
@@ -27,7 +27,7 @@ looks up positions 0..N-1 (the baselines train without SeqPE's random window shi
 gradient and no weight decay (the table is in the undecayed group, like GPT-2's embeddings in this package), so
 at evaluation they are exactly their N(0, 0.02^2) initialisation: extrapolating a learned table means reading
 untrained rows, which is what "learned absolute PE does not extrapolate" refers to. Positions past the table
-raise ``ValueError`` (a table has no row for them); :func:`seqpe_kernels.train.evaluate` reports such lengths as
+raise ``ValueError`` (a table has no row for them); :func:`seqpe_kernels.training.train.evaluate` reports such lengths as
 not measurable instead.
 """
 from __future__ import annotations
@@ -148,7 +148,7 @@ class SinusoidalPE(_Baseline):
 
 # ---------------------------------------------------------------------------------------------- RoPE
 class RoPE(_Baseline):
-    """Rotary position embedding as a table in :func:`seqpe_kernels.pe_apply.rotary_tables`'s layout:
+    """Rotary position embedding as a table in :func:`seqpe_kernels.training.pe_apply.rotary_tables`'s layout:
     [M, head_dim] = [sin(p w_0) .. sin(p w_{h/2-1}) | cos(p w_0) .. cos(p w_{h/2-1})], so the model's ``rotary``
     method turns the pair (x_{2i}, x_{2i+1}) of q and k by the angle p w_i (GPT-J's interleaved pairs).
 
@@ -201,7 +201,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 class ALiBi(_Baseline):
     """Attention with linear biases (1-D, causal). ``forward(positions)`` -> [M, H] = ``m_h * p``, the per-head
-    coordinate from which :func:`seqpe_kernels.pe_apply.alibi_attn_mask` builds the additive bias
+    coordinate from which :func:`seqpe_kernels.training.pe_apply.alibi_attn_mask` builds the additive bias
     ``-m_h (p_i - p_j)`` for keys j <= i (``-inf`` above). :meth:`bias` gives that bias directly."""
 
     pe_method = "alibi"

@@ -1,6 +1,6 @@
 """``seqpe-kernels study``: does SeqPE extrapolate better than the baseline position encodings?
 
-For one task it trains every position encoding asked for (:data:`seqpe_kernels.baselines.PE_CHOICES`: SeqPE and
+For one task it trains every position encoding asked for (:data:`seqpe_kernels.training.baselines.PE_CHOICES`: SeqPE and
 the baselines learned / sinusoidal / rope / alibi / none; the ViT takes their 2-D forms and has no ALiBi) with the
 same model, data, steps and seed set (``seqpe-kernels train`` with ``--pe``), evaluates each run at the task's
 scales -- LM perplexity at 1x, 2x, 4x, 8x, 16x the training length, ViT accuracy at 1x-4x the training grid side
@@ -38,7 +38,7 @@ __all__ = ["PRESETS", "STUDY_SCALES", "add_arguments", "run", "run_study", "summ
 STUDY_SCALES = {"lm": (1.0, 2.0, 4.0, 8.0, 16.0), "vit": (1.0, 2.0, 3.0, 4.0)}
 
 # TrainConfig overrides per preset and task ('seeds' is the default seed count). Fields not named take the
-# `train` task defaults (seqpe_kernels.train.TASK_DEFAULTS); the regularisers are on for SeqPE only.
+# `train` task defaults (seqpe_kernels.training.train.TASK_DEFAULTS); the regularisers are on for SeqPE only.
 PRESETS: Dict[str, Dict[str, dict]] = {
     # CI smoke test: seconds in all
     "toy": {
@@ -353,7 +353,7 @@ def write_report(study: dict, path: str, command: str) -> None:
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .baselines import PE_CHOICES
-    from .cli import output_path, positive_int, usable_device
+    from ..cli import output_path, positive_int, usable_device
 
     p.add_argument("--task", choices=["lm", "vit"], default="lm", help="language model or ViT (default lm)")
     p.add_argument("--pe", nargs="+", choices=list(PE_CHOICES), default=None, metavar="PE",
@@ -365,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--quick", action="store_true",
                       help="3 seeds of short runs (LM 500 steps, ViT 1000): ~5 min on 2 CPU cores for all PEs")
     size.add_argument("--large", action="store_true",
-                      help="a bigger model and longer runs, for a GPU (see PRESETS in seqpe_kernels/study.py)")
+                      help="a bigger model and longer runs, for a GPU (see PRESETS in seqpe_kernels/training/study.py)")
     p.add_argument("--toy", action="store_true", help=argparse.SUPPRESS)  # CI smoke size (seconds); wins over the rest
     p.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default: the preset's)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_path(),
@@ -394,7 +394,7 @@ def _existing_file(text: str) -> str:
 
 
 def _replot(args) -> int:
-    from .cli import UsageError
+    from ..cli import UsageError
 
     try:
         with open(args.from_json) as f:
@@ -444,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .baselines import PE_CHOICES, VIT_PE_CHOICES
-    from .cli import UsageError
+    from ..cli import UsageError
 
     if args.from_json:
         return _replot(args)
@@ -466,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     commit, started = _git_commit(), datetime.datetime.now(datetime.timezone.utc)  # what ran, and when
     print(f"seqpe-kernels study: task={args.task} preset={preset} PEs={' '.join(pes)} seeds={seeds} "
           f"({len(pes) * seeds} runs)")
-    from .backend import BackendUnavailable
+    from ..backend import BackendUnavailable
     from .train import MissingDependency
 
     try:

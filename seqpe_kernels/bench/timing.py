@@ -17,7 +17,8 @@ import torch
 from .configs import BenchConfig
 
 # ------------------------------------------------------------------------------------------- provenance
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The checkout's commit (12 hex digits), with "-dirty" when tracked files have uncommitted changes."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
@@ -57,7 +58,7 @@ def provenance(device: torch.device) -> dict:
     except Exception:
         tv = ""
     return dict(device=device_name(device), torch_version=torch.__version__, triton_version=tv,
-                cuda_version=torch.version.cuda or "", git_commit=_git_commit(),
+                cuda_version=torch.version.cuda or "", git_commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 

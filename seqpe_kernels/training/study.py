@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -294,18 +293,6 @@ def plot_study(study: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except Exception:
-        return "unknown"
-
-
 def device_description(device: Optional[str]) -> str:
     import torch
 
@@ -463,7 +450,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
     plot_path = f"study-{args.task}-{preset}.png" if args.plot is None else args.plot
     command = _command(args)
-    commit, started = _git_commit(), datetime.datetime.now(datetime.timezone.utc)  # what ran, and when
+    from ..bench.timing import git_commit
+
+    commit, started = git_commit(), datetime.datetime.now(datetime.timezone.utc)  # what ran, and when
     print(f"seqpe-kernels study: task={args.task} preset={preset} PEs={' '.join(pes)} seeds={seeds} "
           f"({len(pes) * seeds} runs)")
     from ..backend import BackendUnavailable

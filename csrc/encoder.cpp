@@ -6,7 +6,8 @@
 // The per-op kernels are reached through the dispatcher (typed handles), which picks their CPU or CUDA
 // implementation from the tensors' device; this file itself is device-agnostic (CompositeExplicitAutograd).
 //
-// seqpe_ext::encoder(x, pad, seeds, params, icfg, fcfg) -> out [M, O], with its own C++ autograd node
+// seqpe_ext::encoder(x, pad, seeds, params, icfg, fcfg) -> out [M, O], with its own C++ autograd node; seeds
+// None with dropout on: drawn here (draw_seeds)
 // (torch::autograd::Function: its forward saves what the backward needs with save_for_backward, so parameters
 // updated in place before backward raise, retain_graph and saved-tensor hooks work as for any op).
 //   params: the present ones of tok, pos, dim (1-D: absent), cls; per layer ln1.w, ln1.b, c_attn.w, .b,
@@ -15,8 +16,9 @@
 //   icfg:   D, H, K, L, T, base, data_dim, nl, causal, from_positions, cdt code, clamp_rows
 //   fcfg:   sdiv, p_res, p_att, inv_tau, eps_final (< 0: no final LN), eps1[nl], eps2[nl]
 // Saved tensors never alias an input: a weight already in the compute dtype, and the final LN input when it
-// is the out_proj input, are saved as empty placeholders and taken from the parameters / other entries.
+// is the out_proj input, are saved as undefined entries and taken from the parameters / other entries.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -105,9 +107,10 @@ inline Tensor param(const OptList& params, int64_t i) {
 
 inline Tensor cast(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
-// a weight in the compute dtype, for the saved list: an empty placeholder when no cast was needed
+// a weight in the compute dtype, for the saved list: undefined when no cast was needed (save_for_backward keeps
+// an undefined entry for free; an empty placeholder tensor cost an allocation per weight and call)
 inline Tensor saved_cast(const Tensor& cast_t, const Tensor& param_t) {
-  return cast_t.is_same(param_t) ? at::empty({0}, param_t.options()) : cast_t;
+  return cast_t.is_same(param_t) ? Tensor() : cast_t;
 }
 
 inline Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
@@ -172,6 +175,124 @@ Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
   return at::embedding_dense_backward(g, rows, n, -1, false);
 }
 
+// ------------------------------------------------------------------------------------------- GEMMs
+// A' @ B' (+ bias broadcast over rows), A' = A^T when ta, B' = B^T when tb. On CPU in fp32 / fp64 this calls
+// the BLAS torch itself links (its sgemm_ / dgemm_: what at::mm reaches for these dtypes on CPU, so the results
+// are the same) with transpose flags and leading dimensions: no transposed views, no dispatcher round trip per
+// GEMM (~10k instructions each at the tiny sizes where host cost matters). Everywhere else (CUDA, half types, a
+// torch built without that BLAS, layouts BLAS cannot take) ATen's mm / addmm, as before.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+inline void gemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                  const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                  const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void gemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                  const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                  const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// a 2-D operand as BLAS sees it: row-major storage of X (or of X^T when `flip`) with leading dimension ld
+struct BlasOperand {
+  bool ok, flip;
+  int64_t ld;
+};
+
+BlasOperand blas_operand(const Tensor& X) {
+  const int64_t r = X.size(0), c = X.size(1), s0 = X.stride(0), s1 = X.stride(1);
+  if ((s1 == 1 || c <= 1) && (r <= 1 || s0 >= std::max<int64_t>(c, 1)))
+    return {true, false, std::max<int64_t>({s0, c, 1})};
+  if ((s0 == 1 || r <= 1) && (c <= 1 || s1 >= std::max<int64_t>(r, 1)))
+    return {true, true, std::max<int64_t>({s1, r, 1})};
+  return {false, false, 0};
+}
+
+Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias = Tensor()) {
+  const at::ScalarType st = A.scalar_type();
+  const bool blas = A.is_cpu() && B.is_cpu() && B.scalar_type() == st && A.dim() == 2 && B.dim() == 2 &&
+                    ((st == at::kFloat && sgemm_ != nullptr) || (st == at::kDouble && dgemm_ != nullptr)) &&
+                    (!bias.defined() || (bias.scalar_type() == st && bias.dim() == 1 && bias.stride(0) == 1));
+  BlasOperand oa{}, ob{};
+  if (blas) oa = blas_operand(A), ob = blas_operand(B);
+  const int64_t m = ta ? A.size(1) : A.size(0), k = ta ? A.size(0) : A.size(1), n = tb ? B.size(0) : B.size(1);
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  if (!blas || !oa.ok || !ob.ok || m > kMaxInt || n > kMaxInt || k > kMaxInt || oa.ld > kMaxInt || ob.ld > kMaxInt ||
+      m * n > kMaxInt || m == 0 || n == 0 || k == 0) {
+    const Tensor a = ta ? A.t() : A, b = tb ? B.t() : B;
+    return bias.defined() ? at::addmm(bias, a, b) : a.mm(b);
+  }
+  // a profiler range named like an operator, so seqpe_kernels.launches still counts this GEMM (one cuBLAS launch
+  // on a GPU, where it goes through at::mm); free when no profiler is on
+  RECORD_FUNCTION("seqpe_ext::gemm", std::vector<c10::IValue>());
+  Tensor C = at::empty({m, n}, A.options());
+  // row-major C = A' B' is column-major C^T = B'^T A'^T: B's storage goes first
+  const char tra = (ta != oa.flip) ? 'T' : 'N', trb = (tb != ob.flip) ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int lda = static_cast<int>(oa.ld), ldb = static_cast<int>(ob.ld), ldc = in;
+  AT_DISPATCH_FLOATING_TYPES(st, "seqpe_encoder_gemm", [&] {
+    scalar_t* c = C.data_ptr<scalar_t>();
+    const scalar_t one = 1;
+    scalar_t beta = 0;
+    if (bias.defined()) {
+      const scalar_t* bp = bias.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < m; ++i) std::copy(bp, bp + n, c + i * n);
+      beta = 1;
+    }
+    const scalar_t* a = A.const_data_ptr<scalar_t>();
+    const scalar_t* b = B.const_data_ptr<scalar_t>();
+    gemm_(&trb, &tra, &in, &im, &ik, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+  });
+  return C;
+}
+
+// Column sums of 2-D gradients (bias gradients), concatenated: [sum_r a[r, :], sum_r b[r, :], ...]. For small
+// contiguous fp32/fp64 CPU inputs the reduction's dispatch and TensorIterator setup cost more than the sum, so
+// they are summed in a plain loop (accumulated in fp64: at least as accurate as at::sum); all else: at::sum.
+Tensor colsums(std::initializer_list<Tensor> parts) {
+  const at::ScalarType st = parts.begin()->scalar_type();
+  bool fast = st == at::kFloat || st == at::kDouble;
+  int64_t n = 0;
+  for (const Tensor& t : parts) {
+    fast = fast && t.is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == st &&
+           t.numel() <= (int64_t{1} << 16);
+    n += t.size(-1);
+  }
+  if (!fast) {
+    std::vector<Tensor> sums;
+    for (const Tensor& t : parts) sums.push_back(t.sum(0));
+    return sums.size() == 1 ? sums[0] : at::cat(sums);
+  }
+  // counted by seqpe_kernels.launches as what a GPU launches for it: a sum per part, a cat when several
+  for (size_t i = 0; i < parts.size(); ++i) {
+    RECORD_FUNCTION("seqpe_ext::colsum", std::vector<c10::IValue>());
+  }
+  if (parts.size() > 1) {
+    RECORD_FUNCTION("seqpe_ext::cat", std::vector<c10::IValue>());
+  }
+  Tensor out = at::empty({n}, parts.begin()->options());
+  AT_DISPATCH_FLOATING_TYPES(st, "seqpe_colsums", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    std::vector<double> acc;
+    for (const Tensor& t : parts) {
+      const int64_t R = t.size(0), C = t.size(1);
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      acc.assign(C, 0.0);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(p[r * C + c]);
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      o += C;
+    }
+  });
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------- forward
 // saved layout: the GLOBAL entries, FULL_N entries per full block, LAST_N entries for the last block
 enum Global : int64_t { G_ROWS, G_TAB, G_ATAB, G_MT, G_RT, GLOBAL_N };
@@ -191,7 +312,7 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
   TensorList S;
   if (save) S.reserve(GLOBAL_N + FULL_N * (c.nl - 1) + LAST_N);
   auto keep = [&](const Tensor& t) {
-    if (save) S.push_back(t.defined() ? t : at::empty({0}, tok.options()));
+    if (save) S.push_back(t);
   };
 
   Tensor h = k.embed_fwd.call(x, tok, pos, dim.defined() ? OptTensor(dim) : OptTensor(), cls, c.from_positions, c.K)
@@ -213,14 +334,15 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
     const Tensor ln2w = param(params, o0 + 6), ln2b = param(params, o0 + 7);
     keep(saved_cast(Wa, Wa_p)), keep(saved_cast(Wo, Wo_p)), keep(saved_cast(Wf, Wf_p)), keep(saved_cast(Wp, Wp_p));
     if (i < c.nl - 1) {  // full block
-      Tensor qkv = i == 0 ? gather(at::addmm(ba, a_tab, Wa), rows) : at::addmm(ba, a, Wa).view({M, T, 3 * D});
+      Tensor qkv = i == 0 ? gather(mm(a_tab, false, Wa, false, ba), rows)
+                          : mm(a, false, Wa, false, ba).view({M, T, 3 * D});
       Tensor o = k.attn_fwd.call(qkv, std::nullopt, pad, c.H, c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
-      Tensor y = at::addmm(bo, o.view({R, D}), Wo);
+      Tensor y = mm(o.view({R, D}), false, Wo, false, bo);
       Tensor hb, a2, m1, r1;
       std::tie(hb, a2, m1, r1) = k.rln_fwd.call(h, y, ln2w, ln2b, c.eps2[i], c.p_res, seeds, 3 * i + 1, c.code);
-      Tensor z = at::addmm(bf, a2, Wf);
+      Tensor z = mm(a2, false, Wf, false, bf);
       Tensor u = k.gelu_fwd.call(z);
-      y = at::addmm(bp, u, Wp);
+      y = mm(u, false, Wp, false, bp);
       Tensor m2, r2;
       std::tie(h, a, m2, r2) = k.rln_fwd.call(hb, y, param(params, o0 + 12), param(params, o0 + 13), c.eps1[i + 1],
                                               c.p_res, seeds, 3 * i + 2, c.code);
@@ -231,20 +353,21 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
     // last block: the CLS query only, every row's K/V
     Tensor kv, q;
     if (i == 0) {
-      kv = gather(at::addmm(ba.narrow(0, D, 2 * D), a_tab, Wa.narrow(1, D, 2 * D)), rows);
-      q = at::addmm(ba.narrow(0, 0, D), a_tab.narrow(0, a_tab.size(0) - 1, 1), Wa.narrow(1, 0, D)).view({1, 1, D});
+      kv = gather(mm(a_tab, false, Wa.narrow(1, D, 2 * D), false, ba.narrow(0, D, 2 * D)), rows);
+      q = mm(a_tab.narrow(0, a_tab.size(0) - 1, 1), false, Wa.narrow(1, 0, D), false, ba.narrow(0, 0, D))
+              .view({1, 1, D});
     } else {
-      kv = at::addmm(ba.narrow(0, D, 2 * D), a, Wa.narrow(1, D, 2 * D)).view({M, T, 2 * D});
-      q = at::addmm(ba.narrow(0, 0, D), a.view({M, T, D}).select(1, T - 1), Wa.narrow(1, 0, D)).view({M, 1, D});
+      kv = mm(a, false, Wa.narrow(1, D, 2 * D), false, ba.narrow(0, D, 2 * D)).view({M, T, 2 * D});
+      q = mm(a.view({M, T, D}).select(1, T - 1), false, Wa.narrow(1, 0, D), false, ba.narrow(0, 0, D)).view({M, 1, D});
     }
     Tensor o = k.attn_fwd.call(q.expand({M, 1, D}), kv, pad, c.H, c.causal, T - 1, c.sdiv, c.p_att, seeds, 3 * i);
-    Tensor y = at::addmm(bo, o.view({M, D}), Wo);
+    Tensor y = mm(o.view({M, D}), false, Wo, false, bo);
     Tensor h_cls = h.view({M, T, D}).select(1, T - 1).contiguous();
     Tensor h2, a2, m1, r1;
     std::tie(h2, a2, m1, r1) = k.rln_fwd.call(h_cls, y, ln2w, ln2b, c.eps2[i], c.p_res, seeds, 3 * i + 1, c.code);
-    Tensor z = at::addmm(bf, a2, Wf);
+    Tensor z = mm(a2, false, Wf, false, bf);
     Tensor u = k.gelu_fwd.call(z);
-    y = at::addmm(bp, u, Wp);
+    y = mm(u, false, Wp, false, bp);
     const int64_t fo = 4 + 12 * c.nl;
     Tensor h3, fin, m2, r2;
     if (c.epsf >= 0) {
@@ -258,7 +381,7 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
     const Tensor Wout_p = param(params, fo + 2);
     const Tensor Wout = cast(Wout_p, c.cdt), bout = cast(param(params, fo + 3), c.cdt);
     const Tensor fin_c = cast(fin, c.cdt);
-    Tensor out = at::addmm(bout, fin_c, Wout.t());
+    Tensor out = mm(fin_c, false, Wout, true, bout);
     if (c.inv_tau != 1.0) out = out * c.inv_tau;
     keep(q), keep(kv), keep(o), keep(h2), keep(m1), keep(r1), keep(a2), keep(z), keep(u), keep(h3), keep(m2), keep(r2);
     keep(fin_c.is_same(h3) ? Tensor() : fin_c), keep(saved_cast(Wout, Wout_p));
@@ -297,30 +420,30 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   };
   // a weight in the compute dtype: the saved cast, or the parameter itself when none was needed
   auto weight = [&](const Tensor& saved_w, int64_t param_idx) {
-    return saved_w.numel() ? saved_w : param(params, param_idx);
+    return saved_w.defined() ? saved_w : param(params, param_idx);
   };
-  // mlp: y = addmm(bp, gelu(addmm(bf, a2, Wf)), Wp); puts the four parameter gradients, returns d a2
+  // mlp: y = gelu(a2 Wf + bf) Wp + bp; puts the four parameter gradients, returns d a2
   auto mlp_bwd = [&](const Tensor& dy, const Tensor& a2, const Tensor& z, const Tensor& u, const Tensor& Wf,
                      const Tensor& Wp, int64_t o) {
-    Tensor du = dy.mm(Wp.t());
-    if (needs[o + 10]) put(o + 10, u.t().mm(dy));
-    if (needs[o + 11]) put(o + 11, dy.sum(0));
+    Tensor du = mm(dy, false, Wp, true);
+    if (needs[o + 10]) put(o + 10, mm(u, true, dy, false));
+    if (needs[o + 11]) put(o + 11, colsums({dy}));
     Tensor dz = k.gelu_bwd.call(du, z);
-    if (needs[o + 8]) put(o + 8, a2.t().mm(dz));
-    if (needs[o + 9]) put(o + 9, dz.sum(0));
-    return dz.mm(Wf.t());
+    if (needs[o + 8]) put(o + 8, mm(a2, true, dz, false));
+    if (needs[o + 9]) put(o + 9, colsums({dz}));
+    return mm(dz, false, Wf, true);
   };
   const Tensor rows = G(G_ROWS), a_tab = G(G_ATAB);
 
-  // out = addmm(bout, fin, Wout^T) * inv_tau
+  // out = (fin Wout^T + bout) * inv_tau
   const int64_t fo = 4 + 12 * c.nl;
   Tensor g = c.inv_tau != 1.0 ? gout * c.inv_tau : gout;
   g = cast(g, c.cdt);
   const Tensor h3 = Lt(L_H3);
-  const Tensor fin = Lt(L_FIN).numel() ? Lt(L_FIN) : h3;
-  Tensor dfin = g.mm(weight(Lt(L_WOUT), fo + 2));
-  if (needs[fo + 2]) put(fo + 2, g.t().mm(fin));
-  if (needs[fo + 3]) put(fo + 3, g.sum(0));
+  const Tensor fin = Lt(L_FIN).defined() ? Lt(L_FIN) : h3;
+  Tensor dfin = mm(g, false, weight(Lt(L_WOUT), fo + 2), false);
+  if (needs[fo + 2]) put(fo + 2, mm(g, true, fin, false));
+  if (needs[fo + 3]) put(fo + 3, colsums({g}));
   int64_t i = c.nl - 1;
   int64_t o0 = 4 + 12 * i;
   Tensor dh2, dy;
@@ -339,9 +462,9 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   std::tie(dhc, dyat, dw2, db2) = k.rln_bwd.call(da2, dh2, Lt(L_H2), param(params, o0 + 6), Lt(L_M1), Lt(L_R1),
                                                  c.p_res, seeds, 3 * i + 1, true, yc);
   put(o0 + 6, dw2), put(o0 + 7, db2);
-  Tensor dattn = dyat.mm(weight(Lt(L_WO), o0 + 4).t());
-  if (needs[o0 + 4]) put(o0 + 4, Lt(L_O).view({M, D}).t().mm(dyat));
-  if (needs[o0 + 5]) put(o0 + 5, dyat.sum(0));
+  Tensor dattn = mm(dyat, false, weight(Lt(L_WO), o0 + 4), true);
+  if (needs[o0 + 4]) put(o0 + 4, mm(Lt(L_O).view({M, D}), true, dyat, false));
+  if (needs[o0 + 5]) put(o0 + 5, colsums({dyat}));
   Tensor dq, dkv;
   std::tie(dq, dkv) = k.attn_bwd.call(dattn.view({M, 1, D}), Lt(L_Q).expand({M, 1, D}), Lt(L_KV), pad, c.H, c.causal,
                                       T - 1, c.sdiv, c.p_att, seeds, 3 * i);
@@ -350,21 +473,23 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   Tensor Wa = weight(Lt(L_WA), o0 + 2);
   Tensor d_a_tab, da;
   if (i == 0) {
-    Tensor dq_row = dq.sum(0);  // [1, D]: the CLS query is one table row broadcast to every sequence
+    // [1, D]: the CLS query is one table row broadcast to every sequence
+    Tensor dq_row = colsums({dq.reshape({M, D})}).view({1, D});
     Tensor dtab_kv = gather_bwd(dkv, rows, nrows);
-    d_a_tab = dtab_kv.mm(Wa.narrow(1, D, 2 * D).t());
-    d_a_tab.narrow(0, nrows - 1, 1).add_(dq_row.mm(Wa.narrow(1, 0, D).t()));
+    d_a_tab = mm(dtab_kv, false, Wa.narrow(1, D, 2 * D), true);
+    d_a_tab.narrow(0, nrows - 1, 1).add_(mm(dq_row, false, Wa.narrow(1, 0, D), true));
     if (needs[o0 + 2])
-      put(o0 + 2, at::cat({a_tab.narrow(0, nrows - 1, 1).t().mm(dq_row), a_tab.t().mm(dtab_kv)}, 1));
-    if (needs[o0 + 3]) put(o0 + 3, at::cat({dq_row.sum(0), dtab_kv.sum(0)}));
+      put(o0 + 2,
+          at::cat({mm(a_tab.narrow(0, nrows - 1, 1), true, dq_row, false), mm(a_tab, true, dtab_kv, false)}, 1));
+    if (needs[o0 + 3]) put(o0 + 3, colsums({dq_row, dtab_kv}));
   } else {
     const Tensor a = F(i - 1, F_A);
     Tensor dkv2 = dkv.view({R, 2 * D}), dq2 = dq.view({M, D});
-    da = dkv2.mm(Wa.narrow(1, D, 2 * D).t());
-    da.view({M, T, D}).select(1, T - 1).add_(dq2.mm(Wa.narrow(1, 0, D).t()));
+    da = mm(dkv2, false, Wa.narrow(1, D, 2 * D), true);
+    da.view({M, T, D}).select(1, T - 1).add_(mm(dq2, false, Wa.narrow(1, 0, D), true));
     if (needs[o0 + 2])
-      put(o0 + 2, at::cat({a.view({M, T, D}).select(1, T - 1).t().mm(dq2), a.t().mm(dkv2)}, 1));
-    if (needs[o0 + 3]) put(o0 + 3, at::cat({dq2.sum(0), dkv2.sum(0)}));
+      put(o0 + 2, at::cat({mm(a.view({M, T, D}).select(1, T - 1), true, dq2, false), mm(a, true, dkv2, false)}, 1));
+    if (needs[o0 + 3]) put(o0 + 3, colsums({dq2, dkv2}));
   }
 
   for (i = c.nl - 2; i >= 0; --i) {  // full blocks, last to first
@@ -378,24 +503,24 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
     std::tie(dh, dyat, dw2, db2) = k.rln_bwd.call(da2, dh1, F(i, F_HB), param(params, o0 + 6), F(i, F_M1), F(i, F_R1),
                                                   c.p_res, seeds, 3 * i + 1, true, yc);
     put(o0 + 6, dw2), put(o0 + 7, db2);
-    dattn = dyat.mm(weight(F(i, F_WO), o0 + 4).t());
-    if (needs[o0 + 4]) put(o0 + 4, F(i, F_O).view({R, D}).t().mm(dyat));
-    if (needs[o0 + 5]) put(o0 + 5, dyat.sum(0));
+    dattn = mm(dyat, false, weight(F(i, F_WO), o0 + 4), true);
+    if (needs[o0 + 4]) put(o0 + 4, mm(F(i, F_O).view({R, D}), true, dyat, false));
+    if (needs[o0 + 5]) put(o0 + 5, colsums({dyat}));
     Tensor dqkv;
     std::tie(dqkv, std::ignore) = k.attn_bwd.call(dattn.view({M, T, D}), F(i, F_QKV), std::nullopt, pad, c.H,
                                                   c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
     Wa = weight(F(i, F_WA), o0 + 2);
     if (i == 0) {
       Tensor dtab_out = gather_bwd(dqkv, rows, nrows);
-      d_a_tab = dtab_out.mm(Wa.t());
-      if (needs[o0 + 2]) put(o0 + 2, a_tab.t().mm(dtab_out));
-      if (needs[o0 + 3]) put(o0 + 3, dtab_out.sum(0));
+      d_a_tab = mm(dtab_out, false, Wa, true);
+      if (needs[o0 + 2]) put(o0 + 2, mm(a_tab, true, dtab_out, false));
+      if (needs[o0 + 3]) put(o0 + 3, colsums({dtab_out}));
       da = Tensor();
     } else {
       Tensor dq2 = dqkv.view({R, 3 * D});
-      da = dq2.mm(Wa.t());
-      if (needs[o0 + 2]) put(o0 + 2, F(i - 1, F_A).t().mm(dq2));
-      if (needs[o0 + 3]) put(o0 + 3, dq2.sum(0));
+      da = mm(dq2, false, Wa, true);
+      if (needs[o0 + 2]) put(o0 + 2, mm(F(i - 1, F_A), true, dq2, false));
+      if (needs[o0 + 3]) put(o0 + 3, colsums({dq2}));
     }
   }
 
@@ -412,9 +537,16 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   if (c.data_dim > 1)
     put(2, ddim + body.view({c.base, c.data_dim, c.K, D}).sum(at::IntArrayRef{0, 2}).view({c.data_dim, 1, D}));
   put(3, dcls + dtab.narrow(0, nrows - 1, 1).view({1, 1, D}));
-  for (int64_t j = 0; j < n; ++j)  // an undefined Tensor does not cross into Python as a list element
-    if (!grads[j].defined()) grads[j] = at::empty({0}, gout.options());
-  return grads;
+  return grads;  // undefined where no gradient was needed
+}
+
+// The per-call dropout seeds (one per site: attention probs, attn residual, mlp residual of each layer) when the
+// caller passed none: drawn from torch's generator of x's device exactly as the Python side's
+// torch.randint(0, 2**31 - 1, (3 * layers,)) would, so torch.manual_seed reproduces a run and CUDA graphs replay
+// the draw; one ATen call here instead of a Python-level one per step.
+OptTensor draw_seeds(const OptTensor& seeds, const Tensor& x, const Cfg& c) {
+  if (has(seeds) || (c.p_res <= 0.0 && c.p_att <= 0.0)) return seeds;
+  return at::randint(0, (int64_t{1} << 31) - 1, {3 * c.nl}, x.options().dtype(at::kLong));
 }
 
 // ------------------------------------------------------------------------------------------- autograd
@@ -447,16 +579,18 @@ std::vector<int64_t> present_index(const Cfg& c) {  // full-list index of each p
 
 struct EncoderFn : public torch::autograd::Function<EncoderFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
-                                                const OptTensor& pad, const OptTensor& seeds, at::TensorList params,
-                                                at::IntArrayRef icfg, at::ArrayRef<double> fcfg) {
+                                                const OptTensor& pad, const OptTensor& seeds_in,
+                                                at::TensorList params, at::IntArrayRef icfg,
+                                                at::ArrayRef<double> fcfg) {
     const Cfg c = parse(icfg, fcfg);
-    TensorList res = encoder_fwd_impl(x, pad, seeds, full_params(params, c), icfg, fcfg, true);
+    const OptTensor sd = draw_seeds(seeds_in, x, c);
+    TensorList res = encoder_fwd_impl(x, pad, sd, full_params(params, c), icfg, fcfg, true);
     // saved: x, pad, seeds, the parameters (their versions are checked before backward), the activations
     torch::autograd::variable_list to_save;
     to_save.reserve(3 + params.size() + res.size() - 1);
     to_save.push_back(x);
     to_save.push_back(opt(pad));
-    to_save.push_back(opt(seeds));
+    to_save.push_back(opt(sd));
     to_save.insert(to_save.end(), params.begin(), params.end());
     to_save.insert(to_save.end(), std::make_move_iterator(res.begin() + 1), std::make_move_iterator(res.end()));
     ctx->save_for_backward(std::move(to_save));
@@ -509,14 +643,14 @@ Tensor encoder_autograd(const Tensor& x, const OptTensor& pad, const OptTensor& 
   }
   if (grad) return EncoderFn::apply(x, pad, seeds, params, icfg, fcfg)[0];
   const Cfg c = parse(icfg, fcfg);
-  return encoder_fwd_impl(x, pad, seeds, full_params(params, c), icfg, fcfg, false)[0];
+  return encoder_fwd_impl(x, pad, draw_seeds(seeds, x, c), full_params(params, c), icfg, fcfg, false)[0];
 }
 
 // below autograd (inference mode, or no tensor that needs a gradient): the forward alone
 Tensor encoder_plain(const Tensor& x, const OptTensor& pad, const OptTensor& seeds, at::TensorList params,
                      at::IntArrayRef icfg, at::ArrayRef<double> fcfg) {
   const Cfg c = parse(icfg, fcfg);
-  return encoder_fwd_impl(x, pad, seeds, full_params(params, c), icfg, fcfg, false)[0];
+  return encoder_fwd_impl(x, pad, draw_seeds(seeds, x, c), full_params(params, c), icfg, fcfg, false)[0];
 }
 
 }  // namespace

@@ -288,7 +288,7 @@ Tensor digit_embed_fwd_cpu(const Tensor& x_, const Tensor& tok_, const Tensor& p
   const int64_t base = tok_.size(0), D = tok_.size(1), L = pos_.size(0), T = L + 1, K = max_digits;
   TORCH_CHECK(K >= 1, "seqpe_ext::digit_embed_fwd: max_digits must be >= 1");
   TORCH_CHECK(pos_.size(1) == D && cls_.numel() == D, "seqpe_ext::digit_embed_fwd: width mismatch");
-  const Tensor x = x_.to(at::kLong).contiguous();
+  const Tensor x = as_dtype(x_, at::kLong);
   const int64_t sxm = x.dim() == 2 ? x.size(1) : 1;
   if (from_positions) {
     TORCH_CHECK(sxm * K == L, "seqpe_ext::digit_embed_fwd: positions [M, ", sxm, "] with max_digits ", K,
@@ -297,9 +297,9 @@ Tensor digit_embed_fwd_cpu(const Tensor& x_, const Tensor& tok_, const Tensor& p
     TORCH_CHECK(sxm == L, "seqpe_ext::digit_embed_fwd: digits must be [M, ", L, "]");
   }
   const auto st = tok_.scalar_type();
-  const Tensor tok = tok_.contiguous(), pos = pos_.to(st).contiguous(), cls = cls_.to(st).contiguous().view({D});
+  const Tensor tok = tok_.contiguous(), pos = as_dtype(pos_, st), cls = as_dtype(cls_, st).view({D});
   const bool has_dim = has(dim_);
-  const Tensor dim = has_dim ? dim_->to(st).contiguous().view({-1, D}) : Tensor();
+  const Tensor dim = has_dim ? as_dtype(*dim_, st).view({-1, D}) : Tensor();
   if (has_dim) TORCH_CHECK(dim.size(0) * K == L, "seqpe_ext::digit_embed_fwd: dim table has ", dim.size(0), " rows");
   Tensor out = at::empty({M, T, D}, tok.options());
   if (M == 0 || D == 0) return out;
@@ -366,7 +366,7 @@ Tensor4 digit_embed_bwd_cpu(const Tensor& g_, const Tensor& x_, bool from_positi
   const int64_t M = g_.size(0), T = g_.size(1), D = g_.size(2), L = T - 1, K = max_digits;
   TORCH_CHECK(K >= 1 && L == data_dim * K, "seqpe_ext::digit_embed_bwd: T-1 must equal data_dim*max_digits");
   const Tensor g = g_.contiguous();  // incoming gradients may be strided or expanded
-  const Tensor x = x_.to(at::kLong).contiguous();
+  const Tensor x = as_dtype(x_, at::kLong);
   const int64_t sxm = x.dim() == 2 ? x.size(1) : 1;
   const auto st = g.scalar_type();
   const auto acc_dt = st == at::kDouble ? at::kDouble : at::kFloat;
@@ -458,8 +458,8 @@ Tensor4 residual_layernorm_fwd_cpu(const Tensor& x_, const OptTensor& y_, const 
   Tensor w, b;
   if (has_ln) {
     TORCH_CHECK(w_->numel() == D, "seqpe_ext::residual_layernorm_fwd: w must have D = ", D, " elements");
-    w = w_->to(stat_dt).contiguous();
-    b = has(b_) ? b_->to(stat_dt).contiguous() : at::zeros({D}, x.options().dtype(stat_dt));
+    w = as_dtype(*w_, stat_dt);
+    b = has(b_) ? as_dtype(*b_, stat_dt) : at::zeros({D}, x.options().dtype(stat_dt));
     TORCH_CHECK(b.numel() == D, "seqpe_ext::residual_layernorm_fwd: b must have D = ", D, " elements");
   }
   Tensor h = has_y ? at::empty_like(x) : at::empty({0}, x.options());
@@ -558,9 +558,9 @@ Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, c
   const Tensor dh = has_dh ? dh_->contiguous() : Tensor();
   if (has_ln) TORCH_CHECK(da.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_bwd: da must match ln_in");
   if (has_dh) TORCH_CHECK(dh.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_bwd: dh must match ln_in");
-  const Tensor w = has_ln ? w_->to(acc_dt).contiguous() : Tensor();
-  const Tensor mean = has_ln ? mean_.to(acc_dt).contiguous() : Tensor();
-  const Tensor rstd = has_ln ? rstd_.to(acc_dt).contiguous() : Tensor();
+  const Tensor w = has_ln ? as_dtype(*w_, acc_dt) : Tensor();
+  const Tensor mean = has_ln ? as_dtype(mean_, acc_dt) : Tensor();
+  const Tensor rstd = has_ln ? as_dtype(rstd_, acc_dt) : Tensor();
   if (has_ln) {
     TORCH_CHECK(w.numel() == D, "seqpe_ext::residual_layernorm_bwd: w must have D = ", D, " elements");
     TORCH_CHECK(mean.numel() == R && rstd.numel() == R, "seqpe_ext::residual_layernorm_bwd: mean/rstd must be [R]");
@@ -575,8 +575,10 @@ Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, c
   }
   const int64_t per = std::max<int64_t>(8, cdiv(R, 128));
   const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
-  Tensor dw_part = has_ln ? at::zeros({std::max<int64_t>(n_chunks, 1), D}, x.options().dtype(acc_dt)) : Tensor();
-  Tensor db_part = has_ln ? at::zeros({std::max<int64_t>(n_chunks, 1), D}, x.options().dtype(acc_dt)) : Tensor();
+  // chunk partials of dw and db in one buffer [2, n, D], zeroed in place (one allocation, no fill_ dispatches)
+  const int64_t n_parts = std::max<int64_t>(n_chunks, 1);
+  Tensor parts = has_ln ? at::empty({2, n_parts, D}, x.options().dtype(acc_dt)) : Tensor();
+  if (has_ln) std::memset(parts.data_ptr(), 0, parts.nbytes());
   const LnBwdArgs args{byte_ptr(x), has_ln ? byte_ptr(da) : nullptr, has_dh ? byte_ptr(dh) : nullptr,
                        byte_ptr(dx), has_y ? byte_ptr(dy) : nullptr, x.scalar_type(),
                        has_ln ? da.scalar_type() : x.scalar_type(), has_dh ? dh.scalar_type() : x.scalar_type(),
@@ -587,14 +589,16 @@ Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, c
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd", [&] {
     ln_bwd_kernel<scalar_t>(args, has_ln ? w.data_ptr<scalar_t>() : nullptr,
                             has_ln ? mean.data_ptr<scalar_t>() : nullptr, has_ln ? rstd.data_ptr<scalar_t>() : nullptr,
-                            acc_scale<scalar_t>(p), has_ln ? dw_part.data_ptr<scalar_t>() : nullptr,
-                            has_ln ? db_part.data_ptr<scalar_t>() : nullptr);
-    if (has_ln) {
-      Tensor dws = at::empty({D}, x.options().dtype(acc_dt)), dbs = at::empty({D}, x.options().dtype(acc_dt));
-      sum_partials<scalar_t>(dw_part.data_ptr<scalar_t>(), dw_part.size(0), D, dws.data_ptr<scalar_t>());
-      sum_partials<scalar_t>(db_part.data_ptr<scalar_t>(), db_part.size(0), D, dbs.data_ptr<scalar_t>());
-      dw = dws.to(w_->scalar_type()).view(w_->sizes());
-      db = dbs.to(w_->scalar_type()).view(w_->sizes());
+                            acc_scale<scalar_t>(p), has_ln ? parts.data_ptr<scalar_t>() : nullptr,
+                            has_ln ? parts.data_ptr<scalar_t>() + n_parts * D : nullptr);
+    if (has_ln) {  // summed straight into the outputs when the weight is in the accumulation dtype
+      const bool same = w_->scalar_type() == acc_dt;
+      Tensor dws = at::empty(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
+      Tensor dbs = at::empty(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
+      sum_partials<scalar_t>(parts.data_ptr<scalar_t>(), n_parts, D, dws.data_ptr<scalar_t>());
+      sum_partials<scalar_t>(parts.data_ptr<scalar_t>() + n_parts * D, n_parts, D, dbs.data_ptr<scalar_t>());
+      dw = same ? dws : dws.to(w_->scalar_type()).view(w_->sizes());
+      db = same ? dbs : dbs.to(w_->scalar_type()).view(w_->sizes());
     }
   });
   if (!has_ln) {
@@ -782,15 +786,16 @@ inline bool attn_allowed(const AttnGeom& g, const float* pad, int64_t m, int64_t
 }
 
 // softmax probabilities of query row i of sequence m (no dropout); s has T entries
-template <typename acc_t>
+template <typename acc_t, int DHC>
 inline void attn_probs_row(const AttnGeom& g, const float* pad, int64_t m, int64_t i, const acc_t* q,
                            const acc_t* const* krows, acc_t* s) {
+  const int64_t DH = DHC > 0 ? DHC : g.DH;
   const acc_t sdiv = static_cast<acc_t>(std::is_same<acc_t, double>::value ? g.sdiv
                                                                           : static_cast<float>(g.sdiv));
   const acc_t masked = static_cast<acc_t>(kMaskedLogit);
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < g.T; ++j) {
-    const acc_t v = attn_allowed(g, pad, m, i, j) ? dot_row<acc_t>(q, krows[j], g.DH) / sdiv : masked;
+    const acc_t v = attn_allowed(g, pad, m, i, j) ? dot_row<acc_t>(q, krows[j], DH) / sdiv : masked;
     s[j] = v;
     mx = std::max(mx, v);
   }
@@ -802,9 +807,24 @@ inline void attn_probs_row(const AttnGeom& g, const float* pad, int64_t m, int64
   for (int64_t j = 0; j < g.T; ++j) s[j] = s[j] / sum;
 }
 
-template <typename acc_t>
+// f(std::integral_constant<int, DHC>) with DHC = DH for the common head widths, else 0
+template <typename F>
+void with_head_dim(int64_t DH, F&& f) {
+  switch (DH) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// DHC: the head width when it is one of the common compile-time widths (loops of known length unroll and
+// vectorise fully: the row loops dominate at head widths of 8-64), else 0 (runtime g.DH)
+template <typename acc_t, int DHC>
 void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
   const AttnGeom g = V.g;
+  const int64_t DH = DHC > 0 ? DHC : g.DH;
   const auto st = V.qbase.scalar_type();
   const int64_t es = V.qbase.element_size();
   const char* qb = byte_ptr(V.qbase);
@@ -812,21 +832,21 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
   char* ob = byte_ptr(out);
   const float pf = static_cast<float>(g.p);
   const acc_t scale = acc_scale<acc_t>(g.p);
-  const int64_t grain = std::max<int64_t>(1, 2048 / (g.H * g.T * std::max<int64_t>(g.DH, 1)) + 1);
+  const int64_t grain = std::max<int64_t>(1, 2048 / (g.H * g.T * std::max<int64_t>(DH, 1)) + 1);
   at::parallel_for(0, g.M, grain, [&](int64_t m0, int64_t m1) {
-    std::vector<acc_t> qbuf(g.TQ * g.DH), kbuf(g.T * g.DH), vbuf(g.T * g.DH), obuf(g.DH), s(g.T);
+    std::vector<acc_t> qbuf(g.TQ * DH), kbuf(g.T * DH), vbuf(g.T * DH), obuf(DH), s(g.T);
     std::vector<const acc_t*> qr(g.TQ), kr(g.T), vr(g.T);
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t h = 0; h < g.H; ++h) {
-        const int64_t col = h * g.DH;
+        const int64_t col = h * DH;
         for (int64_t i = 0; i < g.TQ; ++i)
-          qr[i] = read_row<acc_t>(qb + (m * g.sqm + i * g.sqt + g.q_off + col) * es, st, &qbuf[i * g.DH], g.DH);
+          qr[i] = read_row<acc_t>(qb + (m * g.sqm + i * g.sqt + g.q_off + col) * es, st, &qbuf[i * DH], DH);
         for (int64_t j = 0; j < g.T; ++j) {
-          kr[j] = read_row<acc_t>(kb + (m * g.skm + j * g.skt + g.k_off + col) * es, st, &kbuf[j * g.DH], g.DH);
-          vr[j] = read_row<acc_t>(kb + (m * g.svm + j * g.svt + g.v_off + col) * es, st, &vbuf[j * g.DH], g.DH);
+          kr[j] = read_row<acc_t>(kb + (m * g.skm + j * g.skt + g.k_off + col) * es, st, &kbuf[j * DH], DH);
+          vr[j] = read_row<acc_t>(kb + (m * g.svm + j * g.svt + g.v_off + col) * es, st, &vbuf[j * DH], DH);
         }
         for (int64_t i = 0; i < g.TQ; ++i) {
-          attn_probs_row<acc_t>(g, pad, m, i, qr[i], kr.data(), s.data());
+          attn_probs_row<acc_t, DHC>(g, pad, m, i, qr[i], kr.data(), s.data());
           if (g.dropout) {
             const uint64_t base = static_cast<uint64_t>(((m * g.H + h) * g.TQ + i) * g.T);
             for (int64_t j = 0; j < g.T; ++j) {
@@ -835,9 +855,9 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
             }
           }
           acc_t* __restrict o = out_row<acc_t>(ob + ((m * g.TQ + i) * g.D + col) * es, st, obuf.data());
-          std::fill(o, o + g.DH, acc_t(0));
-          for (int64_t j = 0; j < g.T; ++j) axpy_row<acc_t>(s[j], vr[j], o, g.DH);
-          write_row<acc_t>(ob + ((m * g.TQ + i) * g.D + col) * es, st, o, g.DH);
+          std::fill(o, o + DH, acc_t(0));
+          for (int64_t j = 0; j < g.T; ++j) axpy_row<acc_t>(s[j], vr[j], o, DH);
+          write_row<acc_t>(ob + ((m * g.TQ + i) * g.D + col) * es, st, o, DH);
         }
       }
     }
@@ -852,14 +872,18 @@ Tensor tiny_attention_fwd_cpu(const Tensor& qkv, const OptTensor& kv, const OptT
   const AttnGeom& g = V.g;
   Tensor out = at::empty({g.M, g.TQ, g.D}, V.qbase.options());
   if (g.M == 0 || g.D == 0) return out;
-  Tensor pad = g.has_mask ? pad_mask->to(at::kFloat).contiguous() : Tensor();
+  Tensor pad = g.has_mask ? as_dtype(*pad_mask, at::kFloat) : Tensor();
   const float* padp = g.has_mask ? pad.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(V.qbase.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, "seqpe_attn_fwd",
-                             [&] { attn_fwd_kernel<scalar_t>(V, padp, out); });
+                             [&] {
+                               with_head_dim(g.DH, [&](auto dh) {
+                                 attn_fwd_kernel<scalar_t, decltype(dh)::value>(V, padp, out);
+                               });
+                             });
   return out;
 }
 
-template <typename acc_t>
+template <typename acc_t, int DHC>
 void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, Tensor& d_first, Tensor& d_kv) {
   const AttnGeom g = V.g;
   const auto st = V.qbase.scalar_type();
@@ -884,7 +908,7 @@ void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, T
                                                                           : static_cast<float>(g.sdiv));
   const int64_t grain = std::max<int64_t>(1, 1024 / (g.H * g.T * std::max<int64_t>(g.DH, 1)) + 1);
   at::parallel_for(0, g.M, grain, [&](int64_t m0, int64_t m1) {
-    const int64_t TQ = g.TQ, T = g.T, DH = g.DH;
+    const int64_t TQ = g.TQ, T = g.T, DH = DHC > 0 ? DHC : g.DH;
     std::vector<acc_t> qbuf(TQ * DH), kbuf(T * DH), vbuf(T * DH), dobuf(TQ * DH);
     std::vector<acc_t> pr(TQ * T), pd(TQ * T), ds(TQ * T);
     std::vector<acc_t> dq(TQ * DH), dk(T * DH), dv(T * DH);
@@ -902,7 +926,7 @@ void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, T
         }
         for (int64_t i = 0; i < TQ; ++i) {
           acc_t* P = &pr[i * T];
-          attn_probs_row<acc_t>(g, pad, m, i, qr[i], kr.data(), P);
+          attn_probs_row<acc_t, DHC>(g, pad, m, i, qr[i], kr.data(), P);
           acc_t* PD = &pd[i * T];
           acc_t* DS = &ds[i * T];
           const uint64_t base = static_cast<uint64_t>(((m * g.H + h) * TQ + i) * T);
@@ -968,10 +992,14 @@ Tensor2 tiny_attention_bwd_cpu(const Tensor& dout_, const Tensor& qkv, const Opt
     if (has(kv)) d_kv.zero_();
     return {d_first, d_kv};
   }
-  Tensor pad = g.has_mask ? pad_mask->to(at::kFloat).contiguous() : Tensor();
+  Tensor pad = g.has_mask ? as_dtype(*pad_mask, at::kFloat) : Tensor();
   const float* padp = g.has_mask ? pad.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(V.qbase.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, "seqpe_attn_bwd",
-                             [&] { attn_bwd_kernel<scalar_t>(V, padp, dout, d_first, d_kv); });
+                             [&] {
+                               with_head_dim(g.DH, [&](auto dh) {
+                                 attn_bwd_kernel<scalar_t, decltype(dh)::value>(V, padp, dout, d_first, d_kv);
+                               });
+                             });
   return {d_first, d_kv};
 }
 

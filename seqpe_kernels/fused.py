@@ -182,12 +182,15 @@ class FusedSeqPE(SeqPE):
         cdt = _compute_dtype(dev, self._parameters["cls_token_embed"].dtype)
         plan = self._plan(cdt, from_positions)
         seeds = None
-        if plan.p_res > 0 or plan.p_att > 0:  # per layer: attention probs, attn residual, mlp residual; from
-            # torch's RNG (torch.manual_seed reproduces a run; CUDA graphs replay the draw)
+        rec = self.record_dropout_masks
+        compiling = torch.compiler.is_compiling()
+        if (plan.p_res > 0 or plan.p_att > 0) and (name == "triton" or rec is not None or compiling):
+            # per layer: attention probs, attn residual, mlp residual; from torch's RNG (torch.manual_seed
+            # reproduces a run; CUDA graphs replay the draw). The C++ encoder draws the same itself when given
+            # none (one Python-level call less per step).
             seeds = torch.randint(0, 2 ** 31 - 1, (3 * plan.nl,), device=dev, dtype=torch.int64)
         if pad_mask is not None:
             pad_mask = pad_mask.to(torch.float32).contiguous()
-        rec = self.record_dropout_masks
         if rec is not None and seeds is not None:
             from .ops._common import IMPL_EXT, IMPL_TRITON
 
@@ -195,7 +198,7 @@ class FusedSeqPE(SeqPE):
                                IMPL_TRITON if name == "triton" else IMPL_EXT)
         params = _enc.flat_params(self)
         clamp = not self.check_range
-        if torch.compiler.is_compiling():
+        if compiling:
             from .ops._common import IMPL_EXT, IMPL_TRITON
 
             prims = _enc.operator_prims(IMPL_TRITON if name == "triton" else IMPL_EXT)

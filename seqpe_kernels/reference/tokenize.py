@@ -61,7 +61,8 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
     if data_dim is not None and positions.shape[1] != data_dim:
         raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
                          f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")
-    positions = positions.long()
+    if positions.dtype != torch.int64:  # .long() of an int64 tensor is still a dispatcher call
+        positions = positions.long()
     if check_range and (torch.compiler.is_compiling() or
                         (positions.is_cuda and torch.cuda.is_current_stream_capturing())):
         # no host sync inside a compiled graph or a CUDA-graph capture: the same check as an on-device assert

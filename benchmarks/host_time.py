@@ -53,8 +53,17 @@ def make(backend: str, cfg: dict, M: int, seed: int = 0):
     return mod, pos, gout
 
 
+_PARAMS: dict = {}
+
+
 def step(mod, pos, gout):
-    for p in mod.parameters():
+    """One step of the encoder's training work: gradients reset as ``optimizer.zero_grad()`` does (a loop over
+    a list of the parameters; walking ``mod.parameters()`` each step would add ~35 us of module-tree traversal
+    to both sides), forward, backward of a fixed output gradient."""
+    params = _PARAMS.get(id(mod))
+    if params is None:
+        params = _PARAMS[id(mod)] = list(mod.parameters())
+    for p in params:
         p.grad = None
     mod(pos).backward(gout)
 

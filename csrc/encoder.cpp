@@ -24,6 +24,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -167,9 +170,52 @@ bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat
 // layer 0's q/k/v rows gathered per token from the table's GEMM output (lossless in any dtype: one kernel); the
 // backward sums the per-token gradient rows in fp32 for half types (as the reference's per-token GEMM
 // accumulates), not in bf16
-Tensor gather(const Tensor& tab_out, const Tensor& rows) { return at::embedding(tab_out, rows); }
+// Small fp32/fp64 CPU inputs take a row loop (copy / sum in token order, as embedding_dense_backward's index_add):
+// at these sizes the dispatcher and TensorIterator setup cost more than the copies.
+bool small_cpu_rows(const Tensor& t, const Tensor& rows) {
+  const at::ScalarType st = t.scalar_type();
+  return t.is_cpu() && t.is_contiguous() && rows.is_contiguous() && rows.scalar_type() == at::kLong &&
+         (st == at::kFloat || st == at::kDouble) && rows.numel() * t.size(-1) <= (int64_t{1} << 16);
+}
+
+Tensor gather(const Tensor& tab_out, const Tensor& rows) {
+  if (tab_out.dim() != 2 || !small_cpu_rows(tab_out, rows)) return at::embedding(tab_out, rows);
+  RECORD_FUNCTION("seqpe_ext::gather", std::vector<c10::IValue>());
+  const int64_t n = tab_out.size(0), W = tab_out.size(1), N = rows.numel();
+  std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
+  shape.push_back(W);
+  Tensor out = at::empty(shape, tab_out.options());
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(tab_out.scalar_type(), "seqpe_gather", [&] {
+    const scalar_t* src = tab_out.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(r[i] >= 0 && r[i] < n, "seqpe_ext::encoder: table row ", r[i], " outside [0, ", n, ")");
+      std::memcpy(dst + i * W, src + r[i] * W, W * sizeof(scalar_t));
+    }
+  });
+  return out;
+}
 
 Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
+  if (small_cpu_rows(g, rows)) {
+    RECORD_FUNCTION("seqpe_ext::gather_bwd", std::vector<c10::IValue>());
+    const int64_t W = g.size(-1), N = rows.numel();
+    Tensor out = at::empty({n, W}, g.options());
+    const int64_t* r = rows.const_data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "seqpe_gather_bwd", [&] {
+      const scalar_t* src = g.const_data_ptr<scalar_t>();
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      std::fill(dst, dst + n * W, scalar_t(0));
+      for (int64_t i = 0; i < N; ++i) {
+        TORCH_CHECK(r[i] >= 0 && r[i] < n, "seqpe_ext::encoder: table row ", r[i], " outside [0, ", n, ")");
+        scalar_t* __restrict d = dst + r[i] * W;
+        const scalar_t* __restrict s = src + i * W;
+        for (int64_t c = 0; c < W; ++c) d[c] += s[c];
+      }
+    });
+    return out;
+  }
   if (low_precision(g.scalar_type()))
     return at::embedding_dense_backward(g.to(at::kFloat), rows, n, -1, false).to(g.scalar_type());
   return at::embedding_dense_backward(g, rows, n, -1, false);

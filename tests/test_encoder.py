@@ -167,8 +167,10 @@ def test_autograd_grad_and_outputs_used_twice(backend):
 
 # kernel launches per training step of the paper's structure (2 layers, K=5, dropout on, final LN); the count
 # depends on the structure, not on D or M. Measured when the whole-encoder boundary landed: eager reference 231,
-# C++ backend 84, Triton 96 ATen + 20 Triton. The bounds leave a little room; growing past them is a regression
-# of the host cost (each launch is host time on a GPU).
+# C++ backend 84 (79 since the LayerNorm-backward partials are zeroed inside the CPU kernel; the GEMMs, bias sums
+# and gather the CPU path runs outside ATen are still counted, through their profiler ranges), Triton 96 ATen +
+# 20 Triton. The bounds leave a little room; growing past them is a regression of the host cost (each launch is
+# host time on a GPU).
 LAUNCH_BOUNDS = {"torch": (231, 0), "cpu": (90, 0), "cuda": (90, 0), "triton": (100, 22)}
 
 

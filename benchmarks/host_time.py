@@ -176,7 +176,7 @@ def main(argv=None):
         for b in args.backends:
             ts = per[(name, b)]
             med = statistics.median(ts)
-            ratio = f"{med / base:.2f}" if base else "-"
+            ratio = f"{med / base:.3f}" if base else "-"
             print(f"  {name:<34} {b:<8} {med:>10.3f} {min(ts):>7.3f} {max(ts):>7.3f} {ratio:>8}")
     if args.instructions:
         ins = instructions(args.backends)
@@ -185,7 +185,7 @@ def main(argv=None):
             base = ins.get((name, "torch"))
             for b in args.backends:
                 n = ins[(name, b)]
-                ratio = f"{n / base:.2f}" if base else "-"
+                ratio = f"{n / base:.3f}" if base else "-"
                 print(f"  {name:<34} {b:<8} {n / 1e6:>8.2f} M  {ratio:>6}x eager")
     if not args.no_count:
         print("\nkernel launches per text-default training step (M=16 here; the count does not depend on M):")

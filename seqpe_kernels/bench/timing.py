@@ -30,18 +30,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what the platform module knows."""
+    model = platform.processor() or platform.machine() or "CPU"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return model
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = cpu_model()
     n = torch.get_num_threads()
     return f"{model} ({n} thread{'s' if n != 1 else ''})"
 

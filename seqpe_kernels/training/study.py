@@ -298,16 +298,9 @@ def device_description(device: Optional[str]) -> str:
 
     if device is not None and device.startswith("cuda") or (device is None and torch.cuda.is_available()):
         return torch.cuda.get_device_name(torch.device(device or "cuda"))
-    model = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+    from ..bench.timing import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
 
 
 def write_report(study: dict, path: str, command: str) -> None:

@@ -36,7 +36,7 @@ namespace seqpe {
 namespace {
 
 using TensorList = std::vector<Tensor>;
-using OptList = c10::List<std::optional<Tensor>>;
+using OptList = std::vector<Tensor>;  // parameter / saved slots; an absent one is an undefined Tensor
 
 struct Cfg {
   int64_t D, H, K, L, T, base, data_dim, nl;
@@ -103,10 +103,7 @@ struct Guards {
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
 };
 
-inline Tensor param(const OptList& params, int64_t i) {
-  std::optional<Tensor> t = params.get(i);
-  return t.has_value() ? *t : Tensor();
-}
+inline const Tensor& param(const OptList& params, int64_t i) { return params[static_cast<size_t>(i)]; }
 
 inline Tensor cast(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
@@ -222,11 +219,11 @@ Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------- GEMMs
-// A' @ B' (+ bias broadcast over rows), A' = A^T when ta, B' = B^T when tb. On CPU in fp32 / fp64 this calls
-// the BLAS torch itself links (its sgemm_ / dgemm_: what at::mm reaches for these dtypes on CPU, so the results
-// are the same) with transpose flags and leading dimensions: no transposed views, no dispatcher round trip per
-// GEMM (~10k instructions each at the tiny sizes where host cost matters). Everywhere else (CUDA, half types, a
-// torch built without that BLAS, layouts BLAS cannot take) ATen's mm / addmm, as before.
+// A' @ B' (+ bias broadcast over rows), A' = A^T when ta, B' = B^T when tb. Small fp32 / fp64 CPU GEMMs call the
+// BLAS torch itself links (its sgemm_ / dgemm_: what at::mm reaches for these dtypes on CPU, so the results are
+// the same) with transpose flags and leading dimensions: no transposed views, no dispatcher round trip per GEMM
+// (~10k instructions each at the tiny sizes where host cost matters). Everything else (large GEMMs, CUDA, half
+// types, a torch built without that BLAS, layouts BLAS cannot take) goes to ATen's mm / addmm, as before.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
@@ -269,8 +266,10 @@ Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias
   if (blas) oa = blas_operand(A), ob = blas_operand(B);
   const int64_t m = ta ? A.size(1) : A.size(0), k = ta ? A.size(0) : A.size(1), n = tb ? B.size(0) : B.size(1);
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
-  if (!blas || !oa.ok || !ob.ok || m > kMaxInt || n > kMaxInt || k > kMaxInt || oa.ld > kMaxInt || ob.ld > kMaxInt ||
-      m * n > kMaxInt || m == 0 || n == 0 || k == 0) {
+  // only small GEMMs, where the per-call overhead is what costs: large ones gain nothing and keep whatever
+  // at::mm does at scale (its threading, oneDNN where it uses it)
+  if (!blas || !oa.ok || !ob.ok || m == 0 || n == 0 || k == 0 || m * n * k > (int64_t{1} << 20) ||
+      oa.ld > kMaxInt || ob.ld > kMaxInt) {
     const Tensor a = ta ? A.t() : A, b = tb ? B.t() : B;
     return bias.defined() ? at::addmm(bias, a, b) : a.mm(b);
   }
@@ -608,7 +607,7 @@ OptList full_params(at::TensorList present, const Cfg& c) {
               "seqpe_ext::encoder: got ", present.size(), " parameters for this configuration");
   for (int64_t i = 0; i < n; ++i) {
     if ((i == dim_idx && !has_dim) || ((i == lnf_idx || i == lnf_idx + 1) && !has_lnf))
-      full.push_back(std::nullopt);
+      full.emplace_back();
     else
       full.push_back(present[j++]);
   }

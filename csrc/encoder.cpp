@@ -35,8 +35,7 @@
 namespace seqpe {
 namespace {
 
-using TensorList = std::vector<Tensor>;
-using OptList = std::vector<Tensor>;  // parameter / saved slots; an absent one is an undefined Tensor
+using TensorList = std::vector<Tensor>;  // also parameter / saved slots: an absent one is an undefined Tensor
 
 struct Cfg {
   int64_t D, H, K, L, T, base, data_dim, nl;
@@ -103,9 +102,7 @@ struct Guards {
   c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
 };
 
-inline const Tensor& param(const OptList& params, int64_t i) { return params[static_cast<size_t>(i)]; }
-
-inline Tensor cast(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+inline const Tensor& param(const TensorList& params, int64_t i) { return params[static_cast<size_t>(i)]; }
 
 // a weight in the compute dtype, for the saved list: undefined when no cast was needed (save_for_backward keeps
 // an undefined entry for free; an empty placeholder tensor cost an allocation per weight and call)
@@ -167,12 +164,16 @@ bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat
 // layer 0's q/k/v rows gathered per token from the table's GEMM output (lossless in any dtype: one kernel); the
 // backward sums the per-token gradient rows in fp32 for half types (as the reference's per-token GEMM
 // accumulates), not in bf16
+// The CPU small-input paths below (row gather, column sums: elements; GEMMs: multiply-adds) stop here: past these
+// sizes the work dwarfs the per-call overhead they save, and ATen's threaded kernels take over.
+constexpr int64_t kSmallElems = int64_t{1} << 16, kSmallMacs = int64_t{1} << 20;
+
 // Small fp32/fp64 CPU inputs take a row loop (copy / sum in token order, as embedding_dense_backward's index_add):
 // at these sizes the dispatcher and TensorIterator setup cost more than the copies.
 bool small_cpu_rows(const Tensor& t, const Tensor& rows) {
   const at::ScalarType st = t.scalar_type();
   return t.is_cpu() && t.is_contiguous() && rows.is_contiguous() && rows.scalar_type() == at::kLong &&
-         (st == at::kFloat || st == at::kDouble) && rows.numel() * t.size(-1) <= (int64_t{1} << 16);
+         (st == at::kFloat || st == at::kDouble) && rows.numel() * t.size(-1) <= kSmallElems;
 }
 
 Tensor gather(const Tensor& tab_out, const Tensor& rows) {
@@ -268,7 +269,7 @@ Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   // only small GEMMs, where the per-call overhead is what costs: large ones gain nothing and keep whatever
   // at::mm does at scale (its threading, oneDNN where it uses it)
-  if (!blas || !oa.ok || !ob.ok || m == 0 || n == 0 || k == 0 || m * n * k > (int64_t{1} << 20) ||
+  if (!blas || !oa.ok || !ob.ok || m == 0 || n == 0 || k == 0 || m * n * k > kSmallMacs ||
       oa.ld > kMaxInt || ob.ld > kMaxInt) {
     const Tensor a = ta ? A.t() : A, b = tb ? B.t() : B;
     return bias.defined() ? at::addmm(bias, a, b) : a.mm(b);
@@ -306,7 +307,7 @@ Tensor colsums(std::initializer_list<Tensor> parts) {
   int64_t n = 0;
   for (const Tensor& t : parts) {
     fast = fast && t.is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == st &&
-           t.numel() <= (int64_t{1} << 16);
+           t.numel() <= kSmallElems;
     n += t.size(-1);
   }
   if (!fast) {
@@ -345,7 +346,7 @@ enum Full : int64_t { F_WA, F_WO, F_WF, F_WP, F_QKV, F_O, F_HB, F_M1, F_R1, F_A2
 enum Last : int64_t { L_WA, L_WO, L_WF, L_WP, L_Q, L_KV, L_O, L_H2, L_M1, L_R1, L_A2, L_Z, L_U, L_H3, L_M2, L_R2, L_FIN,
                       L_WOUT, LAST_N };
 
-TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTensor& seeds, const OptList& params,
+TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTensor& seeds, const TensorList& params,
                             at::IntArrayRef icfg, at::ArrayRef<double> fcfg, bool save) {
   const Cfg c = parse(icfg, fcfg);
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 8 + 12 * c.nl, "seqpe_ext::encoder_fwd: expected ",
@@ -441,7 +442,7 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
 
 // ------------------------------------------------------------------------------------------- backward
 TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor& pad, const OptTensor& seeds,
-                            const OptList& params, const OptList& saved, at::IntArrayRef icfg,
+                            const TensorList& params, const TensorList& saved, at::IntArrayRef icfg,
                             at::ArrayRef<double> fcfg, at::IntArrayRef needs) {
   const Cfg c = parse(icfg, fcfg);
   const int64_t n = 8 + 12 * c.nl;
@@ -597,8 +598,8 @@ OptTensor draw_seeds(const OptTensor& seeds, const Tensor& x, const Cfg& c) {
 // ------------------------------------------------------------------------------------------- autograd
 // The parameters arrive as the list of those present (no dim table for 1-D, no final LayerNorm when off):
 // each is an input variable of the one autograd node, so AccumulateGrad / DDP hooks see every parameter.
-OptList full_params(at::TensorList present, const Cfg& c) {
-  OptList full;
+TensorList full_params(at::TensorList present, const Cfg& c) {
+  TensorList full;
   full.reserve(8 + 12 * c.nl);
   int64_t j = 0;
   const int64_t n = 8 + 12 * c.nl, dim_idx = 2, lnf_idx = 4 + 12 * c.nl;
@@ -660,8 +661,8 @@ struct EncoderFn : public torch::autograd::Function<EncoderFn> {
     const Tensor x = sv[0];
     const OptTensor pad = sv[1].defined() ? OptTensor(sv[1]) : OptTensor();
     const OptTensor seeds = sv[2].defined() ? OptTensor(sv[2]) : OptTensor();
-    const OptList params = full_params(at::TensorList(sv).slice(3, np), c);
-    OptList saved;
+    const TensorList params = full_params(at::TensorList(sv).slice(3, np), c);
+    TensorList saved;
     saved.reserve(sv.size() - 3 - np);
     for (size_t i = 3 + np; i < sv.size(); ++i) saved.push_back(sv[i]);
     const std::vector<int64_t> idx = present_index(c);

@@ -36,9 +36,10 @@ inline void check_float_dtype(const Tensor& t, const char* op, const char* name)
               ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
-// t in dtype dt and contiguous, without a dispatcher call when it already is (a no-op .to() still dispatches,
-// ~1 us of host time per call)
-inline Tensor as_dtype(const Tensor& t, at::ScalarType dt) { return (t.scalar_type() == dt ? t : t.to(dt)).contiguous(); }
+// t in dtype dt, without a dispatcher call when it already is (a no-op .to() still dispatches, ~1 us of host
+// time per call); as_dtype: also contiguous
+inline Tensor cast(const Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+inline Tensor as_dtype(const Tensor& t, at::ScalarType dt) { return cast(t, dt).contiguous(); }
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

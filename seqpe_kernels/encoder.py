@@ -127,12 +127,6 @@ def operator_prims(impl: int) -> Prims:
     return Prims(embed_fwd, None, rln_fwd, None, attn_fwd, None, gelu_fwd, None, gather=_gather_fp32)
 
 
-def ext_prims(ops) -> Prims:
-    """The C++/CUDA extension's operators (torch.ops.seqpe_ext) as prims."""
-    return Prims(ops.digit_embed_fwd, ops.digit_embed_bwd, ops.residual_layernorm_fwd, ops.residual_layernorm_bwd,
-                 ops.tiny_attention_fwd, ops.tiny_attention_bwd, ops.gelu_new_fwd, ops.gelu_new_bwd)
-
-
 _TRITON: list = []
 _TRITON_RUNNER: list = []
 
@@ -315,24 +309,24 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     i = nl - 1
     o0 = 4 + 12 * i
     if plan.epsf >= 0:
-        dh2, dy, dwf, dbf = P.rln_bwd(dfin, None, S["h3"], params[fo], S["m2_last"], S["r2_last"], plan.p_res,
-                                      seeds, 3 * i + 2, True, yc)
+        dh2, dy, dwf, dbf, dbp = P.rln_bwd(dfin, None, S["h3"], params[fo], S["m2_last"], S["r2_last"],
+                                           plan.p_res, seeds, 3 * i + 2, True, yc, True)
         put(fo, dwf)
         put(fo + 1, dbf)
     else:
-        dh2, dy, _, _ = P.rln_bwd(None, _to(dfin, S["h3"]), S["h3"], None, S["m2_last"], S["r2_last"], plan.p_res,
-                                  seeds, 3 * i + 2, True, yc)
+        dh2, dy, _, _, dbp = P.rln_bwd(None, _to(dfin, S["h3"]), S["h3"], None, S["m2_last"], S["r2_last"],
+                                       plan.p_res, seeds, 3 * i + 2, True, yc, True)
+    put(o0 + 11, dbp)
     da2 = _mlp_bwd(P, dy, S["a2_last"], S["z_last"], S["u_last"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs)
-    dhc, dyat, dw2, db2 = P.rln_bwd(da2, dh2, S["h2"], params[o0 + 6], S["m1_last"], S["r1_last"], plan.p_res,
-                                    seeds, 3 * i + 1, True, yc)
+    dhc, dyat, dw2, db2, dbo = P.rln_bwd(da2, dh2, S["h2"], params[o0 + 6], S["m1_last"], S["r1_last"],
+                                         plan.p_res, seeds, 3 * i + 1, True, yc, True)
     put(o0 + 6, dw2)
     put(o0 + 7, db2)
+    put(o0 + 5, dbo)
     Wo = S[f"Wo{i}"]
     do = dyat.mm(Wo.t())
     if needs[o0 + 4]:
         put(o0 + 4, S["o_last"].view(M, D).t().mm(dyat))
-    if needs[o0 + 5]:
-        put(o0 + 5, dyat.sum(0))
     dq, dkv = P.attn_bwd(do.view(M, 1, D), S["q"], S["kv"], pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att,
                          seeds, 3 * i)
     dh = torch.zeros((R, D), dtype=dhc.dtype, device=dhc.device)
@@ -364,21 +358,21 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
 
     for i in range(nl - 2, -1, -1):  # full blocks, last to first
         o0 = 4 + 12 * i
-        dh1, dy, dwn, dbn = P.rln_bwd(da, dh, S[f"hm{i}"], params[o0 + 12], S[f"m2_{i}"], S[f"r2_{i}"], plan.p_res,
-                                      seeds, 3 * i + 2, True, yc)
+        dh1, dy, dwn, dbn, dbp = P.rln_bwd(da, dh, S[f"hm{i}"], params[o0 + 12], S[f"m2_{i}"], S[f"r2_{i}"],
+                                           plan.p_res, seeds, 3 * i + 2, True, yc, True)
         put(o0 + 12, dwn)
         put(o0 + 13, dbn)
+        put(o0 + 11, dbp)
         da2 = _mlp_bwd(P, dy, S[f"a2_{i}"], S[f"z{i}"], S[f"u{i}"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs)
-        dh, dyat, dw2, db2 = P.rln_bwd(da2, dh1, S[f"hb{i}"], params[o0 + 6], S[f"m1_{i}"], S[f"r1_{i}"],
-                                       plan.p_res, seeds, 3 * i + 1, True, yc)
+        dh, dyat, dw2, db2, dbo = P.rln_bwd(da2, dh1, S[f"hb{i}"], params[o0 + 6], S[f"m1_{i}"], S[f"r1_{i}"],
+                                            plan.p_res, seeds, 3 * i + 1, True, yc, True)
         put(o0 + 6, dw2)
         put(o0 + 7, db2)
+        put(o0 + 5, dbo)
         Wo = S[f"Wo{i}"]
         do = dyat.mm(Wo.t())
         if needs[o0 + 4]:
             put(o0 + 4, S[f"o{i}"].view(R, D).t().mm(dyat))
-        if needs[o0 + 5]:
-            put(o0 + 5, dyat.sum(0))
         dqkv, _ = P.attn_bwd(do.view(M, T, D), S[f"qkv{i}"], None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att,
                              seeds, 3 * i)
         Wa = S[f"Wa{i}"]
@@ -396,7 +390,8 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
             put(o0 + 3, dq2.sum(0) if needs[o0 + 3] else None)
 
     # layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
-    dtab, _, dw1, db1 = P.rln_bwd(d_a_tab, None, S["tab"], params[4], S["mt"], S["rt"], 0.0, None, 0, False, 0)
+    dtab, _, dw1, db1, _ = P.rln_bwd(d_a_tab, None, S["tab"], params[4], S["mt"], S["rt"], 0.0, None, 0, False, 0,
+                                     True)
     put(4, dw1)
     put(5, db1)
     dtok, dpos, ddim, dcls = P.embed_bwd(dh.view(M, T, D), x, plan.from_positions, K, plan.base, plan.data_dim)
@@ -410,17 +405,15 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
 
 
 def _mlp_bwd(P, dy, a2, z, u, Wf, Wp, o0, put, needs):
-    """y = addmm(bp, gelu(addmm(bf, a2, Wf)), Wp): returns d a2, puts the four parameter gradients."""
+    """y = addmm(bp, gelu(addmm(bf, a2, Wf)), Wp): returns d a2, puts three parameter gradients (bp's came out of
+    the LayerNorm backward that produced dy); bf's comes out of the gelu backward's pass."""
     du = dy.mm(Wp.t())
     if needs[o0 + 10]:
         put(o0 + 10, u.t().mm(dy))
-    if needs[o0 + 11]:
-        put(o0 + 11, dy.sum(0))
-    dz = P.gelu_bwd(du, z)
+    dz, dbf = P.gelu_bwd(du, z, True)
+    put(o0 + 9, dbf)
     if needs[o0 + 8]:
         put(o0 + 8, a2.t().mm(dz))
-    if needs[o0 + 9]:
-        put(o0 + 9, dz.sum(0))
     return dz.mm(Wf.t())
 
 

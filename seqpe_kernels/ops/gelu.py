@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, num_sms
 
 _C = 0.7978845608028654  # sqrt(2/pi)
 
@@ -44,7 +44,33 @@ def _gelu_bwd(DU, Z, DZ, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     tl.store(DZ + offs, (du * (0.5 * (1.0 + t) + 0.5 * z * dt)).to(DZ.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _gelu_bwd_db(DU, Z, DZ, PART, R, C, rows_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                 ACC: tl.constexpr):
+    # dz for rows [pid0 * rows_per_prog, +rows_per_prog) x one column block, and the column sums of dz over
+    # those rows (the c_fc bias gradient's partials) in the same pass
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    acc = tl.zeros([BLOCK_C], dtype=ACC)
+    row0 = pid * rows_per_prog
+    for r in range(0, rows_per_prog, BLOCK_R):
+        rows = row0 + r + tl.arange(0, BLOCK_R)
+        m = ((rows < R) & (r + tl.arange(0, BLOCK_R) < rows_per_prog))[:, None] & cm[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        z = tl.load(Z + offs, mask=m, other=0.0).to(ACC)
+        du = tl.load(DU + offs, mask=m, other=0.0).to(ACC)
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        dz = du * (0.5 * (1.0 + t) + 0.5 * z * dt)
+        tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=m)
+        acc += tl.sum(tl.where(m, dz, 0.0), 0)
+    tl.store(PART + pid * C + cols, acc, mask=cm)
+
+
 _BLOCK = 1024
+_DB_BLOCK_C = 128
+_DB_BLOCK_R = 8
 
 
 def gelu_forward(z: torch.Tensor) -> torch.Tensor:
@@ -56,13 +82,32 @@ def gelu_forward(z: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def gelu_backward(du: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def gelu_backward(du: torch.Tensor, z: torch.Tensor, bias_grad: bool = False):
+    """dz = du * gelu_new'(z); with ``bias_grad`` also returns (dz, db): db = dz's column sums over the rows of
+    the [R, C] pre-activation (the c_fc bias gradient), accumulated in fp32 (fp64) from the unrounded dz in the
+    same pass instead of a second reduction over [R, C] in the GEMM dtype."""
     du = du.contiguous()
     dz = torch.empty_like(z)
     n = z.numel()
-    if n:
-        _gelu_bwd[(triton.cdiv(n, _BLOCK),)](du, z, dz, n, BLOCK=_BLOCK, ACC=acc_dtype(z), num_warps=4)
-    return dz
+    if not bias_grad:
+        if n:
+            _gelu_bwd[(triton.cdiv(n, _BLOCK),)](du, z, dz, n, BLOCK=_BLOCK, ACC=acc_dtype(z), num_warps=4)
+        return dz
+    if z.dim() != 2 or not z.is_contiguous():
+        raise ValueError("gelu_backward: bias_grad needs a contiguous [R, C] pre-activation")
+    R, C = z.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    if n == 0:
+        return dz, z.new_zeros((C,), dtype=acc)
+    n_col = triton.cdiv(C, _DB_BLOCK_C)
+    # ~4 programs per SM in all; each walks its rows in BLOCK_R chunks, so the partials stay small
+    n_prog = max(1, min(triton.cdiv(R, _DB_BLOCK_R), triton.cdiv(4 * num_sms(z.device), n_col)))
+    rows_per_prog = triton.cdiv(R, n_prog)
+    n_prog = triton.cdiv(R, rows_per_prog)
+    part = z.new_empty((n_prog, C), dtype=acc)
+    _gelu_bwd_db[(n_prog, n_col)](du, z, dz, part, R, C, rows_per_prog, BLOCK_R=_DB_BLOCK_R,
+                                  BLOCK_C=_DB_BLOCK_C, ACC=acc_dtype(z), num_warps=4)
+    return dz, part.sum(0)
 
 
 # ----------------------------------------------------------------------------- PyTorch operators

@@ -50,14 +50,18 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, dro
 
 
 @triton.jit
-def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, DW_PART, DB_PART, R, D, rows_per_prog,
+def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, D, rows_per_prog, n_prog,
                 p, drop_scale, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, HAS_Y: tl.constexpr,
-                HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, DYB: tl.constexpr, BLOCK_D: tl.constexpr,
+                ACC: tl.constexpr):
+    # PART [n_parts, n_prog, D]: per-program column sums of dw (da * xhat), db (da) when HAS_LN, then of dy
+    # (the bias gradient of the GEMM that produced y) when DYB; summed over programs by the caller
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     dw_acc = tl.zeros([BLOCK_D], dtype=ACC)
     db_acc = tl.zeros([BLOCK_D], dtype=ACC)
+    dyb_acc = tl.zeros([BLOCK_D], dtype=ACC)
     if HAS_LN:
         w = tl.load(W + cols, mask=m, other=0.0).to(ACC)
     row_start = pid * rows_per_prog
@@ -89,9 +93,15 @@ def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, DW_PART, 
                     keep = tl.rand(seed, off.to(tl.int32)) > p
                     dy = tl.where(keep, dy * drop_scale, 0.0)
                 tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)
+                if DYB:
+                    dyb_acc += dy
+    k = 0
     if HAS_LN:
-        tl.store(DW_PART + pid * D + cols, dw_acc, mask=m)
-        tl.store(DB_PART + pid * D + cols, db_acc, mask=m)
+        tl.store(PART + pid * D + cols, dw_acc, mask=m)
+        tl.store(PART + (n_prog + pid) * D + cols, db_acc, mask=m)
+        k = 2
+    if DYB:
+        tl.store(PART + (k * n_prog + pid) * D + cols, dyb_acc, mask=m)
 
 
 def _empty(like):
@@ -122,37 +132,47 @@ def residual_layernorm_forward(x: torch.Tensor, y: Optional[torch.Tensor], w: Op
     return h, a, mean, rstd
 
 
-def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y: bool, y_dtype: int):
-    """Gradients (dx, dy, dw, db). ``ln_in`` is h (has_y) or x: the tensor the LN normalised, saved by
-    forward. ``dh`` is the gradient reaching h from later residual uses, ``da`` the LN output's."""
+def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y: bool, y_dtype: int,
+                                bias_grad: bool = False):
+    """Gradients (dx, dy, dw, db). With ``bias_grad`` (the encoder's call) a fifth: dy's column sums, the bias
+    gradient of the GEMM that produced y, summed in fp32 from the unrounded dy in the same pass instead of a
+    separate reduction over [R, D] in the GEMM dtype (None without a branch y); the per-program partials of
+    dw, db and that sum are then reduced by one launch, and dw / db may be views of one tensor. ``ln_in`` is h (has_y) or x: the tensor the LN
+    normalised, saved by forward. ``dh`` is the gradient reaching h from later residual uses, ``da`` the LN
+    output's."""
     x = ln_in
     R, D = x.shape
     # incoming gradients may be expanded (stride 0, from .sum()) or otherwise strided: the kernel indexes rows
     da = da.contiguous() if da is not None else None
     dh = dh.contiguous() if dh is not None else None
     has_ln = w is not None and da is not None
+    dyb = bool(bias_grad) and has_y
     dx = torch.empty_like(x)
     dy = x.new_empty((R, D), dtype=DTYPES[y_dtype]) if has_y else _empty(x)
     n_prog = max(1, min(R, 4 * num_sms(x.device)))
     rows_per_prog = triton.cdiv(R, n_prog) if R else 1
     n_prog = triton.cdiv(R, rows_per_prog) if R else 1
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dw_part = x.new_zeros((n_prog, D), dtype=acc) if has_ln else _empty(x)
-    db_part = x.new_zeros((n_prog, D), dtype=acc) if has_ln else _empty(x)
+    n_parts = 2 * has_ln + dyb
+    # every launched program writes its partial rows, so only an empty input needs zeros
+    part = (x.new_empty if R else x.new_zeros)((n_parts, n_prog, D), dtype=acc) if n_parts else _empty(x)
     dropout = has_y and p > 0.0
     if R > 0:
         BLOCK_D = next_pow2(D)
         _res_ln_bwd[(n_prog,)](da if has_ln else x, dh if dh is not None else x, x, w if has_ln else x, mean, rstd,
-                               seeds if dropout else x, seed_idx, dx, dy, dw_part, db_part, R, D, rows_per_prog,
+                               seeds if dropout else x, seed_idx, dx, dy, part, R, D, rows_per_prog, n_prog,
                                p, 1.0 / (1.0 - p) if p < 1 else 0.0, HAS_DA=has_ln, HAS_DH=dh is not None,
-                               HAS_Y=has_y, HAS_LN=has_ln, DROPOUT=dropout, BLOCK_D=BLOCK_D,
+                               HAS_Y=has_y, HAS_LN=has_ln, DROPOUT=dropout, DYB=dyb, BLOCK_D=BLOCK_D,
                                ACC=acc_dtype(x), num_warps=4 if BLOCK_D <= 1024 else 8)
+    # deterministic two-stage reductions. The encoder (bias_grad) takes one launch for all parts, as views of
+    # one tensor; the registered operator's outputs may not alias each other, so it sums each part apart.
+    if bias_grad:
+        sums = part.sum(1) if n_parts else None
+        dw, db = (sums[0].to(w.dtype), sums[1].to(w.dtype)) if has_ln else (_empty(x), _empty(x))
+        return dx, dy, dw, db, sums[n_parts - 1] if dyb else None
     if has_ln:
-        dw = dw_part.sum(0).to(w.dtype)  # deterministic two-stage reduction
-        db = db_part.sum(0).to(w.dtype)
-    else:
-        dw, db = _empty(x), _empty(x)
-    return dx, dy, dw, db
+        return dx, dy, part[0].sum(0).to(w.dtype), part[1].sum(0).to(w.dtype)
+    return dx, dy, _empty(x), _empty(x)
 
 
 @triton.jit

@@ -1,0 +1,125 @@
+"""Bias gradients computed inside the backward kernels (issue 11 item 3), against plain PyTorch math.
+
+The Triton encoder's backward takes three bias gradients per layer from kernels it runs anyway instead of
+separate column reductions: the GEMM biases in front of each residual junction (attention's and the MLP's
+c_proj) from the residual + LayerNorm backward (the column sums of dy, after the dropout mask), and c_fc's from
+the gelu backward (the column sums of dz). Property tests over shapes that cross the kernels' blocks (rows per
+program, the gelu kernel's 8-row and 128-column tiles), dtypes, dropout and with / without the LayerNorm;
+each returned tensor against fp64 math on the same inputs. The encoder-level parity (every parameter gradient
+against the reference) is tests/test_encoder.py's.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import HAS_CUDA
+from test_fused import rel
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+SETTINGS = settings(max_examples=15, deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# fp32 inputs, fp32 accumulation, compared with fp64 math: KERNEL_GUIDE §5's 1e-5; fp64 at 1e-12
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _gelu_grad64(du, z):
+    z = z.double().requires_grad_(True)
+    u = F.gelu(z, approximate="tanh")
+    (dz,) = torch.autograd.grad(u, z, du.double())
+    return dz
+
+
+@SETTINGS
+@given(R=st.integers(0, 70), C=st.integers(1, 300), dt=st.sampled_from([torch.float32, torch.float64]))
+def test_gelu_backward_bias_grad(R, C, dt):
+    from seqpe_kernels.ops.gelu import gelu_backward
+
+    z = (torch.randn(R, C, dtype=dt) * 2).to(DEV)
+    du = torch.randn(R, C, dtype=dt).to(DEV)
+    dz, db = gelu_backward(du, z, True)
+    ref = _gelu_grad64(du, z)
+    assert dz.dtype == dt and db.shape == (C,) and db.dtype == dt
+    assert rel(dz, ref) <= TOL[dt]
+    assert rel(db, ref.sum(0)) <= TOL[dt]
+    # without bias_grad: the same dz, bit for bit (the same formula in the same precision)
+    assert torch.equal(gelu_backward(du, z), dz)
+
+
+def test_gelu_backward_bias_grad_low_precision():
+    # bf16 / fp16 pre-activations: dz is stored rounded, the bias gradient sums the unrounded fp32 dz
+    from seqpe_kernels.ops.gelu import gelu_backward
+
+    for dt in (torch.bfloat16, torch.float16):
+        z = torch.randn(37, 200).to(DEV, dt)
+        du = torch.randn(37, 200).to(DEV, dt)
+        dz, db = gelu_backward(du, z, True)
+        ref = _gelu_grad64(du, z)
+        assert dz.dtype == dt and db.dtype == torch.float32
+        assert rel(dz, ref) <= 2 ** -7  # one rounding to the storage dtype
+        assert rel(db, ref.sum(0)) <= 1e-5
+
+
+def _rln64(da, dh, h, w, p_keep_mask, has_ln):
+    """(dx, dy) of h = x + y*mask*scale; a = LN(h) in fp64, given the incoming da (LN output) and dh."""
+    h64 = h.double().requires_grad_(True)
+    total = h64.new_zeros(())
+    if has_ln:
+        a = F.layer_norm(h64, (h.shape[1],), w.double(), None, 1e-5)
+        total = total + (a * da.double()).sum()
+    if dh is not None:
+        total = total + (h64 * dh.double()).sum()
+    (dh_total,) = torch.autograd.grad(total, h64) if total.requires_grad else (torch.zeros_like(h64),)
+    return dh_total, dh_total * p_keep_mask
+
+
+@SETTINGS
+@given(R=st.integers(0, 40), D=st.integers(1, 70), dt=st.sampled_from([torch.float32, torch.float64]),
+       has_ln=st.booleans(), has_dh=st.booleans(), dropout=st.booleans())
+def test_residual_layernorm_backward_bias_grad(R, D, dt, has_ln, has_dh, dropout):
+    from seqpe_kernels.ops._common import dtype_code, new_seeds
+    from seqpe_kernels.ops.layernorm import (dropout_keep_mask, residual_layernorm_backward,
+                                             residual_layernorm_forward)
+
+    p = 0.3 if dropout else 0.0
+    x = torch.randn(R, D, dtype=dt).to(DEV)
+    y = torch.randn(R, D, dtype=dt).to(DEV)
+    w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
+    b = torch.randn(D, dtype=dt).to(DEV) if has_ln else None
+    seeds = new_seeds(3, DEV)
+    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, p, seeds, 1, dtype_code(dt))
+    da = torch.randn(R, D, dtype=dt).to(DEV) if has_ln else None
+    dh = torch.randn(R, D, dtype=dt).to(DEV) if has_dh or not has_ln else None
+    out = residual_layernorm_backward(da, dh, h, w, mean, rstd, p, seeds, 1, True, dtype_code(dt), True)
+    assert len(out) == 5
+    dx, dy, dw, db, dyb = out
+    keep = dropout_keep_mask(seeds, 1, (R, D), p).double() / (1 - p) if dropout else torch.ones(R, D).double()
+    dx64, dy64 = _rln64(da, dh, h, w, keep.to(DEV), has_ln)
+    assert dyb.shape == (D,) and dyb.dtype == dt
+    assert rel(dx, dx64) <= TOL[dt] and rel(dy, dy64) <= TOL[dt]
+    assert rel(dyb, dy64.sum(0)) <= TOL[dt]
+    # the four tensors the operator returns are the same values without bias_grad
+    plain = residual_layernorm_backward(da, dh, h, w, mean, rstd, p, seeds, 1, True, dtype_code(dt))
+    assert len(plain) == 4
+    for got, want in zip(out[:4], plain):
+        assert torch.equal(got, want)
+
+
+def test_residual_layernorm_bias_grad_without_branch():
+    # the layer-0 LayerNorm on the embedding table has no branch input: no fifth gradient, dw / db unchanged
+    from seqpe_kernels.ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+
+    x = torch.randn(13, 24, device=DEV)
+    w, b = torch.randn(24, device=DEV), torch.randn(24, device=DEV)
+    _, a, mean, rstd = residual_layernorm_forward(x, None, w, b, 1e-5, 0.0, None, 0, 0)
+    da = torch.randn_like(a)
+    out = residual_layernorm_backward(da, None, x, w, mean, rstd, 0.0, None, 0, False, 0, True)
+    plain = residual_layernorm_backward(da, None, x, w, mean, rstd, 0.0, None, 0, False, 0)
+    assert out[4] is None
+    for got, want in zip(out[:4], plain):
+        assert torch.equal(got, want)
+    x64 = x.double().requires_grad_(True)
+    w64 = w.double().requires_grad_(True)
+    (F.layer_norm(x64, (24,), w64, b.double(), 1e-5) * da.double()).sum().backward()
+    assert rel(out[0], x64.grad) <= 1e-5 and rel(out[2], w64.grad) <= 1e-5 and rel(out[3], da.double().sum(0)) <= 1e-5

@@ -65,14 +65,14 @@ using EmbedFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTe
 using EmbedBwd = Tensor4(const Tensor&, const Tensor&, bool, int64_t, int64_t, int64_t);
 using RlnFwd = Tensor4(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
                        const OptTensor&, int64_t, int64_t);
-using RlnBwd = Tensor4(const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
-                       const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
 using AttnFwd = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t, double, double,
                        const OptTensor&, int64_t);
 using AttnBwd = Tensor2(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t,
                         double, double, const OptTensor&, int64_t);
 using GeluFwd = Tensor(const Tensor&);
-using GeluBwd = Tensor(const Tensor&, const Tensor&);
+using RlnBwdBias = Tensor5(const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
+                           const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
+using GeluBwdBias = Tensor2(const Tensor&, const Tensor&);
 
 template <typename F>
 c10::TypedOperatorHandle<F> handle(const char* name) {
@@ -83,11 +83,13 @@ struct Kernels {
   c10::TypedOperatorHandle<EmbedFwd> embed_fwd = handle<EmbedFwd>("seqpe_ext::digit_embed_fwd");
   c10::TypedOperatorHandle<EmbedBwd> embed_bwd = handle<EmbedBwd>("seqpe_ext::digit_embed_bwd");
   c10::TypedOperatorHandle<RlnFwd> rln_fwd = handle<RlnFwd>("seqpe_ext::residual_layernorm_fwd");
-  c10::TypedOperatorHandle<RlnBwd> rln_bwd = handle<RlnBwd>("seqpe_ext::residual_layernorm_bwd");
   c10::TypedOperatorHandle<AttnFwd> attn_fwd = handle<AttnFwd>("seqpe_ext::tiny_attention_fwd");
   c10::TypedOperatorHandle<AttnBwd> attn_bwd = handle<AttnBwd>("seqpe_ext::tiny_attention_bwd");
   c10::TypedOperatorHandle<GeluFwd> gelu_fwd = handle<GeluFwd>("seqpe_ext::gelu_new_fwd");
-  c10::TypedOperatorHandle<GeluBwd> gelu_bwd = handle<GeluBwd>("seqpe_ext::gelu_new_bwd");
+  // the backward's LayerNorms and gelu: the bias gradient of the GEMM before a branch comes out of the same pass
+  // (no separate column reduction over [R, D] / [R, 4D]); the LayerNorm's partials are reduced in one launch
+  c10::TypedOperatorHandle<RlnBwdBias> rln_bwd_bias = handle<RlnBwdBias>("seqpe_ext::residual_layernorm_bwd_bias");
+  c10::TypedOperatorHandle<GeluBwdBias> gelu_bwd_bias = handle<GeluBwdBias>("seqpe_ext::gelu_new_bwd_bias");
 };
 
 const Kernels& K() {
@@ -468,15 +470,16 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   auto weight = [&](const Tensor& saved_w, int64_t param_idx) {
     return saved_w.defined() ? saved_w : param(params, param_idx);
   };
-  // mlp: y = gelu(a2 Wf + bf) Wp + bp; puts the four parameter gradients, returns d a2
+  // mlp: y = gelu(a2 Wf + bf) Wp + bp; puts three parameter gradients (bp's came with dy from the LayerNorm
+  // backward), returns d a2
   auto mlp_bwd = [&](const Tensor& dy, const Tensor& a2, const Tensor& z, const Tensor& u, const Tensor& Wf,
                      const Tensor& Wp, int64_t o) {
     Tensor du = mm(dy, false, Wp, true);
     if (needs[o + 10]) put(o + 10, mm(u, true, dy, false));
-    if (needs[o + 11]) put(o + 11, colsums({dy}));
-    Tensor dz = k.gelu_bwd.call(du, z);
+    Tensor dz, dbf;
+    std::tie(dz, dbf) = k.gelu_bwd_bias.call(du, z);
     if (needs[o + 8]) put(o + 8, mm(a2, true, dz, false));
-    if (needs[o + 9]) put(o + 9, colsums({dz}));
+    put(o + 9, dbf);
     return mm(dz, false, Wf, true);
   };
   const Tensor rows = G(G_ROWS), a_tab = G(G_ATAB);
@@ -492,25 +495,25 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   if (needs[fo + 3]) put(fo + 3, colsums({g}));
   int64_t i = c.nl - 1;
   int64_t o0 = 4 + 12 * i;
-  Tensor dh2, dy;
+  Tensor dh2, dy, dbp;
   if (c.epsf >= 0) {
     Tensor dwf, dbf;
-    std::tie(dh2, dy, dwf, dbf) = k.rln_bwd.call(dfin, std::nullopt, h3, param(params, fo), Lt(L_M2), Lt(L_R2),
-                                                 c.p_res, seeds, 3 * i + 2, true, yc);
+    std::tie(dh2, dy, dwf, dbf, dbp) = k.rln_bwd_bias.call(dfin, std::nullopt, h3, param(params, fo), Lt(L_M2),
+                                                           Lt(L_R2), c.p_res, seeds, 3 * i + 2, true, yc);
     put(fo, dwf), put(fo + 1, dbf);
   } else {
-    std::tie(dh2, dy, std::ignore, std::ignore) =
-        k.rln_bwd.call(std::nullopt, cast(dfin, h3.scalar_type()), h3, std::nullopt, Lt(L_M2), Lt(L_R2), c.p_res,
-                       seeds, 3 * i + 2, true, yc);
+    std::tie(dh2, dy, std::ignore, std::ignore, dbp) =
+        k.rln_bwd_bias.call(std::nullopt, cast(dfin, h3.scalar_type()), h3, std::nullopt, Lt(L_M2), Lt(L_R2),
+                            c.p_res, seeds, 3 * i + 2, true, yc);
   }
+  put(o0 + 11, dbp);
   Tensor da2 = mlp_bwd(dy, Lt(L_A2), Lt(L_Z), Lt(L_U), weight(Lt(L_WF), o0 + 8), weight(Lt(L_WP), o0 + 10), o0);
-  Tensor dhc, dyat, dw2, db2;
-  std::tie(dhc, dyat, dw2, db2) = k.rln_bwd.call(da2, dh2, Lt(L_H2), param(params, o0 + 6), Lt(L_M1), Lt(L_R1),
-                                                 c.p_res, seeds, 3 * i + 1, true, yc);
-  put(o0 + 6, dw2), put(o0 + 7, db2);
+  Tensor dhc, dyat, dw2, db2, dbo;
+  std::tie(dhc, dyat, dw2, db2, dbo) = k.rln_bwd_bias.call(da2, dh2, Lt(L_H2), param(params, o0 + 6), Lt(L_M1),
+                                                           Lt(L_R1), c.p_res, seeds, 3 * i + 1, true, yc);
+  put(o0 + 6, dw2), put(o0 + 7, db2), put(o0 + 5, dbo);
   Tensor dattn = mm(dyat, false, weight(Lt(L_WO), o0 + 4), true);
   if (needs[o0 + 4]) put(o0 + 4, mm(Lt(L_O).view({M, D}), true, dyat, false));
-  if (needs[o0 + 5]) put(o0 + 5, colsums({dyat}));
   Tensor dq, dkv;
   std::tie(dq, dkv) = k.attn_bwd.call(dattn.view({M, 1, D}), Lt(L_Q).expand({M, 1, D}), Lt(L_KV), pad, c.H, c.causal,
                                       T - 1, c.sdiv, c.p_att, seeds, 3 * i);
@@ -541,17 +544,16 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   for (i = c.nl - 2; i >= 0; --i) {  // full blocks, last to first
     o0 = 4 + 12 * i;
     Tensor dh1, dwn, dbn;
-    std::tie(dh1, dy, dwn, dbn) =
-        k.rln_bwd.call(da.defined() ? OptTensor(da) : OptTensor(), dh, F(i, F_HM), param(params, o0 + 12),
-                       F(i, F_M2), F(i, F_R2), c.p_res, seeds, 3 * i + 2, true, yc);
-    put(o0 + 12, dwn), put(o0 + 13, dbn);
+    std::tie(dh1, dy, dwn, dbn, dbp) =
+        k.rln_bwd_bias.call(da.defined() ? OptTensor(da) : OptTensor(), dh, F(i, F_HM), param(params, o0 + 12),
+                            F(i, F_M2), F(i, F_R2), c.p_res, seeds, 3 * i + 2, true, yc);
+    put(o0 + 12, dwn), put(o0 + 13, dbn), put(o0 + 11, dbp);
     da2 = mlp_bwd(dy, F(i, F_A2), F(i, F_Z), F(i, F_U), weight(F(i, F_WF), o0 + 8), weight(F(i, F_WP), o0 + 10), o0);
-    std::tie(dh, dyat, dw2, db2) = k.rln_bwd.call(da2, dh1, F(i, F_HB), param(params, o0 + 6), F(i, F_M1), F(i, F_R1),
-                                                  c.p_res, seeds, 3 * i + 1, true, yc);
-    put(o0 + 6, dw2), put(o0 + 7, db2);
+    std::tie(dh, dyat, dw2, db2, dbo) = k.rln_bwd_bias.call(da2, dh1, F(i, F_HB), param(params, o0 + 6), F(i, F_M1),
+                                                            F(i, F_R1), c.p_res, seeds, 3 * i + 1, true, yc);
+    put(o0 + 6, dw2), put(o0 + 7, db2), put(o0 + 5, dbo);
     dattn = mm(dyat, false, weight(F(i, F_WO), o0 + 4), true);
     if (needs[o0 + 4]) put(o0 + 4, mm(F(i, F_O).view({R, D}), true, dyat, false));
-    if (needs[o0 + 5]) put(o0 + 5, colsums({dyat}));
     Tensor dqkv;
     std::tie(dqkv, std::ignore) = k.attn_bwd.call(dattn.view({M, T, D}), F(i, F_QKV), std::nullopt, pad, c.H,
                                                   c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
@@ -572,8 +574,8 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
 
   // layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
   Tensor dtab, dw1, db1;
-  std::tie(dtab, std::ignore, dw1, db1) = k.rln_bwd.call(d_a_tab, std::nullopt, G(G_TAB), param(params, 4), G(G_MT),
-                                                         G(G_RT), 0.0, std::nullopt, 0, false, 0);
+  std::tie(dtab, std::ignore, dw1, db1, std::ignore) = k.rln_bwd_bias.call(
+      d_a_tab, std::nullopt, G(G_TAB), param(params, 4), G(G_MT), G(G_RT), 0.0, std::nullopt, 0, false, 0);
   put(4, dw1), put(5, db1);
   Tensor dtok, dpos, ddim, dcls;
   std::tie(dtok, dpos, ddim, dcls) = k.embed_bwd.call(dh.view({M, T, D}), x, c.from_positions, c.K, c.base, c.data_dim);

@@ -497,9 +497,10 @@ struct LnBwdArgs {
   float p;
 };
 
+// dyb_part (may be null): per-chunk column sums of dy (after dropout, before rounding to y's dtype)
 template <typename acc_t>
 void ln_bwd_kernel(const LnBwdArgs& a, const acc_t* w, const acc_t* mean, const acc_t* rstd, acc_t scale,
-                   acc_t* dw_part, acc_t* db_part) {
+                   acc_t* dw_part, acc_t* db_part, acc_t* dyb_part) {
   const int64_t D = a.D;
   at::parallel_for(0, a.n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> gbuf(D), hbuf(D), abuf(D), ybuf(D);
@@ -520,12 +521,18 @@ void ln_bwd_kernel(const LnBwdArgs& a, const acc_t* w, const acc_t* mean, const 
         }
         write_row<acc_t>(a.dx + row * D * a.xs, a.xst, g, D);
         if (a.has_y) {
+          const acc_t* yrow = g;
           if (a.dropout) {
             acc_t* __restrict o = out_row<acc_t>(a.dy + row * D * a.ys, a.yst, ybuf.data());
             dropout_row<acc_t>(g, o, D, a.seed, static_cast<uint32_t>(static_cast<uint64_t>(row * D)), a.p, scale);
             write_row<acc_t>(a.dy + row * D * a.ys, a.yst, o, D);
+            yrow = o;
           } else {
             write_row<acc_t>(a.dy + row * D * a.ys, a.yst, g, D);
+          }
+          if (dyb_part != nullptr) {
+            acc_t* __restrict pb = dyb_part + ch * D;
+            for (int64_t c = 0; c < D; ++c) pb[c] += yrow[c];
           }
         }
       }
@@ -543,9 +550,10 @@ void sum_partials(const acc_t* part, int64_t n, int64_t D, acc_t* out) {
   }
 }
 
-Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_,
-                                   const OptTensor& w_, const Tensor& mean_, const Tensor& rstd_, double p,
-                                   const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
+// bias: also the column sums of dy (the bias gradient of the GEMM that produced y; empty without y)
+Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_, const OptTensor& w_,
+                    const Tensor& mean_, const Tensor& rstd_, double p, const OptTensor& seeds, int64_t seed_idx,
+                    bool has_y, int64_t y_dtype, bool bias) {
   TORCH_CHECK(ln_in_.dim() == 2, "seqpe_ext::residual_layernorm_bwd: ln_in must be [R, D]");
   check_float_dtype(ln_in_, "residual_layernorm_bwd", "ln_in");
   const Tensor x = ln_in_.contiguous();
@@ -575,22 +583,30 @@ Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, c
   }
   const int64_t per = std::max<int64_t>(8, cdiv(R, 128));
   const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
-  // chunk partials of dw and db in one buffer [2, n, D], zeroed in place (one allocation, no fill_ dispatches)
+  // chunk partials of dw, db (with the LN) and of dy (bias) in one buffer [k, n, D], zeroed in place (one
+  // allocation, no fill_ dispatches)
   const int64_t n_parts = std::max<int64_t>(n_chunks, 1);
-  Tensor parts = has_ln ? at::empty({2, n_parts, D}, x.options().dtype(acc_dt)) : Tensor();
-  if (has_ln) std::memset(parts.data_ptr(), 0, parts.nbytes());
+  const bool dyb = bias && has_y;
+  const int64_t k_parts = 2 * has_ln + dyb;
+  Tensor parts = k_parts ? at::empty({k_parts, n_parts, D}, x.options().dtype(acc_dt)) : Tensor();
+  if (k_parts) std::memset(parts.data_ptr(), 0, parts.nbytes());
   const LnBwdArgs args{byte_ptr(x), has_ln ? byte_ptr(da) : nullptr, has_dh ? byte_ptr(dh) : nullptr,
                        byte_ptr(dx), has_y ? byte_ptr(dy) : nullptr, x.scalar_type(),
                        has_ln ? da.scalar_type() : x.scalar_type(), has_dh ? dh.scalar_type() : x.scalar_type(),
                        dy.scalar_type(), x.element_size(), has_ln ? da.element_size() : 0,
                        has_dh ? dh.element_size() : 0, dy.element_size(), R, D, per, n_chunks, has_dh, has_ln, has_y,
                        dropout, seed, static_cast<float>(p)};
-  Tensor dw, db;
+  Tensor dw, db, dybs;
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd", [&] {
+    scalar_t* dyb_part = dyb ? parts.data_ptr<scalar_t>() + (k_parts - 1) * n_parts * D : nullptr;
     ln_bwd_kernel<scalar_t>(args, has_ln ? w.data_ptr<scalar_t>() : nullptr,
                             has_ln ? mean.data_ptr<scalar_t>() : nullptr, has_ln ? rstd.data_ptr<scalar_t>() : nullptr,
                             acc_scale<scalar_t>(p), has_ln ? parts.data_ptr<scalar_t>() : nullptr,
-                            has_ln ? parts.data_ptr<scalar_t>() + n_parts * D : nullptr);
+                            has_ln ? parts.data_ptr<scalar_t>() + n_parts * D : nullptr, dyb_part);
+    if (dyb) {
+      dybs = at::empty({D}, x.options().dtype(acc_dt));
+      sum_partials<scalar_t>(dyb_part, n_parts, D, dybs.data_ptr<scalar_t>());
+    }
     if (has_ln) {  // summed straight into the outputs when the weight is in the accumulation dtype
       const bool same = w_->scalar_type() == acc_dt;
       Tensor dws = at::empty(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
@@ -605,7 +621,21 @@ Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, c
     dw = at::empty({0}, x.options());
     db = at::empty({0}, x.options());
   }
-  return {dx, dy, dw, db};
+  if (!dyb) dybs = at::empty({0}, x.options());
+  return {dx, dy, dw, db, dybs};
+}
+
+Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in, const OptTensor& w,
+                                   const Tensor& mean, const Tensor& rstd, double p, const OptTensor& seeds,
+                                   int64_t seed_idx, bool has_y, int64_t y_dtype) {
+  auto r = rln_bwd_cpu(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+Tensor5 residual_layernorm_bwd_bias_cpu(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
+                                        const OptTensor& w, const Tensor& mean, const Tensor& rstd, double p,
+                                        const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
+  return rln_bwd_cpu(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true);
 }
 
 // ==================================================================================== gelu_new
@@ -687,6 +717,47 @@ Tensor gelu_new_bwd_cpu(const Tensor& du_, const Tensor& z_) {
     });
   });
   return dz;
+}
+
+// dz = du * gelu_new'(z) over [R, C], and db = dz's column sums (the c_fc bias gradient) from the unrounded dz:
+// row chunks in parallel, per-chunk partials summed in chunk order (deterministic, thread-count independent)
+Tensor2 gelu_new_bwd_bias_cpu(const Tensor& du_, const Tensor& z_) {
+  check_float_dtype(z_, "gelu_new_bwd_bias", "z");
+  TORCH_CHECK(z_.dim() == 2, "seqpe_ext::gelu_new_bwd_bias: z must be [R, C]");
+  TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd_bias: du must have z's shape");
+  const Tensor z = z_.contiguous();
+  const Tensor du = du_.contiguous();
+  Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const int64_t R = z.size(0), C = z.size(1);
+  const auto st = z.scalar_type(), dst = du.scalar_type();
+  const auto acc_dt = st == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor db = at::empty({C}, z.options().dtype(acc_dt));
+  const int64_t es = z.element_size(), des = du.element_size();
+  const int64_t per = std::max<int64_t>(8, cdiv(R, 128));
+  const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_gelu_bwd_bias", [&] {
+    using acc_t = scalar_t;
+    std::vector<acc_t> part(static_cast<size_t>(std::max<int64_t>(n_chunks, 1) * C), acc_t(0));
+    const char* zp = byte_ptr(z);
+    const char* dup = byte_ptr(du);
+    char* dzp = byte_ptr(dz);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> zb(C), gb(C), ob(C);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        acc_t* __restrict pc = part.data() + ch * C;
+        for (int64_t row = ch * per; row < std::min(R, (ch + 1) * per); ++row) {
+          const acc_t* zr = read_row<acc_t>(zp + row * C * es, st, zb.data(), C);
+          const acc_t* gr = read_row<acc_t>(dup + row * C * des, dst, gb.data(), C);
+          acc_t* orow = out_row<acc_t>(dzp + row * C * es, st, ob.data());
+          gelu_bwd_block<acc_t>(gr, zr, orow, C);
+          for (int64_t c = 0; c < C; ++c) pc[c] += orow[c];
+          write_row<acc_t>(dzp + row * C * es, st, orow, C);
+        }
+      }
+    });
+    sum_partials<acc_t>(part.data(), std::max<int64_t>(n_chunks, 1), C, db.data_ptr<acc_t>());
+  });
+  return {dz, db};
 }
 
 // ==================================================================================== tiny attention
@@ -1032,6 +1103,11 @@ TORCH_LIBRARY(seqpe_ext, m) {
         "float p, Tensor? seeds, int seed_idx, bool has_y, int y_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gelu_new_fwd(Tensor z) -> Tensor");
   m.def("gelu_new_bwd(Tensor du, Tensor z) -> Tensor");
+  // the C++ encoder's backward: the same, plus the bias gradient of the GEMM before (dy's / dz's column sums,
+  // accumulated in fp32 / fp64 inside the kernel's pass)
+  m.def("residual_layernorm_bwd_bias(Tensor? da, Tensor? dh, Tensor ln_in, Tensor? w, Tensor mean, Tensor rstd, "
+        "float p, Tensor? seeds, int seed_idx, bool has_y, int y_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gelu_new_bwd_bias(Tensor du, Tensor z) -> (Tensor, Tensor)");
   m.def("tiny_attention_fwd(Tensor qkv, Tensor? kv, Tensor? pad_mask, int num_heads, bool causal, int q_start, "
         "float scale_div, float p, Tensor? seeds, int seed_idx) -> Tensor");
   m.def("tiny_attention_bwd(Tensor dout, Tensor qkv, Tensor? kv, Tensor? pad_mask, int num_heads, bool causal, "
@@ -1047,6 +1123,8 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CPU, m) {
   m.impl("residual_layernorm_bwd", &residual_layernorm_bwd_cpu);
   m.impl("gelu_new_fwd", &gelu_new_fwd_cpu);
   m.impl("gelu_new_bwd", &gelu_new_bwd_cpu);
+  m.impl("residual_layernorm_bwd_bias", &residual_layernorm_bwd_bias_cpu);
+  m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cpu);
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cpu);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cpu);
 }

@@ -187,13 +187,13 @@ __global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, 
   }
 }
 
-// out[r, c] = sum over chunks (in order) of part[ch, r, c]
+// out[i] = sum over chunks (in order) of part[ch * stride + i], i < n
 template <typename acc_t>
-__global__ void chunk_sum_kernel(const acc_t* part, int64_t n_chunks, int64_t n, acc_t* out) {
+__global__ void chunk_sum_kernel(const acc_t* part, int64_t n_chunks, int64_t n, int64_t stride, acc_t* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   acc_t s = 0;
-  for (int64_t ch = 0; ch < n_chunks; ++ch) s += part[ch * n + i];
+  for (int64_t ch = 0; ch < n_chunks; ++ch) s += part[ch * stride + i];
   out[i] = s;
 }
 
@@ -266,7 +266,7 @@ Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_posit
     const int64_t n = rows * D;
     if (n > 0) {
       chunk_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
-          part.data_ptr<scalar_t>(), n_chunks, n, total.data_ptr<scalar_t>());
+          part.data_ptr<scalar_t>(), n_chunks, n, n, total.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -387,8 +387,10 @@ struct LnBwdP {
   float p;
 };
 
+// part [n_chunks, pstride]: per-chunk column sums of dw at column 0, db at D (with the LN), dy (the bias gradient
+// of the GEMM before the branch) at dyb_off (>= 0 when asked); each (chunk, column) is owned by one thread
 template <typename acc_t>
-__global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* dw_part, acc_t* db_part) {
+__global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* part, int64_t pstride, int64_t dyb_off) {
   __shared__ acc_t red[33];
   const int64_t ch = blockIdx.x, D = a.D;
   const int64_t r_end = min(a.R, (ch + 1) * a.per);
@@ -417,8 +419,8 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* dw_part, acc_t* db_p
         const acc_t da = ld<acc_t>(a.da, a.dadt, base + c);
         const acc_t dxh = da * w[c];
         g += (dxh - (xh * k1 + k2)) * rs;
-        dw_part[ch * D + c] += da * xh;
-        db_part[ch * D + c] += da;
+        part[ch * pstride + c] += da * xh;
+        part[ch * pstride + D + c] += da;
       }
       st<acc_t>(a.dx, a.xdt, base + c, g);
       if (a.has_y) {
@@ -428,14 +430,16 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* dw_part, acc_t* db_p
           dy = keep ? dy * scale : acc_t(0);
         }
         st<acc_t>(a.dy, a.ydt, base + c, dy);
+        if (dyb_off >= 0) part[ch * pstride + dyb_off + c] += dy;
       }
     }
   }
 }
 
-Tensor4 residual_layernorm_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_,
-                                    const OptTensor& w_, const Tensor& mean_, const Tensor& rstd_, double p,
-                                    const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
+// bias: also the column sums of dy (empty without y), and every partial reduced by one launch
+Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_, const OptTensor& w_,
+                     const Tensor& mean_, const Tensor& rstd_, double p, const OptTensor& seeds, int64_t seed_idx,
+                     bool has_y, int64_t y_dtype, bool bias) {
   c10::cuda::CUDAGuard guard(ln_in_.device());
   TORCH_CHECK(ln_in_.dim() == 2, "seqpe_ext::residual_layernorm_bwd: ln_in must be [R, D]");
   check_float_dtype(ln_in_, "residual_layernorm_bwd", "ln_in");
@@ -459,41 +463,67 @@ Tensor4 residual_layernorm_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, 
   }
   const int64_t per = std::max<int64_t>(4, cdiv(R, 1024));
   const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
-  Tensor dw_part = has_ln ? at::zeros({std::max<int64_t>(n_chunks, 1), D}, x.options().dtype(acc_dt)) : Tensor();
-  Tensor db_part = has_ln ? at::zeros({std::max<int64_t>(n_chunks, 1), D}, x.options().dtype(acc_dt)) : Tensor();
+  const bool dyb = bias && has_y;
+  const int64_t k_parts = 2 * has_ln + dyb, pstride = k_parts * D;
+  // one zeroed buffer for every partial: [n_chunks, k_parts * D]
+  Tensor part = k_parts ? at::zeros({std::max<int64_t>(n_chunks, 1), pstride}, x.options().dtype(acc_dt)) : Tensor();
   LnBwdP P{x.data_ptr(), has_ln ? da.data_ptr() : nullptr, has_dh ? dh.data_ptr() : nullptr,
            has_ln ? w.data_ptr() : nullptr, has_ln ? mean.data_ptr() : nullptr, has_ln ? rstd.data_ptr() : nullptr,
            dx.data_ptr(), has_y ? dy.data_ptr() : nullptr, dcode(x.scalar_type()),
            has_ln ? dcode(da.scalar_type()) : 0, has_dh ? dcode(dh.scalar_type()) : 0,
            has_y ? dcode(dy.scalar_type()) : 0, R, D, per, has_dh, has_ln, has_y, dropout,
            dropout ? sd.data_ptr<int64_t>() : nullptr, seed_idx, static_cast<float>(p)};
-  Tensor dw, db;
+  Tensor dw, db, dybs;
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd_cuda", [&] {
+    scalar_t* pp = k_parts ? part.data_ptr<scalar_t>() : nullptr;
     if (n_chunks > 0 && D > 0) {
       ln_bwd_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), ln_threads(D), 0, stream()>>>(
-          P, static_cast<scalar_t>(drop_scale(p)), has_ln ? dw_part.data_ptr<scalar_t>() : nullptr,
-          has_ln ? db_part.data_ptr<scalar_t>() : nullptr);
+          P, static_cast<scalar_t>(drop_scale(p)), pp, pstride, dyb ? 2 * has_ln * D : -1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (has_ln) {
-      Tensor dws = at::empty({D}, x.options().dtype(acc_dt)), dbs = at::empty({D}, x.options().dtype(acc_dt));
-      if (D > 0) {
-        const unsigned blocks = static_cast<unsigned>(cdiv(D, 256));
-        chunk_sum_kernel<scalar_t><<<blocks, 256, 0, stream()>>>(dw_part.data_ptr<scalar_t>(), dw_part.size(0), D,
-                                                                  dws.data_ptr<scalar_t>());
-        chunk_sum_kernel<scalar_t><<<blocks, 256, 0, stream()>>>(db_part.data_ptr<scalar_t>(), db_part.size(0), D,
-                                                                  dbs.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      dw = dws.to(w_->scalar_type()).view(w_->sizes());
-      db = dbs.to(w_->scalar_type()).view(w_->sizes());
+    if (k_parts == 0 || D == 0) {
+      if (has_ln) dw = at::zeros({D}, x.options().dtype(acc_dt)), db = at::zeros({D}, x.options().dtype(acc_dt));
+      if (dyb) dybs = at::zeros({D}, x.options().dtype(acc_dt));
+      return;
+    }
+    const int64_t nc = part.size(0);
+    if (bias) {  // the encoder's call: one launch for all sums; dw / db / dyb are views of one tensor
+      Tensor sums = at::empty({pstride}, x.options().dtype(acc_dt));
+      chunk_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(pstride, 256)), 256, 0, stream()>>>(
+          pp, nc, pstride, pstride, sums.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (has_ln) dw = sums.narrow(0, 0, D), db = sums.narrow(0, D, D);
+      if (dyb) dybs = sums.narrow(0, 2 * has_ln * D, D);
+    } else {  // the operator's outputs may not alias each other
+      dw = at::empty({D}, x.options().dtype(acc_dt)), db = at::empty({D}, x.options().dtype(acc_dt));
+      const unsigned blocks = static_cast<unsigned>(cdiv(D, 256));
+      chunk_sum_kernel<scalar_t><<<blocks, 256, 0, stream()>>>(pp, nc, D, pstride, dw.data_ptr<scalar_t>());
+      chunk_sum_kernel<scalar_t><<<blocks, 256, 0, stream()>>>(pp + D, nc, D, pstride, db.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (!has_ln) {
+  if (has_ln) {
+    dw = dw.to(w_->scalar_type()).view(w_->sizes());
+    db = db.to(w_->scalar_type()).view(w_->sizes());
+  } else {
     dw = at::empty({0}, x.options());
     db = at::empty({0}, x.options());
   }
-  return {dx, dy, dw, db};
+  if (!dyb) dybs = at::empty({0}, x.options());
+  return {dx, dy, dw, db, dybs};
+}
+
+Tensor4 residual_layernorm_bwd_cuda(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
+                                    const OptTensor& w, const Tensor& mean, const Tensor& rstd, double p,
+                                    const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
+  auto r = rln_bwd_cuda(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+Tensor5 residual_layernorm_bwd_bias_cuda(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
+                                         const OptTensor& w, const Tensor& mean, const Tensor& rstd, double p,
+                                         const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
+  return rln_bwd_cuda(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true);
 }
 
 // ==================================================================================== gelu_new
@@ -555,6 +585,65 @@ Tensor gelu_new_bwd_cuda(const Tensor& du_, const Tensor& z_) {
                                                                 z.data_ptr(), dcode(z.scalar_type()), dz.data_ptr(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dz;
+}
+
+// dz and the per-chunk column sums of dz: block (chunk of rows, block of columns), one thread per column walking
+// the chunk's rows (coalesced across the warp); every (chunk, column) of part is written once, so no zeroing
+template <typename acc_t>
+__global__ void gelu_bwd_bias_kernel(const void* du, int dudt, const void* z, int dt, void* dz, int64_t R, int64_t C,
+                                     int64_t per, acc_t* part) {
+  const acc_t Cg = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
+  const acc_t A3 = static_cast<acc_t>(3.0 * 0.044715);
+  const int64_t ch = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const int64_t r_end = min(R, (ch + 1) * per);
+  acc_t s = 0;
+  for (int64_t r = ch * per; r < r_end; ++r) {
+    const int64_t i = r * C + c;
+    const acc_t x = ld<acc_t>(z, dt, i);
+    const acc_t t = tanh_k<acc_t>(Cg * (x + A * x * x * x));
+    const acc_t dt_ = (acc_t(1) - t * t) * Cg * (acc_t(1) + A3 * x * x);
+    const acc_t g = ld<acc_t>(du, dudt, i) * (acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * dt_);
+    st<acc_t>(dz, dt, i, g);
+    s += g;
+  }
+  part[ch * C + c] = s;
+}
+
+Tensor2 gelu_new_bwd_bias_cuda(const Tensor& du_, const Tensor& z_) {
+  c10::cuda::CUDAGuard guard(z_.device());
+  check_float_dtype(z_, "gelu_new_bwd_bias", "z");
+  TORCH_CHECK(z_.dim() == 2, "seqpe_ext::gelu_new_bwd_bias: z must be [R, C]");
+  TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd_bias: du must have z's shape");
+  const Tensor z = z_.contiguous();
+  const Tensor du = du_.contiguous();
+  Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  const int64_t R = z.size(0), C = z.size(1);
+  const bool f64 = z.scalar_type() == at::kDouble;
+  const auto acc_dt = f64 ? at::kDouble : at::kFloat;
+  Tensor db = at::empty({C}, z.options().dtype(acc_dt));
+  if (C == 0) return {dz, db};
+  if (R == 0) return {dz, db.zero_()};
+  // ~8 blocks per SM in all: few partial rows (n_chunks x C), long enough row walks per thread
+  const int64_t threads = 256, col_blocks = cdiv(C, threads);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(R, cdiv(8 * sms, col_blocks)));
+  const int64_t per = cdiv(R, want), n_chunks = cdiv(R, per);
+  TORCH_CHECK(n_chunks < (int64_t{1} << 31) && col_blocks < 65536, "seqpe_ext::gelu_new_bwd_bias: [", R, ", ", C,
+              "] too large");
+  Tensor part = at::empty({n_chunks, C}, z.options().dtype(acc_dt));
+  const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(col_blocks));
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_gelu_bwd_bias_cuda", [&] {
+    gelu_bwd_bias_kernel<scalar_t><<<grid, static_cast<unsigned>(threads), 0, stream()>>>(
+        du.data_ptr(), dcode(du.scalar_type()), z.data_ptr(), f64 ? kF64 : dcode(z.scalar_type()), dz.data_ptr(), R,
+        C, per, part.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    chunk_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(C, 256)), 256, 0, stream()>>>(
+        part.data_ptr<scalar_t>(), n_chunks, C, C, db.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dz, db};
 }
 
 // ==================================================================================== tiny attention
@@ -834,6 +923,8 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
   m.impl("residual_layernorm_bwd", &residual_layernorm_bwd_cuda);
   m.impl("gelu_new_fwd", &gelu_new_fwd_cuda);
   m.impl("gelu_new_bwd", &gelu_new_bwd_cuda);
+  m.impl("residual_layernorm_bwd_bias", &residual_layernorm_bwd_bias_cuda);
+  m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cuda);
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cuda);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cuda);
 }

@@ -16,6 +16,7 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // dtype codes carried through the schemas (seqpe_kernels/ops/_common.py DTYPES)
 inline at::ScalarType dtype_from_code(int64_t code) {

@@ -3,12 +3,13 @@
 # PHASE in priority order, each under the time still left, logs under $OUT, bundled into $OUT/logs.tgz.
 #   bash benchmarks/device_call.sh PHASE OUTDIR [DEADLINE_S]
 # PHASE f (current; the one call of a 15-minute lease, <= 9.5 min with DEADLINE_S=560; issue 11 items 1, 2, 4,
-#          5 and issue 12's GPU tests), in priority order: while the CUDA extension builds, `check --backend
+#          5 and issue 12's GPU tests), in priority order: while the CUDA extension builds, direct Triton launches
+#          vs JITFunction.run (off for the rest of the run if that fails), `check --backend
 #          triton` and the triton-graph provider alone under CUDA_LAUNCH_BLOCKING=1 (the config that crashed);
 #          then the GPU tier (pytest -m gpu, -n 4) and `check --backend cuda`; text-default and vits-default with
 #          every provider side by side (CSV + PNG named with the device); cuda-graph and compile-cg alone; the
-#          host-time script; the whole-encoder and layout suites on CUDA. Later steps are skipped when time runs
-#          out (logs/summary.txt says which).
+#          host-time script; the whole-encoder, layout and bias-gradient suites on CUDA. Later steps are skipped
+#          when time runs out (logs/summary.txt says which).
 #     bash benchmarks/device_call.sh f "$OUT" 560
 # PHASE e (issue 11 item 2, CUDA graphs; <= 9 min with DEADLINE_S=540, extension built in the
 #          background): (i) tests/test_graphs.py with -x (Triton cases; the C++/CUDA-extension case once the build
@@ -131,6 +132,13 @@ elif [[ "$PHASE" == f ]]; then
   build_ext_bg
   TAILN=3 step env 20 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, \
       torch.cuda.get_device_name(0))"
+  # direct Triton launches (seqpe_kernels/ops/launch.py) against JITFunction.run, bit for bit, first: if they
+  # fail, everything after runs with SEQPE_KERNELS_TRITON_LAUNCH=jit (logs/summary.txt says so)
+  TAILN=8 step launch_direct 60 env CUDA_LAUNCH_BLOCKING=1 python3 -X faulthandler -m pytest -q -p no:cacheprovider \
+      -rfs tests/test_launch.py
+  if ! grep -q "## launch_direct: rc=0 " "$OUT/logs/summary.txt"; then
+    export SEQPE_KERNELS_TRITON_LAUNCH=jit; echo "## direct Triton launches OFF for this run" >> "$OUT/logs/summary.txt"
+  fi
   # while the extension builds: the Triton backend's check and its CUDA-graph provider alone (synchronous launches:
   # a fault is attributed to the provider/mode named last on stderr)
   TAILN=30 step check_triton 60 python3 -X faulthandler -m seqpe_kernels.cli check --backend triton
@@ -155,7 +163,7 @@ elif [[ "$PHASE" == f ]]; then
   isolate compile-cg 40
   TAILN=12 step host_time 30 python3 benchmarks/host_time.py --reps 5 --iters 100
   TAILN=8 step encoder_layouts 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 4 \
-      tests/test_encoder.py tests/test_layouts.py
+      tests/test_encoder.py tests/test_layouts.py tests/test_bias_grads.py
 fi
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

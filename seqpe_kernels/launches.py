@@ -51,25 +51,29 @@ def count_launches(fn: Callable[[], object]) -> Tuple[int, int]:
         import triton.runtime.interpreter as interp
         import triton.runtime.jit as jit
 
-        classes = (jit.JITFunction, interp.InterpretedFunction)
+        from .ops.launch import DirectKernel
+
+        # every path a Triton launch takes: JITFunction.run (and the interpreter's), and the direct call of a
+        # cached compiled kernel (seqpe_kernels.ops.launch)
+        methods = ((jit.JITFunction, "run"), (interp.InterpretedFunction, "run"), (DirectKernel, "_run"))
     except Exception:  # pragma: no cover - no triton here
-        classes = ()
-    for cls in classes:
-        orig = cls.run
+        methods = ()
+    for cls, name in methods:
+        orig = getattr(cls, name)
 
         def run(self, *a, _orig=orig, **k):
             launches[0] += 1
             with record_function(_TRITON_RANGE):
                 return _orig(self, *a, **k)
 
-        cls.run = run
-        restore.append((cls, orig))
+        setattr(cls, name, run)
+        restore.append((cls, name, orig))
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
     finally:
-        for cls, orig in restore:
-            cls.run = orig
+        for cls, name, orig in restore:
+            setattr(cls, name, orig)
     events = [e for e in prof.events() if not _inside_triton(e)]
     parents = {e.cpu_parent.id for e in events if _significant(e) and e.cpu_parent is not None}
     ops = sum(1 for e in events if _significant(e) and e.id not in parents)

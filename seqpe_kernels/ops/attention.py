@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, next_pow2
+from .launch import direct
 
 _FMIN = -3.0e38  # stands in for finfo.min: only equality among masked logits matters
 
@@ -66,6 +67,7 @@ def _keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p):
     return tl.rand(tl.load(SEEDS + seed_idx), off.to(tl.int32)) > p
 
 
+@direct
 @triton.jit
 def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H, D,
               sdiv, p, drop_scale, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
@@ -91,6 +93,7 @@ def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, sp
     tl.store(O + m * TQ * D + iq[:, None] * D + col[None, :], o.to(O.dtype.element_ty), mask=qm)
 
 
+@direct
 @triton.jit
 def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm,
               dqm, dqt, dkm, dkt, dvm, dvt, T, TQ, L, q_start, H, D, sdiv, p, drop_scale,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, num_sms
+from .launch import direct
 
 
 @triton.jit
@@ -39,6 +40,7 @@ def _digits(X, POW, m, sxm, sxc, j, L, K: tl.constexpr, BASE: tl.constexpr, FROM
     return tl.where(ok, d, 0), ok | (j >= L)
 
 
+@direct
 @triton.jit
 def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, sxc, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
                TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr):
@@ -63,6 +65,7 @@ def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, sxc, L, T, D, K: tl.constex
     tl.store(base + L * D + cols, cls, mask=cm)
 
 
+@direct
 @triton.jit
 def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, sxc, M, L, T, D, seqs_per_prog, K: tl.constexpr,
                BASE: tl.constexpr, BASEP: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr,

@@ -12,8 +12,10 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from .launch import direct
 
 
+@direct
 @triton.jit
 def _gather_kernel(TAB, ROWS, OUT, M, D, s_tab, s_out, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pm = tl.program_id(0)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, num_sms
+from .launch import direct
 
 _C = 0.7978845608028654  # sqrt(2/pi)
 
@@ -24,6 +25,7 @@ def _tanh(u):
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
+@direct
 @triton.jit
 def _gelu_fwd(Z, U, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -33,6 +35,7 @@ def _gelu_fwd(Z, U, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     tl.store(U + offs, (0.5 * z * (1.0 + t)).to(U.dtype.element_ty), mask=m)
 
 
+@direct
 @triton.jit
 def _gelu_bwd(DU, Z, DZ, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -44,6 +47,7 @@ def _gelu_bwd(DU, Z, DZ, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     tl.store(DZ + offs, (du * (0.5 * (1.0 + t) + 0.5 * z * dt)).to(DZ.dtype.element_ty), mask=m)
 
 
+@direct
 @triton.jit
 def _gelu_bwd_db(DU, Z, DZ, PART, R, C, rows_per_prog, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                  ACC: tl.constexpr):

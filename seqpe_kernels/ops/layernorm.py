@@ -19,8 +19,10 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPES, acc_dtype, dtype_code, next_pow2, num_sms
+from .launch import direct
 
 
+@direct
 @triton.jit
 def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, drop_scale,
                 HAS_Y: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -49,6 +51,7 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, dro
         tl.store(RSTD + row, rstd)
 
 
+@direct
 @triton.jit
 def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, D, rows_per_prog, n_prog,
                 p, drop_scale, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, HAS_Y: tl.constexpr,

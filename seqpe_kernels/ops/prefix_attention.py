@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import acc_dtype, next_pow2
+from .launch import direct
 
 _FMIN = -3.0e38  # stands in for finfo.min: only equality among masked logits matters
 
@@ -71,6 +72,7 @@ def _load_tiles(Q, K, V, ANC, KM, pid, h, n, A, sq, sk, sv, sanc, skm, DH: tl.co
     return r, col, rm, dm, kvm, idx, q, k, v, p
 
 
+@direct
 @triton.jit
 def _pfx_fwd(Q, K, V, ANC, KM, O, n, A, D, sq, sk, sv, sanc, skm, DH: tl.constexpr, BN: tl.constexpr,
              AP: tl.constexpr, DHP: tl.constexpr, SCALE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
@@ -82,6 +84,7 @@ def _pfx_fwd(Q, K, V, ANC, KM, O, n, A, D, sq, sk, sv, sanc, skm, DH: tl.constex
     tl.store(O + r[:, None] * D + col[None, :], o.to(O.dtype.element_ty), mask=rm[:, None] & dm[None, :])
 
 
+@direct
 @triton.jit
 def _pfx_bwd(Q, K, V, ANC, KM, DO, DQ, DK, DV, n, A, D, sq, sk, sv, sanc, skm, sdo, DH: tl.constexpr,
              BN: tl.constexpr, AP: tl.constexpr, DHP: tl.constexpr, SCALE: tl.constexpr, HAS_MASK: tl.constexpr,

@@ -1,0 +1,157 @@
+"""Triton launches without ``JITFunction.run``'s per-call work (issue 11 item 1).
+
+Why: ``JITFunction.run`` re-derives on every call what a call site keeps fixed (knobs, device and stream
+lookups, the argument binder, the cache key, a check of global values): ~12.5 us per launch against ~3.5 us for
+calling the compiled kernel (KERNEL_GUIDE §8), and a text training step launches ~40 Triton kernels. ``direct``
+wraps a ``@triton.jit`` kernel (same ``kernel[grid](*args, **kwargs)`` call). The first launches of each
+argument *specialisation* go through ``JITFunction.run``, which compiles and returns the ``CompiledKernel``;
+once two of them returned the same compiled kernel for one key, later launches with that key call it the way
+``JITFunction.run`` does in its last line.
+
+Safety: the key (``spec_key``) is at least as fine as Triton's specialisation, so a reused kernel always fits
+its arguments: per tensor its dtype and whether its address is 16-byte aligned; per int whether it equals 1,
+is divisible by 16, and its range (int32 / int64 / uint64); bools by value, floats by type; constexpr
+parameters by value;
+the launch options (num_warps, ...) and the current device. (Triton specialises on exactly these properties;
+reusing a kernel compiled for another specialisation is how misaligned accesses and context-poisoning
+asynchronous errors arise, pytorch/helion PR #3010.) If one key ever comes back with two different compiled
+kernels, that kernel launches through ``JITFunction.run`` from then on and a warning says so.
+
+Off, every launch through ``JITFunction.run``: under the Triton interpreter; when the installed Triton's
+``JITFunction.run`` does not end in the launch call mirrored here (checked once against its source: the
+launcher signature is private and has changed between versions); with ``SEQPE_KERNELS_TRITON_LAUNCH=jit``.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+MODE_ENV = "SEQPE_KERNELS_TRITON_LAUNCH"
+# the last statement of JITFunction.run (Triton >= 3.3), whitespace-normalised; mirrored by DirectKernel._run
+_LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+                "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+                "*bound_args.values())")
+_STATE: Dict[str, Any] = {}
+
+
+def status() -> Tuple[bool, str]:
+    """(direct launches on?, why), decided once per process (``reset`` forgets it)."""
+    if "on" not in _STATE:
+        _STATE["on"], _STATE["why"] = _decide()
+    return _STATE["on"], _STATE["why"]
+
+
+def reset() -> None:
+    _STATE.clear()
+
+
+def _decide() -> Tuple[bool, str]:
+    mode = os.environ.get(MODE_ENV, "direct").strip().lower() or "direct"
+    if mode not in ("direct", "jit"):
+        raise ValueError(f"{MODE_ENV}={mode!r}: choose 'direct' (the default) or 'jit'")
+    if mode == "jit":
+        return False, f"{MODE_ENV}=jit"
+    try:
+        import triton
+        from triton import knobs  # noqa: F401  (the launch call reads triton.knobs)
+        from triton.runtime.jit import JITFunction
+    except Exception as e:  # pragma: no cover - a Triton without knobs (< 3.3)
+        return False, f"this Triton ({e}) predates the launch convention mirrored here"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False, "the Triton interpreter runs every launch in Python"
+    try:
+        src = " ".join(inspect.getsource(JITFunction.run).split())
+    except (OSError, TypeError) as e:  # pragma: no cover - source not shipped
+        return False, f"cannot read JITFunction.run's source ({e})"
+    if _LAUNCH_CALL not in src:
+        return False, (f"Triton {triton.__version__}'s JITFunction.run does not end in the launch call mirrored "
+                       "here (its private launcher convention changed)")
+    _STATE["knobs"] = knobs.runtime
+    return True, f"Triton {triton.__version__}: cached compiled kernels, called directly"
+
+
+def spec_key(a: Any):
+    """What Triton specialises a kernel argument on, or more (never less)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    t = type(a)
+    if t is int:
+        return int, a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31, a >= 2 ** 63
+    if t is float:
+        return float
+    return t, a  # bool, None, constexpr values (tl.dtype, int flags): by value
+
+
+class DirectKernel:
+    """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel, launching cached compiled kernels directly
+    (module doc). ``fn``: the JITFunction (or the interpreter's function, which always launches through it)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        params = getattr(fn, "params", None) or []
+        self.names: List[str] = [p.name for p in params]
+        self._names = frozenset(self.names)
+        self.constexpr = [bool(getattr(p, "is_constexpr", False)) for p in params]
+        self.defaults = [p.default if p.has_default else inspect.Parameter.empty for p in params]
+        self.compiled: Dict[tuple, Any] = {}  # key -> CompiledKernel, confirmed by two JITFunction.run launches
+        self.seen: Dict[tuple, Any] = {}      # key -> the CompiledKernel of the first launch
+        self.off: Optional[str] = None        # why this kernel went back to JITFunction.run for good
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def __repr__(self):
+        return f"DirectKernel({self.fn!r})"
+
+    def launch(self, grid, args, kwargs):
+        if self.off is not None or not status()[0]:
+            return self.fn[grid](*args, **kwargs)
+        full = list(args)
+        for i in range(len(args), len(self.names)):
+            n = self.names[i]
+            if n in kwargs:
+                full.append(kwargs[n])
+            elif self.defaults[i] is not inspect.Parameter.empty:
+                full.append(self.defaults[i])
+            else:  # let Triton raise its own error for the missing argument
+                return self.fn[grid](*args, **kwargs)
+        opts = tuple(sorted((k, v) for k, v in kwargs.items() if k not in self._names))
+        dev = torch.cuda.current_device()
+        key = (dev, opts, *[a if c else spec_key(a) for a, c in zip(full, self.constexpr)])
+        try:
+            k = self.compiled.get(key)
+        except TypeError:  # an unhashable argument: no key, the plain launch
+            return self.fn[grid](*args, **kwargs)
+        if k is not None:
+            return self._run(k, grid, full, dev)
+        k = self.fn[grid](*args, **kwargs)  # compiles when needed, launches, returns the CompiledKernel
+        if k is None:  # a compile hook declined: nothing to reuse
+            return k
+        first = self.seen.get(key)
+        if first is None:
+            self.seen[key] = k
+        elif first is k:  # a second launch with this key found the same compiled kernel: reuse it from now on
+            self.compiled[key] = k
+        else:
+            self.off = (f"{self.fn!r}: one argument key gave two compiled kernels; its launches go through "
+                        "JITFunction.run from now on")
+            warnings.warn(f"seqpe_kernels: {self.off}", RuntimeWarning, stacklevel=3)
+        return k
+
+    def _run(self, k, grid, full, dev):
+        knobs = _STATE["knobs"]
+        g0 = grid[0]
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stream = torch._C._cuda_getCurrentRawStream(dev)
+        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(grid, stream, *full),
+              knobs.launch_enter_hook, knobs.launch_exit_hook, *full)
+        return k
+
+
+def direct(fn) -> DirectKernel:
+    return DirectKernel(fn)

@@ -1,0 +1,278 @@
+"""Direct Triton launches (seqpe_kernels.ops.launch): the key is never coarser than Triton's specialisation, the
+launcher calls a compiled kernel exactly as JITFunction.run does, and everything falls back where it must.
+
+On CPU the kernels run under the interpreter (direct launches off), so the launcher's logic is tested against a
+stand-in JITFunction whose "compiled kernels" are keyed by Triton's own specialisation function; on a GPU the
+real kernels run both ways and must agree bit for bit.
+"""
+import os
+import types
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seqpe_kernels.ops import launch
+
+from conftest import HAS_CUDA
+
+
+def _triton_specialize():
+    """Triton's own per-argument specialisation (what JITFunction.run keys compiled kernels on)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError as e:  # an older Triton: its Python specialize_impl
+        from triton.runtime import jit
+
+        if not hasattr(jit, "create_specialize_impl"):
+            pytest.skip(f"this Triton exposes no specialisation function to compare with ({e})")
+        impl = jit.create_specialize_impl(lambda *a, **k: None)
+        return lambda a: impl(a, False, True, True)
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    return lambda a: native_specialize_impl(backend, a, False, True, True)
+
+
+_BUF = {dt: torch.zeros(64, dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float64, torch.int64,
+                                                   torch.int32, torch.uint8)}
+_INTS = st.one_of(st.sampled_from([0, 1, 2, 15, 16, 17, 32, -1, -16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 16, -2 ** 31,
+                                   -2 ** 31 - 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1]),
+                  st.integers(-2 ** 40, 2 ** 40))
+_ARGS = st.one_of(
+    _INTS, st.floats(allow_nan=False), st.booleans(), st.none(),
+    st.builds(lambda dt, off: _BUF[dt][off:], st.sampled_from(sorted(_BUF, key=str)), st.integers(0, 20)))
+
+
+def _never_coarser(values):
+    spec = _triton_specialize()
+    groups = {}
+    for v in values:
+        groups.setdefault(launch.spec_key(v), set()).add(repr(spec(v)))
+    bad = {k: v for k, v in groups.items() if len(v) > 1}
+    assert not bad, f"keys that Triton specialises further: {bad}"
+
+
+def test_key_is_never_coarser_than_tritons_specialisation():
+    # every pair of a representative set: the integer boundaries, floats, bools, None, and tensors of each dtype
+    # at every element offset (addresses aligned and not)
+    ints = [0, 1, 2, 15, 16, 17, 32, 48, -1, -16, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 16, -2 ** 31,
+            -2 ** 31 - 1, -2 ** 31 - 16, 2 ** 63 - 16, 2 ** 63 - 1, 2 ** 63, 2 ** 63 + 16, 2 ** 64 - 1]
+    tensors = [buf[off:] for buf in _BUF.values() for off in range(17)]
+    _never_coarser(ints + [0.0, 1.0, 1.5, -2.0, True, False, None] + tensors)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vals=st.lists(_ARGS, min_size=2, max_size=40))
+def test_key_is_never_coarser_than_tritons_specialisation_random(vals):
+    _never_coarser(vals)
+
+
+# ----------------------------------------------------------------------------- the launcher, with a stand-in
+class _Param:
+    def __init__(self, name, default=None, has_default=False, is_constexpr=False):
+        self.name, self.default, self.has_default, self.is_constexpr = name, default, has_default, is_constexpr
+
+
+class _Compiled:
+    def __init__(self, spec):
+        self.spec, self.function, self.packed_metadata, self.calls = spec, object(), object(), []
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("meta", grid, stream, args)
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+class _FakeJIT:
+    """JITFunction stand-in: compiled kernels keyed by Triton's specialisation of every argument (``coarse``:
+    keyed on nothing, to play a Triton that specialises on something the key does not see)."""
+
+    def __init__(self, coarse=False):
+        self.params = [_Param("X"), _Param("n"), _Param("p"), _Param("BLOCK", is_constexpr=True),
+                       _Param("FLAG", False, True, is_constexpr=True)]
+        self.kernels, self.jit_calls, self.coarse = {}, [], coarse
+        self.spec = _triton_specialize()
+
+    def __getitem__(self, grid):
+        def go(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            vals = list(args) + [kwargs.get(p.name, p.default) for p in self.params[len(args):]]
+            key = (len(self.jit_calls),) if self.coarse else tuple(map(repr, map(self.spec, vals[:3]))) + (
+                repr(vals[3]), vals[4], kwargs.get("num_warps"))
+            return self.kernels.setdefault(key, _Compiled(key))
+        return go
+
+    def __repr__(self):
+        return "FakeJIT"
+
+
+@pytest.fixture
+def direct_on(monkeypatch):
+    """Direct launches switched on as on a GPU (device 0, stream 123) for the stand-in."""
+    hooks = types.SimpleNamespace(launch_enter_hook="enter", launch_exit_hook="exit")
+    monkeypatch.setattr(launch, "_STATE", {"on": True, "why": "test", "knobs": hooks})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 123, raising=False)
+    return hooks
+
+
+def test_second_launch_confirms_then_direct(direct_on):
+    fn = _FakeJIT()
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(4):
+        k[(3,)](x, 5, 0.5, BLOCK=16, num_warps=1)
+    assert len(fn.jit_calls) == 2  # the first two through JITFunction.run, the rest direct
+    (compiled,) = fn.kernels.values()
+    assert len(compiled.calls) == 2
+    # exactly JITFunction.run's last call: grid padded to 3-D, stream, function, metadata, hooks, then every
+    # argument in declaration order (the constexpr keyword in place, the default filled in)
+    g0, g1, g2, stream, function, packed, meta, enter, exit_, *args = compiled.calls[0]
+    assert (g0, g1, g2, stream) == (3, 1, 1, 123)
+    assert function is compiled.function and packed is compiled.packed_metadata
+    assert meta == ("meta", (3,), 123, tuple(args)) and (enter, exit_) == ("enter", "exit")
+    assert args[0] is x and args[1:] == [5, 0.5, 16, False]
+
+
+def test_a_new_specialisation_goes_through_jit_again(direct_on):
+    fn = _FakeJIT()
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(3):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    n = len(fn.jit_calls)
+    k[(1,)](x[1:], 5, 0.5, BLOCK=16)   # misaligned pointer
+    k[(1,)](x, 1, 0.5, BLOCK=16)       # an int equal to 1
+    k[(1,)](x, 32, 0.5, BLOCK=16)      # an int divisible by 16
+    k[(1,)](x, 5, 0.5, BLOCK=32)       # another constexpr
+    k[(1,)](x, 5, 0.5, BLOCK=16, num_warps=8)  # another launch option
+    k[(1,)](x.double(), 5, 0.5, BLOCK=16)      # another dtype
+    assert len(fn.jit_calls) == n + 6
+
+
+def test_a_coarser_key_turns_the_kernel_back_to_jit(direct_on):
+    fn = _FakeJIT(coarse=True)  # every JITFunction.run returns a new compiled kernel: our key missed something
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    k[(1,)](x, 5, 0.5, BLOCK=16)
+    with pytest.warns(RuntimeWarning, match="two compiled kernels"):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    for _ in range(3):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    assert len(fn.jit_calls) == 5 and k.off
+    assert all(not c.calls for c in fn.kernels.values())
+
+
+def test_unhashable_or_missing_arguments_launch_through_jit(direct_on):
+    fn = _FakeJIT()
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(3):
+        k[(1,)](x, 5, 0.5, BLOCK=[16])  # a list constexpr: no key
+    assert len(fn.jit_calls) == 3
+    k[(1,)](x, 5, 0.5)  # BLOCK missing: Triton's own error path
+    assert len(fn.jit_calls) == 4
+
+
+def test_direct_launches_are_counted(direct_on):
+    from seqpe_kernels.launches import count_launches
+
+    fn = _FakeJIT()
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(2):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    _, n = count_launches(lambda: [k[(1,)](x, 5, 0.5, BLOCK=16) for _ in range(3)])
+    assert n == 3 and len(fn.jit_calls) == 2
+
+
+# ----------------------------------------------------------------------------- when it is off
+def test_off_under_the_interpreter_and_by_request(monkeypatch):
+    monkeypatch.setattr(launch, "_STATE", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    on, why = launch.status()
+    assert not on and "interpreter" in why
+    monkeypatch.setattr(launch, "_STATE", {})
+    monkeypatch.setenv(launch.MODE_ENV, "jit")
+    assert launch.status() == (False, f"{launch.MODE_ENV}=jit")
+    monkeypatch.setattr(launch, "_STATE", {})
+    monkeypatch.setenv(launch.MODE_ENV, "fast")
+    with pytest.raises(ValueError, match="choose 'direct'"):
+        launch.status()
+
+
+def test_on_only_where_jitfunction_run_ends_in_the_mirrored_call(monkeypatch):
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(launch.MODE_ENV, raising=False)
+    on, why = launch._decide()
+    assert on, why  # the installed Triton (>= 3.3) launches this way
+
+    def run(self, *args, grid, warmup, **kwargs):  # a Triton whose launcher convention changed
+        kernel = self.cache[0]
+        kernel.launch(grid, *args)
+
+    monkeypatch.setattr(JITFunction, "run", run)
+    on, why = launch._decide()
+    assert not on and "convention changed" in why
+
+
+def test_interpreted_kernels_launch_as_before():
+    # on this CPU machine every DirectKernel launches through the interpreter; nothing is cached
+    if HAS_CUDA:
+        pytest.skip("CPU behaviour (the interpreter); the GPU test below covers CUDA")
+    from seqpe_kernels.ops.gelu import _gelu_fwd, gelu_forward
+
+    z = torch.randn(5, 7)
+    u = gelu_forward(z)
+    assert torch.allclose(u, torch.nn.functional.gelu(z, approximate="tanh"), atol=1e-6)
+    assert isinstance(_gelu_fwd, launch.DirectKernel) and not _gelu_fwd.compiled and not _gelu_fwd.seen
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_gpu_direct_launches_match_jit_bit_for_bit(monkeypatch):
+    """The Triton encoder's training step (dropout on, bf16 autocast and fp32) with every launch through
+    JITFunction.run and with direct launches: the same outputs and gradients bit for bit, direct launches taken,
+    and a misaligned input after aligned ones still correct."""
+    import seqpe_kernels as sk
+    from seqpe_kernels.launches import count_launches
+    from seqpe_kernels.ops.layernorm import _res_ln_fwd, residual_layernorm_forward
+
+    def step(mode, amp):
+        monkeypatch.setenv(launch.MODE_ENV, mode)
+        launch.reset()
+        torch.manual_seed(0)
+        ref = sk.SeqPE(64, 4, 5, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.1).cuda()
+        fus = sk.FusedSeqPE.from_reference(ref, backend="triton")
+        pos = torch.randint(0, 10 ** 5, (37,), device="cuda")
+        outs = []
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                y = fus(pos)
+            y.float().square().sum().backward()
+            outs += [y.detach().clone()] + [p.grad.clone() for p in fus.parameters()]
+            fus.zero_grad(set_to_none=True)
+        return outs
+
+    try:
+        for amp in (False, True):
+            a, b = step("jit", amp), step("direct", amp)
+            assert launch.status()[0], launch.status()[1]
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert _res_ln_fwd.compiled, "no direct launch was taken"
+        x = torch.randn(65, 48, device="cuda")
+        for t in (x[:64], x[:64], x[:64], x.view(-1)[1:1 + 64 * 48].view(64, 48)):  # aligned, then off by 4 bytes
+            _, a_, _, _ = residual_layernorm_forward(t, None, torch.ones(48, device="cuda"),
+                                                     torch.zeros(48, device="cuda"), 1e-5, 0.0, None, 0, 0)
+            ref = torch.nn.functional.layer_norm(t, (48,), eps=1e-5)
+            assert (a_ - ref).abs().max().item() <= 1e-5
+        _, n = count_launches(lambda: step("direct", False))
+        assert n > 0
+    finally:
+        launch.reset()

@@ -190,6 +190,54 @@ def test_direct_launches_are_counted(direct_on):
     assert n == 3 and len(fn.jit_calls) == 2
 
 
+# ----------------------------------------------------------------------------- against the real JITFunction.run
+def _harness():
+    """benchmarks/launch_overhead.py: a stand-in GPU under the real JITFunction.run (compiles into recorders)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "launch_overhead.py")
+    spec = importlib.util.spec_from_file_location("launch_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _compiled(jf):
+    (k,) = jf.device_caches[0][0].values()
+    return k
+
+
+def test_direct_path_calls_the_compiled_kernel_as_jitfunction_run_does():
+    """The installed Triton's own JITFunction.run (binder, specialisation, cache) on a stand-in GPU: after two
+    confirming launches the direct path takes over, and passes the compiled kernel the same grid, stream,
+    launch metadata, hooks and arguments as JITFunction.run's last line."""
+    lo = _harness()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Triton's FP-fusion default notice
+        with lo.gpu_standin() as jit:
+            fn, grid, args, kwargs = lo.ln_backward_call()
+            jf, dk = jit(fn), launch.DirectKernel(jit(fn))
+            for _ in range(3):
+                jf[grid](*args, **kwargs)
+                dk[grid](*args, **kwargs)
+            assert len(dk.compiled) == 1, "the direct path did not engage"
+            via_jit, via_direct = _compiled(jf).calls, _compiled(dk.fn).calls
+            assert len(via_jit) == len(via_direct) == 3
+
+            def comparable(call):  # the stand-ins' function / metadata handles are per compiled kernel
+                return call[:4] + call[6:]
+
+            assert all(comparable(a) == comparable(b) for a, b in zip(via_jit, via_direct))
+            assert via_direct[2][4] is _compiled(dk.fn).function
+            assert via_direct[2][5] is _compiled(dk.fn).packed_metadata
+            # another specialisation (a misaligned tensor): through JITFunction.run, which compiles it apart
+            x = args[0]
+            args2 = (x.view(-1)[1:1 + x.numel() - 768].view(-1, 768),) + args[1:]
+            for _ in range(3):
+                dk[grid](*args2, **kwargs)
+            assert len(dk.fn.device_caches[0][0]) == 2 and len(dk.compiled) == 2 and dk.off is None
+
+
 # ----------------------------------------------------------------------------- when it is off
 def test_off_under_the_interpreter_and_by_request(monkeypatch):
     monkeypatch.setattr(launch, "_STATE", {})

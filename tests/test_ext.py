@@ -126,9 +126,13 @@ def test_eval_mode_deterministic_and_bad_digits():
         fus.forward_digits(torch.full((2, 3), 11))
 
 
-# Triton runs under the interpreter here (~40 s a case): bf16 only, the dtype of the text step
-@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"), (torch.bfloat16, "triton")],
-                         ids=["bf16-cpu", "fp16-cpu", "bf16-triton"])
+# Triton runs under the interpreter here (~40 s a case), and the interpreter (triton 3.9) converts fp32 -> bf16 by
+# truncation, not round-to-nearest-even as a GPU does (measured: half of all conversions differ, always toward
+# zero; fp16 goes through numpy and matches exactly): a systematic bias that can break the rule on CPU without
+# saying anything about the GPU kernels. So the Triton case runs in fp16; bf16 Triton numerics are tested on GPUs
+# (test_fused.test_gpu_parity_low_precision).
+@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"), (torch.float16, "triton")],
+                         ids=["bf16-cpu", "fp16-cpu", "fp16-triton"])
 def test_cpu_autocast_two_error_rule(dtype, backend):
     """Under CPU autocast (low-precision GEMMs, mixed-dtype ops): seqpe_kernels.check's two-error rule,
     err(fused) <= 2 err(reference) + LP_ATOL_ULPS * eps * max|ref|, both against the fp32 reference (KERNEL_GUIDE

@@ -625,19 +625,6 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
   return {dx, dy, dw, db, dybs};
 }
 
-Tensor4 residual_layernorm_bwd_cpu(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in, const OptTensor& w,
-                                   const Tensor& mean, const Tensor& rstd, double p, const OptTensor& seeds,
-                                   int64_t seed_idx, bool has_y, int64_t y_dtype) {
-  auto r = rln_bwd_cpu(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false);
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
-}
-
-Tensor5 residual_layernorm_bwd_bias_cpu(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
-                                        const OptTensor& w, const Tensor& mean, const Tensor& rstd, double p,
-                                        const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
-  return rln_bwd_cpu(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true);
-}
-
 // ==================================================================================== gelu_new
 constexpr int64_t kGeluBlock = 2048;
 
@@ -1120,10 +1107,10 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CPU, m) {
   m.impl("digit_embed_fwd", &digit_embed_fwd_cpu);
   m.impl("digit_embed_bwd", &digit_embed_bwd_cpu);
   m.impl("residual_layernorm_fwd", &residual_layernorm_fwd_cpu);
-  m.impl("residual_layernorm_bwd", &residual_layernorm_bwd_cpu);
+  m.impl("residual_layernorm_bwd", &rln_bwd_op<rln_bwd_cpu>);
   m.impl("gelu_new_fwd", &gelu_new_fwd_cpu);
   m.impl("gelu_new_bwd", &gelu_new_bwd_cpu);
-  m.impl("residual_layernorm_bwd_bias", &residual_layernorm_bwd_bias_cpu);
+  m.impl("residual_layernorm_bwd_bias", &rln_bwd_bias_op<rln_bwd_cpu>);
   m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cpu);
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cpu);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cpu);

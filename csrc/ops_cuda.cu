@@ -513,19 +513,6 @@ Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& l
   return {dx, dy, dw, db, dybs};
 }
 
-Tensor4 residual_layernorm_bwd_cuda(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
-                                    const OptTensor& w, const Tensor& mean, const Tensor& rstd, double p,
-                                    const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
-  auto r = rln_bwd_cuda(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false);
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
-}
-
-Tensor5 residual_layernorm_bwd_bias_cuda(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
-                                         const OptTensor& w, const Tensor& mean, const Tensor& rstd, double p,
-                                         const OptTensor& seeds, int64_t seed_idx, bool has_y, int64_t y_dtype) {
-  return rln_bwd_cuda(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true);
-}
-
 // ==================================================================================== gelu_new
 template <typename acc_t>
 __global__ void gelu_fwd_kernel(const void* z, int dt, void* u, int64_t n) {
@@ -920,10 +907,10 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
   m.impl("digit_embed_fwd", &digit_embed_fwd_cuda);
   m.impl("digit_embed_bwd", &digit_embed_bwd_cuda);
   m.impl("residual_layernorm_fwd", &residual_layernorm_fwd_cuda);
-  m.impl("residual_layernorm_bwd", &residual_layernorm_bwd_cuda);
+  m.impl("residual_layernorm_bwd", &rln_bwd_op<rln_bwd_cuda>);
   m.impl("gelu_new_fwd", &gelu_new_fwd_cuda);
   m.impl("gelu_new_bwd", &gelu_new_bwd_cuda);
-  m.impl("residual_layernorm_bwd_bias", &residual_layernorm_bwd_bias_cuda);
+  m.impl("residual_layernorm_bwd_bias", &rln_bwd_bias_op<rln_bwd_cuda>);
   m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cuda);
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cuda);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cuda);

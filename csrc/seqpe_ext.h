@@ -31,6 +31,31 @@ inline at::ScalarType dtype_from_code(int64_t code) {
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// The residual + LayerNorm backward of one device (its last argument: also return dy's column sums, the bias
+// gradient of the GEMM before the branch), registered twice: residual_layernorm_bwd (four outputs, the seqpe::
+// operator's contract) and residual_layernorm_bwd_bias (five; only csrc/encoder.cpp calls it)
+using RlnBwdImpl = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*)(
+    const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, double,
+    const OptTensor&, int64_t, bool, int64_t, bool);
+
+template <RlnBwdImpl impl>
+std::tuple<Tensor, Tensor, Tensor, Tensor> rln_bwd_op(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
+                                                      const OptTensor& w, const Tensor& mean, const Tensor& rstd,
+                                                      double p, const OptTensor& seeds, int64_t seed_idx, bool has_y,
+                                                      int64_t y_dtype) {
+  auto r = impl(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+template <RlnBwdImpl impl>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rln_bwd_bias_op(const OptTensor& da, const OptTensor& dh,
+                                                                   const Tensor& ln_in, const OptTensor& w,
+                                                                   const Tensor& mean, const Tensor& rstd, double p,
+                                                                   const OptTensor& seeds, int64_t seed_idx,
+                                                                   bool has_y, int64_t y_dtype) {
+  return impl(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true);
+}
+
 inline void check_float_dtype(const Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, "seqpe_ext::", op,

@@ -709,12 +709,8 @@ Tensor gelu_new_bwd_cpu(const Tensor& du_, const Tensor& z_) {
 // dz = du * gelu_new'(z) over [R, C], and db = dz's column sums (the c_fc bias gradient) from the unrounded dz:
 // row chunks in parallel, per-chunk partials summed in chunk order (deterministic, thread-count independent)
 Tensor2 gelu_new_bwd_bias_cpu(const Tensor& du_, const Tensor& z_) {
-  check_float_dtype(z_, "gelu_new_bwd_bias", "z");
-  TORCH_CHECK(z_.dim() == 2, "seqpe_ext::gelu_new_bwd_bias: z must be [R, C]");
-  TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd_bias: du must have z's shape");
-  const Tensor z = z_.contiguous();
-  const Tensor du = du_.contiguous();
-  Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  Tensor z, du, dz;
+  std::tie(z, du, dz) = gelu_bwd_bias_args(du_, z_);
   const int64_t R = z.size(0), C = z.size(1);
   const auto st = z.scalar_type(), dst = du.scalar_type();
   const auto acc_dt = st == at::kDouble ? at::kDouble : at::kFloat;

@@ -600,12 +600,8 @@ __global__ void gelu_bwd_bias_kernel(const void* du, int dudt, const void* z, in
 
 Tensor2 gelu_new_bwd_bias_cuda(const Tensor& du_, const Tensor& z_) {
   c10::cuda::CUDAGuard guard(z_.device());
-  check_float_dtype(z_, "gelu_new_bwd_bias", "z");
-  TORCH_CHECK(z_.dim() == 2, "seqpe_ext::gelu_new_bwd_bias: z must be [R, C]");
-  TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd_bias: du must have z's shape");
-  const Tensor z = z_.contiguous();
-  const Tensor du = du_.contiguous();
-  Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  Tensor z, du, dz;
+  std::tie(z, du, dz) = gelu_bwd_bias_args(du_, z_);
   const int64_t R = z.size(0), C = z.size(1);
   const bool f64 = z.scalar_type() == at::kDouble;
   const auto acc_dt = f64 ? at::kDouble : at::kFloat;

@@ -69,6 +69,15 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dt) { return cast(t, dt).
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// gelu_new_bwd_bias (either device): the checked, contiguous inputs (z, du) and the dz output
+inline std::tuple<Tensor, Tensor, Tensor> gelu_bwd_bias_args(const Tensor& du, const Tensor& z) {
+  check_float_dtype(z, "gelu_new_bwd_bias", "z");
+  TORCH_CHECK(z.dim() == 2, "seqpe_ext::gelu_new_bwd_bias: z must be [R, C]");
+  TORCH_CHECK(du.sizes() == z.sizes(), "seqpe_ext::gelu_new_bwd_bias: du must have z's shape");
+  Tensor zc = z.contiguous();
+  return {zc, du.contiguous(), at::empty_like(zc, at::MemoryFormat::Contiguous)};
+}
+
 // Philox seed of a dropout site: seeds[seed_idx] (int64 tensor of per-call seeds)
 inline void check_seeds(const OptTensor& seeds, int64_t seed_idx, const char* op) {
   TORCH_CHECK(has(seeds), "seqpe_ext::", op, ": dropout p > 0 needs a seeds tensor");

@@ -138,6 +138,8 @@ elif [[ "$PHASE" == f ]]; then
       -rfs tests/test_launch.py
   if ! grep -q "## launch_direct: rc=0 " "$OUT/logs/summary.txt"; then
     export SEQPE_KERNELS_TRITON_LAUNCH=jit; echo "## direct Triton launches OFF for this run" >> "$OUT/logs/summary.txt"
+  else
+    TAILN=6 step launch_overhead 30 python3 benchmarks/launch_overhead.py --gpu --iters 2000 --reps 5
   fi
   # while the extension builds: the Triton backend's check and its CUDA-graph provider alone (synchronous launches:
   # a fault is attributed to the provider/mode named last on stderr)

@@ -1,13 +1,14 @@
 """Host cost of one Triton launch: ``JITFunction.run`` vs the direct path of ``seqpe_kernels.ops.launch``.
 
-Runs without a GPU: a stand-in Triton driver (current device 0, stream 0, an sm_90 target) lets the real
+Without a GPU: a stand-in Triton driver (current device 0, stream 0, an sm_90 target) lets the real
 ``JITFunction.run`` bind, specialise and look up the kernel exactly as on a GPU, and a stand-in compiled kernel
 records the final launch call instead of calling the CUDA driver. So the figure is everything Triton and this
 package do in Python per launch, on this machine's CPU, minus the driver's own ``cuLaunchKernel`` (the same for
 both paths). tests/test_launch.py uses the same harness to check the direct path passes the compiled kernel
-exactly the arguments ``JITFunction.run`` passes.
+exactly the arguments ``JITFunction.run`` passes. With ``--gpu`` (on a GPU): the real kernel, launched both ways
+on a small input (host-bound), timed to a final synchronize.
 
-    python benchmarks/launch_overhead.py [--iters N]
+    python benchmarks/launch_overhead.py [--iters N] [--gpu]
 """
 from __future__ import annotations
 
@@ -76,22 +77,23 @@ def gpu_standin():
         launch._STATE.update(saved[3])
 
 
-def ln_backward_call():
-    """The encoder's residual + LayerNorm backward launch at the text step's sizes: (python fn, grid, args,
-    kwargs), arguments built as seqpe_kernels.ops.layernorm builds them (tensors on CPU: only their addresses
-    and dtypes matter here)."""
+def ln_backward_call(device="cpu", R=9312, n_prog=528):
+    """The encoder's residual + LayerNorm backward launch (default: the text step's sizes): (python fn, grid,
+    args, kwargs), arguments built as seqpe_kernels.ops.layernorm builds them (on CPU only their addresses and
+    dtypes matter)."""
     import torch
     import triton.language as tl
 
     from seqpe_kernels.ops import layernorm
 
-    R, D, n_prog = 9312, 768, 528
-    x = torch.empty(R, D)
-    dy = torch.empty(R, D, dtype=torch.bfloat16)
-    part = torch.empty(3, n_prog, D)
-    st = torch.empty(R)
-    seeds = torch.zeros(6, dtype=torch.int64)
-    args = (x, x, x, torch.empty(D), st, st, seeds, 4, x, dy, part, R, D, 18, n_prog, 0.1, 1 / 0.9)
+    D = 768
+    x = torch.zeros(R, D, device=device)
+    dy = torch.empty(R, D, dtype=torch.bfloat16, device=device)
+    part = torch.empty(3, n_prog, D, device=device)
+    st = torch.ones(R, device=device)
+    seeds = torch.zeros(6, dtype=torch.int64, device=device)
+    args = (x, x, x, torch.ones(D, device=device), st, st, seeds, 4, x, dy, part, R, D, -(-R // n_prog), n_prog,
+            0.1, 1 / 0.9)
     kwargs = dict(HAS_DA=True, HAS_DH=True, HAS_Y=True, HAS_LN=True, DROPOUT=True, DYB=True, BLOCK_D=1024,
                   ACC=tl.float32, num_warps=4)
     return layernorm._res_ln_bwd.fn.fn, (n_prog,), args, kwargs
@@ -101,18 +103,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gpu", action="store_true", help="the real kernel on this machine's GPU")
     a = ap.parse_args(argv)
+    if a.gpu:
+        os.environ["TRITON_INTERPRET"] = "0"
     import torch
     import triton
 
     from seqpe_kernels.bench.timing import cpu_model
+    from seqpe_kernels.ops import launch
     from seqpe_kernels.ops.launch import DirectKernel
 
     torch.set_num_threads(1)
-    with gpu_standin() as jit:
-        fn, grid, args, kwargs = ln_backward_call()
-        jf = jit(fn)
-        dk = DirectKernel(jit(fn))
+    sync = torch.cuda.synchronize if a.gpu else (lambda: None)
+    with (contextlib.nullcontext() if a.gpu else gpu_standin()) as jit:
+        if a.gpu:  # small R: each launch's GPU work is shorter than its host work
+            fn, grid, args, kwargs = ln_backward_call("cuda", R=64, n_prog=64)
+            on, why = launch.status()
+            assert on, f"direct launches are off here: {why}"
+            jf, dk = triton.runtime.jit.JITFunction(fn), DirectKernel(triton.runtime.jit.JITFunction(fn))
+        else:
+            fn, grid, args, kwargs = ln_backward_call()
+            jf, dk = jit(fn), DirectKernel(jit(fn))
         for _ in range(3):
             jf[grid](*args, **kwargs)
             dk[grid](*args, **kwargs)
@@ -120,13 +132,17 @@ def main(argv=None) -> int:
         times = {"JITFunction.run": [], "direct": []}
         for _ in range(a.reps):  # interleaved
             for name, k in (("JITFunction.run", jf), ("direct", dk)):
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(a.iters):
                     k[grid](*args, **kwargs)
+                sync()
                 times[name].append((time.perf_counter() - t0) / a.iters * 1e6)
-    print(f"Triton {triton.__version__}, torch {torch.__version__}, {cpu_model()}, 1 thread")
+    where = torch.cuda.get_device_name() if a.gpu else "a stand-in GPU"
+    print(f"Triton {triton.__version__}, torch {torch.__version__}, {cpu_model()}, 1 thread, {where}")
     print(f"host time per launch of the LayerNorm backward ({len(args)} runtime + {len(kwargs) - 1} constexpr "
-          f"arguments), {a.reps} interleaved rounds x {a.iters}, without the driver's cuLaunchKernel:")
+          f"arguments), {a.reps} interleaved rounds x {a.iters}"
+          + (", to a final synchronize:" if a.gpu else ", without the driver's cuLaunchKernel:"))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for k, v in times.items():
         print(f"  {k:16s} median {med[k]:6.2f} us  (min {min(v):.2f}, max {max(v):.2f})")

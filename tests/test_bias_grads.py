@@ -58,21 +58,29 @@ def _gelu_grad64(du, z):
     return dz
 
 
+def _scaled_err(a, b, scale):
+    """max |a - b| over ``scale``: gelu' lies in [-0.17, 1.13], so |dz| <= 1.13 |du| and |db| <= 1.13 sum |du|;
+    relative to max |ref| instead, a tensor of one element near gelu''s zero (z ~ -0.75) has no scale at all."""
+    return ((a.double() - b.double()).abs().max() / scale.double().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @SETTINGS
-@given(R=st.integers(0, 70), C=st.integers(1, 300), dt=st.sampled_from([torch.float32, torch.float64]))
-def test_gelu_backward_bias_grad(impl, R, C, dt):
+@given(R=st.integers(0, 70), C=st.integers(1, 300), dt=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_gelu_backward_bias_grad(impl, R, C, dt, seed):
     with_bias, gelu_backward = _gelu_bwd(impl)
-    z = (torch.randn(R, C, dtype=dt) * 2).to(DEV)
-    du = torch.randn(R, C, dtype=dt).to(DEV)
+    gen = torch.Generator().manual_seed(seed)  # the data belong to the example (hypothesis replays it exactly)
+    z = (torch.randn(R, C, dtype=dt, generator=gen) * 2).to(DEV)
+    du = torch.randn(R, C, dtype=dt, generator=gen).to(DEV)
     dz, db = with_bias(du, z)
     ref = _gelu_grad64(du, z)
     assert dz.dtype == dt and db.shape == (C,) and db.dtype == dt
-    assert rel(dz, ref) <= TOL[dt]
-    assert rel(db, ref.sum(0)) <= TOL[dt]
+    assert _scaled_err(dz, ref, du.abs().max() if du.numel() else du.new_ones(())) <= TOL[dt]
+    assert _scaled_err(db, ref.sum(0), du.abs().sum(0).max() if du.numel() else du.new_ones(())) <= TOL[dt]
     # without the bias: the same dz (the same formula in the same precision; a compiler may contract it
     # differently in the two kernels, so not necessarily bit for bit)
-    assert rel(gelu_backward(du, z), dz) <= TOL[dt]
+    assert _scaled_err(gelu_backward(du, z), dz, du.abs().max() if du.numel() else du.new_ones(())) <= TOL[dt]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -105,14 +113,15 @@ def _rln64(da, dh, h, w, p_keep_mask, has_ln):
 @pytest.mark.parametrize("impl", IMPLS)
 @SETTINGS
 @given(R=st.integers(0, 40), D=st.integers(1, 70), dt=st.sampled_from([torch.float32, torch.float64]),
-       has_ln=st.booleans(), has_dh=st.booleans(), dropout=st.booleans())
-def test_residual_layernorm_backward_bias_grad(impl, R, D, dt, has_ln, has_dh, dropout):
+       has_ln=st.booleans(), has_dh=st.booleans(), dropout=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_residual_layernorm_backward_bias_grad(impl, R, D, dt, has_ln, has_dh, dropout, seed):
     from seqpe_kernels.ops._common import dtype_code, new_seeds
     from seqpe_kernels.ops.layernorm import dropout_keep_mask, residual_layernorm_forward
 
     with_bias, residual_layernorm_backward = _rln_bwd(impl)
 
     p = 0.3 if dropout else 0.0
+    torch.manual_seed(seed)  # the data (and the dropout seeds) belong to the example
     x = torch.randn(R, D, dtype=dt).to(DEV)
     y = torch.randn(R, D, dtype=dt).to(DEV)
     w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
@@ -127,8 +136,18 @@ def test_residual_layernorm_backward_bias_grad(impl, R, D, dt, has_ln, has_dh, d
     keep = dropout_keep_mask(seeds, 1, (R, D), p).double() / (1 - p) if dropout else torch.ones(R, D).double()
     dx64, dy64 = _rln64(da, dh, h, w, keep.to(DEV), has_ln)
     assert dyb.shape == (D,) and dyb.dtype == dt
-    assert rel(dx, dx64) <= TOL[dt] and rel(dy, dy64) <= TOL[dt]
-    assert rel(dyb, dy64.sum(0)) <= TOL[dt]
+    # the scale of the terms dx sums (|da w| rstd, |dh|), not max |dx|: the LayerNorm of one column has an exact
+    # zero gradient, which fp32 reaches only up to the rounding of da * w (an FMA keeps it), times rstd
+    terms = [dx64.abs().max()] if dx64.numel() else [dx64.new_ones(())]
+    if has_ln and R:
+        terms.append((da.abs() * w.abs()).max().double() * rstd.max().double())
+    if dh is not None and R:
+        terms.append(dh.abs().max().double())
+    scale = torch.stack([t.double().cpu() for t in terms]).max()
+    drop = 1 / (1 - p) if dropout else 1.0
+    assert _scaled_err(dx, dx64, scale) <= TOL[dt] and _scaled_err(dy, dy64, scale * drop) <= TOL[dt]
+    # a column sum can cancel to ~0: its error is measured against the bound of its magnitude, R rows of the scale
+    assert _scaled_err(dyb, dy64.sum(0), scale * drop * max(R, 1)) <= TOL[dt]
     # the four tensors the operator returns are the same values without bias_grad
     plain = residual_layernorm_backward(da, dh, h, w, mean, rstd, p, seeds, 1, True, dtype_code(dt))
     assert len(plain) == 4

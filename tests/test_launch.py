@@ -167,6 +167,16 @@ def test_a_coarser_key_turns_the_kernel_back_to_jit(direct_on):
     assert all(not c.calls for c in fn.kernels.values())
 
 
+def test_a_kernel_reading_module_globals_stays_on_jit(direct_on):
+    fn = _FakeJIT()
+    fn.used_global_vals = {("SCALE", 0): (2.0, {})}  # JITFunction.run raises if such a global changes
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(4):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    assert len(fn.jit_calls) == 4 and "globals" in k.off
+
+
 def test_unhashable_or_missing_arguments_launch_through_jit(direct_on):
     fn = _FakeJIT()
     k = launch.DirectKernel(fn)

@@ -5,7 +5,9 @@ across branches, constexpr misuse, unsupported ops), and GPU-only branches (``tl
 run there. Here: the launches of real training steps (1-D and 2-D positions, fp32 and bf16 autocast, dropout,
 padding masks, prefix sharing, the cache gather) are recorded under the interpreter, then compiled in a
 subprocess with Triton's real compiler for an sm_90 target (a stand-in driver names the target; no launch),
-each distinct specialisation once: tensors by dtype and 16-byte alignment, ints and constexprs by value.
+each distinct specialisation once: tensors by dtype and 16-byte alignment, ints and constexprs by value. Each
+kernel must also read no module-level globals (the direct launch path of ops/launch.py skips the per-launch
+check of them that JITFunction.run makes).
 """
 import json
 import os
@@ -101,6 +103,8 @@ _CHILD = textwrap.dedent(r"""
         try:
             c = k.warmup(*map(val, d["args"]), grid=tuple(d["grid"]), **{n: val(v) for n, v in d["kwargs"].items()})
             assert c.asm.get("cubin"), "no cubin"
+            # ops.launch's direct path skips JITFunction.run's per-launch check of module globals a kernel reads
+            assert not k.used_global_vals, f"reads module globals {sorted(n for n, _ in k.used_global_vals)}"
         except Exception as e:
             failures.append(f"{d['name']} {d['kwargs']}: {type(e).__name__}: {str(e)[-600:]}")
     print(f"compiled {len(launches) - len(failures)} of {len(launches)} launch specialisations for sm_90")

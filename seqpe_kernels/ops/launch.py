@@ -17,7 +17,8 @@ reusing a kernel compiled for another specialisation is how misaligned accesses 
 asynchronous errors arise, pytorch/helion PR #3010.) If one key ever comes back with two different compiled
 kernels, that kernel launches through ``JITFunction.run`` from then on and a warning says so.
 
-Off, every launch through ``JITFunction.run``: under the Triton interpreter; when the installed Triton's
+Off, every launch through ``JITFunction.run``: for a kernel that reads module-level globals (``run`` checks
+them on every launch; none of this package's kernels do); under the Triton interpreter; when the installed Triton's
 ``JITFunction.run`` does not end in the launch call mirrored here (checked once against its source: the
 launcher signature is private and has changed between versions); with ``SEQPE_KERNELS_TRITON_LAUNCH=jit``.
 """
@@ -143,6 +144,9 @@ class DirectKernel:
         if first is None:
             self.seen[key] = k
         elif first is k:  # a second launch with this key found the same compiled kernel: reuse it from now on
+            if getattr(self.fn, "used_global_vals", None):  # JITFunction.run re-checks module globals per launch
+                self.off = f"{self.fn!r} reads module globals, which JITFunction.run checks on every launch"
+                return k
             self.compiled[key] = k
         else:
             self.off = (f"{self.fn!r}: one argument key gave two compiled kernels; its launches go through "

@@ -7,7 +7,8 @@
 #          vs JITFunction.run (off for the rest of the run if that fails), `check --backend
 #          triton` and the triton-graph provider alone under CUDA_LAUNCH_BLOCKING=1 (the config that crashed);
 #          then the GPU tier (pytest -m gpu, -n 4) and `check --backend cuda`; text-default and vits-default with
-#          every provider side by side (CSV + PNG named with the device); cuda-graph and compile-cg alone; the
+#          every provider side by side (CSV + PNG named with the device); the text step's GPU kernel time
+#          (profile_step.py); cuda-graph and compile-cg alone; the
 #          host-time script; the whole-encoder, layout and bias-gradient suites on CUDA. Later steps are skipped
 #          when time runs out (logs/summary.txt says which).
 #     bash benchmarks/device_call.sh f "$OUT" 560
@@ -161,6 +162,8 @@ elif [[ "$PHASE" == f ]]; then
         --quick --M "$m" --mode forward full nograd \
         --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
   done
+  # item 3's figure: the text step's GPU kernel time per backend (target <= 1.6 ms), and where it goes
+  TAILN=60 step profile_text 60 python3 benchmarks/profile_step.py --config text-default --rows 14 --steps 5
   isolate cuda-graph 40
   isolate compile-cg 40
   TAILN=12 step host_time 30 python3 benchmarks/host_time.py --reps 5 --iters 100

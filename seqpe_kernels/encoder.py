@@ -95,15 +95,17 @@ def flat_params(m) -> List[Optional[torch.Tensor]]:
 
 class Prims:
     """One backend's kernels, called directly (no torch.library dispatch, no per-op autograd node).
-    ``gather``: layer 0's per-token gather of the table's q/k/v rows."""
+    ``gather``: layer 0's per-token gather of the table's q/k/v rows; ``gather_bwd`` its backward (the table
+    gradient)."""
 
     def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd,
-                 gather=None):
+                 gather=None, gather_bwd=None):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
         self.gather = gather or _gather
+        self.gather_bwd = gather_bwd or _gather_bwd
 
 
 def operator_prims(impl: int) -> Prims:
@@ -143,10 +145,14 @@ def triton_prims() -> Prims:
         from .ops.digit_embed import digit_embed_backward, digit_embed_forward
         from .ops.gelu import gelu_backward, gelu_forward
         from .ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+        from .ops.table_grad import table_grad
+
+        def gather_bwd(g, rows, n):  # g [M, T, C], T = L + 1
+            return table_grad(g, rows, n, g.shape[1] - 1)
 
         _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
                              residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
-                             gelu_forward, gelu_backward))
+                             gelu_forward, gelu_backward, gather_bwd=gather_bwd))
     return _TRITON[0]
 
 
@@ -336,7 +342,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     d_a_tab = None
     if i == 0:
         dq_row = dq.sum(0)  # [1, D]: the CLS query is one table row broadcast to every sequence
-        dtab_kv = _gather_bwd(dkv, rows, nrows)
+        dtab_kv = P.gather_bwd(dkv, rows, nrows)
         a_tab = S["a_tab"]
         d_a_tab = dtab_kv.mm(Wa[:, D:].t())
         d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
@@ -377,7 +383,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
                              seeds, 3 * i)
         Wa = S[f"Wa{i}"]
         if i == 0:
-            dtab_out = _gather_bwd(dqkv, rows, nrows)
+            dtab_out = P.gather_bwd(dqkv, rows, nrows)
             d_a_tab = dtab_out.mm(Wa.t())
             put(o0 + 2, S["a_tab"].t().mm(dtab_out) if needs[o0 + 2] else None)
             put(o0 + 3, dtab_out.sum(0) if needs[o0 + 3] else None)

@@ -118,7 +118,7 @@ def test_every_launched_kernel_compiles_for_sm90(tmp_path):
     names = {d["name"] for d in launches}
     # every kernel the encoder, prefix sharing and the cache launch was seen (a renamed kernel must be added here)
     assert {"_embed_fwd", "_embed_bwd", "_res_ln_fwd", "_res_ln_bwd", "_attn_fwd", "_attn_bwd", "_gelu_fwd",
-            "_gelu_bwd_db", "_pfx_fwd", "_pfx_bwd", "_gather_kernel"} <= names, names
+            "_gelu_bwd_db", "_pfx_fwd", "_pfx_bwd", "_gather_kernel", "_table_grad"} <= names, names
     # the tl.dot attention branch runs on GPUs only (tiles >= 16): add it for one recorded attention launch
     for d in [d for d in launches if d["name"] in ("_attn_fwd", "_attn_bwd")][:2]:
         e = json.loads(json.dumps(d))

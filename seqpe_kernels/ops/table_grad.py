@@ -1,0 +1,72 @@
+"""Layer 0's table gradient: the backward of gathering (digit, slot) table rows per token.
+
+Layer 0 computes q/k/v once per row of a small table (``base * L + 1`` rows: digit b in slot j is row b*L + j,
+the last is CLS) and gathers them per token (``encoder.table_rows``). Its backward sums each token's gradient
+into its row. ``embedding_dense_backward`` does that generically: for bf16 it first needs an fp32 copy of the
+whole [M, T, C] gradient (to sum in fp32), then sorts the indices. Here the rows' structure does the work:
+token (m, t) goes to row ``rows[m, t]`` whose slot is t, so a program owns one slot and one column block, walks a
+chunk of sequences, and sums into a [base + 1, BLOCK_C] register tile by digit (``rows // L``); each output row
+is written by one program per chunk (no atomics, deterministic), and the chunks' partials are summed in order.
+The gradient is read once in its own dtype; sums are fp32 (fp64 for fp64).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, next_pow2, num_sms
+from .launch import direct
+
+
+@direct
+@triton.jit
+def _table_grad(G, ROWS, PART, M, T, L, C, base, seqs_per_prog, BASE_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                ACC: tl.constexpr):
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    ch = tl.program_id(2).to(tl.int64)
+    b_ids = tl.arange(0, BASE_P)
+    acc = tl.zeros([BASE_P, BLOCK_C], dtype=ACC)
+    m0 = ch * seqs_per_prog
+    for i in range(0, seqs_per_prog):
+        m = m0 + i
+        if m < M:
+            r = tl.load(ROWS + m * T + t)
+            g = tl.load(G + (m * T + t) * C + cols, mask=cm, other=0.0).to(ACC)
+            acc += tl.where(b_ids[:, None] == r // L, g[None, :], 0.0)
+    # slot t < L: digit b's row is b * L + t; the CLS slot (t == L) has one row, base * L, its tokens' r // L == base
+    out_rows = tl.where(t < L, b_ids * L + t, base * L)
+    ok = tl.where(t < L, b_ids < base, b_ids == base)
+    tl.store(PART + (ch * (base * L + 1) + out_rows[:, None]) * C + cols[None, :], acc,
+             mask=ok[:, None] & cm[None, :])
+
+
+_BLOCK_C = 128
+
+
+def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int) -> torch.Tensor:
+    """[n_rows, C] in ``g``'s dtype: row r = the sum of ``g[m, t]`` over the tokens with ``rows[m, t] == r``, for
+    g [M, T, C] (T = L + 1) and rows [M, T] from ``encoder.table_rows`` (in range: rows[:, t] = digit*L + t for
+    t < L, base*L for the CLS slot). Summed in fp32 (fp64 for fp64)."""
+    M, T, C = g.shape
+    if rows.shape != (M, T) or T != L + 1 or (n_rows - 1) % L:
+        raise ValueError(f"table_grad: g {tuple(g.shape)}, rows {tuple(rows.shape)}, n_rows {n_rows}, L {L} do "
+                         "not describe a (digit, slot) table")
+    base = (n_rows - 1) // L
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if M == 0 or C == 0:
+        return g.new_zeros((n_rows, C))
+    g = g.contiguous()
+    rows = rows.contiguous()
+    n_col = triton.cdiv(C, _BLOCK_C)
+    # ~4 programs per SM: T slots x column blocks x chunks of sequences
+    n_chunks = max(1, min(M, triton.cdiv(4 * num_sms(g.device), T * n_col)))
+    per = triton.cdiv(M, n_chunks)
+    n_chunks = triton.cdiv(M, per)
+    part = g.new_empty((n_chunks, n_rows, C), dtype=acc)  # every (chunk, row) is written by one program
+    _table_grad[(T, n_col, n_chunks)](g, rows, part, M, T, L, C, base, per, BASE_P=next_pow2(base + 1),
+                                      BLOCK_C=_BLOCK_C, ACC=acc_dtype(g), num_warps=4)
+    out = part.sum(0) if n_chunks > 1 else part[0]
+    return out if out.dtype == g.dtype else out.to(g.dtype)

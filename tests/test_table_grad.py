@@ -1,0 +1,44 @@
+"""Layer 0's table gradient (seqpe_kernels.ops.table_grad) against ``embedding_dense_backward`` in fp64, over
+positions of any base / digit count / dimension, widths crossing the kernel's column block, sequence counts
+crossing its chunks, and every float dtype. The encoder-level parity (every parameter gradient against the
+reference) is tests/test_encoder.py's."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seqpe_kernels.encoder import table_rows
+from seqpe_kernels.ops.table_grad import table_grad
+
+from conftest import HAS_CUDA
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+# fp32 / fp64 sums against fp64: KERNEL_GUIDE §5; bf16 / fp16 outputs: one rounding of an fp32 sum
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}
+
+
+@settings(max_examples=25, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 60), K=st.integers(1, 4), base=st.integers(2, 12), d=st.integers(1, 2),
+       C=st.integers(1, 300), dt=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+       clamp=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_matches_embedding_backward(M, K, base, d, C, dt, clamp, seed):
+    gen = torch.Generator().manual_seed(seed)
+    L = K * d
+    x = torch.randint(-5 if clamp else 0, base ** K + (5 if clamp else 0), (M, d), generator=gen)
+    rows = table_rows(x.to(DEV), True, L, K, base, clamp)
+    n = base * L + 1
+    g = torch.randn(M, L + 1, C, generator=gen).to(DEV, dt)
+    out = table_grad(g, rows, n, L)
+    ref = torch.ops.aten.embedding_dense_backward(g.double(), rows, n, -1, False)
+    assert out.shape == (n, C) and out.dtype == dt
+    # error against the magnitude bound of each row's sum (a sum can cancel to ~0)
+    scale = torch.ops.aten.embedding_dense_backward(g.double().abs(), rows, n, -1, False).max().clamp_min(1e-30)
+    assert ((out.double() - ref).abs().max() / scale).item() <= TOL[dt]
+
+
+def test_empty_and_shape_errors():
+    rows = table_rows(torch.zeros(0, 1, dtype=torch.long, device=DEV), True, 3, 3, 10, False)
+    out = table_grad(torch.zeros(0, 4, 7, device=DEV), rows, 31, 3)
+    assert out.shape == (31, 7) and not out.any()
+    with pytest.raises(ValueError, match="do not describe"):
+        table_grad(torch.zeros(2, 4, 7, device=DEV), torch.zeros(2, 3, dtype=torch.long, device=DEV), 31, 3)

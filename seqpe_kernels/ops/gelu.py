@@ -35,6 +35,14 @@ def _gelu_fwd(Z, U, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     tl.store(U + offs, (0.5 * z * (1.0 + t)).to(U.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _dgelu(du, z):
+    """du * gelu_new'(z), in the inputs' (accumulation) dtype."""
+    t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+    dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    return du * (0.5 * (1.0 + t) + 0.5 * z * dt)
+
+
 @direct
 @triton.jit
 def _gelu_bwd(DU, Z, DZ, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -42,9 +50,7 @@ def _gelu_bwd(DU, Z, DZ, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     m = offs < N
     z = tl.load(Z + offs, mask=m, other=0.0).to(ACC)
     du = tl.load(DU + offs, mask=m, other=0.0).to(ACC)
-    t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-    dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    tl.store(DZ + offs, (du * (0.5 * (1.0 + t) + 0.5 * z * dt)).to(DZ.dtype.element_ty), mask=m)
+    tl.store(DZ + offs, _dgelu(du, z).to(DZ.dtype.element_ty), mask=m)
 
 
 @direct
@@ -64,9 +70,7 @@ def _gelu_bwd_db(DU, Z, DZ, PART, R, C, rows_per_prog, BLOCK_R: tl.constexpr, BL
         offs = rows[:, None] * C + cols[None, :]
         z = tl.load(Z + offs, mask=m, other=0.0).to(ACC)
         du = tl.load(DU + offs, mask=m, other=0.0).to(ACC)
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        dt = (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        dz = du * (0.5 * (1.0 + t) + 0.5 * z * dt)
+        dz = _dgelu(du, z)
         tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=m)
         acc += tl.sum(tl.where(m, dz, 0.0), 0)
     tl.store(PART + pid * C + cols, acc, mask=cm)

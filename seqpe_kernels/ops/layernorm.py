@@ -140,9 +140,9 @@ def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx
     """Gradients (dx, dy, dw, db). With ``bias_grad`` (the encoder's call) a fifth: dy's column sums, the bias
     gradient of the GEMM that produced y, summed in fp32 from the unrounded dy in the same pass instead of a
     separate reduction over [R, D] in the GEMM dtype (None without a branch y); the per-program partials of
-    dw, db and that sum are then reduced by one launch, and dw / db may be views of one tensor. ``ln_in`` is h (has_y) or x: the tensor the LN
-    normalised, saved by forward. ``dh`` is the gradient reaching h from later residual uses, ``da`` the LN
-    output's."""
+    dw, db and that sum are then reduced by one launch, and dw / db may be views of one tensor. ``ln_in`` is h
+    (has_y) or x: the tensor the LN normalised, saved by forward. ``dh`` is the gradient reaching h from later
+    residual uses, ``da`` the LN output's."""
     x = ln_in
     R, D = x.shape
     # incoming gradients may be expanded (stride 0, from .sum()) or otherwise strided: the kernel indexes rows

@@ -124,7 +124,7 @@ Tensor table_rows(const Tensor& x, const Cfg& c) {
   const int64_t M = x.size(0);
   if (x.is_cpu() && x.scalar_type() == at::kLong && x.dim() == 2) {  // one loop instead of ~9 small ops
     const Tensor xc = x.contiguous();
-    Tensor rows = at::empty({M, c.T}, xc.options());
+    Tensor rows = alloc({M, c.T}, xc.options());
     const int64_t* px = xc.const_data_ptr<int64_t>();
     int64_t* pr = rows.data_ptr<int64_t>();
     const int64_t w = xc.size(1);
@@ -184,7 +184,7 @@ Tensor gather(const Tensor& tab_out, const Tensor& rows) {
   const int64_t n = tab_out.size(0), W = tab_out.size(1), N = rows.numel();
   std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
   shape.push_back(W);
-  Tensor out = at::empty(shape, tab_out.options());
+  Tensor out = alloc(shape, tab_out.options());
   const int64_t* r = rows.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(tab_out.scalar_type(), "seqpe_gather", [&] {
     const scalar_t* src = tab_out.const_data_ptr<scalar_t>();
@@ -201,7 +201,7 @@ Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
   if (small_cpu_rows(g, rows)) {
     RECORD_FUNCTION("seqpe_ext::gather_bwd", std::vector<c10::IValue>());
     const int64_t W = g.size(-1), N = rows.numel();
-    Tensor out = at::empty({n, W}, g.options());
+    Tensor out = alloc({n, W}, g.options());
     const int64_t* r = rows.const_data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "seqpe_gather_bwd", [&] {
       const scalar_t* src = g.const_data_ptr<scalar_t>();
@@ -279,7 +279,7 @@ Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias
   // a profiler range named like an operator, so seqpe_kernels.launches still counts this GEMM (one cuBLAS launch
   // on a GPU, where it goes through at::mm); free when no profiler is on
   RECORD_FUNCTION("seqpe_ext::gemm", std::vector<c10::IValue>());
-  Tensor C = at::empty({m, n}, A.options());
+  Tensor C = alloc({m, n}, A.options());
   // row-major C = A' B' is column-major C^T = B'^T A'^T: B's storage goes first
   const char tra = (ta != oa.flip) ? 'T' : 'N', trb = (tb != ob.flip) ? 'T' : 'N';
   const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
@@ -324,7 +324,7 @@ Tensor colsums(std::initializer_list<Tensor> parts) {
   if (parts.size() > 1) {
     RECORD_FUNCTION("seqpe_ext::cat", std::vector<c10::IValue>());
   }
-  Tensor out = at::empty({n}, parts.begin()->options());
+  Tensor out = alloc({n}, parts.begin()->options());
   AT_DISPATCH_FLOATING_TYPES(st, "seqpe_colsums", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     std::vector<double> acc;

@@ -145,14 +145,20 @@ inline acc_t acc_scale(double p) {
 // ------------------------------------------------------------------------------------ row kernels
 // Small row functions with restrict-qualified arguments: each is one loop the compiler vectorises.
 
+constexpr int64_t kKeepChunk = 256;  // keep flags drawn per block (philox.h dropout_keep_block)
+
 // h = x + dropout(y): keep iff tl.rand(seed, off0 + c) > p, kept values scaled (as the Triton kernel)
 template <typename acc_t>
 inline void dropout_add_row(const acc_t* __restrict x, const acc_t* __restrict y, acc_t* __restrict h, int64_t n,
                             uint64_t seed, uint32_t off0, float p, acc_t scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    const acc_t yv = y[c] * scale;
-    const bool keep = dropout_keep(seed, off0 + static_cast<uint32_t>(c), p);
-    h[c] = x[c] + (keep ? yv : acc_t(0));
+  uint32_t keep[kKeepChunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kKeepChunk) {
+    const int64_t m = std::min<int64_t>(kKeepChunk, n - c0);
+    dropout_keep_block(seed, off0 + static_cast<uint32_t>(c0), p, m, keep);
+    for (int64_t i = 0; i < m; ++i) {
+      const acc_t yv = y[c0 + i] * scale;
+      h[c0 + i] = x[c0 + i] + (keep[i] ? yv : acc_t(0));
+    }
   }
 }
 
@@ -160,10 +166,14 @@ inline void dropout_add_row(const acc_t* __restrict x, const acc_t* __restrict y
 template <typename acc_t>
 inline void dropout_row(const acc_t* __restrict g, acc_t* __restrict o, int64_t n, uint64_t seed, uint32_t off0,
                         float p, acc_t scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    const acc_t gv = g[c] * scale;
-    const bool keep = dropout_keep(seed, off0 + static_cast<uint32_t>(c), p);
-    o[c] = keep ? gv : acc_t(0);
+  uint32_t keep[kKeepChunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kKeepChunk) {
+    const int64_t m = std::min<int64_t>(kKeepChunk, n - c0);
+    dropout_keep_block(seed, off0 + static_cast<uint32_t>(c0), p, m, keep);
+    for (int64_t i = 0; i < m; ++i) {
+      const acc_t gv = g[c0 + i] * scale;
+      o[c0 + i] = keep[i] ? gv : acc_t(0);
+    }
   }
 }
 
@@ -301,7 +311,7 @@ Tensor digit_embed_fwd_cpu(const Tensor& x_, const Tensor& tok_, const Tensor& p
   const bool has_dim = has(dim_);
   const Tensor dim = has_dim ? as_dtype(*dim_, st).view({-1, D}) : Tensor();
   if (has_dim) TORCH_CHECK(dim.size(0) * K == L, "seqpe_ext::digit_embed_fwd: dim table has ", dim.size(0), " rows");
-  Tensor out = at::empty({M, T, D}, tok.options());
+  Tensor out = alloc({M, T, D}, tok.options());
   if (M == 0 || D == 0) return out;
   const std::vector<int64_t> pw = digit_powers(K, base);
   const DigitArgs args{x.data_ptr<int64_t>(), sxm, M, L, T, D, K, base, from_positions, pw.data()};
@@ -374,7 +384,7 @@ Tensor4 digit_embed_bwd_cpu(const Tensor& g_, const Tensor& x_, bool from_positi
   const int64_t n_chunks = std::max<int64_t>(1, cdiv(M, per));
   const int64_t rows = base + T;
   Tensor part = at::zeros({n_chunks, rows, D}, g.options().dtype(acc_dt));
-  Tensor total = at::empty({rows, D}, g.options().dtype(acc_dt));
+  Tensor total = alloc({rows, D}, g.options().dtype(acc_dt));
   const std::vector<int64_t> pw = digit_powers(K, base);
   const DigitArgs args{x.data_ptr<int64_t>(), sxm, M, L, T, D, K, base, from_positions, pw.data()};
   bool ok = true;
@@ -387,7 +397,7 @@ Tensor4 digit_embed_bwd_cpu(const Tensor& g_, const Tensor& x_, bool from_positi
   Tensor d_pos = total.narrow(0, base, L).to(st, false, true);
   Tensor d_cls = total.narrow(0, base + L, 1).to(st, false, true).view({1, 1, D});
   Tensor d_dim = data_dim > 1 ? total.narrow(0, base, L).view({data_dim, K, D}).sum(1, true).to(st)
-                              : at::empty({0}, g.options());
+                              : alloc({0}, g.options());
   return {d_tok, d_pos, d_dim, d_cls};
 }
 
@@ -462,10 +472,10 @@ Tensor4 residual_layernorm_fwd_cpu(const Tensor& x_, const OptTensor& y_, const 
     b = has(b_) ? as_dtype(*b_, stat_dt) : at::zeros({D}, x.options().dtype(stat_dt));
     TORCH_CHECK(b.numel() == D, "seqpe_ext::residual_layernorm_fwd: b must have D = ", D, " elements");
   }
-  Tensor h = has_y ? at::empty_like(x) : at::empty({0}, x.options());
-  Tensor a = has_ln ? at::empty({R, D}, x.options().dtype(dtype_from_code(out_dtype))) : at::empty({0}, x.options());
-  Tensor mean = has_ln ? at::empty({R}, x.options().dtype(stat_dt)) : at::zeros({R}, x.options().dtype(stat_dt));
-  Tensor rstd = has_ln ? at::empty({R}, x.options().dtype(stat_dt)) : at::zeros({R}, x.options().dtype(stat_dt));
+  Tensor h = has_y ? alloc(x.sizes(), x.options()) : alloc({0}, x.options());
+  Tensor a = has_ln ? alloc({R, D}, x.options().dtype(dtype_from_code(out_dtype))) : alloc({0}, x.options());
+  Tensor mean = has_ln ? alloc({R}, x.options().dtype(stat_dt)) : at::zeros({R}, x.options().dtype(stat_dt));
+  Tensor rstd = has_ln ? alloc({R}, x.options().dtype(stat_dt)) : at::zeros({R}, x.options().dtype(stat_dt));
   const bool dropout = has_y && p > 0.0;
   uint64_t seed = 0;
   if (dropout) {
@@ -573,8 +583,8 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
     TORCH_CHECK(w.numel() == D, "seqpe_ext::residual_layernorm_bwd: w must have D = ", D, " elements");
     TORCH_CHECK(mean.numel() == R && rstd.numel() == R, "seqpe_ext::residual_layernorm_bwd: mean/rstd must be [R]");
   }
-  Tensor dx = at::empty_like(x);
-  Tensor dy = has_y ? at::empty({R, D}, x.options().dtype(dtype_from_code(y_dtype))) : at::empty({0}, x.options());
+  Tensor dx = alloc(x.sizes(), x.options());
+  Tensor dy = has_y ? alloc({R, D}, x.options().dtype(dtype_from_code(y_dtype))) : alloc({0}, x.options());
   const bool dropout = has_y && p > 0.0;
   uint64_t seed = 0;
   if (dropout) {
@@ -588,7 +598,7 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
   const int64_t n_parts = std::max<int64_t>(n_chunks, 1);
   const bool dyb = bias && has_y;
   const int64_t k_parts = 2 * has_ln + dyb;
-  Tensor parts = k_parts ? at::empty({k_parts, n_parts, D}, x.options().dtype(acc_dt)) : Tensor();
+  Tensor parts = k_parts ? alloc({k_parts, n_parts, D}, x.options().dtype(acc_dt)) : Tensor();
   if (k_parts) std::memset(parts.data_ptr(), 0, parts.nbytes());
   const LnBwdArgs args{byte_ptr(x), has_ln ? byte_ptr(da) : nullptr, has_dh ? byte_ptr(dh) : nullptr,
                        byte_ptr(dx), has_y ? byte_ptr(dy) : nullptr, x.scalar_type(),
@@ -604,13 +614,13 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
                             acc_scale<scalar_t>(p), has_ln ? parts.data_ptr<scalar_t>() : nullptr,
                             has_ln ? parts.data_ptr<scalar_t>() + n_parts * D : nullptr, dyb_part);
     if (dyb) {
-      dybs = at::empty({D}, x.options().dtype(acc_dt));
+      dybs = alloc({D}, x.options().dtype(acc_dt));
       sum_partials<scalar_t>(dyb_part, n_parts, D, dybs.data_ptr<scalar_t>());
     }
     if (has_ln) {  // summed straight into the outputs when the weight is in the accumulation dtype
       const bool same = w_->scalar_type() == acc_dt;
-      Tensor dws = at::empty(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
-      Tensor dbs = at::empty(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
+      Tensor dws = alloc(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
+      Tensor dbs = alloc(same ? w_->sizes() : at::IntArrayRef{D}, x.options().dtype(acc_dt));
       sum_partials<scalar_t>(parts.data_ptr<scalar_t>(), n_parts, D, dws.data_ptr<scalar_t>());
       sum_partials<scalar_t>(parts.data_ptr<scalar_t>() + n_parts * D, n_parts, D, dbs.data_ptr<scalar_t>());
       dw = same ? dws : dws.to(w_->scalar_type()).view(w_->sizes());
@@ -618,10 +628,10 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
     }
   });
   if (!has_ln) {
-    dw = at::empty({0}, x.options());
-    db = at::empty({0}, x.options());
+    dw = alloc({0}, x.options());
+    db = alloc({0}, x.options());
   }
-  if (!dyb) dybs = at::empty({0}, x.options());
+  if (!dyb) dybs = alloc({0}, x.options());
   return {dx, dy, dw, db, dybs};
 }
 
@@ -653,7 +663,7 @@ inline void gelu_bwd_block(const acc_t* __restrict du, const acc_t* __restrict z
 Tensor gelu_new_fwd_cpu(const Tensor& z_) {
   check_float_dtype(z_, "gelu_new_fwd", "z");
   const Tensor z = z_.contiguous();
-  Tensor u = at::empty_like(z, at::MemoryFormat::Contiguous);
+  Tensor u = alloc(z.sizes(), z.options());
   const int64_t n = z.numel();
   if (n == 0) return u;
   const auto st = z.scalar_type();
@@ -681,7 +691,7 @@ Tensor gelu_new_bwd_cpu(const Tensor& du_, const Tensor& z_) {
   TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd: du must have z's shape");
   const Tensor z = z_.contiguous();
   const Tensor du = du_.contiguous();
-  Tensor dz = at::empty_like(z, at::MemoryFormat::Contiguous);
+  Tensor dz = alloc(z.sizes(), z.options());
   const int64_t n = z.numel();
   if (n == 0) return dz;
   const auto st = z.scalar_type(), dst = du.scalar_type();
@@ -714,7 +724,7 @@ Tensor2 gelu_new_bwd_bias_cpu(const Tensor& du_, const Tensor& z_) {
   const int64_t R = z.size(0), C = z.size(1);
   const auto st = z.scalar_type(), dst = du.scalar_type();
   const auto acc_dt = st == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor db = at::empty({C}, z.options().dtype(acc_dt));
+  Tensor db = alloc({C}, z.options().dtype(acc_dt));
   const int64_t es = z.element_size(), des = du.element_size();
   const int64_t per = std::max<int64_t>(8, cdiv(R, 128));
   const int64_t n_chunks = R > 0 ? cdiv(R, per) : 0;
@@ -889,6 +899,7 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
   const int64_t grain = std::max<int64_t>(1, 2048 / (g.H * g.T * std::max<int64_t>(DH, 1)) + 1);
   at::parallel_for(0, g.M, grain, [&](int64_t m0, int64_t m1) {
     std::vector<acc_t> qbuf(g.TQ * DH), kbuf(g.T * DH), vbuf(g.T * DH), obuf(DH), s(g.T);
+    std::vector<uint32_t> keep(g.dropout ? g.T : 0);
     std::vector<const acc_t*> qr(g.TQ), kr(g.T), vr(g.T);
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t h = 0; h < g.H; ++h) {
@@ -903,10 +914,8 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
           attn_probs_row<acc_t, DHC>(g, pad, m, i, qr[i], kr.data(), s.data());
           if (g.dropout) {
             const uint64_t base = static_cast<uint64_t>(((m * g.H + h) * g.TQ + i) * g.T);
-            for (int64_t j = 0; j < g.T; ++j) {
-              const bool keep = dropout_keep(g.seed, static_cast<uint32_t>(base + j), pf);
-              s[j] = keep ? s[j] * scale : acc_t(0);
-            }
+            dropout_keep_block(g.seed, static_cast<uint32_t>(base), pf, g.T, keep.data());
+            for (int64_t j = 0; j < g.T; ++j) s[j] = keep[j] ? s[j] * scale : acc_t(0);
           }
           acc_t* __restrict o = out_row<acc_t>(ob + ((m * g.TQ + i) * g.D + col) * es, st, obuf.data());
           std::fill(o, o + DH, acc_t(0));
@@ -924,7 +933,7 @@ Tensor tiny_attention_fwd_cpu(const Tensor& qkv, const OptTensor& kv, const OptT
   AttnViews V = attn_views(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx,
                            "tiny_attention_fwd");
   const AttnGeom& g = V.g;
-  Tensor out = at::empty({g.M, g.TQ, g.D}, V.qbase.options());
+  Tensor out = alloc({g.M, g.TQ, g.D}, V.qbase.options());
   if (g.M == 0 || g.D == 0) return out;
   Tensor pad = g.has_mask ? as_dtype(*pad_mask, at::kFloat) : Tensor();
   const float* padp = g.has_mask ? pad.data_ptr<float>() : nullptr;
@@ -966,6 +975,7 @@ void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, T
     std::vector<acc_t> qbuf(TQ * DH), kbuf(T * DH), vbuf(T * DH), dobuf(TQ * DH);
     std::vector<acc_t> pr(TQ * T), pd(TQ * T), ds(TQ * T);
     std::vector<acc_t> dq(TQ * DH), dk(T * DH), dv(T * DH);
+    std::vector<uint32_t> keep(g.dropout ? T : 0);
     std::vector<const acc_t*> qr(TQ), kr(T), vr(T), dor(TQ);
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t h = 0; h < g.H; ++h) {
@@ -985,11 +995,12 @@ void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, T
           acc_t* DS = &ds[i * T];
           const uint64_t base = static_cast<uint64_t>(((m * g.H + h) * TQ + i) * T);
           acc_t rowsum = 0;
+          if (g.dropout) dropout_keep_block(g.seed, static_cast<uint32_t>(base), pf, T, keep.data());
           for (int64_t j = 0; j < T; ++j) {
             acc_t dp = dot_row<acc_t>(dor[i], vr[j], DH);
             acc_t pdv = P[j];
             if (g.dropout) {
-              const acc_t kf = dropout_keep(g.seed, static_cast<uint32_t>(base + j), pf) ? scale : acc_t(0);
+              const acc_t kf = keep[j] ? scale : acc_t(0);
               pdv = P[j] * kf;
               dp = dp * kf;
             }
@@ -1039,8 +1050,8 @@ Tensor2 tiny_attention_bwd_cpu(const Tensor& dout_, const Tensor& qkv, const Opt
   TORCH_CHECK(dout_.dim() == 3 && dout_.size(0) == g.M && dout_.size(1) == g.TQ && dout_.size(2) == g.D,
               "seqpe_ext::tiny_attention_bwd: dout must be [M, TQ, D]");
   const Tensor dout = dout_.contiguous();
-  Tensor d_first = at::empty(qkv.sizes(), qkv.options());
-  Tensor d_kv = has(kv) ? at::empty(kv->sizes(), kv->options()) : at::empty({0}, qkv.options());
+  Tensor d_first = alloc(qkv.sizes(), qkv.options());
+  Tensor d_kv = has(kv) ? alloc(kv->sizes(), kv->options()) : alloc({0}, qkv.options());
   if (g.M == 0 || g.D == 0) {
     d_first.zero_();
     if (has(kv)) d_kv.zero_();
@@ -1061,13 +1072,17 @@ Tensor2 tiny_attention_bwd_cpu(const Tensor& dout_, const Tensor& qkv, const Opt
 // offsets are, i.e. tl.rand(seed, offset) > p
 Tensor dropout_keep_mask_host(int64_t seed, int64_t n, double p, int64_t start) {
   TORCH_CHECK(n >= 0, "seqpe_ext::dropout_keep_mask: n must be >= 0");
-  Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  Tensor out = alloc({n}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const float pf = static_cast<float>(p);
   const uint64_t s = static_cast<uint64_t>(seed);
   at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      o[i] = dropout_keep(s, static_cast<uint32_t>(static_cast<uint64_t>(start + i)), pf) ? 1.0f : 0.0f;
+    uint32_t keep[kKeepChunk];
+    for (int64_t c0 = i0; c0 < i1; c0 += kKeepChunk) {
+      const int64_t m = std::min<int64_t>(kKeepChunk, i1 - c0);
+      dropout_keep_block(s, static_cast<uint32_t>(static_cast<uint64_t>(start + c0)), pf, m, keep);
+      for (int64_t i = 0; i < m; ++i) o[c0 + i] = keep[i] ? 1.0f : 0.0f;
+    }
   });
   return out;
 }

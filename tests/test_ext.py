@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import seqpe_kernels as sk
@@ -288,6 +290,39 @@ def test_keep_mask_offsets_wrap_like_int32(ext_ops):
     assert torch.equal(ext_ops.dropout_keep_mask(77, 4096, 0.5, 3 * 2 ** 32), a)
     hi = ext_ops.dropout_keep_mask(77, 4096, 0.5, 2 ** 31 - 2048)  # crosses into negative int32 offsets
     assert 0.4 < hi.mean().item() < 0.6 and not torch.equal(hi, a)
+
+
+def _philox_keep(seed: int, start: int, n: int, p: float):
+    """tl.rand(seed, offset) > p for offsets start .. start+n-1 wrapped to uint32, in numpy (the formula of
+    csrc/philox.h, written independently of it and of its 8-lane AVX2 path)."""
+    import numpy as np
+
+    M32 = np.uint64(0xFFFFFFFF)
+    c0 = (np.arange(n, dtype=np.uint64) + np.uint64(start % 2 ** 64)) & M32
+    c1 = np.zeros(n, np.uint64)
+    c2 = np.zeros(n, np.uint64)
+    c3 = np.zeros(n, np.uint64)
+    s = seed % 2 ** 64
+    k0, k1 = s & 0xFFFFFFFF, s >> 32
+    for _ in range(10):
+        pb, pa = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0
+        c0, c2, c1, c3 = ((pb >> np.uint64(32)) ^ c1 ^ np.uint64(k0), (pa >> np.uint64(32)) ^ c3 ^ np.uint64(k1),
+                          pb & M32, pa & M32)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    x = c0.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return torch.from_numpy(((x.astype(np.float32) * np.float32(4.6566127342e-10)) > np.float32(p)).astype(np.float32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(-2 ** 63, 2 ** 63 - 1), start=st.one_of(st.integers(0, 2 ** 34), st.integers(2 ** 32 - 40, 2 ** 32 + 40)),
+       n=st.integers(0, 300), p=st.floats(0.0, 0.99))
+def test_keep_mask_matches_philox_formula(ext_ops, seed, start, n, p):
+    """The extension's keep flags (8 offsets per Philox evaluation with AVX2, scalar tails) equal the formula
+    lane for lane: any int64 seed, offsets wrapping past 2^32 inside a block, lengths that are not multiples of
+    8 (the kernels draw their rows in blocks, so every row length and offset reaches this path)."""
+    got = ext_ops.dropout_keep_mask(seed, n, p, start)
+    assert torch.equal(got, _philox_keep(seed, start, n, p))
 
 
 @pytest.mark.parametrize("direction,mask_padding", [("causal", False), ("bi", True)])

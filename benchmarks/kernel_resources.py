@@ -51,8 +51,9 @@ def _desc(a):
 
 def record(steps: Callable[[], None], run: bool = True) -> List[dict]:
     """The distinct launches ({kernel module, name, grid, argument descriptors}) made while ``steps`` runs.
-    ``run=False`` records without launching (outputs stay uninitialised: for real shapes, where the interpreter
-    would take minutes); distinct = same kernel, argument descriptors and grid rank; the first grid is kept."""
+    ``run=False`` records without launching (for real shapes, where the interpreter would take minutes): float
+    outputs stay uninitialised, integer tensors are zeroed (valid indices); distinct = same kernel, argument
+    descriptors and grid rank; the first grid is kept."""
     from seqpe_kernels.ops import launch
 
     seen: Dict[str, dict] = {}
@@ -63,7 +64,12 @@ def record(steps: Callable[[], None], run: bool = True) -> List[dict]:
         d = {"module": fn.__module__, "name": fn.__name__, "grid": [1] * len(grid),
              "args": [_desc(a) for a in args], "kwargs": {k: _desc(v) for k, v in kwargs.items()}}
         seen.setdefault(json.dumps(d, sort_keys=True), dict(d, real_grid=[int(g) for g in grid]))
-        return orig(self, grid, args, kwargs) if run else None
+        if run:
+            return orig(self, grid, args, kwargs)
+        for a in (*args, *kwargs.values()):  # integer outputs (row ids) are read as indices later: make them 0
+            if isinstance(a, torch.Tensor) and not a.is_floating_point():
+                a.zero_()
+        return None
 
     launch.DirectKernel.launch = rec
     try:

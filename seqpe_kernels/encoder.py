@@ -99,8 +99,9 @@ class Prims:
     gradient)."""
 
     def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd,
-                 gather=None, gather_bwd=None):
+                 gather=None, gather_bwd=None, embed_rows: bool = False):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
+        self.embed_rows = embed_rows  # embed_fwd(..., with_rows=True) also returns layer 0's table rows
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
@@ -152,7 +153,7 @@ def triton_prims() -> Prims:
 
         _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
                              residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
-                             gelu_forward, gelu_backward, gather_bwd=gather_bwd))
+                             gelu_forward, gelu_backward, gather_bwd=gather_bwd, embed_rows=True))
     return _TRITON[0]
 
 
@@ -220,8 +221,12 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
     tok, pos, dim, cls = params[0], params[1], params[2], params[3]
     S = {}
 
-    h = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K).view(R, D)
-    rows = table_rows(x, plan.from_positions, L, K, plan.base, clamp_rows)
+    if P.embed_rows:  # the embedding kernel computes the digits anyway: it writes the table rows too
+        h, rows = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K, with_rows=True)
+        h = h.view(R, D)
+    else:
+        h = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K).view(R, D)
+        rows = table_rows(x, plan.from_positions, L, K, plan.base, clamp_rows)
     tab = embedding_table(tok, pos, dim, cls, L, K, plan.data_dim)
     _, a_tab, mt, rt = P.rln_fwd(tab, None, params[4], params[5], plan.eps1[0], 0.0, None, 0, code)
     if save:

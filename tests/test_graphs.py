@@ -824,3 +824,23 @@ def test_dropout_draws_are_those_of_the_eager_module():
         assert rel(yg, ye) <= 1e-5, f"step {step}: output rel err {rel(yg, ye):.3e} (seed {s})"
         for (n, p), want in zip(fus.named_parameters(), ge):
             assert rel(p.grad, want) <= 1e-5, f"step {step} grad {n}: {rel(p.grad, want):.3e} (seed {s})"
+
+
+@pytest.mark.gpu
+def test_power_table_first_made_inside_a_capture_is_not_kept():
+    """The digit kernels' power table is cached per (K, base, device), but one first made during a capture lives
+    in that graph's private pool (reused once the graph is freed): it must not enter the cache."""
+    from seqpe_kernels.ops import digit_embed as de
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    key = (3, 7, dev)
+    de._POW.pop(key, None)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        t = de._pow_table(3, 7, dev)
+    g.replay()
+    torch.cuda.synchronize()
+    assert key not in de._POW and t.tolist() == [49, 7, 1]
+    t2 = de._pow_table(3, 7, dev)
+    assert de._POW[key] is t2 and t2.tolist() == [49, 7, 1]
+    del g

@@ -42,3 +42,38 @@ def test_empty_and_shape_errors():
     assert out.shape == (31, 7) and not out.any()
     with pytest.raises(ValueError, match="do not describe"):
         table_grad(torch.zeros(2, 4, 7, device=DEV), torch.zeros(2, 3, dtype=torch.long, device=DEV), 31, 3)
+
+
+@settings(max_examples=30, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(0, 40), K=st.integers(1, 4), base=st.integers(2, 12), d=st.integers(1, 3),
+       from_positions=st.booleans(), D=st.sampled_from([1, 8, 40]), transposed=st.booleans(),
+       invalid=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_embedding_kernel_writes_the_table_rows(M, K, base, d, from_positions, D, transposed, invalid, seed):
+    """The Triton encoder takes layer 0's table rows from the digit-embedding launch (with_rows) instead of
+    table_rows' ~10 small ops: the same rows for every valid input (positions or digit ids, any strides), and
+    rows in bounds for invalid ones (check_range=False; those sequences' embeddings are NaN)."""
+    from seqpe_kernels.ops.digit_embed import digit_embed_forward
+
+    gen = torch.Generator().manual_seed(seed)
+    L = K * d
+    if from_positions:
+        lo, hi = (-3, base ** K + 3) if invalid else (0, base ** K)
+        x = torch.randint(lo, hi, (d, M) if transposed else (M, d), generator=gen)
+    else:
+        lo, hi = (-2, base + 2) if invalid else (0, base)
+        x = torch.randint(lo, hi, (L, M) if transposed else (M, L), generator=gen)
+    x = (x.t() if transposed else x).to(DEV)
+    tok, pos, cls = (torch.randn(n, D, generator=gen).to(DEV) for n in (base, L, 1))
+    dim = torch.randn(d, 1, D, generator=gen).to(DEV) if d > 1 else None
+    h, rows = digit_embed_forward(x, tok, pos, dim, cls.view(1, 1, D), from_positions, K, with_rows=True)
+    h_plain = digit_embed_forward(x, tok, pos, dim, cls.view(1, 1, D), from_positions, K)
+    torch.testing.assert_close(h, h_plain, rtol=0, atol=0, equal_nan=True)
+    assert rows.shape == (M, L + 1) and rows.dtype == torch.int64
+    ref = table_rows(x, from_positions, L, K, base, invalid)
+    if from_positions:
+        ok = ((x >= 0) & (x < base ** K)).all(1)
+    else:
+        ok = ((x >= 0) & (x < base)).all(1)
+    assert torch.equal(rows[ok], ref[ok])
+    assert ((rows >= 0) & (rows <= base * L)).all()
+    assert torch.isnan(h[~ok]).all() and not torch.isnan(h[ok]).any()

@@ -42,8 +42,9 @@ def _digits(X, POW, m, sxm, sxc, j, L, K: tl.constexpr, BASE: tl.constexpr, FROM
 
 @direct
 @triton.jit
-def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, sxc, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
-               TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr):
+def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, ROWS, sxm, sxc, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
+               TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr,
+               WRITE_ROWS: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     cm = cols < D
@@ -63,6 +64,9 @@ def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, sxm, sxc, L, T, D, K: tl.constex
     cls = tl.load(CLS + cols, mask=cm, other=0.0)
     cls = tl.where(bad, float("nan"), cls)
     tl.store(base + L * D + cols, cls, mask=cm)
+    if WRITE_ROWS:  # the (digit, slot) table rows of the sequence, for layer 0 (encoder.table_rows' values)
+        if tl.program_id(1) == 0:
+            tl.store(ROWS + m * T + j, tl.where(jm, dig * L + j, BASE * L), mask=j < T)
 
 
 @direct
@@ -90,31 +94,47 @@ def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, sxc, M, L, T, D, seqs_per_pro
     tl.store(POS_PART + pid * TP * D + j[:, None] * D + cols[None, :], acc_pos, mask=cm[None, :])
 
 
+_POW: dict = {}
+
+
 def _pow_table(K: int, base: int, device) -> torch.Tensor:
-    # computed on the device (no host-to-device copy, so the op can be captured in a CUDA graph)
-    return torch.pow(base, torch.arange(K - 1, -1, -1, dtype=torch.int64, device=device))
+    """[K] int64: base**(K-1) .. base**0 on ``device``, made once per (K, base, device) (two launches per call
+    otherwise). Computed on the device (no host-to-device copy, so a call can be captured in a CUDA graph),
+    and never kept when first made inside a capture (its memory would belong to the graph's pool)."""
+    key = (K, base, device)
+    t = _POW.get(key)
+    if t is None:
+        t = torch.pow(base, torch.arange(K - 1, -1, -1, dtype=torch.int64, device=device))
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _POW[key] = t
+    return t
 
 
 def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, dim: Optional[torch.Tensor],
-                        cls: torch.Tensor, from_positions: bool, max_digits: int) -> torch.Tensor:
-    """x: positions [M, d] (from_positions) or digit ids [M, L]. Returns h0 [M, L+1, D] in the table dtype."""
+                        cls: torch.Tensor, from_positions: bool, max_digits: int, with_rows: bool = False):
+    """x: positions [M, d] (from_positions) or digit ids [M, L]. Returns h0 [M, L+1, D] in the table dtype;
+    ``with_rows``: (h0, rows) with rows [M, L+1] int64 = digit * L + slot, base * L for CLS (the encoder's
+    layer-0 table rows, written by the same launch instead of ~10 small ops). A sequence with an invalid input
+    (check_range=False) gets digit 0 there, in bounds; its h0 is NaN."""
     M = x.shape[0]
     base, D = tok.shape
     L = pos.shape[0]
     T = L + 1
     out = tok.new_empty((M, T, D))
+    rows = torch.empty((M, T), dtype=torch.int64, device=x.device) if with_rows else None
     if M == 0:
-        return out
+        return (out, rows) if with_rows else out
     K = max_digits
     TP = next_pow2(T)
     BD = min(256, next_pow2(D))
     powt = _pow_table(K, base, x.device)
     dimt = dim.reshape(-1, D) if dim is not None else tok
-    _embed_fwd[(M, triton.cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out, x.stride(0),
+    _embed_fwd[(M, triton.cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out,
+                                         rows if with_rows else out, x.stride(0),
                                          x.stride(1) if x.dim() == 2 else 1, L, T, D,
                                          K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
-                                         HAS_DIM=dim is not None, num_warps=4)
-    return out
+                                         HAS_DIM=dim is not None, WRITE_ROWS=with_rows, num_warps=4)
+    return (out, rows) if with_rows else out
 
 
 def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool, max_digits: int, base: int,

@@ -99,9 +99,11 @@ class Prims:
     gradient)."""
 
     def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd,
-                 gather=None, gather_bwd=None, embed_rows: bool = False):
+                 gather=None, gather_bwd=None, embed_rows: bool = False, attn_rows: bool = False):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
         self.embed_rows = embed_rows  # embed_fwd(..., with_rows=True) also returns layer 0's table rows
+        # attn_fwd / attn_bwd(..., rows=rows) read layer 0's q/k/v from the table by row index (no gather)
+        self.attn_rows = attn_rows
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
@@ -153,7 +155,8 @@ def triton_prims() -> Prims:
 
         _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
                              residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
-                             gelu_forward, gelu_backward, gather_bwd=gather_bwd, embed_rows=True))
+                             gelu_forward, gelu_backward, gather_bwd=gather_bwd, embed_rows=True,
+                             attn_rows=True))
     return _TRITON[0]
 
 
@@ -241,11 +244,13 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
         if save:
             S.update({f"Wa{i}": Wa, f"Wo{i}": Wo, f"Wf{i}": Wf, f"Wp{i}": Wp})
         if not last:
-            if i == 0:
-                qkv = P.gather(torch.addmm(ba, a_tab, Wa), rows)
+            if i == 0 and P.attn_rows:  # the [base*L+1, 3D] table itself: attention reads its rows by index
+                qkv = torch.addmm(ba, a_tab, Wa)
+                o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i, rows=rows)
             else:
-                qkv = torch.addmm(ba, a, Wa).view(M, T, 3 * D)
-            o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i)
+                qkv = P.gather(torch.addmm(ba, a_tab, Wa), rows) if i == 0 else torch.addmm(ba, a, Wa).view(
+                    M, T, 3 * D)
+                o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i)
             y = torch.addmm(bo, o.view(R, D), Wo)
             hb, a2, m1, r1 = P.rln_fwd(h, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)
             z = torch.addmm(bf, a2, Wf)
@@ -258,13 +263,18 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
                           f"z{i}": z, f"u{i}": u, f"hm{i}": h, f"m2_{i}": m2, f"r2_{i}": r2, f"a{i}": a})
             continue
         # last block: CLS query only, every row's K/V
+        kv_rows = rows if i == 0 and P.attn_rows else None  # k/v read from the [base*L+1, 2D] table by index
         if i == 0:
-            kv = P.gather(torch.addmm(ba[D:], a_tab, Wa[:, D:]), rows)
+            kv = torch.addmm(ba[D:], a_tab, Wa[:, D:])
+            kv = kv if kv_rows is not None else P.gather(kv, rows)
             q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
         else:
             kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)
             q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
-        o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i)
+        if kv_rows is not None:
+            o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i, rows=kv_rows)
+        else:
+            o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i)
         y = torch.addmm(bo, o.view(M, D), Wo)
         h_cls = h.view(M, T, D)[:, T - 1].contiguous()
         h2, a2, m1, r1 = P.rln_fwd(h_cls, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)
@@ -338,8 +348,9 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     do = dyat.mm(Wo.t())
     if needs[o0 + 4]:
         put(o0 + 4, S["o_last"].view(M, D).t().mm(dyat))
+    indexed = {"rows": rows} if i == 0 and P.attn_rows else {}  # layer 0's k/v (and q) read from the table
     dq, dkv = P.attn_bwd(do.view(M, 1, D), S["q"], S["kv"], pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att,
-                         seeds, 3 * i)
+                         seeds, 3 * i, **indexed)
     dh = torch.zeros((R, D), dtype=dhc.dtype, device=dhc.device)
     dh.view(M, T, D)[:, T - 1] = dhc
     Wa = S[f"Wa{i}"]
@@ -384,8 +395,9 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         do = dyat.mm(Wo.t())
         if needs[o0 + 4]:
             put(o0 + 4, S[f"o{i}"].view(R, D).t().mm(dyat))
+        indexed = {"rows": rows} if i == 0 and P.attn_rows else {}
         dqkv, _ = P.attn_bwd(do.view(M, T, D), S[f"qkv{i}"], None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att,
-                             seeds, 3 * i)
+                             seeds, 3 * i, **indexed)
         Wa = S[f"Wa{i}"]
         if i == 0:
             dtab_out = P.gather_bwd(dqkv, rows, nrows)

@@ -77,3 +77,55 @@ def test_embedding_kernel_writes_the_table_rows(M, K, base, d, from_positions, D
     assert torch.equal(rows[ok], ref[ok])
     assert ((rows >= 0) & (rows <= base * L)).all()
     assert torch.isnan(h[~ok]).all() and not torch.isnan(h[ok]).any()
+
+
+@settings(max_examples=25, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(0, 9), K=st.integers(1, 3), base=st.integers(2, 10), H=st.sampled_from([1, 2, 3]),
+       DH=st.sampled_from([4, 5, 8]), cls_only=st.booleans(), causal=st.booleans(), padded=st.booleans(),
+       p=st.sampled_from([0.0, 0.3]), dt=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_attention_reads_layer0_table_by_index(M, K, base, H, DH, cls_only, causal, padded, p, dt, seed):
+    """Layer 0's attention with q/k/v read from the (digit, slot) table by row index (rows=) gives exactly what
+    it gives on the gathered [M, T, *] operands: the output, and per-token gradients of the same shapes (the
+    full block's q/k/v and the CLS-only block's k/v; its q is a broadcast row either way)."""
+    import torch.nn.functional as F
+
+    from seqpe_kernels.ops.attention import tiny_attention_backward, tiny_attention_forward
+
+    gen = torch.Generator().manual_seed(seed)
+    L, D = K, H * DH
+    T, n = L + 1, base * K + 1
+    rows = table_rows(torch.randint(0, base ** K, (M, 1), generator=gen).to(DEV), True, L, K, base, False)
+    pad = (torch.rand(M, T - 1, generator=gen) > 0.3).float().to(DEV) if padded else None
+    seeds = torch.randint(0, 2 ** 31 - 1, (3,), generator=gen).to(DEV)
+    sdiv = DH ** 0.5
+    tab = torch.randn(n, (2 if cls_only else 3) * D, generator=gen).to(DEV, dt)
+    gathered = F.embedding(rows, tab)
+    q = torch.randn(1, 1, D, generator=gen).to(DEV, dt).expand(M, 1, D) if cls_only else None
+    args_i = (q, tab) if cls_only else (tab, None)
+    args_g = (q, gathered) if cls_only else (gathered, None)
+    q_start, TQ = (T - 1, 1) if cls_only else (0, T)
+    common = (pad, H, causal, q_start, sdiv, p, seeds, 1)
+    out_i = tiny_attention_forward(*args_i, *common, rows=rows)
+    out_g = tiny_attention_forward(*args_g, *common)
+    assert out_i.shape == (M, TQ, D) and torch.equal(out_i, out_g)
+    dout = torch.randn(M, TQ, D, generator=gen).to(DEV, dt)
+    gi = tiny_attention_backward(dout, *args_i, *common, rows=rows)
+    gg = tiny_attention_backward(dout, *args_g, *common)
+    for a, b in zip(gi, gg):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_indexed_attention_rejects_bad_operands():
+    from seqpe_kernels.ops.attention import tiny_attention_forward
+
+    rows = table_rows(torch.tensor([[5], [17]], device=DEV), True, 2, 2, 10, False)
+    tab = torch.randn(21, 3 * 8, device=DEV)
+    with pytest.raises(ValueError, match="rows must be a contiguous int64"):
+        tiny_attention_forward(tab, None, None, 2, True, 0, 2.0, 0.0, None, 0, rows=rows.int())
+    with pytest.raises(ValueError, match="indexed q must be a"):
+        tiny_attention_forward(tab.view(1, 21, 24), None, None, 2, True, 0, 2.0, 0.0, None, 0, rows=rows)
+    with pytest.raises(ValueError, match="pad_mask must be"):
+        tiny_attention_forward(tab, None, torch.ones(2, 3, device=DEV), 2, True, 0, 2.0, 0.0, None, 0, rows=rows)
+    with pytest.raises(ValueError, match="does not divide"):
+        tiny_attention_forward(tab, None, None, 3, True, 0, 2.0, 0.0, None, 0, rows=rows)

@@ -28,9 +28,11 @@ pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels compile a
 
 def _training_steps():
     torch.manual_seed(0)
+    # num_layers 2: layer 0 is a full block (q/k/v read from the table by index); 1: layer 0 is the CLS-only one
     for cfg, amp in ((dict(data_dim=1, mask_padding=False), False), (dict(data_dim=2, mask_padding=True), True),
-                     (dict(data_dim=1, attn_direction="bi"), True)):
-        ref = sk.SeqPE(32, 2, 3, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.1, **cfg)
+                     (dict(data_dim=1, attn_direction="bi"), True), (dict(data_dim=1, num_layers=1), False)):
+        cfg = {"num_layers": 2, **cfg}
+        ref = sk.SeqPE(32, 2, 3, resid_pdrop=0.1, attn_pdrop=0.1, **cfg)
         fus = sk.FusedSeqPE.from_reference(ref, backend="triton")
         pos = torch.randint(0, 10 ** 3, (5, cfg["data_dim"])).squeeze(-1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -70,6 +72,9 @@ def test_every_launched_kernel_compiles_for_sm90():
     # every kernel the encoder, prefix sharing and the cache launch was seen (a renamed kernel must be added here)
     assert {"_embed_fwd", "_embed_bwd", "_res_ln_fwd", "_res_ln_bwd", "_attn_fwd", "_attn_bwd", "_gelu_fwd",
             "_gelu_bwd_db", "_pfx_fwd", "_pfx_bwd", "_gather_kernel", "_table_grad"} <= names, names
+    attn = {(d["name"], d["kwargs"]["Q_ROWS"]["v"], d["kwargs"]["KV_ROWS"]["v"]) for d in launches
+            if d["name"] in ("_attn_fwd", "_attn_bwd")}
+    assert {(k, q, kv) for k in ("_attn_fwd", "_attn_bwd") for q, kv in ((0, 0), (1, 1), (0, 1))} <= attn, attn
     # the tl.dot attention branch runs on GPUs only (tiles >= 16): add it for one recorded attention launch
     for d in [d for d in launches if d["name"] in ("_attn_fwd", "_attn_bwd")][:2]:
         e = json.loads(json.dumps(d))

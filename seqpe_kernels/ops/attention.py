@@ -53,10 +53,20 @@ def _probs(q, k, PAD, pad_row, iq, jk, T, L, q_start, sdiv, CAUSAL: tl.constexpr
 
 
 @triton.jit
-def _load_qkv(Q, K, V, m, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm, ACC: tl.constexpr):
-    q = tl.load(Q + m * sqm + iq[:, None] * sqt + col[None, :], mask=qm, other=0.0).to(ACC)
-    k = tl.load(K + m * skm + jk[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
-    v = tl.load(V + m * svm + jk[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
+def _load_qkv(Q, K, V, ROWS, m, T, TQ, q_start, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm,
+              Q_ROWS: tl.constexpr, KV_ROWS: tl.constexpr, ACC: tl.constexpr):
+    # token t of sequence m is row t of its [T, W] block, or (indexed: layer 0) row ROWS[m, t] of a table
+    if Q_ROWS:
+        qr = tl.load(ROWS + m * T + q_start + iq, mask=iq < TQ, other=0)
+    else:
+        qr = iq
+    if KV_ROWS:
+        kr = tl.load(ROWS + m * T + jk, mask=jk < T, other=0)
+    else:
+        kr = jk
+    q = tl.load(Q + m * sqm + qr[:, None] * sqt + col[None, :], mask=qm, other=0.0).to(ACC)
+    k = tl.load(K + m * skm + kr[:, None] * skt + col[None, :], mask=kvm, other=0.0).to(ACC)
+    v = tl.load(V + m * svm + kr[:, None] * svt + col[None, :], mask=kvm, other=0.0).to(ACC)
     return q, k, v
 
 
@@ -69,10 +79,10 @@ def _keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p):
 
 @direct
 @triton.jit
-def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H, D,
-              sdiv, p, drop_scale, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
+def _attn_fwd(Q, K, V, ROWS, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H,
+              D, sdiv, p, drop_scale, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr,
-              ACC: tl.constexpr):
+              Q_ROWS: tl.constexpr, KV_ROWS: tl.constexpr, ACC: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     iq = tl.arange(0, TQP)
@@ -82,7 +92,8 @@ def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, sp
     col = h * DH + d
     qm = (iq < TQ)[:, None] & dm[None, :]
     kvm = (jk < T)[:, None] & dm[None, :]
-    q, k, v = _load_qkv(Q, K, V, m, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm, ACC)
+    q, k, v = _load_qkv(Q, K, V, ROWS, m, T, TQ, q_start, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm,
+                        Q_ROWS, KV_ROWS, ACC)
     pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if DROPOUT:
         pr = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p), pr * drop_scale, 0.0)
@@ -95,10 +106,11 @@ def _attn_fwd(Q, K, V, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, sp
 
 @direct
 @triton.jit
-def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm,
+def _attn_bwd(Q, K, V, ROWS, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm,
               dqm, dqt, dkm, dkt, dvm, dvt, T, TQ, L, q_start, H, D, sdiv, p, drop_scale,
               DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+              HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr, Q_ROWS: tl.constexpr,
+              KV_ROWS: tl.constexpr, ACC: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     iq = tl.arange(0, TQP)
@@ -108,7 +120,8 @@ def _attn_bwd(Q, K, V, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt,
     col = h * DH + d
     qm = (iq < TQ)[:, None] & dm[None, :]
     kvm = (jk < T)[:, None] & dm[None, :]
-    q, k, v = _load_qkv(Q, K, V, m, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm, ACC)
+    q, k, v = _load_qkv(Q, K, V, ROWS, m, T, TQ, q_start, sqm, sqt, skm, skt, svm, svt, iq, jk, col, qm, kvm,
+                        Q_ROWS, KV_ROWS, ACC)
     do = tl.load(DO + m * TQ * D + iq[:, None] * D + col[None, :], mask=qm, other=0.0).to(ACC)
     pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if USE_DOT:
@@ -146,17 +159,6 @@ def _views(qkv: torch.Tensor, kv: Optional[torch.Tensor], D: int):
     return qkv, kv[..., :D], kv[..., D:]
 
 
-def _launch_args(q, k, v, pad_mask, num_heads, causal, q_start):
-    M, TQ, D = q.shape
-    T = k.shape[1]
-    DH = D // num_heads
-    TP, TQP, DHP = next_pow2(T), next_pow2(TQ), next_pow2(DH)
-    use_dot = (TP >= 16 and TQP >= 16 and DHP >= 16 and q.dtype != torch.float64
-               and q.device.type == "cuda")
-    L = pad_mask.shape[1] if pad_mask is not None else 0
-    return M, TQ, D, T, DH, TP, TQP, DHP, use_dot, L
-
-
 def _check(q, k, v, pad_mask, num_heads):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3 or t.stride(-1) != 1:
@@ -183,45 +185,93 @@ def _num_warps(TP, TQP, DHP) -> int:
     return 4 if n <= 8192 else 8
 
 
-def tiny_attention_forward(qkv, kv, pad_mask, num_heads: int, causal: bool, q_start: int, scale_div: float,
-                           p: float, seeds, seed_idx: int) -> torch.Tensor:
-    D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
+def _operands(qkv, kv, rows, pad_mask, num_heads, check: bool = True):
+    """(q, k, v, M, TQ, T, strides (sqm, sqt, skm, skt, svm, svt), q_rows, kv_rows). Without ``rows``: strided
+    [M, T, *] views of qkv [M, T, 3D] or q [M, TQ, D] + kv [M, T, 2D]. With ``rows`` [M, T] (layer 0, whose
+    tokens are rows of a (digit, slot) table): qkv is the table [n, 3D] (q, k and v read by index), or q
+    [M, TQ, D] as given with kv the table [n, 2D] (k and v by index) -- no [M, T, 3D] gather."""
+    D = kv.shape[-1] // 2 if kv is not None else qkv.shape[-1] // 3
     q, k, v = _views(qkv, kv, D)
-    _check(q, k, v, pad_mask, num_heads)
-    M, TQ, D, T, DH, TP, TQP, DHP, use_dot, L = _launch_args(q, k, v, pad_mask, num_heads, causal, q_start)
+    if rows is None:
+        if check:
+            _check(q, k, v, pad_mask, num_heads)
+        M, TQ = q.shape[0], q.shape[1]
+        st = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+        return q, k, v, M, TQ, k.shape[1], st, False, False
+    M, T = rows.shape
+    tab_q = kv is None
+    TQ = T if tab_q else q.shape[1]
+    sq = (0, q.stride(0)) if tab_q else (q.stride(0), q.stride(1))
+    st = (*sq, 0, k.stride(0), 0, v.stride(0))
+    if not check:  # the backward of a checked forward
+        return q, k, v, M, TQ, T, st, tab_q, True
+    for name, t in ((("q", q),) if tab_q else ()) + (("k", k), ("v", v)):
+        if t.dim() != 2 or t.stride(-1) != 1:
+            raise ValueError(f"tiny_attention: indexed {name} must be a [rows, D] table with a contiguous last dim")
+    if not tab_q and (q.dim() != 3 or q.stride(-1) != 1):
+        raise ValueError("tiny_attention: q must be [M, TQ, D] with a contiguous last dim")
+    if rows.dtype != torch.int64 or not rows.is_contiguous() or (not tab_q and q.shape[0] != M):
+        raise ValueError("tiny_attention: rows must be a contiguous int64 [M, T] tensor of table rows")
+    if q.shape[-1] % num_heads:
+        raise ValueError(f"tiny_attention: num_heads={num_heads} does not divide width {q.shape[-1]}")
+    if pad_mask is not None and (pad_mask.shape[0] != M or pad_mask.shape[1] != T - 1):
+        raise ValueError("tiny_attention: pad_mask must be [M, T-1] (no entry for the CLS key)")
+    return q, k, v, M, TQ, T, st, tab_q, True
+
+
+def _geometry(q, M, TQ, T, D, num_heads):
+    DH = D // num_heads
+    TP, TQP, DHP = next_pow2(T), next_pow2(TQ), next_pow2(DH)
+    use_dot = (TP >= 16 and TQP >= 16 and DHP >= 16 and q.dtype != torch.float64
+               and q.device.type == "cuda")
+    return DH, TP, TQP, DHP, use_dot
+
+
+def tiny_attention_forward(qkv, kv, pad_mask, num_heads: int, causal: bool, q_start: int, scale_div: float,
+                           p: float, seeds, seed_idx: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[M, TQ, D] attention output. ``rows``: layer 0's table rows (see _operands)."""
+    q, k, v, M, TQ, T, st, q_rows, kv_rows = _operands(qkv, kv, rows, pad_mask, num_heads)
+    D = q.shape[-1]
+    DH, TP, TQP, DHP, use_dot = _geometry(q, M, TQ, T, D, num_heads)
+    L = pad_mask.shape[1] if pad_mask is not None else 0
     out = q.new_empty((M, TQ, D))
     dropout = p > 0.0
     if M > 0:
         pad = pad_mask if pad_mask is not None else q
         _attn_fwd[(M, num_heads)](
-            q, k, v, pad, out, seeds if dropout else q, seed_idx, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), pad.stride(0) if pad_mask is not None else 0, T, TQ, L,
-            q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
-            CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, ACC=acc_dtype(q),
+            q, k, v, rows if rows is not None else q, pad, out, seeds if dropout else q, seed_idx, *st,
+            pad.stride(0) if pad_mask is not None else 0, T, TQ, L, q_start, num_heads, D, scale_div, p,
+            1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP, CAUSAL=causal, HAS_MASK=pad_mask is not None,
+            DROPOUT=dropout, USE_DOT=use_dot, Q_ROWS=q_rows, KV_ROWS=kv_rows, ACC=acc_dtype(q),
             num_warps=_num_warps(TP, TQP, DHP))
     return out
 
 
 def tiny_attention_backward(dout, qkv, kv, pad_mask, num_heads: int, causal: bool, q_start: int,
-                            scale_div: float, p: float, seeds, seed_idx: int):
-    """Returns (d_qkv, d_kv): d_qkv has qkv's shape ([M,T,3D] or [M,TQ,D]); d_kv is empty without kv."""
-    D = kv.shape[2] // 2 if kv is not None else qkv.shape[2] // 3
-    q, k, v = _views(qkv, kv, D)
-    M, TQ, D, T, DH, TP, TQP, DHP, use_dot, L = _launch_args(q, k, v, pad_mask, num_heads, causal, q_start)
+                            scale_div: float, p: float, seeds, seed_idx: int, rows: Optional[torch.Tensor] = None):
+    """Returns (d_qkv, d_kv): d_qkv has qkv's shape ([M,T,3D] or [M,TQ,D]); d_kv is empty without kv. With
+    ``rows`` the gradients are per token, as for the gathered operands: d_qkv [M, T, 3D] for a table qkv, d_kv
+    [M, T, 2D] for a table kv (the table's own gradient is their sum per row: ops/table_grad.py)."""
+    q, k, v, M, TQ, T, st, q_rows, kv_rows = _operands(qkv, kv, rows, pad_mask, num_heads, check=False)
+    D = q.shape[-1]
+    DH, TP, TQP, DHP, use_dot = _geometry(q, M, TQ, T, D, num_heads)
+    L = pad_mask.shape[1] if pad_mask is not None else 0
     dout = dout.contiguous()
-    d_first = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    d_kv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device) if kv is not None else qkv.new_empty((0,))
+    first_shape = (M, T, 3 * D) if q_rows else qkv.shape
+    d_first = torch.empty(first_shape, dtype=qkv.dtype, device=qkv.device)
+    d_kv = (torch.empty((M, T, 2 * D) if kv_rows else kv.shape, dtype=kv.dtype, device=kv.device)
+            if kv is not None else qkv.new_empty((0,)))
     dq, dk, dv = _views(d_first, d_kv if kv is not None else None, D)
     dropout = p > 0.0
     if M > 0:
         pad = pad_mask if pad_mask is not None else q
         _attn_bwd[(M, num_heads)](
-            q, k, v, pad, dout, dq, dk, dv, seeds if dropout else q, seed_idx, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), pad.stride(0) if pad_mask is not None else 0,
+            q, k, v, rows if rows is not None else q, pad, dout, dq, dk, dv, seeds if dropout else q, seed_idx,
+            *st, pad.stride(0) if pad_mask is not None else 0,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T, TQ, L,
             q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
-            CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, ACC=acc_dtype(q),
-            num_warps=_num_warps(TP, TQP, DHP))
+            CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, Q_ROWS=q_rows,
+            KV_ROWS=kv_rows, ACC=acc_dtype(q), num_warps=_num_warps(TP, TQP, DHP))
     return d_first, d_kv
 
 

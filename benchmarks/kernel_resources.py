@@ -203,7 +203,7 @@ def occupancy(u: dict) -> tuple:
 
 
 _SHOWN = ("BLOCK", "BLOCK_D", "BLOCK_C", "BLOCK_R", "BD", "TP", "TQP", "DHP", "DROPOUT", "HAS_LN", "DYB",
-          "CAUSAL", "HAS_MASK", "FROM_POS")
+          "CAUSAL", "HAS_MASK", "FROM_POS", "Q_ROWS", "KV_ROWS", "WRITE_ROWS")
 
 
 def table(launches: List[dict], usage: List[dict]) -> str:

@@ -73,6 +73,7 @@ using GeluFwd = Tensor(const Tensor&);
 using RlnBwdBias = Tensor5(const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
                            const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
 using GeluBwdBias = Tensor2(const Tensor&, const Tensor&);
+using TableRows = Tensor(const Tensor&, int64_t, int64_t, int64_t, bool, bool);
 
 template <typename F>
 c10::TypedOperatorHandle<F> handle(const char* name) {
@@ -90,6 +91,7 @@ struct Kernels {
   // (no separate column reduction over [R, D] / [R, 4D]); the LayerNorm's partials are reduced in one launch
   c10::TypedOperatorHandle<RlnBwdBias> rln_bwd_bias = handle<RlnBwdBias>("seqpe_ext::residual_layernorm_bwd_bias");
   c10::TypedOperatorHandle<GeluBwdBias> gelu_bwd_bias = handle<GeluBwdBias>("seqpe_ext::gelu_new_bwd_bias");
+  c10::TypedOperatorHandle<TableRows> table_rows = handle<TableRows>("seqpe_ext::table_rows");
 };
 
 const Kernels& K() {
@@ -121,44 +123,9 @@ Tensor embedding_table(const Tensor& tok, const Tensor& pos, const Tensor& dim, 
 }
 
 Tensor table_rows(const Tensor& x, const Cfg& c) {
-  const int64_t M = x.size(0);
-  if (x.is_cpu() && x.scalar_type() == at::kLong && x.dim() == 2) {  // one loop instead of ~9 small ops
-    const Tensor xc = x.contiguous();
-    Tensor rows = alloc({M, c.T}, xc.options());
-    const int64_t* px = xc.const_data_ptr<int64_t>();
-    int64_t* pr = rows.data_ptr<int64_t>();
-    const int64_t w = xc.size(1);
-    std::vector<int64_t> pw(c.K);
-    for (int64_t s = c.K - 1, v = 1; s >= 0; --s, v *= c.base) pw[s] = v;
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < c.L; ++j) {
-        int64_t d;
-        if (c.from_positions) {  // floor division and a non-negative remainder, as torch's div/% give
-          const int64_t p = px[m * w + j / c.K], q = pw[j % c.K];
-          int64_t f = p / q;
-          if ((p % q != 0) && (p < 0)) --f;
-          d = f % c.base;
-          if (d < 0) d += c.base;
-        } else {
-          d = px[m * w + j];
-        }
-        if (c.clamp_rows) d = d < 0 ? 0 : (d >= c.base ? c.base - 1 : d);
-        pr[m * c.T + j] = d * c.L + j;
-      }
-      pr[m * c.T + c.L] = c.base * c.L;
-    }
-    return rows;
-  }
-  Tensor digits;
-  if (c.from_positions) {
-    Tensor pows = at::pow(c.base, at::arange(c.K - 1, -1, -1, x.options().dtype(at::kLong)));
-    digits = at::remainder(at::div(x.unsqueeze(-1), pows, "floor"), c.base).reshape({M, c.L});
-  } else {
-    digits = x;
-  }
-  if (c.clamp_rows) digits = digits.clamp(0, c.base - 1);
-  Tensor rows = digits * c.L + at::arange(c.L, x.options().dtype(at::kLong));
-  return at::cat({rows, at::full({M, 1}, c.base * c.L, rows.options())}, 1);
+  // one operator (a loop on CPU, one kernel on CUDA) instead of ~10 ATen ops (pow, div, remainder, clamp, ...)
+  return K().table_rows.call(x.scalar_type() == at::kLong ? x : x.to(at::kLong), c.L, c.K, c.base,
+                             c.from_positions, c.clamp_rows);
 }
 
 bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }

@@ -1068,6 +1068,19 @@ Tensor2 tiny_attention_bwd_cpu(const Tensor& dout_, const Tensor& qkv, const Opt
   return {d_first, d_kv};
 }
 
+Tensor table_rows_cpu(const Tensor& x, int64_t L, int64_t K, int64_t base, bool from_positions, bool clamp) {
+  table_rows_args(x, L, K, base, from_positions);
+  const int64_t M = x.size(0), T = L + 1, sxm = x.stride(0), sxc = x.stride(1);
+  Tensor rows = alloc({M, T}, x.options());
+  const int64_t* px = x.const_data_ptr<int64_t>();
+  int64_t* pr = rows.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < L; ++j) pr[m * T + j] = table_row(px + m * sxm, sxc, j, L, K, base, from_positions, clamp);
+    pr[m * T + L] = base * L;
+  }
+  return rows;
+}
+
 // test hook: the keep-mask (1.0 = kept) of offsets start .. start+n-1, each wrapped to int32 as the kernels'
 // offsets are, i.e. tl.rand(seed, offset) > p
 Tensor dropout_keep_mask_host(int64_t seed, int64_t n, double p, int64_t start) {
@@ -1110,6 +1123,8 @@ TORCH_LIBRARY(seqpe_ext, m) {
         "float scale_div, float p, Tensor? seeds, int seed_idx) -> Tensor");
   m.def("tiny_attention_bwd(Tensor dout, Tensor qkv, Tensor? kv, Tensor? pad_mask, int num_heads, bool causal, "
         "int q_start, float scale_div, float p, Tensor? seeds, int seed_idx) -> (Tensor, Tensor)");
+  // layer 0's (digit, slot) table rows (the C++ encoder's; one launch on CUDA instead of ~10 ATen ops)
+  m.def("table_rows(Tensor x, int L, int K, int base, bool from_positions, bool clamp) -> Tensor");
   // test hook (no tensor arguments: one host kernel, CompositeImplicitAutograd)
   m.def("dropout_keep_mask(int seed, int n, float p, int start=0) -> Tensor", &dropout_keep_mask_host);
 }
@@ -1125,6 +1140,7 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CPU, m) {
   m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cpu);
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cpu);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cpu);
+  m.impl("table_rows", &table_rows_cpu);
 }
 
 }  // namespace seqpe

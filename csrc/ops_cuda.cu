@@ -899,6 +899,29 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
 
 }  // namespace
 
+__global__ void table_rows_kernel(const int64_t* x, int64_t sxm, int64_t sxc, int64_t M, int64_t L, int64_t K,
+                                  int64_t base, bool from_positions, bool clamp, int64_t* rows) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t T = L + 1;
+  if (i >= M * T) return;
+  const int64_t m = i / T, j = i % T;
+  rows[i] = j == L ? base * L : table_row(x + m * sxm, sxc, j, L, K, base, from_positions, clamp);
+}
+
+Tensor table_rows_cuda(const Tensor& x, int64_t L, int64_t K, int64_t base, bool from_positions, bool clamp) {
+  c10::cuda::CUDAGuard guard(x.device());
+  table_rows_args(x, L, K, base, from_positions);
+  const int64_t M = x.size(0), n = M * (L + 1);
+  Tensor rows = at::empty({M, L + 1}, x.options());
+  if (n > 0) {
+    table_rows_kernel<<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+        x.const_data_ptr<int64_t>(), x.stride(0), x.stride(1), M, L, K, base, from_positions, clamp,
+        rows.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return rows;
+}
+
 TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
   m.impl("digit_embed_fwd", &digit_embed_fwd_cuda);
   m.impl("digit_embed_bwd", &digit_embed_bwd_cuda);
@@ -910,6 +933,7 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
   m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cuda);
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cuda);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cuda);
+  m.impl("table_rows", &table_rows_cuda);
 }
 
 }  // namespace seqpe

@@ -79,6 +79,41 @@ inline Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& o) {
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+#if defined(__CUDACC__)
+#define SEQPE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SEQPE_HOST_DEVICE inline
+#endif
+
+// Layer 0's (digit, slot) table row of token j < L of one sequence, whose inputs start at xm (column stride sxc):
+// digit * L + j, with the digit of the position for slot j (floor division and a non-negative remainder, as
+// torch's div / % give) or the digit id itself; clamped to [0, base) when the inputs were not validated. The
+// CLS token's row is base * L. One definition for the CPU loop and the CUDA kernel of seqpe_ext::table_rows.
+SEQPE_HOST_DEVICE int64_t table_row(const int64_t* xm, int64_t sxc, int64_t j, int64_t L, int64_t K, int64_t base,
+                                    bool from_positions, bool clamp) {
+  int64_t d;
+  if (from_positions) {
+    const int64_t p = xm[(j / K) * sxc];
+    int64_t q = 1;
+    for (int64_t s = j % K; s < K - 1; ++s) q *= base;  // base ** (K - 1 - slot)
+    int64_t f = p / q;
+    if ((p % q != 0) && (p < 0)) --f;
+    d = f % base;
+    if (d < 0) d += base;
+  } else {
+    d = xm[j * sxc];
+  }
+  if (clamp) d = d < 0 ? 0 : (d >= base ? base - 1 : d);
+  return d * L + j;
+}
+
+// seqpe_ext::table_rows: [M, L + 1] int64 rows of positions [M, d] / digit ids [M, L] (any strides, int64)
+inline void table_rows_args(const Tensor& x, int64_t L, int64_t K, int64_t base, bool from_positions) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kLong, "seqpe_ext::table_rows: x must be int64 [M, d] / [M, L]");
+  TORCH_CHECK(L >= 1 && K >= 1 && base >= 2 && (from_positions ? x.size(1) * K == L : x.size(1) == L),
+              "seqpe_ext::table_rows: x has ", x.size(1), " columns for L = ", L, ", K = ", K);
+}
+
 // gelu_new_bwd_bias (either device): the checked, contiguous inputs (z, du) and the dz output
 inline std::tuple<Tensor, Tensor, Tensor> gelu_bwd_bias_args(const Tensor& du, const Tensor& z) {
   check_float_dtype(z, "gelu_new_bwd_bias", "z");

@@ -129,3 +129,31 @@ def test_indexed_attention_rejects_bad_operands():
         tiny_attention_forward(tab, None, torch.ones(2, 3, device=DEV), 2, True, 0, 2.0, 0.0, None, 0, rows=rows)
     with pytest.raises(ValueError, match="does not divide"):
         tiny_attention_forward(tab, None, None, 3, True, 0, 2.0, 0.0, None, 0, rows=rows)
+
+
+@settings(max_examples=40, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(0, 30), K=st.integers(1, 5), base=st.integers(2, 16), d=st.integers(1, 3),
+       from_positions=st.booleans(), clamp=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_extension_table_rows_match(M, K, base, d, from_positions, clamp, transposed, seed):
+    """seqpe_ext::table_rows (the C++/CUDA encoder's layer-0 rows: a loop on CPU, one kernel on CUDA, both from
+    csrc/seqpe_ext.h's table_row) equals encoder.table_rows' ATen ops: positions or digit ids, any strides,
+    negative and too-large inputs (clamped when unvalidated, as the encoder passes clamp)."""
+    from conftest import require_ext
+
+    from seqpe_kernels import _ext
+
+    require_ext(torch.device(DEV).type)
+    ops = _ext.load()
+    gen = torch.Generator().manual_seed(seed)
+    L = K * d
+    n_cols = d if from_positions else L
+    if from_positions:
+        lo, hi = (-3 * base ** K, 3 * base ** K) if clamp else (0, base ** K)
+    else:
+        lo, hi = (-3, base + 3) if clamp else (0, base)
+    x = torch.randint(lo, hi, (n_cols, M) if transposed else (M, n_cols), generator=gen)
+    x = (x.t() if transposed else x).to(DEV)
+    got = ops.table_rows(x, L, K, base, from_positions, clamp)
+    assert torch.equal(got, table_rows(x, from_positions, L, K, base, clamp))
+    with pytest.raises(RuntimeError, match="columns for L"):
+        ops.table_rows(x, L + 1, K, base, from_positions, clamp)

@@ -9,7 +9,8 @@
 #          then the GPU tier (pytest -m gpu, -n 4) and `check --backend cuda`; text-default and vits-default with
 #          every provider side by side (CSV + PNG named with the device); the text step's GPU kernel time
 #          (profile_step.py); cuda-graph and compile-cg alone; the
-#          host-time script; the whole-encoder, layout and bias-gradient suites on CUDA. Later steps are skipped
+#          host-time script; the whole-encoder, layout, bias-gradient and layer-0 table suites on CUDA (the
+#          CUDA table_rows / table_grad kernels and indexed attention run there first). Later steps are skipped
 #          when time runs out (logs/summary.txt says which).
 #     bash benchmarks/device_call.sh f "$OUT" 560
 # PHASE e (issue 11 item 2, CUDA graphs; <= 9 min with DEADLINE_S=540, extension built in the
@@ -168,7 +169,7 @@ elif [[ "$PHASE" == f ]]; then
   isolate compile-cg 40
   TAILN=12 step host_time 30 python3 benchmarks/host_time.py --reps 5 --iters 100
   TAILN=8 step encoder_layouts 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 4 \
-      tests/test_encoder.py tests/test_layouts.py tests/test_bias_grads.py
+      tests/test_encoder.py tests/test_layouts.py tests/test_bias_grads.py tests/test_table_grad.py
 fi
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

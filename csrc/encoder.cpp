@@ -74,6 +74,7 @@ using RlnBwdBias = Tensor5(const OptTensor&, const OptTensor&, const Tensor&, co
                            const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
 using GeluBwdBias = Tensor2(const Tensor&, const Tensor&);
 using TableRows = Tensor(const Tensor&, int64_t, int64_t, int64_t, bool, bool);
+using TableGrad = Tensor(const Tensor&, const Tensor&, int64_t, int64_t);
 
 template <typename F>
 c10::TypedOperatorHandle<F> handle(const char* name) {
@@ -92,6 +93,7 @@ struct Kernels {
   c10::TypedOperatorHandle<RlnBwdBias> rln_bwd_bias = handle<RlnBwdBias>("seqpe_ext::residual_layernorm_bwd_bias");
   c10::TypedOperatorHandle<GeluBwdBias> gelu_bwd_bias = handle<GeluBwdBias>("seqpe_ext::gelu_new_bwd_bias");
   c10::TypedOperatorHandle<TableRows> table_rows = handle<TableRows>("seqpe_ext::table_rows");
+  c10::TypedOperatorHandle<TableGrad> table_grad = handle<TableGrad>("seqpe_ext::table_grad");
 };
 
 const Kernels& K() {
@@ -183,6 +185,8 @@ Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
     });
     return out;
   }
+  if (g.is_cuda() && g.dim() == 3)  // one pass over g in its own dtype (ops_cuda.cu table_grad_kernel)
+    return K().table_grad.call(g, rows, n, g.size(1) - 1);
   if (low_precision(g.scalar_type()))
     return at::embedding_dense_backward(g.to(at::kFloat), rows, n, -1, false).to(g.scalar_type());
   return at::embedding_dense_backward(g, rows, n, -1, false);

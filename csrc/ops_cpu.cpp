@@ -1081,6 +1081,26 @@ Tensor table_rows_cpu(const Tensor& x, int64_t L, int64_t K, int64_t base, bool 
   return rows;
 }
 
+// the reference semantics of the CUDA kernel (the C++ encoder keeps its own CPU paths): sums in fp32 (fp64)
+Tensor table_grad_cpu(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L) {
+  table_grad_args(g_, rows_, n_rows, L);
+  const auto gst = g_.scalar_type();
+  const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor g = as_dtype(g_, acc_dt), rows = rows_.contiguous();
+  const int64_t N = rows.numel(), C = g.size(2);
+  Tensor out = at::zeros({n_rows, C}, g.options());
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_table_grad_cpu", [&] {
+    const scalar_t* src = g.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(r[i] >= 0 && r[i] < n_rows, "seqpe_ext::table_grad: row ", r[i], " outside [0, ", n_rows, ")");
+      for (int64_t c = 0; c < C; ++c) dst[r[i] * C + c] += src[i * C + c];
+    }
+  });
+  return cast(out, gst);
+}
+
 // test hook: the keep-mask (1.0 = kept) of offsets start .. start+n-1, each wrapped to int32 as the kernels'
 // offsets are, i.e. tl.rand(seed, offset) > p
 Tensor dropout_keep_mask_host(int64_t seed, int64_t n, double p, int64_t start) {
@@ -1125,6 +1145,8 @@ TORCH_LIBRARY(seqpe_ext, m) {
         "int q_start, float scale_div, float p, Tensor? seeds, int seed_idx) -> (Tensor, Tensor)");
   // layer 0's (digit, slot) table rows (the C++ encoder's; one launch on CUDA instead of ~10 ATen ops)
   m.def("table_rows(Tensor x, int L, int K, int base, bool from_positions, bool clamp) -> Tensor");
+  // its backward: the per-token gradient [M, T, C] summed per table row ([n_rows, C], fp32 / fp64 sums)
+  m.def("table_grad(Tensor g, Tensor rows, int n_rows, int L) -> Tensor");
   // test hook (no tensor arguments: one host kernel, CompositeImplicitAutograd)
   m.def("dropout_keep_mask(int seed, int n, float p, int start=0) -> Tensor", &dropout_keep_mask_host);
 }
@@ -1141,6 +1163,7 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CPU, m) {
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cpu);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cpu);
   m.impl("table_rows", &table_rows_cpu);
+  m.impl("table_grad", &table_grad_cpu);
 }
 
 }  // namespace seqpe

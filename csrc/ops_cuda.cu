@@ -899,6 +899,79 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
 
 }  // namespace
 
+// Layer 0's table gradient (the C++/CUDA encoder's, as ops/table_grad.py for Triton): the per-token gradient
+// g [M, T, C] summed into the rows of the (digit, slot) table, reading g once in its own dtype and summing in
+// acc_t, instead of an fp32 copy of g and embedding_dense_backward's sort. Block (slot t, 128 columns, chunk of
+// sequences): each thread keeps one accumulator per digit of its column in shared memory (its own slots: no
+// synchronisation) and writes every row of its slot for its chunk, zeros included, so each partial is
+// written exactly once; table_grad_sum_kernel adds the chunks in a fixed order (deterministic).
+template <typename acc_t>
+__global__ void table_grad_kernel(const void* g, int gdt, const int64_t* rows, int64_t M, int64_t T, int64_t L,
+                                  int64_t C, int64_t base, int64_t per, int64_t n_rows, acc_t* part) {
+  extern __shared__ unsigned char table_grad_smem[];
+  acc_t* acc = reinterpret_cast<acc_t*>(table_grad_smem) + threadIdx.x;  // acc[b * blockDim.x]: digit b
+  const int64_t t = blockIdx.x, ch = blockIdx.z;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const int64_t nb = t < L ? base : 1;  // the CLS slot has one row
+  for (int64_t b = 0; b < nb; ++b) acc[b * blockDim.x] = acc_t(0);
+  const int64_t m1 = min(M, (ch + 1) * per);
+  for (int64_t m = ch * per; m < m1; ++m) {
+    const int64_t b = t < L ? (rows[m * T + t] - t) / L : 0;
+    if (b >= 0 && b < nb)  // always: rows come from table_rows (in range by construction)
+      acc[b * blockDim.x] += ld<acc_t>(g, gdt, (m * T + t) * C + c);
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t row = t < L ? b * L + t : base * L;
+    part[(ch * n_rows + row) * C + c] = acc[b * blockDim.x];
+  }
+}
+
+template <typename acc_t>
+__global__ void table_grad_sum_kernel(const acc_t* part, int64_t n_chunks, int64_t n, void* out, int odt) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  acc_t s = 0;
+  for (int64_t ch = 0; ch < n_chunks; ++ch) s += part[ch * n + i];
+  st<acc_t>(out, odt, i, s);
+}
+
+Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L) {
+  c10::cuda::CUDAGuard guard(g_.device());
+  const int64_t base = table_grad_args(g_, rows_, n_rows, L);
+  const Tensor g = g_.contiguous(), rows = rows_.contiguous();
+  const int64_t M = g.size(0), T = g.size(1), C = g.size(2);
+  const auto gst = g.scalar_type();
+  const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
+  const int threads = 128;
+  const size_t smem = static_cast<size_t>(base) * threads * (acc_dt == at::kDouble ? 8 : 4);
+  Tensor out = at::empty({n_rows, C}, g.options());
+  if (M == 0 || C == 0) return out.zero_();
+  if (smem > 48 * 1024) {  // a base too large for one accumulator per digit in shared memory: ATen's way
+    Tensor ga = gst == acc_dt ? g : g.to(acc_dt);
+    return at::embedding_dense_backward(ga.view({M * T, C}), rows.view({-1}), n_rows, -1, false).to(gst);
+  }
+  const int64_t col_blocks = cdiv(C, threads);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // ~4 blocks per SM in all: T slots x column blocks x chunks of sequences
+  int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(M, cdiv(4 * sms, T * col_blocks)));
+  const int64_t per = cdiv(M, n_chunks);
+  n_chunks = cdiv(M, per);
+  Tensor part = at::empty({n_chunks, n_rows, C}, g.options().dtype(acc_dt));
+  AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_table_grad_cuda", [&] {
+    const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(col_blocks), static_cast<unsigned>(n_chunks));
+    table_grad_kernel<scalar_t><<<grid, threads, smem, stream()>>>(g.data_ptr(), dcode(gst),
+                                                                   rows.const_data_ptr<int64_t>(), M, T, L, C, base,
+                                                                   per, n_rows, part.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = n_rows * C;
+    table_grad_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+        part.data_ptr<scalar_t>(), n_chunks, n, out.data_ptr(), dcode(gst));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 __global__ void table_rows_kernel(const int64_t* x, int64_t sxm, int64_t sxc, int64_t M, int64_t L, int64_t K,
                                   int64_t base, bool from_positions, bool clamp, int64_t* rows) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -934,6 +1007,7 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
   m.impl("tiny_attention_fwd", &tiny_attention_fwd_cuda);
   m.impl("tiny_attention_bwd", &tiny_attention_bwd_cuda);
   m.impl("table_rows", &table_rows_cuda);
+  m.impl("table_grad", &table_grad_cuda);
 }
 
 }  // namespace seqpe

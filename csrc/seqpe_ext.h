@@ -107,6 +107,18 @@ SEQPE_HOST_DEVICE int64_t table_row(const int64_t* xm, int64_t sxc, int64_t j, i
   return d * L + j;
 }
 
+// seqpe_ext::table_grad (either device): checks g [M, T, C] float, rows [M, T] int64, T = L + 1, n_rows = base *
+// L + 1; returns base
+inline int64_t table_grad_args(const Tensor& g, const Tensor& rows, int64_t n_rows, int64_t L) {
+  check_float_dtype(g, "table_grad", "g");
+  TORCH_CHECK(g.dim() == 3 && rows.dim() == 2 && rows.size(0) == g.size(0) && rows.size(1) == g.size(1) &&
+                  rows.scalar_type() == at::kLong && L >= 1 && g.size(1) == L + 1 && n_rows >= 1 &&
+                  (n_rows - 1) % L == 0,
+              "seqpe_ext::table_grad: g ", g.sizes(), ", rows ", rows.sizes(), " (", rows.scalar_type(), "), n_rows ",
+              n_rows, ", L ", L, " do not describe a (digit, slot) table");
+  return (n_rows - 1) / L;
+}
+
 // seqpe_ext::table_rows: [M, L + 1] int64 rows of positions [M, d] / digit ids [M, L] (any strides, int64)
 inline void table_rows_args(const Tensor& x, int64_t L, int64_t K, int64_t base, bool from_positions) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kLong, "seqpe_ext::table_rows: x must be int64 [M, d] / [M, L]");

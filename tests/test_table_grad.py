@@ -157,3 +157,33 @@ def test_extension_table_rows_match(M, K, base, d, from_positions, clamp, transp
     assert torch.equal(got, table_rows(x, from_positions, L, K, base, clamp))
     with pytest.raises(RuntimeError, match="columns for L"):
         ops.table_rows(x, L + 1, K, base, from_positions, clamp)
+
+
+@settings(max_examples=25, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(0, 70), K=st.integers(1, 3), base=st.sampled_from([2, 10, 16, 60]), d=st.integers(1, 2),
+       C=st.sampled_from([1, 7, 128, 200]), dt=st.sampled_from([torch.float32, torch.float64, torch.bfloat16,
+                                                                  torch.float16]), seed=st.integers(0, 2 ** 31 - 1))
+def test_extension_table_grad_matches_embedding_backward(M, K, base, d, C, dt, seed):
+    """seqpe_ext::table_grad (the C++/CUDA encoder's layer-0 table gradient on CUDA: one pass over g in its own
+    dtype, per-digit accumulators in shared memory, chunks added in order) against embedding_dense_backward in
+    fp64, as the Triton kernel is held above: bases up to 60 (the shared-memory path; larger ones fall back to
+    ATen), column counts crossing its 128-column blocks, sequence counts crossing its chunks, every dtype."""
+    from conftest import require_ext
+
+    from seqpe_kernels import _ext
+
+    require_ext(torch.device(DEV).type)
+    ops = _ext.load()
+    gen = torch.Generator().manual_seed(seed)
+    L = K * d
+    rows = table_rows(torch.randint(0, base ** K, (M, d), generator=gen).to(DEV), True, L, K, base, False)
+    n = base * L + 1
+    g = torch.randn(M, L + 1, C, generator=gen).to(DEV, dt)
+    out = ops.table_grad(g, rows, n, L)
+    ref = torch.ops.aten.embedding_dense_backward(g.double().view(-1, C), rows.view(-1), n, -1, False)
+    assert out.shape == (n, C) and out.dtype == dt
+    scale = torch.ops.aten.embedding_dense_backward(g.double().abs().view(-1, C), rows.view(-1), n, -1,
+                                                    False).max().clamp_min(1e-30)
+    assert ((out.double() - ref).abs().max() / scale).item() <= TOL[dt]
+    with pytest.raises(RuntimeError, match="do not describe a"):
+        ops.table_grad(g, rows, n, L + 1)

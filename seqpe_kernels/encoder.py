@@ -99,11 +99,13 @@ class Prims:
     gradient)."""
 
     def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd,
-                 gather=None, gather_bwd=None, embed_rows: bool = False, attn_rows: bool = False):
+                 gather=None, gather_bwd=None, embed_rows: bool = False, attn_rows: bool = False,
+                 cast_group=None):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
         self.embed_rows = embed_rows  # embed_fwd(..., with_rows=True) also returns layer 0's table rows
         # attn_fwd / attn_bwd(..., rows=rows) read layer 0's q/k/v from the table by row index (no gather)
         self.attn_rows = attn_rows
+        self.cast_group = cast_group  # cast_group(tensors, dtype): several casts in one launch (CUDA)
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
@@ -145,6 +147,7 @@ def triton_runner() -> "PythonRunner":
 def triton_prims() -> Prims:
     if not _TRITON:
         from .ops.attention import tiny_attention_backward, tiny_attention_forward
+        from .ops.cast import cast_group
         from .ops.digit_embed import digit_embed_backward, digit_embed_forward
         from .ops.gelu import gelu_backward, gelu_forward
         from .ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
@@ -156,7 +159,7 @@ def triton_prims() -> Prims:
         _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
                              residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
                              gelu_forward, gelu_backward, gather_bwd=gather_bwd, embed_rows=True,
-                             attn_rows=True))
+                             attn_rows=True, cast_group=cast_group))
     return _TRITON[0]
 
 
@@ -208,9 +211,46 @@ def _cast(t: Optional[torch.Tensor], dt: torch.dtype):
     return t if t is None or t.dtype == dt else t.to(dt)
 
 
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) usable on CUDA (probed on first use)
+
+
+def _wgrad(A: torch.Tensor, B: torch.Tensor, like: Optional[torch.Tensor]) -> torch.Tensor:
+    """A @ B as the gradient of parameter ``like``, in its dtype. For half GEMM inputs and an fp32 parameter on
+    CUDA: one cuBLAS GEMM writing fp32 (``torch.mm(..., out_dtype=torch.float32)``) instead of a half result and a
+    cast kernel per weight (~14 launches per text step), and the fp32 accumulator is not rounded to half first.
+    Elsewhere, or where this torch has no such GEMM: mm, then the cast (``_to``)."""
+    dt = like.dtype if like is not None else A.dtype
+    if (dt == torch.float32 and A.dtype in (torch.bfloat16, torch.float16) and A.is_cuda and _MM_OUT_DTYPE[0]):
+        try:
+            return torch.mm(A, B, out_dtype=dt)
+        except (TypeError, RuntimeError, NotImplementedError):  # no such overload / dtype here: cast as before
+            _MM_OUT_DTYPE[0] = False
+    return _to(A.mm(B), like)
+
+
+def _bsum(t: torch.Tensor, like: Optional[torch.Tensor]) -> torch.Tensor:
+    """Column sums of t [R, C] as a bias gradient in ``like``'s dtype, accumulated and written in it (one reduction,
+    no half result to cast)."""
+    dt = like.dtype if like is not None else t.dtype
+    return t.sum(0, dtype=dt) if dt != t.dtype and dt.is_floating_point else t.sum(0)
+
+
 def _to(g: Optional[torch.Tensor], like: Optional[torch.Tensor]):
     """A gradient in its parameter's dtype (the backward of autocast's cast)."""
     return g if g is None or like is None or g.dtype == like.dtype else g.to(like.dtype)
+
+
+def _gemm_params(P: "Prims", plan: Plan, params, cuda: bool) -> dict:
+    """{parameter index: tensor in the compute dtype} for every GEMM weight and bias, each cast once per call
+    (as autocast casts them); on CUDA with the Triton prims, up to eight per launch (ops/cast.py)."""
+    fo = 4 + 12 * plan.nl
+    idx = [o0 + j for o0 in range(4, fo, 12) for j in (2, 3, 4, 5, 8, 9, 10, 11)] + [fo + 2, fo + 3]
+    ts = [params[j] for j in idx]
+    if cuda and P.cast_group is not None and any(t.dtype != plan.cdt for t in ts):
+        ts = P.cast_group(ts, plan.cdt)
+    else:
+        ts = [_cast(t, plan.cdt) for t in ts]
+    return dict(zip(idx, ts))
 
 
 # ------------------------------------------------------------------------------------------- forward
@@ -223,6 +263,7 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
     R = M * T
     tok, pos, dim, cls = params[0], params[1], params[2], params[3]
     S = {}
+    W = _gemm_params(P, plan, params, x.is_cuda)
 
     if P.embed_rows:  # the embedding kernel computes the digits anyway: it writes the table rows too
         h, rows = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K, with_rows=True)
@@ -237,8 +278,8 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
     a = None  # LN1 output of the current layer (layers >= 1)
     for i in range(nl):
         o0 = 4 + 12 * i
-        Wa, ba, Wo, bo = (_cast(t, cdt) for t in params[o0 + 2:o0 + 6])
-        Wf, bf, Wp, bp = (_cast(t, cdt) for t in params[o0 + 8:o0 + 12])
+        Wa, ba, Wo, bo = (W[j] for j in range(o0 + 2, o0 + 6))
+        Wf, bf, Wp, bp = (W[j] for j in range(o0 + 8, o0 + 12))
         ln2w, ln2b = params[o0 + 6], params[o0 + 7]
         last = i == nl - 1
         if save:
@@ -288,7 +329,7 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
         else:
             h3, _, m2, r2 = P.rln_fwd(h2, y, None, None, 0.0, plan.p_res, seeds, 3 * i + 2, code)
             fin = h3
-        Wout, bout = _cast(params[fo + 2], cdt), _cast(params[fo + 3], cdt)
+        Wout, bout = W[fo + 2], W[fo + 3]
         fin_c = _cast(fin, cdt)
         out = torch.addmm(bout, fin_c, Wout.t())
         if plan.inv_tau != 1.0:
@@ -324,9 +365,9 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     fo = 4 + 12 * nl
     dfin = g.mm(S["Wout"])
     if needs[fo + 2]:
-        put(fo + 2, g.t().mm(S["fin"]))
+        put(fo + 2, _wgrad(g.t(), S["fin"], params[fo + 2]))
     if needs[fo + 3]:
-        put(fo + 3, g.sum(0))
+        put(fo + 3, _bsum(g, params[fo + 3]))
     i = nl - 1
     o0 = 4 + 12 * i
     if plan.epsf >= 0:
@@ -338,7 +379,8 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         dh2, dy, _, _, dbp = P.rln_bwd(None, _to(dfin, S["h3"]), S["h3"], None, S["m2_last"], S["r2_last"],
                                        plan.p_res, seeds, 3 * i + 2, True, yc, True)
     put(o0 + 11, dbp)
-    da2 = _mlp_bwd(P, dy, S["a2_last"], S["z_last"], S["u_last"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs)
+    da2 = _mlp_bwd(P, dy, S["a2_last"], S["z_last"], S["u_last"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs,
+                   params)
     dhc, dyat, dw2, db2, dbo = P.rln_bwd(da2, dh2, S["h2"], params[o0 + 6], S["m1_last"], S["r1_last"],
                                          plan.p_res, seeds, 3 * i + 1, True, yc, True)
     put(o0 + 6, dw2)
@@ -347,7 +389,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     Wo = S[f"Wo{i}"]
     do = dyat.mm(Wo.t())
     if needs[o0 + 4]:
-        put(o0 + 4, S["o_last"].view(M, D).t().mm(dyat))
+        put(o0 + 4, _wgrad(S["o_last"].view(M, D).t(), dyat, params[o0 + 4]))
     indexed = {"rows": rows} if i == 0 and P.attn_rows else {}  # layer 0's k/v (and q) read from the table
     dq, dkv = P.attn_bwd(do.view(M, 1, D), S["q"], S["kv"], pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att,
                          seeds, 3 * i, **indexed)
@@ -363,9 +405,10 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         d_a_tab = dtab_kv.mm(Wa[:, D:].t())
         d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
         if need_W:
-            put(o0 + 2, torch.cat([a_tab[-1:].t().mm(dq_row), a_tab.t().mm(dtab_kv)], 1))
+            put(o0 + 2, torch.cat([_wgrad(a_tab[-1:].t(), dq_row, params[o0 + 2]),
+                                   _wgrad(a_tab.t(), dtab_kv, params[o0 + 2])], 1))
         if need_b:
-            put(o0 + 3, torch.cat([dq_row.sum(0), dtab_kv.sum(0)]))
+            put(o0 + 3, torch.cat([_bsum(dq_row, params[o0 + 3]), _bsum(dtab_kv, params[o0 + 3])]))
         da = None
     else:
         a = S[f"a{i - 1}"]
@@ -374,9 +417,10 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         da = dkv2.mm(Wa[:, D:].t())
         da.view(M, T, D)[:, T - 1] += dq2.mm(Wa[:, :D].t())
         if need_W:
-            put(o0 + 2, torch.cat([a.view(M, T, D)[:, T - 1].t().mm(dq2), a.t().mm(dkv2)], 1))
+            put(o0 + 2, torch.cat([_wgrad(a.view(M, T, D)[:, T - 1].t(), dq2, params[o0 + 2]),
+                                   _wgrad(a.t(), dkv2, params[o0 + 2])], 1))
         if need_b:
-            put(o0 + 3, torch.cat([dq2.sum(0), dkv2.sum(0)]))
+            put(o0 + 3, torch.cat([_bsum(dq2, params[o0 + 3]), _bsum(dkv2, params[o0 + 3])]))
 
     for i in range(nl - 2, -1, -1):  # full blocks, last to first
         o0 = 4 + 12 * i
@@ -385,7 +429,8 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         put(o0 + 12, dwn)
         put(o0 + 13, dbn)
         put(o0 + 11, dbp)
-        da2 = _mlp_bwd(P, dy, S[f"a2_{i}"], S[f"z{i}"], S[f"u{i}"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs)
+        da2 = _mlp_bwd(P, dy, S[f"a2_{i}"], S[f"z{i}"], S[f"u{i}"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs,
+                       params)
         dh, dyat, dw2, db2, dbo = P.rln_bwd(da2, dh1, S[f"hb{i}"], params[o0 + 6], S[f"m1_{i}"], S[f"r1_{i}"],
                                             plan.p_res, seeds, 3 * i + 1, True, yc, True)
         put(o0 + 6, dw2)
@@ -394,7 +439,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         Wo = S[f"Wo{i}"]
         do = dyat.mm(Wo.t())
         if needs[o0 + 4]:
-            put(o0 + 4, S[f"o{i}"].view(R, D).t().mm(dyat))
+            put(o0 + 4, _wgrad(S[f"o{i}"].view(R, D).t(), dyat, params[o0 + 4]))
         indexed = {"rows": rows} if i == 0 and P.attn_rows else {}
         dqkv, _ = P.attn_bwd(do.view(M, T, D), S[f"qkv{i}"], None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att,
                              seeds, 3 * i, **indexed)
@@ -402,15 +447,15 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         if i == 0:
             dtab_out = P.gather_bwd(dqkv, rows, nrows)
             d_a_tab = dtab_out.mm(Wa.t())
-            put(o0 + 2, S["a_tab"].t().mm(dtab_out) if needs[o0 + 2] else None)
-            put(o0 + 3, dtab_out.sum(0) if needs[o0 + 3] else None)
+            put(o0 + 2, _wgrad(S["a_tab"].t(), dtab_out, params[o0 + 2]) if needs[o0 + 2] else None)
+            put(o0 + 3, _bsum(dtab_out, params[o0 + 3]) if needs[o0 + 3] else None)
             da = None
         else:
             dq2 = dqkv.view(R, 3 * D)
             a = S[f"a{i - 1}"]
             da = dq2.mm(Wa.t())
-            put(o0 + 2, a.t().mm(dq2) if needs[o0 + 2] else None)
-            put(o0 + 3, dq2.sum(0) if needs[o0 + 3] else None)
+            put(o0 + 2, _wgrad(a.t(), dq2, params[o0 + 2]) if needs[o0 + 2] else None)
+            put(o0 + 3, _bsum(dq2, params[o0 + 3]) if needs[o0 + 3] else None)
 
     # layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
     dtab, _, dw1, db1, _ = P.rln_bwd(d_a_tab, None, S["tab"], params[4], S["mt"], S["rt"], 0.0, None, 0, False, 0,
@@ -427,16 +472,16 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     return grads
 
 
-def _mlp_bwd(P, dy, a2, z, u, Wf, Wp, o0, put, needs):
+def _mlp_bwd(P, dy, a2, z, u, Wf, Wp, o0, put, needs, params):
     """y = addmm(bp, gelu(addmm(bf, a2, Wf)), Wp): returns d a2, puts three parameter gradients (bp's came out of
     the LayerNorm backward that produced dy); bf's comes out of the gelu backward's pass."""
     du = dy.mm(Wp.t())
     if needs[o0 + 10]:
-        put(o0 + 10, u.t().mm(dy))
+        put(o0 + 10, _wgrad(u.t(), dy, params[o0 + 10]))
     dz, dbf = P.gelu_bwd(du, z, True)
     put(o0 + 9, dbf)
     if needs[o0 + 8]:
-        put(o0 + 8, a2.t().mm(dz))
+        put(o0 + 8, _wgrad(a2.t(), dz, params[o0 + 8]))
     return dz.mm(Wf.t())
 
 

@@ -206,3 +206,26 @@ def test_launches_per_training_step(backend):
         assert ops >= 150, ops
         return
     assert ops <= max_ops and triton <= max_triton, f"{backend}: {ops} ATen/extension ops, {triton} Triton launches"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_weight_gradient_gemm_writes_fp32(dt):
+    """Half GEMM inputs, fp32 parameter: the weight gradient comes out of one GEMM in fp32 (torch.mm out_dtype),
+    not a half result plus a cast; it is the fp32-accumulated product, not rounded to half. Where this torch has no
+    such GEMM the fallback (mm + cast) runs; the test says which."""
+    from seqpe_kernels import encoder as E
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    A = torch.randn(96, 1536, device="cuda", generator=g).to(dt)
+    B = torch.randn(1536, 80, device="cuda", generator=g).to(dt)
+    like = torch.empty(96, 80, device="cuda")
+    out = E._wgrad(A, B, like)
+    assert out.dtype == torch.float32 and out.shape == (96, 80)
+    ref = A.double() @ B.double()
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    print(f"fp32-output GEMM used: {E._MM_OUT_DTYPE[0]}; rel err {err:.2e}")
+    # fp32 accumulation over K = 1536 of exact half products; a half-rounded output would be ~2^-8 / 2^-11 off
+    assert err <= (1e-5 if E._MM_OUT_DTYPE[0] else 2 ** -7)
+    b = E._bsum(A, like[0])
+    assert b.dtype == torch.float32 and torch.allclose(b.double(), A.double().sum(0), rtol=1e-5, atol=1e-3)

@@ -23,8 +23,10 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -271,6 +273,25 @@ Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias
   return C;
 }
 
+// A^T @ B as the gradient of a weight of dtype pt. On CUDA, half inputs and an fp32 weight: one cuBLAS GEMM that
+// writes fp32 (at::mm(..., out_dtype), torch >= 2.8) instead of a half result plus a cast kernel per weight, and
+// the fp32 accumulator is not rounded to half first; if that GEMM is refused, mm + cast from then on.
+Tensor wgrad_mm(const Tensor& A, const Tensor& B, at::ScalarType pt) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  static std::atomic<bool> usable{true};
+  if (A.is_cuda() && pt == at::kFloat && low_precision(A.scalar_type()) && B.scalar_type() == A.scalar_type() &&
+      usable.load(std::memory_order_relaxed)) {
+    try {
+      return at::mm(A.t(), B, at::kFloat);
+    } catch (const c10::Error&) {
+      usable.store(false, std::memory_order_relaxed);
+    }
+  }
+#endif
+  (void)pt;
+  return mm(A, true, B, false);
+}
+
 // Column sums of 2-D gradients (bias gradients), concatenated: [sum_r a[r, :], sum_r b[r, :], ...]. For small
 // contiguous fp32/fp64 CPU inputs the reduction's dispatch and TensorIterator setup cost more than the sum, so
 // they are summed in a plain loop (accumulated in fp64: at least as accurate as at::sum); all else: at::sum.
@@ -284,8 +305,11 @@ Tensor colsums(std::initializer_list<Tensor> parts) {
     n += t.size(-1);
   }
   if (!fast) {
+    // half types: summed into fp32 (the bias is an fp32 parameter under autocast: no half result to cast back)
+    const std::optional<at::ScalarType> dt =
+        low_precision(st) ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt;
     std::vector<Tensor> sums;
-    for (const Tensor& t : parts) sums.push_back(t.sum(0));
+    for (const Tensor& t : parts) sums.push_back(t.sum({0}, false, dt));
     return sums.size() == 1 ? sums[0] : at::cat(sums);
   }
   // counted by seqpe_kernels.launches as what a GPU launches for it: a sum per part, a cat when several
@@ -441,15 +465,19 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   auto weight = [&](const Tensor& saved_w, int64_t param_idx) {
     return saved_w.defined() ? saved_w : param(params, param_idx);
   };
+  // A^T @ B, the gradient of parameter idx (in its dtype where the GEMM can write it: wgrad_mm)
+  auto wmm = [&](const Tensor& A, const Tensor& B, int64_t idx) {
+    return wgrad_mm(A, B, param(params, idx).scalar_type());
+  };
   // mlp: y = gelu(a2 Wf + bf) Wp + bp; puts three parameter gradients (bp's came with dy from the LayerNorm
   // backward), returns d a2
   auto mlp_bwd = [&](const Tensor& dy, const Tensor& a2, const Tensor& z, const Tensor& u, const Tensor& Wf,
                      const Tensor& Wp, int64_t o) {
     Tensor du = mm(dy, false, Wp, true);
-    if (needs[o + 10]) put(o + 10, mm(u, true, dy, false));
+    if (needs[o + 10]) put(o + 10, wmm(u, dy, o + 10));
     Tensor dz, dbf;
     std::tie(dz, dbf) = k.gelu_bwd_bias.call(du, z);
-    if (needs[o + 8]) put(o + 8, mm(a2, true, dz, false));
+    if (needs[o + 8]) put(o + 8, wmm(a2, dz, o + 8));
     put(o + 9, dbf);
     return mm(dz, false, Wf, true);
   };
@@ -462,7 +490,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   const Tensor h3 = Lt(L_H3);
   const Tensor fin = Lt(L_FIN).defined() ? Lt(L_FIN) : h3;
   Tensor dfin = mm(g, false, weight(Lt(L_WOUT), fo + 2), false);
-  if (needs[fo + 2]) put(fo + 2, mm(g, true, fin, false));
+  if (needs[fo + 2]) put(fo + 2, wmm(g, fin, fo + 2));
   if (needs[fo + 3]) put(fo + 3, colsums({g}));
   int64_t i = c.nl - 1;
   int64_t o0 = 4 + 12 * i;
@@ -484,7 +512,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
                                                            Lt(L_R1), c.p_res, seeds, 3 * i + 1, true, yc);
   put(o0 + 6, dw2), put(o0 + 7, db2), put(o0 + 5, dbo);
   Tensor dattn = mm(dyat, false, weight(Lt(L_WO), o0 + 4), true);
-  if (needs[o0 + 4]) put(o0 + 4, mm(Lt(L_O).view({M, D}), true, dyat, false));
+  if (needs[o0 + 4]) put(o0 + 4, wmm(Lt(L_O).view({M, D}), dyat, o0 + 4));
   Tensor dq, dkv;
   std::tie(dq, dkv) = k.attn_bwd.call(dattn.view({M, 1, D}), Lt(L_Q).expand({M, 1, D}), Lt(L_KV), pad, c.H, c.causal,
                                       T - 1, c.sdiv, c.p_att, seeds, 3 * i);
@@ -500,7 +528,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
     d_a_tab.narrow(0, nrows - 1, 1).add_(mm(dq_row, false, Wa.narrow(1, 0, D), true));
     if (needs[o0 + 2])
       put(o0 + 2,
-          at::cat({mm(a_tab.narrow(0, nrows - 1, 1), true, dq_row, false), mm(a_tab, true, dtab_kv, false)}, 1));
+          at::cat({wmm(a_tab.narrow(0, nrows - 1, 1), dq_row, o0 + 2), wmm(a_tab, dtab_kv, o0 + 2)}, 1));
     if (needs[o0 + 3]) put(o0 + 3, colsums({dq_row, dtab_kv}));
   } else {
     const Tensor a = F(i - 1, F_A);
@@ -508,7 +536,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
     da = mm(dkv2, false, Wa.narrow(1, D, 2 * D), true);
     da.view({M, T, D}).select(1, T - 1).add_(mm(dq2, false, Wa.narrow(1, 0, D), true));
     if (needs[o0 + 2])
-      put(o0 + 2, at::cat({mm(a.view({M, T, D}).select(1, T - 1), true, dq2, false), mm(a, true, dkv2, false)}, 1));
+      put(o0 + 2, at::cat({wmm(a.view({M, T, D}).select(1, T - 1), dq2, o0 + 2), wmm(a, dkv2, o0 + 2)}, 1));
     if (needs[o0 + 3]) put(o0 + 3, colsums({dq2, dkv2}));
   }
 
@@ -524,7 +552,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
                                                             F(i, F_R1), c.p_res, seeds, 3 * i + 1, true, yc);
     put(o0 + 6, dw2), put(o0 + 7, db2), put(o0 + 5, dbo);
     dattn = mm(dyat, false, weight(F(i, F_WO), o0 + 4), true);
-    if (needs[o0 + 4]) put(o0 + 4, mm(F(i, F_O).view({R, D}), true, dyat, false));
+    if (needs[o0 + 4]) put(o0 + 4, wmm(F(i, F_O).view({R, D}), dyat, o0 + 4));
     Tensor dqkv;
     std::tie(dqkv, std::ignore) = k.attn_bwd.call(dattn.view({M, T, D}), F(i, F_QKV), std::nullopt, pad, c.H,
                                                   c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
@@ -532,13 +560,13 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
     if (i == 0) {
       Tensor dtab_out = gather_bwd(dqkv, rows, nrows);
       d_a_tab = mm(dtab_out, false, Wa, true);
-      if (needs[o0 + 2]) put(o0 + 2, mm(a_tab, true, dtab_out, false));
+      if (needs[o0 + 2]) put(o0 + 2, wmm(a_tab, dtab_out, o0 + 2));
       if (needs[o0 + 3]) put(o0 + 3, colsums({dtab_out}));
       da = Tensor();
     } else {
       Tensor dq2 = dqkv.view({R, 3 * D});
       da = mm(dq2, false, Wa, true);
-      if (needs[o0 + 2]) put(o0 + 2, mm(F(i - 1, F_A), true, dq2, false));
+      if (needs[o0 + 2]) put(o0 + 2, wmm(F(i - 1, F_A), dq2, o0 + 2));
       if (needs[o0 + 3]) put(o0 + 3, colsums({dq2}));
     }
   }

@@ -169,7 +169,10 @@ elif [[ "$PHASE" == f ]]; then
   isolate compile-cg 40
   TAILN=12 step host_time 30 python3 benchmarks/host_time.py --reps 5 --iters 100
   TAILN=8 step encoder_layouts 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 4 \
-      tests/test_encoder.py tests/test_layouts.py tests/test_bias_grads.py tests/test_table_grad.py
+      tests/test_encoder.py tests/test_layouts.py tests/test_bias_grads.py
+  # new since the last lease: layer 0's table rows / gradient (Triton, CUDA kernels), indexed attention, grouped casts
+  TAILN=8 step table_cast 90 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 4 \
+      tests/test_table_grad.py tests/test_cast.py
 fi
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

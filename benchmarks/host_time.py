@@ -7,8 +7,8 @@
    dropout site on (residual and attention 0.1): at this size the kernels do almost nothing, so the time is what
    Python, the dispatcher and autograd cost per step. Providers and settings are interleaved, ``--reps`` rounds
    of ``--iters`` steps each, and the median per-step time of each is reported with its ratio to eager (target:
-   the C++ backend at <= 0.25x eager). Triton (on CPU only under TRITON_INTERPRET=1) is not timed: the
-   interpreter's cost says nothing about a GPU launcher.
+   the C++ backend at <= 0.25x eager). ``--backends ... triton`` on CPU (TRITON_INTERPRET=1) times the Triton
+   encoder with its launches not run (the interpreter's cost says nothing about a GPU): its Python host cost.
 2. **Launches per text-default training step** (M=1552, D=768, 12 heads, K=5, dropout 0.1; counted on a small M
    since the count does not depend on M): ATen operators that reach a CPU kernel (torch profiler, CPU) and
    Triton kernel launches (counted by wrapping the launcher), per backend. On a GPU each is one kernel launch.
@@ -64,11 +64,22 @@ def step(mod, pos, gout):
 
 
 def host_times(backends, reps: int, iters: int):
-    """{(setting, backend): [ms per step, one per round]}, every (setting, backend) interleaved in each round."""
+    """{(setting, backend): [ms per step, one per round]}, every (setting, backend) interleaved in each round.
+    Backend "triton" on CPU (TRITON_INTERPRET=1) is timed with its kernel launches not run: the Python side of
+    the Triton encoder (ATen calls, launcher bookkeeping, autograd), i.e. its host cost on a GPU minus the ~21
+    launches themselves (launch_overhead.py times one)."""
     mods = {(name, b): make(b, {**TINY, **drop}, 8) for name, drop in DROPOUT.items() for b in backends}
     for k in mods:  # warm-up: the extension load, first-call caches
         for _ in range(20):
             step(*mods[k])
+    if "triton" in backends:
+        import torch
+
+        from seqpe_kernels.ops import launch
+
+        orig_launch = launch.DirectKernel.launch
+        if not torch.cuda.is_available():
+            launch.DirectKernel.launch = lambda self, grid, args, kwargs: None
     per = {k: [] for k in mods}
     for _ in range(reps):
         for k in mods:
@@ -76,6 +87,8 @@ def host_times(backends, reps: int, iters: int):
             for _ in range(iters):
                 step(*mods[k])
             per[k].append((time.perf_counter() - t0) / iters * 1e3)
+    if "triton" in backends:
+        launch.DirectKernel.launch = orig_launch
     return per
 
 
@@ -147,7 +160,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--backends", nargs="+", default=["torch", "cpu"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "cpu"],
+                    help="torch cpu triton cuda (triton on CPU: TRITON_INTERPRET=1, launches not run; see host_times)")
     ap.add_argument("--no-count", action="store_true", help="skip the launch count")
     ap.add_argument("--instructions", action="store_true", help="also count instructions per step (callgrind)")
     ap.add_argument("--_cg-child", nargs=3, help=argparse.SUPPRESS)
@@ -173,12 +187,15 @@ def main(argv=None):
             med = statistics.median(ts)
             ratio = f"{med / base:.3f}" if base else "-"
             print(f"  {name:<34} {b:<8} {med:>10.3f} {min(ts):>7.3f} {max(ts):>7.3f} {ratio:>8}")
+    if "triton" in args.backends and not torch.cuda.is_available():
+        print("  (triton: its Python host cost, the kernel launches not run; each launch adds ~10 us of host time on "
+              "a GPU: benchmarks/launch_overhead.py)")
     if args.instructions:
-        ins = instructions(args.backends)
+        ins = instructions([b for b in args.backends if b != "triton"])
         print("\ninstructions per tiny step (callgrind, each backend in its own process; load-independent):")
         for name in DROPOUT:
             base = ins.get((name, "torch"))
-            for b in args.backends:
+            for b in [b for b in args.backends if b != "triton"]:
                 n = ins[(name, b)]
                 ratio = f"{n / base:.3f}" if base else "-"
                 print(f"  {name:<34} {b:<8} {n / 1e6:>8.2f} M  {ratio:>6}x eager")

@@ -334,3 +334,15 @@ def test_gpu_direct_launches_match_jit_bit_for_bit(monkeypatch):
         assert n > 0
     finally:
         launch.reset()
+
+
+@given(a=st.integers(0, 2 ** 40), b=st.integers(1, 2 ** 20))
+def test_host_integer_helpers_match_triton(a, b):
+    """The launchers' cdiv / next_pow2 (plain Python: Triton's are ConstexprFunctions, ~3 us per host call) give
+    Triton's values."""
+    import triton
+
+    from seqpe_kernels.ops._common import cdiv, next_pow2
+
+    assert cdiv(a, b) == triton.cdiv(a, b)
+    assert next_pow2(a) == triton.next_power_of_2(max(a, 1))

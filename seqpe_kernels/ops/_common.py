@@ -21,14 +21,29 @@ def acc_dtype(*tensors):
     return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
+# Host-side integer helpers of the launchers. Triton >= 3.5 makes triton.cdiv / triton.next_power_of_2
+# ConstexprFunctions, whose host calls cost ~3 us each (argument unwrapping); a training step made ~60 of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= max(n, 1) (triton.next_power_of_2's value)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+_SMS: dict = {}
 
 
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+    """Streaming multiprocessors of a CUDA device (read once per device; 2 on CPU, the interpreter's stand-in)."""
+    if device.type != "cuda":
+        return 2
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 def new_seeds(n: int, device) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, next_pow2
+from ._common import acc_dtype, cdiv, next_pow2
 from .launch import direct
 
 _FMIN = -3.0e38  # stands in for finfo.min: only equality among masked logits matters
@@ -287,7 +287,7 @@ def attention_keep_mask(seeds, seed_idx: int, M: int, H: int, TQ: int, T: int, p
     n = M * H * TQ * T
     out = torch.empty(n, dtype=torch.float32, device=seeds.device)
     if n:
-        _attn_mask_kernel[(triton.cdiv(n, 1024),)](seeds, seed_idx, out, n, p, BLOCK=1024)
+        _attn_mask_kernel[(cdiv(n, 1024),)](seeds, seed_idx, out, n, p, BLOCK=1024)
     return out.view(M, H, TQ, T)
 
 

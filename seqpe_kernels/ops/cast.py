@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
 from .launch import direct
 
 _BLOCK = 2048
@@ -63,7 +64,7 @@ def cast_group(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torc
         for j, d in zip(idx, dst):
             out[j] = d
         ns = [s.numel() for s in src]
-        blocks = triton.cdiv(max(ns), _BLOCK) if ns and max(ns) else 0
+        blocks = cdiv(max(ns), _BLOCK) if ns and max(ns) else 0
         if blocks == 0:
             continue
         pad = GROUP - len(src)  # unused slots: zero-length copies of the first pair (never read or written)

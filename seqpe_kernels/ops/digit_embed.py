@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, num_sms
+from ._common import cdiv, next_pow2, num_sms
 from .launch import direct
 
 
@@ -129,7 +129,7 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
     BD = min(256, next_pow2(D))
     powt = _pow_table(K, base, x.device)
     dimt = dim.reshape(-1, D) if dim is not None else tok
-    _embed_fwd[(M, triton.cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out,
+    _embed_fwd[(M, cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out,
                                          rows if with_rows else out, x.stride(0),
                                          x.stride(1) if x.dim() == 2 else 1, L, T, D,
                                          K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
@@ -148,12 +148,12 @@ def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool,
     TP, BASEP = next_pow2(T), next_pow2(base)
     BD = max(16, min(128, next_pow2(D), 8192 // (TP * BASEP)))
     n_prog = max(1, min(M, 2 * num_sms(g.device)))
-    per = triton.cdiv(M, n_prog) if M else 1
-    n_prog = triton.cdiv(M, per) if M else 1
+    per = cdiv(M, n_prog) if M else 1
+    n_prog = cdiv(M, per) if M else 1
     tok_part = g.new_zeros((n_prog, BASEP, D), dtype=acc)
     pos_part = g.new_zeros((n_prog, TP, D), dtype=acc)
     if M > 0:
-        _embed_bwd[(n_prog, triton.cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
+        _embed_bwd[(n_prog, cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
                                                   x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L,
                                                   T, D, per, K=K, BASE=base, BASEP=BASEP,
                                                   TP=TP, BD=BD, FROM_POS=from_positions,

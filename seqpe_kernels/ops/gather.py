@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import cdiv, next_pow2
 from .launch import direct
 
 
@@ -41,7 +41,7 @@ def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     # 16 KB-ish tiles: wide enough along D for 16-byte accesses, several rows in flight per program
     BLOCK_D = min(next_pow2(D), 1024 if tab.element_size() <= 2 else 512)
     BLOCK_M = max(1, min(16, 4096 // BLOCK_D))
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(D, BLOCK_D))
+    grid = (cdiv(M, BLOCK_M), cdiv(D, BLOCK_D))
     _gather_kernel[grid](tab, rows.contiguous(), out, M, D, tab.stride(0), out.stride(0),
                          BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4)
     return out

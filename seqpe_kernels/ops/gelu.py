@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, num_sms
+from ._common import acc_dtype, cdiv, num_sms
 from .launch import direct
 
 _C = 0.7978845608028654  # sqrt(2/pi)
@@ -86,7 +86,7 @@ def gelu_forward(z: torch.Tensor) -> torch.Tensor:
     u = torch.empty_like(z)
     n = z.numel()
     if n:
-        _gelu_fwd[(triton.cdiv(n, _BLOCK),)](z, u, n, BLOCK=_BLOCK, ACC=acc_dtype(z), num_warps=4)
+        _gelu_fwd[(cdiv(n, _BLOCK),)](z, u, n, BLOCK=_BLOCK, ACC=acc_dtype(z), num_warps=4)
     return u
 
 
@@ -99,7 +99,7 @@ def gelu_backward(du: torch.Tensor, z: torch.Tensor, bias_grad: bool = False):
     n = z.numel()
     if not bias_grad:
         if n:
-            _gelu_bwd[(triton.cdiv(n, _BLOCK),)](du, z, dz, n, BLOCK=_BLOCK, ACC=acc_dtype(z), num_warps=4)
+            _gelu_bwd[(cdiv(n, _BLOCK),)](du, z, dz, n, BLOCK=_BLOCK, ACC=acc_dtype(z), num_warps=4)
         return dz
     if z.dim() != 2 or not z.is_contiguous():
         raise ValueError("gelu_backward: bias_grad needs a contiguous [R, C] pre-activation")
@@ -107,11 +107,11 @@ def gelu_backward(du: torch.Tensor, z: torch.Tensor, bias_grad: bool = False):
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     if n == 0:
         return dz, z.new_zeros((C,), dtype=acc)
-    n_col = triton.cdiv(C, _DB_BLOCK_C)
+    n_col = cdiv(C, _DB_BLOCK_C)
     # ~4 programs per SM in all; each walks its rows in BLOCK_R chunks, so the partials stay small
-    n_prog = max(1, min(triton.cdiv(R, _DB_BLOCK_R), triton.cdiv(4 * num_sms(z.device), n_col)))
-    rows_per_prog = triton.cdiv(R, n_prog)
-    n_prog = triton.cdiv(R, rows_per_prog)
+    n_prog = max(1, min(cdiv(R, _DB_BLOCK_R), cdiv(4 * num_sms(z.device), n_col)))
+    rows_per_prog = cdiv(R, n_prog)
+    n_prog = cdiv(R, rows_per_prog)
     part = z.new_empty((n_prog, C), dtype=acc)
     _gelu_bwd_db[(n_prog, n_col)](du, z, dz, part, R, C, rows_per_prog, BLOCK_R=_DB_BLOCK_R,
                                   BLOCK_C=_DB_BLOCK_C, ACC=acc_dtype(z), num_warps=4)

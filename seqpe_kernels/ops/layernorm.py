@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, acc_dtype, dtype_code, next_pow2, num_sms
+from ._common import DTYPES, acc_dtype, cdiv, dtype_code, next_pow2, num_sms
 from .launch import direct
 
 
@@ -153,8 +153,8 @@ def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx
     dx = torch.empty_like(x)
     dy = x.new_empty((R, D), dtype=DTYPES[y_dtype]) if has_y else _empty(x)
     n_prog = max(1, min(R, 4 * num_sms(x.device)))
-    rows_per_prog = triton.cdiv(R, n_prog) if R else 1
-    n_prog = triton.cdiv(R, rows_per_prog) if R else 1
+    rows_per_prog = cdiv(R, n_prog) if R else 1
+    n_prog = cdiv(R, rows_per_prog) if R else 1
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_parts = 2 * has_ln + dyb
     # every launched program writes its partial rows, so only an empty input needs zeros
@@ -195,7 +195,7 @@ def dropout_keep_mask(seeds: torch.Tensor, seed_idx: int, shape, p: float) -> to
         n *= s
     out = torch.empty(n, dtype=torch.float32, device=seeds.device)
     if n:
-        _mask_kernel[(triton.cdiv(n, 1024),)](seeds, seed_idx, out, n, p, BLOCK=1024)
+        _mask_kernel[(cdiv(n, 1024),)](seeds, seed_idx, out, n, p, BLOCK=1024)
     return out.view(*shape)
 
 

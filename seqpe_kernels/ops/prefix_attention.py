@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, next_pow2
+from ._common import acc_dtype, cdiv, next_pow2
 from .launch import direct
 
 _FMIN = -3.0e38  # stands in for finfo.min: only equality among masked logits matters
@@ -138,7 +138,7 @@ def _launch(q, anc, num_heads):
     # interpreter (which runs programs one after another, so fewer programs is what makes it fast)
     target = 2048 if q.device.type == "cuda" else 1 << 15
     BN = max(1, min(next_pow2(n), target // (AP * DHP)))
-    return n, D, A, DH, AP, DHP, BN, (triton.cdiv(n, BN), num_heads)
+    return n, D, A, DH, AP, DHP, BN, (cdiv(n, BN), num_heads)
 
 
 def prefix_attention_forward(q, k, v, anc, key_mask, num_heads: int, scale: bool) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, next_pow2, num_sms
+from ._common import acc_dtype, cdiv, next_pow2, num_sms
 from .launch import direct
 
 
@@ -60,11 +60,11 @@ def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int) -> torc
         return g.new_zeros((n_rows, C))
     g = g.contiguous()
     rows = rows.contiguous()
-    n_col = triton.cdiv(C, _BLOCK_C)
+    n_col = cdiv(C, _BLOCK_C)
     # ~4 programs per SM: T slots x column blocks x chunks of sequences
-    n_chunks = max(1, min(M, triton.cdiv(4 * num_sms(g.device), T * n_col)))
-    per = triton.cdiv(M, n_chunks)
-    n_chunks = triton.cdiv(M, per)
+    n_chunks = max(1, min(M, cdiv(4 * num_sms(g.device), T * n_col)))
+    per = cdiv(M, n_chunks)
+    n_chunks = cdiv(M, per)
     part = g.new_empty((n_chunks, n_rows, C), dtype=acc)  # every (chunk, row) is written by one program
     _table_grad[(T, n_col, n_chunks)](g, rows, part, M, T, L, C, base, per, BASE_P=next_pow2(base + 1),
                                       BLOCK_C=_BLOCK_C, ACC=acc_dtype(g), num_warps=4)

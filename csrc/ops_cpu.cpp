@@ -147,34 +147,35 @@ inline acc_t acc_scale(double p) {
 
 constexpr int64_t kKeepChunk = 256;  // keep flags drawn per block (philox.h dropout_keep_block)
 
-// h = x + dropout(y): keep iff tl.rand(seed, off0 + c) > p, kept values scaled (as the Triton kernel)
-template <typename acc_t>
-inline void dropout_add_row(const acc_t* __restrict x, const acc_t* __restrict y, acc_t* __restrict h, int64_t n,
-                            uint64_t seed, uint32_t off0, float p, acc_t scale) {
+// f(c, keep) for c < n: keep = tl.rand(seed, off0 + c) > p, the flags drawn kKeepChunk at a time
+template <typename F>
+inline void for_each_keep(uint64_t seed, uint32_t off0, float p, int64_t n, F&& f) {
   uint32_t keep[kKeepChunk];
   for (int64_t c0 = 0; c0 < n; c0 += kKeepChunk) {
     const int64_t m = std::min<int64_t>(kKeepChunk, n - c0);
     dropout_keep_block(seed, off0 + static_cast<uint32_t>(c0), p, m, keep);
-    for (int64_t i = 0; i < m; ++i) {
-      const acc_t yv = y[c0 + i] * scale;
-      h[c0 + i] = x[c0 + i] + (keep[i] ? yv : acc_t(0));
-    }
+    for (int64_t i = 0; i < m; ++i) f(c0 + i, keep[i] != 0);
   }
+}
+
+// h = x + dropout(y): keep iff tl.rand(seed, off0 + c) > p, kept values scaled (as the Triton kernel)
+template <typename acc_t>
+inline void dropout_add_row(const acc_t* __restrict x, const acc_t* __restrict y, acc_t* __restrict h, int64_t n,
+                            uint64_t seed, uint32_t off0, float p, acc_t scale) {
+  for_each_keep(seed, off0, p, n, [&](int64_t c, bool keep) {
+    const acc_t yv = y[c] * scale;
+    h[c] = x[c] + (keep ? yv : acc_t(0));
+  });
 }
 
 // o = dropout(g) with the same masks
 template <typename acc_t>
 inline void dropout_row(const acc_t* __restrict g, acc_t* __restrict o, int64_t n, uint64_t seed, uint32_t off0,
                         float p, acc_t scale) {
-  uint32_t keep[kKeepChunk];
-  for (int64_t c0 = 0; c0 < n; c0 += kKeepChunk) {
-    const int64_t m = std::min<int64_t>(kKeepChunk, n - c0);
-    dropout_keep_block(seed, off0 + static_cast<uint32_t>(c0), p, m, keep);
-    for (int64_t i = 0; i < m; ++i) {
-      const acc_t gv = g[c0 + i] * scale;
-      o[c0 + i] = keep[i] ? gv : acc_t(0);
-    }
-  }
+  for_each_keep(seed, off0, p, n, [&](int64_t c, bool keep) {
+    const acc_t gv = g[c] * scale;
+    o[c] = keep ? gv : acc_t(0);
+  });
 }
 
 template <typename acc_t>
@@ -1110,12 +1111,8 @@ Tensor dropout_keep_mask_host(int64_t seed, int64_t n, double p, int64_t start) 
   const float pf = static_cast<float>(p);
   const uint64_t s = static_cast<uint64_t>(seed);
   at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    uint32_t keep[kKeepChunk];
-    for (int64_t c0 = i0; c0 < i1; c0 += kKeepChunk) {
-      const int64_t m = std::min<int64_t>(kKeepChunk, i1 - c0);
-      dropout_keep_block(s, static_cast<uint32_t>(static_cast<uint64_t>(start + c0)), pf, m, keep);
-      for (int64_t i = 0; i < m; ++i) o[c0 + i] = keep[i] ? 1.0f : 0.0f;
-    }
+    for_each_keep(s, static_cast<uint32_t>(static_cast<uint64_t>(start + i0)), pf, i1 - i0,
+                  [&](int64_t c, bool keep) { o[i0 + c] = keep ? 1.0f : 0.0f; });
   });
   return out;
 }

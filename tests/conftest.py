@@ -172,3 +172,15 @@ def require_ext(device_type: str = "cpu") -> None:
     if verdict == "fail":
         pytest.fail(f"the C++/CUDA extension ({device_type}) must build and load on this machine but did not: {why}",
                     pytrace=False)
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (the tests reuse their harnesses: launch_overhead's stand-in
+    GPU, kernel_resources' sm_90 compile)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -5,7 +5,6 @@ On CPU the kernels run under the interpreter (direct launches off), so the launc
 stand-in JITFunction whose "compiled kernels" are keyed by Triton's own specialisation function; on a GPU the
 real kernels run both ways and must agree bit for bit.
 """
-import os
 import types
 import warnings
 
@@ -203,13 +202,9 @@ def test_direct_launches_are_counted(direct_on):
 # ----------------------------------------------------------------------------- against the real JITFunction.run
 def _harness():
     """benchmarks/launch_overhead.py: a stand-in GPU under the real JITFunction.run (compiles into recorders)."""
-    import importlib.util
+    from conftest import benchmark_module
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "launch_overhead.py")
-    spec = importlib.util.spec_from_file_location("launch_overhead", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("launch_overhead")
 
 
 def _compiled(jf):

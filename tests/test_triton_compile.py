@@ -12,16 +12,14 @@ at these small shapes nor at the paper's (text-default in bf16, vits-default in 
 GPU and invisible to every parity test. The machinery is benchmarks/kernel_resources.py, which prints the
 registers, shared memory and occupancy of each kernel.
 """
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
 import seqpe_kernels as sk
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, benchmark_module
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels compile and run in every other test")
 
@@ -54,11 +52,7 @@ def _training_steps():
 
 def _kr():
     """benchmarks/kernel_resources.py (recording, the sm_90 compile, cuobjdump's resource usage)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_resources.py")
-    spec = importlib.util.spec_from_file_location("kernel_resources", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("kernel_resources")
 
 
 def _compile_all(kr, launches):

@@ -217,7 +217,7 @@ _MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) usable on CUDA (probed on fi
 def _wgrad(A: torch.Tensor, B: torch.Tensor, like: Optional[torch.Tensor]) -> torch.Tensor:
     """A @ B as the gradient of parameter ``like``, in its dtype. For half GEMM inputs and an fp32 parameter on
     CUDA: one cuBLAS GEMM writing fp32 (``torch.mm(..., out_dtype=torch.float32)``) instead of a half result and a
-    cast kernel per weight (~14 launches per text step), and the fp32 accumulator is not rounded to half first.
+    cast kernel per weight (about a dozen per text step), and the fp32 accumulator is not rounded to half first.
     Elsewhere, or where this torch has no such GEMM: mm, then the cast (``_to``)."""
     dt = like.dtype if like is not None else A.dtype
     if (dt == torch.float32 and A.dtype in (torch.bfloat16, torch.float16) and A.is_cuda and _MM_OUT_DTYPE[0]):

@@ -52,7 +52,7 @@ def _desc(a):
 def record(steps: Callable[[], None], run: bool = True) -> List[dict]:
     """The distinct launches ({kernel module, name, grid, argument descriptors}) made while ``steps`` runs.
     ``run=False`` records without launching (for real shapes, where the interpreter would take minutes): float
-    outputs stay uninitialised, integer tensors are zeroed (valid indices); distinct = same kernel, argument
+    outputs stay uninitialised, the table rows are zeroed (valid indices); distinct = same kernel, argument
     descriptors and grid rank; the first grid is kept."""
     from seqpe_kernels.ops import launch
 
@@ -66,9 +66,11 @@ def record(steps: Callable[[], None], run: bool = True) -> List[dict]:
         seen.setdefault(json.dumps(d, sort_keys=True), dict(d, real_grid=[int(g) for g in grid]))
         if run:
             return orig(self, grid, args, kwargs)
-        for a in (*args, *kwargs.values()):  # integer outputs (row ids) are read as indices later: make them 0
-            if isinstance(a, torch.Tensor) and not a.is_floating_point():
-                a.zero_()
+        # the one integer output, the digit embedding's table rows, is read as indices later: make it valid.
+        # Only by name: other integer arguments are inputs (positions, seeds, a cached power table) to leave alone.
+        rows = dict(zip(self.names, args)).get("ROWS", kwargs.get("ROWS"))
+        if isinstance(rows, torch.Tensor) and not rows.is_floating_point():
+            rows.zero_()
         return None
 
     launch.DirectKernel.launch = rec

@@ -128,8 +128,7 @@ Tensor embedding_table(const Tensor& tok, const Tensor& pos, const Tensor& dim, 
 
 Tensor table_rows(const Tensor& x, const Cfg& c) {
   // one operator (a loop on CPU, one kernel on CUDA) instead of ~10 ATen ops (pow, div, remainder, clamp, ...)
-  return K().table_rows.call(x.scalar_type() == at::kLong ? x : x.to(at::kLong), c.L, c.K, c.base,
-                             c.from_positions, c.clamp_rows);
+  return K().table_rows.call(cast(x, at::kLong), c.L, c.K, c.base, c.from_positions, c.clamp_rows);
 }
 
 bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }

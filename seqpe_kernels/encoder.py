@@ -284,14 +284,16 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
         last = i == nl - 1
         if save:
             S.update({f"Wa{i}": Wa, f"Wo{i}": Wo, f"Wf{i}": Wf, f"Wp{i}": Wp})
+        # layer 0: the c_attn output is a [base*L+1, *] table; the attention reads its rows by index, or (prims
+        # without that) it is gathered per token first
+        indexed = {"rows": rows} if i == 0 and P.attn_rows else {}
         if not last:
-            if i == 0 and P.attn_rows:  # the [base*L+1, 3D] table itself: attention reads its rows by index
+            if i == 0:
                 qkv = torch.addmm(ba, a_tab, Wa)
-                o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i, rows=rows)
+                qkv = qkv if indexed else P.gather(qkv, rows)
             else:
-                qkv = P.gather(torch.addmm(ba, a_tab, Wa), rows) if i == 0 else torch.addmm(ba, a, Wa).view(
-                    M, T, 3 * D)
-                o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i)
+                qkv = torch.addmm(ba, a, Wa).view(M, T, 3 * D)
+            o = P.attn_fwd(qkv, None, pad, H, plan.causal, 0, plan.sdiv, plan.p_att, seeds, 3 * i, **indexed)
             y = torch.addmm(bo, o.view(R, D), Wo)
             hb, a2, m1, r1 = P.rln_fwd(h, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)
             z = torch.addmm(bf, a2, Wf)
@@ -304,18 +306,14 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
                           f"z{i}": z, f"u{i}": u, f"hm{i}": h, f"m2_{i}": m2, f"r2_{i}": r2, f"a{i}": a})
             continue
         # last block: CLS query only, every row's K/V
-        kv_rows = rows if i == 0 and P.attn_rows else None  # k/v read from the [base*L+1, 2D] table by index
         if i == 0:
             kv = torch.addmm(ba[D:], a_tab, Wa[:, D:])
-            kv = kv if kv_rows is not None else P.gather(kv, rows)
+            kv = kv if indexed else P.gather(kv, rows)
             q = torch.addmm(ba[:D], a_tab[-1:], Wa[:, :D]).view(1, 1, D).expand(M, 1, D)
         else:
             kv = torch.addmm(ba[D:], a, Wa[:, D:]).view(M, T, 2 * D)
             q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
-        if kv_rows is not None:
-            o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i, rows=kv_rows)
-        else:
-            o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i)
+        o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i, **indexed)
         y = torch.addmm(bo, o.view(M, D), Wo)
         h_cls = h.view(M, T, D)[:, T - 1].contiguous()
         h2, a2, m1, r1 = P.rln_fwd(h_cls, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)

@@ -129,11 +129,10 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
     BD = min(256, next_pow2(D))
     powt = _pow_table(K, base, x.device)
     dimt = dim.reshape(-1, D) if dim is not None else tok
-    _embed_fwd[(M, cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out,
-                                         rows if with_rows else out, x.stride(0),
-                                         x.stride(1) if x.dim() == 2 else 1, L, T, D,
-                                         K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
-                                         HAS_DIM=dim is not None, WRITE_ROWS=with_rows, num_warps=4)
+    _embed_fwd[(M, cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out, rows if with_rows else out,
+                                 x.stride(0), x.stride(1) if x.dim() == 2 else 1, L, T, D,
+                                 K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
+                                 HAS_DIM=dim is not None, WRITE_ROWS=with_rows, num_warps=4)
     return (out, rows) if with_rows else out
 
 
@@ -154,11 +153,11 @@ def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool,
     pos_part = g.new_zeros((n_prog, TP, D), dtype=acc)
     if M > 0:
         _embed_bwd[(n_prog, cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
-                                                  x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L,
-                                                  T, D, per, K=K, BASE=base, BASEP=BASEP,
-                                                  TP=TP, BD=BD, FROM_POS=from_positions,
-                                                  ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                                  num_warps=4)
+                                          x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L,
+                                          T, D, per, K=K, BASE=base, BASEP=BASEP,
+                                          TP=TP, BD=BD, FROM_POS=from_positions,
+                                          ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                          num_warps=4)
     tok_g = tok_part.sum(0)[:base].to(g.dtype)
     pos_all = pos_part.sum(0)
     pos_g = pos_all[:L].to(g.dtype)

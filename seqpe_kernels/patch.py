@@ -52,6 +52,7 @@ from torch import nn
 from . import backend as _backend
 from .fused import FusedSeqPE
 from .layout import _AUTHORS, _OURS, PatchError, _check_layout, _dropout_p, _layout
+from .precision import fp32_matmul
 from .reference.tokenize import prepare_seqpe_data
 from .reference.seqpe import SeqPE
 from .reference.tokenize import tokenize
@@ -248,19 +249,15 @@ class _FusedView:
         digits, pad = tokenize(pos, K, self.base, d, check_range=False)
         digits, pad = digits.to(device), pad.to(device)
         flags = [(s, s.training) for s in m.modules()]
-        tf32, prec = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
         try:
             m.eval()
-            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides: a TF32 GEMM is ~1e-3 off
-            torch.set_float32_matmul_precision("highest")
-            with torch.autocast(device.type, enabled=False):
+            # fp32 on both sides: a TF32 GEMM is ~1e-3 off (set and restored under either precision API)
+            with fp32_matmul(tf32=False), torch.autocast(device.type, enabled=False):
                 want = self.eager_digits(m, digits, pad)
                 got = self._fused(digits, pad if self.mask_padding else None, from_positions=False, name=name)
         finally:
             for s, t in flags:
                 s.training = t
-            torch.set_float32_matmul_precision(prec)
-            torch.backends.cuda.matmul.allow_tf32 = tf32
         dt = want.dtype
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dt, 5e-2)
         scale = want.abs().max().clamp_min(1e-30)

@@ -27,6 +27,8 @@ if not _has_cuda:
 
 import pytest  # noqa: E402
 
+from seqpe_kernels.precision import fp32_matmul  # noqa: E402
+
 HAS_CUDA = _has_cuda
 
 # The test shapes are tiny: on a loaded 2-core CI machine, intra-op threading makes such ops many times
@@ -98,11 +100,10 @@ def pytest_runtest_setup(item):
     _CURRENT_SEED[0] = s
     item.user_properties.append(("seed", s))
     if HAS_CUDA and "gpu" in item.keywords:
-        setattr(item, _TF32_SAVED, (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                                    torch.get_float32_matmul_precision()))
-        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = fp32_matmul(tf32=False)  # IEEE fp32 GEMMs, restored through the API the state was set with
+        exact.__enter__()
+        setattr(item, _TF32_SAVED, (exact, torch.backends.cudnn.allow_tf32))
         torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.hookimpl(trylast=True)
@@ -110,8 +111,8 @@ def pytest_runtest_teardown(item, nextitem):
     _CURRENT_SEED[0] = None
     saved = getattr(item, _TF32_SAVED, None)
     if saved is not None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, prec = saved
-        torch.set_float32_matmul_precision(prec)
+        exact, torch.backends.cudnn.allow_tf32 = saved
+        exact.__exit__(None, None, None)
 
 
 @pytest.hookimpl(hookwrapper=True)

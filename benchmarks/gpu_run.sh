@@ -2,7 +2,8 @@
 # One call on a GPU machine produces every GPU figure and parity result this project owes:
 #   bash benchmarks/gpu_run.sh OUTDIR
 # 1. environment, 2. the parity suite with the GPU-only tests (fp32 large M, bf16/fp16 two-error rule),
-# 3. `seqpe-kernels check`, 4. `seqpe-kernels bench` on the paper configs for every provider (CSV + PNG).
+# 3. `seqpe-kernels check`, 4. `seqpe-kernels bench` on the paper configs for every provider (CSV + PNG),
+# 5. the README's tables and target verdicts from that CSV (readme_tables_<device>.md).
 # Results land in OUTDIR (default benchmarks/results); commit them with the device name in the file name.
 set -uo pipefail
 OUT="${1:-benchmarks/results}"
@@ -15,3 +16,4 @@ python3 -m pytest -q tests/test_fused.py tests/test_ext.py -p no:cacheprovider -
 python3 -m seqpe_kernels.cli check 2>&1 | tee "$OUT/check_$DEV.txt"
 python3 -m seqpe_kernels.cli bench --csv "$OUT/bench_$DEV.csv" --png "$OUT/bench_$DEV.png" 2>&1 \
   | tee "$OUT/bench_$DEV.txt"
+python3 benchmarks/readme_table.py "$OUT/bench_$DEV.csv" --out "$OUT/readme_tables_$DEV.md"

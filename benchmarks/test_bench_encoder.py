@@ -19,6 +19,7 @@ import torch
 
 from seqpe_kernels.bench import (ALGO_PROVIDERS, CONFIGS, DEFAULT_PROVIDERS, MODES, build_provider, check_exact,
                                  make_positions, mode_callables, ref_fwd_flops, MODE_FLOP_FACTOR)
+from seqpe_kernels.precision import fp32_matmul
 from seqpe_kernels.reference import SeqPE
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,13 +101,16 @@ def test_encoder(benchmark, config, provider, mode):
             torch.cuda.synchronize()
         return out
 
-    try:
-        pre()
-        call()  # compile / autotune outside the timing
-        rounds = 5 if ON_CPU else 50
-        benchmark.group = f"{config} M={cfg.M} {mode}"
-        benchmark.extra_info.update(M=cfg.M, tokens=cfg.tokens, dtype=cfg.dtype_label(DEVICE),
-                                    device=str(DEVICE), gflop=ref_fwd_flops(cfg) * MODE_FLOP_FACTOR[mode] / 1e9)
-        benchmark.pedantic(call, setup=pre, rounds=rounds, warmup_rounds=1, iterations=1)
-    finally:
-        cleanup()
+    # the config's fp32 GEMM precision (TF32 only for a TF32 config), as `seqpe-kernels bench` sets it
+    with fp32_matmul(tf32=cfg.tf32):
+        try:
+            pre()
+            call()  # compile / autotune outside the timing
+            rounds = 5 if ON_CPU else 50
+            benchmark.group = f"{config} M={cfg.M} {mode}"
+            benchmark.extra_info.update(M=cfg.M, tokens=cfg.tokens, dtype=cfg.dtype_label(DEVICE),
+                                        device=str(DEVICE),
+                                        gflop=ref_fwd_flops(cfg) * MODE_FLOP_FACTOR[mode] / 1e9)
+            benchmark.pedantic(call, setup=pre, rounds=rounds, warmup_rounds=1, iterations=1)
+        finally:
+            cleanup()

@@ -100,6 +100,14 @@ def test_bench_api_tiny_config_writes_csv_and_png(tmp_path):
     assert all(r["mode"] == "nograd" for r in data if r["provider"] in ("dedup", "prefix", "cache"))
     assert all(r["note"] for r in data if r["status"] == "skipped")
     assert any(r["provider"] == "triton" and r["status"] == "skipped" for r in data) or torch.cuda.is_available()
+    # every no-grad row carries its output's error against the IEEE-fp32 eval reference; other modes none
+    for r in ok:
+        if r["mode"] != "nograd":
+            assert r["rel_err"] == "", r
+        elif r["provider"] == "eager":
+            assert float(r["rel_err"]) == 0.0, r  # the reference itself, same precision
+        else:
+            assert 0.0 <= float(r["rel_err"]) <= 1e-5, r
 
 
 def test_bench_cli_quick_with_M_override(tmp_path, capsys):
@@ -382,3 +390,52 @@ def test_help_exits_0_and_internal_errors_are_not_usage_errors(monkeypatch, caps
     monkeypatch.setattr(check_mod, "run_check", bug)
     with pytest.raises(RuntimeError, match="an internal bug"):
         cli.main(["check", "--device", "cpu", "--backend", "torch"])
+
+
+def test_tf32_config_is_cuda_only_and_never_under_autocast():
+    assert "vits-default-tf32" in CONFIGS and CONFIGS["vits-default-tf32"].tf32
+    with pytest.raises(ValueError, match="TF32 is a CUDA GEMM mode"):
+        run_bench(["vits-default-tf32"], providers=["eager"], device="cpu", csv_path=None, png_path=None,
+                  progress=False, print_table=False, quick=True)
+    with pytest.raises(ValueError, match="tf32 applies to fp32 GEMMs"):
+        BenchConfig(name="x", workload="uniform", M=8, embed_dim=16, num_heads=2, max_digits=2,
+                    cuda_autocast="bf16", tf32=True)
+
+
+def test_fp32_rows_never_inherit_a_global_tf32_switch(monkeypatch):
+    """A script that enabled TF32 globally must not get TF32 GEMMs in rows labelled fp32 (the bench sets the
+    config's precision per point and restores the script's afterwards)."""
+    from seqpe_kernels.bench import run as run_mod
+    from seqpe_kernels.precision import fp32_matmul, tf32_enabled
+    seen = []
+    real = run_mod.measure
+
+    def spy(*a, **k):
+        seen.append(tf32_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "measure", spy)
+    with fp32_matmul(tf32=True):
+        rows = run_bench([TINY], providers=["eager"], modes=["nograd"], M=8, csv_path=None, png_path=None,
+                         progress=False, print_table=False, quick=True)
+        assert tf32_enabled()  # the script's own setting is back
+    assert seen == [False] and rows[0]["dtype"] == "fp32" and rows[0]["rel_err"] == 0.0
+
+
+@pytest.mark.gpu
+def test_tf32_rows_on_cuda_carry_their_error():
+    """The TF32 opt-in row: label, and an output error against IEEE fp32 that is nonzero (TF32 really ran) and
+    within TF32's ~1e-3."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (TF32 is a CUDA GEMM mode)")
+    cfg = CONFIGS["vits-default-tf32"].with_M(256)
+    rows = run_bench([cfg, CONFIGS["vits-default"].with_M(256)], providers=["eager", "triton"],
+                     modes=["nograd"], device="cuda", csv_path=None, png_path=None, progress=False,
+                     print_table=False, quick=True)
+    by = {(r["config"], r["provider"]): r for r in rows}
+    t, f = by[("vits-default-tf32", "eager")], by[("vits-default", "eager")]
+    assert t["dtype"] == "fp32-tf32" and f["dtype"] == "fp32"
+    assert f["rel_err"] == 0.0
+    assert 0.0 < t["rel_err"] < 1e-2, t
+    tri = by[("vits-default-tf32", "triton")]
+    assert tri["status"] == "ok" and 0.0 < tri["rel_err"] < 1e-2, tri

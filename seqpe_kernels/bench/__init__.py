@@ -51,7 +51,7 @@ from .configs import (ALGO_PROVIDERS, CONFIGS, CSV_COLUMNS, CUDA_GRAPH_PROVIDERS
                       get_config, quick_M, ref_fwd_flops)
 from .providers import (Provider, build_provider, check_exact, fused_from_reference, measure,  # noqa: F401
                         mode_callables)
-from .report import format_table, plot, write_csv  # noqa: F401
+from .report import format_table, markdown_tables, plot, read_csv, write_csv  # noqa: F401
 from .run import default_csv_path, run_bench  # noqa: F401
 from .timing import TimingPolicy, device_name, device_slug, measure_gemm_rate, provenance  # noqa: F401
 from .workloads import StepSampler, make_positions, training_step  # noqa: F401

@@ -24,7 +24,7 @@ TRAIN_MODES = ("forward", "backward", "full")
 
 CSV_COLUMNS = (
     "config", "provider", "mode", "status", "M", "T", "tokens", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
-    "host_ms", "tflops", "floor_ratio", "speedup_vs_eager", "gemm_tflops", "ref_gflop", "floor_gflop",
+    "host_ms", "tflops", "floor_ratio", "speedup_vs_eager", "rel_err", "gemm_tflops", "ref_gflop", "floor_gflop",
     "warmup_s", "device", "torch_version", "triton_version", "cuda_version", "dtype", "git_commit", "date",
     "quick", "note")
 
@@ -57,6 +57,12 @@ class BenchConfig:
     cuda_autocast: Optional[str] = None   # "bf16" / "fp16": autocast dtype on CUDA (CPU always runs fp32)
     max_position: Optional[int] = None    # per-axis exclusive bound of the positions (default base**K)
     init: str = "text"
+    tf32: bool = False                    # fp32 GEMMs in TF32 on CUDA (the documented opt-in; CUDA only)
+
+    def __post_init__(self):
+        if self.tf32 and self.cuda_autocast:
+            raise ValueError(f"bench config {self.name!r}: tf32 applies to fp32 GEMMs, not under "
+                             f"{self.cuda_autocast} autocast")
 
     @property
     def T(self) -> int:
@@ -86,7 +92,7 @@ class BenchConfig:
     def dtype_label(self, device: torch.device) -> str:
         if device.type == "cuda" and self.cuda_autocast:
             return f"{self.cuda_autocast}-autocast"
-        return "fp32"
+        return "fp32-tf32" if self.tf32 else "fp32"
 
     def autocast_dtype(self, device: torch.device) -> Optional[torch.dtype]:
         if device.type == "cuda" and self.cuda_autocast:
@@ -106,6 +112,9 @@ CONFIGS: Dict[str, BenchConfig] = {
     "text-shifted": BenchConfig("text-shifted", "text-shifted", 8720, **_TEXT),
     "vits-default": BenchConfig("vits-default", "vit-default", 4324, **_VIT),
     "vits-shifted": BenchConfig("vits-shifted", "vit-shifted", 8352, **_VIT),
+    # the ViT-S step with cuBLAS GEMMs in TF32: the opt-in for users who accept TF32 numerics (attention and the
+    # fused elementwise kernels stay fp32); its rows carry their error against the IEEE-fp32 reference
+    "vits-default-tf32": BenchConfig("vits-default-tf32", "vit-default", 4324, **_VIT, tf32=True),
     "vitb-default": BenchConfig("vitb-default", "vit-default", 4324, **{**_VIT, "out_dim": 768, "resid_pdrop": 0.3}),
     "vitb-shifted": BenchConfig("vitb-shifted", "vit-shifted", 8352, **{**_VIT, "out_dim": 768, "resid_pdrop": 0.3}),
 }

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..backend import BackendUnavailable, available_backends, interpret_mode
+from ..precision import fp32_matmul
 from ..reference import SeqPE
 from .configs import FUSED_PROVIDERS, GRAPH_BACKWARD_NOTE, GRAPH_PROVIDERS, MODES, PROVIDERS, BenchConfig
 from .timing import TimingPolicy, _host_time, _peak_mem_mb, _time_call
@@ -191,16 +192,37 @@ def check_exact(prov: Provider, ref: SeqPE, positions, ac_dtype, device) -> Opti
         got = prov.call(positions).float()
     if got.shape != want.shape:
         return f"output shape {tuple(got.shape)} != reference {tuple(want.shape)}"
-    scale = max(want.abs().max().item(), 1e-30)
-    err = (got - want).abs().max().item() / scale
+    err = rel_err(got, want)
     tol = 1e-5 if ac_dtype is None else 2e-2
     if not err <= tol:
         return f"output differs from the reference (max rel err {err:.2e} > {tol:g}); not timed"
     return None
 
 
+def reference_output(ref: SeqPE, positions) -> torch.Tensor:
+    """The eager reference's eval output in IEEE fp32 (no autocast, no TF32): what each provider's ``rel_err``
+    is measured against."""
+    was = ref.training
+    ref.eval()
+    try:
+        with fp32_matmul(tf32=False), torch.autocast(positions.device.type, enabled=False), torch.inference_mode():
+            return ref(positions).float()
+    finally:
+        ref.train(was)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (NaN if the shapes differ or got is not finite)."""
+    if tuple(got.shape) != tuple(want.shape):
+        return float("nan")
+    scale = max(want.abs().max().item(), 1e-30)
+    return (got.float() - want).abs().max().item() / scale
+
+
 def measure(prov: Provider, mode: str, positions, cfg: BenchConfig, device: torch.device,
-            policy: TimingPolicy) -> dict:
+            policy: TimingPolicy, want: Optional[torch.Tensor] = None) -> dict:
+    """One provider/mode: warm-up, timing, host time, peak memory; for ``nograd`` with ``want`` also the output's
+    ``rel_err`` against the IEEE-fp32 reference (the eval output: deterministic, dropout off)."""
     ac = cfg.autocast_dtype(device)
     fn, pre, params, cleanup = mode_callables(prov, mode, positions, ac, device)
     try:
@@ -214,7 +236,8 @@ def measure(prov: Provider, mode: str, positions, cfg: BenchConfig, device: torc
         med, p20, p80 = _time_call(fn, pre, device, policy, params)
         host = _host_time(fn, pre, device, policy)
         mem, mem_note = _peak_mem_mb(fn, pre, device)
+        err = rel_err(fn(), want) if (mode == "nograd" and want is not None) else float("nan")
     finally:
         cleanup()
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80, host_ms=host, peak_mem_mb=mem, warmup_s=warmup_s,
-                note=mem_note)
+                rel_err=err, note=mem_note)

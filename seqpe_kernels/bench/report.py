@@ -20,6 +20,24 @@ def write_csv(rows: List[dict], path: str):
             w.writerow({k: _fmt_csv(r.get(k, "")) for k in CSV_COLUMNS})
 
 
+_NUMERIC = ("M", "T", "tokens", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "host_ms", "tflops", "floor_ratio",
+            "speedup_vs_eager", "rel_err", "gemm_tflops", "ref_gflop", "floor_gflop", "warmup_s")
+
+
+def read_csv(path: str) -> List[dict]:
+    """Rows of a bench CSV, numbers as numbers (empty cells: NaN), as ``run_bench`` returned them."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in _NUMERIC:
+            if k in r:
+                v = r[k]
+                r[k] = float("nan") if v in ("", None) else (int(v) if k in ("M", "T", "tokens") else float(v))
+        if "quick" in r:
+            r["quick"] = r["quick"] in ("True", "true", "1")
+    return rows
+
+
 def _fmt_csv(v):
     if isinstance(v, float):
         return "" if v != v else f"{v:.6g}"
@@ -44,7 +62,7 @@ def format_table(rows: List[dict], quick: bool = False, device=None) -> str:
     if device is not None and torch.device(device).type == "cpu":
         lines.append("CPU timings are only meaningful as ratios measured in the same run.")
     hdr = (f"{'provider':<9} {'mode':<8} {'median ms':>10} {'p20':>9} {'p80':>9} {'mem MB':>8} {'host ms':>8} "
-           f"{'TFLOP/s':>8} {'floor':>6} {'vs eager':>8}")
+           f"{'TFLOP/s':>8} {'floor':>6} {'vs eager':>8} {'rel err':>8}")
     points = []
     for r in rows:
         k = (r["config"], r["M"])
@@ -71,7 +89,7 @@ def format_table(rows: List[dict], quick: bool = False, device=None) -> str:
             lines.append(f"{r['provider']:<9} {r['mode']:<8} {_f(r['median_ms'], '10.3f')}{mark:1}"
                          f"{_f(r['p20_ms'], '9.3f')} {_f(r['p80_ms'], '9.3f')} {_f(r['peak_mem_mb'], '8.1f')} "
                          f"{_f(r['host_ms'], '8.3f')} {_f(r['tflops'], '8.4f')} {_f(r['floor_ratio'], '6.3f')} "
-                         f"{_f(r['speedup_vs_eager'], '7.2f')}x")
+                         f"{_f(r['speedup_vs_eager'], '7.2f')}x {_f(r.get('rel_err'), '8.1e')}")
     if any(r["status"] == "derived" for r in rows):
         lines.append("* backward derived as full - forward (retained-graph backward not supported by that provider)")
     if skipped:
@@ -80,7 +98,68 @@ def format_table(rows: List[dict], quick: bool = False, device=None) -> str:
         for (p, why), names in sorted(skipped.items()):
             lines.append(f"  {p:<8} {why}")
     lines.append("floor = (minimal exact GEMM FLOPs / measured GEMM rate) / time; 1.0 = at the floor.")
+    if any(isinstance(r.get("rel_err"), float) and r["rel_err"] == r["rel_err"] for r in rows):
+        lines.append("rel err (no-grad rows) = max |out - ref| / max |ref| against the eager reference's eval output "
+                     "in IEEE fp32 (no autocast, no TF32).")
     return "\n".join(lines)
+
+
+def _md(v, fmt, suffix=""):
+    return "–" if v is None or (isinstance(v, float) and v != v) or v == "" else format(v, fmt) + suffix
+
+
+def markdown_tables(rows: List[dict]) -> str:
+    """One markdown table per (config, M): a row per provider with the full step, forward and no-grad times,
+    speed-up vs eager, floor ratio, peak memory and the no-grad output's error (the README's results format)."""
+    out = []
+    points = []
+    for r in rows:
+        if (r["config"], r["M"]) not in points:
+            points.append((r["config"], r["M"]))
+    cols = [("full", "full step"), ("forward", "forward"), ("nograd", "no-grad")]
+    for name, M in points:
+        mine = [r for r in rows if r["config"] == name and r["M"] == M]
+        r0 = mine[0]
+        have = [(m, t) for m, t in cols if any(r["mode"] == m for r in mine)]
+        out.append(f"**{name}** (M={M}, T={r0['T']}, {r0['dtype']}; GEMM rate {_md(r0['gemm_tflops'], '.3g')} "
+                   f"TFLOP/s{'; QUICK timing' if r0.get('quick') else ''})")
+        out.append("")
+        head = ["provider"]
+        for _, t in have:
+            head += [f"{t} ms (× eager)", "floor", "peak MB"]
+        head.append("rel err")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        notes = []
+        for p in [p for p in PROVIDERS if any(r["provider"] == p for r in mine)]:
+            by = {r["mode"]: r for r in mine if r["provider"] == p}
+            if all(r.get("status") not in ("ok", "derived") for r in by.values()):
+                # nothing measured: one line under the table instead of a row of dashes
+                why = dict.fromkeys(f"{r.get('status')}: {r.get('note', '')}" for r in by.values())
+                notes.append(f"{p}: " + "; ".join(why))
+                continue
+            cells, err = [p], float("nan")
+            for m, _ in have:
+                r = by.get(m)
+                if r is None or r.get("status") not in ("ok", "derived"):
+                    cells += ["–" if r is None else r.get("status", "–"), "–", "–"]
+                    if r is not None:
+                        notes.append(f"{p} {m}: {r.get('status')}: {r.get('note', '')}")
+                    continue
+                derived = " †" if r.get("status") == "derived" else ""
+                cells += [f"{_md(r['median_ms'], '.3f')} ({_md(r['speedup_vs_eager'], '.2f', '×')}){derived}",
+                          _md(r["floor_ratio"], ".2f"), _md(r["peak_mem_mb"], ".0f")]
+                if m == "nograd":
+                    err = r.get("rel_err", float("nan"))
+            cells.append(_md(err, ".1e"))
+            out.append("| " + " | ".join(cells) + " |")
+        if notes:
+            out.append("")
+            out += [f"- {n}" for n in dict.fromkeys(notes)]
+        out.append("")
+    out.append("floor = (minimal exact GEMM FLOPs / GEMM rate measured in the same run) / time (1.0 = at the floor); "
+               "† = backward timed as full - forward (CUDA-graph replay); rel err = max |out - ref| / max |ref| of the no-grad output against the eager reference in IEEE fp32.")
+    return "\n".join(out)
 
 
 def plot(rows: List[dict], path: str):

@@ -14,8 +14,9 @@ from ..reference import SeqPE
 from .configs import (ALGO_PROVIDERS, CONFIGS, CSV_COLUMNS, CUDA_GRAPH_PROVIDERS, DEFAULT_PROVIDERS, MODE_FLOP_FACTOR,
                       MODES, PROVIDERS, QUICK_CONFIGS, QUICK_MODES, SWEEP_M_CPU, SWEEP_M_CPU_QUICK, SWEEP_M_CUDA,
                       BenchConfig, floor_fwd_flops, get_config, quick_M, ref_fwd_flops)
-from .providers import Provider, build_provider, check_exact, measure
+from .providers import Provider, build_provider, check_exact, measure, reference_output
 from .report import format_table, plot, write_csv
+from ..precision import fp32_matmul
 from .timing import TimingPolicy, device_slug, measure_gemm_rate, provenance
 from .workloads import make_positions
 
@@ -83,9 +84,14 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
         configs = [configs]
     configs = list(configs) if configs is not None else []
     if not configs or configs == ["all"]:
-        cfgs = [CONFIGS[n] for n in (QUICK_CONFIGS if quick else CONFIGS)]
+        # TF32 is a CUDA GEMM mode: off CUDA its config would only repeat the fp32 one
+        cfgs = [CONFIGS[n] for n in (QUICK_CONFIGS if quick else CONFIGS)
+                if device.type == "cuda" or not CONFIGS[n].tf32]
     else:
         cfgs = [get_config(c) for c in configs]
+        bad = [c.name for c in cfgs if c.tf32 and device.type != "cuda"]
+        if bad:
+            raise ValueError(f"bench config(s) {', '.join(bad)}: TF32 is a CUDA GEMM mode (device {device})")
     providers = list(providers) if providers else list(DEFAULT_PROVIDERS)
     for p in providers:
         if p not in PROVIDERS:
@@ -131,74 +137,11 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
         dynamo = None
     ref, ref_key = None, None
     for cfg in points:
-        key = replace(cfg, M=0)
-        if key != ref_key:  # a new configuration (sweep points of one config share module and graphs)
-            ref = None
-            if dynamo is not None:
-                dynamo.reset()  # no stale graphs / recompile-limit carry-over between configs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            torch.manual_seed(seed)
-            ref = SeqPE(**cfg.module_kwargs()).to(device)
-            ref.check_range = False  # positions are generated in range; the check is one host sync per call
-            ref_key = key
-        positions = make_positions(cfg, seed=seed, device=device)
-        rate = measure_gemm_rate(cfg, device, policy)
-        ac = cfg.autocast_dtype(device)
-        base = dict(config=cfg.name, M=cfg.M, T=cfg.T, tokens=cfg.tokens, dtype=cfg.dtype_label(device),
-                    gemm_tflops=rate / 1e12, quick=bool(quick), **prov_info)
-        for pname in providers:
-            prov = build_provider(pname, cfg, ref, device)
-            if not prov.skip_reason and pname in ALGO_PROVIDERS:
-                try:
-                    bad = check_exact(prov, ref, positions, ac, device)
-                except Exception as e:
-                    bad = f"{type(e).__name__}: {e}"
-                if bad:
-                    prov = Provider(pname, None, None, skip_reason=bad)
-            for mode in modes:
-                if bar is not None:
-                    bar.set_postfix_str(f"{cfg.name} M={cfg.M} {pname}/{mode}", refresh=False)
-                elif device.type == "cuda":
-                    # without the bar, still name each run: a CUDA fault kills the process without a row
-                    print(f"[bench] {cfg.name} M={cfg.M} {pname}/{mode}", file=sys.stderr, flush=True)
-                row = dict(base, provider=pname, mode=mode)
-                ff = MODE_FLOP_FACTOR[mode]
-                row["ref_gflop"] = ref_fwd_flops(cfg) * ff / 1e9
-                row["floor_gflop"] = floor_fwd_flops(cfg) * ff / 1e9
-                if mode not in prov.modes and not (mode == "backward" and prov.backward_derived
-                                                   and not prov.skip_reason):
-                    if bar is not None:
-                        bar.update(1)
-                    continue  # not applicable (dedup/prefix/cache are exact only without grad)
-                if mode not in prov.modes:  # CUDA-graph providers: backward = full - forward, with the reason
-                    row.update(status="derived", note=prov.backward_derived)
-                elif prov.skip_reason:
-                    row.update(status="skipped", note=prov.skip_reason)
-                else:
-                    try:
-                        with _dynamo_strict():
-                            res = measure(prov, mode, positions, cfg, device, policy)
-                        row.update(res, status="ok")
-                        row["note"] = "; ".join(x for x in (prov.note, row.get("note", "")) if x)
-                    except BackendUnavailable as e:
-                        row.update(status="skipped", note=str(e))
-                    except Exception as e:
-                        if mode == "backward":
-                            row.update(status="derived", note=f"retain_graph backward failed "
-                                                              f"({type(e).__name__}: {_short(e)}); full - forward")
-                        else:
-                            row.update(status="failed", note=f"{type(e).__name__}: {_short(e)}")
-                    finally:
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                rows.append(row)
-                if bar is not None:
-                    bar.update(1)
-            # drop the provider's module/compiled code before the next provider
-            del prov
-        _derive_backward(rows, cfg)
-        _fill_metrics(rows, cfg, rate)
+        # every row of a point under the config's fp32 GEMM precision (IEEE unless it is a TF32 config), set
+        # here so that a script's global TF32 switch cannot turn an 'fp32' row into a TF32 one
+        with fp32_matmul(tf32=cfg.tf32):
+            ref, ref_key = _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, policy,
+                                      seed, prov_info, quick)
     if bar is not None:
         bar.close()
     for r in rows:
@@ -220,6 +163,80 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
         except Exception as e:  # plotting must never lose the measurements
             print(f"could not draw {png_path}: {type(e).__name__}: {e}", file=file)
     return rows
+
+
+def _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, policy, seed, prov_info, quick):
+    """Every (provider, mode) row of one (config, M) point; returns the (reference module, its key) for the next."""
+    key = replace(cfg, M=0)
+    if key != ref_key:  # a new configuration (sweep points of one config share module and graphs)
+        ref = None
+        if dynamo is not None:
+            dynamo.reset()  # no stale graphs / recompile-limit carry-over between configs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.manual_seed(seed)
+        ref = SeqPE(**cfg.module_kwargs()).to(device)
+        ref.check_range = False  # positions are generated in range; the check is one host sync per call
+        ref_key = key
+    positions = make_positions(cfg, seed=seed, device=device)
+    want = reference_output(ref, positions) if "nograd" in modes else None  # for the rows' rel_err
+    rate = measure_gemm_rate(cfg, device, policy)
+    ac = cfg.autocast_dtype(device)
+    base = dict(config=cfg.name, M=cfg.M, T=cfg.T, tokens=cfg.tokens, dtype=cfg.dtype_label(device),
+                gemm_tflops=rate / 1e12, quick=bool(quick), **prov_info)
+    for pname in providers:
+        prov = build_provider(pname, cfg, ref, device)
+        if not prov.skip_reason and pname in ALGO_PROVIDERS:
+            try:
+                bad = check_exact(prov, ref, positions, ac, device)
+            except Exception as e:
+                bad = f"{type(e).__name__}: {e}"
+            if bad:
+                prov = Provider(pname, None, None, skip_reason=bad)
+        for mode in modes:
+            if bar is not None:
+                bar.set_postfix_str(f"{cfg.name} M={cfg.M} {pname}/{mode}", refresh=False)
+            elif device.type == "cuda":
+                # without the bar, still name each run: a CUDA fault kills the process without a row
+                print(f"[bench] {cfg.name} M={cfg.M} {pname}/{mode}", file=sys.stderr, flush=True)
+            row = dict(base, provider=pname, mode=mode)
+            ff = MODE_FLOP_FACTOR[mode]
+            row["ref_gflop"] = ref_fwd_flops(cfg) * ff / 1e9
+            row["floor_gflop"] = floor_fwd_flops(cfg) * ff / 1e9
+            if mode not in prov.modes and not (mode == "backward" and prov.backward_derived
+                                               and not prov.skip_reason):
+                if bar is not None:
+                    bar.update(1)
+                continue  # not applicable (dedup/prefix/cache are exact only without grad)
+            if mode not in prov.modes:  # CUDA-graph providers: backward = full - forward, with the reason
+                row.update(status="derived", note=prov.backward_derived)
+            elif prov.skip_reason:
+                row.update(status="skipped", note=prov.skip_reason)
+            else:
+                try:
+                    with _dynamo_strict():
+                        res = measure(prov, mode, positions, cfg, device, policy, want=want)
+                    row.update(res, status="ok")
+                    row["note"] = "; ".join(x for x in (prov.note, row.get("note", "")) if x)
+                except BackendUnavailable as e:
+                    row.update(status="skipped", note=str(e))
+                except Exception as e:
+                    if mode == "backward":
+                        row.update(status="derived", note=f"retain_graph backward failed "
+                                                          f"({type(e).__name__}: {_short(e)}); full - forward")
+                    else:
+                        row.update(status="failed", note=f"{type(e).__name__}: {_short(e)}")
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+        # drop the provider's module/compiled code before the next provider
+        del prov
+    _derive_backward(rows, cfg)
+    _fill_metrics(rows, cfg, rate)
+    return ref, ref_key
 
 
 @contextlib.contextmanager

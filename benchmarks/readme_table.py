@@ -1,0 +1,97 @@
+"""The README's results tables from bench CSVs, and where the step stands against issue 11's targets.
+
+    python benchmarks/readme_table.py benchmarks/results/<DEVICE>_bench_*.csv [--out tables.md]
+
+One markdown table per config (a row per provider: full step / forward / no-grad time with the speed-up vs
+eager, floor ratio, peak memory, and the no-grad output's error against the IEEE-fp32 reference), preceded by
+the provenance of the run (device, versions, commit, date) and followed by the targets: the text step's full
+step against eager (>= 4x), torch.compile (>= 2x) and compile's reduce-overhead mode (>= 1.3x), and the ViT-S
+step's floor ratio (>= 0.90). Paste the output into README.md's Results section.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from seqpe_kernels.bench import FUSED_PROVIDERS, GRAPH_PROVIDERS, markdown_tables, read_csv  # noqa: E402
+
+FUSED = tuple(p for p in FUSED_PROVIDERS if p != "cpu") + GRAPH_PROVIDERS
+TEXT_TARGETS = (("eager", 4.0), ("compile", 2.0), ("compile-cg", 1.3))
+FLOOR_TARGET = 0.90
+
+
+def _full(rows, config, provider):
+    for r in rows:
+        if r["config"] == config and r["provider"] == provider and r["mode"] == "full" and \
+                r.get("status") in ("ok", "derived") and r["median_ms"] == r["median_ms"]:
+            return r
+    return None
+
+
+def targets(rows) -> list:
+    out = ["**Targets (issue 11, full training step)**", ""]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    if "text-default" in configs:
+        out += ["| text-default | " + " | ".join(f"vs {b} (≥ {t:g}×)" for b, t in TEXT_TARGETS) + " |",
+                "|---|" + "---|" * len(TEXT_TARGETS)]
+        base = {b: _full(rows, "text-default", b) for b, _ in TEXT_TARGETS}
+        for p in FUSED:
+            r = _full(rows, "text-default", p)
+            if r is None:
+                continue
+            cells = []
+            for b, t in TEXT_TARGETS:
+                if base[b] is None:
+                    cells.append("not measured")
+                    continue
+                x = base[b]["median_ms"] / r["median_ms"]
+                cells.append(f"{x:.2f}× {'met' if x >= t else 'NOT met'}")
+            out.append(f"| {p} | " + " | ".join(cells) + " |")
+        out.append("")
+    for c in [c for c in configs if c.startswith("vits-default")]:
+        out += [f"| {c} | ms | × eager | floor (≥ {FLOOR_TARGET:g}) | rel err (no-grad) |", "|---|---|---|---|---|"]
+        for p in ("eager",) + FUSED:
+            r = _full(rows, c, p)
+            if r is None:
+                continue
+            ng = [x for x in rows if x["config"] == c and x["provider"] == p and x["mode"] == "nograd"]
+            err = ng[0].get("rel_err", float("nan")) if ng else float("nan")
+            verdict = "" if p == "eager" else (" met" if r["floor_ratio"] >= FLOOR_TARGET else " NOT met")
+            out.append(f"| {p} | {r['median_ms']:.3f} | {r['speedup_vs_eager']:.2f}× | {r['floor_ratio']:.2f}"
+                       f"{verdict} | {'–' if err != err else f'{err:.1e}'} |")
+        out.append("")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("csv", nargs="+", help="bench CSVs (seqpe-kernels bench --csv ...)")
+    ap.add_argument("--out", help="write the markdown here as well as to stdout")
+    a = ap.parse_args(argv)
+    rows = []
+    for path in a.csv:
+        if not os.path.exists(path):
+            print(f"readme_table: {path}: no such file", file=sys.stderr)
+            return 2
+        rows += read_csv(path)
+    if not rows:
+        print("readme_table: the CSVs hold no rows", file=sys.stderr)
+        return 2
+    prov = []
+    for key in ("device", "torch_version", "triton_version", "cuda_version", "git_commit", "date"):
+        vals = list(dict.fromkeys(str(r.get(key, "")) for r in rows))
+        prov.append(f"{key.replace('_version', '')} {', '.join(v for v in vals if v) or '-'}")
+    text = "\n".join([f"_{'; '.join(prov)}; from {', '.join(os.path.basename(p) for p in a.csv)}_", "",
+                      markdown_tables(rows), ""] + targets(rows))
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

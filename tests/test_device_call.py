@@ -1,0 +1,68 @@
+"""benchmarks/device_call.sh, dry-run on CPU: every command the leased-GPU call would run is well-formed (a typo
+there costs a whole 15-minute lease). python3 is a stub that records its arguments; each `seqpe-kernels`
+command line must parse, each pytest target and benchmark script must exist."""
+import os
+import shlex
+import stat
+import subprocess
+
+import pytest
+
+from seqpe_kernels.cli import build_parser
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+STUB = """#!/usr/bin/env bash
+printf '%s\\n' "$(printf '%q ' "$@")" >> "$CALLS"
+if [[ "$1" == -c ]]; then echo Test_GPU; fi
+exit 0
+"""
+
+
+def _dry_run(tmp_path, phase):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(STUB)
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    out, calls = tmp_path / "out", tmp_path / "calls.txt"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls))
+    r = subprocess.run(["bash", "benchmarks/device_call.sh", phase, str(out), "560"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "logs.tgz").exists(), "the logs must come back bundled"
+    return [shlex.split(line) for line in calls.read_text().splitlines()], out, r.stdout
+
+
+@pytest.mark.parametrize("phase", ["f"])
+def test_every_command_of_the_device_call_is_well_formed(tmp_path, phase):
+    calls, out, stdout = _dry_run(tmp_path, phase)
+    assert "skipped, out of time" not in stdout  # with instant commands every step runs
+    cli, scripts, pytests = [], [], []
+    for argv in calls:
+        args = [a for a in argv if a not in ("-X", "faulthandler")]
+        if args[:2] == ["-m", "seqpe_kernels.cli"]:
+            cli.append(args[2:])
+        elif args[:2] == ["-m", "pytest"]:
+            pytests.append(args[2:])
+        elif args and args[0].endswith(".py"):
+            scripts.append(args[0])
+    parser = build_parser()
+    for a in cli:
+        try:
+            parser.parse_args(a)
+        except SystemExit as e:
+            pytest.fail(f"device_call.sh {phase}: `seqpe-kernels {' '.join(a)}` does not parse (exit {e.code})")
+    for a in pytests:
+        targets = [x for x in a if x.startswith("tests")]
+        assert targets, a
+        for t in targets:
+            assert os.path.exists(os.path.join(ROOT, t.split("::")[0])), f"pytest target {t} does not exist"
+    for s in scripts:
+        assert os.path.exists(os.path.join(ROOT, s)), f"script {s} does not exist"
+    # what phase f must at least run: parity checks, the GPU tier, both paper configs, the TF32 row, the tables
+    joined = [" ".join(a) for a in cli]
+    for want in ("check --backend triton", "check --backend cuda", "--config text-default", "--config vits-default ",
+                 "--config vits-default-tf32"):
+        assert any(want in j + " " for j in joined), f"phase {phase} no longer runs `{want}`"
+    assert any("-m gpu" in " ".join(a) for a in pytests)
+    assert "benchmarks/readme_table.py" in scripts

@@ -1,0 +1,56 @@
+"""benchmarks/readme_table.py: the README's results tables and the issue-11 target verdicts from bench CSVs."""
+import math
+
+from conftest import benchmark_module
+from seqpe_kernels.bench import CSV_COLUMNS, read_csv, write_csv
+
+RT = benchmark_module("readme_table")
+
+
+def _row(config, provider, mode, ms, floor=0.5, err=math.nan, status="ok", eager_ms=None, note=""):
+    r = {c: "" for c in CSV_COLUMNS}
+    r.update(config=config, provider=provider, mode=mode, status=status, M=100, T=6, tokens=600, median_ms=ms,
+             p20_ms=ms, p80_ms=ms, peak_mem_mb=123.0, host_ms=math.nan, tflops=1.0, floor_ratio=floor,
+             speedup_vs_eager=(eager_ms / ms) if eager_ms else math.nan, rel_err=err, gemm_tflops=50.0,
+             device="Test GPU", torch_version="2.x", triton_version="3.x", cuda_version="13", dtype="fp32",
+             git_commit="abc123", date="2026-11-30", quick=False, note=note)
+    return r
+
+
+def test_tables_and_verdicts_from_a_csv(tmp_path, capsys):
+    rows = [_row("text-default", "eager", "full", 8.0, eager_ms=8.0),
+            _row("text-default", "compile", "full", 6.0, eager_ms=8.0),
+            _row("text-default", "compile-cg", "full", 2.5, eager_ms=8.0),
+            _row("text-default", "cuda-graph", "full", 1.6, eager_ms=8.0),     # 5x eager, 3.75x compile, 1.56x cg
+            _row("text-default", "triton-graph", "full", 2.5, eager_ms=8.0),   # 3.2x eager: not met
+            _row("text-default", "triton", "nograd", 1.0, err=3e-3, eager_ms=2.0),
+            _row("text-default", "cpu", "full", math.nan, status="skipped", note="needs a CPU tensor"),
+            _row("vits-default", "eager", "full", 18.0, floor=0.38, eager_ms=18.0),
+            _row("vits-default", "cuda", "full", 7.0, floor=0.95, eager_ms=18.0),
+            _row("vits-default", "cuda", "nograd", 2.0, err=4e-7, eager_ms=6.0),
+            _row("vits-default", "triton", "full", 9.0, floor=0.70, eager_ms=18.0)]
+    path = tmp_path / "b.csv"
+    write_csv(rows, str(path))
+    back = read_csv(str(path))
+    assert back[0]["M"] == 100 and back[0]["median_ms"] == 8.0 and math.isnan(back[0]["rel_err"])
+    out_md = tmp_path / "t.md"
+    assert RT.main([str(path), "--out", str(out_md)]) == 0
+    text = capsys.readouterr().out
+    assert out_md.read_text().strip() == text.strip()
+    assert "device Test GPU" in text and "git_commit abc123" in text
+    assert "| cuda-graph | 1.600 (5.00×) | 0.50 | 123 |" in text
+    assert "| triton | – | – | – | 1.000 (2.00×) | 0.50 | 123 | 3.0e-03 |" in text
+    assert "- cpu: skipped: needs a CPU tensor" in text and "| cpu |" not in text
+    assert "| cuda-graph | 5.00× met | 3.75× met | 1.56× met |" in text
+    assert "| triton-graph | 3.20× NOT met | 2.40× met | 1.00× NOT met |" in text
+    assert "| cuda | 7.000 | 2.57× | 0.95 met | 4.0e-07 |" in text
+    assert "| triton | 9.000 | 2.00× | 0.70 NOT met | – |" in text
+
+
+def test_missing_or_empty_csv_is_a_clear_error(tmp_path, capsys):
+    assert RT.main([str(tmp_path / "nope.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    empty = tmp_path / "e.csv"
+    write_csv([], str(empty))
+    assert RT.main([str(empty)]) == 2
+    assert "no rows" in capsys.readouterr().err

@@ -59,6 +59,19 @@ def test_check_passes_on_cpu(capsys):
     assert "not checked" in out or all(f"\n{b} " in out for b in BACKENDS)
 
 
+def test_check_runs_in_ieee_fp32_whatever_the_script_set(monkeypatch):
+    """run_check's fp32 parity is defined in IEEE fp32 GEMMs; a global TF32 switch must not leak into it, and
+    the script's switch is back afterwards."""
+    from seqpe_kernels import check as check_mod
+    from seqpe_kernels.precision import fp32_matmul, tf32_enabled
+    seen = []
+    monkeypatch.setattr(check_mod, "_run_check", lambda *a, **k: seen.append(tf32_enabled()) or True)
+    with fp32_matmul(tf32=True):
+        assert check_mod.run_check(device="cpu", verbose=False) is True
+        assert tf32_enabled()
+    assert seen == [False]
+
+
 def test_check_reports_a_failure(monkeypatch, capsys):
     """A wrong fused result must fail the check (exit code 1), not pass silently."""
     from seqpe_kernels import check

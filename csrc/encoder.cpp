@@ -120,6 +120,35 @@ inline Tensor saved_cast(const Tensor& cast_t, const Tensor& param_t) {
 
 inline Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
+// Every GEMM weight and bias (per layer c_attn, attn c_proj, c_fc, mlp c_proj; the output projection) in the
+// compute dtype, indexed like params (other entries undefined). Under autocast they are cast together: one
+// multi-tensor launch on CUDA (_foreach_copy_, the same static_cast as Tensor.to) instead of one cast kernel
+// each (18 in the paper's 2-layer config); parameters already in the compute dtype are used as they are.
+std::vector<Tensor> gemm_params(const TensorList& params, const Cfg& c) {
+  std::vector<Tensor> out(params.size()), dst, src;
+  auto add = [&](int64_t i) {
+    const Tensor& p = param(params, i);
+    if (p.scalar_type() == c.cdt) {
+      out[static_cast<size_t>(i)] = p;
+      return;
+    }
+    out[static_cast<size_t>(i)] = alloc(p.sizes(), p.options().dtype(c.cdt));
+    dst.push_back(out[static_cast<size_t>(i)]), src.push_back(p);
+  };
+  for (int64_t i = 0; i < c.nl; ++i)
+    for (int64_t j : {2, 3, 4, 5, 8, 9, 10, 11}) add(4 + 12 * i + j);
+  add(4 + 12 * c.nl + 2), add(4 + 12 * c.nl + 3);
+  const bool one_dtype = std::all_of(src.begin(), src.end(), [&](const Tensor& t) {
+    return t.scalar_type() == src[0].scalar_type();
+  });
+  if (src.size() > 1 && one_dtype) {
+    at::_foreach_copy_(dst, src);
+  } else {
+    for (size_t j = 0; j < src.size(); ++j) dst[j].copy_(src[j]);
+  }
+  return out;
+}
+
 Tensor embedding_table(const Tensor& tok, const Tensor& pos, const Tensor& dim, const Tensor& cls, const Cfg& c) {
   Tensor tab = tok.unsqueeze(1) + pos.unsqueeze(0);
   if (c.data_dim > 1) tab = tab + dim.expand({-1, c.K, -1}).reshape({1, c.L, c.D});
@@ -365,14 +394,15 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
   std::tie(std::ignore, a_tab, mt, rt) =
       k.rln_fwd.call(tab, std::nullopt, param(params, 4), param(params, 5), c.eps1[0], 0.0, std::nullopt, 0, c.code);
   keep(rows), keep(tab), keep(a_tab), keep(mt), keep(rt);
+  const std::vector<Tensor> cw = gemm_params(params, c);
+  auto W = [&](int64_t i) -> const Tensor& { return cw[static_cast<size_t>(i)]; };
   Tensor a;  // LN1 output of the current layer (layers >= 1)
   for (int64_t i = 0; i < c.nl; ++i) {
     const int64_t o0 = 4 + 12 * i;
     const Tensor Wa_p = param(params, o0 + 2), Wo_p = param(params, o0 + 4), Wf_p = param(params, o0 + 8),
                  Wp_p = param(params, o0 + 10);
-    const Tensor Wa = cast(Wa_p, c.cdt), ba = cast(param(params, o0 + 3), c.cdt), Wo = cast(Wo_p, c.cdt),
-                 bo = cast(param(params, o0 + 5), c.cdt), Wf = cast(Wf_p, c.cdt), bf = cast(param(params, o0 + 9), c.cdt),
-                 Wp = cast(Wp_p, c.cdt), bp = cast(param(params, o0 + 11), c.cdt);
+    const Tensor Wa = W(o0 + 2), ba = W(o0 + 3), Wo = W(o0 + 4), bo = W(o0 + 5), Wf = W(o0 + 8), bf = W(o0 + 9),
+                 Wp = W(o0 + 10), bp = W(o0 + 11);
     const Tensor ln2w = param(params, o0 + 6), ln2b = param(params, o0 + 7);
     keep(saved_cast(Wa, Wa_p)), keep(saved_cast(Wo, Wo_p)), keep(saved_cast(Wf, Wf_p)), keep(saved_cast(Wp, Wp_p));
     if (i < c.nl - 1) {  // full block
@@ -421,7 +451,7 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
       fin = h3;
     }
     const Tensor Wout_p = param(params, fo + 2);
-    const Tensor Wout = cast(Wout_p, c.cdt), bout = cast(param(params, fo + 3), c.cdt);
+    const Tensor Wout = W(fo + 2), bout = W(fo + 3);
     const Tensor fin_c = cast(fin, c.cdt);
     Tensor out = mm(fin_c, false, Wout, true, bout);
     if (c.inv_tau != 1.0) out = out * c.inv_tau;

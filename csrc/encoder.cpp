@@ -64,7 +64,7 @@ Cfg parse(at::IntArrayRef ic, at::ArrayRef<double> fc) {
 
 // ------------------------------------------------------------------------ the per-op kernels (dispatched)
 using EmbedFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, bool, int64_t);
-using EmbedBwd = Tensor4(const Tensor&, const Tensor&, bool, int64_t, int64_t, int64_t);
+using EmbedBwd = Tensor4(const Tensor&, const Tensor&, bool, int64_t, int64_t, int64_t, const OptTensor&);
 using RlnFwd = Tensor4(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
                        const OptTensor&, int64_t, int64_t);
 using AttnFwd = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t, double, double,
@@ -605,14 +605,15 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   std::tie(dtab, std::ignore, dw1, db1, std::ignore) = k.rln_bwd_bias.call(
       d_a_tab, std::nullopt, G(G_TAB), param(params, 4), G(G_MT), G(G_RT), 0.0, std::nullopt, 0, false, 0);
   put(4, dw1), put(5, db1);
+  // the table's gradient is folded into the embedding gradients inside the op (one kernel writes all four on
+  // CUDA; no sums, adds or casts after it)
   Tensor dtok, dpos, ddim, dcls;
-  std::tie(dtok, dpos, ddim, dcls) = k.embed_bwd.call(dh.view({M, T, D}), x, c.from_positions, c.K, c.base, c.data_dim);
-  Tensor body = dtab.narrow(0, 0, nrows - 1).view({c.base, c.L, D});
-  put(0, dtok + body.sum(1));
-  put(1, dpos + body.sum(0));
-  if (c.data_dim > 1)
-    put(2, ddim + body.view({c.base, c.data_dim, c.K, D}).sum(at::IntArrayRef{0, 2}).view({c.data_dim, 1, D}));
-  put(3, dcls + dtab.narrow(0, nrows - 1, 1).view({1, 1, D}));
+  std::tie(dtok, dpos, ddim, dcls) =
+      k.embed_bwd.call(dh.view({M, T, D}), x, c.from_positions, c.K, c.base, c.data_dim, dtab);
+  put(0, dtok);
+  put(1, dpos);
+  if (c.data_dim > 1) put(2, ddim);
+  put(3, dcls);
   return grads;  // undefined where no gradient was needed
 }
 

@@ -371,7 +371,7 @@ bool embed_bwd_kernel(const DigitArgs& a, const char* g, ScalarType gst, int64_t
 }
 
 Tensor4 digit_embed_bwd_cpu(const Tensor& g_, const Tensor& x_, bool from_positions, int64_t max_digits,
-                            int64_t base, int64_t data_dim) {
+                            int64_t base, int64_t data_dim, const OptTensor& table_grad) {
   TORCH_CHECK(g_.dim() == 3, "seqpe_ext::digit_embed_bwd: g must be [M, T, D]");
   check_float_dtype(g_, "digit_embed_bwd", "g");
   const int64_t M = g_.size(0), T = g_.size(1), D = g_.size(2), L = T - 1, K = max_digits;
@@ -381,23 +381,30 @@ Tensor4 digit_embed_bwd_cpu(const Tensor& g_, const Tensor& x_, bool from_positi
   const int64_t sxm = x.dim() == 2 ? x.size(1) : 1;
   const auto st = g.scalar_type();
   const auto acc_dt = st == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor tg = table_grad_in(table_grad, g, base, L, D, acc_dt);
   const int64_t per = std::max<int64_t>(16, cdiv(M, 64));
   const int64_t n_chunks = std::max<int64_t>(1, cdiv(M, per));
-  const int64_t rows = base + T;
+  const int64_t rows = base + T, n_out = base + T + (data_dim > 1 ? data_dim : 0);
   Tensor part = at::zeros({n_chunks, rows, D}, g.options().dtype(acc_dt));
   Tensor total = alloc({rows, D}, g.options().dtype(acc_dt));
+  Tensor out = alloc({n_out, D}, g.options().dtype(acc_dt));
   const std::vector<int64_t> pw = digit_powers(K, base);
   const DigitArgs args{x.data_ptr<int64_t>(), sxm, M, L, T, D, K, base, from_positions, pw.data()};
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_digit_embed_bwd", [&] {
     ok = embed_bwd_kernel<scalar_t>(args, byte_ptr(g), st, g.element_size(), part.data_ptr<scalar_t>(), per,
                                     n_chunks, total.data_ptr<scalar_t>());
+    const scalar_t* tot = total.data_ptr<scalar_t>();
+    const scalar_t* tab = tg.defined() ? tg.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < n_out; ++r)
+      for (int64_t c = 0; c < D; ++c) o[r * D + c] = embed_grad_out<scalar_t>(r, c, D, base, L, K, tot, 1, rows, tab);
   });
   TORCH_CHECK(ok, "seqpe_ext::digit_embed_bwd: a digit is outside [0, ", base, ")");
-  Tensor d_tok = total.narrow(0, 0, base).to(st, /*non_blocking=*/false, /*copy=*/true);
-  Tensor d_pos = total.narrow(0, base, L).to(st, false, true);
-  Tensor d_cls = total.narrow(0, base + L, 1).to(st, false, true).view({1, 1, D});
-  Tensor d_dim = data_dim > 1 ? total.narrow(0, base, L).view({data_dim, K, D}).sum(1, true).to(st)
+  Tensor d_tok = out.narrow(0, 0, base).to(st, /*non_blocking=*/false, /*copy=*/true);
+  Tensor d_pos = out.narrow(0, base, L).to(st, false, true);
+  Tensor d_cls = out.narrow(0, base + L, 1).to(st, false, true).view({1, 1, D});
+  Tensor d_dim = data_dim > 1 ? out.narrow(0, base + T, data_dim).to(st, false, true).view({data_dim, 1, D})
                               : alloc({0}, g.options());
   return {d_tok, d_pos, d_dim, d_cls};
 }
@@ -1123,7 +1130,8 @@ Tensor dropout_keep_mask_host(int64_t seed, int64_t n, double p, int64_t start) 
 TORCH_LIBRARY(seqpe_ext, m) {
   m.def("digit_embed_fwd(Tensor x, Tensor tok, Tensor pos, Tensor? dim, Tensor cls, bool from_positions, "
         "int max_digits) -> Tensor");
-  m.def("digit_embed_bwd(Tensor g, Tensor x, bool from_positions, int max_digits, int base, int data_dim) -> "
+  m.def("digit_embed_bwd(Tensor g, Tensor x, bool from_positions, int max_digits, int base, int data_dim, "
+        "Tensor? table_grad=None) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("residual_layernorm_fwd(Tensor x, Tensor? y, Tensor? w, Tensor? b, float eps, float p, Tensor? seeds, "
         "int seed_idx, int out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -174,6 +174,7 @@ __global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, 
   if (c >= a.D) return;
   const int64_t D = a.D, T = a.T, rows = a.base + T;
   acc_t* P = part + ch * rows * D;
+  for (int64_t r = 0; r < rows; ++r) P[r * D + c] = 0;  // this thread's column of its chunk: no memset launch
   const int64_t m_end = min(a.M, (ch + 1) * per);
   for (int64_t m = ch * per; m < m_end; ++m) {
     for (int64_t j = 0; j < T; ++j) {
@@ -185,6 +186,22 @@ __global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, 
       }
     }
   }
+}
+
+// the outputs of digit_embed_bwd: row r of [d_tok; d_pos; d_cls; d_dim] (embed_grad_out), each written in g's
+// dtype into its own tensor (no total tensor, no cast or sum kernels after)
+template <typename acc_t>
+__global__ void embed_bwd_out_kernel(const acc_t* part, int64_t n_chunks, int64_t rows, const acc_t* tab, int64_t D,
+                                     int64_t base, int64_t L, int64_t K, int64_t n_out, int odt, void* d_tok,
+                                     void* d_pos, void* d_cls, void* d_dim) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_out * D) return;
+  const int64_t r = i / D, c = i % D;
+  const acc_t v = embed_grad_out<acc_t>(r, c, D, base, L, K, part, n_chunks, rows, tab);
+  if (r < base) st<acc_t>(d_tok, odt, r * D + c, v);
+  else if (r < base + L) st<acc_t>(d_pos, odt, (r - base) * D + c, v);
+  else if (r == base + L) st<acc_t>(d_cls, odt, c, v);
+  else st<acc_t>(d_dim, odt, (r - base - L - 1) * D + c, v);
 }
 
 // out[i] = sum over chunks (in order) of part[ch * stride + i], i < n
@@ -239,7 +256,7 @@ Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& 
 }
 
 Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_positions, int64_t max_digits,
-                             int64_t base, int64_t data_dim) {
+                             int64_t base, int64_t data_dim, const OptTensor& table_grad) {
   c10::cuda::CUDAGuard guard(g_.device());
   TORCH_CHECK(g_.dim() == 3, "seqpe_ext::digit_embed_bwd: g must be [M, T, D]");
   check_float_dtype(g_, "digit_embed_bwd", "g");
@@ -249,11 +266,17 @@ Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_posit
   const Tensor x = x_.to(g.device(), at::kLong).contiguous();
   const auto gst = g.scalar_type();
   const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor tg = table_grad_in(table_grad, g, base, L, D, acc_dt);
   const int64_t per = std::max<int64_t>(32, cdiv(M, 256));
   const int64_t n_chunks = std::max<int64_t>(1, cdiv(M, per));
-  const int64_t rows = base + T;
-  Tensor part = at::zeros({n_chunks, rows, D}, g.options().dtype(acc_dt));
-  Tensor total = at::empty({rows, D}, g.options().dtype(acc_dt));
+  const int64_t rows = base + T, n_out = base + T + (data_dim > 1 ? data_dim : 0);
+  // every thread of embed_bwd_kernel zeroes its own column of its chunk first; with M = 0 there is no chunk
+  // to sum: one zeroed partial
+  Tensor part = M > 0 ? at::empty({n_chunks, rows, D}, g.options().dtype(acc_dt))
+                      : at::zeros({n_chunks, rows, D}, g.options().dtype(acc_dt));
+  Tensor d_tok = at::empty({base, D}, g.options()), d_pos = at::empty({L, D}, g.options()),
+         d_cls = at::empty({1, 1, D}, g.options()),
+         d_dim = data_dim > 1 ? at::empty({data_dim, 1, D}, g.options()) : at::empty({0}, g.options());
   const DigitP a = digit_params(x, M, L, T, D, K, base, from_positions);
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_digit_embed_bwd_cuda", [&] {
     if (M > 0 && D > 0) {
@@ -263,18 +286,15 @@ Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_posit
                                                                  part.data_ptr<scalar_t>(), per);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const int64_t n = rows * D;
+    const int64_t n = n_out * D;
     if (n > 0) {
-      chunk_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
-          part.data_ptr<scalar_t>(), n_chunks, n, n, total.data_ptr<scalar_t>());
+      embed_bwd_out_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+          part.data_ptr<scalar_t>(), n_chunks, rows, tg.defined() ? tg.data_ptr<scalar_t>() : nullptr, D, base, L,
+          K, n_out, dcode(gst), d_tok.data_ptr(), d_pos.data_ptr(), d_cls.data_ptr(),
+          data_dim > 1 ? d_dim.data_ptr() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  Tensor d_tok = total.narrow(0, 0, base).to(gst, false, true);
-  Tensor d_pos = total.narrow(0, base, L).to(gst, false, true);
-  Tensor d_cls = total.narrow(0, base + L, 1).to(gst, false, true).view({1, 1, D});
-  Tensor d_dim = data_dim > 1 ? total.narrow(0, base, L).view({data_dim, K, D}).sum(1, true).to(gst)
-                              : at::empty({0}, g.options());
   return {d_tok, d_pos, d_dim, d_cls};
 }
 

@@ -107,6 +107,54 @@ SEQPE_HOST_DEVICE int64_t table_row(const int64_t* xm, int64_t sxc, int64_t j, i
   return d * L + j;
 }
 
+// seqpe_ext::digit_embed_bwd's output element (row r of [d_tok: base rows; d_pos: L; d_cls: 1; d_dim: data_dim rows
+// when data_dim > 1], column c): the per-chunk partials summed in chunk order (part [n_chunks, rows, D], internal
+// rows [token digits: base; slots 0..L-1; CLS]; the CPU passes its total with n_chunks = 1), plus, when tab is
+// given, layer 0's (digit, slot) table gradient folded in (row v * L + s: digit v at slot s; row base * L: CLS;
+// [base * L + 1, D], accumulator dtype). One definition for the CPU loop and the CUDA kernel.
+template <typename acc_t>
+SEQPE_HOST_DEVICE acc_t embed_grad_out(int64_t r, int64_t c, int64_t D, int64_t base, int64_t L, int64_t K,
+                                       const acc_t* part, int64_t n_chunks, int64_t rows, const acc_t* tab) {
+  auto sum = [&](int64_t r2) {
+    acc_t s = 0;
+    for (int64_t ch = 0; ch < n_chunks; ++ch) s += part[(ch * rows + r2) * D + c];
+    return s;
+  };
+  auto t = [&](int64_t row) { return tab[row * D + c]; };
+  acc_t s = 0;
+  if (r < base) {  // token digit r: every slot's table row of that digit
+    s = sum(r);
+    if (tab)
+      for (int64_t j = 0; j < L; ++j) s += t(r * L + j);
+  } else if (r < base + L) {  // slot r - base: every digit's row at that slot
+    s = sum(r);
+    if (tab)
+      for (int64_t v = 0; v < base; ++v) s += t(v * L + (r - base));
+  } else if (r == base + L) {  // CLS
+    s = sum(r);
+    if (tab) s += t(base * L);
+  } else {  // dimension dd: its K slots
+    const int64_t dd = r - base - L - 1;
+    for (int64_t k = 0; k < K; ++k) s += sum(base + dd * K + k);
+    if (tab)
+      for (int64_t v = 0; v < base; ++v)
+        for (int64_t k = 0; k < K; ++k) s += t(v * L + dd * K + k);
+  }
+  return s;
+}
+
+// seqpe_ext::digit_embed_bwd's optional table_grad (either device): [base * L + 1, D] float on g's device, as a
+// contiguous tensor in the accumulator dtype (undefined when absent)
+inline Tensor table_grad_in(const OptTensor& tg, const Tensor& g, int64_t base, int64_t L, int64_t D,
+                            at::ScalarType acc) {
+  if (!has(tg)) return Tensor();
+  check_float_dtype(*tg, "digit_embed_bwd", "table_grad");
+  TORCH_CHECK(tg->dim() == 2 && tg->size(0) == base * L + 1 && tg->size(1) == D && tg->device() == g.device(),
+              "seqpe_ext::digit_embed_bwd: table_grad must be [base * L + 1, D] = [", base * L + 1, ", ", D,
+              "] on ", g.device(), ", got ", tg->sizes(), " on ", tg->device());
+  return cast(*tg, acc).contiguous();
+}
+
 // seqpe_ext::table_grad (either device): checks g [M, T, C] float, rows [M, T] int64, T = L + 1, n_rows = base *
 // L + 1; returns base
 inline int64_t table_grad_args(const Tensor& g, const Tensor& rows, int64_t n_rows, int64_t L) {

@@ -187,3 +187,60 @@ def test_extension_table_grad_matches_embedding_backward(M, K, base, d, C, dt, s
     assert ((out.double() - ref).abs().max() / scale).item() <= TOL[dt]
     with pytest.raises(RuntimeError, match="do not describe a"):
         ops.table_grad(g, rows, n, L + 1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ext"])
+@settings(max_examples=25, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(0, 80), K=st.integers(1, 3), base=st.sampled_from([2, 10, 16]), d=st.integers(1, 3),
+       D=st.sampled_from([1, 7, 130, 300]), from_positions=st.booleans(), with_tab=st.booleans(),
+       dt=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 2 ** 31 - 1))
+def test_embedding_backward_folds_the_table_gradient(impl, M, K, base, d, D, from_positions, with_tab, dt, seed):
+    """The digit-embedding backward with table_grad (both encoders' last backward step: layer 0's table gradient
+    folded into the token / slot / dimension / CLS gradients inside the op -- Triton: in its output launch;
+    C++/CUDA: seqpe_ext::digit_embed_bwd, one kernel writing all four on CUDA, both devices from csrc/seqpe_ext.h's
+    embed_grad_out) against the same sums in fp64 with ATen ops: digit ids or positions, 1-3 dimensions,
+    sequence counts crossing the partial chunks, widths crossing the column blocks, and without a table
+    gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    L, T = K * d, K * d + 1
+    if from_positions:
+        x = torch.randint(0, base ** K, (M, d), generator=gen)
+        digits = torch.stack([(x[:, a:a + 1] // base ** torch.arange(K - 1, -1, -1)) % base for a in range(d)],
+                             1).reshape(M, L)
+    else:
+        x = digits = torch.randint(0, base, (M, L), generator=gen)
+    g = torch.randn(M, T, D, generator=gen).to(dt)
+    tg = torch.randn(base * L + 1, D, generator=gen) if with_tab else None
+    if impl == "ext":
+        from conftest import require_ext
+
+        from seqpe_kernels import _ext
+
+        require_ext(torch.device(DEV).type)
+        fn, err = _ext.load().digit_embed_bwd, RuntimeError
+    else:
+        from seqpe_kernels.ops.digit_embed import digit_embed_backward as fn
+        err = ValueError
+    got = fn(g.to(DEV), x.to(DEV), from_positions, K, base, d, tg.to(DEV) if with_tab else None)
+    g64 = g.double()
+    want_tok = torch.zeros(base, D, dtype=torch.float64).index_add_(0, digits.reshape(-1),
+                                                                    g64[:, :L].reshape(-1, D))
+    want_pos = g64[:, :L].sum(0)
+    want_cls = g64[:, L].sum(0).view(1, 1, D)
+    if with_tab:
+        body = tg.double()[:-1].view(base, L, D)
+        want_tok += body.sum(1)
+        want_pos += body.sum(0)
+        want_cls += tg.double()[-1].view(1, 1, D)
+    want_dim = want_pos.view(d, K, D).sum(1, keepdim=True)
+    dtok, dpos, ddim, dcls = got
+    assert dtok.shape == (base, D) and dpos.shape == (L, D) and dcls.shape == (1, 1, D)
+    assert ddim.shape == ((d, 1, D) if d > 1 else (0,))
+    assert all(t.dtype == dt and t.device.type == torch.device(DEV).type for t in got)
+    scale = max(g64.abs().sum((0, 1)).max().item() + (tg.abs().sum(0).max().item() if with_tab else 0), 1e-30)
+    pairs = [(dtok, want_tok), (dpos, want_pos), (dcls, want_cls)] + ([(ddim, want_dim)] if d > 1 else [])
+    for out, want in pairs:
+        assert ((out.cpu().double() - want).abs().max() / scale).item() <= TOL[dt], (impl, out.shape)
+    if with_tab:
+        with pytest.raises(err, match="table_grad must be"):
+            fn(g.to(DEV), x.to(DEV), from_positions, K, base, d, tg[1:].to(DEV))

@@ -94,6 +94,51 @@ def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, sxc, M, L, T, D, seqs_per_pro
     tl.store(POS_PART + pid * TP * D + j[:, None] * D + cols[None, :], acc_pos, mask=cm[None, :])
 
 
+@direct
+@triton.jit
+def _embed_bwd_out(TOK_PART, POS_PART, TAB, D_TOK, D_POS, D_CLS, D_DIM, n_prog, L, D, K: tl.constexpr,
+                   BASE: tl.constexpr, BASEP: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr,
+                   HAS_TAB: tl.constexpr, ACC: tl.constexpr):
+    """Output row r of [d_tok: BASE rows; d_pos: L; d_cls: 1; d_dim: one per dimension]: the programs' partials
+    summed in program order, plus (HAS_TAB) layer 0's (digit, slot) table gradient folded in (row v * L + s:
+    digit v at slot s; row BASE * L: CLS), each written in the output dtype. Replaces the partial sums, casts and
+    the encoder's table sums and adds (csrc/seqpe_ext.h embed_grad_out is the C++/CUDA twin)."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    cm = cols < D
+    s = tl.zeros([BD], dtype=ACC)
+    if r < BASE:  # token digit r: every slot's table row of that digit
+        for p in range(0, n_prog):
+            s += tl.load(TOK_PART + (p * BASEP + r) * D + cols, mask=cm, other=0.0)
+        if HAS_TAB:
+            for j in range(0, L):
+                s += tl.load(TAB + (r * L + j) * D + cols, mask=cm, other=0.0).to(ACC)
+        tl.store(D_TOK + r * D + cols, s, mask=cm)
+    elif r < BASE + L:  # slot r - BASE: every digit's row at that slot
+        for p in range(0, n_prog):
+            s += tl.load(POS_PART + (p * TP + r - BASE) * D + cols, mask=cm, other=0.0)
+        if HAS_TAB:
+            for v in range(0, BASE):
+                s += tl.load(TAB + (v * L + r - BASE) * D + cols, mask=cm, other=0.0).to(ACC)
+        tl.store(D_POS + (r - BASE) * D + cols, s, mask=cm)
+    elif r == BASE + L:  # CLS
+        for p in range(0, n_prog):
+            s += tl.load(POS_PART + (p * TP + L) * D + cols, mask=cm, other=0.0)
+        if HAS_TAB:
+            s += tl.load(TAB + BASE * L * D + cols, mask=cm, other=0.0).to(ACC)
+        tl.store(D_CLS + cols, s, mask=cm)
+    else:  # dimension dd: its K slots
+        dd = r - BASE - L - 1
+        for k in range(0, K):
+            for p in range(0, n_prog):
+                s += tl.load(POS_PART + (p * TP + dd * K + k) * D + cols, mask=cm, other=0.0)
+        if HAS_TAB:
+            for v in range(0, BASE):
+                for k in range(0, K):
+                    s += tl.load(TAB + (v * L + dd * K + k) * D + cols, mask=cm, other=0.0).to(ACC)
+        tl.store(D_DIM + dd * D + cols, s, mask=cm)
+
+
 _POW: dict = {}
 
 
@@ -137,32 +182,45 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
 
 
 def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool, max_digits: int, base: int,
-                         data_dim: int):
-    """Returns (d_tok [base, D], d_pos [L, D], d_dim [d, 1, D] (empty if d == 1), d_cls [1, 1, D])."""
+                         data_dim: int, table_grad: Optional[torch.Tensor] = None):
+    """Returns (d_tok [base, D], d_pos [L, D], d_dim [d, 1, D] (empty if d == 1), d_cls [1, 1, D]) in g's dtype.
+    ``table_grad`` [base * L + 1, D] (the encoder's layer-0 table gradient, row digit * L + slot, CLS last) is
+    folded into them by the same launch. Two launches: the programs' partials, then every output row."""
     M, T, D = g.shape
     L = T - 1
     K = max_digits
     g = g.contiguous()
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if table_grad is not None:
+        if table_grad.shape != (base * L + 1, D) or table_grad.device != g.device or \
+                not table_grad.dtype.is_floating_point:
+            raise ValueError(f"digit_embed_backward: table_grad must be a float [base * L + 1, D] = "
+                             f"[{base * L + 1}, {D}] tensor on {g.device}, got {tuple(table_grad.shape)} "
+                             f"{table_grad.dtype} on {table_grad.device}")
+        table_grad = table_grad.contiguous()
     TP, BASEP = next_pow2(T), next_pow2(base)
     BD = max(16, min(128, next_pow2(D), 8192 // (TP * BASEP)))
     n_prog = max(1, min(M, 2 * num_sms(g.device)))
     per = cdiv(M, n_prog) if M else 1
     n_prog = cdiv(M, per) if M else 1
-    tok_part = g.new_zeros((n_prog, BASEP, D), dtype=acc)
-    pos_part = g.new_zeros((n_prog, TP, D), dtype=acc)
+    # every program stores its whole slice of the partials; with M = 0 there is none: one zeroed partial
+    part = g.new_empty if M > 0 else g.new_zeros
+    tok_part = part((n_prog, BASEP, D), dtype=acc)
+    pos_part = part((n_prog, TP, D), dtype=acc)
+    ACC = tl.float64 if acc == torch.float64 else tl.float32
     if M > 0:
         _embed_bwd[(n_prog, cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
                                           x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L,
                                           T, D, per, K=K, BASE=base, BASEP=BASEP,
-                                          TP=TP, BD=BD, FROM_POS=from_positions,
-                                          ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                          num_warps=4)
-    tok_g = tok_part.sum(0)[:base].to(g.dtype)
-    pos_all = pos_part.sum(0)
-    pos_g = pos_all[:L].to(g.dtype)
-    cls_g = pos_all[L].reshape(1, 1, D).to(g.dtype).clone()  # must not alias pos_g (custom-op rule)
-    dim_g = pos_g.reshape(data_dim, K, D).sum(1, keepdim=True) if data_dim > 1 else g.new_empty((0,))
+                                          TP=TP, BD=BD, FROM_POS=from_positions, ACC=ACC, num_warps=4)
+    tok_g, pos_g, cls_g = g.new_empty((base, D)), g.new_empty((L, D)), g.new_empty((1, 1, D))
+    dim_g = g.new_empty((data_dim, 1, D)) if data_dim > 1 else g.new_empty((0,))
+    n_out = base + T + (data_dim if data_dim > 1 else 0)
+    BO = min(256, next_pow2(D))
+    _embed_bwd_out[(n_out, cdiv(D, BO))](tok_part, pos_part, table_grad if table_grad is not None else tok_part,
+                                         tok_g, pos_g, cls_g, dim_g if data_dim > 1 else tok_g, n_prog, L, D,
+                                         K=K, BASE=base, BASEP=BASEP, TP=TP, BD=BO,
+                                         HAS_TAB=table_grad is not None, ACC=ACC, num_warps=4)
     return tok_g, pos_g, dim_g, cls_g
 
 

@@ -105,7 +105,9 @@ class Prims:
         self.embed_rows = embed_rows  # embed_fwd(..., with_rows=True) also returns layer 0's table rows
         # attn_fwd / attn_bwd(..., rows=rows) read layer 0's q/k/v from the table by row index (no gather)
         self.attn_rows = attn_rows
-        self.cast_group = cast_group  # cast_group(tensors, dtype): several casts in one launch (CUDA)
+        # cast_group(tensors, dtype): the GEMM weights' casts in one launch; not differentiable, so only for
+        # runners whose backward is the encoder's own (the traced path casts tensor by tensor for autograd)
+        self.cast_group = cast_group
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
@@ -147,7 +149,6 @@ def triton_runner() -> "PythonRunner":
 def triton_prims() -> Prims:
     if not _TRITON:
         from .ops.attention import tiny_attention_backward, tiny_attention_forward
-        from .ops.cast import cast_group
         from .ops.digit_embed import digit_embed_backward, digit_embed_forward
         from .ops.gelu import gelu_backward, gelu_forward
         from .ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
@@ -240,17 +241,31 @@ def _to(g: Optional[torch.Tensor], like: Optional[torch.Tensor]):
     return g if g is None or like is None or g.dtype == like.dtype else g.to(like.dtype)
 
 
-def _gemm_params(P: "Prims", plan: Plan, params, cuda: bool) -> dict:
-    """{parameter index: tensor in the compute dtype} for every GEMM weight and bias, each cast once per call
-    (as autocast casts them); on CUDA with the Triton prims, up to eight per launch (ops/cast.py)."""
+def cast_group(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    """``[t.to(dtype) for t in tensors]`` with the casts in one ``_foreach_copy_``: one multi-tensor launch on CUDA
+    (its fast path copies across dtypes when the sources share a dtype and each pair its sizes and strides; else
+    tensor by tensor), the same ``static_cast`` as ``Tensor.to`` (bit-equal). Tensors already in ``dtype`` are
+    returned as they are; the casts are new contiguous tensors. csrc/encoder.cpp's gemm_params does the same."""
+    out = list(tensors)
+    todo = [j for j, t in enumerate(tensors) if t.dtype != dtype]
+    if todo:
+        src = [tensors[j] for j in todo]
+        dst = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in src]
+        torch._foreach_copy_(dst, src)
+        for j, d in zip(todo, dst):
+            out[j] = d
+    return out
+
+
+def _gemm_params(P: "Prims", plan: Plan, params) -> dict:
+    """{parameter index: tensor in the compute dtype} for every GEMM weight and bias, each cast once per call (as
+    autocast casts them); with P.cast_group all in one launch (18 cast kernels at the paper's two layers)."""
     fo = 4 + 12 * plan.nl
     idx = [o0 + j for o0 in range(4, fo, 12) for j in (2, 3, 4, 5, 8, 9, 10, 11)] + [fo + 2, fo + 3]
     ts = [params[j] for j in idx]
-    if cuda and P.cast_group is not None and any(t.dtype != plan.cdt for t in ts):
-        ts = P.cast_group(ts, plan.cdt)
-    else:
-        ts = [_cast(t, plan.cdt) for t in ts]
-    return dict(zip(idx, ts))
+    if P.cast_group is not None:
+        return dict(zip(idx, P.cast_group(ts, plan.cdt)))
+    return {j: _cast(t, plan.cdt) for j, t in zip(idx, ts)}
 
 
 # ------------------------------------------------------------------------------------------- forward
@@ -263,7 +278,7 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
     R = M * T
     tok, pos, dim, cls = params[0], params[1], params[2], params[3]
     S = {}
-    W = _gemm_params(P, plan, params, x.is_cuda)
+    W = _gemm_params(P, plan, params)
 
     if P.embed_rows:  # the embedding kernel computes the digits anyway: it writes the table rows too
         h, rows = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K, with_rows=True)

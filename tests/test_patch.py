@@ -495,31 +495,43 @@ def test_verify_catches_a_fork_that_changed_the_math():
 # ----------------------------------------------------------------------------------------------- precision
 def test_autocast_bf16_two_error_rule():
     """bf16 autocast: patched and unpatched compute in bf16 (same dtypes out); against the fp32 module, the fused
-    error is within twice the eager bf16 error (+ atol) for the output and every gradient."""
+    error is within twice the eager bf16 error (+ atol) for the output and every gradient.
+
+    Each error is the largest over three independent draws (modules, digits, gradients): with one draw the rule
+    compares the maxima of two 64-element error vectors, whose ratio has a tail past 2 even where the fused path is
+    the more accurate one (measured over 200 seeds: median fused/eager max-error ratio 0.8-0.98 for every
+    parameter, RMS-error ratio <= 1.46, yet 3 draws in 200 broke the rule on one element, in the last block's
+    LayerNorm weight or layer 0's c_attn weight; over three draws: 0 of 66 triples, worst ratio to the bound 0.86).
+    The bound itself is unchanged."""
     require_ext("cpu")
     _seed()
-    m = authors(pe_embed_dim=64, num_attention_heads=4)
-    ref = copy.deepcopy(m)
-    r32 = copy.deepcopy(m)
-    sk.patch(m, backend="cpu")
-    x, pm = digits_for(m, 23)
-    g = torch.randn(23, 64)
-    outs = {}
-    for name, mod, amp in (("fused", m, True), ("eager", ref, True), ("fp32", r32, False)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            y = mod(x, pm)
-        (y.float() * g).sum().backward()
-        outs[name] = (y, {n: p.grad for n, p in mod.named_parameters()})
-    assert outs["fused"][0].dtype == outs["eager"][0].dtype == torch.bfloat16
+    errs = {}
 
     def err(a, b):
         return (a.float() - b.float()).abs().max().item()
 
+    for _ in range(3):
+        m = authors(pe_embed_dim=64, num_attention_heads=4)
+        ref = copy.deepcopy(m)
+        r32 = copy.deepcopy(m)
+        sk.patch(m, backend="cpu")
+        x, pm = digits_for(m, 23)
+        g = torch.randn(23, 64)
+        outs = {}
+        for name, mod, amp in (("fused", m, True), ("eager", ref, True), ("fp32", r32, False)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = mod(x, pm)
+            (y.float() * g).sum().backward()
+            outs[name] = (y, {n: p.grad for n, p in mod.named_parameters()})
+        assert outs["fused"][0].dtype == outs["eager"][0].dtype == torch.bfloat16
+        quantities = [("out", outs["fused"][0], outs["eager"][0], outs["fp32"][0])]
+        quantities += [(n, outs["fused"][1][n], outs["eager"][1][n], g32) for n, g32 in outs["fp32"][1].items()]
+        for n, f, e, r in quantities:
+            fe, ee, sc = errs.get(n, (0.0, 0.0, 0.0))
+            errs[n] = (max(fe, err(f, r)), max(ee, err(e, r)), max(sc, r.abs().max().item()))
     atol = 1e-3
-    assert err(outs["fused"][0], outs["fp32"][0]) <= 2 * err(outs["eager"][0], outs["fp32"][0]) + atol
-    for n, g32 in outs["fp32"][1].items():
-        scale = g32.abs().max().item()
-        assert err(outs["fused"][1][n], g32) <= 2 * err(outs["eager"][1][n], g32) + atol * scale, n
+    for n, (fe, ee, sc) in errs.items():
+        assert fe <= 2 * ee + atol * (sc if n != "out" else 1.0), (n, fe, ee, sc)
 
 
 def test_detect_anomaly():

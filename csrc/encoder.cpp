@@ -76,7 +76,7 @@ using RlnBwdBias = Tensor5(const OptTensor&, const OptTensor&, const Tensor&, co
                            const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
 using GeluBwdBias = Tensor2(const Tensor&, const Tensor&);
 using TableRows = Tensor(const Tensor&, int64_t, int64_t, int64_t, bool, bool);
-using TableGrad = Tensor(const Tensor&, const Tensor&, int64_t, int64_t);
+using TableGrad = Tensor(const Tensor&, const Tensor&, int64_t, int64_t, bool);
 
 template <typename F>
 c10::TypedOperatorHandle<F> handle(const char* name) {
@@ -216,9 +216,8 @@ Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
     return out;
   }
   if (g.is_cuda() && g.dim() == 3)  // one pass over g in its own dtype (ops_cuda.cu table_grad_kernel)
-    return K().table_grad.call(g, rows, n, g.size(1) - 1);
-  if (low_precision(g.scalar_type()))
-    return at::embedding_dense_backward(g.to(at::kFloat), rows, n, -1, false).to(g.scalar_type());
+    return K().table_grad.call(g, rows, n, g.size(1) - 1, true);
+  if (low_precision(g.scalar_type())) return at::embedding_dense_backward(g.to(at::kFloat), rows, n, -1, false);
   return at::embedding_dense_backward(g, rows, n, -1, false);
 }
 
@@ -551,13 +550,17 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   Tensor d_a_tab, da;
   if (i == 0) {
     // [1, D]: the CLS query is one table row broadcast to every sequence
-    Tensor dq_row = colsums({dq.reshape({M, D})}).view({1, D});
+    // the table's gradient stays in the accumulation dtype (fp32 under autocast): its per-row sums are not rounded
+    // to half before the table's GEMMs, which are tiny (base*L+1 rows) and take the fp32 weight
     Tensor dtab_kv = gather_bwd(dkv, rows, nrows);
-    d_a_tab = mm(dtab_kv, false, Wa.narrow(1, D, 2 * D), true);
-    d_a_tab.narrow(0, nrows - 1, 1).add_(mm(dq_row, false, Wa.narrow(1, 0, D), true));
+    const at::ScalarType adt = dtab_kv.scalar_type();
+    Tensor dq_row = cast(colsums({dq.reshape({M, D})}), adt).view({1, D});
+    const Tensor Wa_t = cast(param(params, o0 + 2), adt), a_tab_t = cast(a_tab, adt);
+    d_a_tab = mm(dtab_kv, false, Wa_t.narrow(1, D, 2 * D), true);
+    d_a_tab.narrow(0, nrows - 1, 1).add_(mm(dq_row, false, Wa_t.narrow(1, 0, D), true));
     if (needs[o0 + 2])
       put(o0 + 2,
-          at::cat({wmm(a_tab.narrow(0, nrows - 1, 1), dq_row, o0 + 2), wmm(a_tab, dtab_kv, o0 + 2)}, 1));
+          at::cat({wmm(a_tab_t.narrow(0, nrows - 1, 1), dq_row, o0 + 2), wmm(a_tab_t, dtab_kv, o0 + 2)}, 1));
     if (needs[o0 + 3]) put(o0 + 3, colsums({dq_row, dtab_kv}));
   } else {
     const Tensor a = F(i - 1, F_A);
@@ -587,9 +590,10 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
                                                   c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
     Wa = weight(F(i, F_WA), o0 + 2);
     if (i == 0) {
-      Tensor dtab_out = gather_bwd(dqkv, rows, nrows);
-      d_a_tab = mm(dtab_out, false, Wa, true);
-      if (needs[o0 + 2]) put(o0 + 2, wmm(a_tab, dtab_out, o0 + 2));
+      Tensor dtab_out = gather_bwd(dqkv, rows, nrows);  // in the accumulation dtype, as in the last block above
+      const at::ScalarType adt = dtab_out.scalar_type();
+      d_a_tab = mm(dtab_out, false, cast(param(params, o0 + 2), adt), true);
+      if (needs[o0 + 2]) put(o0 + 2, wmm(cast(a_tab, adt), dtab_out, o0 + 2));
       if (needs[o0 + 3]) put(o0 + 3, colsums({dtab_out}));
       da = Tensor();
     } else {

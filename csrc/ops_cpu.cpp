@@ -1090,7 +1090,7 @@ Tensor table_rows_cpu(const Tensor& x, int64_t L, int64_t K, int64_t base, bool 
 }
 
 // the reference semantics of the CUDA kernel (the C++ encoder keeps its own CPU paths): sums in fp32 (fp64)
-Tensor table_grad_cpu(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L) {
+Tensor table_grad_cpu(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L, bool acc_out) {
   table_grad_args(g_, rows_, n_rows, L);
   const auto gst = g_.scalar_type();
   const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
@@ -1106,7 +1106,7 @@ Tensor table_grad_cpu(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int
       for (int64_t c = 0; c < C; ++c) dst[r[i] * C + c] += src[i * C + c];
     }
   });
-  return cast(out, gst);
+  return acc_out ? out : cast(out, gst);
 }
 
 // test hook: the keep-mask (1.0 = kept) of offsets start .. start+n-1, each wrapped to int32 as the kernels'
@@ -1151,7 +1151,7 @@ TORCH_LIBRARY(seqpe_ext, m) {
   // layer 0's (digit, slot) table rows (the C++ encoder's; one launch on CUDA instead of ~10 ATen ops)
   m.def("table_rows(Tensor x, int L, int K, int base, bool from_positions, bool clamp) -> Tensor");
   // its backward: the per-token gradient [M, T, C] summed per table row ([n_rows, C], fp32 / fp64 sums)
-  m.def("table_grad(Tensor g, Tensor rows, int n_rows, int L) -> Tensor");
+  m.def("table_grad(Tensor g, Tensor rows, int n_rows, int L, bool acc_out=False) -> Tensor");
   // test hook (no tensor arguments: one host kernel, CompositeImplicitAutograd)
   m.def("dropout_keep_mask(int seed, int n, float p, int start=0) -> Tensor", &dropout_keep_mask_host);
 }

@@ -956,7 +956,7 @@ __global__ void table_grad_sum_kernel(const acc_t* part, int64_t n_chunks, int64
   st<acc_t>(out, odt, i, s);
 }
 
-Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L) {
+Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L, bool acc_out) {
   c10::cuda::CUDAGuard guard(g_.device());
   const int64_t base = table_grad_args(g_, rows_, n_rows, L);
   const Tensor g = g_.contiguous(), rows = rows_.contiguous();
@@ -965,11 +965,12 @@ Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, in
   const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
   const int threads = 128;
   const size_t smem = static_cast<size_t>(base) * threads * (acc_dt == at::kDouble ? 8 : 4);
-  Tensor out = at::empty({n_rows, C}, g.options());
+  const auto ost = acc_out ? acc_dt : gst;  // acc_out: the sums unrounded, in the accumulation dtype
+  Tensor out = at::empty({n_rows, C}, g.options().dtype(ost));
   if (M == 0 || C == 0) return out.zero_();
   if (smem > 48 * 1024) {  // a base too large for one accumulator per digit in shared memory: ATen's way
     Tensor ga = gst == acc_dt ? g : g.to(acc_dt);
-    return at::embedding_dense_backward(ga.view({M * T, C}), rows.view({-1}), n_rows, -1, false).to(gst);
+    return at::embedding_dense_backward(ga.view({M * T, C}), rows.view({-1}), n_rows, -1, false).to(ost);
   }
   const int64_t col_blocks = cdiv(C, threads);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -986,7 +987,7 @@ Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, in
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t n = n_rows * C;
     table_grad_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
-        part.data_ptr<scalar_t>(), n_chunks, n, out.data_ptr(), dcode(gst));
+        part.data_ptr<scalar_t>(), n_chunks, n, out.data_ptr(), dcode(ost));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -154,8 +154,8 @@ def triton_prims() -> Prims:
         from .ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
         from .ops.table_grad import table_grad
 
-        def gather_bwd(g, rows, n):  # g [M, T, C], T = L + 1
-            return table_grad(g, rows, n, g.shape[1] - 1)
+        def gather_bwd(g, rows, n):  # g [M, T, C], T = L + 1; the sums in fp32 (fp64), as _gather_bwd
+            return table_grad(g, rows, n, g.shape[1] - 1, acc_out=True)
 
         _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
                              residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
@@ -201,10 +201,10 @@ def _gather_fp32(tab_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_bwd(g: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    # low precision: sum the ~M*T/(base*L) gradient rows per table row in fp32 (as the reference's per-token GEMM
-    # accumulates), not in bf16
+    # the table gradient in the accumulation dtype: the ~M*T/(base*L) gradient rows per table row summed in fp32
+    # (as the reference's per-token GEMM accumulates) and not rounded back to bf16 (the table's GEMMs are tiny)
     if g.dtype in (torch.float16, torch.bfloat16):
-        return torch.ops.aten.embedding_dense_backward(g.float(), rows, n, -1, False).to(g.dtype)
+        return torch.ops.aten.embedding_dense_backward(g.float(), rows, n, -1, False)
     return torch.ops.aten.embedding_dense_backward(g, rows, n, -1, False)
 
 
@@ -412,9 +412,13 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     need_W, need_b = needs[o0 + 2], needs[o0 + 3]
     d_a_tab = None
     if i == 0:
-        dq_row = dq.sum(0)  # [1, D]: the CLS query is one table row broadcast to every sequence
+        # the table's gradient stays in the accumulation dtype (fp32 under autocast): its per-row sums are not
+        # rounded to bf16 before the table's GEMMs, which are tiny ([base*L+1] rows) and take the fp32 weight
         dtab_kv = P.gather_bwd(dkv, rows, nrows)
-        a_tab = S["a_tab"]
+        adt = dtab_kv.dtype
+        dq_row = dq.sum(0, dtype=adt)  # [1, D]: the CLS query is one table row broadcast to every sequence
+        a_tab = S["a_tab"].to(adt)
+        Wa = params[o0 + 2].to(adt)
         d_a_tab = dtab_kv.mm(Wa[:, D:].t())
         d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
         if need_W:
@@ -458,9 +462,10 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
                              seeds, 3 * i, **indexed)
         Wa = S[f"Wa{i}"]
         if i == 0:
-            dtab_out = P.gather_bwd(dqkv, rows, nrows)
-            d_a_tab = dtab_out.mm(Wa.t())
-            put(o0 + 2, _wgrad(S["a_tab"].t(), dtab_out, params[o0 + 2]) if needs[o0 + 2] else None)
+            dtab_out = P.gather_bwd(dqkv, rows, nrows)  # in the accumulation dtype, as in the last block above
+            adt = dtab_out.dtype
+            d_a_tab = dtab_out.mm(params[o0 + 2].to(adt).t())
+            put(o0 + 2, _wgrad(S["a_tab"].to(adt).t(), dtab_out, params[o0 + 2]) if needs[o0 + 2] else None)
             put(o0 + 3, _bsum(dtab_out, params[o0 + 3]) if needs[o0 + 3] else None)
             da = None
         else:

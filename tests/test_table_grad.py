@@ -34,6 +34,10 @@ def test_matches_embedding_backward(M, K, base, d, C, dt, clamp, seed):
     # error against the magnitude bound of each row's sum (a sum can cancel to ~0)
     scale = torch.ops.aten.embedding_dense_backward(g.double().abs(), rows, n, -1, False).max().clamp_min(1e-30)
     assert ((out.double() - ref).abs().max() / scale).item() <= TOL[dt]
+    # acc_out (the encoders' call): the sums unrounded, in fp32 (fp64)
+    acc = table_grad(g, rows, n, L, acc_out=True)
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    assert acc.dtype == acc_dt and ((acc.double() - ref).abs().max() / scale).item() <= TOL[acc_dt]
 
 
 def test_empty_and_shape_errors():
@@ -185,6 +189,9 @@ def test_extension_table_grad_matches_embedding_backward(M, K, base, d, C, dt, s
     scale = torch.ops.aten.embedding_dense_backward(g.double().abs().view(-1, C), rows.view(-1), n, -1,
                                                     False).max().clamp_min(1e-30)
     assert ((out.double() - ref).abs().max() / scale).item() <= TOL[dt]
+    acc = ops.table_grad(g, rows, n, L, True)  # acc_out: the encoder's call, sums unrounded in fp32 (fp64)
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    assert acc.dtype == acc_dt and ((acc.double() - ref).abs().max() / scale).item() <= TOL[acc_dt]
     with pytest.raises(RuntimeError, match="do not describe a"):
         ops.table_grad(g, rows, n, L + 1)
 

@@ -46,10 +46,11 @@ def _table_grad(G, ROWS, PART, M, T, L, C, base, seqs_per_prog, BASE_P: tl.const
 _BLOCK_C = 128
 
 
-def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int) -> torch.Tensor:
-    """[n_rows, C] in ``g``'s dtype: row r = the sum of ``g[m, t]`` over the tokens with ``rows[m, t] == r``, for
-    g [M, T, C] (T = L + 1) and rows [M, T] from ``encoder.table_rows`` (in range: rows[:, t] = digit*L + t for
-    t < L, base*L for the CLS slot). Summed in fp32 (fp64 for fp64)."""
+def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int, acc_out: bool = False) -> torch.Tensor:
+    """[n_rows, C] in ``g``'s dtype (``acc_out``: in the accumulation dtype, the sums unrounded): row r = the sum of
+    ``g[m, t]`` over the tokens with ``rows[m, t] == r``, for g [M, T, C] (T = L + 1) and rows [M, T] from
+    ``encoder.table_rows`` (in range: rows[:, t] = digit*L + t for t < L, base*L for the CLS slot). Summed in fp32
+    (fp64 for fp64)."""
     M, T, C = g.shape
     if rows.shape != (M, T) or T != L + 1 or (n_rows - 1) % L:
         raise ValueError(f"table_grad: g {tuple(g.shape)}, rows {tuple(rows.shape)}, n_rows {n_rows}, L {L} do "
@@ -57,7 +58,7 @@ def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int) -> torc
     base = (n_rows - 1) // L
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     if M == 0 or C == 0:
-        return g.new_zeros((n_rows, C))
+        return g.new_zeros((n_rows, C), dtype=acc if acc_out else g.dtype)
     g = g.contiguous()
     rows = rows.contiguous()
     n_col = cdiv(C, _BLOCK_C)
@@ -69,4 +70,4 @@ def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int) -> torc
     _table_grad[(T, n_col, n_chunks)](g, rows, part, M, T, L, C, base, per, BASE_P=next_pow2(base + 1),
                                       BLOCK_C=_BLOCK_C, ACC=acc_dtype(g), num_warps=4)
     out = part.sum(0) if n_chunks > 1 else part[0]
-    return out if out.dtype == g.dtype else out.to(g.dtype)
+    return out if acc_out or out.dtype == g.dtype else out.to(g.dtype)

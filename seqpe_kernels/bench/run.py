@@ -10,13 +10,13 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 
 from ..backend import BackendUnavailable
+from ..precision import fp32_matmul
 from ..reference import SeqPE
 from .configs import (ALGO_PROVIDERS, CONFIGS, CSV_COLUMNS, CUDA_GRAPH_PROVIDERS, DEFAULT_PROVIDERS, MODE_FLOP_FACTOR,
                       MODES, PROVIDERS, QUICK_CONFIGS, QUICK_MODES, SWEEP_M_CPU, SWEEP_M_CPU_QUICK, SWEEP_M_CUDA,
                       BenchConfig, floor_fwd_flops, get_config, quick_M, ref_fwd_flops)
 from .providers import Provider, build_provider, check_exact, measure, reference_output
 from .report import format_table, plot, write_csv
-from ..precision import fp32_matmul
 from .timing import TimingPolicy, device_slug, measure_gemm_rate, provenance
 from .workloads import make_positions
 

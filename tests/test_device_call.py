@@ -1,6 +1,6 @@
-"""benchmarks/device_call.sh, dry-run on CPU: every command the leased-GPU call would run is well-formed (a typo
-there costs a whole 15-minute lease). python3 is a stub that records its arguments; each `seqpe-kernels`
-command line must parse, each pytest target and benchmark script must exist."""
+"""benchmarks/device_call.sh and gpu_run.sh, dry-run on CPU: every command the leased-GPU call (or a user's own GPU
+run) would run is well-formed (a typo there costs a whole 15-minute lease). python3 is a stub that records its
+arguments; each `seqpe-kernels` command line must parse, each pytest target and benchmark script must exist."""
 import os
 import shlex
 import stat
@@ -18,7 +18,7 @@ exit 0
 """
 
 
-def _dry_run(tmp_path, phase):
+def _dry_run(tmp_path, script_args):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "python3"
@@ -26,17 +26,14 @@ def _dry_run(tmp_path, phase):
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     out, calls = tmp_path / "out", tmp_path / "calls.txt"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls))
-    r = subprocess.run(["bash", "benchmarks/device_call.sh", phase, str(out), "560"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    argv = [a if a != "OUT" else str(out) for a in script_args]
+    r = subprocess.run(["bash"] + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (out / "logs.tgz").exists(), "the logs must come back bundled"
     return [shlex.split(line) for line in calls.read_text().splitlines()], out, r.stdout
 
 
-@pytest.mark.parametrize("phase", ["f"])
-def test_every_command_of_the_device_call_is_well_formed(tmp_path, phase):
-    calls, out, stdout = _dry_run(tmp_path, phase)
-    assert "skipped, out of time" not in stdout  # with instant commands every step runs
+def _check_commands(calls, what):
+    """(seqpe-kernels argvs, pytest argvs, scripts) of the recorded calls, after checking each is well-formed."""
     cli, scripts, pytests = [], [], []
     for argv in calls:
         args = [a for a in argv if a not in ("-X", "faulthandler")]
@@ -51,14 +48,23 @@ def test_every_command_of_the_device_call_is_well_formed(tmp_path, phase):
         try:
             parser.parse_args(a)
         except SystemExit as e:
-            pytest.fail(f"device_call.sh {phase}: `seqpe-kernels {' '.join(a)}` does not parse (exit {e.code})")
+            pytest.fail(f"{what}: `seqpe-kernels {' '.join(a)}` does not parse (exit {e.code})")
     for a in pytests:
         targets = [x for x in a if x.startswith("tests")]
         assert targets, a
         for t in targets:
-            assert os.path.exists(os.path.join(ROOT, t.split("::")[0])), f"pytest target {t} does not exist"
+            assert os.path.exists(os.path.join(ROOT, t.split("::")[0])), f"{what}: pytest target {t} does not exist"
     for s in scripts:
-        assert os.path.exists(os.path.join(ROOT, s)), f"script {s} does not exist"
+        assert os.path.exists(os.path.join(ROOT, s)), f"{what}: script {s} does not exist"
+    return cli, pytests, scripts
+
+
+@pytest.mark.parametrize("phase", ["f"])
+def test_every_command_of_the_device_call_is_well_formed(tmp_path, phase):
+    calls, out, stdout = _dry_run(tmp_path, ["benchmarks/device_call.sh", phase, "OUT", "560"])
+    assert (out / "logs.tgz").exists(), "the logs must come back bundled"
+    assert "skipped, out of time" not in stdout  # with instant commands every step runs
+    cli, pytests, scripts = _check_commands(calls, f"device_call.sh {phase}")
     # what phase f must at least run: parity checks, the GPU tier, both paper configs, the TF32 row, the tables
     joined = [" ".join(a) for a in cli]
     for want in ("check --backend triton", "check --backend cuda", "--config text-default", "--config vits-default ",
@@ -66,3 +72,11 @@ def test_every_command_of_the_device_call_is_well_formed(tmp_path, phase):
         assert any(want in j + " " for j in joined), f"phase {phase} no longer runs `{want}`"
     assert any("-m gpu" in " ".join(a) for a in pytests)
     assert "benchmarks/readme_table.py" in scripts
+
+
+def test_every_command_of_gpu_run_is_well_formed(tmp_path):
+    """benchmarks/gpu_run.sh, the README's way to reproduce the GPU figures on one's own GPU."""
+    calls, out, _ = _dry_run(tmp_path, ["benchmarks/gpu_run.sh", "OUT"])
+    cli, pytests, scripts = _check_commands(calls, "gpu_run.sh")
+    assert [a[0] for a in cli] == ["env", "check", "bench"] and pytests
+    assert scripts == ["benchmarks/readme_table.py"]

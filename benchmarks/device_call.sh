@@ -7,9 +7,9 @@
 #          vs JITFunction.run (off for the rest of the run if that fails), `check --backend
 #          triton` and the triton-graph provider alone under CUDA_LAUNCH_BLOCKING=1 (the config that crashed);
 #          then the GPU tier (pytest -m gpu, -n 4) and `check --backend cuda`; text-default and vits-default with
-#          every provider side by side (CSV + PNG named with the device), the TF32 opt-in row for ViT-S and
-#          the README's tables with the target verdicts (readme_tables_<device>.md); the text step's GPU kernel time
-#          (profile_step.py); cuda-graph and compile-cg alone; the
+#          every provider side by side (CSV + PNG named with the device); the text step's GPU kernel time
+#          (profile_step.py); the TF32 opt-in row for ViT-S and the README's tables with the target verdicts
+#          (readme_tables_<device>.md); cuda-graph and compile-cg alone; the
 #          host-time script; the whole-encoder, layout, bias-gradient and layer-0 table suites on CUDA (the
 #          CUDA table_rows / table_grad kernels and indexed attention run there first). Later steps are skipped
 #          when time runs out (logs/summary.txt says which).
@@ -164,6 +164,8 @@ elif [[ "$PHASE" == f ]]; then
         --quick --M "$m" --mode forward full nograd \
         --csv "$OUT/bench_${c}_$DEV.csv" --png "$OUT/bench_${c}_$DEV.png"
   done
+  # item 3's figure: the text step's GPU kernel time per backend (target <= 1.6 ms), and where it goes
+  TAILN=60 step profile_text 60 python3 benchmarks/profile_step.py --config text-default --rows 14 --steps 5
   # item 4's TF32 opt-in row (cuBLAS GEMMs in TF32) with its error against the IEEE-fp32 reference
   TAILN=16 step bench_vits-tf32 50 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
       --config vits-default-tf32 --quick --M 4324 --provider eager cuda cuda-graph triton triton-graph \
@@ -171,8 +173,6 @@ elif [[ "$PHASE" == f ]]; then
   # the README's results tables and the target verdicts from the CSVs above (paste into README.md)
   TAILN=30 step readme_table 20 python3 benchmarks/readme_table.py "$OUT"/bench_*_"$DEV".csv \
       --out "$OUT/readme_tables_$DEV.md"
-  # item 3's figure: the text step's GPU kernel time per backend (target <= 1.6 ms), and where it goes
-  TAILN=60 step profile_text 60 python3 benchmarks/profile_step.py --config text-default --rows 14 --steps 5
   isolate cuda-graph 40
   isolate compile-cg 40
   TAILN=12 step host_time 30 python3 benchmarks/host_time.py --reps 5 --iters 100

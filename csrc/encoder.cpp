@@ -138,14 +138,7 @@ std::vector<Tensor> gemm_params(const TensorList& params, const Cfg& c) {
   for (int64_t i = 0; i < c.nl; ++i)
     for (int64_t j : {2, 3, 4, 5, 8, 9, 10, 11}) add(4 + 12 * i + j);
   add(4 + 12 * c.nl + 2), add(4 + 12 * c.nl + 3);
-  const bool one_dtype = std::all_of(src.begin(), src.end(), [&](const Tensor& t) {
-    return t.scalar_type() == src[0].scalar_type();
-  });
-  if (src.size() > 1 && one_dtype) {
-    at::_foreach_copy_(dst, src);
-  } else {
-    for (size_t j = 0; j < src.size(); ++j) dst[j].copy_(src[j]);
-  }
+  if (!src.empty()) at::_foreach_copy_(dst, src);  // copies tensor by tensor itself where its fast path cannot
   return out;
 }
 

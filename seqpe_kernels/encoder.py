@@ -417,8 +417,8 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         dtab_kv = P.gather_bwd(dkv, rows, nrows)
         adt = dtab_kv.dtype
         dq_row = dq.sum(0, dtype=adt)  # [1, D]: the CLS query is one table row broadcast to every sequence
-        a_tab = S["a_tab"].to(adt)
-        Wa = params[o0 + 2].to(adt)
+        a_tab = _cast(S["a_tab"], adt)
+        Wa = _cast(params[o0 + 2], adt)
         d_a_tab = dtab_kv.mm(Wa[:, D:].t())
         d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
         if need_W:
@@ -464,8 +464,8 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         if i == 0:
             dtab_out = P.gather_bwd(dqkv, rows, nrows)  # in the accumulation dtype, as in the last block above
             adt = dtab_out.dtype
-            d_a_tab = dtab_out.mm(params[o0 + 2].to(adt).t())
-            put(o0 + 2, _wgrad(S["a_tab"].to(adt).t(), dtab_out, params[o0 + 2]) if needs[o0 + 2] else None)
+            d_a_tab = dtab_out.mm(_cast(params[o0 + 2], adt).t())
+            put(o0 + 2, _wgrad(_cast(S["a_tab"], adt).t(), dtab_out, params[o0 + 2]) if needs[o0 + 2] else None)
             put(o0 + 3, _bsum(dtab_out, params[o0 + 3]) if needs[o0 + 3] else None)
             da = None
         else:

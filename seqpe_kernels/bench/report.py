@@ -158,7 +158,8 @@ def markdown_tables(rows: List[dict]) -> str:
             out += [f"- {n}" for n in dict.fromkeys(notes)]
         out.append("")
     out.append("floor = (minimal exact GEMM FLOPs / GEMM rate measured in the same run) / time (1.0 = at the floor); "
-               "† = backward timed as full - forward (CUDA-graph replay); rel err = max |out - ref| / max |ref| of the no-grad output against the eager reference in IEEE fp32.")
+               "† = backward timed as full - forward (CUDA-graph replay); rel err = max |out - ref| / max |ref| of "
+               "the no-grad output against the eager reference in IEEE fp32.")
     return "\n".join(out)
 
 

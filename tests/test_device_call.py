@@ -59,9 +59,18 @@ def _check_commands(calls, what):
     return cli, pytests, scripts
 
 
+@pytest.mark.parametrize("phase", ["f1", "f2"])
+def test_each_phase_of_the_device_call_is_well_formed(tmp_path, phase):
+    calls, out, stdout = _dry_run(tmp_path, ["benchmarks/device_call.sh", phase, "OUT", "560"])
+    assert (out / "logs.tgz").exists(), "the logs must come back bundled"
+    assert "skipped, out of time" not in stdout  # with instant commands every step runs
+    assert len(list(out.iterdir())) <= 8, "the device tool brings back at most 8 files"
+    _check_commands(calls, f"device_call.sh {phase}")
+
+
 @pytest.mark.parametrize("phase", ["f"])
 def test_every_command_of_the_device_call_is_well_formed(tmp_path, phase):
-    calls, out, stdout = _dry_run(tmp_path, ["benchmarks/device_call.sh", phase, "OUT", "560"])
+    calls, out, stdout = _dry_run(tmp_path, ["benchmarks/device_call.sh", phase, "OUT", "1200"])
     assert (out / "logs.tgz").exists(), "the logs must come back bundled"
     assert "skipped, out of time" not in stdout  # with instant commands every step runs
     cli, pytests, scripts = _check_commands(calls, f"device_call.sh {phase}")

@@ -135,13 +135,22 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
         import torch._dynamo as dynamo
     except Exception:  # pragma: no cover
         dynamo = None
+    if csv_path == "default":
+        csv_path = default_csv_path(device, "csv")
+    if png_path == "default":
+        png_path = default_csv_path(device, "png")
+
+    def checkpoint():  # rows so far, derived metrics not yet filled in: the final write replaces this
+        if csv_path:
+            write_csv(rows, csv_path)
+
     ref, ref_key = None, None
     for cfg in points:
         # every row of a point under the config's fp32 GEMM precision (IEEE unless it is a TF32 config), set
         # here so that a script's global TF32 switch cannot turn an 'fp32' row into a TF32 one
         with fp32_matmul(tf32=cfg.tf32):
             ref, ref_key = _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, policy,
-                                      seed, prov_info, quick)
+                                      seed, prov_info, quick, checkpoint)
     if bar is not None:
         bar.close()
     for r in rows:
@@ -149,10 +158,6 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
             r.setdefault(c, _nan() if c.endswith(("_ms", "_mb", "tflops", "ratio", "eager", "_s")) else "")
     if print_table:
         print(format_table(rows, quick=quick, device=device), file=file)
-    if csv_path == "default":
-        csv_path = default_csv_path(device, "csv")
-    if png_path == "default":
-        png_path = default_csv_path(device, "png")
     if csv_path:
         write_csv(rows, csv_path)
         print(f"wrote {csv_path}", file=file)
@@ -165,8 +170,10 @@ def _run_bench(configs, providers, modes, quick, sweep, csv_path, png_path, prog
     return rows
 
 
-def _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, policy, seed, prov_info, quick):
-    """Every (provider, mode) row of one (config, M) point; returns the (reference module, its key) for the next."""
+def _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, policy, seed, prov_info, quick,
+               checkpoint=None):
+    """Every (provider, mode) row of one (config, M) point; returns the (reference module, its key) for the next.
+    ``checkpoint()`` runs after each row (the CSV so far: a run killed by a time limit keeps what it measured)."""
     key = replace(cfg, M=0)
     if key != ref_key:  # a new configuration (sweep points of one config share module and graphs)
         ref = None
@@ -230,6 +237,8 @@ def _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, p
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             rows.append(row)
+            if checkpoint is not None:
+                checkpoint()
             if bar is not None:
                 bar.update(1)
         # drop the provider's module/compiled code before the next provider

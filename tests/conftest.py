@@ -183,5 +183,11 @@ def benchmark_module(name: str):
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    env = dict(os.environ)
+    try:
+        spec.loader.exec_module(mod)
+    finally:  # a script's import-time environment settings must not leak into the rest of the test process
+        if dict(os.environ) != env:
+            os.environ.clear()
+            os.environ.update(env)
     return mod

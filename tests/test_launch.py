@@ -5,6 +5,7 @@ On CPU the kernels run under the interpreter (direct launches off), so the launc
 stand-in JITFunction whose "compiled kernels" are keyed by Triton's own specialisation function; on a GPU the
 real kernels run both ways and must agree bit for bit.
 """
+import sys
 import types
 import warnings
 
@@ -212,6 +213,19 @@ def _compiled(jf):
     return k
 
 
+def test_importing_the_harness_leaves_triton_interpret_alone(monkeypatch):
+    """Imported (not run as a script), launch_overhead.py must not switch the interpreter on: on a GPU that made
+    every Triton module imported later in the test process an interpreted one (H200 run, 2026-11-30)."""
+    import importlib.util
+    import os
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "launch_overhead.py")
+    spec = importlib.util.spec_from_file_location("launch_overhead_import_check", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert "TRITON_INTERPRET" not in os.environ
+
+
 def test_direct_path_calls_the_compiled_kernel_as_jitfunction_run_does():
     """The installed Triton's own JITFunction.run (binder, specialisation, cache) on a stand-in GPU: after two
     confirming launches the direct path takes over, and passes the compiled kernel the same grid, stream,
@@ -313,6 +327,14 @@ def test_gpu_direct_launches_match_jit_bit_for_bit(monkeypatch):
             fus.zero_grad(set_to_none=True)
         return outs
 
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import seqpe_kernels.ops.table_grad  # noqa: F401  (imported lazily by the encoder: check it too)
+
+    interpreted = [name for name, mod in sys.modules.items() if name.startswith("seqpe_kernels.ops.")
+                   for v in vars(mod).values()
+                   if isinstance(getattr(v, "fn", v), InterpretedFunction)]
+    assert not interpreted, f"Triton kernels imported as interpreted on a GPU (TRITON_INTERPRET leaked): {interpreted}"
     try:
         for amp in (False, True):
             a, b = step("jit", amp), step("direct", amp)

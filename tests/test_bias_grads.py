@@ -175,3 +175,21 @@ def test_residual_layernorm_bias_grad_without_branch(impl):
     w64 = w.double().requires_grad_(True)
     (F.layer_norm(x64, (24,), w64, b.double(), 1e-5) * da.double()).sum().backward()
     assert rel(out[0], x64.grad) <= 1e-5 and rel(out[2], w64.grad) <= 1e-5 and rel(out[3], da.double().sum(0)) <= 1e-5
+
+
+@given(p=st.floats(0.0, 0.999), dt=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+def test_dropout_scale_pairs_carry_the_fp64_scale(p, dt):
+    """Triton passes a Python float as fp32: the Triton kernels' dropout scale is the fp32 pair (hi, lo) summed
+    in the accumulation dtype. For fp64 the pair must give 1 / (1 - p) to fp64 accuracy (an H200 run measured
+    fp64 dropout gradients 2.4e-8 off with hi alone); for the other dtypes lo must be 0, hi the fp32 scale."""
+    import numpy as np
+
+    from seqpe_kernels.ops._common import drop_scales
+
+    s = 1.0 / (1.0 - p)
+    hi, lo = drop_scales(p, dt)
+    assert hi == float(np.float32(s)) and float(np.float32(lo)) == lo  # both exact as fp32 kernel scalars
+    if dt == torch.float64:
+        assert abs((hi + lo) - s) <= 2.0 ** -47 * s
+    else:
+        assert lo == 0.0

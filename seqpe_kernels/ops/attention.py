@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, next_pow2
+from ._common import acc_dtype, cdiv, drop_scales, next_pow2
 from .launch import direct
 
 _FMIN = -3.0e38  # stands in for finfo.min: only equality among masked logits matters
@@ -80,7 +80,7 @@ def _keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p):
 @direct
 @triton.jit
 def _attn_fwd(Q, K, V, ROWS, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H,
-              D, sdiv, p, drop_scale, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
+              D, sdiv, p, drop_scale, drop_scale_lo, DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr,
               Q_ROWS: tl.constexpr, KV_ROWS: tl.constexpr, ACC: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
@@ -96,7 +96,8 @@ def _attn_fwd(Q, K, V, ROWS, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, s
                         Q_ROWS, KV_ROWS, ACC)
     pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if DROPOUT:
-        pr = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p), pr * drop_scale, 0.0)
+        pr = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
+                      pr * (tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC)), 0.0)
     if USE_DOT:
         o = tl.dot(pr, v, input_precision="ieee")
     else:
@@ -107,7 +108,7 @@ def _attn_fwd(Q, K, V, ROWS, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, s
 @direct
 @triton.jit
 def _attn_bwd(Q, K, V, ROWS, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm,
-              dqm, dqt, dkm, dkt, dvm, dvt, T, TQ, L, q_start, H, D, sdiv, p, drop_scale,
+              dqm, dqt, dkm, dkt, dvm, dvt, T, TQ, L, q_start, H, D, sdiv, p, drop_scale, drop_scale_lo,
               DH: tl.constexpr, DHP: tl.constexpr, TP: tl.constexpr, TQP: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_DOT: tl.constexpr, Q_ROWS: tl.constexpr,
               KV_ROWS: tl.constexpr, ACC: tl.constexpr):
@@ -129,7 +130,8 @@ def _attn_bwd(Q, K, V, ROWS, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm
     else:
         dpd = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
     if DROPOUT:
-        keepf = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p), drop_scale, 0.0)
+        keepf = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
+                         tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
         pd = pr * keepf
         dp = dpd * keepf
     else:
@@ -241,7 +243,7 @@ def tiny_attention_forward(qkv, kv, pad_mask, num_heads: int, causal: bool, q_st
         _attn_fwd[(M, num_heads)](
             q, k, v, rows if rows is not None else q, pad, out, seeds if dropout else q, seed_idx, *st,
             pad.stride(0) if pad_mask is not None else 0, T, TQ, L, q_start, num_heads, D, scale_div, p,
-            1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP, CAUSAL=causal, HAS_MASK=pad_mask is not None,
+            *drop_scales(p, q.dtype), DH=DH, DHP=DHP, TP=TP, TQP=TQP, CAUSAL=causal, HAS_MASK=pad_mask is not None,
             DROPOUT=dropout, USE_DOT=use_dot, Q_ROWS=q_rows, KV_ROWS=kv_rows, ACC=acc_dtype(q),
             num_warps=_num_warps(TP, TQP, DHP))
     return out
@@ -269,7 +271,7 @@ def tiny_attention_backward(dout, qkv, kv, pad_mask, num_heads: int, causal: boo
             q, k, v, rows if rows is not None else q, pad, dout, dq, dk, dv, seeds if dropout else q, seed_idx,
             *st, pad.stride(0) if pad_mask is not None else 0,
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T, TQ, L,
-            q_start, num_heads, D, scale_div, p, 1.0 / (1.0 - p), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
+            q_start, num_heads, D, scale_div, p, *drop_scales(p, q.dtype), DH=DH, DHP=DHP, TP=TP, TQP=TQP,
             CAUSAL=causal, HAS_MASK=pad_mask is not None, DROPOUT=dropout, USE_DOT=use_dot, Q_ROWS=q_rows,
             KV_ROWS=kv_rows, ACC=acc_dtype(q), num_warps=_num_warps(TP, TQP, DHP))
     return d_first, d_kv

@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, acc_dtype, cdiv, dtype_code, next_pow2, num_sms
+from ._common import DTYPES, acc_dtype, cdiv, drop_scales, dtype_code, next_pow2, num_sms
 from .launch import direct
 
 
 @direct
 @triton.jit
-def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, drop_scale,
+def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, drop_scale, drop_scale_lo,
                 HAS_Y: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -36,7 +36,7 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, dro
         if DROPOUT:
             seed = tl.load(SEEDS + seed_idx)
             keep = tl.rand(seed, (row * D + cols).to(tl.int32)) > p
-            y = tl.where(keep, y * drop_scale, 0.0)
+            y = tl.where(keep, y * (tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC)), 0.0)
         x = x + y
         tl.store(H + row * D + cols, x.to(H.dtype.element_ty), mask=m)
     if HAS_LN:
@@ -54,7 +54,7 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, dro
 @direct
 @triton.jit
 def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, D, rows_per_prog, n_prog,
-                p, drop_scale, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, HAS_Y: tl.constexpr,
+                p, drop_scale, drop_scale_lo, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, HAS_Y: tl.constexpr,
                 HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, DYB: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr):
     # PART [n_parts, n_prog, D]: per-program column sums of dw (da * xhat), db (da) when HAS_LN, then of dy
@@ -94,7 +94,7 @@ def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, 
                 if DROPOUT:
                     seed = tl.load(SEEDS + seed_idx)
                     keep = tl.rand(seed, off.to(tl.int32)) > p
-                    dy = tl.where(keep, dy * drop_scale, 0.0)
+                    dy = tl.where(keep, dy * (tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC)), 0.0)
                 tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)
                 if DYB:
                     dyb_acc += dy
@@ -133,7 +133,7 @@ def residual_layernorm_forward(x: torch.Tensor, y: Optional[torch.Tensor], w: Op
     if R > 0:
         BLOCK_D = next_pow2(D)
         _res_ln_fwd[(R,)](x, y if y is not None else x, w if has_ln else x, b if has_ln else x, h, a, mean, rstd,
-                          seeds if dropout else x, seed_idx, R, D, eps, p, 1.0 / (1.0 - p) if p < 1 else 0.0,
+                          seeds if dropout else x, seed_idx, R, D, eps, p, *drop_scales(p, x.dtype),
                           HAS_Y=y is not None, HAS_LN=has_ln, DROPOUT=dropout, BLOCK_D=BLOCK_D,
                           ACC=acc_dtype(x), num_warps=4 if BLOCK_D <= 1024 else 8)
     return h, a, mean, rstd
@@ -168,7 +168,7 @@ def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx
         BLOCK_D = next_pow2(D)
         _res_ln_bwd[(n_prog,)](da if has_ln else x, dh if dh is not None else x, x, w if has_ln else x, mean, rstd,
                                seeds if dropout else x, seed_idx, dx, dy, part, R, D, rows_per_prog, n_prog,
-                               p, 1.0 / (1.0 - p) if p < 1 else 0.0, HAS_DA=has_ln, HAS_DH=dh is not None,
+                               p, *drop_scales(p, x.dtype), HAS_DA=has_ln, HAS_DH=dh is not None,
                                HAS_Y=has_y, HAS_LN=has_ln, DROPOUT=dropout, DYB=dyb, BLOCK_D=BLOCK_D,
                                ACC=acc_dtype(x), num_warps=4 if BLOCK_D <= 1024 else 8)
     # deterministic two-stage reductions. The encoder (bias_grad) takes one launch for all parts, as views of

@@ -35,7 +35,14 @@ Guaranteed (each point has a GPU-marked test in tests/test_graphs.py):
   synchronisation);
 * Triton compiles during the ``warmup`` (>= 1) eager calls, which run on the capture's own static input (same
   shapes, dtypes and alignment); a Triton compilation during a capture is detected (Triton's
-  ``knobs.runtime.jit_post_compile_hook``) and the capture is refused with the kernel's name.
+  ``knobs.runtime.jit_post_compile_hook``) and the capture is refused with the kernel's name;
+* a capture works whatever autograd graphs the caller keeps alive (an earlier output, an eager call's output):
+  warm-up and capture differentiate with respect to fresh leaves that alias the parameters, whose AccumulateGrad
+  nodes are made on the capture stream (the parameters' own may live on the legacy stream, which a capture must
+  not touch);
+* a capture that fails raises its error and leaves the rest as it was: current stream, CUDA generator (out of
+  capture mode, same state), the caching allocator (the capture unregistered from the pool, the pool released),
+  cuBLAS workspaces, the module's parameters and its dropout-mask recording hook.
 
 Refused with an error (``GraphReplayError``, a RuntimeError) instead of silently wrong results:
 * a second backward through one forward replay (``retain_graph=True`` re-use): the captured backward frees and
@@ -212,6 +219,117 @@ def _capture_guard(what: str):
             "Report this with the shapes; a larger warmup= does not change what the warm-up compiles")
 
 
+@contextlib.contextmanager
+def _leaf_aliases(module: nn.Module, params: Tuple[torch.Tensor, ...]) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """Inside the block, ``params`` are replaced in ``module`` (in their modules' ``_parameters``, where the
+    encoder reads them) by fresh leaf Parameters that share their memory; yields those leaves, in order.
+
+    Why: a captured backward must not touch a stream outside the capture. Autograd hands a leaf's gradient to the
+    leaf's AccumulateGrad node, on the stream that node was created on, and the node lives as long as any autograd
+    graph that uses the leaf: an earlier replay's output (its _Replay node), an eager call's output the caller
+    keeps... each made on the caller's (legacy default) stream. Differentiating the captured forward with respect
+    to the parameters themselves then makes the legacy stream wait on the capturing one
+    (cudaErrorStreamCaptureImplicit: the capture is invalidated; torch warns "The AccumulateGrad node's stream
+    does not match..."). Fresh leaves get their AccumulateGrad nodes where the captured forward first uses them,
+    on the capture stream. They alias the parameters' storage (and version counter), so replays read the live
+    values, in-place optimizer updates included; the gradients reach the real parameters through _Replay."""
+    alias = {id(p): nn.Parameter(p.detach(), requires_grad=True) for p in params}
+    swapped = [(sub, name, p) for sub in module.modules() for name, p in sub._parameters.items()
+               if p is not None and id(p) in alias]
+    try:
+        for sub, name, p in swapped:
+            sub._parameters[name] = alias[id(p)]
+        yield tuple(alias[id(p)] for p in params)
+    finally:  # the module's own parameters back, however the block ends
+        for sub, name, p in swapped:
+            sub._parameters[name] = p
+
+
+def _end_allocate_to_pool(device: torch.device, pool) -> None:
+    torch._C._cuda_endAllocateToPool(device.index, pool)
+
+
+def _release_pool(device: torch.device, pool) -> None:
+    torch._C._cuda_releasePool(device.index, pool)
+
+
+def _leave_generator_capture_mode(device: torch.device) -> None:
+    """Take ``device``'s default CUDA generator out of the capture mode a failed capture left it in.
+
+    torch < 2.13 marks the generator state as capturing in ``capture_begin()`` and unmarks it in ``capture_end()``
+    only after cudaStreamEndCapture succeeded, so after an invalidated capture every random op outside a capture
+    raises "Offset increment outside graph capture encountered unexpectedly" (and every registered graph's
+    replay too). There is no Python call that clears the mark, but a complete capture on the same generator state
+    does (its prologue sets it, its epilogue clears it) without touching the seed or the offset. Swapping in a
+    fresh state (``graphsafe_set_state``) would not do: graphs already captured hold the old state object. Newer
+    torch keys capture state by capture id and has no such mark; this is then a harmless empty-handed capture."""
+    with torch.cuda.device(device):
+        x = torch.zeros(1, device=device)  # made outside: the graph allocates nothing
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))  # the prologue rewrites the state's replay tensors
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin()
+            try:
+                x.zero_()  # one node: an empty graph warns
+            finally:
+                graph.capture_end()
+        del graph
+
+
+def _abandon_capture(graph, pool, device: torch.device, end: bool) -> None:
+    """After an exception inside a capture (``end``: the capture may still be open) or from ``capture_end()``:
+    undo what capture_begin() set up and a failed capture_end() skipped. Best effort, step by step: the capture's
+    own exception is the one the caller sees."""
+    if end:
+        try:
+            graph.capture_end()  # ends the stream capture; raises if the capture was invalidated
+        except Exception:
+            pass
+    try:
+        graph.pool()  # succeeds only after a completed capture_end(): torch's bookkeeping is done, the graph's
+        return        # own reset() releases its pool
+    except Exception:
+        pass
+    try:  # the allocator still routes the capture's allocations to the pool (and defers event processing)
+        _end_allocate_to_pool(device, pool)
+    except Exception:
+        pass  # capture_end() got that far ("not currently recording")
+    for undo, what in ((lambda: _release_pool(device, pool), "release its memory pool (leaked)"),
+                       (lambda: _leave_generator_capture_mode(device),
+                        "take the CUDA generator out of capture mode: later random ops may raise")):
+        try:
+            undo()
+        except Exception as e:  # pragma: no cover - nothing more to try
+            warnings.warn(f"GraphedSeqPE: after a failed CUDA-graph capture, could not {what} ({e})",
+                          RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _graph_capture(graph, pool, stream, device: torch.device) -> Iterator[None]:
+    """``torch.cuda.graph(graph, pool=pool, stream=stream)`` (same capture mode), except that a capture that
+    fails leaves nothing behind. When torch.cuda.graph's ``__exit__`` calls a ``capture_end()`` that raises (an
+    invalidated capture: cudaStreamEndCapture fails), torch skips the rest of its bookkeeping: the capture stream
+    stays the current stream (``__exit__`` never restores it), the CUDA generator stays in capture mode, the
+    caching allocator keeps the capture registered against the pool and the pool keeps the graph's reference
+    (``reset()`` releases it only after a completed capture). Here the stream is restored by ``with`` and the
+    rest by _abandon_capture. ``pool`` must be a handle (a shared pool: releasing it is this capture's share)."""
+    torch.cuda.synchronize()  # as torch.cuda.graph: nothing of earlier work in flight, memory freed for the graph
+    torch.cuda.empty_cache()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            yield
+        except BaseException:
+            _abandon_capture(graph, pool, device, end=True)
+            raise
+        try:
+            graph.capture_end()
+        except BaseException:
+            _abandon_capture(graph, pool, device, end=False)
+            raise
+
+
 def _warm_up(step: Callable[[], None], n: int) -> None:
     """``n`` eager calls on a side stream, as before a capture: Triton compilation, cuBLAS / allocator lazy
     initialisation and autograd's first-call work happen here, outside the graph."""
@@ -298,18 +416,25 @@ class _TrainingGraph(_Graph):
         self.params = params
         self.static_in = sample.clone()
         with torch.enable_grad():
+            # warm-up and capture differentiate with respect to fresh leaves aliasing the parameters (see
+            # _leaf_aliases: the parameters' own AccumulateGrad nodes may sit on the legacy stream)
             def step():
-                out = core(self.static_in)
-                torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
+                with _leaf_aliases(core.module, params) as leaves:
+                    out = core(self.static_in)
+                torch.autograd.grad(out, leaves, grad_outputs=torch.zeros_like(out), allow_unused=True)
 
             _warm_up(step, warmup)
             self.fwd_graph, self.bwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            # one stream for both captures: a backward node runs on the stream its forward ran on, so a backward
+            # captured on another stream would sync with a stream outside that capture
+            stream = torch.cuda.Stream(sample.device)
             with _capture_guard(what):
-                with torch.cuda.graph(self.fwd_graph, pool=self.pool):
+                with _leaf_aliases(core.module, params) as leaves, \
+                        _graph_capture(self.fwd_graph, self.pool, stream, sample.device):
                     out = core(self.static_in)
                 self.static_grad_out = torch.empty_like(out)
-                with torch.cuda.graph(self.bwd_graph, pool=self.pool):
-                    grads = torch.autograd.grad(out, params, grad_outputs=self.static_grad_out, allow_unused=True)
+                with _graph_capture(self.bwd_graph, self.pool, stream, sample.device):
+                    grads = torch.autograd.grad(out, leaves, grad_outputs=self.static_grad_out, allow_unused=True)
         self.static_out = out.detach()
         self.static_grads = tuple(None if g is None else g.detach() for g in grads)
 
@@ -357,7 +482,7 @@ class _InferenceGraph(_Graph):
             _warm_up(lambda: core(self.static_in), warmup)
             self.graph = torch.cuda.CUDAGraph()
             with _capture_guard(what):
-                with torch.cuda.graph(self.graph, pool=self.pool):
+                with _graph_capture(self.graph, self.pool, torch.cuda.Stream(sample.device), sample.device):
                     out = core(self.static_in)
         self.static_out = out
 
@@ -464,11 +589,21 @@ class GraphedSeqPE(nn.Module):
         # the CUDA generator is put back after warm-up and capture: the warm-up's dropout draws are undone, so the
         # replay that follows draws what an eager call would have drawn (a capture itself does not advance it)
         rng = torch.cuda.get_rng_state(positions.device)
+        # a failed capture leaves the module as it was: the parameters are restored by _leaf_aliases, and the
+        # dropout-mask recording hook (which warm-up and capture fill, the capture with tensors of its pool) here
+        rec = getattr(self.module, "record_dropout_masks", None)
+        rec_before = dict(rec) if isinstance(rec, dict) else None
         try:
             with torch.cuda.device(positions.device), torch.autocast("cuda", enabled=False):
                 if grad:
                     params = tuple(p for p in self.module.parameters() if p.requires_grad)
                     return _TrainingGraph(core, positions, params, self.warmup, self.clone_outputs, what)
                 return _InferenceGraph(core, positions, self.warmup, self.clone_outputs, what)
+        except BaseException:
+            if rec_before is not None:
+                rec.clear()
+                rec.update(rec_before)
+            raise
         finally:
+            # after _graph_capture took the generator out of capture mode, should the capture have failed
             torch.cuda.set_rng_state(rng, positions.device)

@@ -16,6 +16,10 @@
 #          layer-0 table / cast / encoder / layout suites on CUDA, each CUDA-graph provider alone under
 #          CUDA_LAUNCH_BLOCKING=1.
 #     bash benchmarks/device_call.sh f2 "$OUT" <what is left of the lease, less 30 s>
+# PHASE g  (a short verification call, ~5 min) the GPU tier while the extension builds, text-default with every
+#          item-4 provider, its kernel-time profile, the extension's error path (benchmarks/ext_error_path.py),
+#          the table / cast / bias-gradient suites on CUDA, `check --backend cuda`, vits-default if time is left.
+#     bash benchmarks/device_call.sh g "$OUT" 290
 # PHASE f  both, in one call (a longer lease, or your own GPU with a deadline).
 # The phases of earlier leases (a-e) are in git history (before this file's f1/f2 split); benchmarks/results/NOTES.md
 # says what they found. On your own GPU, with no time limit, use benchmarks/gpu_run.sh instead.
@@ -106,11 +110,34 @@ phase_f2() {
   isolate cuda-graph 40
   isolate compile-cg 40
 }
+phase_g() {  # a short verification call (~5 min): the fixes of the first H200 lease and the text step again
+  build_ext_bg
+  TAILN=3 step env 10 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, \
+      torch.cuda.get_device_name(0))"
+  # the GPU tier while the extension builds (its extension tests wait for the build's lock)
+  TAILN=24 step tier 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 --timeout 140 -m gpu tests
+  if grep -q "FAILED tests/test_launch.py::test_gpu_direct" "$LOGS/tier.txt"; then
+    export SEQPE_KERNELS_TRITON_LAUNCH=jit; echo "## direct Triton launches OFF for this run" >> "$LOGS/summary.txt"
+  fi
+  wait $BUILD; tail -2 "$LOGS/ext_build.txt"
+  TAILN=40 step bench_text-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
+      --config text-default --quick --M 1552 --provider $BENCH_PROVIDERS --mode forward full nograd \
+      --csv "$OUT/bench_text-default_$DEV.csv" --png "$OUT/bench_text-default_$DEV.png"
+  TAILN=60 step profile_text 40 python3 benchmarks/profile_step.py --config text-default --rows 16 --steps 5
+  TAILN=30 step ext_error_path 45 python3 benchmarks/ext_error_path.py
+  TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \
+      tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
+  TAILN=24 step check_cuda 30 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda
+  TAILN=40 step bench_vits-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
+      --config vits-default --quick --M 4324 --provider $BENCH_PROVIDERS --mode forward full nograd \
+      --csv "$OUT/bench_vits-default_$DEV.csv" --png none
+}
 case "$PHASE" in
+  g) phase_g ;;
   f1) phase_f1 ;;
   f2) phase_f2 ;;
   f) phase_f1; phase_f2 ;;
-  *) echo "unknown phase $PHASE (f1, f2 or f)" >&2; exit 2 ;;
+  *) echo "unknown phase $PHASE (f1, f2, f or g)" >&2; exit 2 ;;
 esac
 bundle
 echo "phase $PHASE done in $(( $(date +%s) - START )) s on $DEV"

@@ -59,7 +59,7 @@ def _check_commands(calls, what):
     return cli, pytests, scripts
 
 
-@pytest.mark.parametrize("phase", ["f1", "f2"])
+@pytest.mark.parametrize("phase", ["f1", "f2", "g"])
 def test_each_phase_of_the_device_call_is_well_formed(tmp_path, phase):
     calls, out, stdout = _dry_run(tmp_path, ["benchmarks/device_call.sh", phase, "OUT", "560"])
     assert (out / "logs.tgz").exists(), "the logs must come back bundled"

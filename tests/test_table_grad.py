@@ -251,3 +251,145 @@ def test_embedding_backward_folds_the_table_gradient(impl, M, K, base, d, D, fro
     if with_tab:
         with pytest.raises(err, match="table_grad must be"):
             fn(g.to(DEV), x.to(DEV), from_positions, K, base, d, tg[1:].to(DEV))
+
+
+# ----------------------------------------------------------------- the backward reductions' tiles and chunks
+# On CPU num_sms() is 2, so the launchers make one chunk of one tile: these tests shrink the tiles and pretend to
+# have more SMs, so sequences / rows cross tiles inside a program and chunks across programs, and columns cross
+# the column blocks (sizes not multiples of any block). A kernel's own fp32 -> bf16 store rounds to nearest on the
+# GPU (error <= 2^-8 of the value) but truncates under the interpreter (its bf16 cast, < 2^-7): HALF_TOL says so.
+HALF_TOL = {torch.bfloat16: 2 ** -8 if HAS_CUDA else 2 ** -7, torch.float16: 2 ** -10}
+def _small_blocks(monkeypatch, module, sms, **blocks):
+    import importlib
+
+    mod = importlib.import_module(f"seqpe_kernels.ops.{module}")
+    monkeypatch.setattr(mod, "num_sms", lambda device: sms)
+    for k, v in blocks.items():
+        monkeypatch.setattr(mod, k, v)
+
+
+@settings(max_examples=25, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([0, 1, 15, 16, 17, 33, 70]), K=st.integers(1, 3), base=st.sampled_from([2, 10, 17]),
+       d=st.integers(1, 2), C=st.sampled_from([1, 15, 17, 40]), sms=st.sampled_from([1, 3, 40]),
+       dt=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_table_grad_across_tiles_and_chunks(monkeypatch, M, K, base, d, C, sms, dt, seed):
+    """_table_grad's one-hot product per [BLOCK_M, BLOCK_C] tile, several tiles per chunk and several chunks
+    (16-sequence tiles, 16-column blocks, up to 40 'SMs'), against embedding_dense_backward in fp64; bases
+    whose digit rows plus CLS need 32 one-hot rows (17)."""
+    _small_blocks(monkeypatch, "table_grad", sms, _BLOCK_M=16, _BLOCK_C=16)
+    gen = torch.Generator().manual_seed(seed)
+    L = K * d
+    rows = table_rows(torch.randint(0, base ** K, (M, d), generator=gen).to(DEV), True, L, K, base, False)
+    n = base * L + 1
+    g = torch.randn(M, L + 1, C, generator=gen).to(DEV, dt)
+    ref = torch.ops.aten.embedding_dense_backward(g.double().view(-1, C), rows.view(-1), n, -1, False)
+    scale = torch.ops.aten.embedding_dense_backward(g.double().abs().view(-1, C), rows.view(-1), n, -1,
+                                                    False).max().clamp_min(1e-30)
+    for acc_out in (False, True):
+        out = table_grad(g, rows, n, L, acc_out=acc_out)
+        want = (torch.float64 if dt == torch.float64 else torch.float32) if acc_out else dt
+        assert out.shape == (n, C) and out.dtype == want
+        assert ((out.double() - ref).abs().max() / scale).item() <= TOL[want]
+
+
+def _embed_grads64(g, x, from_positions, K, base, d, tab):
+    """The digit embedding's parameter gradients in fp64 by plain indexing: token digit b sums the valid tokens
+    with digit b, slot j all tokens at j, CLS the last token, dimension a its K slots; plus the table gradient
+    tab [base * L + 1, D] (row b * L + j, CLS last) folded in as the encoder does."""
+    M, T, D = g.shape
+    L = T - 1
+    g = g.double()
+    if from_positions:
+        pw = base ** torch.arange(K - 1, -1, -1)
+        xx = x.cpu().long().reshape(M, d)
+        ok = ((xx >= 0) & (xx < base ** K)).repeat_interleave(K, 1)  # [M, L]
+        dig = (xx.clamp(0, base ** K - 1)[:, :, None] // pw % base).reshape(M, L)
+    else:
+        dig = x.cpu().long()
+        ok = (dig >= 0) & (dig < base)
+    gc = g.cpu()
+    dtok = torch.zeros(base, D, dtype=torch.float64)
+    for j in range(L):
+        sel = ok[:, j]
+        dtok.index_add_(0, dig[sel, j], gc[sel, j])
+    dpos = gc[:, :L].sum(0)
+    dcls = gc[:, L].sum(0)
+    if tab is not None:
+        tb = tab.double().cpu()
+        dtok += tb[:-1].view(base, L, D).sum(1)
+        dpos += tb[:-1].view(base, L, D).sum(0)
+        dcls += tb[-1]
+    ddim = dpos.view(d, K, D).sum(1) if d > 1 else None
+    return dtok, dpos, ddim, dcls
+
+
+@settings(max_examples=25, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([0, 1, 15, 17, 40]), K=st.integers(1, 3), base=st.sampled_from([2, 10, 16]),
+       d=st.integers(1, 2), D=st.sampled_from([1, 17, 40]), sms=st.sampled_from([1, 5, 40]),
+       from_positions=st.booleans(), with_tab=st.booleans(), invalid=st.booleans(),
+       dt=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_digit_embed_backward_across_tiles_and_chunks(monkeypatch, M, K, base, d, D, sms, from_positions, with_tab,
+                                                       invalid, dt, seed):
+    """_embed_bwd's per-slot one-hot product (digit rows and an all-ones row) over 16-sequence tiles, several per
+    chunk and several chunks, 16-column blocks, and _embed_bwd_out's 4-row steps over the partials and the folded
+    table gradient; positions or digit ids, out-of-range inputs (check_range=False: not in the token rows, still
+    in the slot sums), every dtype; against fp64 indexing sums."""
+    from seqpe_kernels.ops.digit_embed import digit_embed_backward
+
+    _small_blocks(monkeypatch, "digit_embed", sms, _BWD_BM=16, _BWD_BD=16, _OUT_QB=4)
+    gen = torch.Generator().manual_seed(seed)
+    L = K * d
+    if not from_positions:
+        d = 1  # digit ids: the reference's one-dimensional layout
+    if from_positions:
+        lo, hi = (-3, base ** K + 3) if invalid else (0, base ** K)
+        x = torch.randint(lo, hi, (M, d), generator=gen)
+    else:
+        lo, hi = (-2, base + 2) if invalid else (0, base)
+        x = torch.randint(lo, hi, (M, L), generator=gen)
+    g = torch.randn(M, L + 1, D, generator=gen).to(DEV, dt)
+    tab = torch.randn(base * L + 1, D, generator=gen).to(DEV) if with_tab else None
+    got = digit_embed_backward(g, x.to(DEV), from_positions, K, base, d, tab)
+    ref = _embed_grads64(g, x, from_positions, K, base, d, tab)
+    # error against each output's magnitude bound (the same sums of |g| and |tab|)
+    bound = _embed_grads64(g.abs(), x, from_positions, K, base, d, tab.abs() if with_tab else None)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, **HALF_TOL}[dt]
+    for name, a, r, s in zip(("tok", "pos", "dim", "cls"), got, ref, bound):
+        if r is None:
+            assert a.numel() == 0
+            continue
+        assert a.dtype == dt and a.numel() == r.numel(), name
+        err = ((a.double().cpu().view_as(r) - r).abs().max() / s.max().clamp_min(1e-30)).item() if r.numel() else 0
+        assert err <= tol, (name, err)
+
+
+@settings(max_examples=20, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(R=st.sampled_from([1, 2, 15, 33, 100]), C=st.sampled_from([1, 15, 17, 40]), sms=st.sampled_from([1, 3, 40]),
+       dt=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_gelu_bias_grad_across_tiles_and_programs(monkeypatch, R, C, sms, dt, seed):
+    """_gelu_bwd_db's [BLOCK_R, BLOCK_C] tiles (8 rows in half / 4 in fp32 and fp64 here, 16 columns), several per
+    program and several programs per column block: dz and the column sums of the unrounded dz against fp64
+    (tests/test_bias_grads.py holds the kernel at its real blocks)."""
+    from seqpe_kernels.ops.gelu import gelu_backward
+
+    _small_blocks(monkeypatch, "gelu", sms, _DB_BLOCK_R=8, _DB_BLOCK_C=16)
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(R, C, generator=gen) * 2).to(DEV, dt)
+    du = torch.randn(R, C, generator=gen).to(DEV, dt)
+    dz, db = gelu_backward(du, z, True)
+    z64, du64 = z.double(), du.double()
+    t = torch.tanh(0.7978845608028654 * (z64 + 0.044715 * z64 ** 3))
+    ref = du64 * (0.5 * (1 + t) + 0.5 * z64 * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * z64 ** 2))
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    assert dz.dtype == dt and db.dtype == acc_dt and db.shape == (C,)
+    # |dz| <= 1.13 |du| (gelu' in [-0.17, 1.13]): one rounding of dz, relative to max |du| * 1.13
+    tol_dz = {torch.float32: 1e-5, torch.float64: 1e-12, **HALF_TOL}[dt]
+    assert ((dz.double() - ref).abs().max() / (1.13 * du64.abs().max())).item() <= tol_dz
+    # the bias gradient sums the unrounded dz in fp32 (fp64): the accumulation dtype's tolerance
+    assert ((db.double() - ref.sum(0)).abs().max() / du64.abs().sum(0).max()).item() <= TOL[acc_dt]

@@ -5,8 +5,10 @@ so the [M, L] int64 digit tensor of the reference never exists; it then sums the
 (n-D) dimension embeddings in the reference's order ((tok + pos) + dim, fp32) and writes the CLS vector at
 row L. ``from_positions=False`` takes the authors' digit ids instead.
 
-Backward reduces into the tables deterministically: each program accumulates a fixed chunk of sequences
-into registers (a one-hot product for the digit table), partials are summed in a fixed order.
+Backward reduces into the tables deterministically: a program owns one slot, one column block and a chunk of
+sequences, and sums [BLOCK_M, BD] tiles of that slot's gradient rows per digit with one one-hot product (the
+digit rows plus an all-ones row for the slot / CLS sum; ``tl.dot`` with fp32 (fp64) operands, exact products);
+the output launch sums the chunks' partials in a fixed order, several rows per step.
 """
 from __future__ import annotations
 
@@ -71,74 +73,101 @@ def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, ROWS, sxm, sxc, L, T, D, K: tl.c
 
 @direct
 @triton.jit
-def _embed_bwd(G, X, POW, TOK_PART, POS_PART, sxm, sxc, M, L, T, D, seqs_per_prog, K: tl.constexpr,
-               BASE: tl.constexpr, BASEP: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr,
-               FROM_POS: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+def _embed_bwd(G, X, POW, PART, sxm, sxc, M, L, T, D, seqs_per_prog, K: tl.constexpr, BASE: tl.constexpr,
+               BASEP: tl.constexpr, BLOCK_M: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr,
+               ACC: tl.constexpr):
+    """Program (slot t, column block, chunk of sequences): PART[chunk, t, b] = the sum of g[m, t] over the chunk's
+    sequences whose digit at slot t is b (b < BASE; none for the CLS slot t == L), PART[chunk, t, BASE] = the sum
+    over all of them. [BLOCK_M, BD] tiles of slot t's rows, each reduced by one product
+    onehot [BASEP, BLOCK_M] x tile [BLOCK_M, BD] (exact products, ACC sums: deterministic, no atomics)."""
+    t = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     cm = cols < D
-    j = tl.arange(0, TP)
+    ch = tl.program_id(2).to(tl.int64)
     b = tl.arange(0, BASEP)
-    acc_tok = tl.zeros([BASEP, BD], dtype=ACC)
-    acc_pos = tl.zeros([TP, BD], dtype=ACC)  # rows < L: digit positions, row L: CLS
-    for i in range(0, seqs_per_prog):
-        m = pid * seqs_per_prog + i
-        if m < M:
-            g = tl.load(G + m * T * D + j[:, None] * D + cols[None, :], mask=(j < T)[:, None] & cm[None, :],
-                        other=0.0).to(ACC)
-            acc_pos += g
-            dig, ok = _digits(X, POW, m, sxm, sxc, j, L, K, BASE, FROM_POS)
-            onehot = ((dig[:, None] == b[None, :]) & (j < L)[:, None] & ok[:, None]).to(ACC)
-            acc_tok += tl.sum(onehot[:, :, None] * g[:, None, :], axis=0)
-    tl.store(TOK_PART + pid * BASEP * D + b[:, None] * D + cols[None, :], acc_tok, mask=cm[None, :])
-    tl.store(POS_PART + pid * TP * D + j[:, None] * D + cols[None, :], acc_pos, mask=cm[None, :])
+    acc = tl.zeros([BASEP, BD], dtype=ACC)
+    m0 = ch * seqs_per_prog
+    m_end = tl.minimum(m0 + seqs_per_prog, M)
+    for i in range(0, seqs_per_prog, BLOCK_M):
+        ms = m0 + i + tl.arange(0, BLOCK_M)
+        mm = ms < m_end
+        g = tl.load(G + (ms * T + t)[:, None] * D + cols[None, :], mask=mm[:, None] & cm[None, :],
+                    other=0.0).to(ACC)
+        # digit of slot t (as _digits, one slot for BLOCK_M sequences); an invalid one reaches no token row
+        xm = mm & (tl.zeros([BLOCK_M], dtype=tl.int32) + t < L)  # (not mm & is_digit: the interpreter makes that
+        # an int32 mask where L == 1 is specialised)
+        if FROM_POS:
+            p = tl.load(X + ms * sxm + (t // K) * sxc, mask=xm, other=0).to(tl.int64)
+            pw = tl.load(POW + t % K)  # in bounds for every slot (the CLS slot's xm is all false)
+            top = tl.load(POW)  # BASE**(K-1)
+            ok = (p >= 0) & (p // top < BASE)
+            d = (p // pw) % BASE
+        else:
+            d = tl.load(X + ms * sxm + t * sxc, mask=xm, other=0).to(tl.int64)
+            ok = (d >= 0) & (d < BASE)
+        dig = tl.where(ok & xm, d, -1).to(tl.int32)
+        onehot = (((b[:, None] == dig[None, :]) | (b[:, None] == BASE)) & mm[None, :]).to(ACC)
+        acc = tl.dot(onehot, g, acc, input_precision="ieee", out_dtype=ACC)
+    tl.store(PART + ((ch * T + t) * BASEP + b[:, None]) * D + cols[None, :], acc,
+             mask=(b <= BASE)[:, None] & cm[None, :])
 
 
 @direct
 @triton.jit
-def _embed_bwd_out(TOK_PART, POS_PART, TAB, D_TOK, D_POS, D_CLS, D_DIM, n_prog, L, D, K: tl.constexpr,
-                   BASE: tl.constexpr, BASEP: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr,
-                   HAS_TAB: tl.constexpr, ACC: tl.constexpr):
-    """Output row r of [d_tok: BASE rows; d_pos: L; d_cls: 1; d_dim: one per dimension]: the programs' partials
-    summed in program order, plus (HAS_TAB) layer 0's (digit, slot) table gradient folded in (row v * L + s:
-    digit v at slot s; row BASE * L: CLS), each written in the output dtype. Replaces the partial sums, casts and
-    the encoder's table sums and adds (csrc/seqpe_ext.h embed_grad_out is the C++/CUDA twin)."""
+def _embed_bwd_out(PART, TAB, D_TOK, D_POS, D_CLS, D_DIM, n_prog, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
+                   BASEP: tl.constexpr, QB: tl.constexpr, BD: tl.constexpr, HAS_TAB: tl.constexpr,
+                   ACC: tl.constexpr):
+    """Output row r of [d_tok: BASE rows; d_pos: L; d_cls: 1; d_dim: one per dimension]: the chunks' partials
+    (PART [n_prog, T, BASEP, D], _embed_bwd's) summed, plus (HAS_TAB) layer 0's (digit, slot) table gradient
+    folded in (row v * L + s: digit v at slot s; row BASE * L: CLS), each written in the output dtype. Replaces
+    the partial sums, casts and the encoder's table sums and adds (csrc/seqpe_ext.h embed_grad_out is the C++/CUDA
+    twin). Each output row sums the partial rows (chunk p, slot j in [lo, hi), row ri) and the table rows (digit v
+    in [vlo, vhi), slot in [lo, hi); CLS: the last), QB at a time into a [QB, BD] tile reduced once (a fixed
+    order: deterministic; a few loads in flight per step, not one chain of dependent loads per partial)."""
     r = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     cm = cols < D
-    s = tl.zeros([BD], dtype=ACC)
-    if r < BASE:  # token digit r: every slot's table row of that digit
-        for p in range(0, n_prog):
-            s += tl.load(TOK_PART + (p * BASEP + r) * D + cols, mask=cm, other=0.0)
-        if HAS_TAB:
-            for j in range(0, L):
-                s += tl.load(TAB + (r * L + j) * D + cols, mask=cm, other=0.0).to(ACC)
-        tl.store(D_TOK + r * D + cols, s, mask=cm)
+    q_ids = tl.arange(0, QB)
+    if r < BASE:  # token digit r: its row at every slot
+        lo, hi, ri, vlo, vhi, cls = 0, L, r, r, r + 1, 0
     elif r < BASE + L:  # slot r - BASE: every digit's row at that slot
-        for p in range(0, n_prog):
-            s += tl.load(POS_PART + (p * TP + r - BASE) * D + cols, mask=cm, other=0.0)
-        if HAS_TAB:
-            for v in range(0, BASE):
-                s += tl.load(TAB + (v * L + r - BASE) * D + cols, mask=cm, other=0.0).to(ACC)
-        tl.store(D_POS + (r - BASE) * D + cols, s, mask=cm)
+        lo, hi, ri, vlo, vhi, cls = r - BASE, r - BASE + 1, BASE, 0, BASE, 0
     elif r == BASE + L:  # CLS
-        for p in range(0, n_prog):
-            s += tl.load(POS_PART + (p * TP + L) * D + cols, mask=cm, other=0.0)
-        if HAS_TAB:
-            s += tl.load(TAB + BASE * L * D + cols, mask=cm, other=0.0).to(ACC)
-        tl.store(D_CLS + cols, s, mask=cm)
+        lo, hi, ri, vlo, vhi, cls = L, L + 1, BASE, 0, 0, 1
     else:  # dimension dd: its K slots
         dd = r - BASE - L - 1
-        for k in range(0, K):
-            for p in range(0, n_prog):
-                s += tl.load(POS_PART + (p * TP + dd * K + k) * D + cols, mask=cm, other=0.0)
-        if HAS_TAB:
-            for v in range(0, BASE):
-                for k in range(0, K):
-                    s += tl.load(TAB + (v * L + dd * K + k) * D + cols, mask=cm, other=0.0).to(ACC)
-        tl.store(D_DIM + dd * D + cols, s, mask=cm)
+        lo, hi, ri, vlo, vhi, cls = dd * K, dd * K + K, BASE, 0, BASE, 0
+    acc = tl.zeros([QB, BD], dtype=ACC)
+    n_q = n_prog * T
+    for q0 in range(0, n_q, QB):
+        q = q0 + q_ids
+        j = q % T
+        qm = (q < n_q) & (j >= lo) & (j < hi)
+        acc += tl.load(PART + (q.to(tl.int64)[:, None] * BASEP + ri) * D + cols[None, :],
+                       mask=qm[:, None] & cm[None, :], other=0.0)
+    if HAS_TAB:
+        n_u = BASE * L + 1
+        for u0 in range(0, n_u, QB):
+            u = u0 + q_ids
+            v = u // L
+            sl = u % L
+            um = tl.where(u == BASE * L, cls == 1, (u < BASE * L) & (v >= vlo) & (v < vhi) & (sl >= lo) & (sl < hi))
+            acc += tl.load(TAB + u.to(tl.int64)[:, None] * D + cols[None, :], mask=um[:, None] & cm[None, :],
+                           other=0.0).to(ACC)
+    s = tl.sum(acc, 0)
+    if r < BASE:
+        tl.store(D_TOK + r * D + cols, s, mask=cm)
+    elif r < BASE + L:
+        tl.store(D_POS + (r - BASE) * D + cols, s, mask=cm)
+    elif r == BASE + L:
+        tl.store(D_CLS + cols, s, mask=cm)
+    else:
+        tl.store(D_DIM + (r - BASE - L - 1) * D + cols, s, mask=cm)
 
 
+_BWD_BD = 128  # _embed_bwd's tile: [_BWD_BM sequences, _BWD_BD columns] of one slot
+_BWD_BM = 32
+_OUT_QB = 32  # _embed_bwd_out: partial / table rows per step
 _POW: dict = {}
 
 
@@ -198,29 +227,31 @@ def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool,
                              f"[{base * L + 1}, {D}] tensor on {g.device}, got {tuple(table_grad.shape)} "
                              f"{table_grad.dtype} on {table_grad.device}")
         table_grad = table_grad.contiguous()
-    TP, BASEP = next_pow2(T), next_pow2(base)
-    BD = max(16, min(128, next_pow2(D), 8192 // (TP * BASEP)))
-    n_prog = max(1, min(M, 2 * num_sms(g.device)))
-    per = cdiv(M, n_prog) if M else 1
+    BASEP = max(16, next_pow2(base + 1))  # the digits' rows and the all-ones row (tl.dot tiles are >= 16)
+    BD = max(16, min(_BWD_BD, next_pow2(D)))
+    BLOCK_M = max(16, min(_BWD_BM, next_pow2(M)))
+    n_col = cdiv(D, BD)
+    # ~4 programs per SM: T slots x column blocks x chunks of sequences, each chunk whole tiles of BLOCK_M
+    n_prog = max(1, min(cdiv(M, BLOCK_M), cdiv(4 * num_sms(g.device), T * n_col)))
+    per = cdiv(cdiv(M, n_prog), BLOCK_M) * BLOCK_M
     n_prog = cdiv(M, per) if M else 1
-    # every program stores its whole slice of the partials; with M = 0 there is none: one zeroed partial
-    part = g.new_empty if M > 0 else g.new_zeros
-    tok_part = part((n_prog, BASEP, D), dtype=acc)
-    pos_part = part((n_prog, TP, D), dtype=acc)
+    # every program stores its (slot, rows <= base, columns) slice of the partials; with M = 0 there is none:
+    # one zeroed partial
+    part = (g.new_empty if M > 0 else g.new_zeros)((n_prog, T, BASEP, D), dtype=acc)
     ACC = tl.float64 if acc == torch.float64 else tl.float32
     if M > 0:
-        _embed_bwd[(n_prog, cdiv(D, BD))](g, x, _pow_table(K, base, g.device), tok_part, pos_part,
-                                          x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L,
-                                          T, D, per, K=K, BASE=base, BASEP=BASEP,
-                                          TP=TP, BD=BD, FROM_POS=from_positions, ACC=ACC, num_warps=4)
+        _embed_bwd[(T, n_col, n_prog)](g, x, _pow_table(K, base, g.device), part, x.stride(0),
+                                       x.stride(1) if x.dim() == 2 else 1, M, L, T, D, per, K=K, BASE=base,
+                                       BASEP=BASEP, BLOCK_M=BLOCK_M, BD=BD, FROM_POS=from_positions, ACC=ACC,
+                                       num_warps=4)
     tok_g, pos_g, cls_g = g.new_empty((base, D)), g.new_empty((L, D)), g.new_empty((1, 1, D))
     dim_g = g.new_empty((data_dim, 1, D)) if data_dim > 1 else g.new_empty((0,))
     n_out = base + T + (data_dim if data_dim > 1 else 0)
-    BO = min(256, next_pow2(D))
-    _embed_bwd_out[(n_out, cdiv(D, BO))](tok_part, pos_part, table_grad if table_grad is not None else tok_part,
-                                         tok_g, pos_g, cls_g, dim_g if data_dim > 1 else tok_g, n_prog, L, D,
-                                         K=K, BASE=base, BASEP=BASEP, TP=TP, BD=BO,
-                                         HAS_TAB=table_grad is not None, ACC=ACC, num_warps=4)
+    BO = min(128, next_pow2(D))
+    _embed_bwd_out[(n_out, cdiv(D, BO))](part, table_grad if table_grad is not None else part,
+                                         tok_g, pos_g, cls_g, dim_g if data_dim > 1 else tok_g, n_prog, L, T, D,
+                                         K=K, BASE=base, BASEP=BASEP, QB=_OUT_QB, BD=BO, HAS_TAB=table_grad is not None,
+                                         ACC=ACC, num_warps=4)
     return tok_g, pos_g, dim_g, cls_g
 
 

@@ -452,3 +452,47 @@ def test_tf32_rows_on_cuda_carry_their_error():
     assert 0.0 < t["rel_err"] < 1e-2, t
     tri = by[("vits-default-tf32", "triton")]
     assert tri["status"] == "ok" and 0.0 < tri["rel_err"] < 1e-2, tri
+
+
+def test_bench_csv_keeps_the_rows_measured_before_a_crash(monkeypatch, tmp_path):
+    """The CSV is written after every row: a run killed by a time limit (the leased GPU's calls) or a CUDA fault
+    keeps what it measured. Here the third row's measurement kills the run."""
+    from seqpe_kernels.bench import run as bench_run
+
+    real, calls = bench_run.measure, []
+
+    def measure(prov, mode, *a, **k):
+        calls.append((prov.name, mode))
+        if len(calls) == 3:
+            raise SystemExit("killed")
+        return real(prov, mode, *a, **k)
+
+    monkeypatch.setattr(bench_run, "measure", measure)
+    csv_path = tmp_path / "partial.csv"
+    with pytest.raises(SystemExit):
+        run_bench([TINY], providers=["eager"], modes=["forward", "full", "nograd"], M=8, csv_path=str(csv_path),
+                  png_path=None, progress=False, print_table=False, quick=True)
+    fields, data = _read_csv(csv_path)
+    assert tuple(fields) == CSV_COLUMNS
+    assert [(r["provider"], r["mode"], r["status"]) for r in data] == [("eager", "forward", "ok"),
+                                                                     ("eager", "full", "ok")]
+    assert all(float(r["median_ms"]) > 0 for r in data)
+
+
+def test_graph_providers_peak_memory_is_not_reported_as_a_per_call_figure(monkeypatch):
+    """A CUDA-graph replay allocates nothing per call (its activations sit in the graph's pool, allocated at
+    capture): its peak-memory cell is blank with the reason, never a misleading ~0 MB next to eager's figure."""
+    from seqpe_kernels.bench import providers as P
+
+    monkeypatch.setattr(P, "mode_callables", lambda *a: (lambda: None, lambda: None, [], lambda: None))
+    monkeypatch.setattr(P, "_time_call", lambda *a: (1.0, 0.9, 1.1))
+    monkeypatch.setattr(P, "_host_time", lambda *a: 0.5)
+    monkeypatch.setattr(P, "_peak_mem_mb", lambda *a: (123.0, ""))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    cuda = torch.device("cuda")
+    for name in ("triton-graph", "cuda-graph", "compile-cg", "triton", "eager"):
+        res = P.measure(P.Provider(name, None, None), "full", None, TINY, cuda, None)
+        if name.endswith("graph") or name == "compile-cg":
+            assert res["peak_mem_mb"] != res["peak_mem_mb"] and "private pool" in res["note"], res
+        else:
+            assert res["peak_mem_mb"] == 123.0 and res["note"] == ""

@@ -38,7 +38,7 @@ def test_tables_and_verdicts_from_a_csv(tmp_path, capsys):
     text = capsys.readouterr().out
     assert out_md.read_text().strip() == text.strip()
     assert "device Test GPU" in text and "git_commit abc123" in text
-    assert "| cuda-graph | 1.600 (5.00×) | 0.50 | 123 |" in text
+    assert "| cuda-graph | 1.600 (5.00×) | 0.50 | ‡ |" in text
     assert "| triton | – | – | – | 1.000 (2.00×) | 0.50 | 123 | 3.0e-03 |" in text
     assert "- cpu: skipped: needs a CPU tensor" in text and "| cpu |" not in text
     assert "| cuda-graph | 5.00× met | 3.75× met | 1.56× met |" in text

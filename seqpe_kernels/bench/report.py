@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from .configs import CSV_COLUMNS, MODE_FLOP_FACTOR, MODES, PROVIDERS, QUICK_FWD_FLOPS
+from .configs import CSV_COLUMNS, CUDA_GRAPH_PROVIDERS, MODE_FLOP_FACTOR, MODES, PROVIDERS, QUICK_FWD_FLOPS
 
 def write_csv(rows: List[dict], path: str):
     d = os.path.dirname(os.path.abspath(path))
@@ -147,8 +147,11 @@ def markdown_tables(rows: List[dict]) -> str:
                         notes.append(f"{p} {m}: {r.get('status')}: {r.get('note', '')}")
                     continue
                 derived = " †" if r.get("status") == "derived" else ""
+                # a graph replay's activations sit in its pool (allocated at capture): CSVs from before the bench
+                # left that cell blank hold a per-replay figure that is not comparable with the other rows
+                mem = "‡" if p in CUDA_GRAPH_PROVIDERS else _md(r["peak_mem_mb"], ".0f")
                 cells += [f"{_md(r['median_ms'], '.3f')} ({_md(r['speedup_vs_eager'], '.2f', '×')}){derived}",
-                          _md(r["floor_ratio"], ".2f"), _md(r["peak_mem_mb"], ".0f")]
+                          _md(r["floor_ratio"], ".2f"), mem]
                 if m == "nograd":
                     err = r.get("rel_err", float("nan"))
             cells.append(_md(err, ".1e"))
@@ -159,7 +162,9 @@ def markdown_tables(rows: List[dict]) -> str:
         out.append("")
     out.append("floor = (minimal exact GEMM FLOPs / GEMM rate measured in the same run) / time (1.0 = at the floor); "
                "† = backward timed as full - forward (CUDA-graph replay); rel err = max |out - ref| / max |ref| of "
-               "the no-grad output against the eager reference in IEEE fp32.")
+               "the no-grad output against the eager reference in IEEE fp32"
+               + ("; ‡ = peak memory not measured for CUDA-graph replay (its activations live in the graph's pool, "
+                  "allocated at capture)." if any(r["provider"] in CUDA_GRAPH_PROVIDERS for r in rows) else "."))
     return "\n".join(out)
 
 

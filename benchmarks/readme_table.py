@@ -52,14 +52,18 @@ def targets(rows) -> list:
             out.append(f"| {p} | " + " | ".join(cells) + " |")
         out.append("")
     for c in [c for c in configs if c.startswith("vits-default")]:
-        out += [f"| {c} | ms | × eager | floor (≥ {FLOOR_TARGET:g}) | rel err (no-grad) |", "|---|---|---|---|---|"]
+        # the floor target is the fp32 step's (the authors' numerics); the TF32 opt-in is reported beside it, its
+        # floor taken at the TF32 GEMM rate, without a verdict
+        target = c == "vits-default"
+        out += [f"| {c} | ms | × eager | floor{f' (≥ {FLOOR_TARGET:g})' if target else ' (no target)'} | "
+                "rel err (no-grad) |", "|---|---|---|---|---|"]
         for p in ("eager",) + FUSED:
             r = _full(rows, c, p)
             if r is None:
                 continue
             ng = [x for x in rows if x["config"] == c and x["provider"] == p and x["mode"] == "nograd"]
             err = ng[0].get("rel_err", float("nan")) if ng else float("nan")
-            verdict = "" if p == "eager" else (" met" if r["floor_ratio"] >= FLOOR_TARGET else " NOT met")
+            verdict = "" if p == "eager" or not target else (" met" if r["floor_ratio"] >= FLOOR_TARGET else " NOT met")
             out.append(f"| {p} | {r['median_ms']:.3f} | {r['speedup_vs_eager']:.2f}× | {r['floor_ratio']:.2f}"
                        f"{verdict} | {'–' if err != err else f'{err:.1e}'} |")
         out.append("")

@@ -28,7 +28,9 @@ def test_tables_and_verdicts_from_a_csv(tmp_path, capsys):
             _row("vits-default", "eager", "full", 18.0, floor=0.38, eager_ms=18.0),
             _row("vits-default", "cuda", "full", 7.0, floor=0.95, eager_ms=18.0),
             _row("vits-default", "cuda", "nograd", 2.0, err=4e-7, eager_ms=6.0),
-            _row("vits-default", "triton", "full", 9.0, floor=0.70, eager_ms=18.0)]
+            _row("vits-default", "triton", "full", 9.0, floor=0.70, eager_ms=18.0),
+            _row("vits-default-tf32", "eager", "full", 9.0, floor=0.13, eager_ms=9.0),
+            _row("vits-default-tf32", "triton-graph", "full", 3.2, floor=0.37, eager_ms=9.0)]
     path = tmp_path / "b.csv"
     write_csv(rows, str(path))
     back = read_csv(str(path))
@@ -45,6 +47,9 @@ def test_tables_and_verdicts_from_a_csv(tmp_path, capsys):
     assert "| triton-graph | 3.20× NOT met | 2.40× met | 1.00× NOT met |" in text
     assert "| cuda | 7.000 | 2.57× | 0.95 met | 4.0e-07 |" in text
     assert "| triton | 9.000 | 2.00× | 0.70 NOT met | – |" in text
+    # the floor target is the fp32 step's: the TF32 opt-in is reported without a verdict
+    assert "| vits-default-tf32 | ms | × eager | floor (no target) |" in text
+    assert "| triton-graph | 3.200 | 2.81× | 0.37 | – |" in text
 
 
 def test_missing_or_empty_csv_is_a_clear_error(tmp_path, capsys):

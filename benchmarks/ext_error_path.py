@@ -6,7 +6,7 @@ same code raises cleanly on the dev machine. This runs the error path of one op 
 in one thing each -- CPU or CUDA tensors, triton imported before the extension or not, the package imported or
 only the library loaded -- and prints each outcome (rc -11 = SIGSEGV), so one short run says which one matters.
 
-    python benchmarks/ext_error_path.py            # after the extension is built (seqpe_kernels._ext.load())
+    python benchmarks/ext_error_path.py [--modes cpu cuda ...]   # builds / loads the extension first
 """
 from __future__ import annotations
 
@@ -34,13 +34,20 @@ except RuntimeError as e:
 """
 
 
-def main() -> int:
+MODES = ["cpu", "cpu+triton", "cuda", "cuda+triton", "cpu+pkg", "cuda+pkg"]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+    modes = ap.parse_args(argv).modes
     from seqpe_kernels import _ext
 
     _ext.load()
     so = _ext._info.get("path")
     print(f"extension: {so}")
-    modes = ["cpu", "cpu+triton", "cuda", "cuda+triton", "cpu+pkg", "cuda+pkg"]
     crashed = []
     for mode in modes:
         r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, mode, so], capture_output=True,
@@ -48,7 +55,7 @@ def main() -> int:
         out = (r.stdout.strip().splitlines() or [""])[-1]
         err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         why = out or (err[-1][:160] if err else "(no output)")
-        print(f"{mode:12s} rc={r.returncode:4d}  {why}")
+        print(f"{mode:12s} rc={r.returncode:4d}  {why}", flush=True)
         if r.returncode < 0:  # where it crashed, from faulthandler
             print("    " + "\n    ".join(err[:6]))
             crashed.append(mode)

@@ -159,8 +159,6 @@ def test_extension_table_rows_match(M, K, base, d, from_positions, clamp, transp
     x = (x.t() if transposed else x).to(DEV)
     got = ops.table_rows(x, L, K, base, from_positions, clamp)
     assert torch.equal(got, table_rows(x, from_positions, L, K, base, clamp))
-    with pytest.raises(RuntimeError, match="columns for L"):
-        ops.table_rows(x, L + 1, K, base, from_positions, clamp)
 
 
 @settings(max_examples=25, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
@@ -192,8 +190,6 @@ def test_extension_table_grad_matches_embedding_backward(M, K, base, d, C, dt, s
     acc = ops.table_grad(g, rows, n, L, True)  # acc_out: the encoder's call, sums unrounded in fp32 (fp64)
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
     assert acc.dtype == acc_dt and ((acc.double() - ref).abs().max() / scale).item() <= TOL[acc_dt]
-    with pytest.raises(RuntimeError, match="do not describe a"):
-        ops.table_grad(g, rows, n, L + 1)
 
 
 @pytest.mark.parametrize("impl", ["triton", "ext"])
@@ -224,10 +220,9 @@ def test_embedding_backward_folds_the_table_gradient(impl, M, K, base, d, D, fro
         from seqpe_kernels import _ext
 
         require_ext(torch.device(DEV).type)
-        fn, err = _ext.load().digit_embed_bwd, RuntimeError
+        fn = _ext.load().digit_embed_bwd
     else:
         from seqpe_kernels.ops.digit_embed import digit_embed_backward as fn
-        err = ValueError
     got = fn(g.to(DEV), x.to(DEV), from_positions, K, base, d, tg.to(DEV) if with_tab else None)
     g64 = g.double()
     want_tok = torch.zeros(base, D, dtype=torch.float64).index_add_(0, digits.reshape(-1),
@@ -248,9 +243,41 @@ def test_embedding_backward_folds_the_table_gradient(impl, M, K, base, d, D, fro
     pairs = [(dtok, want_tok), (dpos, want_pos), (dcls, want_cls)] + ([(ddim, want_dim)] if d > 1 else [])
     for out, want in pairs:
         assert ((out.cpu().double() - want).abs().max() / scale).item() <= TOL[dt], (impl, out.shape)
-    if with_tab:
-        with pytest.raises(err, match="table_grad must be"):
-            fn(g.to(DEV), x.to(DEV), from_positions, K, base, d, tg[1:].to(DEV))
+
+
+@pytest.mark.parametrize("impl", ["triton", "ext"])
+def test_layer0_ops_refuse_inconsistent_shapes(impl):
+    """table_rows / table_grad / the digit-embedding backward with a table gradient refuse shapes that do not
+    describe a (digit, slot) table, with the reason. Apart from the correctness tests above on purpose: on the
+    leased GPU machines (H100, H200) an error raised inside the C++/CUDA extension has ended the process with
+    SIGSEGV (benchmarks/results/NOTES.md), which must not stop the correctness checks from running."""
+    K, base, d, M, D = 2, 10, 1, 5, 8
+    L, T = K * d, K * d + 1
+    x = torch.randint(0, base ** K, (M, d), device=DEV)
+    g = torch.randn(M, T, D, device=DEV)
+    tg = torch.randn(base * L + 1, D, device=DEV)
+    if impl == "ext":
+        from conftest import require_ext
+
+        from seqpe_kernels import _ext
+
+        require_ext(torch.device(DEV).type)
+        ops = _ext.load()
+        rows = ops.table_rows(x, L, K, base, True, False)
+        with pytest.raises(RuntimeError, match="columns for L"):
+            ops.table_rows(x, L + 1, K, base, True, False)
+        with pytest.raises(RuntimeError, match="do not describe a"):
+            ops.table_grad(g, rows, base * L + 1, L + 1)
+        with pytest.raises(RuntimeError, match="table_grad must be"):
+            ops.digit_embed_bwd(g, x, True, K, base, d, tg[1:])
+    else:
+        from seqpe_kernels.ops.digit_embed import digit_embed_backward
+
+        rows = table_rows(x, True, L, K, base, False)
+        with pytest.raises(ValueError, match="do not describe"):
+            table_grad(g, rows, base * L + 1, L + 1)
+        with pytest.raises(ValueError, match="table_grad must be"):
+            digit_embed_backward(g, x, True, K, base, d, tg[1:])
 
 
 # ----------------------------------------------------------------- the backward reductions' tiles and chunks

@@ -1,6 +1,8 @@
 """Small helpers shared by the Triton ops: dtype plumbing and launch sizes."""
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -23,15 +25,22 @@ def acc_dtype(*tensors):
 
 # Host-side integer helpers of the launchers. Triton >= 3.5 makes triton.cdiv / triton.next_power_of_2
 # ConstexprFunctions, whose host calls cost ~3 us each (argument unwrapping); a training step made ~60 of them.
+_DROP_SCALES: dict = {}  # (p, fp64?) -> (hi, lo): a few distinct p per run, ~10 lookups per step
+
+
 def drop_scales(p: float, dtype: torch.dtype):
     """The dropout scale 1 / (1 - p) as the (hi, lo) pair of fp32 kernel scalars whose sum the kernels use.
     Triton passes a Python float as fp32; for fp64 tensors that rounded scale alone is off by up to 6e-8
     relative (measured on an H200: fp64 dropout gradients 2.4e-8 from the fp64 reference); hi + lo, summed in
     fp64 inside the kernel, carries it to 2^-48 relative. Other dtypes get lo = 0: the fp32 scale as before."""
-    s = 1.0 / (1.0 - p) if p < 1 else 0.0
-    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731  (what the kernel receives)
-    hi = f32(s)
-    return hi, (f32(s - hi) if dtype == torch.float64 else 0.0)
+    key = (p, dtype == torch.float64)
+    hit = _DROP_SCALES.get(key)
+    if hit is None:
+        s = 1.0 / (1.0 - p) if p < 1 else 0.0
+        f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731  (what the kernel receives)
+        hi = f32(s)
+        hit = _DROP_SCALES[key] = (hi, f32(s - hi) if key[1] else 0.0)
+    return hit
 
 
 def cdiv(a: int, b: int) -> int:

@@ -87,5 +87,6 @@ def test_every_command_of_gpu_run_is_well_formed(tmp_path):
     """benchmarks/gpu_run.sh, the README's way to reproduce the GPU figures on one's own GPU."""
     calls, out, _ = _dry_run(tmp_path, ["benchmarks/gpu_run.sh", "OUT"])
     cli, pytests, scripts = _check_commands(calls, "gpu_run.sh")
-    assert [a[0] for a in cli] == ["env", "check", "bench"] and pytests
-    assert scripts == ["benchmarks/readme_table.py"]
+    assert [a[0] for a in cli] == ["env", "check", "bench"]
+    assert any("-m gpu" in " ".join(a) for a in pytests), "the GPU tier"
+    assert scripts == ["benchmarks/ext_error_path.py", "benchmarks/readme_table.py"]

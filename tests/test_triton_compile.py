@@ -2,7 +2,7 @@
 
 The interpreter (how the CPU tests run the kernels) accepts programs the compiler rejects (type unification
 across branches, constexpr misuse, unsupported ops), and GPU-only branches (``tl.dot`` attention tiles) never
-run there. Here: the launches of real training steps (1-D and 2-D positions, fp32 and bf16 autocast, dropout,
+run there. Here: the launches of real training steps (1-D and 2-D positions, fp32, fp64 and bf16 autocast, dropout,
 padding masks, prefix sharing, the cache gather) are recorded under the interpreter, then compiled in a
 subprocess with Triton's real compiler for an sm_90 target (a stand-in driver names the target; no launch),
 each distinct specialisation once: tensors by dtype and 16-byte alignment, ints and constexprs by value. Each
@@ -36,6 +36,10 @@ def _training_steps():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             y = fus(pos)
         y.float().sum().backward()
+    # fp64 (gradcheck's dtype): fp64 tiles and dots, the dropout scale's (hi, lo) pair summed in fp64
+    ref = sk.SeqPE(32, 2, 3, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.1).double()
+    fus = sk.FusedSeqPE.from_reference(ref, backend="triton")
+    fus(torch.randint(0, 10 ** 3, (5,))).sum().backward()
     # prefix sharing (the fused ancestor attention) and the cache gather, forward and backward
     ref = sk.SeqPE(32, 2, 3, num_layers=2, resid_pdrop=0.0)
     fus = sk.FusedSeqPE.from_reference(ref, backend="triton", dedup="prefix")

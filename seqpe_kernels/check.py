@@ -455,4 +455,12 @@ def format_check_table(rows: List[CheckRow], device, seed, skipped: Dict[str, st
                      "'torch' backend (the reference path of FusedSeqPE) against the reference.")
     lines.append(f"{sum(r.status == 'pass' for r in rows)} passed, {sum(r.status == 'FAIL' for r in rows)} failed, "
                  f"{sum(r.status == 'skipped' for r in rows)} skipped ({n_fused} fused-backend comparisons)")
+    lp_fail = [r for r in rows if r.status == "FAIL" and r.dtype in ("bf16", "fp16") and r.quantities
+               and sum(not q.ok for q in r.quantities) == 1]
+    if lp_fail:
+        # one draw compares the maxima of two error vectors, whose ratio has a tail past 2 on single elements even
+        # where the fused path is the more accurate (measured: CPU 3 in 200 draws; an H200 test at 1.01x its bound)
+        lines.append("note: a two-error-rule failure on a single quantity can be the single-draw tail (the largest "
+                     "of two error vectors compared once): re-run with other seeds (--seed); a kernel defect fails "
+                     "again, a tail does not.")
     return "\n".join(lines)

@@ -496,3 +496,19 @@ def test_graph_providers_peak_memory_is_not_reported_as_a_per_call_figure(monkey
             assert res["peak_mem_mb"] != res["peak_mem_mb"] and "private pool" in res["note"], res
         else:
             assert res["peak_mem_mb"] == 123.0 and res["note"] == ""
+
+
+def test_check_table_names_the_single_draw_tail_of_a_low_precision_failure():
+    """A bf16 / fp16 row failing the two-error rule on one quantity gets the re-run hint (the known single-draw
+    tail: an H200 test at 1.01x its bound on one element); an fp32 failure or a many-quantity one does not."""
+    from seqpe_kernels.check import CheckRow, Quantity, format_check_table
+
+    one = [Quantity("out", 1.0, 2.0, 1.0), Quantity("grad:w", 1.26, 1.24, 78.0)]
+    many = [Quantity("out", 3.0, 2.0, 1.0), Quantity("grad:w", 1.26, 1.24, 78.0)]
+
+    def table(dtype, qs):
+        return format_check_table([CheckRow("triton", "text", dtype, "FAIL", qs)], torch.device("cpu"), 1, {}, 0.1)
+
+    assert "re-run with other seeds" in table("bf16", one)
+    assert "re-run with other seeds" not in table("fp32", one)
+    assert "re-run with other seeds" not in table("bf16", many)

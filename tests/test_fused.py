@@ -112,10 +112,8 @@ def check_parity_vs_fp64(ref, fus, pos, tol=FP32_RTOL, seed=None):
     assert not bad, "; ".join(bad) + (f" (seed {seed})" if seed is not None else "")
 
 
-def assert_two_error_rule(dtype, fused, torch_lp, ref32, what=""):
-    """seqpe_kernels.check's two-error rule, per quantity (KERNEL_GUIDE §5): err(fused low precision) <=
-    2 * err(PyTorch low precision) + LP_ATOL_ULPS * eps(dtype) * max|fp32 reference|, max-abs errors against the
-    fp32 reference. Each argument is (output, {parameter name: gradient}); check.py's own comparison is used."""
+def _two_error_quantities(dtype, fused, torch_lp, ref32, what=""):
+    """check.py's per-quantity comparison (each argument is (output, {parameter name: gradient})), in fp64."""
     def f64(t):
         return None if t is None else t.detach().to(torch.float64)
 
@@ -124,6 +122,14 @@ def assert_two_error_rule(dtype, fused, torch_lp, ref32, what=""):
                                      {n: f64(v) for n, v in gl.items()}, f64(yr), {n: f64(v) for n, v in gr.items()},
                                      dtype)
     assert not missing, f"{what}: no fused gradient for {missing}"
+    return qs
+
+
+def assert_two_error_rule(dtype, fused, torch_lp, ref32, what=""):
+    """seqpe_kernels.check's two-error rule, per quantity (KERNEL_GUIDE §5): err(fused low precision) <=
+    2 * err(PyTorch low precision) + LP_ATOL_ULPS * eps(dtype) * max|fp32 reference|, max-abs errors against the
+    fp32 reference. Each argument is (output, {parameter name: gradient}); check.py's own comparison is used."""
+    qs = _two_error_quantities(dtype, fused, torch_lp, ref32, what)
     bad = [f"{q.name}: err {q.err:.3e} > bound {q.bound:.3e} (max|ref| {q.scale:.3e})" for q in qs if not q.ok]
     assert not bad, (f"{what}: two-error rule (2 x err(torch {dtype}) + {LP_ATOL_ULPS} eps x max|ref|) broken: "
                      + "; ".join(bad))
@@ -389,15 +395,9 @@ def _lowp_case(dtype, cfg, M, seed=None, draws=3):
             yl = ref(pos)
             yfl = fus(pos)
         yl.float().backward(g), yfl.float().backward(g)
-
-        def f64(t):
-            return None if t is None else t.detach().to(torch.float64)
-
-        qs, missing = _compare_two_error(
-            f64(yfl), {n: f64(p.grad) for n, p in fus.named_parameters()}, f64(yl),
-            {n: f64(p.grad) for n, p in ref.named_parameters()}, f64(y32), {n: f64(v) for n, v in g32.items()},
-            dtype)
-        assert not missing, f"{dtype} seed {seed}: no fused gradient for {missing}"
+        qs = _two_error_quantities(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
+                                   (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32),
+                                   what=f"{dtype} seed {seed}")
         for q in qs:
             lp_err = (q.bound - LP_ATOL_ULPS * eps * q.scale) / 2  # the bound's own decomposition
             fe, le, sc = worst.get(q.name, (0.0, 0.0, 0.0))

@@ -25,6 +25,22 @@ def acc_dtype(*tensors):
 
 # Host-side integer helpers of the launchers. Triton >= 3.5 makes triton.cdiv / triton.next_power_of_2
 # ConstexprFunctions, whose host calls cost ~3 us each (argument unwrapping); a training step made ~60 of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 1) (triton.next_power_of_2's value)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def tile_chunks(n: int, block: int, want: int):
+    """(chunks, rows per chunk) splitting n rows into at most ``want`` chunks of whole ``block``-row tiles (one
+    program per chunk and column block; the chunks' partials are summed in order afterwards). n = 0: (1, 0)."""
+    per = cdiv(cdiv(n, max(1, min(cdiv(n, block), want))), block) * block
+    return (cdiv(n, per) if n else 1), per
+
+
 _DROP_SCALES: dict = {}  # (p, fp64?) -> (hi, lo): a few distinct p per run, ~10 lookups per step
 
 
@@ -41,15 +57,6 @@ def drop_scales(p: float, dtype: torch.dtype):
         hi = f32(s)
         hit = _DROP_SCALES[key] = (hi, f32(s - hi) if key[1] else 0.0)
     return hit
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    """The smallest power of two >= max(n, 1) (triton.next_power_of_2's value)."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 _SMS: dict = {}

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, num_sms
+from ._common import cdiv, next_pow2, num_sms, tile_chunks
 from .launch import direct
 
 
@@ -232,9 +232,7 @@ def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool,
     BLOCK_M = max(16, min(_BWD_BM, next_pow2(M)))
     n_col = cdiv(D, BD)
     # ~4 programs per SM: T slots x column blocks x chunks of sequences, each chunk whole tiles of BLOCK_M
-    n_prog = max(1, min(cdiv(M, BLOCK_M), cdiv(4 * num_sms(g.device), T * n_col)))
-    per = cdiv(cdiv(M, n_prog), BLOCK_M) * BLOCK_M
-    n_prog = cdiv(M, per) if M else 1
+    n_prog, per = tile_chunks(M, BLOCK_M, cdiv(4 * num_sms(g.device), T * n_col))
     # every program stores its (slot, rows <= base, columns) slice of the partials; with M = 0 there is none:
     # one zeroed partial
     part = (g.new_empty if M > 0 else g.new_zeros)((n_prog, T, BASEP, D), dtype=acc)

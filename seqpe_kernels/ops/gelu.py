@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, next_pow2, num_sms
+from ._common import acc_dtype, cdiv, next_pow2, num_sms, tile_chunks
 from .launch import direct
 
 _C = 0.7978845608028654  # sqrt(2/pi)
@@ -115,9 +115,7 @@ def gelu_backward(du: torch.Tensor, z: torch.Tensor, bias_grad: bool = False):
     n_col = cdiv(C, BLOCK_C)
     # ~4 programs per SM in all (each with a [BLOCK_R, BLOCK_C] tile of each operand in flight), each walking
     # whole tiles of rows; the [n_prog, C] partials stay small (text-default: 21 x 3072 fp32)
-    n_prog = max(1, min(cdiv(R, BLOCK_R), cdiv(4 * num_sms(z.device), n_col)))
-    rows_per_prog = cdiv(cdiv(R, n_prog), BLOCK_R) * BLOCK_R
-    n_prog = cdiv(R, rows_per_prog)
+    n_prog, rows_per_prog = tile_chunks(R, BLOCK_R, cdiv(4 * num_sms(z.device), n_col))
     part = z.new_empty((n_prog, C), dtype=acc)
     _gelu_bwd_db[(n_prog, n_col)](du, z, dz, part, R, C, rows_per_prog, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
                                   ACC=acc_dtype(z), num_warps=8)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, next_pow2, num_sms
+from ._common import acc_dtype, cdiv, next_pow2, num_sms, tile_chunks
 from .launch import direct
 
 
@@ -77,9 +77,7 @@ def table_grad(g: torch.Tensor, rows: torch.Tensor, n_rows: int, L: int, acc_out
     BLOCK_M = max(16, min(_BLOCK_M, next_pow2(M)))
     n_col = cdiv(C, BLOCK_C)
     # ~4 programs per SM: T slots x column blocks x chunks of sequences, each chunk whole tiles of BLOCK_M
-    n_chunks = max(1, min(cdiv(M, BLOCK_M), cdiv(4 * num_sms(g.device), T * n_col)))
-    per = cdiv(cdiv(M, n_chunks), BLOCK_M) * BLOCK_M
-    n_chunks = cdiv(M, per)
+    n_chunks, per = tile_chunks(M, BLOCK_M, cdiv(4 * num_sms(g.device), T * n_col))
     part = g.new_empty((n_chunks, n_rows, C), dtype=acc)  # every (chunk, row) is written by one program
     _table_grad[(T, n_col, n_chunks)](g, rows, part, M, T, L, C, base, per, BASE_P=max(16, next_pow2(base + 1)),
                                       BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, ACC=acc_dtype(g), num_warps=4)

@@ -100,7 +100,7 @@ class Prims:
 
     def __init__(self, embed_fwd, embed_bwd, rln_fwd, rln_bwd, attn_fwd, attn_bwd, gelu_fwd, gelu_bwd,
                  gather=None, gather_bwd=None, embed_rows: bool = False, attn_rows: bool = False,
-                 cast_group=None):
+                 cast_group=None, rln_row_view: bool = False, ln_partial_rows=None):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
         self.embed_rows = embed_rows  # embed_fwd(..., with_rows=True) also returns layer 0's table rows
         # attn_fwd / attn_bwd(..., rows=rows) read layer 0's q/k/v from the table by row index (no gather)
@@ -108,6 +108,11 @@ class Prims:
         # cast_group(tensors, dtype): the GEMM weights' casts in one launch; not differentiable, so only for
         # runners whose backward is the encoder's own (the traced path casts tensor by tensor for autograd)
         self.cast_group = cast_group
+        # rln_fwd reads a row view of the residual stream in place (the last block's CLS rows: no copy)
+        self.rln_row_view = rln_row_view
+        # ln_partial_rows(R, device): programs of a LayerNorm backward; rln_bwd(..., part=, dh_every=) then writes
+        # its partial sums into a slice of one workspace for backward's single reduction (_LNParts)
+        self.ln_partial_rows = ln_partial_rows
         self.rln_fwd, self.rln_bwd = rln_fwd, rln_bwd
         self.attn_fwd, self.attn_bwd = attn_fwd, attn_bwd
         self.gelu_fwd, self.gelu_bwd = gelu_fwd, gelu_bwd
@@ -151,16 +156,19 @@ def triton_prims() -> Prims:
         from .ops.attention import tiny_attention_backward, tiny_attention_forward
         from .ops.digit_embed import digit_embed_backward, digit_embed_forward
         from .ops.gelu import gelu_backward, gelu_forward
-        from .ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+        from .ops.layernorm import partial_rows, residual_layernorm_backward, residual_layernorm_forward
         from .ops.table_grad import table_grad
 
         def gather_bwd(g, rows, n):  # g [M, T, C], T = L + 1; the sums in fp32 (fp64), as _gather_bwd
             return table_grad(g, rows, n, g.shape[1] - 1, acc_out=True)
 
-        _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, residual_layernorm_forward,
-                             residual_layernorm_backward, tiny_attention_forward, tiny_attention_backward,
-                             gelu_forward, gelu_backward, gather_bwd=gather_bwd, embed_rows=True,
-                             attn_rows=True, cast_group=cast_group))
+        def rln_fwd(x, y, w, b, eps, p, seeds, idx, code):
+            return residual_layernorm_forward(x, y, w, b, eps, p, seeds, idx, code, row_view=True)
+
+        _TRITON.append(Prims(digit_embed_forward, digit_embed_backward, rln_fwd, residual_layernorm_backward,
+                             tiny_attention_forward, tiny_attention_backward, gelu_forward, gelu_backward,
+                             gather_bwd=gather_bwd, embed_rows=True, attn_rows=True, cast_group=cast_group,
+                             rln_row_view=True, ln_partial_rows=partial_rows))
     return _TRITON[0]
 
 
@@ -330,7 +338,8 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
             q = torch.addmm(ba[:D], a.view(M, T, D)[:, T - 1], Wa[:, :D]).view(M, 1, D)
         o = P.attn_fwd(q, kv, pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att, seeds, 3 * i, **indexed)
         y = torch.addmm(bo, o.view(M, D), Wo)
-        h_cls = h.view(M, T, D)[:, T - 1].contiguous()
+        h_cls = h.view(M, T, D)[:, T - 1]  # each sequence's CLS row
+        h_cls = h_cls if P.rln_row_view else h_cls.contiguous()
         h2, a2, m1, r1 = P.rln_fwd(h_cls, y, ln2w, ln2b, plan.eps2[i], plan.p_res, seeds, 3 * i + 1, code)
         z = torch.addmm(bf, a2, Wf)
         u = P.gelu_fwd(z)
@@ -372,6 +381,8 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         if g is not None and needs[idx]:
             grads[idx] = _to(g, params[idx])
 
+    parts = _LNParts(P, plan, M, S["tab"])
+
     # out = addmm(bout, fin, Wout^T) * inv_tau
     g = gout * plan.inv_tau if plan.inv_tau != 1.0 else gout
     g = _cast(g, cdt)
@@ -383,22 +394,16 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         put(fo + 3, _bsum(g, params[fo + 3]))
     i = nl - 1
     o0 = 4 + 12 * i
-    if plan.epsf >= 0:
-        dh2, dy, dwf, dbf, dbp = P.rln_bwd(dfin, None, S["h3"], params[fo], S["m2_last"], S["r2_last"],
-                                           plan.p_res, seeds, 3 * i + 2, True, yc, True)
-        put(fo, dwf)
-        put(fo + 1, dbf)
+    if plan.epsf >= 0:  # (the partials of: final LN weight, bias, and the MLP c_proj bias that made y)
+        dh2, dy = P.rln_bwd(dfin, None, S["h3"], params[fo], S["m2_last"], S["r2_last"], plan.p_res, seeds,
+                            3 * i + 2, True, yc, True, part=parts.take(fo, fo + 1, o0 + 11))
     else:
-        dh2, dy, _, _, dbp = P.rln_bwd(None, _to(dfin, S["h3"]), S["h3"], None, S["m2_last"], S["r2_last"],
-                                       plan.p_res, seeds, 3 * i + 2, True, yc, True)
-    put(o0 + 11, dbp)
+        dh2, dy = P.rln_bwd(None, _to(dfin, S["h3"]), S["h3"], None, S["m2_last"], S["r2_last"], plan.p_res,
+                            seeds, 3 * i + 2, True, yc, True, part=parts.take(o0 + 11))
     da2 = _mlp_bwd(P, dy, S["a2_last"], S["z_last"], S["u_last"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs,
                    params)
-    dhc, dyat, dw2, db2, dbo = P.rln_bwd(da2, dh2, S["h2"], params[o0 + 6], S["m1_last"], S["r1_last"],
-                                         plan.p_res, seeds, 3 * i + 1, True, yc, True)
-    put(o0 + 6, dw2)
-    put(o0 + 7, db2)
-    put(o0 + 5, dbo)
+    dhc, dyat = P.rln_bwd(da2, dh2, S["h2"], params[o0 + 6], S["m1_last"], S["r1_last"], plan.p_res, seeds,
+                          3 * i + 1, True, yc, True, part=parts.take(o0 + 6, o0 + 7, o0 + 5))
     Wo = S[f"Wo{i}"]
     do = dyat.mm(Wo.t())
     if needs[o0 + 4]:
@@ -406,8 +411,14 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
     indexed = {"rows": rows} if i == 0 and P.attn_rows else {}  # layer 0's k/v (and q) read from the table
     dq, dkv = P.attn_bwd(do.view(M, 1, D), S["q"], S["kv"], pad, H, plan.causal, T - 1, plan.sdiv, plan.p_att,
                          seeds, 3 * i, **indexed)
-    dh = torch.zeros((R, D), dtype=dhc.dtype, device=dhc.device)
-    dh.view(M, T, D)[:, T - 1] = dhc
+    # the residual stream's gradient below the last block is nonzero on the CLS rows only: dhc [M, D]. The next
+    # LayerNorm backward reads it as such (dh_every = T); only the embedding backward (one layer) needs [R, D]
+    if nl == 1:
+        dh = torch.zeros((R, D), dtype=dhc.dtype, device=dhc.device)
+        dh.view(M, T, D)[:, T - 1] = dhc
+        dh_every = 0
+    else:
+        dh, dh_every = dhc, T
     Wa = S[f"Wa{i}"]
     need_W, need_b = needs[o0 + 2], needs[o0 + 3]
     d_a_tab = None
@@ -420,7 +431,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         a_tab = _cast(S["a_tab"], adt)
         Wa = _cast(params[o0 + 2], adt)
         d_a_tab = dtab_kv.mm(Wa[:, D:].t())
-        d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
+        d_a_tab[-1:].addmm_(dq_row, Wa[:, :D].t())
         if need_W:
             put(o0 + 2, torch.cat([_wgrad(a_tab[-1:].t(), dq_row, params[o0 + 2]),
                                    _wgrad(a_tab.t(), dtab_kv, params[o0 + 2])], 1))
@@ -432,7 +443,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         dkv2 = dkv.view(R, 2 * D)
         dq2 = dq.view(M, D)
         da = dkv2.mm(Wa[:, D:].t())
-        da.view(M, T, D)[:, T - 1] += dq2.mm(Wa[:, :D].t())
+        da.view(M, T, D)[:, T - 1].addmm_(dq2, Wa[:, :D].t())  # in place on the CLS rows (one GEMM)
         if need_W:
             put(o0 + 2, torch.cat([_wgrad(a.view(M, T, D)[:, T - 1].t(), dq2, params[o0 + 2]),
                                    _wgrad(a.t(), dkv2, params[o0 + 2])], 1))
@@ -441,18 +452,13 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
 
     for i in range(nl - 2, -1, -1):  # full blocks, last to first
         o0 = 4 + 12 * i
-        dh1, dy, dwn, dbn, dbp = P.rln_bwd(da, dh, S[f"hm{i}"], params[o0 + 12], S[f"m2_{i}"], S[f"r2_{i}"],
-                                           plan.p_res, seeds, 3 * i + 2, True, yc, True)
-        put(o0 + 12, dwn)
-        put(o0 + 13, dbn)
-        put(o0 + 11, dbp)
+        dh1, dy = P.rln_bwd(da, dh, S[f"hm{i}"], params[o0 + 12], S[f"m2_{i}"], S[f"r2_{i}"], plan.p_res, seeds,
+                            3 * i + 2, True, yc, True, part=parts.take(o0 + 12, o0 + 13, o0 + 11), dh_every=dh_every)
+        dh_every = 0
         da2 = _mlp_bwd(P, dy, S[f"a2_{i}"], S[f"z{i}"], S[f"u{i}"], S[f"Wf{i}"], S[f"Wp{i}"], o0, put, needs,
                        params)
-        dh, dyat, dw2, db2, dbo = P.rln_bwd(da2, dh1, S[f"hb{i}"], params[o0 + 6], S[f"m1_{i}"], S[f"r1_{i}"],
-                                            plan.p_res, seeds, 3 * i + 1, True, yc, True)
-        put(o0 + 6, dw2)
-        put(o0 + 7, db2)
-        put(o0 + 5, dbo)
+        dh, dyat = P.rln_bwd(da2, dh1, S[f"hb{i}"], params[o0 + 6], S[f"m1_{i}"], S[f"r1_{i}"], plan.p_res, seeds,
+                             3 * i + 1, True, yc, True, part=parts.take(o0 + 6, o0 + 7, o0 + 5))
         Wo = S[f"Wo{i}"]
         do = dyat.mm(Wo.t())
         if needs[o0 + 4]:
@@ -476,10 +482,9 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
             put(o0 + 3, _bsum(dq2, params[o0 + 3]) if needs[o0 + 3] else None)
 
     # layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
-    dtab, _, dw1, db1, _ = P.rln_bwd(d_a_tab, None, S["tab"], params[4], S["mt"], S["rt"], 0.0, None, 0, False, 0,
-                                     True)
-    put(4, dw1)
-    put(5, db1)
+    dtab, _ = P.rln_bwd(d_a_tab, None, S["tab"], params[4], S["mt"], S["rt"], 0.0, None, 0, False, 0, True,
+                        part=parts.take(4, 5))
+    parts.reduce(put)
     # the table's gradient folded into the embedding gradients by the op (Triton: in its output launch)
     dtok, dpos, ddim, dcls = P.embed_bwd(dh.view(M, T, D), x, plan.from_positions, K, plan.base, plan.data_dim,
                                          dtab)
@@ -489,6 +494,33 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         put(2, ddim)
     put(3, dcls)
     return grads
+
+
+class _LNParts:
+    """The per-program partial sums of every LayerNorm backward of one encoder backward (each LN's weight and bias
+    gradients, and the bias gradient of the GEMM whose output entered its residual) in one [bands, n, D]
+    workspace, reduced by one launch at the end instead of one per LayerNorm (five at the paper's two layers)."""
+
+    def __init__(self, P: "Prims", plan: "Plan", M: int, tab: torch.Tensor):
+        bands = (3 if plan.epsf >= 0 else 1) + 3 + 6 * (plan.nl - 1) + 2
+        R = max(M * plan.T, tab.shape[0])
+        acc = torch.float64 if tab.dtype == torch.float64 else torch.float32
+        # M = 0: the LayerNorms over the sequences launch nothing, so their bands must read as zeros
+        new = tab.new_zeros if M == 0 else tab.new_empty
+        self.ws = new((bands, P.ln_partial_rows(R, tab.device), tab.shape[1]), dtype=acc)
+        self.dest: List[int] = []  # parameter index per band, in band order
+
+    def take(self, *idx: int) -> torch.Tensor:
+        """The next len(idx) bands, for the gradients of parameters ``idx`` (in the LayerNorm's part order)."""
+        n = len(self.dest)
+        self.dest += idx
+        return self.ws[n:n + len(idx)]
+
+    def reduce(self, put) -> None:
+        assert len(self.dest) == self.ws.shape[0], (len(self.dest), self.ws.shape)
+        sums = self.ws.sum(1)
+        for b, j in enumerate(self.dest):
+            put(j, sums[b])
 
 
 def _mlp_bwd(P, dy, a2, z, u, Wf, Wp, o0, put, needs, params):

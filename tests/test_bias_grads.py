@@ -193,3 +193,77 @@ def test_dropout_scale_pairs_carry_the_fp64_scale(p, dt):
         assert abs((hi + lo) - s) <= 2.0 ** -47 * s
     else:
         assert lo == 0.0
+
+
+@SETTINGS
+@given(M=st.integers(0, 9), T=st.integers(1, 6), D=st.integers(1, 40), n=st.integers(1, 60),
+       dt=st.sampled_from([torch.float32, torch.float64]), has_ln=st.booleans(), dropout=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_residual_layernorm_backward_deferred_partials_and_cls_dh(M, T, D, n, dt, has_ln, dropout, seed):
+    """The encoder's form of the Triton LayerNorm backward: partials written into a slice of one workspace with
+    any number of programs n (more or fewer than rows), and an incoming dh that is nonzero on every T-th row
+    only, given as those rows ([M, D], dh_every=T). Against the operator's form on the same inputs with dh
+    zero-filled to [M*T, D]: dx and dy bit for bit (the same per-row arithmetic; masked loads read the zeros),
+    the reduced partials to the tolerance of a sum in another order."""
+    from seqpe_kernels.ops._common import dtype_code, new_seeds
+    from seqpe_kernels.ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+
+    p = 0.3 if dropout else 0.0
+    R = M * T
+    torch.manual_seed(seed)
+    x, y = torch.randn(R, D, dtype=dt).to(DEV), torch.randn(R, D, dtype=dt).to(DEV)
+    w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
+    b = torch.randn(D, dtype=dt).to(DEV) if has_ln else None
+    seeds = new_seeds(3, DEV)
+    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, p, seeds, 2, dtype_code(dt))
+    da = torch.randn(R, D, dtype=dt).to(DEV) if has_ln else None
+    dh_cls = torch.randn(M, D, dtype=dt).to(DEV)
+    dh = torch.zeros(R, D, dtype=dt, device=DEV)
+    dh.view(M, T, D)[:, T - 1] = dh_cls
+    want = residual_layernorm_backward(da, dh, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt), True)
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    k = 2 * has_ln + 1
+    ws = torch.full((k + 2, n, D), float("nan"), dtype=acc, device=DEV)  # NaN: a band left unwritten shows
+    got = residual_layernorm_backward(da, dh_cls, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt), True,
+                                      part=ws[1:1 + k], dh_every=T)
+    assert len(got) == 2 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    sums = ws[1:1 + k].sum(1)
+    assert ws[0].isnan().all() and ws[k + 1].isnan().all()  # the neighbouring bands are untouched
+    if R == 0:  # nothing launched: the caller's workspace is zeroed for an empty batch (encoder._LNParts)
+        return
+    # each column sum against the other order's, relative to the sum of its terms' magnitudes
+    xhat = (h.double() - mean.double()[:, None]) * rstd.double()[:, None]
+    ref = ([(want[2], da.double() * xhat), (want[3], da.double())] if has_ln else []) + [(want[4], want[1].double())]
+    assert len(sums) == len(ref)
+    for s_, (r_, terms) in zip(sums, ref):
+        assert _scaled_err(s_, r_, terms.abs().sum(0).max()) <= TOL[dt]
+
+
+def test_residual_layernorm_encoder_forms_refuse_misuse():
+    """A workspace slice of the wrong shape or dtype and a dh that does not match dh_every raise (a kernel would
+    otherwise read or write out of place); a row view of x needs a branch y (the backward normalises h)."""
+    from seqpe_kernels.ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+
+    R, D = 12, 8
+    x, y, w, b = (torch.randn(R, D, device=DEV), torch.randn(R, D, device=DEV), torch.randn(D, device=DEV),
+                  torch.randn(D, device=DEV))
+    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, 0.0, None, 0, 0)
+    da = torch.randn(R, D, device=DEV)
+    args = (da, None, h, w, mean, rstd, 0.0, None, 0, True, 0, True)
+    for bad in (torch.empty(2, 4, D, device=DEV), torch.empty(3, 4, D + 1, device=DEV),
+                torch.empty(3, 4, D, device=DEV, dtype=torch.float64), torch.empty(3, 4, 2 * D, device=DEV)[..., :D]):
+        with pytest.raises(ValueError, match="part must be"):
+            residual_layernorm_backward(*args, part=bad)
+    for dh, every in ((torch.randn(R, D, device=DEV), 6), (torch.randn(3, D, device=DEV), 5), (None, 6)):
+        with pytest.raises(ValueError, match="dh_every"):
+            residual_layernorm_backward(da, dh, h, w, mean, rstd, 0.0, None, 0, True, 0, True, dh_every=every)
+    # a row view (every other row of a [2R, D] stream) is read in place, bit for bit as its copy
+    big = torch.randn(2 * R, D, device=DEV)
+    view = big.view(R, 2, D)[:, 1]
+    for got, want in zip(residual_layernorm_forward(view, y, w, b, 1e-5, 0.0, None, 0, 0, row_view=True),
+                         residual_layernorm_forward(view.contiguous(), y, w, b, 1e-5, 0.0, None, 0, 0)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="contiguous"):
+        residual_layernorm_forward(view, None, w, b, 1e-5, 0.0, None, 0, 0, row_view=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        residual_layernorm_forward(view, y, w, b, 1e-5, 0.0, None, 0, 0)

@@ -24,13 +24,13 @@ from .launch import direct
 
 @direct
 @triton.jit
-def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, drop_scale, drop_scale_lo,
+def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, sx, eps, p, drop_scale, drop_scale_lo,
                 HAS_Y: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
-    x = tl.load(X + row * D + cols, mask=m, other=0.0).to(ACC)
+    x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(ACC)  # sx: x's row stride (D unless a row view)
     if HAS_Y:
         y = tl.load(Y + row * D + cols, mask=m, other=0.0).to(ACC)
         if DROPOUT:
@@ -53,12 +53,15 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, eps, p, dro
 
 @direct
 @triton.jit
-def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, D, rows_per_prog, n_prog,
-                p, drop_scale, drop_scale_lo, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, HAS_Y: tl.constexpr,
+def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, D, rows_per_prog, n_prog, dh_every,
+                p, drop_scale, drop_scale_lo, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, DH_SPARSE: tl.constexpr,
+                HAS_Y: tl.constexpr,
                 HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, DYB: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr):
     # PART [n_parts, n_prog, D]: per-program column sums of dw (da * xhat), db (da) when HAS_LN, then of dy
-    # (the bias gradient of the GEMM that produced y) when DYB; summed over programs by the caller
+    # (the bias gradient of the GEMM that produced y) when DYB; summed over programs by the caller.
+    # DH_SPARSE: dh is nonzero only on rows r with r % dh_every == dh_every - 1 (each sequence's CLS row, after
+    # the CLS-only last block), given densely as [R / dh_every, D]: no zero-filled [R, D] gradient to write and read
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
@@ -73,7 +76,11 @@ def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, 
         if row < R:
             off = row * D + cols
             if HAS_DH:
-                dh = tl.load(DH + off, mask=m, other=0.0).to(ACC)
+                if DH_SPARSE:
+                    on = (cols * 0 + row % dh_every) == dh_every - 1  # (a vector: scalar & vector masks fail)
+                    dh = tl.load(DH + (row // dh_every) * D + cols, mask=m & on, other=0.0).to(ACC)
+                else:
+                    dh = tl.load(DH + off, mask=m, other=0.0).to(ACC)
             else:
                 dh = tl.zeros([BLOCK_D], dtype=ACC)
             if HAS_LN and HAS_DA:
@@ -117,15 +124,18 @@ def _empty(like):
 
 def residual_layernorm_forward(x: torch.Tensor, y: Optional[torch.Tensor], w: Optional[torch.Tensor],
                                b: Optional[torch.Tensor], eps: float, p: float, seeds: Optional[torch.Tensor],
-                               seed_idx: int, out_dtype: int):
-    if x.dim() != 2 or not x.is_contiguous():
+                               seed_idx: int, out_dtype: int, row_view: bool = False):
+    """``row_view`` (the encoder's last block: each sequence's CLS row of the residual stream): x may be any
+    [R, D] view with contiguous rows, read in place instead of copied first; only with a branch y, so that
+    the tensor the backward normalises is the new h, never x."""
+    if x.dim() != 2 or not (x.is_contiguous() or (row_view and y is not None and x.stride(1) == 1)):
         raise ValueError("residual_layernorm: x must be a contiguous [R, D] tensor")
     R, D = x.shape
     if y is not None and (y.shape != x.shape or not y.is_contiguous()):
         raise ValueError(f"residual_layernorm: y must be contiguous with x's shape {tuple(x.shape)}")
     has_ln = w is not None
     stat_dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = torch.empty_like(x) if y is not None else _empty(x)
+    h = x.new_empty((R, D)) if y is not None else _empty(x)
     a = x.new_empty((R, D), dtype=DTYPES[out_dtype]) if has_ln else _empty(x)
     mean = (x.new_empty if has_ln else x.new_zeros)((R,), dtype=stat_dt)  # zeros: never uninitialised
     rstd = (x.new_empty if has_ln else x.new_zeros)((R,), dtype=stat_dt)
@@ -133,44 +143,68 @@ def residual_layernorm_forward(x: torch.Tensor, y: Optional[torch.Tensor], w: Op
     if R > 0:
         BLOCK_D = next_pow2(D)
         _res_ln_fwd[(R,)](x, y if y is not None else x, w if has_ln else x, b if has_ln else x, h, a, mean, rstd,
-                          seeds if dropout else x, seed_idx, R, D, eps, p, *drop_scales(p, x.dtype),
+                          seeds if dropout else x, seed_idx, R, D, x.stride(0), eps, p, *drop_scales(p, x.dtype),
                           HAS_Y=y is not None, HAS_LN=has_ln, DROPOUT=dropout, BLOCK_D=BLOCK_D,
                           ACC=acc_dtype(x), num_warps=4 if BLOCK_D <= 1024 else 8)
     return h, a, mean, rstd
 
 
+def partial_rows(R: int, device: torch.device) -> int:
+    """Programs (partial-sum rows) of a LayerNorm backward over R rows: ~4 per SM, at most one per row."""
+    return max(1, min(R, 4 * num_sms(device)))
+
+
 def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y: bool, y_dtype: int,
-                                bias_grad: bool = False):
+                                bias_grad: bool = False, part: Optional[torch.Tensor] = None, dh_every: int = 0):
     """Gradients (dx, dy, dw, db). With ``bias_grad`` (the encoder's call) a fifth: dy's column sums, the bias
     gradient of the GEMM that produced y, summed in fp32 from the unrounded dy in the same pass instead of a
     separate reduction over [R, D] in the GEMM dtype (None without a branch y); the per-program partials of
     dw, db and that sum are then reduced by one launch, and dw / db may be views of one tensor. ``ln_in`` is h
     (has_y) or x: the tensor the LN normalised, saved by forward. ``dh`` is the gradient reaching h from later
-    residual uses, ``da`` the LN output's."""
+    residual uses, ``da`` the LN output's.
+
+    The encoder's backward defers the reductions: with ``part`` (a [k, n, D] slice of one workspace, k = 2 with
+    an LN + 1 with bias_grad and a branch, n programs, any n >= 1) the kernel writes its partials there and only
+    (dx, dy) come back; one reduction of the whole workspace serves every LayerNorm of the step. ``dh_every`` > 0:
+    ``dh`` [R / dh_every, D] holds only the rows r with r % dh_every == dh_every - 1 (the others are zero)."""
     x = ln_in
     R, D = x.shape
     # incoming gradients may be expanded (stride 0, from .sum()) or otherwise strided: the kernel indexes rows
     da = da.contiguous() if da is not None else None
     dh = dh.contiguous() if dh is not None else None
+    if dh_every and (dh is None or dh.shape != (R // dh_every, D) or R % dh_every):
+        raise ValueError(f"residual_layernorm_backward: dh_every={dh_every} needs dh of shape [R/{dh_every}, D]")
     has_ln = w is not None and da is not None
     dyb = bool(bias_grad) and has_y
     dx = torch.empty_like(x)
     dy = x.new_empty((R, D), dtype=DTYPES[y_dtype]) if has_y else _empty(x)
-    n_prog = max(1, min(R, 4 * num_sms(x.device)))
-    rows_per_prog = cdiv(R, n_prog) if R else 1
-    n_prog = cdiv(R, rows_per_prog) if R else 1
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_parts = 2 * has_ln + dyb
-    # every launched program writes its partial rows, so only an empty input needs zeros
-    part = (x.new_empty if R else x.new_zeros)((n_parts, n_prog, D), dtype=acc) if n_parts else _empty(x)
+    deferred = part is not None
+    if deferred:
+        if (part.dim() != 3 or part.shape[0] != n_parts or part.shape[2] != D or part.dtype != acc
+                or not part.is_contiguous()):
+            raise ValueError(f"residual_layernorm_backward: part must be a contiguous [{n_parts}, n, {D}] {acc} slice")
+        # programs past the last row write zero partials, so any n works
+        n_prog = part.shape[1]
+        rows_per_prog = cdiv(R, n_prog) if R else 1
+    else:
+        n_prog = partial_rows(R, x.device)
+        rows_per_prog = cdiv(R, n_prog) if R else 1
+        n_prog = cdiv(R, rows_per_prog) if R else 1
+        # every launched program writes its partial rows, so only an empty input needs zeros
+        part = (x.new_empty if R else x.new_zeros)((n_parts, n_prog, D), dtype=acc) if n_parts else _empty(x)
     dropout = has_y and p > 0.0
     if R > 0:
         BLOCK_D = next_pow2(D)
         _res_ln_bwd[(n_prog,)](da if has_ln else x, dh if dh is not None else x, x, w if has_ln else x, mean, rstd,
                                seeds if dropout else x, seed_idx, dx, dy, part, R, D, rows_per_prog, n_prog,
-                               p, *drop_scales(p, x.dtype), HAS_DA=has_ln, HAS_DH=dh is not None,
-                               HAS_Y=has_y, HAS_LN=has_ln, DROPOUT=dropout, DYB=dyb, BLOCK_D=BLOCK_D,
-                               ACC=acc_dtype(x), num_warps=4 if BLOCK_D <= 1024 else 8)
+                               max(1, dh_every), p, *drop_scales(p, x.dtype), HAS_DA=has_ln,
+                               HAS_DH=dh is not None, DH_SPARSE=dh_every > 0, HAS_Y=has_y, HAS_LN=has_ln,
+                               DROPOUT=dropout, DYB=dyb, BLOCK_D=BLOCK_D, ACC=acc_dtype(x),
+                               num_warps=4 if BLOCK_D <= 1024 else 8)
+    if deferred:
+        return dx, dy
     # deterministic two-stage reductions. The encoder (bias_grad) takes one launch for all parts, as views of
     # one tensor; the registered operator's outputs may not alias each other, so it sums each part apart.
     if bias_grad:

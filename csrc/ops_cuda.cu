@@ -215,7 +215,6 @@ __global__ void embed_bwd_out_kernel(const acc_t* part, int64_t n_chunks, int64_
   else st<acc_t>(d_dim, odt, (r - base - L - 1) * D + c, v);
 }
 
-// out[i] = sum over chunks (in order) of part[ch * stride + i], i < n
 // out[i] = sum over chunks of part[ch * stride + i], i < n. Block (32 columns, kSumRows rows): row y adds chunks
 // y, y + kSumRows, ... of its column in order, then row 0 adds the rows' sums in order (deterministic). One thread
 // per column walking every chunk (the former kernel) left a 768-column sum on 3 blocks: ~27 us on an H200 for

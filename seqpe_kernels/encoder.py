@@ -102,7 +102,8 @@ class Prims:
                  gather=None, gather_bwd=None, embed_rows: bool = False, attn_rows: bool = False,
                  cast_group=None, rln_row_view: bool = False, ln_partial_rows=None):
         self.embed_fwd, self.embed_bwd = embed_fwd, embed_bwd
-        self.embed_rows = embed_rows  # embed_fwd(..., with_rows=True) also returns layer 0's table rows
+        # embed_fwd(..., with_rows=True, with_table=True) also returns layer 0's table rows and the table itself
+        self.embed_rows = embed_rows
         # attn_fwd / attn_bwd(..., rows=rows) read layer 0's q/k/v from the table by row index (no gather)
         self.attn_rows = attn_rows
         # cast_group(tensors, dtype): the GEMM weights' casts in one launch; not differentiable, so only for
@@ -288,13 +289,13 @@ def forward(plan: Plan, P: Prims, x: torch.Tensor, pad: Optional[torch.Tensor], 
     S = {}
     W = _gemm_params(P, plan, params)
 
-    if P.embed_rows:  # the embedding kernel computes the digits anyway: it writes the table rows too
-        h, rows = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K, with_rows=True)
+    if P.embed_rows:  # the embedding kernel computes the digits anyway: it writes the table rows and the table too
+        h, rows, tab = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K, with_rows=True, with_table=True)
         h = h.view(R, D)
     else:
         h = P.embed_fwd(x, tok, pos, dim, cls, plan.from_positions, K).view(R, D)
         rows = table_rows(x, plan.from_positions, L, K, plan.base, clamp_rows)
-    tab = embedding_table(tok, pos, dim, cls, L, K, plan.data_dim)
+        tab = embedding_table(tok, pos, dim, cls, L, K, plan.data_dim)
     _, a_tab, mt, rt = P.rln_fwd(tab, None, params[4], params[5], plan.eps1[0], 0.0, None, 0, code)
     if save:
         S.update(rows=rows, tab=tab, a_tab=a_tab, mt=mt, rt=rt)

@@ -55,7 +55,10 @@ def test_empty_and_shape_errors():
 def test_embedding_kernel_writes_the_table_rows(M, K, base, d, from_positions, D, transposed, invalid, seed):
     """The Triton encoder takes layer 0's table rows from the digit-embedding launch (with_rows) instead of
     table_rows' ~10 small ops: the same rows for every valid input (positions or digit ids, any strides), and
-    rows in bounds for invalid ones (check_range=False; those sequences' embeddings are NaN)."""
+    rows in bounds for invalid ones (check_range=False; those sequences' embeddings are NaN). With with_table
+    the same launch also writes the (digit, slot) table itself, bit for bit encoder.embedding_table's (whatever
+    M: one program per sequence and at least one per table row)."""
+    from seqpe_kernels.encoder import embedding_table
     from seqpe_kernels.ops.digit_embed import digit_embed_forward
 
     gen = torch.Generator().manual_seed(seed)
@@ -72,6 +75,10 @@ def test_embedding_kernel_writes_the_table_rows(M, K, base, d, from_positions, D
     h, rows = digit_embed_forward(x, tok, pos, dim, cls.view(1, 1, D), from_positions, K, with_rows=True)
     h_plain = digit_embed_forward(x, tok, pos, dim, cls.view(1, 1, D), from_positions, K)
     torch.testing.assert_close(h, h_plain, rtol=0, atol=0, equal_nan=True)
+    h_t, rows_t, tab = digit_embed_forward(x, tok, pos, dim, cls.view(1, 1, D), from_positions, K, with_rows=True,
+                                           with_table=True)
+    torch.testing.assert_close(h_t, h, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(rows_t, rows) and torch.equal(tab, embedding_table(tok, pos, dim, cls, L, K, d))
     assert rows.shape == (M, L + 1) and rows.dtype == torch.int64
     ref = table_rows(x, from_positions, L, K, base, invalid)
     if from_positions:

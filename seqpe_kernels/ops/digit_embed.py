@@ -44,12 +44,31 @@ def _digits(X, POW, m, sxm, sxc, j, L, K: tl.constexpr, BASE: tl.constexpr, FROM
 
 @direct
 @triton.jit
-def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, ROWS, sxm, sxc, L, T, D, K: tl.constexpr, BASE: tl.constexpr,
-               TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr,
-               WRITE_ROWS: tl.constexpr):
+def _embed_fwd(X, POW, TOK, POS, DIM, CLS, OUT, ROWS, TAB, sxm, sxc, M, L, T, D, K: tl.constexpr,
+               BASE: tl.constexpr, TP: tl.constexpr, BD: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr,
+               WRITE_ROWS: tl.constexpr, WRITE_TAB: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     cm = cols < D
+    if WRITE_TAB:  # program m also writes row m of layer 0's (digit, slot) table (encoder.embedding_table's values)
+        if m < BASE * L + 1:
+            on = cm & ((cols * 0 + m) < BASE * L)  # a digit row (the last row is CLS)
+            s = m % L
+            t = tl.load(TOK + tl.minimum(m // L, BASE - 1) * D + cols, mask=on, other=0.0)
+            t = t + tl.load(POS + s * D + cols, mask=on, other=0.0)  # (tok + pos) + dim: the reference's order
+            if HAS_DIM:
+                t = t + tl.load(DIM + (s // K) * D + cols, mask=on, other=0.0)
+            t = tl.where(m == BASE * L, tl.load(CLS + cols, mask=cm, other=0.0), t)
+            tl.store(TAB + m * D + cols, t, mask=cm)
+    if m < M:
+        _embed_seq(X, POW, TOK, POS, DIM, CLS, OUT, ROWS, m, cols, cm, sxm, sxc, L, T, D, K, BASE, TP, FROM_POS,
+                   HAS_DIM, WRITE_ROWS)
+
+
+@triton.jit
+def _embed_seq(X, POW, TOK, POS, DIM, CLS, OUT, ROWS, m, cols, cm, sxm, sxc, L, T, D, K: tl.constexpr,
+               BASE: tl.constexpr, TP: tl.constexpr, FROM_POS: tl.constexpr, HAS_DIM: tl.constexpr,
+               WRITE_ROWS: tl.constexpr):
     j = tl.arange(0, TP)
     jm = j < L
     dig, ok = _digits(X, POW, m, sxm, sxc, j, L, K, BASE, FROM_POS)
@@ -185,29 +204,36 @@ def _pow_table(K: int, base: int, device) -> torch.Tensor:
 
 
 def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, dim: Optional[torch.Tensor],
-                        cls: torch.Tensor, from_positions: bool, max_digits: int, with_rows: bool = False):
+                        cls: torch.Tensor, from_positions: bool, max_digits: int, with_rows: bool = False,
+                        with_table: bool = False):
     """x: positions [M, d] (from_positions) or digit ids [M, L]. Returns h0 [M, L+1, D] in the table dtype;
     ``with_rows``: (h0, rows) with rows [M, L+1] int64 = digit * L + slot, base * L for CLS (the encoder's
     layer-0 table rows, written by the same launch instead of ~10 small ops). A sequence with an invalid input
-    (check_range=False) gets digit 0 there, in bounds; its h0 is NaN."""
+    (check_range=False) gets digit 0 there, in bounds; its h0 is NaN. ``with_table`` (with ``with_rows``):
+    (h0, rows, table), the table [base * L + 1, D] (encoder.embedding_table, bit for bit) from the same launch."""
     M = x.shape[0]
     base, D = tok.shape
     L = pos.shape[0]
     T = L + 1
     out = tok.new_empty((M, T, D))
     rows = torch.empty((M, T), dtype=torch.int64, device=x.device) if with_rows else None
-    if M == 0:
-        return (out, rows) if with_rows else out
+    tab = tok.new_empty((base * L + 1, D)) if with_table else None
+    if with_table and not with_rows:
+        raise ValueError("digit_embed_forward: with_table needs with_rows")
+    res = (out, rows, tab) if with_table else (out, rows) if with_rows else out
+    if (M == 0 and not with_table) or D == 0:
+        return res
     K = max_digits
     TP = next_pow2(T)
     BD = min(256, next_pow2(D))
     powt = _pow_table(K, base, x.device)
     dimt = dim.reshape(-1, D) if dim is not None else tok
-    _embed_fwd[(M, cdiv(D, BD))](x, powt, tok, pos, dimt, cls.reshape(D), out, rows if with_rows else out,
-                                 x.stride(0), x.stride(1) if x.dim() == 2 else 1, L, T, D,
-                                 K=K, BASE=base, TP=TP, BD=BD, FROM_POS=from_positions,
-                                 HAS_DIM=dim is not None, WRITE_ROWS=with_rows, num_warps=4)
-    return (out, rows) if with_rows else out
+    # one program per sequence, and with the table at least one per table row
+    _embed_fwd[(max(M, base * L + 1) if with_table else M, cdiv(D, BD))](
+        x, powt, tok, pos, dimt, cls.reshape(D), out, rows if with_rows else out, tab if with_table else out,
+        x.stride(0), x.stride(1) if x.dim() == 2 else 1, M, L, T, D, K=K, BASE=base, TP=TP, BD=BD,
+        FROM_POS=from_positions, HAS_DIM=dim is not None, WRITE_ROWS=with_rows, WRITE_TAB=with_table, num_warps=4)
+    return res
 
 
 def digit_embed_backward(g: torch.Tensor, x: torch.Tensor, from_positions: bool, max_digits: int, base: int,

@@ -200,8 +200,9 @@ def _bench_args(p: argparse.ArgumentParser):
     p.add_argument("--config", nargs="+", default=["all"], choices=list(CONFIGS) + ["all"], metavar="NAME",
                    help=f"configs ({', '.join(CONFIGS)}) or 'all' (default; quick: text-default vits-default)")
     p.add_argument("--provider", nargs="+", default=None, choices=PROVIDERS, metavar="NAME",
-                   help=f"providers ({', '.join(PROVIDERS)}; default all but the CUDA-graph ones (triton-graph, "
-                        "cuda-graph, compile-cg: opt-in); eager always runs as the baseline). A provider named "
+                   help=f"providers ({', '.join(PROVIDERS)}; default all: the CUDA-graph ones (triton-graph, "
+                        "cuda-graph, compile-cg) are skipped with the reason off CUDA, and naming the providers "
+                        "leaves them out; eager always runs as the baseline). A provider named "
                         "here that never runs (unusable on this device, or no requested mode) makes the exit "
                         "code 1")
     p.add_argument("--mode", nargs="+", default=None, choices=MODES, metavar="MODE",

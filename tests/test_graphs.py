@@ -1065,3 +1065,27 @@ def test_power_table_first_made_inside_a_capture_is_not_kept():
     t2 = de._pow_table(3, 7, dev)
     assert de._POW[key] is t2 and t2.tolist() == [49, 7, 1]
     del g
+
+
+def test_fresh_copies_are_clones_in_one_foreach_copy(monkeypatch):
+    """The replayed backward hands out copies of its static gradient buffers (one multi-tensor copy, not a clone
+    per parameter): equal values, dtype and strides, new storage, None kept; the static buffers are not aliased."""
+    calls = []
+    orig = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (calls.append(len(d)), orig(d, s))[1])
+    base = torch.randn(4, 6)
+    ts = (torch.randn(3, 5), None, torch.randn(7, dtype=torch.float64), base.t(), base[1:3], torch.randn(0, 2))
+    out = G.fresh_copies(ts)
+    assert calls == [5]
+    assert len(out) == len(ts) and out[1] is None
+    for t, o in zip(ts, out):
+        if t is None:
+            continue
+        assert torch.equal(o, t) and o.dtype == t.dtype and o.stride() == t.clone().stride()
+        assert o.numel() == 0 or o.data_ptr() != t.data_ptr()
+    before = [t.clone() if t is not None else None for t in ts]
+    for o in out:
+        if o is not None:
+            o.fill_(-1.0)
+    assert all(t is None or torch.equal(t, b) for t, b in zip(ts, before))
+    assert G.fresh_copies((None, None)) == (None, None) and calls == [5]

@@ -74,7 +74,7 @@ import contextlib
 import numbers
 import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -454,7 +454,19 @@ class _TrainingGraph(_Graph):
         self.bwd_graph.replay()
         # fresh tensors: autograd may install a returned gradient as p.grad as is, and the next replay rewrites
         # the static buffers (pytorch#181723); one copy of the gradients per step
-        return tuple(None if g is None else g.clone() for g in self.static_grads)
+        return fresh_copies(self.static_grads)
+
+
+def fresh_copies(ts: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
+    """``tuple(t.clone() for t in ts)`` (None kept) with the copies in one ``_foreach_copy_``: one multi-tensor
+    launch on CUDA instead of a clone kernel per parameter (32 at the paper's two layers, each a launch on the host
+    and a few microseconds of a GPU-bound replayed step). Same values, dtypes and strides as ``clone``."""
+    src = [t for t in ts if t is not None]
+    dst = [torch.empty_like(t) for t in src]
+    if src:
+        torch._foreach_copy_(dst, src)
+    it = iter(dst)
+    return tuple(None if t is None else next(it) for t in ts)
 
 
 class _Replay(torch.autograd.Function):

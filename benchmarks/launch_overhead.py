@@ -96,10 +96,10 @@ def ln_backward_call(device="cpu", R=9312, n_prog=528):
     part = torch.empty(3, n_prog, D, device=device)
     st = torch.ones(R, device=device)
     seeds = torch.zeros(6, dtype=torch.int64, device=device)
-    args = (x, x, x, torch.ones(D, device=device), st, st, seeds, 4, x, dy, part, R, D, -(-R // n_prog), n_prog,
+    args = (x, x, x, torch.ones(D, device=device), st, st, seeds, 4, x, dy, part, R, D, -(-R // n_prog), n_prog, 1,
             0.1, 1 / 0.9, 0.0)
-    kwargs = dict(HAS_DA=True, HAS_DH=True, HAS_Y=True, HAS_LN=True, DROPOUT=True, DYB=True, BLOCK_D=1024,
-                  ACC=tl.float32, num_warps=4)
+    kwargs = dict(HAS_DA=True, HAS_DH=True, DH_SPARSE=False, HAS_Y=True, HAS_LN=True, DROPOUT=True, DYB=True,
+                  BLOCK_D=1024, ACC=tl.float32, num_warps=4)
     return layernorm._res_ln_bwd.fn.fn, (n_prog,), args, kwargs
 
 

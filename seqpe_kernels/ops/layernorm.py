@@ -55,9 +55,8 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, sx, eps, p,
 @triton.jit
 def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, D, rows_per_prog, n_prog, dh_every,
                 p, drop_scale, drop_scale_lo, HAS_DA: tl.constexpr, HAS_DH: tl.constexpr, DH_SPARSE: tl.constexpr,
-                HAS_Y: tl.constexpr,
-                HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, DYB: tl.constexpr, BLOCK_D: tl.constexpr,
-                ACC: tl.constexpr):
+                HAS_Y: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr, DYB: tl.constexpr,
+                BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     # PART [n_parts, n_prog, D]: per-program column sums of dw (da * xhat), db (da) when HAS_LN, then of dy
     # (the bias gradient of the GEMM that produced y) when DYB; summed over programs by the caller.
     # DH_SPARSE: dh is nonzero only on rows r with r % dh_every == dh_every - 1 (each sequence's CLS row, after

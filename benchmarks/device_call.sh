@@ -18,7 +18,8 @@
 #     bash benchmarks/device_call.sh f2 "$OUT" <what is left of the lease, less 30 s>
 # PHASE g  (a short verification call, ~5 min) the GPU tier while the extension builds, text-default with every
 #          item-4 provider, its kernel-time profile, the extension's error path (benchmarks/ext_error_path.py),
-#          the table / cast / bias-gradient suites on CUDA, `check --backend cuda`, vits-default if time is left.
+#          the table / cast / bias-gradient suites on CUDA, `check --backend cuda`, the attention variant's timing
+#          (benchmarks/tune_attention.py), vits-default if time is left.
 #     bash benchmarks/device_call.sh g "$OUT" 290
 # PHASE f  both, in one call (a longer lease, or your own GPU with a deadline).
 # The phases of earlier leases (a-e) are in git history (before this file's f1/f2 split); benchmarks/results/NOTES.md
@@ -128,6 +129,8 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
   TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \
       tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
   TAILN=24 step check_cuda 30 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda
+  # the head-dimension-chunked attention variant against the package's kernels (fwd / bwd us per setting)
+  TAILN=30 step tune_attention 45 python3 benchmarks/tune_attention.py --shapes text-default
   TAILN=40 step bench_vits-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
       --config vits-default --quick --M 4324 --provider $BENCH_PROVIDERS --mode forward full nograd \
       --csv "$OUT/bench_vits-default_$DEV.csv" --png none

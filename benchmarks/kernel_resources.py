@@ -204,7 +204,7 @@ def occupancy(u: dict) -> tuple:
     return blocks, blocks * warps / 64
 
 
-_SHOWN = ("BLOCK", "BLOCK_D", "BLOCK_C", "BLOCK_R", "BD", "TP", "TQP", "DHP", "DROPOUT", "HAS_LN", "DYB",
+_SHOWN = ("BLOCK", "BLOCK_D", "BLOCK_C", "BLOCK_R", "BD", "TP", "TQP", "DHP", "DC", "DROPOUT", "HAS_LN", "DYB",
           "CAUSAL", "HAS_MASK", "FROM_POS", "Q_ROWS", "KV_ROWS", "WRITE_ROWS")
 
 

@@ -11,6 +11,7 @@ from seqpe_kernels.encoder import table_rows
 from seqpe_kernels.ops.table_grad import table_grad
 
 from conftest import HAS_CUDA
+from test_fused import rel
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 # fp32 / fp64 sums against fp64: KERNEL_GUIDE §5; bf16 / fp16 outputs: one rounding of an fp32 sum
@@ -125,6 +126,44 @@ def test_attention_reads_layer0_table_by_index(M, K, base, H, DH, cls_only, caus
     gg = tiny_attention_backward(dout, *args_g, *common)
     for a, b in zip(gi, gg):
         assert a.shape == b.shape and torch.equal(a, b)
+
+
+@settings(max_examples=12, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 5), K=st.integers(1, 4), H=st.integers(1, 2), DH=st.sampled_from([4, 5, 8]),
+       dc=st.sampled_from([1, 2, 4, 8]), cls_only=st.booleans(), indexed=st.booleans(), causal=st.booleans(),
+       padded=st.booleans(), p=st.sampled_from([0.0, 0.3]), dt=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_head_chunked_attention_variant_matches(M, K, H, DH, dc, cls_only, indexed, causal, padded, p, dt, seed):
+    """benchmarks/tune_attention.py's experimental kernels (the head dimension walked in chunks of dc, to be timed
+    against the package's on a GPU) compute what the package's kernels compute: outputs and gradients to the
+    tolerance of a sum in another order, over full / CLS-only blocks, gathered or table-indexed operands, masks
+    and dropout (the same Philox masks)."""
+    import torch.nn.functional as F
+
+    from conftest import benchmark_module
+    from seqpe_kernels.ops.attention import tiny_attention_backward, tiny_attention_forward
+
+    tune = benchmark_module("tune_attention")
+    gen = torch.Generator().manual_seed(seed)
+    base, L, D = 5, K, H * DH
+    T, n = L + 1, base * K + 1
+    rows = table_rows(torch.randint(0, base ** K, (M, 1), generator=gen).to(DEV), True, L, K, base, False)
+    pad = (torch.rand(M, T - 1, generator=gen) > 0.3).float().to(DEV) if padded else None
+    seeds = torch.randint(0, 2 ** 31 - 1, (3,), generator=gen).to(DEV)
+    tab = torch.randn(n, (2 if cls_only else 3) * D, generator=gen).to(DEV, dt)
+    first = tab if indexed else F.embedding(rows, tab)
+    q = torch.randn(M, 1, D, generator=gen).to(DEV, dt) if cls_only else None
+    args = (q, first) if cls_only else (first, None)
+    kw = {"rows": rows} if indexed else {}
+    common = (pad, H, causal, T - 1 if cls_only else 0, DH ** 0.5, p, seeds, 1)
+    tol = 1e-5 if dt == torch.float32 else 1e-12
+    out = tiny_attention_forward(*args, *common, **kw)
+    out_dc = tune.forward_dc(dc, *args, *common, **kw)
+    assert out_dc.shape == out.shape and rel(out_dc, out) <= tol
+    dout = torch.randn(out.shape, generator=gen).to(DEV, dt)
+    want = tiny_attention_backward(dout, *args, *common, **kw)
+    for a, b in zip(tune.backward_dc(dc, dout, *args, *common, **kw), want):
+        assert a.shape == b.shape and (b.numel() == 0 or rel(a, b) <= tol)
 
 
 def test_indexed_attention_rejects_bad_operands():

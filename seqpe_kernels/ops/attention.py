@@ -38,7 +38,12 @@ def _scores(q, k, USE_DOT: tl.constexpr):
 @triton.jit
 def _probs(q, k, PAD, pad_row, iq, jk, T, L, q_start, sdiv, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
            USE_DOT: tl.constexpr):
-    s = _scores(q, k, USE_DOT) / sdiv
+    return _masked_softmax(_scores(q, k, USE_DOT) / sdiv, PAD, pad_row, iq, jk, T, L, q_start, CAUSAL, HAS_MASK)
+
+
+@triton.jit
+def _masked_softmax(s, PAD, pad_row, iq, jk, T, L, q_start, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(probabilities, allowed) from scaled scores s [TQP, TP]: the causal and key-padding masks, then softmax."""
     allowed = jk[None, :] < T
     if CAUSAL:
         allowed = allowed & (jk[None, :] <= (q_start + iq)[:, None])

@@ -113,15 +113,8 @@ def _attn_bwd_dc(Q, K, V, ROWS, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, 
         s += tl.sum(q[:, None, :] * k[None, :, :], axis=2)
         dpd += tl.sum(do[:, None, :] * v[None, :, :], axis=2)
     pr, allowed = A._masked_softmax(s / sdiv, PAD, m * spm, iq, jk, T, L, q_start, CAUSAL, HAS_MASK)
-    if DROPOUT:
-        keepf = tl.where(A._keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
-                         tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
-        pd = pr * keepf
-        dp = dpd * keepf
-    else:
-        pd = pr
-        dp = dpd
-    ds = tl.where(allowed, pr * (dp - tl.sum(pr * dp, 1)[:, None]), 0.0) / sdiv
+    pd, ds = A._softmax_bwd(pr, dpd, allowed, SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p, sdiv, drop_scale,
+                            drop_scale_lo, DROPOUT, ACC)
     for c in range(0, DHP // DC):  # dQ, dK, dV chunk by chunk
         d = c * DC + tl.arange(0, DC)
         dm = d < DH

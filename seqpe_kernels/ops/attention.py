@@ -82,6 +82,25 @@ def _keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p):
     return tl.rand(tl.load(SEEDS + seed_idx), off.to(tl.int32)) > p
 
 
+@triton.jit
+def _softmax_bwd(pr, dpd, allowed, SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p, sdiv, drop_scale, drop_scale_lo,
+                 DROPOUT: tl.constexpr, ACC: tl.constexpr):
+    """(pd, ds) from the probabilities pr and dpd = dO V^T: pd the dropped-out probabilities (dV = pd^T dO), ds the
+    scaled score gradient (dQ = ds K, dK = ds^T Q)."""
+    if DROPOUT:
+        keepf = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
+                         tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
+        pd = pr * keepf
+        dp = dpd * keepf
+    else:
+        pd = pr
+        dp = dpd
+    # masked logits are constants in the forward, so they pass no gradient to q/k. (The reference's autograd
+    # differentiates through its additive finfo.min; the two differ only on fully masked rows, whose outputs
+    # never reach the encoder output, so their incoming gradient is zero either way.)
+    return pd, tl.where(allowed, pr * (dp - tl.sum(pr * dp, 1)[:, None]), 0.0) / sdiv
+
+
 @direct
 @triton.jit
 def _attn_fwd(Q, K, V, ROWS, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, svt, spm, T, TQ, L, q_start, H,
@@ -134,18 +153,8 @@ def _attn_bwd(Q, K, V, ROWS, PAD, DO, DQ, DK, DV, SEEDS, seed_idx, sqm, sqt, skm
         dpd = tl.dot(do, tl.trans(v), input_precision="ieee")
     else:
         dpd = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
-    if DROPOUT:
-        keepf = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
-                         tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
-        pd = pr * keepf
-        dp = dpd * keepf
-    else:
-        pd = pr
-        dp = dpd
-    # masked logits are constants in the forward, so they pass no gradient to q/k. (The reference's autograd
-    # differentiates through its additive finfo.min; the two differ only on fully masked rows, whose outputs
-    # never reach the encoder output, so their incoming gradient is zero either way.)
-    ds = tl.where(allowed, pr * (dp - tl.sum(pr * dp, 1)[:, None]), 0.0) / sdiv
+    pd, ds = _softmax_bwd(pr, dpd, allowed, SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p, sdiv, drop_scale,
+                          drop_scale_lo, DROPOUT, ACC)
     if USE_DOT:
         dv = tl.dot(tl.trans(pd), do, input_precision="ieee")
         dq = tl.dot(ds, k, input_precision="ieee")

@@ -432,7 +432,7 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         a_tab = _cast(S["a_tab"], adt)
         Wa = _cast(params[o0 + 2], adt)
         d_a_tab = dtab_kv.mm(Wa[:, D:].t())
-        d_a_tab[-1:].addmm_(dq_row, Wa[:, :D].t())
+        d_a_tab[-1:] += dq_row.mm(Wa[:, :D].t())
         if need_W:
             put(o0 + 2, torch.cat([_wgrad(a_tab[-1:].t(), dq_row, params[o0 + 2]),
                                    _wgrad(a_tab.t(), dtab_kv, params[o0 + 2])], 1))
@@ -444,7 +444,9 @@ def backward(plan: Plan, P: Prims, gout: torch.Tensor, x: torch.Tensor, pad: Opt
         dkv2 = dkv.view(R, 2 * D)
         dq2 = dq.view(M, D)
         da = dkv2.mm(Wa[:, D:].t())
-        da.view(M, T, D)[:, T - 1].addmm_(dq2, Wa[:, :D].t())  # in place on the CLS rows (one GEMM)
+        # (not addmm_ in place: under CPU fp16 autocast that moved layer 0's LN1 weight gradient from 0.91 to 1.04 of
+        # the two-error bound on one seed of tests/test_ext.py; one launch is not worth a numerics change unmeasured)
+        da.view(M, T, D)[:, T - 1] += dq2.mm(Wa[:, :D].t())
         if need_W:
             put(o0 + 2, torch.cat([_wgrad(a.view(M, T, D)[:, T - 1].t(), dq2, params[o0 + 2]),
                                    _wgrad(a.t(), dkv2, params[o0 + 2])], 1))

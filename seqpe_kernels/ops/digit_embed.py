@@ -211,6 +211,8 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
     layer-0 table rows, written by the same launch instead of ~10 small ops). A sequence with an invalid input
     (check_range=False) gets digit 0 there, in bounds; its h0 is NaN. ``with_table`` (with ``with_rows``):
     (h0, rows, table), the table [base * L + 1, D] (encoder.embedding_table, bit for bit) from the same launch."""
+    if with_table and not with_rows:
+        raise ValueError("digit_embed_forward: with_table needs with_rows")
     M = x.shape[0]
     base, D = tok.shape
     L = pos.shape[0]
@@ -218,8 +220,6 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
     out = tok.new_empty((M, T, D))
     rows = torch.empty((M, T), dtype=torch.int64, device=x.device) if with_rows else None
     tab = tok.new_empty((base * L + 1, D)) if with_table else None
-    if with_table and not with_rows:
-        raise ValueError("digit_embed_forward: with_table needs with_rows")
     res = (out, rows, tab) if with_table else (out, rows) if with_rows else out
     if (M == 0 and not with_table) or D == 0:
         return res

@@ -184,12 +184,10 @@ def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx
         if (part.dim() != 3 or part.shape[0] != n_parts or part.shape[2] != D or part.dtype != acc
                 or not part.is_contiguous()):
             raise ValueError(f"residual_layernorm_backward: part must be a contiguous [{n_parts}, n, {D}] {acc} slice")
-        # programs past the last row write zero partials, so any n works
-        n_prog = part.shape[1]
-        rows_per_prog = cdiv(R, n_prog) if R else 1
-    else:
-        n_prog = partial_rows(R, x.device)
-        rows_per_prog = cdiv(R, n_prog) if R else 1
+    # deferred: programs past the last row write zero partials, so the workspace's n works
+    n_prog = part.shape[1] if deferred else partial_rows(R, x.device)
+    rows_per_prog = cdiv(R, n_prog) if R else 1
+    if not deferred:
         n_prog = cdiv(R, rows_per_prog) if R else 1
         # every launched program writes its partial rows, so only an empty input needs zeros
         part = (x.new_empty if R else x.new_zeros)((n_parts, n_prog, D), dtype=acc) if n_parts else _empty(x)

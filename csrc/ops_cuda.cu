@@ -13,9 +13,13 @@
 // memory). Inputs are validated before the op (seqpe_kernels.reference.tokenize.check_positions) unless the
 // caller switched check_range off; then an out-of-range position or digit id makes its sequence's embedding
 // NaN (as the Triton kernel does; the CPU path raises) and never indexes outside the tables.
+#if defined(SEQPE_EMU)  // compiled as C++ for the CPU emulator (csrc/emu/cuda_emu.h): tests without a GPU
+#include "emu/cuda_emu.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -102,7 +106,18 @@ inline int ln_threads(int64_t D) {
   return t;
 }
 
+#if defined(SEQPE_EMU)
+using emu::DeviceGuard;
+using emu::sm_count;
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// SEQPE_LAUNCH(grid, block, smem, kernel)(args) is kernel<<<grid, block, smem, stream()>>>(args): a macro so that
+// the emulator runs the same launch
+#define SEQPE_LAUNCH(grid, block, smem, ...) __VA_ARGS__<<<grid, block, smem, stream()>>>
+#define SEQPE_DYN_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 // ==================================================================================== digit embedding
 constexpr int kMaxDigits = 32;
@@ -175,7 +190,7 @@ __global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, con
 // token, 384 per thread; the operations and their order are the same in both modes, so are the results.
 template <typename acc_t, bool SMEM>
 __global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, int64_t per) {
-  extern __shared__ __align__(16) unsigned char embed_bwd_smem[];
+  SEQPE_DYN_SHARED(unsigned char, embed_bwd_smem);
   const int64_t ch = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= a.D) return;
@@ -239,8 +254,8 @@ __global__ void chunk_sum_kernel(const acc_t* part, int64_t n_chunks, int64_t n,
 template <typename acc_t>
 void chunk_sum(const acc_t* part, int64_t n_chunks, int64_t n, int64_t stride, acc_t* out) {
   if (n <= 0) return;
-  chunk_sum_kernel<acc_t><<<static_cast<unsigned>(cdiv(n, 32)), dim3(32, kSumRows), 0, stream()>>>(part, n_chunks, n,
-                                                                                                    stride, out);
+  SEQPE_LAUNCH(static_cast<unsigned>(cdiv(n, 32)), dim3(32, kSumRows), 0, chunk_sum_kernel<acc_t>)(part, n_chunks, n,
+                                                                                               stride, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -262,7 +277,7 @@ DigitP digit_params(const Tensor& x, int64_t M, int64_t L, int64_t T, int64_t D,
 
 Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& pos_, const OptTensor& dim_,
                             const Tensor& cls_, bool from_positions, int64_t max_digits) {
-  c10::cuda::CUDAGuard guard(tok_.device());
+  DeviceGuard guard(tok_.device());
   TORCH_CHECK(x_.dim() == 1 || x_.dim() == 2, "seqpe_ext::digit_embed_fwd: x must be [M] or [M, d|L]");
   check_float_dtype(tok_, "digit_embed_fwd", "tok");
   const int64_t M = x_.size(0), base = tok_.size(0), D = tok_.size(1), L = pos_.size(0), T = L + 1;
@@ -278,7 +293,7 @@ Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& 
   const DigitP a = digit_params(x, M, L, T, D, max_digits, base, from_positions);
   const int threads = 128;
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(cdiv(D, threads)));
-  embed_fwd_kernel<<<grid, threads, 0, stream()>>>(a, tok.data_ptr(), pos.data_ptr(),
+  SEQPE_LAUNCH(grid, threads, 0, embed_fwd_kernel)(a, tok.data_ptr(), pos.data_ptr(),
                                                    has_dim ? dim.data_ptr() : nullptr, cls.data_ptr(),
                                                    out.data_ptr(), dcode(stt));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -287,7 +302,7 @@ Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& 
 
 Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_positions, int64_t max_digits,
                              int64_t base, int64_t data_dim, const OptTensor& table_grad) {
-  c10::cuda::CUDAGuard guard(g_.device());
+  DeviceGuard guard(g_.device());
   TORCH_CHECK(g_.dim() == 3, "seqpe_ext::digit_embed_bwd: g must be [M, T, D]");
   check_float_dtype(g_, "digit_embed_bwd", "g");
   const int64_t M = g_.size(0), T = g_.size(1), D = g_.size(2), L = T - 1, K = max_digits;
@@ -314,16 +329,16 @@ Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_posit
       const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(cdiv(D, threads)));
       const size_t smem = static_cast<size_t>(rows) * threads * sizeof(scalar_t);
       if (smem <= 48 * 1024)
-        embed_bwd_kernel<scalar_t, true><<<grid, threads, smem, stream()>>>(a, g.data_ptr(), dcode(gst),
+        SEQPE_LAUNCH(grid, threads, smem, embed_bwd_kernel<scalar_t, true>)(a, g.data_ptr(), dcode(gst),
                                                                             part.data_ptr<scalar_t>(), per);
       else
-        embed_bwd_kernel<scalar_t, false><<<grid, threads, 0, stream()>>>(a, g.data_ptr(), dcode(gst),
+        SEQPE_LAUNCH(grid, threads, 0, embed_bwd_kernel<scalar_t, false>)(a, g.data_ptr(), dcode(gst),
                                                                           part.data_ptr<scalar_t>(), per);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t n = n_out * D;
     if (n > 0) {
-      embed_bwd_out_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+      SEQPE_LAUNCH(static_cast<unsigned>(cdiv(n, 256)), 256, 0, embed_bwd_out_kernel<scalar_t>)(
           part.data_ptr<scalar_t>(), n_chunks, rows, tg.defined() ? tg.data_ptr<scalar_t>() : nullptr, D, base, L,
           K, n_out, dcode(gst), d_tok.data_ptr(), d_pos.data_ptr(), d_cls.data_ptr(),
           data_dim > 1 ? d_dim.data_ptr() : nullptr);
@@ -347,7 +362,7 @@ struct LnFwdP {
 
 template <typename acc_t>
 __global__ void ln_fwd_kernel(LnFwdP a, acc_t eps, acc_t scale) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  SEQPE_DYN_SHARED(unsigned char, smem);
   acc_t* hrow = reinterpret_cast<acc_t*>(smem);
   __shared__ acc_t red[33];
   const int64_t row = blockIdx.x, D = a.D;
@@ -390,7 +405,7 @@ __global__ void ln_fwd_kernel(LnFwdP a, acc_t eps, acc_t scale) {
 Tensor4 residual_layernorm_fwd_cuda(const Tensor& x_, const OptTensor& y_, const OptTensor& w_, const OptTensor& b_,
                                     double eps, double p, const OptTensor& seeds, int64_t seed_idx,
                                     int64_t out_dtype) {
-  c10::cuda::CUDAGuard guard(x_.device());
+  DeviceGuard guard(x_.device());
   TORCH_CHECK(x_.dim() == 2, "seqpe_ext::residual_layernorm_fwd: x must be [R, D]");
   check_float_dtype(x_, "residual_layernorm_fwd", "x");
   const Tensor x = x_.contiguous();
@@ -424,7 +439,7 @@ Tensor4 residual_layernorm_fwd_cuda(const Tensor& x_, const OptTensor& y_, const
     const size_t smem = static_cast<size_t>(D) * sizeof(scalar_t);
     TORCH_CHECK(smem <= 48 * 1024, "seqpe_ext::residual_layernorm_fwd (CUDA): width ", D, " too large");
     const scalar_t epsv = static_cast<scalar_t>(f64 ? eps : static_cast<double>(static_cast<float>(eps)));
-    ln_fwd_kernel<scalar_t><<<static_cast<unsigned>(R), threads, smem, stream()>>>(
+    SEQPE_LAUNCH(static_cast<unsigned>(R), threads, smem, ln_fwd_kernel<scalar_t>)(
         P, epsv, static_cast<scalar_t>(drop_scale(p)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -495,7 +510,7 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* part, int64_t pstrid
 Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_, const OptTensor& w_,
                      const Tensor& mean_, const Tensor& rstd_, double p, const OptTensor& seeds, int64_t seed_idx,
                      bool has_y, int64_t y_dtype, bool bias) {
-  c10::cuda::CUDAGuard guard(ln_in_.device());
+  DeviceGuard guard(ln_in_.device());
   TORCH_CHECK(ln_in_.dim() == 2, "seqpe_ext::residual_layernorm_bwd: ln_in must be [R, D]");
   check_float_dtype(ln_in_, "residual_layernorm_bwd", "ln_in");
   const Tensor x = ln_in_.contiguous();
@@ -532,7 +547,7 @@ Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& l
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd_cuda", [&] {
     scalar_t* pp = k_parts ? part.data_ptr<scalar_t>() : nullptr;
     if (n_chunks > 0 && D > 0) {
-      ln_bwd_kernel<scalar_t><<<static_cast<unsigned>(n_chunks), ln_threads(D), 0, stream()>>>(
+      SEQPE_LAUNCH(static_cast<unsigned>(n_chunks), ln_threads(D), 0, ln_bwd_kernel<scalar_t>)(
           P, static_cast<scalar_t>(drop_scale(p)), pp, pstride, dyb ? 2 * has_ln * D : -1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -592,22 +607,22 @@ __global__ void gelu_bwd_kernel(const void* du, int dudt, const void* z, int dt,
 inline unsigned elem_blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(cdiv(n, 256), 1 << 20)); }
 
 Tensor gelu_new_fwd_cuda(const Tensor& z_) {
-  c10::cuda::CUDAGuard guard(z_.device());
+  DeviceGuard guard(z_.device());
   check_float_dtype(z_, "gelu_new_fwd", "z");
   const Tensor z = z_.contiguous();
   Tensor u = at::empty_like(z, at::MemoryFormat::Contiguous);
   const int64_t n = z.numel();
   if (n == 0) return u;
   if (z.scalar_type() == at::kDouble)
-    gelu_fwd_kernel<double><<<elem_blocks(n), 256, 0, stream()>>>(z.data_ptr(), kF64, u.data_ptr(), n);
+    SEQPE_LAUNCH(elem_blocks(n), 256, 0, gelu_fwd_kernel<double>)(z.data_ptr(), kF64, u.data_ptr(), n);
   else
-    gelu_fwd_kernel<float><<<elem_blocks(n), 256, 0, stream()>>>(z.data_ptr(), dcode(z.scalar_type()), u.data_ptr(), n);
+    SEQPE_LAUNCH(elem_blocks(n), 256, 0, gelu_fwd_kernel<float>)(z.data_ptr(), dcode(z.scalar_type()), u.data_ptr(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return u;
 }
 
 Tensor gelu_new_bwd_cuda(const Tensor& du_, const Tensor& z_) {
-  c10::cuda::CUDAGuard guard(z_.device());
+  DeviceGuard guard(z_.device());
   check_float_dtype(z_, "gelu_new_bwd", "z");
   TORCH_CHECK(du_.sizes() == z_.sizes(), "seqpe_ext::gelu_new_bwd: du must have z's shape");
   const Tensor z = z_.contiguous();
@@ -616,10 +631,10 @@ Tensor gelu_new_bwd_cuda(const Tensor& du_, const Tensor& z_) {
   const int64_t n = z.numel();
   if (n == 0) return dz;
   if (z.scalar_type() == at::kDouble)
-    gelu_bwd_kernel<double><<<elem_blocks(n), 256, 0, stream()>>>(du.data_ptr(), dcode(du.scalar_type()),
+    SEQPE_LAUNCH(elem_blocks(n), 256, 0, gelu_bwd_kernel<double>)(du.data_ptr(), dcode(du.scalar_type()),
                                                                  z.data_ptr(), kF64, dz.data_ptr(), n);
   else
-    gelu_bwd_kernel<float><<<elem_blocks(n), 256, 0, stream()>>>(du.data_ptr(), dcode(du.scalar_type()),
+    SEQPE_LAUNCH(elem_blocks(n), 256, 0, gelu_bwd_kernel<float>)(du.data_ptr(), dcode(du.scalar_type()),
                                                                 z.data_ptr(), dcode(z.scalar_type()), dz.data_ptr(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dz;
@@ -650,7 +665,7 @@ __global__ void gelu_bwd_bias_kernel(const void* du, int dudt, const void* z, in
 }
 
 Tensor2 gelu_new_bwd_bias_cuda(const Tensor& du_, const Tensor& z_) {
-  c10::cuda::CUDAGuard guard(z_.device());
+  DeviceGuard guard(z_.device());
   Tensor z, du, dz;
   std::tie(z, du, dz) = gelu_bwd_bias_args(du_, z_);
   const int64_t R = z.size(0), C = z.size(1);
@@ -661,7 +676,7 @@ Tensor2 gelu_new_bwd_bias_cuda(const Tensor& du_, const Tensor& z_) {
   if (R == 0) return {dz, db.zero_()};
   // ~8 blocks per SM in all: few partial rows (n_chunks x C), long enough row walks per thread
   const int64_t threads = 256, col_blocks = cdiv(C, threads);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(R, cdiv(8 * sms, col_blocks)));
   const int64_t per = cdiv(R, want), n_chunks = cdiv(R, per);
   TORCH_CHECK(n_chunks < (int64_t{1} << 31) && col_blocks < 65536, "seqpe_ext::gelu_new_bwd_bias: [", R, ", ", C,
@@ -669,7 +684,7 @@ Tensor2 gelu_new_bwd_bias_cuda(const Tensor& du_, const Tensor& z_) {
   Tensor part = at::empty({n_chunks, C}, z.options().dtype(acc_dt));
   const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(col_blocks));
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_gelu_bwd_bias_cuda", [&] {
-    gelu_bwd_bias_kernel<scalar_t><<<grid, static_cast<unsigned>(threads), 0, stream()>>>(
+    SEQPE_LAUNCH(grid, static_cast<unsigned>(threads), 0, gelu_bwd_bias_kernel<scalar_t>)(
         du.data_ptr(), dcode(du.scalar_type()), z.data_ptr(), f64 ? kF64 : dcode(z.scalar_type()), dz.data_ptr(), R,
         C, per, part.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -735,7 +750,7 @@ __device__ void attn_probs(const AttnP& a, int64_t m, int64_t h, acc_t sdiv, acc
 
 template <typename acc_t>
 __global__ void attn_fwd_kernel(AttnP a, acc_t sdiv, acc_t scale, void* out) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  SEQPE_DYN_SHARED(unsigned char, smem);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
   const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
   if (pair >= a.M * a.H) return;
@@ -764,7 +779,7 @@ template <typename acc_t>
 __global__ void attn_bwd_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* dout, int dodt, void* dq_base,
                                 void* dkv_base, int64_t dqm, int64_t dqt, int64_t dkm, int64_t dkt, int64_t dk_off,
                                 int64_t dv_off) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  SEQPE_DYN_SHARED(unsigned char, smem);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
   const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
   if (pair >= a.M * a.H) return;
@@ -893,7 +908,7 @@ inline int attn_warps(size_t per_warp, const char* op) {
 Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask, int64_t num_heads,
                                bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
                                int64_t seed_idx) {
-  c10::cuda::CUDAGuard guard(qkv.device());
+  DeviceGuard guard(qkv.device());
   AttnSetup s = attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_fwd");
   const AttnP& a = s.P;
   Tensor out = at::empty({a.M, a.TQ, a.D}, s.qbase.options());
@@ -904,7 +919,7 @@ Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const Opt
     const int w = attn_warps(per_warp, "tiny_attention_fwd");
     const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, w));
     const scalar_t sdiv = static_cast<scalar_t>(f64 ? scale_div : static_cast<double>(static_cast<float>(scale_div)));
-    attn_fwd_kernel<scalar_t><<<blocks, 32 * w, w * per_warp, stream()>>>(
+    SEQPE_LAUNCH(blocks, 32 * w, w * per_warp, attn_fwd_kernel<scalar_t>)(
         a, sdiv, static_cast<scalar_t>(drop_scale(p)), out.data_ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -914,7 +929,7 @@ Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const Opt
 Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask,
                                 int64_t num_heads, bool causal, int64_t q_start, double scale_div, double p,
                                 const OptTensor& seeds, int64_t seed_idx) {
-  c10::cuda::CUDAGuard guard(qkv.device());
+  DeviceGuard guard(qkv.device());
   AttnSetup s = attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_bwd");
   const AttnP& a = s.P;
   check_float_dtype(dout_, "tiny_attention_bwd", "dout");
@@ -937,7 +952,7 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
     const int w = attn_warps(per_warp, "tiny_attention_bwd");
     const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, w));
     const scalar_t sdiv = static_cast<scalar_t>(f64 ? scale_div : static_cast<double>(static_cast<float>(scale_div)));
-    attn_bwd_kernel<scalar_t><<<blocks, 32 * w, w * per_warp, stream()>>>(
+    SEQPE_LAUNCH(blocks, 32 * w, w * per_warp, attn_bwd_kernel<scalar_t>)(
         a, sdiv, static_cast<scalar_t>(drop_scale(p)), dout.data_ptr(), dcode(dout.scalar_type()), d_first.data_ptr(),
         has_kv ? d_kv.data_ptr() : d_first.data_ptr(), a.TQ * W1, W1, a.T * Wk, Wk, has_kv ? 0 : a.D,
         has_kv ? a.D : 2 * a.D);
@@ -957,7 +972,7 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
 template <typename acc_t>
 __global__ void table_grad_kernel(const void* g, int gdt, const int64_t* rows, int64_t M, int64_t T, int64_t L,
                                   int64_t C, int64_t base, int64_t per, int64_t n_rows, acc_t* part) {
-  extern __shared__ unsigned char table_grad_smem[];
+  SEQPE_DYN_SHARED(unsigned char, table_grad_smem);
   acc_t* acc = reinterpret_cast<acc_t*>(table_grad_smem) + threadIdx.x;  // acc[b * blockDim.x]: digit b
   const int64_t t = blockIdx.x, ch = blockIdx.z;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -986,7 +1001,7 @@ __global__ void table_grad_sum_kernel(const acc_t* part, int64_t n_chunks, int64
 }
 
 Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L, bool acc_out) {
-  c10::cuda::CUDAGuard guard(g_.device());
+  DeviceGuard guard(g_.device());
   const int64_t base = table_grad_args(g_, rows_, n_rows, L);
   const Tensor g = g_.contiguous(), rows = rows_.contiguous();
   const int64_t M = g.size(0), T = g.size(1), C = g.size(2);
@@ -1002,7 +1017,7 @@ Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, in
     return at::embedding_dense_backward(ga.view({M * T, C}), rows.view({-1}), n_rows, -1, false).to(ost);
   }
   const int64_t col_blocks = cdiv(C, threads);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   // ~16 blocks per SM in all (T slots x column blocks x chunks of sequences): each thread's walk over its chunk
   // is latency-bound (a 2-byte load and a shared-memory add per sequence), so it takes many warps in flight to
   // keep the loads coming; with ~4 per SM the H200 profile had this kernel at 233 us per text step
@@ -1012,12 +1027,12 @@ Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, in
   Tensor part = at::empty({n_chunks, n_rows, C}, g.options().dtype(acc_dt));
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_table_grad_cuda", [&] {
     const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(col_blocks), static_cast<unsigned>(n_chunks));
-    table_grad_kernel<scalar_t><<<grid, threads, smem, stream()>>>(g.data_ptr(), dcode(gst),
+    SEQPE_LAUNCH(grid, threads, smem, table_grad_kernel<scalar_t>)(g.data_ptr(), dcode(gst),
                                                                    rows.const_data_ptr<int64_t>(), M, T, L, C, base,
                                                                    per, n_rows, part.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t n = n_rows * C;
-    table_grad_sum_kernel<scalar_t><<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+    SEQPE_LAUNCH(static_cast<unsigned>(cdiv(n, 256)), 256, 0, table_grad_sum_kernel<scalar_t>)(
         part.data_ptr<scalar_t>(), n_chunks, n, out.data_ptr(), dcode(ost));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1034,12 +1049,12 @@ __global__ void table_rows_kernel(const int64_t* x, int64_t sxm, int64_t sxc, in
 }
 
 Tensor table_rows_cuda(const Tensor& x, int64_t L, int64_t K, int64_t base, bool from_positions, bool clamp) {
-  c10::cuda::CUDAGuard guard(x.device());
+  DeviceGuard guard(x.device());
   table_rows_args(x, L, K, base, from_positions);
   const int64_t M = x.size(0), n = M * (L + 1);
   Tensor rows = at::empty({M, L + 1}, x.options());
   if (n > 0) {
-    table_rows_kernel<<<static_cast<unsigned>(cdiv(n, 256)), 256, 0, stream()>>>(
+    SEQPE_LAUNCH(static_cast<unsigned>(cdiv(n, 256)), 256, 0, table_rows_kernel)(
         x.const_data_ptr<int64_t>(), x.stride(0), x.stride(1), M, L, K, base, from_positions, clamp,
         rows.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1047,19 +1062,25 @@ Tensor table_rows_cuda(const Tensor& x, int64_t L, int64_t K, int64_t base, bool
   return rows;
 }
 
+#if defined(SEQPE_EMU)  // the emulated kernels as torch.ops.seqpe_emu.* (schemas inferred; CPU tensors)
+#define SEQPE_IMPL(name, fn) m.def(name, fn)
+TORCH_LIBRARY(seqpe_emu, m) {
+#else
+#define SEQPE_IMPL(name, fn) m.impl(name, fn)
 TORCH_LIBRARY_IMPL(seqpe_ext, CUDA, m) {
-  m.impl("digit_embed_fwd", &digit_embed_fwd_cuda);
-  m.impl("digit_embed_bwd", &digit_embed_bwd_cuda);
-  m.impl("residual_layernorm_fwd", &residual_layernorm_fwd_cuda);
-  m.impl("residual_layernorm_bwd", &rln_bwd_op<rln_bwd_cuda>);
-  m.impl("gelu_new_fwd", &gelu_new_fwd_cuda);
-  m.impl("gelu_new_bwd", &gelu_new_bwd_cuda);
-  m.impl("residual_layernorm_bwd_bias", &rln_bwd_bias_op<rln_bwd_cuda>);
-  m.impl("gelu_new_bwd_bias", &gelu_new_bwd_bias_cuda);
-  m.impl("tiny_attention_fwd", &tiny_attention_fwd_cuda);
-  m.impl("tiny_attention_bwd", &tiny_attention_bwd_cuda);
-  m.impl("table_rows", &table_rows_cuda);
-  m.impl("table_grad", &table_grad_cuda);
+#endif
+  SEQPE_IMPL("digit_embed_fwd", &digit_embed_fwd_cuda);
+  SEQPE_IMPL("digit_embed_bwd", &digit_embed_bwd_cuda);
+  SEQPE_IMPL("residual_layernorm_fwd", &residual_layernorm_fwd_cuda);
+  SEQPE_IMPL("residual_layernorm_bwd", &rln_bwd_op<rln_bwd_cuda>);
+  SEQPE_IMPL("gelu_new_fwd", &gelu_new_fwd_cuda);
+  SEQPE_IMPL("gelu_new_bwd", &gelu_new_bwd_cuda);
+  SEQPE_IMPL("residual_layernorm_bwd_bias", &rln_bwd_bias_op<rln_bwd_cuda>);
+  SEQPE_IMPL("gelu_new_bwd_bias", &gelu_new_bwd_bias_cuda);
+  SEQPE_IMPL("tiny_attention_fwd", &tiny_attention_fwd_cuda);
+  SEQPE_IMPL("tiny_attention_bwd", &tiny_attention_bwd_cuda);
+  SEQPE_IMPL("table_rows", &table_rows_cuda);
+  SEQPE_IMPL("table_grad", &table_grad_cuda);
 }
 
 }  // namespace seqpe

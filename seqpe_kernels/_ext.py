@@ -239,6 +239,30 @@ def _compile(name: str, with_cuda: bool) -> str:
     return so
 
 
+_emu_ops = None
+
+
+def emulator():
+    """torch.ops.seqpe_emu: ops_cuda.cu's kernels and launchers compiled as C++ and run by a CPU emulator of CUDA
+    threads, warps and barriers (csrc/emu/cuda_emu.h), on CPU tensors with the CUDA ops' signatures. For tests
+    on machines without a GPU; slow (one fiber per CUDA thread), so only for small shapes."""
+    global _emu_ops
+    with _lock:
+        if _emu_ops is None:
+            from torch.utils import cpp_extension
+
+            name = build_name(False).replace("seqpe_ext", "seqpe_emu", 1)
+            build_dir = _build_directory(name)
+            os.makedirs(build_dir, exist_ok=True)
+            # -O1: the emulated kernels run on small shapes; a full -O3 build of the fibers takes minutes
+            cpp_extension.load(name=name, sources=[str(CSRC / "emu" / "ops_cuda_emu.cpp")],
+                               extra_cflags=["-O1", "-Wno-unknown-pragmas", *_version_defines()],
+                               build_directory=build_dir, is_python_module=False,
+                               verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
+            _emu_ops = torch.ops.seqpe_emu
+    return _emu_ops
+
+
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 

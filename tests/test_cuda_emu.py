@@ -1,0 +1,242 @@
+"""The CUDA kernels of csrc/ops_cuda.cu, run on CPU by the emulator (csrc/emu/cuda_emu.h), against the C++ CPU ops.
+
+Most sessions and CI have no GPU, so without this the CUDA kernels' logic (indexing, chunked reductions, shared
+memory, warp exchanges, barriers) is first run on a leased GPU. Here the same kernels and launchers, compiled as
+C++ (``seqpe_kernels._ext.emulator()``: every CUDA thread a fiber, warps and blocks released at their sync points),
+are held to the CPU extension's ops on the same inputs: those share the contract and are themselves held to the
+Triton kernels and the reference (test_ext.py). Property-based over shapes, dtypes, layouts and options.
+
+Also checked, what a GPU would not report: a divergent barrier or a shuffle in a warp with exited lanes (the
+emulator raises), dynamic shared memory read before written (it starts as NaN bytes), and a result that depends on
+the order threads and blocks run (a race or a missing barrier: every case runs in forward and reverse order and
+must agree bit for bit). The launchers' grid sizes depend on the SM count (2 here, so chunked grids show up at
+test sizes); one test varies it.
+
+Bounds: fp32 1e-6 and fp64 1e-12 relative (the same math in another summation order); fp16 / bf16 outputs are
+rounded from fp32 by both, so they may differ by one rounding step of their own magnitude.
+"""
+import os
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+import torch
+
+from seqpe_kernels import _ext
+
+from conftest import require_ext
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SETTINGS = dict(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def ops():
+    require_ext("cpu")  # no C++ compiler: skipped with the reason; a build error fails
+    return _ext.emulator(), _ext.load()
+
+
+@contextmanager
+def env(**kv):
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update({k: str(v) for k, v in kv.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def assert_close(e, c, what):
+    assert e.shape == c.shape and e.dtype == c.dtype, (what, e.shape, c.shape, e.dtype, c.dtype)
+    if not e.is_floating_point():
+        assert torch.equal(e, c), what
+        return
+    if e.numel() == 0:
+        return
+    assert torch.equal(e.isnan(), c.isnan()), (what, "NaN pattern")
+    dt = e.dtype
+    e, c = e.double().nan_to_num(), c.double().nan_to_num()
+    scale, err = c.abs().max().item(), (e - c).abs()
+    if dt in (torch.float16, torch.bfloat16):  # one rounding step of the element's magnitude
+        bad = err > torch.finfo(dt).eps * c.abs() + 1e-6 * scale
+    else:
+        bad = err > (1e-12 if dt == torch.float64 else 1e-6) * scale
+    assert not bad.any(), (what, err.max().item(), scale)
+
+
+def run_both(ops, name, args):
+    """The emulated CUDA op in forward and reverse thread/block order (bit-equal) and the CPU op."""
+    emu, cpu = ops
+    with env(SEQPE_EMU_ORDER="forward"):
+        e = _tuple(getattr(emu, name)(*args))
+    with env(SEQPE_EMU_ORDER="reverse"):
+        r = _tuple(getattr(emu, name)(*args))
+    for k, (a, b) in enumerate(zip(e, r)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()), \
+            f"{name} output {k} depends on the order threads run (a race or a missing barrier)"
+    c = _tuple(getattr(cpu, name)(*args))
+    assert len(e) == len(c)
+    for k, (a, b) in enumerate(zip(e, c)):
+        assert_close(a, b, f"{name} output {k}")
+    return e
+
+
+def _seeds():
+    return torch.randint(0, 2 ** 31 - 1, (3,))
+
+
+# ----------------------------------------------------------------------------- tiny attention
+@settings(**SETTINGS)
+@given(M=st.integers(0, 4), T=st.integers(1, 9), H=st.integers(1, 3), DH=st.sampled_from([1, 5, 16, 33, 40]),
+       dtype=st.sampled_from(DTYPES), cross=st.booleans(), causal=st.booleans(), masked=st.booleans(),
+       p=st.sampled_from([0.0, 0.3]), strided=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, seed):
+    torch.manual_seed(seed)
+    D = H * DH
+    if cross:  # the CLS-only last block: one query row against the T keys
+        q = torch.randn(M, 1, D + 3 * strided, dtype=dtype)[..., :D]
+        kv = torch.randn(M, T, 2 * D, dtype=dtype)
+        first, second, q_start, TQ = q, kv, T - 1, 1
+    else:
+        qkv = torch.randn(M, T, 3 * D + 5 * strided, dtype=dtype)
+        first, second, q_start, TQ = qkv[..., strided:strided + 3 * D], None, 0, T
+    pad = (torch.rand(M, T - 1) > 0.3).float() if masked and T > 1 else None
+    seeds = _seeds() if p else None
+    sdiv = float(DH) ** 0.5
+    args = (first, second, pad, H, causal, q_start, sdiv, p, seeds, 1 if p else 0)
+    run_both(ops, "tiny_attention_fwd", args)
+    dout = torch.randn(M, TQ, D, dtype=dtype)
+    if strided:
+        dout = torch.randn(M, D, TQ, dtype=dtype).transpose(1, 2)
+    run_both(ops, "tiny_attention_bwd", (dout,) + args)
+
+
+# ----------------------------------------------------------------------------- residual + dropout + LayerNorm
+@settings(**SETTINGS)
+@given(R=st.integers(0, 7), D=st.sampled_from([1, 7, 32, 100, 257, 600]), dtype=st.sampled_from(DTYPES),
+       with_y=st.booleans(), affine=st.booleans(), p=st.sampled_from([0.0, 0.2]), out_fp32=st.booleans(),
+       with_da=st.booleans(), with_dh=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_da, with_dh, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(R, D, dtype=dtype)
+    y = torch.randn(R, D, dtype=dtype) if with_y else None
+    w = torch.randn(D, dtype=dtype) if affine else None
+    b = torch.randn(D, dtype=dtype) if affine else None
+    seeds = _seeds() if p else None
+    p = p if with_y else 0.0
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[dtype]
+    out_dtype = 0 if out_fp32 and dtype != torch.float64 else code  # the LN output's dtype code
+    fwd = (x, y, w, b, 1e-5, p, seeds, 2, out_dtype)
+    h, a, mean, rstd = run_both(ops, "residual_layernorm_fwd", fwd)
+    ln_in = h if with_y else x  # the tensor the LayerNorm normalised
+    with_da = affine and with_da  # the LayerNorm output's gradient (no LayerNorm: none)
+    with_dh = with_dh or not with_da
+    da = torch.randn(R, D, dtype=a.dtype) if with_da else None
+    dh = torch.randn(R, D, dtype=dtype) if with_dh else None
+    for name in ("residual_layernorm_bwd", "residual_layernorm_bwd_bias"):
+        run_both(ops, name, (da, dh, ln_in, w, mean, rstd, p, seeds, 2, with_y, code))
+
+
+# ----------------------------------------------------------------------------- gelu_new
+@settings(**SETTINGS)
+@given(R=st.integers(0, 40), C=st.sampled_from([1, 3, 31, 256, 300]), dtype=st.sampled_from(DTYPES),
+       du_dtype=st.sampled_from([None, torch.float32]), seed=st.integers(0, 2 ** 16))
+def test_gelu(ops, R, C, dtype, du_dtype, seed):
+    torch.manual_seed(seed)
+    z = torch.randn(R, C, dtype=dtype) * 3
+    du = torch.randn(R, C, dtype=du_dtype or dtype)
+    run_both(ops, "gelu_new_fwd", (z,))
+    run_both(ops, "gelu_new_bwd", (du, z))
+    run_both(ops, "gelu_new_bwd_bias", (du, z))
+
+
+# ----------------------------------------------------------------------------- digit embedding, layer-0 table
+@settings(**SETTINGS)
+@given(M=st.integers(0, 6), K=st.integers(1, 4), base=st.sampled_from([2, 10, 16]), data_dim=st.sampled_from([1, 2]),
+       D=st.sampled_from([1, 8, 130]), dtype=st.sampled_from(DTYPES), from_positions=st.booleans(),
+       with_table=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_digit_embedding(ops, M, K, base, data_dim, D, dtype, from_positions, with_table, seed):
+    torch.manual_seed(seed)
+    L = K * data_dim
+    x = (torch.randint(0, base ** K, (M, data_dim)) if from_positions
+         else torch.randint(0, base, (M, L)))
+    tok, pos = torch.randn(base, D, dtype=dtype), torch.randn(L, D, dtype=dtype)
+    dim = torch.randn(data_dim, 1, D, dtype=dtype) if data_dim > 1 else None
+    cls = torch.randn(1, 1, D, dtype=dtype)
+    run_both(ops, "digit_embed_fwd", (x, tok, pos, dim, cls, from_positions, K))
+    g = torch.randn(M, L + 1, D, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tg = torch.randn(base * L + 1, D, dtype=acc) if with_table else None
+    run_both(ops, "digit_embed_bwd", (g, x, from_positions, K, base, data_dim, tg))
+    for clamp in (False, True):
+        rows = run_both(ops, "table_rows", (x, L, K, base, from_positions, clamp))[0]
+    for acc_out in (False, True):
+        run_both(ops, "table_grad", (g, rows, base * L + 1, L, acc_out))
+
+
+def test_invalid_digits_make_nan_rows(ops):
+    """check_range off: an out-of-range position makes its sequence's rows NaN (the Triton kernel's contract);
+    the other sequences are exact."""
+    emu, cpu = ops
+    tok, pos, cls = torch.randn(10, 8), torch.randn(3, 8), torch.randn(1, 1, 8)
+    x = torch.tensor([[5], [1000], [-1], [999]])
+    out = emu.digit_embed_fwd(x, tok, pos, None, cls, True, 3)
+    assert out[1].isnan().all() and out[2].isnan().all() and not out[[0, 3]].isnan().any()
+    good = cpu.digit_embed_fwd(x[[0, 3]], tok, pos, None, cls, True, 3)
+    assert torch.equal(out[[0, 3]], good)
+
+
+@pytest.mark.parametrize("sms", [1, 3, 132])
+def test_chunked_grids_agree(ops, sms):
+    """The reductions' chunk counts follow the SM count; the results must not (beyond summation order)."""
+    torch.manual_seed(sms)
+    with env(SEQPE_EMU_SMS=sms):
+        test_gelu.hypothesis.inner_test(ops, 37, 300, torch.float32, None, sms)
+        test_digit_embedding.hypothesis.inner_test(ops, 6, 3, 10, 2, 130, torch.float32, True, True, sms)
+        test_residual_layernorm.hypothesis.inner_test(ops, 7, 257, torch.float32, True, True, 0.2, True, True,
+                                                      True, sms)
+
+
+# ----------------------------------------------------------------------------- the emulator catches what it claims
+def test_emulator_reports_divergent_barriers_and_exited_lanes(tmp_path):
+    """A kernel with __syncthreads in one branch, and a shuffle after half a warp returned: both raise."""
+    src = tmp_path / "bad.cpp"
+    emu_h = _ext.CSRC / "emu" / "cuda_emu.h"
+    src.write_text(f'''#include "{emu_h}"
+#include <torch/library.h>
+#include <ATen/ATen.h>
+void divergent(float* out) {{ if (threadIdx.x < 16) __syncthreads(); else __syncwarp(); out[threadIdx.x] = 1; }}
+void exited(float* out) {{ if (threadIdx.x & 1) return; out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 2); }}
+void good(float* out) {{ float v = threadIdx.x; for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                        __syncthreads(); out[threadIdx.x] = v; }}
+at::Tensor run(int64_t which) {{
+  at::Tensor out = at::zeros({{64}});
+  float* p = out.data_ptr<float>();
+  if (which == 0) SEQPE_LAUNCH(dim3(1), dim3(64), 0, divergent)(p);
+  if (which == 1) SEQPE_LAUNCH(dim3(1), dim3(32), 0, exited)(p);
+  if (which == 2) SEQPE_LAUNCH(dim3(2), dim3(64), 0, good)(p);
+  return out;
+}}
+TORCH_LIBRARY(seqpe_emu_selftest, m) {{ m.def("run", &run); }}
+''')
+    require_ext("cpu")
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name="seqpe_emu_selftest", sources=[str(src)], extra_cflags=["-O1"],
+                       build_directory=str(tmp_path), is_python_module=False)
+    run = torch.ops.seqpe_emu_selftest.run
+    with pytest.raises(RuntimeError, match="deadlock"):
+        run(0)
+    with pytest.raises(RuntimeError, match="lanes already exited"):
+        run(1)
+    out = run(2)
+    assert torch.equal(out[:32], torch.full((32,), 496.0)) and torch.equal(out[32:], torch.full((32,), 1520.0))

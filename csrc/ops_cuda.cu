@@ -9,8 +9,8 @@
 //
 // Kernels: digit embedding (one block per (sequence, column tile)); residual + dropout + LayerNorm (one
 // block per row, row kept in shared memory); its backward (one block per fixed chunk of rows); gelu_new
-// (grid-stride elementwise); tiny attention (one warp per (sequence, head), the T x T scores in shared
-// memory). Inputs are validated before the op (seqpe_kernels.reference.tokenize.check_positions) unless the
+// (grid-stride elementwise); tiny attention (one warp per (sequence, head), its q/k/v rows and the T x T
+// scores in shared memory). Inputs are validated before the op (seqpe_kernels.reference.tokenize.check_positions) unless the
 // caller switched check_range off; then an out-of-range position or digit id makes its sequence's embedding
 // NaN (as the Triton kernel does; the CPU path raises) and never indexes outside the tables.
 #if defined(SEQPE_EMU)  // compiled as C++ for the CPU emulator (csrc/emu/cuda_emu.h): tests without a GPU
@@ -108,11 +108,19 @@ inline int ln_threads(int64_t D) {
 
 #if defined(SEQPE_EMU)
 using emu::DeviceGuard;
+using emu::allow_smem;
 using emu::sm_count;
+using emu::smem_optin;
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
 inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline size_t smem_optin() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+// dynamic shared memory past 48 KB for `kernel` (an opt-in per kernel function)
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
 // SEQPE_LAUNCH(grid, block, smem, kernel)(args) is kernel<<<grid, block, smem, stream()>>>(args): a macro so that
 // the emulator runs the same launch
 #define SEQPE_LAUNCH(grid, block, smem, ...) __VA_ARGS__<<<grid, block, smem, stream()>>>
@@ -714,24 +722,63 @@ __device__ __forceinline__ bool attn_allowed(const AttnP& a, int64_t m, int64_t 
   return allowed;
 }
 
-// softmax probabilities of the (m, h) pair into S [TQ, T] (one warp; lanes split the head dim)
+// Per-warp shared scratch (element offsets, acc_t): the (sequence, head)'s q, k, v (and, backward, dout) rows staged
+// once with coalesced loads, row stride DH + 1 (lanes reading different rows at the same d hit different banks),
+// then the [TQ, T] matrices. Every dot product over the head dim is one lane's sequential loop over shared memory:
+// the former kernel reduced each of the TQ x T dot products across the warp (5 dependent shuffles each, 36 in a row
+// for T = 6, twice in the backward, and lane 0 drew every dropout bit alone): latency-bound, 327 us per backward
+// call on the H200 text step against Triton's 72.
+struct AttnSmem {
+  int64_t dhp, q, k, v, o, s, pd, ds, total;
+};
+__host__ __device__ inline AttnSmem attn_smem(int64_t TQ, int64_t T, int64_t DH, bool bwd) {
+  AttnSmem L;
+  L.dhp = DH + 1;
+  L.q = 0;
+  L.k = L.q + TQ * L.dhp;
+  L.v = L.k + T * L.dhp;
+  L.o = L.v + T * L.dhp;
+  L.s = L.o + (bwd ? TQ * L.dhp : 0);
+  L.pd = L.s + TQ * T;
+  L.ds = L.pd + (bwd ? TQ * T : 0);
+  L.total = L.ds + (bwd ? TQ * T : 0);
+  return L;
+}
+
+// rows [rows, DH] of a tensor (element row0 + r * rstride + d) into dst (row stride dhp), lanes over d
 template <typename acc_t>
-__device__ void attn_probs(const AttnP& a, int64_t m, int64_t h, acc_t sdiv, acc_t* S) {
+__device__ __forceinline__ void stage_rows(acc_t* dst, int64_t dhp, const void* src, int dt, int64_t row0,
+                                           int64_t rstride, int64_t rows, int64_t DH) {
   const int lane = threadIdx.x & 31;
-  const int64_t col = h * a.DH;
-  for (int64_t i = 0; i < a.TQ; ++i) {
-    for (int64_t j = 0; j < a.T; ++j) {
-      if (attn_allowed(a, m, i, j)) {  // warp-uniform branch
-        acc_t part = 0;
-        for (int64_t d = lane; d < a.DH; d += 32)
-          part += ld<acc_t>(a.qb, a.dt, m * a.sqm + i * a.sqt + a.q_off + col + d) *
-                  ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.k_off + col + d);
-        part = warp_sum(part);
-        if (lane == 0) S[i * a.T + j] = part / sdiv;
-      } else if (lane == 0) {
-        S[i * a.T + j] = static_cast<acc_t>(-3.0e38);  // the Triton kernel's stand-in for finfo.min
-      }
-    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = lane; d < DH; d += 32) dst[r * dhp + d] = ld<acc_t>(src, dt, row0 + r * rstride + d);
+}
+
+// sum_d x[d] y[d], four independent accumulators (ILP, and a shorter rounding chain than one)
+template <typename acc_t>
+__device__ __forceinline__ acc_t dot_rows(const acc_t* x, const acc_t* y, int64_t n) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    s0 += x[d] * y[d];
+    s1 += x[d + 1] * y[d + 1];
+    s2 += x[d + 2] * y[d + 2];
+    s3 += x[d + 3] * y[d + 3];
+  }
+  for (; d < n; ++d) s0 += x[d] * y[d];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// softmax probabilities of the (m, h) pair into S [TQ, T] from the staged q and k (one warp; lanes over (i, j),
+// then over rows i)
+template <typename acc_t>
+__device__ void attn_probs(const AttnP& a, int64_t m, const acc_t* Q, const acc_t* K, int64_t dhp, acc_t sdiv,
+                           acc_t* S) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t idx = lane; idx < a.TQ * a.T; idx += 32) {
+    const int64_t i = idx / a.T, j = idx % a.T;
+    S[idx] = attn_allowed(a, m, i, j) ? dot_rows(Q + i * dhp, K + j * dhp, a.DH) / sdiv
+                                      : static_cast<acc_t>(-3.0e38);  // the Triton kernel's stand-in for finfo.min
   }
   __syncwarp();
   for (int64_t i = lane; i < a.TQ; i += 32) {
@@ -748,28 +795,49 @@ __device__ void attn_probs(const AttnP& a, int64_t m, int64_t h, acc_t sdiv, acc
   __syncwarp();
 }
 
+// the (m, h) pair of this warp, its scratch staged (q, k, v; dout too for the backward); false past the last pair
+template <typename acc_t>
+__device__ __forceinline__ bool attn_stage(const AttnP& a, unsigned char* smem, bool bwd, const void* dout,
+                                           int dodt, int64_t& m, int64_t& h, AttnSmem& L, acc_t*& W) {
+  const int warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
+  if (pair >= a.M * a.H) return false;
+  m = pair / a.H, h = pair % a.H;
+  const int64_t col = h * a.DH;
+  L = attn_smem(a.TQ, a.T, a.DH, bwd);
+  W = reinterpret_cast<acc_t*>(smem) + warp * L.total;
+  stage_rows(W + L.q, L.dhp, a.qb, a.dt, m * a.sqm + a.q_off + col, a.sqt, a.TQ, a.DH);
+  stage_rows(W + L.k, L.dhp, a.kb, a.dt, m * a.skm + a.k_off + col, a.skt, a.T, a.DH);
+  stage_rows(W + L.v, L.dhp, a.kb, a.dt, m * a.skm + a.v_off + col, a.skt, a.T, a.DH);
+  if (bwd) stage_rows(W + L.o, L.dhp, dout, dodt, m * a.TQ * a.D + col, a.D, a.TQ, a.DH);
+  __syncwarp();
+  return true;
+}
+
 template <typename acc_t>
 __global__ void attn_fwd_kernel(AttnP a, acc_t sdiv, acc_t scale, void* out) {
   SEQPE_DYN_SHARED(unsigned char, smem);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
-  if (pair >= a.M * a.H) return;
-  const int64_t m = pair / a.H, h = pair % a.H, col = h * a.DH;
-  acc_t* S = reinterpret_cast<acc_t*>(smem) + warp * a.TQ * a.T;
-  attn_probs<acc_t>(a, m, h, sdiv, S);
+  int64_t m, h;
+  AttnSmem L;
+  acc_t* W;
+  if (!attn_stage<acc_t>(a, smem, false, nullptr, 0, m, h, L, W)) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t col = h * a.DH, n = a.TQ * a.T;
+  acc_t* S = W + L.s;
+  attn_probs<acc_t>(a, m, W + L.q, W + L.k, L.dhp, sdiv, S);
   if (a.dropout) {
     const uint64_t seed = static_cast<uint64_t>(a.seeds[a.seed_idx]);
-    for (int64_t idx = lane; idx < a.TQ * a.T; idx += 32) {
-      const uint64_t off = static_cast<uint64_t>((m * a.H + h) * a.TQ * a.T + idx);  // ((m*H+h)*TQ+i)*T+j
+    for (int64_t idx = lane; idx < n; idx += 32) {
+      const uint64_t off = static_cast<uint64_t>((m * a.H + h) * n + idx);  // ((m*H+h)*TQ+i)*T+j
       S[idx] = dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? S[idx] * scale : acc_t(0);
     }
     __syncwarp();
   }
+  const acc_t* V = W + L.v;
   for (int64_t i = 0; i < a.TQ; ++i) {
     for (int64_t d = lane; d < a.DH; d += 32) {
       acc_t o = 0;
-      for (int64_t j = 0; j < a.T; ++j)
-        o += S[i * a.T + j] * ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.v_off + col + d);
+      for (int64_t j = 0; j < a.T; ++j) o += S[i * a.T + j] * V[j * L.dhp + d];
       st<acc_t>(out, a.dt, (m * a.TQ + i) * a.D + col + d, o);
     }
   }
@@ -780,34 +848,26 @@ __global__ void attn_bwd_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* do
                                 void* dkv_base, int64_t dqm, int64_t dqt, int64_t dkm, int64_t dkt, int64_t dk_off,
                                 int64_t dv_off) {
   SEQPE_DYN_SHARED(unsigned char, smem);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * wpb + warp;
-  if (pair >= a.M * a.H) return;
-  const int64_t m = pair / a.H, h = pair % a.H, col = h * a.DH;
-  const int64_t n = a.TQ * a.T;
-  acc_t* P = reinterpret_cast<acc_t*>(smem) + warp * 3 * n;
-  acc_t* PD = P + n;
-  acc_t* DS = PD + n;
-  attn_probs<acc_t>(a, m, h, sdiv, P);
+  int64_t m, h;
+  AttnSmem L;
+  acc_t* W;
+  if (!attn_stage<acc_t>(a, smem, true, dout, dodt, m, h, L, W)) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t col = h * a.DH, n = a.TQ * a.T, dhp = L.dhp;
+  const acc_t *Q = W + L.q, *K = W + L.k, *V = W + L.v, *O = W + L.o;
+  acc_t *P = W + L.s, *PD = W + L.pd, *DS = W + L.ds;
+  attn_probs<acc_t>(a, m, Q, K, dhp, sdiv, P);
   const uint64_t seed = a.dropout ? static_cast<uint64_t>(a.seeds[a.seed_idx]) : 0;
-  for (int64_t i = 0; i < a.TQ; ++i) {
-    for (int64_t j = 0; j < a.T; ++j) {
-      acc_t part = 0;
-      for (int64_t d = lane; d < a.DH; d += 32)
-        part += ld<acc_t>(dout, dodt, (m * a.TQ + i) * a.D + col + d) *
-                ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.v_off + col + d);
-      part = warp_sum(part);
-      if (lane == 0) {
-        const int64_t idx = i * a.T + j;
-        acc_t kf = 1;
-        if (a.dropout) {
-          const uint64_t off = static_cast<uint64_t>((m * a.H + h) * n + idx);
-          kf = dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? scale : acc_t(0);
-        }
-        PD[idx] = P[idx] * kf;
-        DS[idx] = part * kf;
-      }
+  for (int64_t idx = lane; idx < n; idx += 32) {  // dp_ij = do_i . v_j, through the forward's dropout
+    const int64_t i = idx / a.T, j = idx % a.T;
+    const acc_t dp = dot_rows(O + i * dhp, V + j * dhp, a.DH);
+    acc_t kf = 1;
+    if (a.dropout) {
+      const uint64_t off = static_cast<uint64_t>((m * a.H + h) * n + idx);
+      kf = dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? scale : acc_t(0);
     }
+    PD[idx] = P[idx] * kf;
+    DS[idx] = dp * kf;
   }
   __syncwarp();
   for (int64_t i = lane; i < a.TQ; i += 32) {
@@ -820,15 +880,14 @@ __global__ void attn_bwd_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* do
   for (int64_t d = lane; d < a.DH; d += 32) {
     for (int64_t i = 0; i < a.TQ; ++i) {  // dq_i = sum_j ds_ij k_j
       acc_t s = 0;
-      for (int64_t j = 0; j < a.T; ++j)
-        s += DS[i * a.T + j] * ld<acc_t>(a.kb, a.dt, m * a.skm + j * a.skt + a.k_off + col + d);
+      for (int64_t j = 0; j < a.T; ++j) s += DS[i * a.T + j] * K[j * dhp + d];
       st<acc_t>(dq_base, a.dt, m * dqm + i * dqt + col + d, s);
     }
     for (int64_t j = 0; j < a.T; ++j) {  // dk_j = sum_i ds_ij q_i ; dv_j = sum_i pd_ij do_i
       acc_t sk = 0, sv = 0;
       for (int64_t i = 0; i < a.TQ; ++i) {
-        sk += DS[i * a.T + j] * ld<acc_t>(a.qb, a.dt, m * a.sqm + i * a.sqt + a.q_off + col + d);
-        sv += PD[i * a.T + j] * ld<acc_t>(dout, dodt, (m * a.TQ + i) * a.D + col + d);
+        sk += DS[i * a.T + j] * Q[i * dhp + d];
+        sv += PD[i * a.T + j] * O[i * dhp + d];
       }
       st<acc_t>(dkv_base, a.dt, m * dkm + j * dkt + dk_off + col + d, sk);
       st<acc_t>(dkv_base, a.dt, m * dkm + j * dkt + dv_off + col + d, sv);
@@ -897,11 +956,18 @@ AttnSetup attn_setup(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& 
   return s;
 }
 
-// warps per block so that the per-warp shared scratch (`per_warp` bytes) fits in 48 KB
-inline int attn_warps(size_t per_warp, const char* op) {
-  TORCH_CHECK(per_warp <= 48 * 1024, "seqpe_ext::", op, " (CUDA): sequence too long for the shared-memory scratch");
+// warps per block: up to 4 within the default 48 KB of dynamic shared memory; past that one warp per block with the
+// device's opt-in limit (sm_80 163 KB, sm_90 227 KB), for long sequences or wide heads
+template <typename K>
+int attn_warps(K kernel, size_t per_warp, const char* op) {
   int w = 4;
   while (w > 1 && w * per_warp > 48 * 1024) w >>= 1;
+  if (w * per_warp > 48 * 1024) {
+    TORCH_CHECK(per_warp <= smem_optin(), "seqpe_ext::", op, " (CUDA): ", per_warp,
+                " bytes of shared scratch per (sequence, head) exceed the device's ", smem_optin(),
+                " (sequence too long or head too wide)");
+    allow_smem(kernel, per_warp);
+  }
   return w;
 }
 
@@ -915,8 +981,8 @@ Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const Opt
   if (a.M == 0 || a.D == 0) return out;
   const bool f64 = s.qbase.scalar_type() == at::kDouble;
   AT_DISPATCH_FLOATING_TYPES(f64 ? at::kDouble : at::kFloat, "seqpe_attn_fwd_cuda", [&] {
-    const size_t per_warp = static_cast<size_t>(a.TQ * a.T) * sizeof(scalar_t);
-    const int w = attn_warps(per_warp, "tiny_attention_fwd");
+    const size_t per_warp = static_cast<size_t>(attn_smem(a.TQ, a.T, a.DH, false).total) * sizeof(scalar_t);
+    const int w = attn_warps(attn_fwd_kernel<scalar_t>, per_warp, "tiny_attention_fwd");
     const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, w));
     const scalar_t sdiv = static_cast<scalar_t>(f64 ? scale_div : static_cast<double>(static_cast<float>(scale_div)));
     SEQPE_LAUNCH(blocks, 32 * w, w * per_warp, attn_fwd_kernel<scalar_t>)(
@@ -948,8 +1014,8 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
   const int64_t Wk = has_kv ? d_kv.size(2) : W1;
   const bool f64 = s.qbase.scalar_type() == at::kDouble;
   AT_DISPATCH_FLOATING_TYPES(f64 ? at::kDouble : at::kFloat, "seqpe_attn_bwd_cuda", [&] {
-    const size_t per_warp = static_cast<size_t>(3 * a.TQ * a.T) * sizeof(scalar_t);
-    const int w = attn_warps(per_warp, "tiny_attention_bwd");
+    const size_t per_warp = static_cast<size_t>(attn_smem(a.TQ, a.T, a.DH, true).total) * sizeof(scalar_t);
+    const int w = attn_warps(attn_bwd_kernel<scalar_t>, per_warp, "tiny_attention_bwd");
     const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, w));
     const scalar_t sdiv = static_cast<scalar_t>(f64 ? scale_div : static_cast<double>(static_cast<float>(scale_div)));
     SEQPE_LAUNCH(blocks, 32 * w, w * per_warp, attn_bwd_kernel<scalar_t>)(

@@ -241,6 +241,10 @@ inline int64_t sm_count() {
   const char* s = std::getenv("SEQPE_EMU_SMS");
   return s ? std::atoll(s) : 2;
 }
+// an H100 / H200's opt-in dynamic shared memory per block; the launch checks the size, so nothing to set
+inline size_t smem_optin() { return 227 * 1024; }
+template <typename K>
+void allow_smem(K, size_t) {}
 }  // namespace emu
 }  // namespace seqpe
 

@@ -149,20 +149,23 @@ def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_
     code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[dtype]
     out_dtype = 0 if out_fp32 and dtype != torch.float64 else code  # the LN output's dtype code
     fwd = (x, y, w, b, 1e-5, p, seeds, 2, out_dtype)
-    h, a, mean, rstd = run_both(ops, "residual_layernorm_fwd", fwd)
+    # the row mean: a sum of the row's values (cancels to ~0 for some rows)
+    terms = (x.double().abs() + (y.double().abs() / (1 - p) if with_y else 0)).max().item() if x.numel() else 0.0
+    h, a, mean, rstd = run_both(ops, "residual_layernorm_fwd", fwd, lambda c: {2: terms})
     ln_in = h if with_y else x  # the tensor the LayerNorm normalised
     with_da = affine and with_da  # the LayerNorm output's gradient (no LayerNorm: none)
     with_dh = with_dh or not with_da
     da = torch.randn(R, D, dtype=a.dtype) if with_da else None
     dh = torch.randn(R, D, dtype=dtype) if with_dh else None
-    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = da * w (exactly 0 for D = 1); dw, db, the bias gradient:
-    # column sums of g * xhat, da, dy
+    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = da * w (exactly 0 for D = 1), and dy from it; dw, db,
+    # the bias gradient: column sums of g * xhat, da, dy
     def floors(c):
         if not (with_da and R):
             return {4: _colsum_abs(c[1])}
         xhat = (ln_in.double() - mean.double()[:, None]) * rstd.double()[:, None]
-        return {0: (rstd.abs().max() * (da.double() * w.double()).abs().max()).item(),
-                2: _colsum_abs(da.double() * xhat), 3: _colsum_abs(da), 4: _colsum_abs(c[1])}
+        dx = (rstd.abs().max() * (da.double() * w.double()).abs().max()).item()
+        return {0: dx, 1: dx / (1 - p),  # dy: dx through the branch's dropout
+                2: _colsum_abs(da.double() * xhat), 3: _colsum_abs(da), 4: R * dx / (1 - p) + _colsum_abs(c[1])}
 
     for name in ("residual_layernorm_bwd", "residual_layernorm_bwd_bias"):
         run_both(ops, name, (da, dh, ln_in, w, mean, rstd, p, seeds, 2, with_y, code), floors)

@@ -35,6 +35,19 @@
 #include "seqpe_ext.h"
 
 namespace seqpe {
+
+// Which device's path a tensor takes. Compiled into the CUDA emulator's library (SEQPE_EMU, csrc/emu/), the
+// encoder runs its CUDA paths on CPU tensors over the emulated CUDA kernels (torch.ops.seqpe_emu).
+#if defined(SEQPE_EMU)
+#define SEQPE_OP(name) "seqpe_emu::" name
+inline bool on_cuda(const at::Tensor&) { return true; }
+inline bool on_cpu(const at::Tensor&) { return false; }
+#else
+#define SEQPE_OP(name) "seqpe_ext::" name
+inline bool on_cuda(const at::Tensor& t) { return t.is_cuda(); }
+inline bool on_cpu(const at::Tensor& t) { return t.is_cpu(); }
+#endif
+
 namespace {
 
 using TensorList = std::vector<Tensor>;  // also parameter / saved slots: an absent one is an undefined Tensor
@@ -84,18 +97,18 @@ c10::TypedOperatorHandle<F> handle(const char* name) {
 }
 
 struct Kernels {
-  c10::TypedOperatorHandle<EmbedFwd> embed_fwd = handle<EmbedFwd>("seqpe_ext::digit_embed_fwd");
-  c10::TypedOperatorHandle<EmbedBwd> embed_bwd = handle<EmbedBwd>("seqpe_ext::digit_embed_bwd");
-  c10::TypedOperatorHandle<RlnFwd> rln_fwd = handle<RlnFwd>("seqpe_ext::residual_layernorm_fwd");
-  c10::TypedOperatorHandle<AttnFwd> attn_fwd = handle<AttnFwd>("seqpe_ext::tiny_attention_fwd");
-  c10::TypedOperatorHandle<AttnBwd> attn_bwd = handle<AttnBwd>("seqpe_ext::tiny_attention_bwd");
-  c10::TypedOperatorHandle<GeluFwd> gelu_fwd = handle<GeluFwd>("seqpe_ext::gelu_new_fwd");
+  c10::TypedOperatorHandle<EmbedFwd> embed_fwd = handle<EmbedFwd>(SEQPE_OP("digit_embed_fwd"));
+  c10::TypedOperatorHandle<EmbedBwd> embed_bwd = handle<EmbedBwd>(SEQPE_OP("digit_embed_bwd"));
+  c10::TypedOperatorHandle<RlnFwd> rln_fwd = handle<RlnFwd>(SEQPE_OP("residual_layernorm_fwd"));
+  c10::TypedOperatorHandle<AttnFwd> attn_fwd = handle<AttnFwd>(SEQPE_OP("tiny_attention_fwd"));
+  c10::TypedOperatorHandle<AttnBwd> attn_bwd = handle<AttnBwd>(SEQPE_OP("tiny_attention_bwd"));
+  c10::TypedOperatorHandle<GeluFwd> gelu_fwd = handle<GeluFwd>(SEQPE_OP("gelu_new_fwd"));
   // the backward's LayerNorms and gelu: the bias gradient of the GEMM before a branch comes out of the same pass
   // (no separate column reduction over [R, D] / [R, 4D]); the LayerNorm's partials are reduced in one launch
-  c10::TypedOperatorHandle<RlnBwdBias> rln_bwd_bias = handle<RlnBwdBias>("seqpe_ext::residual_layernorm_bwd_bias");
-  c10::TypedOperatorHandle<GeluBwdBias> gelu_bwd_bias = handle<GeluBwdBias>("seqpe_ext::gelu_new_bwd_bias");
-  c10::TypedOperatorHandle<TableRows> table_rows = handle<TableRows>("seqpe_ext::table_rows");
-  c10::TypedOperatorHandle<TableGrad> table_grad = handle<TableGrad>("seqpe_ext::table_grad");
+  c10::TypedOperatorHandle<RlnBwdBias> rln_bwd_bias = handle<RlnBwdBias>(SEQPE_OP("residual_layernorm_bwd_bias"));
+  c10::TypedOperatorHandle<GeluBwdBias> gelu_bwd_bias = handle<GeluBwdBias>(SEQPE_OP("gelu_new_bwd_bias"));
+  c10::TypedOperatorHandle<TableRows> table_rows = handle<TableRows>(SEQPE_OP("table_rows"));
+  c10::TypedOperatorHandle<TableGrad> table_grad = handle<TableGrad>(SEQPE_OP("table_grad"));
 };
 
 const Kernels& K() {
@@ -166,7 +179,7 @@ constexpr int64_t kSmallElems = int64_t{1} << 16, kSmallMacs = int64_t{1} << 20;
 // at these sizes the dispatcher and TensorIterator setup cost more than the copies.
 bool small_cpu_rows(const Tensor& t, const Tensor& rows) {
   const at::ScalarType st = t.scalar_type();
-  return t.is_cpu() && t.is_contiguous() && rows.is_contiguous() && rows.scalar_type() == at::kLong &&
+  return on_cpu(t) && t.is_contiguous() && rows.is_contiguous() && rows.scalar_type() == at::kLong &&
          (st == at::kFloat || st == at::kDouble) && rows.numel() * t.size(-1) <= kSmallElems;
 }
 
@@ -208,7 +221,7 @@ Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
     });
     return out;
   }
-  if (g.is_cuda() && g.dim() == 3)  // one pass over g in its own dtype (ops_cuda.cu table_grad_kernel)
+  if (on_cuda(g) && g.dim() == 3)  // one pass over g in its own dtype (ops_cuda.cu table_grad_kernel)
     return K().table_grad.call(g, rows, n, g.size(1) - 1, true);
   if (low_precision(g.scalar_type())) return at::embedding_dense_backward(g.to(at::kFloat), rows, n, -1, false);
   return at::embedding_dense_backward(g, rows, n, -1, false);
@@ -255,7 +268,7 @@ BlasOperand blas_operand(const Tensor& X) {
 
 Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias = Tensor()) {
   const at::ScalarType st = A.scalar_type();
-  const bool blas = A.is_cpu() && B.is_cpu() && B.scalar_type() == st && A.dim() == 2 && B.dim() == 2 &&
+  const bool blas = on_cpu(A) && on_cpu(B) && B.scalar_type() == st && A.dim() == 2 && B.dim() == 2 &&
                     ((st == at::kFloat && sgemm_ != nullptr) || (st == at::kDouble && dgemm_ != nullptr)) &&
                     (!bias.defined() || (bias.scalar_type() == st && bias.dim() == 1 && bias.stride(0) == 1));
   BlasOperand oa{}, ob{};
@@ -299,7 +312,7 @@ Tensor mm(const Tensor& A, bool ta, const Tensor& B, bool tb, const Tensor& bias
 Tensor wgrad_mm(const Tensor& A, const Tensor& B, at::ScalarType pt) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
   static std::atomic<bool> usable{true};
-  if (A.is_cuda() && pt == at::kFloat && low_precision(A.scalar_type()) && B.scalar_type() == A.scalar_type() &&
+  if (on_cuda(A) && pt == at::kFloat && low_precision(A.scalar_type()) && B.scalar_type() == A.scalar_type() &&
       usable.load(std::memory_order_relaxed)) {
     try {
       return at::mm(A.t(), B, at::kFloat);
@@ -320,7 +333,7 @@ Tensor colsums(std::initializer_list<Tensor> parts) {
   bool fast = st == at::kFloat || st == at::kDouble;
   int64_t n = 0;
   for (const Tensor& t : parts) {
-    fast = fast && t.is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == st &&
+    fast = fast && on_cpu(t) && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == st &&
            t.numel() <= kSmallElems;
     n += t.size(-1);
   }
@@ -729,12 +742,17 @@ Tensor encoder_plain(const Tensor& x, const OptTensor& pad, const OptTensor& see
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(seqpe_ext, m) {
+#if defined(SEQPE_EMU)
+#define SEQPE_LIB seqpe_emu
+#else
+#define SEQPE_LIB seqpe_ext
+#endif
+TORCH_LIBRARY_FRAGMENT(SEQPE_LIB, m) {
   m.def("encoder(Tensor x, Tensor? pad, Tensor? seeds, Tensor[] params, int[] icfg, float[] fcfg) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(seqpe_ext, Autograd, m) { m.impl("encoder", &encoder_autograd); }
+TORCH_LIBRARY_IMPL(SEQPE_LIB, Autograd, m) { m.impl("encoder", &encoder_autograd); }
 
-TORCH_LIBRARY_IMPL(seqpe_ext, CompositeExplicitAutograd, m) { m.impl("encoder", &encoder_plain); }
+TORCH_LIBRARY_IMPL(SEQPE_LIB, CompositeExplicitAutograd, m) { m.impl("encoder", &encoder_plain); }
 
 }  // namespace seqpe

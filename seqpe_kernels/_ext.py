@@ -244,8 +244,9 @@ _emu_ops = None
 
 def emulator():
     """torch.ops.seqpe_emu: ops_cuda.cu's kernels and launchers compiled as C++ and run by a CPU emulator of CUDA
-    threads, warps and barriers (csrc/emu/cuda_emu.h), on CPU tensors with the CUDA ops' signatures. For tests
-    on machines without a GPU; slow (one fiber per CUDA thread), so only for small shapes."""
+    threads, warps and barriers (csrc/emu/cuda_emu.h), on CPU tensors with the CUDA ops' signatures, and the C++
+    encoder taking its CUDA paths over them (``encoder``). For tests on machines without a GPU; slow (one fiber
+    per CUDA thread), so only for small shapes."""
     global _emu_ops
     with _lock:
         if _emu_ops is None:
@@ -255,7 +256,8 @@ def emulator():
             build_dir = _build_directory(name)
             os.makedirs(build_dir, exist_ok=True)
             # -O1: the emulated kernels run on small shapes; a full -O3 build of the fibers takes minutes
-            cpp_extension.load(name=name, sources=[str(CSRC / "emu" / "ops_cuda_emu.cpp")],
+            cpp_extension.load(name=name, sources=[str(CSRC / "emu" / s) for s in ("ops_cuda_emu.cpp",
+                                                                                     "encoder_emu.cpp")],
                                extra_cflags=["-O1", "-Wno-unknown-pragmas", *_version_defines()],
                                build_directory=build_dir, is_python_module=False,
                                verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")

@@ -270,3 +270,80 @@ TORCH_LIBRARY(seqpe_emu_selftest, m) {{ m.def("run", &run); }}
         run(1)
     out = run(2)
     assert torch.equal(out[:32], torch.full((32,), 496.0)) and torch.equal(out[32:], torch.full((32,), 1520.0))
+
+
+# ----------------------------------------------------------------------------- the whole cuda backend, end to end
+# FusedSeqPE(backend="cpu") over torch.ops.seqpe_emu: the C++ encoder taking its CUDA paths (csrc/encoder.cpp's
+# on_cuda branches: the table-gradient kernel, fp32-output weight-gradient GEMMs where ATen offers them) over the
+# emulated CUDA kernels, against the reference module: output and every parameter gradient.
+@pytest.fixture
+def emulated_backend(ops, monkeypatch):
+    import seqpe_kernels.fused as fused
+
+    monkeypatch.setattr(fused, "_EXT", [ops[0]])
+
+
+E2E_CONFIGS = [
+    dict(embed_dim=32, num_heads=2, max_digits=3),
+    dict(embed_dim=48, num_heads=3, max_digits=2, data_dim=2, attn_direction="bi", out_dim=20, num_layers=3),
+    dict(embed_dim=64, num_heads=1, max_digits=4, mask_padding=True, use_last_layernorm=False, temperature=0.5),
+    dict(embed_dim=40, num_heads=5, max_digits=8, data_dim=4, num_layers=1, mask_padding=True),  # T = 33
+    dict(embed_dim=96, num_heads=6, max_digits=2, data_dim=2, out_dim=40, init="image"),
+    dict(embed_dim=42, num_heads=3, max_digits=1, num_layers=2),  # T = 2, head dim 14
+]
+
+
+@pytest.mark.parametrize("cfg", E2E_CONFIGS, ids=lambda c: "-".join(f"{k[:4]}{v}" for k, v in c.items()))
+def test_cuda_backend_parity(emulated_backend, cfg):
+    from test_fused import _seed, check_parity, perturbed_pair, random_positions
+
+    s = _seed()
+    ref, fus = perturbed_pair(device="cpu", backend="cpu", **cfg)
+    pos = random_positions(13, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu")
+    check_parity(ref, fus, pos, tol=1e-5, seed=s)
+
+
+def test_cuda_backend_fp64_and_small_batches(emulated_backend):
+    from test_fused import _seed, check_parity, perturbed_pair, random_positions
+
+    s = _seed()
+    cfg = dict(embed_dim=32, num_heads=2, max_digits=3, mask_padding=True)
+    ref, fus = perturbed_pair(device="cpu", dtype=torch.float64, backend="cpu", **cfg)
+    check_parity(ref, fus, random_positions(7, 3, 1, device="cpu"), tol=1e-12, seed=s)
+    for M in (0, 1):
+        ref, fus = perturbed_pair(device="cpu", backend="cpu", **cfg)
+        check_parity(ref, fus, random_positions(M, 3, 1, device="cpu"), tol=1e-5, seed=s)
+
+
+@pytest.mark.parametrize("direction,mask_padding", [("causal", False), ("bi", True)])
+def test_cuda_backend_dropout_replays_reference_masks(emulated_backend, direction, mask_padding):
+    from test_fused import _seed, check_dropout_replay, perturbed_pair, random_positions
+
+    _seed()
+    ref, fus = perturbed_pair(device="cpu", backend="cpu", embed_dim=32, num_heads=2, max_digits=3,
+                              resid_pdrop=0.3, attn_pdrop=0.25, attn_direction=direction,
+                              mask_padding=mask_padding, num_layers=2)
+    check_dropout_replay(ref, fus, random_positions(5, 3, 1, device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backend_autocast_two_error_rule(emulated_backend, dtype):
+    """Half-precision GEMM outputs into the emulated kernels (mixed dtypes, fp32 residual stream)."""
+    from test_fused import _seed, assert_two_error_rule, perturbed_pair, random_positions
+
+    s = _seed()
+    ref, fus = perturbed_pair(device="cpu", backend="cpu", embed_dim=64, num_heads=4, max_digits=3,
+                              mask_padding=True)
+    pos = random_positions(47, 3, 1, device="cpu")
+    y32 = ref(pos)
+    g = torch.randn_like(y32)
+    y32.backward(g)
+    g32 = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        yl, yfl = ref(pos), fus(pos)
+    assert yfl.dtype == yl.dtype
+    yl.float().backward(g), yfl.float().backward(g)
+    assert_two_error_rule(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
+                          (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32),
+                          what=f"emulated CUDA backend, CPU autocast {dtype} seed {s}")

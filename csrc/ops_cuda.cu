@@ -388,6 +388,19 @@ struct LnFwdP {
   float p;
 };
 
+// element i of the LayerNorm input: x, or h = x + dropout(y) (written out as h)
+template <typename acc_t>
+__device__ __forceinline__ acc_t ln_residual(const LnFwdP& a, uint64_t seed, acc_t scale, int64_t i) {
+  acc_t v = ld<acc_t>(a.x, a.xdt, i);
+  if (a.has_y) {
+    acc_t y = ld<acc_t>(a.y, a.ydt, i);
+    if (a.dropout) y = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(i)), a.p) ? y * scale : acc_t(0);
+    v = v + y;
+    st<acc_t>(a.h, a.xdt, i, v);
+  }
+  return v;
+}
+
 template <typename acc_t>
 __global__ void ln_fwd_kernel(LnFwdP a, acc_t eps, acc_t scale) {
   SEQPE_DYN_SHARED(unsigned char, smem);
@@ -398,16 +411,7 @@ __global__ void ln_fwd_kernel(LnFwdP a, acc_t eps, acc_t scale) {
   const uint64_t seed = a.dropout ? static_cast<uint64_t>(a.seeds[a.seed_idx]) : 0;
   acc_t s = 0;
   for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
-    acc_t v = ld<acc_t>(a.x, a.xdt, base + c);
-    if (a.has_y) {
-      acc_t y = ld<acc_t>(a.y, a.ydt, base + c);
-      if (a.dropout) {
-        const bool keep = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(base + c)), a.p);
-        y = keep ? y * scale : acc_t(0);
-      }
-      v = v + y;
-      st<acc_t>(a.h, a.xdt, base + c, v);
-    }
+    const acc_t v = ln_residual(a, seed, scale, base + c);
     hrow[c] = v;
     s += v;
   }
@@ -447,18 +451,8 @@ __global__ void ln_fwd_warp_kernel(LnFwdP a, acc_t eps, acc_t scale) {
     const int64_t c = lane + 32 * k;
     v[k] = 0;
     if (c < D) {
-      acc_t t = ld<acc_t>(a.x, a.xdt, base + c);
-      if (a.has_y) {
-        acc_t y = ld<acc_t>(a.y, a.ydt, base + c);
-        if (a.dropout) {
-          const bool keep = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(base + c)), a.p);
-          y = keep ? y * scale : acc_t(0);
-        }
-        t = t + y;
-        st<acc_t>(a.h, a.xdt, base + c, t);
-      }
-      v[k] = t;
-      s += t;
+      v[k] = ln_residual(a, seed, scale, base + c);
+      s += v[k];
     }
   }
   if (!a.has_ln) return;

@@ -329,21 +329,10 @@ def test_cuda_backend_dropout_replays_reference_masks(emulated_backend, directio
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_backend_autocast_two_error_rule(emulated_backend, dtype):
     """Half-precision GEMM outputs into the emulated kernels (mixed dtypes, fp32 residual stream)."""
-    from test_fused import _seed, assert_two_error_rule, perturbed_pair, random_positions
+    from test_fused import _seed, check_cpu_autocast, perturbed_pair, random_positions
 
     s = _seed()
     ref, fus = perturbed_pair(device="cpu", backend="cpu", embed_dim=64, num_heads=4, max_digits=3,
                               mask_padding=True)
-    pos = random_positions(47, 3, 1, device="cpu")
-    y32 = ref(pos)
-    g = torch.randn_like(y32)
-    y32.backward(g)
-    g32 = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    ref.zero_grad()
-    with torch.autocast("cpu", dtype=dtype):
-        yl, yfl = ref(pos), fus(pos)
-    assert yfl.dtype == yl.dtype
-    yl.float().backward(g), yfl.float().backward(g)
-    assert_two_error_rule(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
-                          (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32),
-                          what=f"emulated CUDA backend, CPU autocast {dtype} seed {s}")
+    check_cpu_autocast(ref, fus, random_positions(47, 3, 1, device="cpu"), dtype,
+                       f"emulated CUDA backend, CPU autocast {dtype} seed {s}")

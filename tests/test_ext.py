@@ -34,7 +34,7 @@ from seqpe_kernels.backend import BackendUnavailable
 from seqpe_kernels.check import FP32_RTOL
 
 from conftest import EXT_SKIP_REASONS, HAS_CUDA, require_ext
-from test_fused import (CONFIGS, _op_samples, _seed, assert_two_error_rule, check_dropout_replay,
+from test_fused import (CONFIGS, _op_samples, _seed, check_cpu_autocast, check_dropout_replay,
                         check_parity, check_parity_vs_fp64, perturbed_pair, random_positions, rel)
 
 DEV = "cuda" if HAS_CUDA else "cpu"  # where the Triton ops run (interpreted on CPU)
@@ -156,19 +156,7 @@ def test_cpu_autocast_two_error_rule(dtype, backend):
     s = _seed()
     cfg = dict(embed_dim=96, num_heads=4, max_digits=3, mask_padding=True)
     ref, fus = ext_pair(backend=backend, **cfg)
-    pos = random_positions(211, 3, 1, device="cpu")
-    y32 = ref(pos)
-    g = torch.randn_like(y32)
-    y32.backward(g)
-    g32 = {n: p.grad.clone() for n, p in ref.named_parameters()}
-    ref.zero_grad()
-    with torch.autocast("cpu", dtype=dtype):
-        yl, yfl = ref(pos), fus(pos)
-    assert yfl.dtype == yl.dtype
-    yl.float().backward(g), yfl.float().backward(g)
-    assert_two_error_rule(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
-                          (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32),
-                          what=f"CPU autocast {dtype} seed {s}")
+    check_cpu_autocast(ref, fus, random_positions(211, 3, 1, device="cpu"), dtype, f"CPU autocast {dtype} seed {s}")
 
 
 # ----------------------------------------------------------------------------- ext ops vs Triton ops

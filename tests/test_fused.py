@@ -135,6 +135,22 @@ def assert_two_error_rule(dtype, fused, torch_lp, ref32, what=""):
                      + "; ".join(bad))
 
 
+def check_cpu_autocast(ref, fus, pos, dtype, what):
+    """The fused module under CPU autocast against the reference under it, both against the fp32 reference:
+    output and every parameter gradient within the two-error rule (assert_two_error_rule)."""
+    y32 = ref(pos)
+    g = torch.randn_like(y32)
+    y32.backward(g)
+    g32 = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        yl, yfl = ref(pos), fus(pos)
+    assert yfl.dtype == yl.dtype
+    yl.float().backward(g), yfl.float().backward(g)
+    assert_two_error_rule(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
+                          (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32), what=what)
+
+
 # One config per row covers each value of the matrix at least once (a full product is too slow interpreted):
 # data_dim 1/2/3, K 1..6, D 64/96/384/768, heads 1/6/12, layers 1/2/3, causal/bi, mask_padding, final LN, tau.
 CONFIGS = [

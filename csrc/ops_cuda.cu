@@ -7,12 +7,13 @@
 // through a dtype code (a warp-uniform branch), so one instantiation per accumulator type serves every mix
 // of dtypes autocast produces (fp32 residual stream, bf16 GEMM outputs, ...).
 //
-// Kernels: digit embedding (one block per (sequence, column tile)); residual + dropout + LayerNorm (one
-// block per row, row kept in shared memory); its backward (one block per fixed chunk of rows); gelu_new
-// (grid-stride elementwise); tiny attention (one warp per (sequence, head), its q/k/v rows and the T x T
-// scores in shared memory). Inputs are validated before the op (seqpe_kernels.reference.tokenize.check_positions) unless the
-// caller switched check_range off; then an out-of-range position or digit id makes its sequence's embedding
-// NaN (as the Triton kernel does; the CPU path raises) and never indexes outside the tables.
+// Kernels: digit embedding (one block per (sequence, column tile)); residual + dropout + LayerNorm (one warp
+// per row, row in registers; one block per row in shared memory past D = 1024); its backward (one block per
+// fixed chunk of rows, partial sums in shared memory); gelu_new (grid-stride elementwise); tiny attention (one
+// warp per (sequence, head), its q/k/v rows and the T x T scores in shared memory). Inputs are validated
+// before the op (seqpe_kernels.reference.tokenize.check_positions) unless the caller switched check_range off;
+// then an out-of-range position or digit id makes its sequence's embedding NaN (as the Triton kernel does; the
+// CPU path raises) and never indexes outside the tables.
 #if defined(SEQPE_EMU)  // compiled as C++ for the CPU emulator (csrc/emu/cuda_emu.h): tests without a GPU
 #include "emu/cuda_emu.h"
 #else
@@ -71,25 +72,7 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// sum over the block (blockDim.x a multiple of 32, <= 1024); `sh` holds 33 values
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* sh) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  if (w == 0) {
-    T r = lane < nw ? sh[lane] : T(0);
-    r = warp_sum(r);
-    if (lane == 0) sh[32] = r;
-  }
-  __syncthreads();
-  const T r = sh[32];
-  __syncthreads();
-  return r;
-}
-
-// two block sums through one set of barriers (the same order of additions as two block_sum calls); `sh` holds 66
+// two block sums through one set of barriers (blockDim.x a multiple of 32, <= 1024); `sh` holds 66 values
 template <typename T>
 __device__ __forceinline__ void block_sum2(T& u, T& v, T* sh) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -107,6 +90,14 @@ __device__ __forceinline__ void block_sum2(T& u, T& v, T* sh) {
   u = sh[32];
   v = sh[65];
   __syncthreads();
+}
+
+// sum over the block; `sh` holds 66 values
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* sh) {
+  T none = 0;
+  block_sum2(v, none, sh);
+  return v;
 }
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -405,7 +396,7 @@ template <typename acc_t>
 __global__ void ln_fwd_kernel(LnFwdP a, acc_t eps, acc_t scale) {
   SEQPE_DYN_SHARED(unsigned char, smem);
   acc_t* hrow = reinterpret_cast<acc_t*>(smem);
-  __shared__ acc_t red[33];
+  __shared__ acc_t red[66];
   const int64_t row = blockIdx.x, D = a.D;
   const int64_t base = row * D;
   const uint64_t seed = a.dropout ? static_cast<uint64_t>(a.seeds[a.seed_idx]) : 0;

@@ -255,7 +255,7 @@ def emulator():
             name = build_name(False).replace("seqpe_ext", "seqpe_emu", 1)
             build_dir = _build_directory(name)
             os.makedirs(build_dir, exist_ok=True)
-            # -O1: the emulated kernels run on small shapes; a full -O3 build of the fibers takes minutes
+            # -O1: a quicker build; the emulated kernels only ever run on small test shapes
             cpp_extension.load(name=name, sources=[str(CSRC / "emu" / s) for s in ("ops_cuda_emu.cpp",
                                                                                      "encoder_emu.cpp")],
                                extra_cflags=["-O1", "-Wno-unknown-pragmas", *_version_defines()],

@@ -16,7 +16,7 @@ Bounds: fp32 1e-6 and fp64 1e-12 relative (the same math in another summation or
 rounded from fp32 by both, so they may differ by one rounding step of their own magnitude.
 """
 import os
-from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,20 +35,6 @@ SETTINGS = dict(max_examples=30, deadline=None, suppress_health_check=[HealthChe
 def ops():
     require_ext("cpu")  # no C++ compiler: skipped with the reason; a build error fails
     return _ext.emulator(), _ext.load()
-
-
-@contextmanager
-def env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _tuple(x):
@@ -78,22 +64,19 @@ def run_both(ops, name, args, floors=None):
     outputs)``: output index -> the magnitude of the terms summed into it (its error scale where they cancel and
     the output is ~0: the same sum in another order differs by rounding of the terms, not of the result)."""
     emu, cpu = ops
-    with env(SEQPE_EMU_ORDER="forward"):
+    with mock.patch.dict(os.environ, SEQPE_EMU_ORDER="forward"):
         e = _tuple(getattr(emu, name)(*args))
-    with env(SEQPE_EMU_ORDER="reverse"):
+    with mock.patch.dict(os.environ, SEQPE_EMU_ORDER="reverse"):
         r = _tuple(getattr(emu, name)(*args))
     for k, (a, b) in enumerate(zip(e, r)):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()), \
             f"{name} output {k} depends on the order threads run (a race or a missing barrier)"
     c = _tuple(getattr(cpu, name)(*args))
     assert len(e) == len(c)
+    fl = floors(c) if floors else {}
     for k, (a, b) in enumerate(zip(e, c)):
-        assert_close(a, b, f"{name} output {k}", (floors(c) if floors else {}).get(k, 0.0))
+        assert_close(a, b, f"{name} output {k}", fl.get(k, 0.0))
     return e
-
-
-def cpu_op(ops, name):
-    return getattr(ops[1], name)
 
 
 def _colsum_abs(t):
@@ -201,14 +184,13 @@ def test_digit_embedding(ops, M, K, base, data_dim, D, dtype, from_positions, wi
     g = torch.randn(M, L + 1, D, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tg = torch.randn(base * L + 1, D, dtype=acc) if with_table else None
-    absolute = cpu_op(ops, "digit_embed_bwd")(g.abs(), x, from_positions, K, base, data_dim,
-                                              None if tg is None else tg.abs())
+    absolute = ops[1].digit_embed_bwd(g.abs(), x, from_positions, K, base, data_dim, None if tg is None else tg.abs())
     run_both(ops, "digit_embed_bwd", (g, x, from_positions, K, base, data_dim, tg),
              lambda c: {k: t.double().abs().max().item() if t.numel() else 0.0 for k, t in enumerate(absolute)})
     for clamp in (False, True):
         rows = run_both(ops, "table_rows", (x, L, K, base, from_positions, clamp))[0]
     for acc_out in (False, True):
-        absolute = cpu_op(ops, "table_grad")(g.abs(), rows, base * L + 1, L, acc_out)
+        absolute = ops[1].table_grad(g.abs(), rows, base * L + 1, L, acc_out)
         run_both(ops, "table_grad", (g, rows, base * L + 1, L, acc_out),
                  lambda c: {0: absolute.double().max().item() if absolute.numel() else 0.0})
 
@@ -229,7 +211,7 @@ def test_invalid_digits_make_nan_rows(ops):
 def test_chunked_grids_agree(ops, sms):
     """The reductions' chunk counts follow the SM count; the results must not (beyond summation order)."""
     torch.manual_seed(sms)
-    with env(SEQPE_EMU_SMS=sms):
+    with mock.patch.dict(os.environ, SEQPE_EMU_SMS=str(sms)):
         test_gelu.hypothesis.inner_test(ops, 37, 300, torch.float32, None, sms)
         test_digit_embedding.hypothesis.inner_test(ops, 6, 3, 10, 2, 130, torch.float32, True, True, sms)
         test_residual_layernorm.hypothesis.inner_test(ops, 7, 257, torch.float32, True, True, 0.2, True, True,

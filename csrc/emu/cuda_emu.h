@@ -60,7 +60,6 @@ inline Block*& blk() {
   return b;
 }
 inline Thread& me() { return blk()->th[blk()->cur]; }
-inline int linear() { return blk()->cur; }
 
 inline void wait(St s) {
   Block& b = *blk();
@@ -86,9 +85,8 @@ inline std::string where(const Block& b, const char* name) {
 }
 
 // one block: every thread a fiber, released warp by warp / block-wide at their sync points
-inline void run_block(Block& b, const char* name, size_t stack_bytes, unsigned char* stacks) {
+inline void run_block(Block& b, const char* name, size_t stack_bytes, unsigned char* stacks, bool rev) {
   const int n = static_cast<int>(b.th.size());
-  const bool rev = reverse_order();
   for (int i = 0; i < n; ++i) {
     Thread& t = b.th[i];
     t.st = St::kRun;
@@ -114,8 +112,8 @@ inline void run_block(Block& b, const char* name, size_t stack_bytes, unsigned c
         done += b.th[i].st == St::kDone;
       }
       if (waiting > 0 && waiting + done == members) {
-        TORCH_CHECK(done == 0, "CUDA emulator: ", where(b, name), ", warp ", w, ": a full-mask warp sync or shuffle with ",
-                    done, " lanes already exited");
+        TORCH_CHECK(done == 0, "CUDA emulator: ", where(b, name), ", warp ", w,
+                    ": a full-mask warp sync or shuffle with ", done, " lanes already exited");
         for (int i = w * 32; i < w * 32 + members; ++i) b.th[i].st = St::kRun;
         released = true;
       }
@@ -167,7 +165,7 @@ struct Launch {
         b.bidx = dim3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>((i / grid.x) % grid.y),
                       static_cast<unsigned>(i / (static_cast<size_t>(grid.x) * grid.y)));
         std::memset(b.dyn, 0xFF, dyn_store.size() * 8);
-        run_block(b, name, kStack, stacks.get());
+        run_block(b, name, kStack, stacks.get(), rev);
       }
     } catch (...) {
       blk() = saved;

@@ -125,7 +125,7 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
       --config text-default --quick --M 1552 --provider $BENCH_PROVIDERS --mode forward full nograd \
       --csv "$OUT/bench_text-default_$DEV.csv" --png "$OUT/bench_text-default_$DEV.png"
   TAILN=60 step profile_text 40 python3 benchmarks/profile_step.py --config text-default --rows 40 --steps 5
-  TAILN=30 step ext_error_path 45 python3 benchmarks/ext_error_path.py
+  TAILN=30 step ext_error_path 60 python3 benchmarks/ext_error_path.py
   TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \
       tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
   TAILN=24 step check_cuda 30 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda

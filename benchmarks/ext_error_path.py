@@ -23,18 +23,26 @@ if "triton" in mode:
 if "pkg" in mode:
     from seqpe_kernels import _ext
     _ext.load()
+elif mode.startswith("aten") and "ext" not in mode:
+    pass  # control: torch alone
 else:
     torch.ops.load_library(sys.argv[2])
 dev = "cuda" if "cuda" in mode else "cpu"
+if dev == "cuda":
+    torch.zeros(1, device=dev)  # CUDA initialised in every cuda mode, as in the tests
 x = torch.zeros(3, 2, dtype=torch.long, device=dev)
 try:
-    torch.ops.seqpe_ext.table_rows(x, 5, 1, 10, False, False)  # 2 columns for L = 5: TORCH_CHECK fails
+    if mode.startswith("aten"):
+        x.view(7)  # a TORCH_CHECK inside ATen (shape '[7]' is invalid for input of size 6)
+    else:
+        torch.ops.seqpe_ext.table_rows(x, 5, 1, 10, False, False)  # 2 columns for L = 5: TORCH_CHECK fails
 except RuntimeError as e:
     print("raised RuntimeError:", str(e).splitlines()[0][:120])
 """
 
 
-MODES = ["cpu", "cpu+triton", "cuda", "cuda+triton", "cpu+pkg", "cuda+pkg"]
+MODES = ["aten", "aten+ext", "aten+cuda", "aten+ext+cuda", "cpu", "cpu+triton", "cuda", "cuda+triton", "cpu+pkg",
+         "cuda+pkg"]
 
 
 def main(argv=None) -> int:
@@ -55,7 +63,7 @@ def main(argv=None) -> int:
         out = (r.stdout.strip().splitlines() or [""])[-1]
         err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         why = out or (err[-1][:160] if err else "(no output)")
-        print(f"{mode:12s} rc={r.returncode:4d}  {why}", flush=True)
+        print(f"{mode:14s} rc={r.returncode:4d}  {why}", flush=True)
         if r.returncode < 0:  # where it crashed, from faulthandler
             print("    " + "\n    ".join(err[:6]))
             crashed.append(mode)

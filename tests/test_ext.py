@@ -131,13 +131,15 @@ def test_eval_mode_deterministic_and_bad_digits():
 def test_extension_error_reaches_python_in_a_fresh_process(capsys):
     """benchmarks/ext_error_path.py, the diagnostic for the leased GPUs' crash on extension errors, on this
     machine's CPU op: a failed TORCH_CHECK inside the extension is a RuntimeError, also with triton imported
-    first, and the script says so (on a GPU machine it adds the CUDA cases and a crash's native stack)."""
+    first, and the script says so (on a GPU machine it adds the CUDA cases and a crash's native stack); its
+controls, torch's own TORCH_CHECK with and without the extension loaded, raise as well."""
     from conftest import benchmark_module
 
     require_ext("cpu")
-    assert benchmark_module("ext_error_path").main(["--modes", "cpu", "cpu+triton"]) == 0
+    assert benchmark_module("ext_error_path").main(["--modes", "aten", "aten+ext", "cpu", "cpu+triton"]) == 0
     out = capsys.readouterr().out
     assert out.count("rc=   0  raised RuntimeError: seqpe_ext::table_rows: x has 2 columns") == 2, out
+    assert out.count("rc=   0  raised RuntimeError: shape '[7]' is invalid") == 2, out
 
 
 # Triton runs under the interpreter here (~40 s a case), and the interpreter (triton 3.9) converts fp32 -> bf16 by

@@ -7,10 +7,11 @@
 // through a dtype code (a warp-uniform branch), so one instantiation per accumulator type serves every mix
 // of dtypes autocast produces (fp32 residual stream, bf16 GEMM outputs, ...).
 //
-// Kernels: digit embedding (one block per (sequence, column tile)); residual + dropout + LayerNorm (one warp
-// per row, row in registers; one block per row in shared memory past D = 1024); its backward (one block per
-// fixed chunk of rows, partial sums in shared memory); gelu_new (grid-stride elementwise); tiny attention (one
-// warp per (sequence, head), its q/k/v rows and the T x T scores in shared memory). Inputs are validated
+// Kernels: digit embedding (one block per (sequence, column tile), the digits computed once per block in shared
+// memory); residual + dropout + LayerNorm (one warp per row, row in registers; one block per row in shared memory
+// past D = 1024); its backward (one block per fixed chunk of rows, partial sums in shared memory); gelu_new
+// (grid-stride elementwise, several loads in flight per thread); tiny attention (one warp per (sequence, head),
+// its q/k/v rows and the T x T scores in shared memory). Inputs are validated
 // before the op (seqpe_kernels.reference.tokenize.check_positions) unless the caller switched check_range off;
 // then an out-of-range position or digit id makes its sequence's embedding NaN (as the Triton kernel does; the
 // CPU path raises) and never indexes outside the tables.
@@ -159,19 +160,31 @@ __device__ __forceinline__ int64_t digit_of(const DigitP& a, int64_t m, int64_t 
   return (d < 0 || d >= a.base) ? -1 : d;
 }
 
-__device__ __forceinline__ bool seq_valid(const DigitP& a, int64_t m) {
-  for (int64_t j = 0; j < a.L; ++j)
-    if (digit_of(a, m, j) < 0) return false;
+// The digits of sequences [m0, m0 + n) into dg[i * L + j] (-1: invalid), computed by the block's threads together
+// (each digit costs a few 64-bit divisions: once per block, not once per thread and column). Every thread of the
+// block calls it (it ends with a barrier).
+__device__ __forceinline__ void stage_digits(const DigitP& a, int64_t m0, int64_t n, int* dg) {
+  for (int64_t i = threadIdx.x; i < n * a.L; i += blockDim.x)
+    dg[i] = static_cast<int>(digit_of(a, m0 + i / a.L, i % a.L));
+  __syncthreads();
+}
+
+__device__ __forceinline__ bool digits_valid(const int* dg, int64_t L) {
+  for (int64_t j = 0; j < L; ++j)
+    if (dg[j] < 0) return false;
   return true;
 }
 
+// one block per (sequence, column tile); the sequence's digits staged once in shared memory (L ints)
 __global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, const void* dim, const void* cls,
                                  void* out, int dt) {
+  SEQPE_DYN_SHARED(int, embed_fwd_digits);
   const int64_t m = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  stage_digits(a, m, 1, embed_fwd_digits);
   if (c >= a.D) return;
   const int64_t D = a.D;
-  if (!seq_valid(a, m)) {  // out-of-range input (check_range=False): NaN, never an out-of-table read
+  if (!digits_valid(embed_fwd_digits, a.L)) {  // out-of-range input (check_range=False): NaN, no out-of-table read
     for (int64_t j = 0; j < a.T; ++j) {
       if (dt == kF64)
         st<double>(out, dt, (m * a.T + j) * D + c, __longlong_as_double(0x7ff8000000000000LL));
@@ -181,7 +194,7 @@ __global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, con
     return;
   }
   for (int64_t j = 0; j < a.L; ++j) {
-    const int64_t dig = digit_of(a, m, j);
+    const int64_t dig = embed_fwd_digits[j];
     if (dt == kF64) {
       double e = ld<double>(tok, dt, dig * D + c) + ld<double>(pos, dt, j * D + c);
       if (dim != nullptr) e = e + ld<double>(dim, dt, (j / a.K) * D + c);
@@ -205,31 +218,51 @@ __global__ void embed_fwd_kernel(DigitP a, const void* tok, const void* pos, con
 // Each thread owns one column of its chunk and adds every token of the chunk into its rows in a fixed order
 // (deterministic). SMEM: the accumulators live in shared memory (row r of the thread at smem[r * blockDim.x]),
 // written to the partial once at the end; otherwise (base + T rows too many for 48 KB) in the partial itself.
-// The H200 profile had the global read-modify-write version at 175 us per text step: 2 dependent global RMWs per
-// token, 384 per thread; the operations and their order are the same in both modes, so are the results.
+// The chunk's sequences go in tiles of `tile`: their digits staged in shared memory by the whole block (they were
+// a few 64-bit divisions per token and thread), and each sequence's T gradient values loaded in groups of 8
+// before they are added (8 loads in flight per thread, not one load then its adds). The H200 profile had the
+// first version (global read-modify-writes) at 175 us per text step; the additions and their order are the same
+// in every version, so are the results for a given chunk size.
+constexpr int kEmbedGroup = 8;
 template <typename acc_t, bool SMEM>
-__global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, int64_t per) {
+__global__ void embed_bwd_kernel(DigitP a, const void* g, int gdt, acc_t* part, int64_t per, int64_t tile) {
   SEQPE_DYN_SHARED(unsigned char, embed_bwd_smem);
   const int64_t ch = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (c >= a.D) return;
+  const bool mine = c < a.D;  // threads past D still stage digits and meet the barriers
   const int64_t D = a.D, T = a.T, rows = a.base + T;
   acc_t* P = part + ch * rows * D;
-  acc_t* A = SMEM ? reinterpret_cast<acc_t*>(embed_bwd_smem) + threadIdx.x : P + c;  // row r at A[r * as]
   const int64_t as = SMEM ? static_cast<int64_t>(blockDim.x) : D;
-  for (int64_t r = 0; r < rows; ++r) A[r * as] = 0;  // this thread's column of its chunk: no memset launch
+  acc_t* A = SMEM ? reinterpret_cast<acc_t*>(embed_bwd_smem) + threadIdx.x : P + c;  // row r at A[r * as]
+  int* dg = reinterpret_cast<int*>(embed_bwd_smem + (SMEM ? rows * as * sizeof(acc_t) : 0));
+  if (mine)
+    for (int64_t r = 0; r < rows; ++r) A[r * as] = 0;  // this thread's column of its chunk: no memset launch
   const int64_t m_end = min(a.M, (ch + 1) * per);
-  for (int64_t m = ch * per; m < m_end; ++m) {
-    for (int64_t j = 0; j < T; ++j) {
-      const acc_t v = ld<acc_t>(g, gdt, (m * T + j) * D + c);
-      A[(a.base + j) * as] += v;
-      if (j < a.L) {
-        const int64_t dig = digit_of(a, m, j);
-        if (dig >= 0) A[dig * as] += v;
+  for (int64_t m0 = ch * per; m0 < m_end; m0 += tile) {
+    const int64_t n = min(tile, m_end - m0);
+    stage_digits(a, m0, n, dg);
+    if (mine) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int* d = dg + i * a.L;
+        const int64_t off = ((m0 + i) * T) * D + c;
+        for (int64_t j0 = 0; j0 < T; j0 += kEmbedGroup) {
+          acc_t v[kEmbedGroup];
+#pragma unroll
+          for (int u = 0; u < kEmbedGroup; ++u)
+            if (j0 + u < T) v[u] = ld<acc_t>(g, gdt, off + (j0 + u) * D);
+#pragma unroll
+          for (int u = 0; u < kEmbedGroup; ++u) {
+            const int64_t j = j0 + u;
+            if (j >= T) break;
+            A[(a.base + j) * as] += v[u];
+            if (j < a.L && d[j] >= 0) A[static_cast<int64_t>(d[j]) * as] += v[u];
+          }
+        }
       }
     }
+    __syncthreads();  // the tile's digits are read before the next tile overwrites them
   }
-  if (SMEM)
+  if (SMEM && mine)
     for (int64_t r = 0; r < rows; ++r) P[r * D + c] = A[r * as];
 }
 
@@ -294,6 +327,14 @@ DigitP digit_params(const Tensor& x, int64_t M, int64_t L, int64_t T, int64_t D,
   return a;
 }
 
+// shared memory for the staged digits of `n` sequences (stage_digits); the digit tiles stay within kDigitSmem
+constexpr int64_t kDigitTile = 8, kDigitSmem = 16 * 1024;
+size_t digit_smem(int64_t L, int64_t n) {
+  TORCH_CHECK(L * 4 <= kDigitSmem, "seqpe_ext::digit_embed (CUDA): ", L, " digits per sequence; at most ",
+              kDigitSmem / 4, " are supported");
+  return static_cast<size_t>(std::max<int64_t>(L * n, 1)) * sizeof(int);
+}
+
 Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& pos_, const OptTensor& dim_,
                             const Tensor& cls_, bool from_positions, int64_t max_digits) {
   DeviceGuard guard(tok_.device());
@@ -312,7 +353,7 @@ Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& 
   const DigitP a = digit_params(x, M, L, T, D, max_digits, base, from_positions);
   const int threads = 128;
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>(cdiv(D, threads)));
-  SEQPE_LAUNCH(grid, threads, 0, embed_fwd_kernel)(a, tok.data_ptr(), pos.data_ptr(),
+  SEQPE_LAUNCH(grid, threads, digit_smem(L, 1), embed_fwd_kernel)(a, tok.data_ptr(), pos.data_ptr(),
                                                    has_dim ? dim.data_ptr() : nullptr, cls.data_ptr(),
                                                    out.data_ptr(), dcode(stt));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -331,8 +372,13 @@ Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_posit
   const auto gst = g.scalar_type();
   const auto acc_dt = gst == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor tg = table_grad_in(table_grad, g, base, L, D, acc_dt);
-  const int64_t per = std::max<int64_t>(32, cdiv(M, 256));
-  const int64_t n_chunks = std::max<int64_t>(1, cdiv(M, per));
+  // ~8 blocks per SM in all (the former 32 sequences per chunk left ~2 blocks per SM, each walking 192 tokens);
+  // the partials grow with the chunks (n_chunks x (base + T) x D), their sum stays one short pass
+  const int threads = 128;
+  const int64_t col_blocks = cdiv(D, threads);
+  const int64_t per = cdiv(M, std::max<int64_t>(1, cdiv(8 * sm_count(), std::max<int64_t>(col_blocks, 1))));
+  const int64_t n_chunks = std::max<int64_t>(1, cdiv(M, std::max<int64_t>(per, 1)));
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(kDigitTile, kDigitSmem / (4 * std::max<int64_t>(L, 1))));
   const int64_t rows = base + T, n_out = base + T + (data_dim > 1 ? data_dim : 0);
   // every thread of embed_bwd_kernel zeroes its own column of its chunk first; with M = 0 there is no chunk
   // to sum: one zeroed partial
@@ -344,15 +390,14 @@ Tensor4 digit_embed_bwd_cuda(const Tensor& g_, const Tensor& x_, bool from_posit
   const DigitP a = digit_params(x, M, L, T, D, K, base, from_positions);
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_digit_embed_bwd_cuda", [&] {
     if (M > 0 && D > 0) {
-      const int threads = 128;
-      const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(cdiv(D, threads)));
-      const size_t smem = static_cast<size_t>(rows) * threads * sizeof(scalar_t);
-      if (smem <= 48 * 1024)
-        SEQPE_LAUNCH(grid, threads, smem, embed_bwd_kernel<scalar_t, true>)(a, g.data_ptr(), dcode(gst),
-                                                                            part.data_ptr<scalar_t>(), per);
+      const dim3 grid(static_cast<unsigned>(n_chunks), static_cast<unsigned>(col_blocks));
+      const size_t acc_smem = static_cast<size_t>(rows) * threads * sizeof(scalar_t), dsm = digit_smem(L, tile);
+      if (acc_smem + dsm <= 48 * 1024)
+        SEQPE_LAUNCH(grid, threads, acc_smem + dsm, embed_bwd_kernel<scalar_t, true>)(
+            a, g.data_ptr(), dcode(gst), part.data_ptr<scalar_t>(), per, tile);
       else
-        SEQPE_LAUNCH(grid, threads, 0, embed_bwd_kernel<scalar_t, false>)(a, g.data_ptr(), dcode(gst),
-                                                                          part.data_ptr<scalar_t>(), per);
+        SEQPE_LAUNCH(grid, threads, dsm, embed_bwd_kernel<scalar_t, false>)(a, g.data_ptr(), dcode(gst),
+                                                                            part.data_ptr<scalar_t>(), per, tile);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t n = n_out * D;
@@ -692,31 +737,63 @@ Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& l
 }
 
 // ==================================================================================== gelu_new
+// The elementwise kernels take kGeluILP elements per thread per pass, all loaded before any is computed or stored:
+// one 2-byte load in flight per thread (the former one element per thread) kept ~4 KB in flight per SM, far
+// below what HBM needs to stream at full rate. Each element's arithmetic is the same as before.
+constexpr int kGeluILP = 4;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t gelu_k(acc_t x) {
+  const acc_t C = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
+  const acc_t t = tanh_k<acc_t>(C * (x + A * x * x * x));
+  return acc_t(0.5) * x * (acc_t(1) + t);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t gelu_grad_k(acc_t du, acc_t x) {  // du * gelu'(x)
+  const acc_t C = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
+  const acc_t A3 = static_cast<acc_t>(3.0 * 0.044715);
+  const acc_t t = tanh_k<acc_t>(C * (x + A * x * x * x));
+  const acc_t dt_ = (acc_t(1) - t * t) * C * (acc_t(1) + A3 * x * x);
+  return du * (acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * dt_);
+}
+
+// block tile b covers elements [b * blockDim * ILP, (b + 1) * blockDim * ILP); thread t's u-th element is
+// b * blockDim * ILP + u * blockDim + t (each u a coalesced row of the tile)
 template <typename acc_t>
 __global__ void gelu_fwd_kernel(const void* z, int dt, void* u, int64_t n) {
-  const acc_t C = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t x = ld<acc_t>(z, dt, i);
-    const acc_t t = tanh_k<acc_t>(C * (x + A * x * x * x));
-    st<acc_t>(u, dt, i, acc_t(0.5) * x * (acc_t(1) + t));
+  const int64_t span = static_cast<int64_t>(blockDim.x) * kGeluILP;
+  for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * span + threadIdx.x; b0 < n;
+       b0 += static_cast<int64_t>(gridDim.x) * span) {
+    acc_t x[kGeluILP];
+#pragma unroll
+    for (int k = 0; k < kGeluILP; ++k)
+      if (b0 + k * blockDim.x < n) x[k] = ld<acc_t>(z, dt, b0 + k * blockDim.x);
+#pragma unroll
+    for (int k = 0; k < kGeluILP; ++k)
+      if (b0 + k * blockDim.x < n) st<acc_t>(u, dt, b0 + k * blockDim.x, gelu_k(x[k]));
   }
 }
 
 template <typename acc_t>
 __global__ void gelu_bwd_kernel(const void* du, int dudt, const void* z, int dt, void* dz, int64_t n) {
-  const acc_t C = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
-  const acc_t A3 = static_cast<acc_t>(3.0 * 0.044715);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t x = ld<acc_t>(z, dt, i);
-    const acc_t t = tanh_k<acc_t>(C * (x + A * x * x * x));
-    const acc_t dt_ = (acc_t(1) - t * t) * C * (acc_t(1) + A3 * x * x);
-    st<acc_t>(dz, dt, i, ld<acc_t>(du, dudt, i) * (acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * dt_));
+  const int64_t span = static_cast<int64_t>(blockDim.x) * kGeluILP;
+  for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * span + threadIdx.x; b0 < n;
+       b0 += static_cast<int64_t>(gridDim.x) * span) {
+    acc_t x[kGeluILP], g[kGeluILP];
+#pragma unroll
+    for (int k = 0; k < kGeluILP; ++k)
+      if (b0 + k * blockDim.x < n)
+        x[k] = ld<acc_t>(z, dt, b0 + k * blockDim.x), g[k] = ld<acc_t>(du, dudt, b0 + k * blockDim.x);
+#pragma unroll
+    for (int k = 0; k < kGeluILP; ++k)
+      if (b0 + k * blockDim.x < n) st<acc_t>(dz, dt, b0 + k * blockDim.x, gelu_grad_k(g[k], x[k]));
   }
 }
 
-inline unsigned elem_blocks(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(cdiv(n, 256), 1 << 20)); }
+inline unsigned elem_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>(cdiv(n, 256 * kGeluILP), 1 << 20));
+}
 
 Tensor gelu_new_fwd_cuda(const Tensor& z_) {
   DeviceGuard guard(z_.device());
@@ -753,25 +830,31 @@ Tensor gelu_new_bwd_cuda(const Tensor& du_, const Tensor& z_) {
 }
 
 // dz and the per-chunk column sums of dz: block (chunk of rows, block of columns), one thread per column walking
-// the chunk's rows (coalesced across the warp); every (chunk, column) of part is written once, so no zeroing
+// the chunk's rows (coalesced across the warp) kGeluRows at a time, the group's loads issued before its math and
+// stores (a store to dz might alias the next row's loads: the compiler cannot hoist them itself); every (chunk,
+// column) of part is written once, so no zeroing. The sum runs in row order, as before.
+constexpr int kGeluRows = 8;
 template <typename acc_t>
 __global__ void gelu_bwd_bias_kernel(const void* du, int dudt, const void* z, int dt, void* dz, int64_t R, int64_t C,
                                      int64_t per, acc_t* part) {
-  const acc_t Cg = static_cast<acc_t>(0.7978845608028654), A = static_cast<acc_t>(0.044715);
-  const acc_t A3 = static_cast<acc_t>(3.0 * 0.044715);
   const int64_t ch = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const int64_t r_end = min(R, (ch + 1) * per);
   acc_t s = 0;
-  for (int64_t r = ch * per; r < r_end; ++r) {
-    const int64_t i = r * C + c;
-    const acc_t x = ld<acc_t>(z, dt, i);
-    const acc_t t = tanh_k<acc_t>(Cg * (x + A * x * x * x));
-    const acc_t dt_ = (acc_t(1) - t * t) * Cg * (acc_t(1) + A3 * x * x);
-    const acc_t g = ld<acc_t>(du, dudt, i) * (acc_t(0.5) * (acc_t(1) + t) + acc_t(0.5) * x * dt_);
-    st<acc_t>(dz, dt, i, g);
-    s += g;
+  for (int64_t r0 = ch * per; r0 < r_end; r0 += kGeluRows) {
+    acc_t x[kGeluRows], g[kGeluRows];
+#pragma unroll
+    for (int k = 0; k < kGeluRows; ++k)
+      if (r0 + k < r_end) x[k] = ld<acc_t>(z, dt, (r0 + k) * C + c), g[k] = ld<acc_t>(du, dudt, (r0 + k) * C + c);
+#pragma unroll
+    for (int k = 0; k < kGeluRows; ++k) {
+      if (r0 + k < r_end) {
+        const acc_t v = gelu_grad_k(g[k], x[k]);
+        st<acc_t>(dz, dt, (r0 + k) * C + c, v);
+        s += v;
+      }
+    }
   }
   part[ch * C + c] = s;
 }

@@ -16,11 +16,12 @@
 #          layer-0 table / cast / encoder / layout suites on CUDA, each CUDA-graph provider alone under
 #          CUDA_LAUNCH_BLOCKING=1.
 #     bash benchmarks/device_call.sh f2 "$OUT" <what is left of the lease, less 30 s>
-# PHASE g  (a short verification call, ~5 min) the GPU tier while the extension builds, text-default with every
-#          item-4 provider, its kernel-time profile, the extension's error path (benchmarks/ext_error_path.py),
-#          the table / cast / bias-gradient suites on CUDA, `check --backend cuda`, the attention variant's timing
-#          (benchmarks/tune_attention.py), vits-default if time is left.
-#     bash benchmarks/device_call.sh g "$OUT" 290
+# PHASE g  (one call of a 15-minute lease, ~9 min) the GPU tier while the extension builds, text-default with
+#          every item-4 provider, its kernel-time profile, the README tables, the extension's error path
+#          (benchmarks/ext_error_path.py), the table / cast / bias-gradient suites on CUDA, `check --backend cuda`,
+#          the attention variant's timing (benchmarks/tune_attention.py), vits-default if time is left. A machine
+#          idle for 30 s goes back, so a second call usually pays a fresh start: one long call fits more.
+#     bash benchmarks/device_call.sh g "$OUT" 540      (device tool: timeout_s 560)
 # PHASE f  both, in one call (a longer lease, or your own GPU with a deadline).
 # The phases of earlier leases (a-e) are in git history (before this file's f1/f2 split); benchmarks/results/NOTES.md
 # says what they found. On your own GPU, with no time limit, use benchmarks/gpu_run.sh instead.
@@ -62,6 +63,10 @@ tf32_row() {
       --config vits-default-tf32 --quick --M 4324 --provider eager cuda cuda-graph triton triton-graph \
       --mode full nograd --csv "$OUT/bench_vits-default-tf32_$DEV.csv" --png none
 }
+readme_tables() {  # the README's results tables and the target verdicts from the bench CSVs so far
+  TAILN=30 step readme_table 20 python3 benchmarks/readme_table.py "$OUT"/bench_*_"$DEV".csv \
+      --out "$OUT/readme_tables_$DEV.md"
+}
 phase_f1() {
   build_ext_bg
   TAILN=3 step env 20 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, \
@@ -91,9 +96,7 @@ phase_f1() {
   # item 4's TF32 opt-in row (cuBLAS GEMMs in TF32) with its error against the IEEE-fp32 reference
   tf32_row 50
   [[ -s "$OUT/bench_vits-default-tf32_$DEV.csv" ]] && mkdir -p build && touch build/.tf32_row_done
-  # the README's results tables and the target verdicts from the CSVs above
-  TAILN=30 step readme_table 20 python3 benchmarks/readme_table.py "$OUT"/bench_*_"$DEV".csv \
-      --out "$OUT/readme_tables_$DEV.md"
+  readme_tables
 }
 phase_f2() {
   build_ext_bg; wait $BUILD; tail -2 "$LOGS/ext_build.txt"
@@ -121,10 +124,12 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
     export SEQPE_KERNELS_TRITON_LAUNCH=jit; echo "## direct Triton launches OFF for this run" >> "$LOGS/summary.txt"
   fi
   wait $BUILD; tail -2 "$LOGS/ext_build.txt"
-  TAILN=40 step bench_text-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
+  # (f1's two benches and more took 257 s; the compile providers' compilation is most of a bench's time)
+  TAILN=40 step bench_text-default 150 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
       --config text-default --quick --M 1552 --provider $BENCH_PROVIDERS --mode forward full nograd \
       --csv "$OUT/bench_text-default_$DEV.csv" --png "$OUT/bench_text-default_$DEV.png"
   TAILN=60 step profile_text 40 python3 benchmarks/profile_step.py --config text-default --rows 40 --steps 5
+  readme_tables
   TAILN=30 step ext_error_path 60 python3 benchmarks/ext_error_path.py
   TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \
       tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
@@ -134,6 +139,7 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
   TAILN=40 step bench_vits-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
       --config vits-default --quick --M 4324 --provider $BENCH_PROVIDERS --mode forward full nograd \
       --csv "$OUT/bench_vits-default_$DEV.csv" --png none
+  [[ -s "$OUT/bench_vits-default_$DEV.csv" ]] && readme_tables
 }
 case "$PHASE" in
   g) phase_g ;;

@@ -86,7 +86,7 @@ using AttnBwd = Tensor2(const Tensor&, const Tensor&, const OptTensor&, const Op
                         double, double, const OptTensor&, int64_t);
 using GeluFwd = Tensor(const Tensor&);
 using RlnBwdBias = Tensor5(const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
-                           const Tensor&, double, const OptTensor&, int64_t, bool, int64_t);
+                           const Tensor&, double, const OptTensor&, int64_t, bool, int64_t, int64_t);
 using GeluBwdBias = Tensor2(const Tensor&, const Tensor&);
 using TableRows = Tensor(const Tensor&, int64_t, int64_t, int64_t, bool, bool);
 using TableGrad = Tensor(const Tensor&, const Tensor&, int64_t, int64_t, bool);
@@ -532,26 +532,33 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   if (c.epsf >= 0) {
     Tensor dwf, dbf;
     std::tie(dh2, dy, dwf, dbf, dbp) = k.rln_bwd_bias.call(dfin, std::nullopt, h3, param(params, fo), Lt(L_M2),
-                                                           Lt(L_R2), c.p_res, seeds, 3 * i + 2, true, yc);
+                                                           Lt(L_R2), c.p_res, seeds, 3 * i + 2, true, yc, 0);
     put(fo, dwf), put(fo + 1, dbf);
   } else {
     std::tie(dh2, dy, std::ignore, std::ignore, dbp) =
         k.rln_bwd_bias.call(std::nullopt, cast(dfin, h3.scalar_type()), h3, std::nullopt, Lt(L_M2), Lt(L_R2),
-                            c.p_res, seeds, 3 * i + 2, true, yc);
+                            c.p_res, seeds, 3 * i + 2, true, yc, 0);
   }
   put(o0 + 11, dbp);
   Tensor da2 = mlp_bwd(dy, Lt(L_A2), Lt(L_Z), Lt(L_U), weight(Lt(L_WF), o0 + 8), weight(Lt(L_WP), o0 + 10), o0);
   Tensor dhc, dyat, dw2, db2, dbo;
   std::tie(dhc, dyat, dw2, db2, dbo) = k.rln_bwd_bias.call(da2, dh2, Lt(L_H2), param(params, o0 + 6), Lt(L_M1),
-                                                           Lt(L_R1), c.p_res, seeds, 3 * i + 1, true, yc);
+                                                           Lt(L_R1), c.p_res, seeds, 3 * i + 1, true, yc, 0);
   put(o0 + 6, dw2), put(o0 + 7, db2), put(o0 + 5, dbo);
   Tensor dattn = mm(dyat, false, weight(Lt(L_WO), o0 + 4), true);
   if (needs[o0 + 4]) put(o0 + 4, wmm(Lt(L_O).view({M, D}), dyat, o0 + 4));
   Tensor dq, dkv;
   std::tie(dq, dkv) = k.attn_bwd.call(dattn.view({M, 1, D}), Lt(L_Q).expand({M, 1, D}), Lt(L_KV), pad, c.H, c.causal,
                                       T - 1, c.sdiv, c.p_att, seeds, 3 * i);
-  Tensor dh = at::zeros({R, D}, dhc.options());
-  dh.view({M, T, D}).select(1, T - 1).copy_(dhc);
+  // the residual stream's gradient below the last block is nonzero on the CLS rows only: dhc [M, D]. The next
+  // LayerNorm backward reads it as such (dh_every = T); only the embedding backward (one layer) needs [R, D]
+  Tensor dh = dhc;
+  int64_t dh_every = T;
+  if (c.nl == 1) {
+    dh = at::zeros({R, D}, dhc.options());
+    dh.view({M, T, D}).select(1, T - 1).copy_(dhc);
+    dh_every = 0;
+  }
   Tensor Wa = weight(Lt(L_WA), o0 + 2);
   Tensor d_a_tab, da;
   if (i == 0) {
@@ -583,11 +590,12 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
     Tensor dh1, dwn, dbn;
     std::tie(dh1, dy, dwn, dbn, dbp) =
         k.rln_bwd_bias.call(da.defined() ? OptTensor(da) : OptTensor(), dh, F(i, F_HM), param(params, o0 + 12),
-                            F(i, F_M2), F(i, F_R2), c.p_res, seeds, 3 * i + 2, true, yc);
+                            F(i, F_M2), F(i, F_R2), c.p_res, seeds, 3 * i + 2, true, yc, dh_every);
+    dh_every = 0;
     put(o0 + 12, dwn), put(o0 + 13, dbn), put(o0 + 11, dbp);
     da2 = mlp_bwd(dy, F(i, F_A2), F(i, F_Z), F(i, F_U), weight(F(i, F_WF), o0 + 8), weight(F(i, F_WP), o0 + 10), o0);
     std::tie(dh, dyat, dw2, db2, dbo) = k.rln_bwd_bias.call(da2, dh1, F(i, F_HB), param(params, o0 + 6), F(i, F_M1),
-                                                            F(i, F_R1), c.p_res, seeds, 3 * i + 1, true, yc);
+                                                            F(i, F_R1), c.p_res, seeds, 3 * i + 1, true, yc, 0);
     put(o0 + 6, dw2), put(o0 + 7, db2), put(o0 + 5, dbo);
     dattn = mm(dyat, false, weight(F(i, F_WO), o0 + 4), true);
     if (needs[o0 + 4]) put(o0 + 4, wmm(F(i, F_O).view({R, D}), dyat, o0 + 4));
@@ -613,7 +621,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   // layer 0's LN1 runs on the embedding table; the residual stream's gradient reaches the token embeddings
   Tensor dtab, dw1, db1;
   std::tie(dtab, std::ignore, dw1, db1, std::ignore) = k.rln_bwd_bias.call(
-      d_a_tab, std::nullopt, G(G_TAB), param(params, 4), G(G_MT), G(G_RT), 0.0, std::nullopt, 0, false, 0);
+      d_a_tab, std::nullopt, G(G_TAB), param(params, 4), G(G_MT), G(G_RT), 0.0, std::nullopt, 0, false, 0, 0);
   put(4, dw1), put(5, db1);
   // the table's gradient is folded into the embedding gradients inside the op (one kernel writes all four on
   // CUDA; no sums, adds or casts after it)

@@ -513,6 +513,7 @@ struct LnBwdArgs {
   bool has_dh, has_ln, has_y, dropout;
   uint64_t seed;
   float p;
+  int64_t dh_every;  // > 0: dh holds rows r % dh_every == dh_every - 1 only, densely (check_ln_dh)
 };
 
 // dyb_part (may be null): per-chunk column sums of dy (after dropout, before rounding to y's dtype)
@@ -526,8 +527,9 @@ void ln_bwd_kernel(const LnBwdArgs& a, const acc_t* w, const acc_t* mean, const 
       const int64_t r_end = std::min(a.R, (ch + 1) * a.per);
       for (int64_t row = ch * a.per; row < r_end; ++row) {
         acc_t* __restrict g = gbuf.data();
-        if (a.has_dh) {
-          const acc_t* src = read_row<acc_t>(a.dh + row * D * a.dhs, a.dhst, g, D);
+        if (a.has_dh && (a.dh_every == 0 || row % a.dh_every == a.dh_every - 1)) {
+          const int64_t dr = a.dh_every ? row / a.dh_every : row;
+          const acc_t* src = read_row<acc_t>(a.dh + dr * D * a.dhs, a.dhst, g, D);
           if (src != g) std::memcpy(g, src, D * sizeof(acc_t));
         } else {
           std::fill(g, g + D, acc_t(0));
@@ -571,7 +573,7 @@ void sum_partials(const acc_t* part, int64_t n, int64_t D, acc_t* out) {
 // bias: also the column sums of dy (the bias gradient of the GEMM that produced y; empty without y)
 Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_, const OptTensor& w_,
                     const Tensor& mean_, const Tensor& rstd_, double p, const OptTensor& seeds, int64_t seed_idx,
-                    bool has_y, int64_t y_dtype, bool bias) {
+                    bool has_y, int64_t y_dtype, bool bias, int64_t dh_every) {
   TORCH_CHECK(ln_in_.dim() == 2, "seqpe_ext::residual_layernorm_bwd: ln_in must be [R, D]");
   check_float_dtype(ln_in_, "residual_layernorm_bwd", "ln_in");
   const Tensor x = ln_in_.contiguous();
@@ -583,7 +585,7 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
   const Tensor da = has_ln ? da_->contiguous() : Tensor();
   const Tensor dh = has_dh ? dh_->contiguous() : Tensor();
   if (has_ln) TORCH_CHECK(da.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_bwd: da must match ln_in");
-  if (has_dh) TORCH_CHECK(dh.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_bwd: dh must match ln_in");
+  if (has_dh) check_ln_dh(dh, x, dh_every);
   const Tensor w = has_ln ? as_dtype(*w_, acc_dt) : Tensor();
   const Tensor mean = has_ln ? as_dtype(mean_, acc_dt) : Tensor();
   const Tensor rstd = has_ln ? as_dtype(rstd_, acc_dt) : Tensor();
@@ -613,7 +615,7 @@ Tensor5 rln_bwd_cpu(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln
                        has_ln ? da.scalar_type() : x.scalar_type(), has_dh ? dh.scalar_type() : x.scalar_type(),
                        dy.scalar_type(), x.element_size(), has_ln ? da.element_size() : 0,
                        has_dh ? dh.element_size() : 0, dy.element_size(), R, D, per, n_chunks, has_dh, has_ln, has_y,
-                       dropout, seed, static_cast<float>(p)};
+                       dropout, seed, static_cast<float>(p), has_dh ? dh_every : 0};
   Tensor dw, db, dybs;
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd", [&] {
     scalar_t* dyb_part = dyb ? parts.data_ptr<scalar_t>() + (k_parts - 1) * n_parts * D : nullptr;
@@ -1141,8 +1143,11 @@ TORCH_LIBRARY(seqpe_ext, m) {
   m.def("gelu_new_bwd(Tensor du, Tensor z) -> Tensor");
   // the C++ encoder's backward: the same, plus the bias gradient of the GEMM before (dy's / dz's column sums,
   // accumulated in fp32 / fp64 inside the kernel's pass)
+  // (dh_every > 0: dh [R / dh_every, D] holds only every dh_every-th row, the last of each group; the C++ encoder's
+  // gradient below the CLS-only last block, without a zero-filled [R, D] copy)
   m.def("residual_layernorm_bwd_bias(Tensor? da, Tensor? dh, Tensor ln_in, Tensor? w, Tensor mean, Tensor rstd, "
-        "float p, Tensor? seeds, int seed_idx, bool has_y, int y_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float p, Tensor? seeds, int seed_idx, bool has_y, int y_dtype, int dh_every=0) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gelu_new_bwd_bias(Tensor du, Tensor z) -> (Tensor, Tensor)");
   m.def("tiny_attention_fwd(Tensor qkv, Tensor? kv, Tensor? pad_mask, int num_heads, bool causal, int q_start, "
         "float scale_div, float p, Tensor? seeds, int seed_idx) -> Tensor");

@@ -586,6 +586,7 @@ struct LnBwdP {
   const int64_t* seeds;
   int64_t seed_idx;
   float p;
+  int64_t dh_every;  // > 0: dh holds rows r % dh_every == dh_every - 1 only, densely (check_ln_dh)
 };
 
 // part [n_chunks, pstride]: per-chunk column sums of dw at column 0, db at D (with the LN), dy (the bias gradient
@@ -607,6 +608,8 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* part, int64_t pstrid
       for (int64_t k = c; k < pstride; k += D) acc[k] = 0;
   for (int64_t row = ch * a.per; row < r_end; ++row) {
     const int64_t base = row * D;
+    const bool dh_row = a.has_dh && (a.dh_every == 0 || row % a.dh_every == a.dh_every - 1);
+    const int64_t dh_base = (a.dh_every ? row / a.dh_every : row) * D;
     acc_t mu = 0, rs = 0, k1 = 0, k2 = 0;
     if (a.has_ln) {
       mu = static_cast<const acc_t*>(a.mean)[row];
@@ -623,7 +626,7 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* part, int64_t pstrid
       k2 = c2 / static_cast<acc_t>(D);
     }
     for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
-      acc_t g = a.has_dh ? ld<acc_t>(a.dh, a.dhdt, base + c) : acc_t(0);
+      acc_t g = dh_row ? ld<acc_t>(a.dh, a.dhdt, dh_base + c) : acc_t(0);
       if (a.has_ln) {
         const acc_t xh = (ld<acc_t>(a.x, a.xdt, base + c) - mu) * rs;
         const acc_t da = ld<acc_t>(a.da, a.dadt, base + c);
@@ -652,7 +655,7 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* part, int64_t pstrid
 // bias: also the column sums of dy (empty without y), and every partial reduced by one launch
 Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& ln_in_, const OptTensor& w_,
                      const Tensor& mean_, const Tensor& rstd_, double p, const OptTensor& seeds, int64_t seed_idx,
-                     bool has_y, int64_t y_dtype, bool bias) {
+                     bool has_y, int64_t y_dtype, bool bias, int64_t dh_every) {
   DeviceGuard guard(ln_in_.device());
   TORCH_CHECK(ln_in_.dim() == 2, "seqpe_ext::residual_layernorm_bwd: ln_in must be [R, D]");
   check_float_dtype(ln_in_, "residual_layernorm_bwd", "ln_in");
@@ -666,6 +669,13 @@ Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& l
   const Tensor w = has_ln ? w_->to(acc_dt).contiguous() : Tensor();
   const Tensor mean = has_ln ? mean_.to(acc_dt).contiguous() : Tensor();
   const Tensor rstd = has_ln ? rstd_.to(acc_dt).contiguous() : Tensor();
+  // (as the CPU op: the kernel indexes every input by ln_in's shape)
+  if (has_ln) {
+    TORCH_CHECK(da.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_bwd: da must match ln_in");
+    TORCH_CHECK(w.numel() == D, "seqpe_ext::residual_layernorm_bwd: w must have D = ", D, " elements");
+    TORCH_CHECK(mean.numel() == R && rstd.numel() == R, "seqpe_ext::residual_layernorm_bwd: mean/rstd must be [R]");
+  }
+  if (has_dh) check_ln_dh(dh, x, dh_every);
   Tensor dx = at::empty_like(x);
   Tensor dy = has_y ? at::empty({R, D}, x.options().dtype(dtype_from_code(y_dtype))) : at::empty({0}, x.options());
   const bool dropout = has_y && p > 0.0;
@@ -693,7 +703,7 @@ Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& l
            dx.data_ptr(), has_y ? dy.data_ptr() : nullptr, dcode(x.scalar_type()),
            has_ln ? dcode(da.scalar_type()) : 0, has_dh ? dcode(dh.scalar_type()) : 0,
            has_y ? dcode(dy.scalar_type()) : 0, R, D, per, has_dh, has_ln, has_y, dropout,
-           dropout ? sd.data_ptr<int64_t>() : nullptr, seed_idx, static_cast<float>(p)};
+           dropout ? sd.data_ptr<int64_t>() : nullptr, seed_idx, static_cast<float>(p), has_dh ? dh_every : 0};
   Tensor dw, db, dybs;
   AT_DISPATCH_FLOATING_TYPES(acc_dt, "seqpe_residual_layernorm_bwd_cuda", [&] {
     scalar_t* pp = k_parts ? part.data_ptr<scalar_t>() : nullptr;

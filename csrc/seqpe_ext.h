@@ -32,19 +32,35 @@ inline at::ScalarType dtype_from_code(int64_t code) {
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// The residual + LayerNorm backward of one device (its last argument: also return dy's column sums, the bias
-// gradient of the GEMM before the branch), registered twice: residual_layernorm_bwd (four outputs, the seqpe::
-// operator's contract) and residual_layernorm_bwd_bias (five; only csrc/encoder.cpp calls it)
+// residual_layernorm_bwd's dh against ln_in [R, D]: the same shape, or [R / dh_every, D] with dh_every > 0
+inline void check_ln_dh(const Tensor& dh, const Tensor& x, int64_t dh_every) {
+  TORCH_CHECK(dh_every >= 0, "seqpe_ext::residual_layernorm_bwd: dh_every must be >= 0, got ", dh_every);
+  if (dh_every == 0) {
+    TORCH_CHECK(dh.sizes() == x.sizes(), "seqpe_ext::residual_layernorm_bwd: dh must match ln_in");
+    return;
+  }
+  TORCH_CHECK(x.size(0) % dh_every == 0 && dh.dim() == 2 && dh.size(0) == x.size(0) / dh_every &&
+                  dh.size(1) == x.size(1),
+              "seqpe_ext::residual_layernorm_bwd: with dh_every = ", dh_every, ", dh must be [R / ", dh_every,
+              ", D] = [", x.size(0) / dh_every, ", ", x.size(1), "] (R = ", x.size(0), " a multiple), got ",
+              dh.sizes());
+}
+
+// The residual + LayerNorm backward of one device (its last arguments: also return dy's column sums, the bias
+// gradient of the GEMM before the branch; dh_every > 0: dh holds only the rows r with r % dh_every ==
+// dh_every - 1, densely as [R / dh_every, D], the others being zero), registered twice: residual_layernorm_bwd
+// (four outputs, the seqpe:: operator's contract) and residual_layernorm_bwd_bias (five, and dh_every; only
+// csrc/encoder.cpp calls it)
 using RlnBwdImpl = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*)(
     const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, double,
-    const OptTensor&, int64_t, bool, int64_t, bool);
+    const OptTensor&, int64_t, bool, int64_t, bool, int64_t);
 
 template <RlnBwdImpl impl>
 std::tuple<Tensor, Tensor, Tensor, Tensor> rln_bwd_op(const OptTensor& da, const OptTensor& dh, const Tensor& ln_in,
                                                       const OptTensor& w, const Tensor& mean, const Tensor& rstd,
                                                       double p, const OptTensor& seeds, int64_t seed_idx, bool has_y,
                                                       int64_t y_dtype) {
-  auto r = impl(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false);
+  auto r = impl(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, false, 0);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
@@ -53,8 +69,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rln_bwd_bias_op(const OptTens
                                                                    const Tensor& ln_in, const OptTensor& w,
                                                                    const Tensor& mean, const Tensor& rstd, double p,
                                                                    const OptTensor& seeds, int64_t seed_idx,
-                                                                   bool has_y, int64_t y_dtype) {
-  return impl(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true);
+                                                                   bool has_y, int64_t y_dtype, int64_t dh_every) {
+  return impl(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx, has_y, y_dtype, true, dh_every);
 }
 
 inline void check_float_dtype(const Tensor& t, const char* op, const char* name) {

@@ -239,6 +239,58 @@ def test_residual_layernorm_backward_deferred_partials_and_cls_dh(M, T, D, n, dt
         assert _scaled_err(s_, r_, terms.abs().sum(0).max()) <= TOL[dt]
 
 
+@SETTINGS
+@given(M=st.integers(0, 9), T=st.integers(1, 6), D=st.integers(1, 40), dt=st.sampled_from([torch.float32, torch.float64]),
+       has_ln=st.booleans(), dropout=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_ext_residual_layernorm_cls_dh(M, T, D, dt, has_ln, dropout, seed):
+    """The extension's form for the C++ encoder (residual_layernorm_bwd_bias's dh_every): dh nonzero on every T-th
+    row only, given as those rows [M, D]. Against the same operator with dh zero-filled to [M*T, D]: all five
+    outputs bit for bit (the same arithmetic per row; the rows it skips add a zero)."""
+    require_ext(DEV)
+    from seqpe_kernels.ops._common import dtype_code, ext_ops, new_seeds
+    from seqpe_kernels.ops.layernorm import residual_layernorm_forward
+
+    op = ext_ops().residual_layernorm_bwd_bias
+    p = 0.3 if dropout else 0.0
+    R = M * T
+    torch.manual_seed(seed)
+    x, y = torch.randn(R, D, dtype=dt).to(DEV), torch.randn(R, D, dtype=dt).to(DEV)
+    w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
+    b = torch.randn(D, dtype=dt).to(DEV) if has_ln else None
+    seeds = new_seeds(3, DEV)
+    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, p, seeds, 2, dtype_code(dt))
+    da = torch.randn(R, D, dtype=dt).to(DEV) if has_ln else None
+    dh_cls = torch.randn(M, D, dtype=dt).to(DEV)
+    dh = torch.zeros(R, D, dtype=dt, device=DEV)
+    dh.view(M, T, D)[:, T - 1] = dh_cls
+    want = op(da, dh, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt))
+    got = op(da, dh_cls, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt), T)
+    for k, (g_, w_) in enumerate(zip(got, want)):
+        assert torch.equal(g_, w_), f"output {k}"
+
+
+def test_ext_residual_layernorm_cls_dh_refuses_misuse():
+    require_ext(DEV)
+    from seqpe_kernels.ops._common import ext_ops
+    from seqpe_kernels.ops.layernorm import residual_layernorm_forward
+
+    op = ext_ops().residual_layernorm_bwd_bias
+    R, D = 12, 8
+    h, _, mean, rstd = residual_layernorm_forward(torch.randn(R, D, device=DEV), torch.randn(R, D, device=DEV),
+                                                  torch.randn(D, device=DEV), torch.randn(D, device=DEV), 1e-5, 0.0,
+                                                  None, 0, 0)
+    w, da = torch.randn(D, device=DEV), torch.randn(R, D, device=DEV)
+    for dh, every, msg in ((torch.randn(R, D, device=DEV), 6, "must be \\[R / 6, D\\]"),
+                           (torch.randn(3, D, device=DEV), 5, "a multiple"),
+                           (torch.randn(2, D + 1, device=DEV), 6, "must be"),
+                           (torch.randn(R, D, device=DEV), -1, ">= 0"),
+                           (torch.randn(R // 2, D, device=DEV), 0, "must match ln_in")):
+        with pytest.raises(RuntimeError, match=msg):
+            op(da, dh, h, w, mean, rstd, 0.0, None, 0, True, 0, every)
+    with pytest.raises(RuntimeError, match="da must match"):
+        op(da[:-1], None, h, w, mean, rstd, 0.0, None, 0, True, 0, 0)
+
+
 def test_residual_layernorm_encoder_forms_refuse_misuse():
     """A workspace slice of the wrong shape or dtype and a dh that does not match dh_every raise (a kernel would
     otherwise read or write out of place); a row view of x needs a branch y (the backward normalises h)."""

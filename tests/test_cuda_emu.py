@@ -120,9 +120,11 @@ def test_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, s
 @settings(**SETTINGS)
 @given(R=st.integers(0, 7), D=st.sampled_from([1, 7, 32, 100, 257, 600, 1100, 4100]), dtype=st.sampled_from(DTYPES),
        with_y=st.booleans(), affine=st.booleans(), p=st.sampled_from([0.0, 0.2]), out_fp32=st.booleans(),
-       with_da=st.booleans(), with_dh=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_da, with_dh, seed):
+       with_da=st.booleans(), with_dh=st.booleans(), every=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2 ** 16))
+def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_da, with_dh, every, seed):
     torch.manual_seed(seed)
+    if every:  # the bias form's dh_every: dh holds rows every-1, 2*every-1, ... only, as [R / every, D]
+        R -= R % every
     x = torch.randn(R, D, dtype=dtype)
     y = torch.randn(R, D, dtype=dtype) if with_y else None
     w = torch.randn(D, dtype=dtype) if affine else None
@@ -140,6 +142,8 @@ def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_
     with_dh = with_dh or not with_da
     da = torch.randn(R, D, dtype=a.dtype) if with_da else None
     dh = torch.randn(R, D, dtype=dtype) if with_dh else None
+    if dh is not None and every:  # zero but for the rows a sparse dh holds
+        dh.view(R // every, every, D)[:, :every - 1] = 0
     # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = da * w (exactly 0 for D = 1), and dy from it; dw, db,
     # the bias gradient: column sums of g * xhat, da, dy
     def floors(c):
@@ -150,8 +154,14 @@ def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_
         return {0: dx, 1: dx / (1 - p),  # dy: dx through the branch's dropout
                 2: _colsum_abs(da.double() * xhat), 3: _colsum_abs(da), 4: R * dx / (1 - p) + _colsum_abs(c[1])}
 
-    for name in ("residual_layernorm_bwd", "residual_layernorm_bwd_bias"):
-        run_both(ops, name, (da, dh, ln_in, w, mean, rstd, p, seeds, 2, with_y, code), floors)
+    args = (da, dh, ln_in, w, mean, rstd, p, seeds, 2, with_y, code)
+    run_both(ops, "residual_layernorm_bwd", args, floors)
+    dense = run_both(ops, "residual_layernorm_bwd_bias", args + (0,), floors)
+    if dh is not None and every:  # the same dh given sparsely: the same values, bit for bit
+        sparse = run_both(ops, "residual_layernorm_bwd_bias",
+                          (da, dh.view(R // every, every, D)[:, every - 1], *args[2:], every), floors)
+        for k, (a_, b_) in enumerate(zip(dense, sparse)):
+            assert torch.equal(a_.nan_to_num(), b_.nan_to_num()), f"dh_every={every}: output {k} differs"
 
 
 # ----------------------------------------------------------------------------- gelu_new
@@ -216,7 +226,9 @@ def test_chunked_grids_agree(ops, sms):
         # 37 sequences on one SM: chunks of 10, each two digit tiles (8 + 2); on 3 SMs chunks of 4
         test_digit_embedding.hypothesis.inner_test(ops, 37, 3, 10, 2, 130, torch.float32, True, True, sms)
         test_residual_layernorm.hypothesis.inner_test(ops, 7, 257, torch.float32, True, True, 0.2, True, True,
-                                                      True, sms)
+                                                      True, 0, sms)
+        test_residual_layernorm.hypothesis.inner_test(ops, 9, 257, torch.float32, True, True, 0.2, True, True,
+                                                      True, 3, sms)
 
 
 # ----------------------------------------------------------------------------- the emulator catches what it claims

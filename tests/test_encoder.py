@@ -205,9 +205,11 @@ def test_empty_batch_training_step(backend, num_layers):
 # gradients). Triton 42 + 22 since the LayerNorm backwards write their partials into one workspace reduced once
 # (five sums -> one), the gradient below the CLS-only last block stays [M, D] (no zeroed [M*T, D] and its copy),
 # and the last block reads the CLS rows of the residual stream in place (no copy). 42 + 22 since the
-# digit-embedding launch also writes layer 0's table (its add and cat gone). The bounds leave a little room; growing past them is a regression
-# of the host cost (each launch is host time on a GPU).
-LAUNCH_BOUNDS = {"torch": (231, 0), "cpu": (71, 0), "cuda": (71, 0), "triton": (44, 23)}
+# digit-embedding launch also writes layer 0's table (its add and cat gone). C++/CUDA 67 since its gradient below
+# the CLS-only last block stays [M, D] as well (residual_layernorm_bwd_bias's dh_every: no zeros and copy). The
+# bounds leave a little room; growing past them is a regression of the host cost (each launch is host time on a
+# GPU).
+LAUNCH_BOUNDS = {"torch": (231, 0), "cpu": (69, 0), "cuda": (69, 0), "triton": (44, 23)}
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FUSED)

@@ -81,9 +81,9 @@ using EmbedBwd = Tensor4(const Tensor&, const Tensor&, bool, int64_t, int64_t, i
 using RlnFwd = Tensor4(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
                        const OptTensor&, int64_t, int64_t);
 using AttnFwd = Tensor(const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t, double, double,
-                       const OptTensor&, int64_t);
+                       const OptTensor&, int64_t, const OptTensor&);
 using AttnBwd = Tensor2(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool, int64_t,
-                        double, double, const OptTensor&, int64_t);
+                        double, double, const OptTensor&, int64_t, const OptTensor&);
 using GeluFwd = Tensor(const Tensor&);
 using RlnBwdBias = Tensor5(const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const Tensor&,
                            const Tensor&, double, const OptTensor&, int64_t, bool, int64_t, int64_t);
@@ -168,38 +168,19 @@ Tensor table_rows(const Tensor& x, const Cfg& c) {
 
 bool low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// layer 0's q/k/v rows gathered per token from the table's GEMM output (lossless in any dtype: one kernel); the
-// backward sums the per-token gradient rows in fp32 for half types (as the reference's per-token GEMM
-// accumulates), not in bf16
-// The CPU small-input paths below (row gather, column sums: elements; GEMMs: multiply-adds) stop here: past these
+// Layer 0's attention reads its q/k/v per token from the table's GEMM output through rows (the kernels' indexed
+// form); its per-token gradients are summed back into table rows here, in fp32 for half types (as the reference's
+// per-token GEMM accumulates), not in bf16.
+// The CPU small-input paths below (row sums, column sums: elements; GEMMs: multiply-adds) stop here: past these
 // sizes the work dwarfs the per-call overhead they save, and ATen's threaded kernels take over.
 constexpr int64_t kSmallElems = int64_t{1} << 16, kSmallMacs = int64_t{1} << 20;
 
-// Small fp32/fp64 CPU inputs take a row loop (copy / sum in token order, as embedding_dense_backward's index_add):
-// at these sizes the dispatcher and TensorIterator setup cost more than the copies.
+// Small fp32/fp64 CPU inputs take a row loop (sums in token order, as embedding_dense_backward's index_add):
+// at these sizes the dispatcher and TensorIterator setup cost more than the sums.
 bool small_cpu_rows(const Tensor& t, const Tensor& rows) {
   const at::ScalarType st = t.scalar_type();
   return on_cpu(t) && t.is_contiguous() && rows.is_contiguous() && rows.scalar_type() == at::kLong &&
          (st == at::kFloat || st == at::kDouble) && rows.numel() * t.size(-1) <= kSmallElems;
-}
-
-Tensor gather(const Tensor& tab_out, const Tensor& rows) {
-  if (tab_out.dim() != 2 || !small_cpu_rows(tab_out, rows)) return at::embedding(tab_out, rows);
-  RECORD_FUNCTION("seqpe_ext::gather", std::vector<c10::IValue>());
-  const int64_t n = tab_out.size(0), W = tab_out.size(1), N = rows.numel();
-  std::vector<int64_t> shape(rows.sizes().begin(), rows.sizes().end());
-  shape.push_back(W);
-  Tensor out = alloc(shape, tab_out.options());
-  const int64_t* r = rows.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(tab_out.scalar_type(), "seqpe_gather", [&] {
-    const scalar_t* src = tab_out.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < N; ++i) {
-      TORCH_CHECK(r[i] >= 0 && r[i] < n, "seqpe_ext::encoder: table row ", r[i], " outside [0, ", n, ")");
-      std::memcpy(dst + i * W, src + r[i] * W, W * sizeof(scalar_t));
-    }
-  });
-  return out;
 }
 
 Tensor gather_bwd(const Tensor& g, const Tensor& rows, int64_t n) {
@@ -410,10 +391,12 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
                  Wp = W(o0 + 10), bp = W(o0 + 11);
     const Tensor ln2w = param(params, o0 + 6), ln2b = param(params, o0 + 7);
     keep(saved_cast(Wa, Wa_p)), keep(saved_cast(Wo, Wo_p)), keep(saved_cast(Wf, Wf_p)), keep(saved_cast(Wp, Wp_p));
+    // layer 0's q / k / v: its table's c_attn output [base*L+1, 3D], read by the attention per token through rows
+    // (the kernels' indexed form: no [M, T, 3D] gather written, read and saved)
+    const OptTensor idx = i == 0 ? OptTensor(rows) : OptTensor();
     if (i < c.nl - 1) {  // full block
-      Tensor qkv = i == 0 ? gather(mm(a_tab, false, Wa, false, ba), rows)
-                          : mm(a, false, Wa, false, ba).view({M, T, 3 * D});
-      Tensor o = k.attn_fwd.call(qkv, std::nullopt, pad, c.H, c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
+      Tensor qkv = i == 0 ? mm(a_tab, false, Wa, false, ba) : mm(a, false, Wa, false, ba).view({M, T, 3 * D});
+      Tensor o = k.attn_fwd.call(qkv, std::nullopt, pad, c.H, c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i, idx);
       Tensor y = mm(o.view({R, D}), false, Wo, false, bo);
       Tensor hb, a2, m1, r1;
       std::tie(hb, a2, m1, r1) = k.rln_fwd.call(h, y, ln2w, ln2b, c.eps2[i], c.p_res, seeds, 3 * i + 1, c.code);
@@ -430,14 +413,15 @@ TensorList encoder_fwd_impl(const Tensor& x, const OptTensor& pad, const OptTens
     // last block: the CLS query only, every row's K/V
     Tensor kv, q;
     if (i == 0) {
-      kv = gather(mm(a_tab, false, Wa.narrow(1, D, 2 * D), false, ba.narrow(0, D, 2 * D)), rows);
+      kv = mm(a_tab, false, Wa.narrow(1, D, 2 * D), false, ba.narrow(0, D, 2 * D));
       q = mm(a_tab.narrow(0, a_tab.size(0) - 1, 1), false, Wa.narrow(1, 0, D), false, ba.narrow(0, 0, D))
               .view({1, 1, D});
     } else {
       kv = mm(a, false, Wa.narrow(1, D, 2 * D), false, ba.narrow(0, D, 2 * D)).view({M, T, 2 * D});
       q = mm(a.view({M, T, D}).select(1, T - 1), false, Wa.narrow(1, 0, D), false, ba.narrow(0, 0, D)).view({M, 1, D});
     }
-    Tensor o = k.attn_fwd.call(q.expand({M, 1, D}), kv, pad, c.H, c.causal, T - 1, c.sdiv, c.p_att, seeds, 3 * i);
+    Tensor o =
+        k.attn_fwd.call(q.expand({M, 1, D}), kv, pad, c.H, c.causal, T - 1, c.sdiv, c.p_att, seeds, 3 * i, idx);
     Tensor y = mm(o.view({M, D}), false, Wo, false, bo);
     Tensor h_cls = h.view({M, T, D}).select(1, T - 1).contiguous();
     Tensor h2, a2, m1, r1;
@@ -549,7 +533,7 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
   if (needs[o0 + 4]) put(o0 + 4, wmm(Lt(L_O).view({M, D}), dyat, o0 + 4));
   Tensor dq, dkv;
   std::tie(dq, dkv) = k.attn_bwd.call(dattn.view({M, 1, D}), Lt(L_Q).expand({M, 1, D}), Lt(L_KV), pad, c.H, c.causal,
-                                      T - 1, c.sdiv, c.p_att, seeds, 3 * i);
+                                      T - 1, c.sdiv, c.p_att, seeds, 3 * i, i == 0 ? OptTensor(rows) : OptTensor());
   // the residual stream's gradient below the last block is nonzero on the CLS rows only: dhc [M, D]. The next
   // LayerNorm backward reads it as such (dh_every = T); only the embedding backward (one layer) needs [R, D]
   Tensor dh = dhc;
@@ -600,8 +584,9 @@ TensorList encoder_bwd_impl(const Tensor& gout, const Tensor& x, const OptTensor
     dattn = mm(dyat, false, weight(F(i, F_WO), o0 + 4), true);
     if (needs[o0 + 4]) put(o0 + 4, wmm(F(i, F_O).view({R, D}), dyat, o0 + 4));
     Tensor dqkv;
-    std::tie(dqkv, std::ignore) = k.attn_bwd.call(dattn.view({M, T, D}), F(i, F_QKV), std::nullopt, pad, c.H,
-                                                  c.causal, 0, c.sdiv, c.p_att, seeds, 3 * i);
+    std::tie(dqkv, std::ignore) =
+        k.attn_bwd.call(dattn.view({M, T, D}), F(i, F_QKV), std::nullopt, pad, c.H, c.causal, 0, c.sdiv, c.p_att, seeds,
+                        3 * i, i == 0 ? OptTensor(rows) : OptTensor());
     Wa = weight(F(i, F_WA), o0 + 2);
     if (i == 0) {
       Tensor dtab_out = gather_bwd(dqkv, rows, nrows);  // in the accumulation dtype, as in the last block above

@@ -774,31 +774,31 @@ struct AttnGeom {
   int64_t q_start;
   double sdiv, p;
   uint64_t seed;
+  // indexed operands (layer 0: tokens are rows of a (digit, slot) table): token (m, t) is table row
+  // rows[m * T + t]; q_rows: q too (from a [n, 3D] table), else only k / v (a [n, 2D] table)
+  const int64_t* rows = nullptr;
+  bool q_rows = false;
+  // element offset of query row i / key row j of sequence m (add the view's offset and the head's column)
+  int64_t qrow(int64_t m, int64_t i) const { return q_rows ? rows[m * T + q_start + i] * sqt : m * sqm + i * sqt; }
+  int64_t krow(int64_t m, int64_t j) const { return rows ? rows[m * T + j] * skt : m * skm + j * skt; }
 };
 
 struct AttnViews {
-  Tensor qbase, kvbase;  // qbase holds q (and k, v when kvbase is undefined)
+  Tensor qbase, kvbase, rows;  // qbase holds q (and k, v when kvbase is undefined); rows: indexed operands
   AttnGeom g;
 };
 
 // (q, k, v) strided views, as the Python launcher's _views: from one [M, T, 3D] c_attn output, or
 // q [M, TQ, D] + kv [M, T, 2D]. Views need a contiguous last dim; anything else is made contiguous.
-AttnViews attn_views(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& pad_mask, int64_t num_heads,
-                     bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
-                     int64_t seed_idx, const char* op) {
+void attn_views_strided(const Tensor& qkv_, const OptTensor& kv_, const char* op, AttnViews& v) {
   TORCH_CHECK(qkv_.dim() == 3, "seqpe_ext::", op, ": qkv must be [M, T, 3D] (or q [M, TQ, D] with kv)");
-  check_float_dtype(qkv_, op, "qkv");
-  AttnViews v;
-  v.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
-  const bool has_kv = has(kv_);
   AttnGeom& g = v.g;
+  v.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
   g.M = v.qbase.size(0);
   g.TQ = v.qbase.size(1);
-  if (has_kv) {
+  if (has(kv_)) {
     TORCH_CHECK(kv_->dim() == 3 && kv_->size(0) == g.M && kv_->size(2) % 2 == 0,
                 "seqpe_ext::", op, ": kv must be [M, T, 2D]");
-    TORCH_CHECK(kv_->scalar_type() == qkv_.scalar_type(), "seqpe_ext::", op, ": q and kv must share a dtype, got ",
-                qkv_.scalar_type(), " and ", kv_->scalar_type());
     v.kvbase = kv_->stride(2) == 1 ? *kv_ : kv_->contiguous();
     g.D = v.kvbase.size(2) / 2;
     TORCH_CHECK(v.qbase.size(2) == g.D, "seqpe_ext::", op, ": q width ", v.qbase.size(2), " != kv width/2 ", g.D);
@@ -814,6 +814,63 @@ AttnViews attn_views(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& 
     g.sqt = g.skt = g.svt = v.qbase.stride(1);
     g.q_off = 0, g.k_off = g.D, g.v_off = 2 * g.D;
   }
+}
+
+// The indexed form (the Triton kernel's, layer 0: no [M, T, 3D] gather): rows [M, T] (int64, rows of a table of
+// n rows); qkv is a [n, 3D] table (q, k, v by index: query i of sequence m is row rows[m, q_start + i]), or q
+// [M, TQ, D] is given as in the strided form and kv is a [n, 2D] table (k, v by index).
+void attn_views_indexed(const Tensor& qkv_, const OptTensor& kv_, const Tensor& rows_, int64_t q_start,
+                        const char* op, AttnViews& v) {
+  TORCH_CHECK(rows_.dim() == 2 && rows_.scalar_type() == at::kLong,
+              "seqpe_ext::", op, ": rows must be an int64 [M, T] tensor of table rows");
+  AttnGeom& g = v.g;
+  v.rows = rows_.contiguous();
+  g.M = v.rows.size(0), g.T = v.rows.size(1);
+  const bool has_kv = has(kv_);
+  const Tensor& tab_ = has_kv ? *kv_ : qkv_;
+  const int64_t parts = has_kv ? 2 : 3;
+  TORCH_CHECK(tab_.dim() == 2 && tab_.size(1) % parts == 0, "seqpe_ext::", op, ": with rows, ",
+              has_kv ? "kv must be a [n, 2D] table" : "qkv must be a [n, 3D] table");
+  const Tensor tab = tab_.stride(1) == 1 ? tab_ : tab_.contiguous();
+  g.D = tab.size(1) / parts;
+  const int64_t n = tab.size(0);
+  g.rows = v.rows.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < v.rows.numel(); ++i)
+    TORCH_CHECK(g.rows[i] >= 0 && g.rows[i] < n, "seqpe_ext::", op, ": table row ", g.rows[i], " outside [0, ", n,
+                ")");
+  g.skm = g.svm = 0, g.skt = g.svt = tab.stride(0);
+  if (has_kv) {
+    TORCH_CHECK(qkv_.dim() == 3 && qkv_.size(0) == g.M && qkv_.size(2) == g.D, "seqpe_ext::", op,
+                ": q must be [M, TQ, D] with M = rows' ", g.M, " and D = kv's width/2 = ", g.D);
+    v.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
+    v.kvbase = tab;
+    g.TQ = v.qbase.size(1);
+    g.sqm = v.qbase.stride(0), g.sqt = v.qbase.stride(1), g.q_off = 0;
+    g.k_off = 0, g.v_off = g.D;
+  } else {
+    TORCH_CHECK(q_start == 0, "seqpe_ext::", op, ": a q table takes every row as a query (q_start 0, not ", q_start,
+                ")");
+    v.qbase = tab;
+    g.TQ = g.T;
+    g.q_rows = true;
+    g.sqm = 0, g.sqt = tab.stride(0);
+    g.q_off = 0, g.k_off = g.D, g.v_off = 2 * g.D;
+  }
+}
+
+AttnViews attn_views(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& pad_mask, int64_t num_heads,
+                     bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
+                     int64_t seed_idx, const char* op, const OptTensor& rows) {
+  check_float_dtype(qkv_, op, "qkv");
+  AttnViews v;
+  AttnGeom& g = v.g;
+  if (has(rows))
+    attn_views_indexed(qkv_, kv_, *rows, q_start, op, v);
+  else
+    attn_views_strided(qkv_, kv_, op, v);
+  if (v.kvbase.defined())
+    TORCH_CHECK(v.kvbase.scalar_type() == v.qbase.scalar_type(), "seqpe_ext::", op,
+                ": q and kv must share a dtype, got ", v.qbase.scalar_type(), " and ", v.kvbase.scalar_type());
   TORCH_CHECK(num_heads >= 1 && g.D % num_heads == 0, "seqpe_ext::", op, ": num_heads=", num_heads,
               " does not divide width ", g.D);
   g.H = num_heads;
@@ -915,10 +972,10 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
       for (int64_t h = 0; h < g.H; ++h) {
         const int64_t col = h * DH;
         for (int64_t i = 0; i < g.TQ; ++i)
-          qr[i] = read_row<acc_t>(qb + (m * g.sqm + i * g.sqt + g.q_off + col) * es, st, &qbuf[i * DH], DH);
+          qr[i] = read_row<acc_t>(qb + (g.qrow(m, i) + g.q_off + col) * es, st, &qbuf[i * DH], DH);
         for (int64_t j = 0; j < g.T; ++j) {
-          kr[j] = read_row<acc_t>(kb + (m * g.skm + j * g.skt + g.k_off + col) * es, st, &kbuf[j * DH], DH);
-          vr[j] = read_row<acc_t>(kb + (m * g.svm + j * g.svt + g.v_off + col) * es, st, &vbuf[j * DH], DH);
+          kr[j] = read_row<acc_t>(kb + (g.krow(m, j) + g.k_off + col) * es, st, &kbuf[j * DH], DH);
+          vr[j] = read_row<acc_t>(kb + (g.krow(m, j) + g.v_off + col) * es, st, &vbuf[j * DH], DH);
         }
         for (int64_t i = 0; i < g.TQ; ++i) {
           attn_probs_row<acc_t, DHC>(g, pad, m, i, qr[i], kr.data(), s.data());
@@ -939,9 +996,9 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
 
 Tensor tiny_attention_fwd_cpu(const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask, int64_t num_heads,
                               bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
-                              int64_t seed_idx) {
+                              int64_t seed_idx, const OptTensor& rows) {
   AttnViews V = attn_views(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx,
-                           "tiny_attention_fwd");
+                           "tiny_attention_fwd", rows);
   const AttnGeom& g = V.g;
   Tensor out = alloc({g.M, g.TQ, g.D}, V.qbase.options());
   if (g.M == 0 || g.D == 0) return out;
@@ -991,12 +1048,12 @@ void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, T
       for (int64_t h = 0; h < g.H; ++h) {
         const int64_t col = h * DH;
         for (int64_t i = 0; i < TQ; ++i) {
-          qr[i] = read_row<acc_t>(qb + (m * g.sqm + i * g.sqt + g.q_off + col) * es, st, &qbuf[i * DH], DH);
+          qr[i] = read_row<acc_t>(qb + (g.qrow(m, i) + g.q_off + col) * es, st, &qbuf[i * DH], DH);
           dor[i] = read_row<acc_t>(dob + ((m * TQ + i) * g.D + col) * does, dost, &dobuf[i * DH], DH);
         }
         for (int64_t j = 0; j < T; ++j) {
-          kr[j] = read_row<acc_t>(kb + (m * g.skm + j * g.skt + g.k_off + col) * es, st, &kbuf[j * DH], DH);
-          vr[j] = read_row<acc_t>(kb + (m * g.svm + j * g.svt + g.v_off + col) * es, st, &vbuf[j * DH], DH);
+          kr[j] = read_row<acc_t>(kb + (g.krow(m, j) + g.k_off + col) * es, st, &kbuf[j * DH], DH);
+          vr[j] = read_row<acc_t>(kb + (g.krow(m, j) + g.v_off + col) * es, st, &vbuf[j * DH], DH);
         }
         for (int64_t i = 0; i < TQ; ++i) {
           acc_t* P = &pr[i * T];
@@ -1052,16 +1109,19 @@ void attn_bwd_kernel(const AttnViews& V, const float* pad, const Tensor& dout, T
 
 Tensor2 tiny_attention_bwd_cpu(const Tensor& dout_, const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask,
                                int64_t num_heads, bool causal, int64_t q_start, double scale_div, double p,
-                               const OptTensor& seeds, int64_t seed_idx) {
+                               const OptTensor& seeds, int64_t seed_idx, const OptTensor& rows) {
   AttnViews V = attn_views(qkv, kv, pad_mask, num_heads, causal, q_start, scale_div, p, seeds, seed_idx,
-                           "tiny_attention_bwd");
+                           "tiny_attention_bwd", rows);
   const AttnGeom& g = V.g;
   check_float_dtype(dout_, "tiny_attention_bwd", "dout");
   TORCH_CHECK(dout_.dim() == 3 && dout_.size(0) == g.M && dout_.size(1) == g.TQ && dout_.size(2) == g.D,
               "seqpe_ext::tiny_attention_bwd: dout must be [M, TQ, D]");
   const Tensor dout = dout_.contiguous();
-  Tensor d_first = alloc(qkv.sizes(), qkv.options());
-  Tensor d_kv = has(kv) ? alloc(kv->sizes(), kv->options()) : alloc({0}, qkv.options());
+  // per token, also for indexed operands (as the Triton kernel: a table's gradient is the caller's table_grad)
+  Tensor d_first = V.g.q_rows ? alloc({g.M, g.T, 3 * g.D}, qkv.options()) : alloc(qkv.sizes(), qkv.options());
+  Tensor d_kv = !has(kv)           ? alloc({0}, qkv.options())
+                 : V.rows.defined() ? alloc({g.M, g.T, 2 * g.D}, kv->options())
+                                    : alloc(kv->sizes(), kv->options());
   if (g.M == 0 || g.D == 0) {
     d_first.zero_();
     if (has(kv)) d_kv.zero_();
@@ -1149,10 +1209,12 @@ TORCH_LIBRARY(seqpe_ext, m) {
         "float p, Tensor? seeds, int seed_idx, bool has_y, int y_dtype, int dh_every=0) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gelu_new_bwd_bias(Tensor du, Tensor z) -> (Tensor, Tensor)");
+  // (rows [M, T]: layer 0's indexed form, q/k/v or k/v read from a table by row; gradients per token)
   m.def("tiny_attention_fwd(Tensor qkv, Tensor? kv, Tensor? pad_mask, int num_heads, bool causal, int q_start, "
-        "float scale_div, float p, Tensor? seeds, int seed_idx) -> Tensor");
+        "float scale_div, float p, Tensor? seeds, int seed_idx, Tensor? rows=None) -> Tensor");
   m.def("tiny_attention_bwd(Tensor dout, Tensor qkv, Tensor? kv, Tensor? pad_mask, int num_heads, bool causal, "
-        "int q_start, float scale_div, float p, Tensor? seeds, int seed_idx) -> (Tensor, Tensor)");
+        "int q_start, float scale_div, float p, Tensor? seeds, int seed_idx, Tensor? rows=None) -> "
+        "(Tensor, Tensor)");
   // layer 0's (digit, slot) table rows (the C++ encoder's; one launch on CUDA instead of ~10 ATen ops)
   m.def("table_rows(Tensor x, int L, int K, int base, bool from_positions, bool clamp) -> Tensor");
   // its backward: the per-token gradient [M, T, C] summed per table row ([n_rows, C], fp32 / fp64 sums)

@@ -347,7 +347,8 @@ Tensor digit_embed_fwd_cuda(const Tensor& x_, const Tensor& tok_, const Tensor& 
   const bool has_dim = has(dim_);
   const Tensor dim = has_dim ? dim_->to(stt).contiguous() : Tensor();
   const int64_t sxm = x.dim() == 2 ? x.size(1) : 1;
-  TORCH_CHECK(from_positions ? sxm * max_digits == L : sxm == L, "seqpe_ext::digit_embed_fwd: x does not match L = ", L);
+  TORCH_CHECK(from_positions ? sxm * max_digits == L : sxm == L, "seqpe_ext::digit_embed_fwd: x does not match L = ",
+              L);
   Tensor out = at::empty({M, T, D}, tok.options());
   if (M == 0 || D == 0) return out;
   const DigitP a = digit_params(x, M, L, T, D, max_digits, base, from_positions);
@@ -911,6 +912,11 @@ struct AttnP {
   float p;
   const int64_t* seeds;
   int64_t seed_idx;
+  // indexed operands (layer 0, the Triton kernel's form): token (m, t) is row rows[m * T + t] of a table of n_rows
+  // rows (row stride skt); q_rows: q too (a [n, 3D] table), else k / v only (a [n, 2D] table)
+  const int64_t* rows;
+  int64_t n_rows;
+  bool q_rows;
 };
 
 __device__ __forceinline__ bool attn_allowed(const AttnP& a, int64_t m, int64_t i, int64_t j) {
@@ -942,13 +948,27 @@ __host__ __device__ inline AttnSmem attn_smem(int64_t TQ, int64_t T, int64_t DH,
   return L;
 }
 
-// rows [rows, DH] of a tensor (element row0 + r * rstride + d) into dst (row stride dhp), lanes over d
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <>
+__device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// rows [rows, DH] of a tensor (element row0 + r * rstride + d) into dst (row stride dhp), lanes over d. Indexed
+// (idx): row r is table row idx[r] (element idx[r] * rstride + row0 + d); an index outside [0, n_idx) stages
+// NaN, never an out-of-table read (the op does not sync to check its indices on the host)
 template <typename acc_t>
 __device__ __forceinline__ void stage_rows(acc_t* dst, int64_t dhp, const void* src, int dt, int64_t row0,
-                                           int64_t rstride, int64_t rows, int64_t DH) {
+                                           int64_t rstride, int64_t rows, int64_t DH, const int64_t* idx = nullptr,
+                                           int64_t n_idx = 0) {
   const int lane = threadIdx.x & 31;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = lane; d < DH; d += 32) dst[r * dhp + d] = ld<acc_t>(src, dt, row0 + r * rstride + d);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = idx ? idx[r] : 0;
+    const bool ok = !idx || (t >= 0 && t < n_idx);
+    const int64_t start = idx ? t * rstride + row0 : row0 + r * rstride;
+    for (int64_t d = lane; d < DH; d += 32) dst[r * dhp + d] = ok ? ld<acc_t>(src, dt, start + d) : quiet_nan<acc_t>();
+  }
 }
 
 // sum_d x[d] y[d], four independent accumulators (ILP, and a shorter rounding chain than one)
@@ -1003,9 +1023,18 @@ __device__ __forceinline__ bool attn_stage(const AttnP& a, unsigned char* smem, 
   const int64_t col = h * a.DH;
   L = attn_smem(a.TQ, a.T, a.DH, bwd);
   W = reinterpret_cast<acc_t*>(smem) + warp * L.total;
-  stage_rows(W + L.q, L.dhp, a.qb, a.dt, m * a.sqm + a.q_off + col, a.sqt, a.TQ, a.DH);
-  stage_rows(W + L.k, L.dhp, a.kb, a.dt, m * a.skm + a.k_off + col, a.skt, a.T, a.DH);
-  stage_rows(W + L.v, L.dhp, a.kb, a.dt, m * a.skm + a.v_off + col, a.skt, a.T, a.DH);
+  const int64_t* ridx = a.rows ? a.rows + m * a.T : nullptr;  // this sequence's table rows (indexed operands)
+  if (a.q_rows)
+    stage_rows(W + L.q, L.dhp, a.qb, a.dt, a.q_off + col, a.sqt, a.TQ, a.DH, ridx, a.n_rows);
+  else
+    stage_rows(W + L.q, L.dhp, a.qb, a.dt, m * a.sqm + a.q_off + col, a.sqt, a.TQ, a.DH);
+  if (ridx) {
+    stage_rows(W + L.k, L.dhp, a.kb, a.dt, a.k_off + col, a.skt, a.T, a.DH, ridx, a.n_rows);
+    stage_rows(W + L.v, L.dhp, a.kb, a.dt, a.v_off + col, a.skt, a.T, a.DH, ridx, a.n_rows);
+  } else {
+    stage_rows(W + L.k, L.dhp, a.kb, a.dt, m * a.skm + a.k_off + col, a.skt, a.T, a.DH);
+    stage_rows(W + L.v, L.dhp, a.kb, a.dt, m * a.skm + a.v_off + col, a.skt, a.T, a.DH);
+  }
   if (bwd) stage_rows(W + L.o, L.dhp, dout, dodt, m * a.TQ * a.D + col, a.D, a.TQ, a.DH);
   __syncwarp();
   return true;
@@ -1094,14 +1123,50 @@ __global__ void attn_bwd_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* do
 
 struct AttnSetup {
   AttnP P;
-  Tensor qbase, kvbase, pad, seeds;
+  Tensor qbase, kvbase, pad, seeds, rows;
 };
 
-AttnSetup attn_setup(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& pad_mask, int64_t num_heads,
-                     bool causal, int64_t q_start, double p, const OptTensor& seeds, int64_t seed_idx, const char* op) {
+// the operands of the indexed form (rows [M, T]; as the CPU op's attn_views_indexed, but the row indices are
+// checked in the kernel: out of range stages NaN, no host sync)
+void attn_setup_indexed(const Tensor& qkv_, const OptTensor& kv_, const Tensor& rows_, int64_t q_start,
+                        const char* op, AttnSetup& s) {
+  TORCH_CHECK(rows_.dim() == 2 && rows_.scalar_type() == at::kLong,
+              "seqpe_ext::", op, ": rows must be an int64 [M, T] tensor of table rows");
+  AttnP& a = s.P;
+  s.rows = rows_.to(qkv_.device()).contiguous();
+  a.M = s.rows.size(0), a.T = s.rows.size(1);
+  const bool has_kv = has(kv_);
+  const Tensor& tab_ = has_kv ? *kv_ : qkv_;
+  const int64_t parts = has_kv ? 2 : 3;
+  TORCH_CHECK(tab_.dim() == 2 && tab_.size(1) % parts == 0, "seqpe_ext::", op, ": with rows, ",
+              has_kv ? "kv must be a [n, 2D] table" : "qkv must be a [n, 3D] table");
+  const Tensor tab = tab_.stride(1) == 1 ? tab_ : tab_.contiguous();
+  a.D = tab.size(1) / parts;
+  a.rows = s.rows.const_data_ptr<int64_t>();
+  a.n_rows = tab.size(0);
+  a.skm = 0, a.skt = tab.stride(0);
+  if (has_kv) {
+    TORCH_CHECK(qkv_.dim() == 3 && qkv_.size(0) == a.M && qkv_.size(2) == a.D, "seqpe_ext::", op,
+                ": q must be [M, TQ, D] with M = rows' ", a.M, " and D = kv's width/2 = ", a.D);
+    s.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
+    s.kvbase = tab;
+    a.TQ = s.qbase.size(1);
+    a.sqm = s.qbase.stride(0), a.sqt = s.qbase.stride(1);
+    a.q_off = 0, a.k_off = 0, a.v_off = a.D;
+  } else {
+    TORCH_CHECK(q_start == 0, "seqpe_ext::", op, ": a q table takes every row as a query (q_start 0, not ", q_start,
+                ")");
+    s.qbase = tab;
+    a.TQ = a.T;
+    a.q_rows = true;
+    a.sqm = 0, a.sqt = tab.stride(0);
+    a.q_off = 0, a.k_off = a.D, a.v_off = 2 * a.D;
+  }
+}
+
+// the strided operands: one [M, T, 3D] c_attn output, or q [M, TQ, D] + kv [M, T, 2D]
+void attn_setup_strided(const Tensor& qkv_, const OptTensor& kv_, const char* op, AttnSetup& s) {
   TORCH_CHECK(qkv_.dim() == 3, "seqpe_ext::", op, ": qkv must be [M, T, 3D] (or q [M, TQ, D] with kv)");
-  check_float_dtype(qkv_, op, "qkv");
-  AttnSetup s;
   AttnP& a = s.P;
   s.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
   a.M = s.qbase.size(0);
@@ -1109,7 +1174,6 @@ AttnSetup attn_setup(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& 
   if (has(kv_)) {
     TORCH_CHECK(kv_->dim() == 3 && kv_->size(0) == a.M && kv_->size(2) % 2 == 0, "seqpe_ext::", op,
                 ": kv must be [M, T, 2D]");
-    TORCH_CHECK(kv_->scalar_type() == qkv_.scalar_type(), "seqpe_ext::", op, ": q and kv must share a dtype");
     s.kvbase = kv_->stride(2) == 1 ? *kv_ : kv_->contiguous();
     a.D = s.kvbase.size(2) / 2;
     TORCH_CHECK(s.qbase.size(2) == a.D, "seqpe_ext::", op, ": q width does not match kv");
@@ -1125,6 +1189,21 @@ AttnSetup attn_setup(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& 
     a.sqt = a.skt = s.qbase.stride(1);
     a.q_off = 0, a.k_off = a.D, a.v_off = 2 * a.D;
   }
+}
+
+AttnSetup attn_setup(const Tensor& qkv_, const OptTensor& kv_, const OptTensor& pad_mask, int64_t num_heads,
+                     bool causal, int64_t q_start, double p, const OptTensor& seeds, int64_t seed_idx, const char* op,
+                     const OptTensor& rows) {
+  check_float_dtype(qkv_, op, "qkv");
+  AttnSetup s;
+  AttnP& a = s.P;
+  a.rows = nullptr, a.n_rows = 0, a.q_rows = false;
+  if (has(rows))
+    attn_setup_indexed(qkv_, kv_, *rows, q_start, op, s);
+  else
+    attn_setup_strided(qkv_, kv_, op, s);
+  if (s.kvbase.defined())
+    TORCH_CHECK(s.kvbase.scalar_type() == s.qbase.scalar_type(), "seqpe_ext::", op, ": q and kv must share a dtype");
   TORCH_CHECK(num_heads >= 1 && a.D % num_heads == 0, "seqpe_ext::", op, ": num_heads does not divide the width");
   a.qb = s.qbase.data_ptr();
   a.kb = s.kvbase.defined() ? s.kvbase.data_ptr() : s.qbase.data_ptr();
@@ -1170,9 +1249,10 @@ int attn_warps(K kernel, size_t per_warp, const char* op) {
 
 Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask, int64_t num_heads,
                                bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
-                               int64_t seed_idx) {
+                               int64_t seed_idx, const OptTensor& rows) {
   DeviceGuard guard(qkv.device());
-  AttnSetup s = attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_fwd");
+  AttnSetup s =
+      attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_fwd", rows);
   const AttnP& a = s.P;
   Tensor out = at::empty({a.M, a.TQ, a.D}, s.qbase.options());
   if (a.M == 0 || a.D == 0) return out;
@@ -1191,16 +1271,20 @@ Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const Opt
 
 Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask,
                                 int64_t num_heads, bool causal, int64_t q_start, double scale_div, double p,
-                                const OptTensor& seeds, int64_t seed_idx) {
+                                const OptTensor& seeds, int64_t seed_idx, const OptTensor& rows) {
   DeviceGuard guard(qkv.device());
-  AttnSetup s = attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_bwd");
+  AttnSetup s =
+      attn_setup(qkv, kv, pad_mask, num_heads, causal, q_start, p, seeds, seed_idx, "tiny_attention_bwd", rows);
   const AttnP& a = s.P;
   check_float_dtype(dout_, "tiny_attention_bwd", "dout");
   TORCH_CHECK(dout_.dim() == 3 && dout_.size(0) == a.M && dout_.size(1) == a.TQ && dout_.size(2) == a.D,
               "seqpe_ext::tiny_attention_bwd: dout must be [M, TQ, D]");
   const Tensor dout = dout_.contiguous();
-  Tensor d_first = at::empty(qkv.sizes(), qkv.options());
-  Tensor d_kv = has(kv) ? at::empty(kv->sizes(), kv->options()) : at::empty({0}, qkv.options());
+  // per token, also for indexed operands (as the Triton kernel: a table's gradient is the caller's table_grad)
+  Tensor d_first = a.q_rows ? at::empty({a.M, a.T, 3 * a.D}, qkv.options()) : at::empty(qkv.sizes(), qkv.options());
+  Tensor d_kv = !has(kv)   ? at::empty({0}, qkv.options())
+                : s.rows.defined() ? at::empty({a.M, a.T, 2 * a.D}, kv->options())
+                         : at::empty(kv->sizes(), kv->options());
   if (a.M == 0 || a.D == 0) {
     d_first.zero_();
     if (has(kv)) d_kv.zero_();

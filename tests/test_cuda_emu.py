@@ -105,7 +105,7 @@ def test_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, s
     pad = (torch.rand(M, T - 1) > 0.3).float() if masked and T > 1 else None
     seeds = _seeds() if p else None
     sdiv = float(DH) ** 0.5
-    args = (first, second, pad, H, causal, q_start, sdiv, p, seeds, 1 if p else 0)
+    args = (first, second, pad, H, causal, q_start, sdiv, p, seeds, 1 if p else 0, None)
     run_both(ops, "tiny_attention_fwd", args)
     dout = torch.randn(M, TQ, D, dtype=dtype)
     if strided:
@@ -114,6 +114,40 @@ def test_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, s
     big = max([t.double().abs().max().item() for t in (first, second) if t is not None and t.numel()] + [0.0])
     terms = (dout.double().abs().max().item() if dout.numel() else 0.0) * big * big * DH * T
     run_both(ops, "tiny_attention_bwd", (dout,) + args, lambda c: {0: terms, 1: terms})
+    # the indexed form (layer 0): the table operand's rows picked per token by rows [M, T]; the same values, bit
+    # for bit, as the gathered operand (the tokens' rows are staged, then the same arithmetic)
+    n = 2 * T + 1
+    rows = torch.randint(0, n, (M, T))
+    width = 2 * D if cross else 3 * D
+    tab = torch.randn(n, width + 3 * strided, dtype=dtype)[:, :width]
+    gathered = tab[rows]
+    iargs = ((first, tab) if cross else (tab, None)) + args[2:-1] + (rows,)
+    gargs = ((first, gathered) if cross else (gathered, None)) + args[2:-1] + (None,)
+    for a_, b_ in zip(run_both(ops, "tiny_attention_fwd", iargs), _tuple(ops[0].tiny_attention_fwd(*gargs))):
+        assert torch.equal(a_, b_), "indexed forward"
+    for a_, b_ in zip(run_both(ops, "tiny_attention_bwd", (dout,) + iargs, lambda c: {0: terms, 1: terms}),
+                      ops[0].tiny_attention_bwd(dout, *gargs)):
+        assert torch.equal(a_, b_), "indexed backward (per-token gradients)"
+
+
+def test_indexed_attention_refuses_rows_outside_the_table(ops):
+    """A table row outside [0, n): the CPU op raises; the CUDA kernel (which cannot check on the host without a
+    sync) stages NaN for that token, so its sequence's outputs are NaN and no other sequence's are."""
+    emu, cpu = ops
+    tab = torch.randn(5, 3 * 8)
+    rows = torch.tensor([[0, 1, 4], [2, 5, 1], [3, -1, 0], [4, 4, 4]])
+    args = (tab, None, None, 2, False, 0, 2.0, 0.0, None, 0, rows)
+    with pytest.raises(RuntimeError, match="table row 5 outside"):
+        cpu.tiny_attention_fwd(*args)
+    out = emu.tiny_attention_fwd(*args)
+    assert out[1].isnan().all() and out[2].isnan().all() and not out[[0, 3]].isnan().any()
+    good = cpu.tiny_attention_fwd(tab, None, None, 2, False, 0, 2.0, 0.0, None, 0, rows[[0, 3]])
+    assert_close(out[[0, 3]], good, "the sequences with valid rows")
+    for op in (cpu, emu):  # a table q takes every row as a query; rows must be int64 [M, T]
+        with pytest.raises(RuntimeError, match="q_start 0"):
+            op.tiny_attention_fwd(tab, None, None, 2, False, 1, 2.0, 0.0, None, 0, rows.clamp(0, 4))
+        with pytest.raises(RuntimeError, match="int64"):
+            op.tiny_attention_fwd(tab, None, None, 2, False, 0, 2.0, 0.0, None, 0, rows.int())
 
 
 # ----------------------------------------------------------------------------- residual + dropout + LayerNorm

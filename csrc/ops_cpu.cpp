@@ -816,44 +816,31 @@ void attn_views_strided(const Tensor& qkv_, const OptTensor& kv_, const char* op
   }
 }
 
-// The indexed form (the Triton kernel's, layer 0: no [M, T, 3D] gather): rows [M, T] (int64, rows of a table of
-// n rows); qkv is a [n, 3D] table (q, k, v by index: query i of sequence m is row rows[m, q_start + i]), or q
-// [M, TQ, D] is given as in the strided form and kv is a [n, 2D] table (k, v by index).
+// The indexed form (the Triton kernel's, layer 0: no [M, T, 3D] gather; attn_table in seqpe_ext.h): token (m, t)
+// is table row rows[m, t], checked here to lie in the table (the CUDA op stages NaN instead).
 void attn_views_indexed(const Tensor& qkv_, const OptTensor& kv_, const Tensor& rows_, int64_t q_start,
                         const char* op, AttnViews& v) {
-  TORCH_CHECK(rows_.dim() == 2 && rows_.scalar_type() == at::kLong,
-              "seqpe_ext::", op, ": rows must be an int64 [M, T] tensor of table rows");
+  const AttnTable t = attn_table(qkv_, kv_, rows_, q_start, op);
   AttnGeom& g = v.g;
-  v.rows = rows_.contiguous();
-  g.M = v.rows.size(0), g.T = v.rows.size(1);
-  const bool has_kv = has(kv_);
-  const Tensor& tab_ = has_kv ? *kv_ : qkv_;
-  const int64_t parts = has_kv ? 2 : 3;
-  TORCH_CHECK(tab_.dim() == 2 && tab_.size(1) % parts == 0, "seqpe_ext::", op, ": with rows, ",
-              has_kv ? "kv must be a [n, 2D] table" : "qkv must be a [n, 3D] table");
-  const Tensor tab = tab_.stride(1) == 1 ? tab_ : tab_.contiguous();
-  g.D = tab.size(1) / parts;
-  const int64_t n = tab.size(0);
+  v.rows = t.rows;
+  g.M = t.M, g.T = t.T, g.D = t.D;
+  const int64_t n = t.tab.size(0);
   g.rows = v.rows.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < v.rows.numel(); ++i)
     TORCH_CHECK(g.rows[i] >= 0 && g.rows[i] < n, "seqpe_ext::", op, ": table row ", g.rows[i], " outside [0, ", n,
                 ")");
-  g.skm = g.svm = 0, g.skt = g.svt = tab.stride(0);
-  if (has_kv) {
-    TORCH_CHECK(qkv_.dim() == 3 && qkv_.size(0) == g.M && qkv_.size(2) == g.D, "seqpe_ext::", op,
-                ": q must be [M, TQ, D] with M = rows' ", g.M, " and D = kv's width/2 = ", g.D);
+  g.skm = g.svm = 0, g.skt = g.svt = t.tab.stride(0);
+  if (!t.q_table) {
     v.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
-    v.kvbase = tab;
+    v.kvbase = t.tab;
     g.TQ = v.qbase.size(1);
     g.sqm = v.qbase.stride(0), g.sqt = v.qbase.stride(1), g.q_off = 0;
     g.k_off = 0, g.v_off = g.D;
   } else {
-    TORCH_CHECK(q_start == 0, "seqpe_ext::", op, ": a q table takes every row as a query (q_start 0, not ", q_start,
-                ")");
-    v.qbase = tab;
+    v.qbase = t.tab;
     g.TQ = g.T;
     g.q_rows = true;
-    g.sqm = 0, g.sqt = tab.stride(0);
+    g.sqm = 0, g.sqt = t.tab.stride(0);
     g.q_off = 0, g.k_off = g.D, g.v_off = 2 * g.D;
   }
 }

@@ -1130,36 +1130,24 @@ struct AttnSetup {
 // checked in the kernel: out of range stages NaN, no host sync)
 void attn_setup_indexed(const Tensor& qkv_, const OptTensor& kv_, const Tensor& rows_, int64_t q_start,
                         const char* op, AttnSetup& s) {
-  TORCH_CHECK(rows_.dim() == 2 && rows_.scalar_type() == at::kLong,
-              "seqpe_ext::", op, ": rows must be an int64 [M, T] tensor of table rows");
+  const AttnTable t = attn_table(qkv_, kv_, rows_, q_start, op);
   AttnP& a = s.P;
-  s.rows = rows_.to(qkv_.device()).contiguous();
-  a.M = s.rows.size(0), a.T = s.rows.size(1);
-  const bool has_kv = has(kv_);
-  const Tensor& tab_ = has_kv ? *kv_ : qkv_;
-  const int64_t parts = has_kv ? 2 : 3;
-  TORCH_CHECK(tab_.dim() == 2 && tab_.size(1) % parts == 0, "seqpe_ext::", op, ": with rows, ",
-              has_kv ? "kv must be a [n, 2D] table" : "qkv must be a [n, 3D] table");
-  const Tensor tab = tab_.stride(1) == 1 ? tab_ : tab_.contiguous();
-  a.D = tab.size(1) / parts;
+  s.rows = t.rows;
+  a.M = t.M, a.T = t.T, a.D = t.D;
   a.rows = s.rows.const_data_ptr<int64_t>();
-  a.n_rows = tab.size(0);
-  a.skm = 0, a.skt = tab.stride(0);
-  if (has_kv) {
-    TORCH_CHECK(qkv_.dim() == 3 && qkv_.size(0) == a.M && qkv_.size(2) == a.D, "seqpe_ext::", op,
-                ": q must be [M, TQ, D] with M = rows' ", a.M, " and D = kv's width/2 = ", a.D);
+  a.n_rows = t.tab.size(0);
+  a.skm = 0, a.skt = t.tab.stride(0);
+  if (!t.q_table) {
     s.qbase = qkv_.stride(2) == 1 ? qkv_ : qkv_.contiguous();
-    s.kvbase = tab;
+    s.kvbase = t.tab;
     a.TQ = s.qbase.size(1);
     a.sqm = s.qbase.stride(0), a.sqt = s.qbase.stride(1);
     a.q_off = 0, a.k_off = 0, a.v_off = a.D;
   } else {
-    TORCH_CHECK(q_start == 0, "seqpe_ext::", op, ": a q table takes every row as a query (q_start 0, not ", q_start,
-                ")");
-    s.qbase = tab;
+    s.qbase = t.tab;
     a.TQ = a.T;
     a.q_rows = true;
-    a.sqm = 0, a.sqt = tab.stride(0);
+    a.sqm = 0, a.sqt = t.tab.stride(0);
     a.q_off = 0, a.k_off = a.D, a.v_off = 2 * a.D;
   }
 }

@@ -32,6 +32,37 @@ inline at::ScalarType dtype_from_code(int64_t code) {
 
 inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// The indexed attention operands (tiny_attention_fwd / _bwd's rows=, both devices), validated: rows [M, T] int64
+// (made contiguous) and the table (a contiguous last dim): qkv is the [n, 3D] table (q_table; every row a query,
+// so q_start 0), or q [M, TQ, D] is given with kv the [n, 2D] table. The row values are the device op's to check.
+struct AttnTable {
+  Tensor rows, tab;
+  int64_t M, T, D;
+  bool q_table;
+};
+inline AttnTable attn_table(const Tensor& qkv, const OptTensor& kv, const Tensor& rows, int64_t q_start,
+                            const char* op) {
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kLong,
+              "seqpe_ext::", op, ": rows must be an int64 [M, T] tensor of table rows");
+  AttnTable t;
+  t.q_table = !has(kv);
+  const Tensor& tab = t.q_table ? qkv : *kv;
+  const int64_t parts = t.q_table ? 3 : 2;
+  TORCH_CHECK(tab.dim() == 2 && tab.size(1) % parts == 0, "seqpe_ext::", op, ": with rows, ",
+              t.q_table ? "qkv must be a [n, 3D] table" : "kv must be a [n, 2D] table");
+  t.rows = rows.to(tab.device()).contiguous();
+  t.tab = tab.stride(1) == 1 ? tab : tab.contiguous();
+  t.M = rows.size(0), t.T = rows.size(1), t.D = tab.size(1) / parts;
+  if (t.q_table) {
+    TORCH_CHECK(q_start == 0, "seqpe_ext::", op, ": a q table takes every row as a query (q_start 0, not ", q_start,
+                ")");
+  } else {
+    TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == t.M && qkv.size(2) == t.D, "seqpe_ext::", op,
+                ": q must be [M, TQ, D] with M = rows' ", t.M, " and D = kv's width/2 = ", t.D);
+  }
+  return t;
+}
+
 // residual_layernorm_bwd's dh against ln_in [R, D]: the same shape, or [R / dh_every, D] with dh_every > 0
 inline void check_ln_dh(const Tensor& dh, const Tensor& x, int64_t dh_every) {
   TORCH_CHECK(dh_every >= 0, "seqpe_ext::residual_layernorm_bwd: dh_every must be >= 0, got ", dh_every);

@@ -195,6 +195,27 @@ def test_dropout_scale_pairs_carry_the_fp64_scale(p, dt):
         assert lo == 0.0
 
 
+def _cls_dh_case(M, T, D, dt, has_ln, dropout, seed):
+    """A LayerNorm backward's inputs whose incoming dh is nonzero on every T-th row only: (h, w, mean, rstd, p,
+    seeds, da, dh_cls [M, D], dh [M*T, D] zero-filled around dh_cls)."""
+    from seqpe_kernels.ops._common import dtype_code, new_seeds
+    from seqpe_kernels.ops.layernorm import residual_layernorm_forward
+
+    p = 0.3 if dropout else 0.0
+    R = M * T
+    torch.manual_seed(seed)  # the data (and the dropout seeds) belong to the example
+    x, y = torch.randn(R, D, dtype=dt).to(DEV), torch.randn(R, D, dtype=dt).to(DEV)
+    w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
+    b = torch.randn(D, dtype=dt).to(DEV) if has_ln else None
+    seeds = new_seeds(3, DEV)
+    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, p, seeds, 2, dtype_code(dt))
+    da = torch.randn(R, D, dtype=dt).to(DEV) if has_ln else None
+    dh_cls = torch.randn(M, D, dtype=dt).to(DEV)
+    dh = torch.zeros(R, D, dtype=dt, device=DEV)
+    dh.view(M, T, D)[:, T - 1] = dh_cls
+    return h, w, mean, rstd, p, seeds, da, dh_cls, dh
+
+
 @SETTINGS
 @given(M=st.integers(0, 9), T=st.integers(1, 6), D=st.integers(1, 40), n=st.integers(1, 60),
        dt=st.sampled_from([torch.float32, torch.float64]), has_ln=st.booleans(), dropout=st.booleans(),
@@ -205,21 +226,11 @@ def test_residual_layernorm_backward_deferred_partials_and_cls_dh(M, T, D, n, dt
     only, given as those rows ([M, D], dh_every=T). Against the operator's form on the same inputs with dh
     zero-filled to [M*T, D]: dx and dy bit for bit (the same per-row arithmetic; masked loads read the zeros),
     the reduced partials to the tolerance of a sum in another order."""
-    from seqpe_kernels.ops._common import dtype_code, new_seeds
-    from seqpe_kernels.ops.layernorm import residual_layernorm_backward, residual_layernorm_forward
+    from seqpe_kernels.ops._common import dtype_code
+    from seqpe_kernels.ops.layernorm import residual_layernorm_backward
 
-    p = 0.3 if dropout else 0.0
     R = M * T
-    torch.manual_seed(seed)
-    x, y = torch.randn(R, D, dtype=dt).to(DEV), torch.randn(R, D, dtype=dt).to(DEV)
-    w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
-    b = torch.randn(D, dtype=dt).to(DEV) if has_ln else None
-    seeds = new_seeds(3, DEV)
-    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, p, seeds, 2, dtype_code(dt))
-    da = torch.randn(R, D, dtype=dt).to(DEV) if has_ln else None
-    dh_cls = torch.randn(M, D, dtype=dt).to(DEV)
-    dh = torch.zeros(R, D, dtype=dt, device=DEV)
-    dh.view(M, T, D)[:, T - 1] = dh_cls
+    h, w, mean, rstd, p, seeds, da, dh_cls, dh = _cls_dh_case(M, T, D, dt, has_ln, dropout, seed)
     want = residual_layernorm_backward(da, dh, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt), True)
     acc = torch.float64 if dt == torch.float64 else torch.float32
     k = 2 * has_ln + 1
@@ -247,22 +258,10 @@ def test_ext_residual_layernorm_cls_dh(M, T, D, dt, has_ln, dropout, seed):
     row only, given as those rows [M, D]. Against the same operator with dh zero-filled to [M*T, D]: all five
     outputs bit for bit (the same arithmetic per row; the rows it skips add a zero)."""
     require_ext(DEV)
-    from seqpe_kernels.ops._common import dtype_code, ext_ops, new_seeds
-    from seqpe_kernels.ops.layernorm import residual_layernorm_forward
+    from seqpe_kernels.ops._common import dtype_code, ext_ops
 
     op = ext_ops().residual_layernorm_bwd_bias
-    p = 0.3 if dropout else 0.0
-    R = M * T
-    torch.manual_seed(seed)
-    x, y = torch.randn(R, D, dtype=dt).to(DEV), torch.randn(R, D, dtype=dt).to(DEV)
-    w = (1 + 0.5 * torch.randn(D, dtype=dt)).to(DEV) if has_ln else None
-    b = torch.randn(D, dtype=dt).to(DEV) if has_ln else None
-    seeds = new_seeds(3, DEV)
-    h, _, mean, rstd = residual_layernorm_forward(x, y, w, b, 1e-5, p, seeds, 2, dtype_code(dt))
-    da = torch.randn(R, D, dtype=dt).to(DEV) if has_ln else None
-    dh_cls = torch.randn(M, D, dtype=dt).to(DEV)
-    dh = torch.zeros(R, D, dtype=dt, device=DEV)
-    dh.view(M, T, D)[:, T - 1] = dh_cls
+    h, w, mean, rstd, p, seeds, da, dh_cls, dh = _cls_dh_case(M, T, D, dt, has_ln, dropout, seed)
     want = op(da, dh, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt))
     got = op(da, dh_cls, h, w, mean, rstd, p, seeds, 2, True, dtype_code(dt), T)
     for k, (g_, w_) in enumerate(zip(got, want)):

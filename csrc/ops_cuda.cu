@@ -10,8 +10,9 @@
 // Kernels: digit embedding (one block per (sequence, column tile), the digits computed once per block in shared
 // memory); residual + dropout + LayerNorm (one warp per row, row in registers; one block per row in shared memory
 // past D = 1024); its backward (one block per fixed chunk of rows, partial sums in shared memory); gelu_new
-// (grid-stride elementwise, several loads in flight per thread); tiny attention (one warp per (sequence, head),
-// its q/k/v rows and the T x T scores in shared memory). Inputs are validated
+// (grid-stride elementwise, several loads in flight per thread); tiny attention (one warp per (sequence, head):
+// for T <= 8 keys and head dim <= 64 its k / v columns in registers and each query row's scores summed across the
+// warp by one reduce-scatter; otherwise its q/k/v rows and the T x T scores in shared memory). Inputs are validated
 // before the op (seqpe_kernels.reference.tokenize.check_positions) unless the caller switched check_range off;
 // then an out-of-range position or digit id makes its sequence's embedding NaN (as the Triton kernel does; the
 // CPU path raises) and never indexes outside the tables.
@@ -1121,6 +1122,246 @@ __global__ void attn_bwd_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* do
   }
 }
 
+// ------------------------------------------------------------------ register-resident variant (T <= 8, DH <= 64)
+// The staged kernels above spend ~1000 warp-wide shared-memory accesses per (sequence, head) in the backward at the
+// paper's shapes (each lane walks whole 64-long dot products through shared memory): ~75 us per text-step call on
+// 132 SMs before any latency. Here each lane holds head columns lane and lane + 32 of the k / v rows in registers;
+// a query row's TP partial dot products are summed across the warp by one reduce-scatter (TP - 1 + log2(32 / TP)
+// shuffles), after which lane l holds the full score of key l % TP, and the softmax / dropout / ds work for a row is
+// one value per lane. Rows are broadcast to the warp through TP words of shared memory. Same formulas as the staged
+// kernels (the sums run in other orders); acc_t float only (fp64 keeps the staged kernels). The pair's query rows
+// (and dout rows) are loaded up front into shared memory with the k / v registers, so no row waits on its loads.
+constexpr int kAttnRegCols = 2;                   // head columns per lane: DH <= 64
+constexpr int kAttnRegW = 32 * kAttnRegCols;      // a staged row's width in shared memory
+
+// sum over the 32 lanes of s[lane % TP]: halving exchanges (lane bit b of TP / 2 .. 1 picks which half it keeps),
+// then whole-value exchanges across the lanes that share lane % TP (their sums are the same, bit for bit: each add
+// is commutative)
+template <int TP, typename acc_t>
+__device__ __forceinline__ acc_t reduce_scatter(acc_t (&s)[TP]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = TP / 2; o >= 1; o >>= 1) {
+    const bool hi = (lane & o) != 0;
+#pragma unroll
+    for (int t = 0; t < o; ++t) {
+      const acc_t send = hi ? s[t] : s[t + o], keep = hi ? s[t + o] : s[t];
+      s[t] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+  acc_t r = s[0];
+#pragma unroll
+  for (int o = TP; o < 32; o <<= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+  return r;
+}
+
+// max / sum over the TP lanes of a group (lanes sharing lane / TP)
+template <int TP, typename acc_t>
+__device__ __forceinline__ acc_t group_max(acc_t v) {
+#pragma unroll
+  for (int o = 1; o < TP; o <<= 1) {
+    const acc_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+template <int TP, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
+#pragma unroll
+  for (int o = 1; o < TP; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// element offset of row t (a key row when kv, else a query row) of sequence m, or -1 for an indexed row outside
+// its table (its values come out NaN, as the staged kernels')
+__device__ __forceinline__ int64_t attn_row(const AttnP& a, int64_t m, int64_t t, bool key) {
+  if (a.rows != nullptr && (key || a.q_rows)) {
+    const int64_t r = a.rows[m * a.T + t];
+    return r >= 0 && r < a.n_rows ? r * (key ? a.skt : a.sqt) : -1;
+  }
+  return key ? m * a.skm + t * a.skt : m * a.sqm + t * a.sqt;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t attn_ld(const void* base, int dt, int64_t row, int64_t off, int64_t d, int64_t DH) {
+  if (d >= DH) return acc_t(0);
+  return row < 0 ? quiet_nan<acc_t>() : ld<acc_t>(base, dt, row + off + d);
+}
+
+// the pair's TQ query rows into Qs [TP][kAttnRegW] (this lane's columns; 0 past DH)
+template <int TP, typename acc_t>
+__device__ __forceinline__ void attn_reg_stage_q(const AttnP& a, int64_t m, int64_t col, acc_t* Qs) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < TP; ++i) {
+    if (i >= a.TQ) break;
+    const int64_t row = attn_row(a, m, a.q_rows ? a.q_start + i : i, false);
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c)
+      Qs[i * kAttnRegW + lane + 32 * c] = attn_ld<acc_t>(a.qb, a.dt, row, a.q_off + col, lane + 32 * c, a.DH);
+  }
+}
+
+// the (m, h) pair of this warp (false past the last pair: the whole warp leaves), its k / v columns loaded
+template <int TP, typename acc_t>
+__device__ __forceinline__ bool attn_reg_load(const AttnP& a, int64_t& m, int64_t& h, acc_t (&k)[TP][kAttnRegCols],
+                                              acc_t (&v)[TP][kAttnRegCols]) {
+  const int lane = threadIdx.x & 31;
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (pair >= a.M * a.H) return false;
+  m = pair / a.H, h = pair % a.H;
+  const int64_t col = h * a.DH;
+#pragma unroll
+  for (int j = 0; j < TP; ++j) {
+    const int64_t row = j < a.T ? attn_row(a, m, j, true) : 0;
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) {
+      const int64_t d = lane + 32 * c;
+      k[j][c] = j < a.T ? attn_ld<acc_t>(a.kb, a.dt, row, a.k_off + col, d, a.DH) : acc_t(0);
+      v[j][c] = j < a.T ? attn_ld<acc_t>(a.kb, a.dt, row, a.v_off + col, d, a.DH) : acc_t(0);
+    }
+  }
+  return true;
+}
+
+// softmax probability of key j = lane % TP for query row i from this lane's partial scores (0 for j >= T), and
+// the dropout keep factor of (i, j) (1 without dropout)
+template <int TP, typename acc_t>
+__device__ __forceinline__ acc_t attn_reg_prob(const AttnP& a, int64_t m, int64_t h, int64_t i, acc_t (&s)[TP],
+                                               acc_t sdiv, acc_t scale, acc_t& kf) {
+  const int j = (threadIdx.x & 31) % TP;
+  const acc_t dot = reduce_scatter<TP>(s);
+  acc_t logit = -static_cast<acc_t>(INFINITY);  // lanes of no key (j >= T) take no part in the softmax
+  if (j < a.T) logit = attn_allowed(a, m, i, j) ? dot / sdiv : static_cast<acc_t>(-3.0e38);  // (as the staged)
+  const acc_t mx = group_max<TP>(logit);
+  const acc_t e = j < a.T ? exp_acc(logit - mx) : acc_t(0);
+  const acc_t p = e / group_sum<TP>(e);
+  kf = 1;
+  if (a.dropout && j < a.T) {
+    const uint64_t off = static_cast<uint64_t>(((m * a.H + h) * a.TQ + i) * a.T + j);  // ((m*H+h)*TQ+i)*T+j
+    kf = dropout_keep(static_cast<uint64_t>(a.seeds[a.seed_idx]), static_cast<uint32_t>(off), a.p) ? scale
+                                                                                                   : acc_t(0);
+  }
+  return p;
+}
+
+template <int TP, typename acc_t>
+__global__ void attn_fwd_reg_kernel(AttnP a, acc_t sdiv, acc_t scale, void* out) {
+  SEQPE_DYN_SHARED(unsigned char, smem);  // per warp: the current row's TP weights, then the TP query rows
+  int64_t m, h;
+  acc_t k[TP][kAttnRegCols], v[TP][kAttnRegCols];
+  if (!attn_reg_load<TP>(a, m, h, k, v)) return;
+  const int lane = threadIdx.x & 31;
+  acc_t* Pw = reinterpret_cast<acc_t*>(smem) + (threadIdx.x >> 5) * (TP + TP * kAttnRegW);
+  acc_t* Qs = Pw + TP;
+  const int64_t col = h * a.DH;
+  attn_reg_stage_q<TP>(a, m, col, Qs);
+  __syncwarp();
+  for (int64_t i = 0; i < a.TQ; ++i) {
+    acc_t q[kAttnRegCols], s[TP];
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) q[c] = Qs[i * kAttnRegW + lane + 32 * c];
+#pragma unroll
+    for (int j = 0; j < TP; ++j) {
+      s[j] = 0;
+#pragma unroll
+      for (int c = 0; c < kAttnRegCols; ++c) s[j] += q[c] * k[j][c];
+    }
+    acc_t kf;
+    const acc_t p = attn_reg_prob<TP>(a, m, h, i, s, sdiv, scale, kf);
+    if (lane < TP) Pw[lane] = p * kf;
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) {
+      acc_t o = 0;
+#pragma unroll
+      for (int j = 0; j < TP; ++j) o += Pw[j] * v[j][c];
+      const int64_t d = lane + 32 * c;
+      if (d < a.DH) st<acc_t>(out, a.dt, (m * a.TQ + i) * a.D + col + d, o);
+    }
+    __syncwarp();  // every lane has read the row before the next one is written
+  }
+}
+
+template <int TP, typename acc_t>
+__global__ void attn_bwd_reg_kernel(AttnP a, acc_t sdiv, acc_t scale, const void* dout, int dodt, void* dq_base,
+                                    void* dkv_base, int64_t dqm, int64_t dqt, int64_t dkm, int64_t dkt, int64_t dk_off,
+                                    int64_t dv_off) {
+  // per warp: the current row's TP ds and TP dropped-out p, then the TP query rows and the TP dout rows
+  SEQPE_DYN_SHARED(unsigned char, smem);
+  int64_t m, h;
+  acc_t k[TP][kAttnRegCols], v[TP][kAttnRegCols];
+  if (!attn_reg_load<TP>(a, m, h, k, v)) return;
+  const int lane = threadIdx.x & 31, j = lane % TP;
+  acc_t* DSw = reinterpret_cast<acc_t*>(smem) + (threadIdx.x >> 5) * (2 * TP + 2 * TP * kAttnRegW);
+  acc_t* PDw = DSw + TP;
+  acc_t* Qs = PDw + TP;
+  acc_t* Gs = Qs + TP * kAttnRegW;
+  const int64_t col = h * a.DH;
+  attn_reg_stage_q<TP>(a, m, col, Qs);
+#pragma unroll
+  for (int i = 0; i < TP; ++i) {
+    if (i >= a.TQ) break;
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) {
+      const int64_t d = lane + 32 * c;
+      Gs[i * kAttnRegW + d] = d < a.DH ? ld<acc_t>(dout, dodt, (m * a.TQ + i) * a.D + col + d) : acc_t(0);
+    }
+  }
+  __syncwarp();
+  acc_t dk[TP][kAttnRegCols], dv[TP][kAttnRegCols];
+#pragma unroll
+  for (int t = 0; t < TP; ++t)
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) dk[t][c] = dv[t][c] = 0;
+  for (int64_t i = 0; i < a.TQ; ++i) {
+    acc_t q[kAttnRegCols], g[kAttnRegCols], s[TP], sp[TP];
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c)
+      q[c] = Qs[i * kAttnRegW + lane + 32 * c], g[c] = Gs[i * kAttnRegW + lane + 32 * c];
+#pragma unroll
+    for (int t = 0; t < TP; ++t) {
+      s[t] = sp[t] = 0;
+#pragma unroll
+      for (int c = 0; c < kAttnRegCols; ++c) s[t] += q[c] * k[t][c], sp[t] += g[c] * v[t][c];
+    }
+    acc_t kf;
+    const acc_t p = attn_reg_prob<TP>(a, m, h, i, s, sdiv, scale, kf);
+    const acc_t dsr = reduce_scatter<TP>(sp) * kf;  // dp_ij = do_i . v_j, through the forward's dropout
+    const acc_t rowsum = group_sum<TP>(p * dsr);
+    // masked logits are constants: no gradient (as the Triton kernel)
+    const acc_t ds = j < a.T && attn_allowed(a, m, i, j) ? p * (dsr - rowsum) / sdiv : acc_t(0);
+    if (lane < TP) DSw[lane] = ds, PDw[lane] = p * kf;
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) {  // dq_i = sum_j ds_ij k_j ; dk_j += ds_ij q_i ; dv_j += pd_ij do_i
+      acc_t dq = 0;
+#pragma unroll
+      for (int t = 0; t < TP; ++t) {
+        const acc_t dst = DSw[t];
+        dq += dst * k[t][c];
+        dk[t][c] += dst * q[c];
+        dv[t][c] += PDw[t] * g[c];
+      }
+      const int64_t d = lane + 32 * c;
+      if (d < a.DH) st<acc_t>(dq_base, a.dt, m * dqm + i * dqt + col + d, dq);
+    }
+    __syncwarp();
+  }
+#pragma unroll
+  for (int t = 0; t < TP; ++t) {
+    if (t >= a.T) break;
+#pragma unroll
+    for (int c = 0; c < kAttnRegCols; ++c) {
+      const int64_t d = lane + 32 * c;
+      if (d < a.DH) {
+        st<acc_t>(dkv_base, a.dt, m * dkm + t * dkt + dk_off + col + d, dk[t][c]);
+        st<acc_t>(dkv_base, a.dt, m * dkm + t * dkt + dv_off + col + d, dv[t][c]);
+      }
+    }
+  }
+}
+
 struct AttnSetup {
   AttnP P;
   Tensor qbase, kvbase, pad, seeds, rows;
@@ -1235,6 +1476,18 @@ int attn_warps(K kernel, size_t per_warp, const char* op) {
   return w;
 }
 
+// the register-resident kernels' TP (keys per lane group) for this call, or 0 for the staged kernels: fp32
+// accumulation, at most 8 keys and 64 head columns (the paper's shapes: T = 6 text, 5 image; DH = 64). The
+// emulator's SEQPE_EMU_ATTN=staged forces the staged kernels, so tests run both.
+int attn_reg_tp(const AttnP& a, bool f64) {
+#if defined(SEQPE_EMU)
+  const char* force = std::getenv("SEQPE_EMU_ATTN");
+  if (force != nullptr && std::string(force) == "staged") return 0;
+#endif
+  if (f64 || a.T > 8 || a.DH > 32 * kAttnRegCols) return 0;
+  return a.T <= 4 ? 4 : 8;
+}
+
 Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask, int64_t num_heads,
                                bool causal, int64_t q_start, double scale_div, double p, const OptTensor& seeds,
                                int64_t seed_idx, const OptTensor& rows) {
@@ -1245,6 +1498,20 @@ Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const Opt
   Tensor out = at::empty({a.M, a.TQ, a.D}, s.qbase.options());
   if (a.M == 0 || a.D == 0) return out;
   const bool f64 = s.qbase.scalar_type() == at::kDouble;
+  const int tp = attn_reg_tp(a, f64);
+  if (tp) {
+    const float sdiv = static_cast<float>(scale_div);
+    const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, 4));
+    const size_t smem = 4 * (tp + tp * kAttnRegW) * sizeof(float);
+    if (tp == 4)
+      SEQPE_LAUNCH(blocks, 128, smem, attn_fwd_reg_kernel<4, float>)(a, sdiv, static_cast<float>(drop_scale(p)),
+                                                                     out.data_ptr());
+    else
+      SEQPE_LAUNCH(blocks, 128, smem, attn_fwd_reg_kernel<8, float>)(a, sdiv, static_cast<float>(drop_scale(p)),
+                                                                     out.data_ptr());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(f64 ? at::kDouble : at::kFloat, "seqpe_attn_fwd_cuda", [&] {
     const size_t per_warp = static_cast<size_t>(attn_smem(a.TQ, a.T, a.DH, false).total) * sizeof(scalar_t);
     const int w = attn_warps(attn_fwd_kernel<scalar_t>, per_warp, "tiny_attention_fwd");
@@ -1270,9 +1537,9 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
   const Tensor dout = dout_.contiguous();
   // per token, also for indexed operands (as the Triton kernel: a table's gradient is the caller's table_grad)
   Tensor d_first = a.q_rows ? at::empty({a.M, a.T, 3 * a.D}, qkv.options()) : at::empty(qkv.sizes(), qkv.options());
-  Tensor d_kv = !has(kv)   ? at::empty({0}, qkv.options())
+  Tensor d_kv = !has(kv)           ? at::empty({0}, qkv.options())
                 : s.rows.defined() ? at::empty({a.M, a.T, 2 * a.D}, kv->options())
-                         : at::empty(kv->sizes(), kv->options());
+                                   : at::empty(kv->sizes(), kv->options());
   if (a.M == 0 || a.D == 0) {
     d_first.zero_();
     if (has(kv)) d_kv.zero_();
@@ -1282,6 +1549,24 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
   const int64_t W1 = d_first.size(2);
   const int64_t Wk = has_kv ? d_kv.size(2) : W1;
   const bool f64 = s.qbase.scalar_type() == at::kDouble;
+  const int tp = attn_reg_tp(a, f64);
+  if (tp) {
+    const float sdiv = static_cast<float>(scale_div);
+    const unsigned blocks = static_cast<unsigned>(cdiv(a.M * a.H, 4));
+    const size_t smem = 4 * 2 * (tp + tp * kAttnRegW) * sizeof(float);
+    void* dkv = has_kv ? d_kv.data_ptr() : d_first.data_ptr();
+    const int64_t dk_off = has_kv ? 0 : a.D, dv_off = has_kv ? a.D : 2 * a.D;
+    if (tp == 4)
+      SEQPE_LAUNCH(blocks, 128, smem, attn_bwd_reg_kernel<4, float>)(
+          a, sdiv, static_cast<float>(drop_scale(p)), dout.data_ptr(), dcode(dout.scalar_type()), d_first.data_ptr(),
+          dkv, a.TQ * W1, W1, a.T * Wk, Wk, dk_off, dv_off);
+    else
+      SEQPE_LAUNCH(blocks, 128, smem, attn_bwd_reg_kernel<8, float>)(
+          a, sdiv, static_cast<float>(drop_scale(p)), dout.data_ptr(), dcode(dout.scalar_type()), d_first.data_ptr(),
+          dkv, a.TQ * W1, W1, a.T * Wk, Wk, dk_off, dv_off);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {d_first, d_kv};
+  }
   AT_DISPATCH_FLOATING_TYPES(f64 ? at::kDouble : at::kFloat, "seqpe_attn_bwd_cuda", [&] {
     const size_t per_warp = static_cast<size_t>(attn_smem(a.TQ, a.T, a.DH, true).total) * sizeof(scalar_t);
     const int w = attn_warps(attn_bwd_kernel<scalar_t>, per_warp, "tiny_attention_bwd");

@@ -89,10 +89,27 @@ def _seeds():
 
 # ----------------------------------------------------------------------------- tiny attention
 @settings(**SETTINGS)
-@given(M=st.integers(0, 4), T=st.integers(1, 9), H=st.integers(1, 3), DH=st.sampled_from([1, 5, 16, 33, 40]),
+@given(M=st.integers(0, 4), T=st.integers(1, 9), H=st.integers(1, 3), DH=st.sampled_from([1, 5, 16, 33, 64, 65]),
        dtype=st.sampled_from(DTYPES), cross=st.booleans(), causal=st.booleans(), masked=st.booleans(),
-       p=st.sampled_from([0.0, 0.3]), strided=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, seed):
+       p=st.sampled_from([0.0, 0.3]), strided=st.booleans(), staged=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, staged, seed):
+    """Both CUDA kernels: the register-resident one (T <= 8, DH <= 64, fp32 accumulation) and the staged one
+    (everything else; forced by SEQPE_EMU_ATTN=staged)."""
+    with mock.patch.dict(os.environ, SEQPE_EMU_ATTN="staged" if staged else "auto"):
+        _check_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, seed)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["register", "staged"])
+@pytest.mark.parametrize("T,cross", [(6, False), (6, True), (5, False), (3, True)])
+def test_attention_paper_shapes(ops, T, cross, staged):
+    """Every time (not only when hypothesis draws them): the text (T = 6) and image (T = 5) head shapes, DH = 64,
+    causal with padding masks and dropout, bf16 storage, for both kernels."""
+    with mock.patch.dict(os.environ, SEQPE_EMU_ATTN="staged" if staged else "auto"):
+        _check_attention(ops, 3, T, 2, 64, torch.bfloat16, cross, True, True, 0.3, False, T)
+        _check_attention(ops, 2, T, 1, 64, torch.float32, cross, False, False, 0.0, True, T + 1)
+
+
+def _check_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, seed):
     torch.manual_seed(seed)
     D = H * DH
     if cross:  # the CLS-only last block: one query row against the T keys

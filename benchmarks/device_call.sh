@@ -135,7 +135,7 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
       tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
   TAILN=24 step check_cuda 30 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda
   # the head-dimension-chunked attention variant against the package's kernels (fwd / bwd us per setting)
-  TAILN=30 step tune_attention 45 python3 benchmarks/tune_attention.py --shapes text-default
+  TAILN=30 step tune_attention 60 python3 benchmarks/tune_attention.py --shapes text-default
   TAILN=40 step bench_vits-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \
       --config vits-default --quick --M 4324 --provider $BENCH_PROVIDERS --mode forward full nograd \
       --csv "$OUT/bench_vits-default_$DEV.csv" --png none

@@ -1589,6 +1589,16 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
 // sequences): each thread keeps one accumulator per digit of its column in shared memory (its own slots: no
 // synchronisation) and writes every row of its slot for its chunk, zeros included, so each partial is
 // written exactly once; table_grad_sum_kernel adds the chunks in a fixed order (deterministic).
+constexpr int kTableGroup = 8;
+
+// n / d as C++ int64 division (truncating), through a 32-bit division when both fit: the same quotient, a fraction
+// of a 64-bit division's instructions
+__device__ __forceinline__ int64_t div_i64(int64_t n, int64_t d) {
+  if (n >= INT32_MIN && n <= INT32_MAX && d > 0 && d <= INT32_MAX)
+    return static_cast<int32_t>(n) / static_cast<int32_t>(d);
+  return n / d;
+}
+
 template <typename acc_t>
 __global__ void table_grad_kernel(const void* g, int gdt, const int64_t* rows, int64_t M, int64_t T, int64_t L,
                                   int64_t C, int64_t base, int64_t per, int64_t n_rows, acc_t* part) {
@@ -1600,10 +1610,25 @@ __global__ void table_grad_kernel(const void* g, int gdt, const int64_t* rows, i
   const int64_t nb = t < L ? base : 1;  // the CLS slot has one row
   for (int64_t b = 0; b < nb; ++b) acc[b * blockDim.x] = acc_t(0);
   const int64_t m1 = min(M, (ch + 1) * per);
-  for (int64_t m = ch * per; m < m1; ++m) {
-    const int64_t b = t < L ? (rows[m * T + t] - t) / L : 0;
-    if (b >= 0 && b < nb)  // always: rows come from table_rows (in range by construction)
-      acc[b * blockDim.x] += ld<acc_t>(g, gdt, (m * T + t) * C + c);
+  // kTableGroup sequences at a time, their row ids and gradient values loaded before any is added (one load in
+  // flight per thread before: the walk was latency-bound); the row's digit by 32-bit division where the row id
+  // allows it (the same quotient; a 64-bit division per element cost tens of instructions). Adds in order of m.
+  for (int64_t m0 = ch * per; m0 < m1; m0 += kTableGroup) {
+    int64_t r[kTableGroup];
+    acc_t v[kTableGroup];
+#pragma unroll
+    for (int k = 0; k < kTableGroup; ++k) {
+      if (m0 + k < m1) {
+        r[k] = rows[(m0 + k) * T + t];
+        v[k] = ld<acc_t>(g, gdt, ((m0 + k) * T + t) * C + c);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kTableGroup; ++k) {
+      if (m0 + k >= m1) break;
+      const int64_t b = t < L ? div_i64(r[k] - t, L) : 0;
+      if (b >= 0 && b < nb) acc[b * blockDim.x] += v[k];  // always: rows come from table_rows (in range)
+    }
   }
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t row = t < L ? b * L + t : base * L;

@@ -1591,14 +1591,6 @@ Tensor2 tiny_attention_bwd_cuda(const Tensor& dout_, const Tensor& qkv, const Op
 // written exactly once; table_grad_sum_kernel adds the chunks in a fixed order (deterministic).
 constexpr int kTableGroup = 8;
 
-// n / d as C++ int64 division (truncating), through a 32-bit division when both fit: the same quotient, a fraction
-// of a 64-bit division's instructions
-__device__ __forceinline__ int64_t div_i64(int64_t n, int64_t d) {
-  if (n >= INT32_MIN && n <= INT32_MAX && d > 0 && d <= INT32_MAX)
-    return static_cast<int32_t>(n) / static_cast<int32_t>(d);
-  return n / d;
-}
-
 template <typename acc_t>
 __global__ void table_grad_kernel(const void* g, int gdt, const int64_t* rows, int64_t M, int64_t T, int64_t L,
                                   int64_t C, int64_t base, int64_t per, int64_t n_rows, acc_t* part) {
@@ -1611,22 +1603,25 @@ __global__ void table_grad_kernel(const void* g, int gdt, const int64_t* rows, i
   for (int64_t b = 0; b < nb; ++b) acc[b * blockDim.x] = acc_t(0);
   const int64_t m1 = min(M, (ch + 1) * per);
   // kTableGroup sequences at a time, their row ids and gradient values loaded before any is added (one load in
-  // flight per thread before: the walk was latency-bound); the row's digit by 32-bit division where the row id
-  // allows it (the same quotient; a 64-bit division per element cost tens of instructions). Adds in order of m.
+  // flight per thread before: the walk was latency-bound), the digit (row - t) / L by 32-bit division (a 64-bit
+  // one per element cost tens of instructions; the host checks that the table's rows fit: a row id whose
+  // row - t does not is no digit, as (row - t) / L would not be one either). Adds in order of m, as before.
+  const int32_t L32 = static_cast<int32_t>(L), t32 = static_cast<int32_t>(t);
   for (int64_t m0 = ch * per; m0 < m1; m0 += kTableGroup) {
-    int64_t r[kTableGroup];
+    int32_t dr[kTableGroup];  // row - t, or INT32_MIN outside int32
     acc_t v[kTableGroup];
 #pragma unroll
     for (int k = 0; k < kTableGroup; ++k) {
       if (m0 + k < m1) {
-        r[k] = rows[(m0 + k) * T + t];
+        const int64_t r = rows[(m0 + k) * T + t] - t32;
+        dr[k] = r > INT32_MIN && r <= INT32_MAX ? static_cast<int32_t>(r) : INT32_MIN;
         v[k] = ld<acc_t>(g, gdt, ((m0 + k) * T + t) * C + c);
       }
     }
 #pragma unroll
     for (int k = 0; k < kTableGroup; ++k) {
       if (m0 + k >= m1) break;
-      const int64_t b = t < L ? div_i64(r[k] - t, L) : 0;
+      const int32_t b = t < L ? dr[k] / L32 : 0;
       if (b >= 0 && b < nb) acc[b * blockDim.x] += v[k];  // always: rows come from table_rows (in range)
     }
   }
@@ -1648,6 +1643,7 @@ __global__ void table_grad_sum_kernel(const acc_t* part, int64_t n_chunks, int64
 Tensor table_grad_cuda(const Tensor& g_, const Tensor& rows_, int64_t n_rows, int64_t L, bool acc_out) {
   DeviceGuard guard(g_.device());
   const int64_t base = table_grad_args(g_, rows_, n_rows, L);
+  TORCH_CHECK(n_rows <= INT32_MAX, "seqpe_ext::table_grad (CUDA): ", n_rows, " table rows; at most ", INT32_MAX);
   const Tensor g = g_.contiguous(), rows = rows_.contiguous();
   const int64_t M = g.size(0), T = g.size(1), C = g.size(2);
   const auto gst = g.scalar_type();

@@ -23,9 +23,7 @@ if "triton" in mode:
 if "pkg" in mode:
     from seqpe_kernels import _ext
     _ext.load()
-elif mode.startswith("aten") and "ext" not in mode:
-    pass  # control: torch alone
-else:
+elif "ext" in mode or not mode.startswith("aten"):  # (the "aten" control alone: torch without the extension)
     torch.ops.load_library(sys.argv[2])
 dev = "cuda" if "cuda" in mode else "cpu"
 if dev == "cuda":

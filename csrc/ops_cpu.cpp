@@ -779,7 +779,7 @@ struct AttnGeom {
   const int64_t* rows = nullptr;
   bool q_rows = false;
   // element offset of query row i / key row j of sequence m (add the view's offset and the head's column)
-  int64_t qrow(int64_t m, int64_t i) const { return q_rows ? rows[m * T + q_start + i] * sqt : m * sqm + i * sqt; }
+  int64_t qrow(int64_t m, int64_t i) const { return q_rows ? rows[m * T + i] * sqt : m * sqm + i * sqt; }
   int64_t krow(int64_t m, int64_t j) const { return rows ? rows[m * T + j] * skt : m * skm + j * skt; }
 };
 

@@ -956,19 +956,32 @@ __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7f
 template <>
 __device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
 
-// rows [rows, DH] of a tensor (element row0 + r * rstride + d) into dst (row stride dhp), lanes over d. Indexed
-// (idx): row r is table row idx[r] (element idx[r] * rstride + row0 + d); an index outside [0, n_idx) stages
-// NaN, never an out-of-table read (the op does not sync to check its indices on the host)
+// element offset where row t of sequence m starts (a k / v row when key, else a query row; add the view's offset
+// and the head's column), or -1 for an indexed row outside its table: it reads as NaN, never out of the table (the
+// op does not sync to check its indices on the host)
+__device__ __forceinline__ int64_t attn_row(const AttnP& a, int64_t m, int64_t t, bool key) {
+  if (a.rows != nullptr && (key || a.q_rows)) {
+    const int64_t r = a.rows[m * a.T + t];
+    return r >= 0 && r < a.n_rows ? r * (key ? a.skt : a.sqt) : -1;
+  }
+  return key ? m * a.skm + t * a.skt : m * a.sqm + t * a.sqt;
+}
+
+// element d of the row starting at row (attn_row's; -1: NaN) + off; 0 past DH
 template <typename acc_t>
-__device__ __forceinline__ void stage_rows(acc_t* dst, int64_t dhp, const void* src, int dt, int64_t row0,
-                                           int64_t rstride, int64_t rows, int64_t DH, const int64_t* idx = nullptr,
-                                           int64_t n_idx = 0) {
+__device__ __forceinline__ acc_t attn_ld(const void* base, int dt, int64_t row, int64_t off, int64_t d, int64_t DH) {
+  if (d >= DH) return acc_t(0);
+  return row < 0 ? quiet_nan<acc_t>() : ld<acc_t>(base, dt, row + off + d);
+}
+
+// rows [rows, DH] of a tensor into dst (row stride dhp), row r starting at element row_at(r) + off, lanes over d
+template <typename acc_t, typename RowAt>
+__device__ __forceinline__ void stage_rows(acc_t* dst, int64_t dhp, const void* src, int dt, RowAt row_at,
+                                           int64_t off, int64_t rows, int64_t DH) {
   const int lane = threadIdx.x & 31;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = idx ? idx[r] : 0;
-    const bool ok = !idx || (t >= 0 && t < n_idx);
-    const int64_t start = idx ? t * rstride + row0 : row0 + r * rstride;
-    for (int64_t d = lane; d < DH; d += 32) dst[r * dhp + d] = ok ? ld<acc_t>(src, dt, start + d) : quiet_nan<acc_t>();
+    const int64_t start = row_at(r);
+    for (int64_t d = lane; d < DH; d += 32) dst[r * dhp + d] = attn_ld<acc_t>(src, dt, start, off, d, DH);
   }
 }
 
@@ -1024,19 +1037,12 @@ __device__ __forceinline__ bool attn_stage(const AttnP& a, unsigned char* smem, 
   const int64_t col = h * a.DH;
   L = attn_smem(a.TQ, a.T, a.DH, bwd);
   W = reinterpret_cast<acc_t*>(smem) + warp * L.total;
-  const int64_t* ridx = a.rows ? a.rows + m * a.T : nullptr;  // this sequence's table rows (indexed operands)
-  if (a.q_rows)
-    stage_rows(W + L.q, L.dhp, a.qb, a.dt, a.q_off + col, a.sqt, a.TQ, a.DH, ridx, a.n_rows);
-  else
-    stage_rows(W + L.q, L.dhp, a.qb, a.dt, m * a.sqm + a.q_off + col, a.sqt, a.TQ, a.DH);
-  if (ridx) {
-    stage_rows(W + L.k, L.dhp, a.kb, a.dt, a.k_off + col, a.skt, a.T, a.DH, ridx, a.n_rows);
-    stage_rows(W + L.v, L.dhp, a.kb, a.dt, a.v_off + col, a.skt, a.T, a.DH, ridx, a.n_rows);
-  } else {
-    stage_rows(W + L.k, L.dhp, a.kb, a.dt, m * a.skm + a.k_off + col, a.skt, a.T, a.DH);
-    stage_rows(W + L.v, L.dhp, a.kb, a.dt, m * a.skm + a.v_off + col, a.skt, a.T, a.DH);
-  }
-  if (bwd) stage_rows(W + L.o, L.dhp, dout, dodt, m * a.TQ * a.D + col, a.D, a.TQ, a.DH);
+  const auto qrow = [&](int64_t r) { return attn_row(a, m, r, false); };
+  const auto krow = [&](int64_t r) { return attn_row(a, m, r, true); };
+  stage_rows(W + L.q, L.dhp, a.qb, a.dt, qrow, a.q_off + col, a.TQ, a.DH);
+  stage_rows(W + L.k, L.dhp, a.kb, a.dt, krow, a.k_off + col, a.T, a.DH);
+  stage_rows(W + L.v, L.dhp, a.kb, a.dt, krow, a.v_off + col, a.T, a.DH);
+  if (bwd) stage_rows(W + L.o, L.dhp, dout, dodt, [&](int64_t r) { return (m * a.TQ + r) * a.D; }, col, a.TQ, a.DH);
   __syncwarp();
   return true;
 }
@@ -1172,33 +1178,18 @@ __device__ __forceinline__ acc_t group_sum(acc_t v) {
   return v;
 }
 
-// element offset of row t (a key row when kv, else a query row) of sequence m, or -1 for an indexed row outside
-// its table (its values come out NaN, as the staged kernels')
-__device__ __forceinline__ int64_t attn_row(const AttnP& a, int64_t m, int64_t t, bool key) {
-  if (a.rows != nullptr && (key || a.q_rows)) {
-    const int64_t r = a.rows[m * a.T + t];
-    return r >= 0 && r < a.n_rows ? r * (key ? a.skt : a.sqt) : -1;
-  }
-  return key ? m * a.skm + t * a.skt : m * a.sqm + t * a.sqt;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t attn_ld(const void* base, int dt, int64_t row, int64_t off, int64_t d, int64_t DH) {
-  if (d >= DH) return acc_t(0);
-  return row < 0 ? quiet_nan<acc_t>() : ld<acc_t>(base, dt, row + off + d);
-}
-
-// the pair's TQ query rows into Qs [TP][kAttnRegW] (this lane's columns; 0 past DH)
-template <int TP, typename acc_t>
-__device__ __forceinline__ void attn_reg_stage_q(const AttnP& a, int64_t m, int64_t col, acc_t* Qs) {
+// n (<= TP) rows of this lane's columns into dst [TP][kAttnRegW] (0 past DH), row i starting at row_at(i) + off
+template <int TP, typename acc_t, typename RowAt>
+__device__ __forceinline__ void attn_reg_stage(acc_t* dst, const void* src, int dt, RowAt row_at, int64_t off,
+                                               int64_t n, int64_t DH) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int i = 0; i < TP; ++i) {
-    if (i >= a.TQ) break;
-    const int64_t row = attn_row(a, m, a.q_rows ? a.q_start + i : i, false);
+    if (i >= n) break;
+    const int64_t row = row_at(i);
 #pragma unroll
     for (int c = 0; c < kAttnRegCols; ++c)
-      Qs[i * kAttnRegW + lane + 32 * c] = attn_ld<acc_t>(a.qb, a.dt, row, a.q_off + col, lane + 32 * c, a.DH);
+      dst[i * kAttnRegW + lane + 32 * c] = attn_ld<acc_t>(src, dt, row, off, lane + 32 * c, DH);
   }
 }
 
@@ -1255,7 +1246,7 @@ __global__ void attn_fwd_reg_kernel(AttnP a, acc_t sdiv, acc_t scale, void* out)
   acc_t* Pw = reinterpret_cast<acc_t*>(smem) + (threadIdx.x >> 5) * (TP + TP * kAttnRegW);
   acc_t* Qs = Pw + TP;
   const int64_t col = h * a.DH;
-  attn_reg_stage_q<TP>(a, m, col, Qs);
+  attn_reg_stage<TP>(Qs, a.qb, a.dt, [&](int64_t i) { return attn_row(a, m, i, false); }, a.q_off + col, a.TQ, a.DH);
   __syncwarp();
   for (int64_t i = 0; i < a.TQ; ++i) {
     acc_t q[kAttnRegCols], s[TP];
@@ -1298,16 +1289,8 @@ __global__ void attn_bwd_reg_kernel(AttnP a, acc_t sdiv, acc_t scale, const void
   acc_t* Qs = PDw + TP;
   acc_t* Gs = Qs + TP * kAttnRegW;
   const int64_t col = h * a.DH;
-  attn_reg_stage_q<TP>(a, m, col, Qs);
-#pragma unroll
-  for (int i = 0; i < TP; ++i) {
-    if (i >= a.TQ) break;
-#pragma unroll
-    for (int c = 0; c < kAttnRegCols; ++c) {
-      const int64_t d = lane + 32 * c;
-      Gs[i * kAttnRegW + d] = d < a.DH ? ld<acc_t>(dout, dodt, (m * a.TQ + i) * a.D + col + d) : acc_t(0);
-    }
-  }
+  attn_reg_stage<TP>(Qs, a.qb, a.dt, [&](int64_t i) { return attn_row(a, m, i, false); }, a.q_off + col, a.TQ, a.DH);
+  attn_reg_stage<TP>(Gs, dout, dodt, [&](int64_t i) { return (m * a.TQ + i) * a.D; }, col, a.TQ, a.DH);
   __syncwarp();
   acc_t dk[TP][kAttnRegCols], dv[TP][kAttnRegCols];
 #pragma unroll

@@ -251,8 +251,9 @@ def test_residual_layernorm_backward_deferred_partials_and_cls_dh(M, T, D, n, dt
 
 
 @SETTINGS
-@given(M=st.integers(0, 9), T=st.integers(1, 6), D=st.integers(1, 40), dt=st.sampled_from([torch.float32, torch.float64]),
-       has_ln=st.booleans(), dropout=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+@given(M=st.integers(0, 9), T=st.integers(1, 6), D=st.integers(1, 40),
+       dt=st.sampled_from([torch.float32, torch.float64]), has_ln=st.booleans(), dropout=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
 def test_ext_residual_layernorm_cls_dh(M, T, D, dt, has_ln, dropout, seed):
     """The extension's form for the C++ encoder (residual_layernorm_bwd_bias's dh_every): dh nonzero on every T-th
     row only, given as those rows [M, D]. Against the same operator with dh zero-filled to [M*T, D]: all five

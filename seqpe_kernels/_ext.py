@@ -134,7 +134,7 @@ def _build_directory(name: str) -> str:
 def build_name(with_cuda: bool) -> str:
     tag, _ = _cpu_tag_and_flags()
     cu = f"_cu{_sanitize(torch.version.cuda)}" if with_cuda else ""
-    return f"seqpe_ext_t{_sanitize(torch.__version__.split('+')[0])}{cu}_{tag}"
+    return f"seqpe_ext_t{_sanitize(torch.__version__.split('+')[0])}{cu}_{tag}{_sanitizers()[1]}"
 
 
 def _version_token(v: str) -> str:
@@ -211,7 +211,8 @@ def _compile(name: str, with_cuda: bool) -> str:
     if not os.path.exists(so):
         log.warning("seqpe_kernels: building the C++%s extension %s (first use on this machine, about a minute; "
                     "cached in %s)", "/CUDA" if with_cuda else "", name, build_dir)
-    cflags = [*CXX_FLAGS, *arch_flags, *_version_defines()]
+    san = [] if with_cuda else _sanitizers()[0]  # sanitized builds are CPU-only (_jit_build)
+    cflags = [*CXX_FLAGS, *arch_flags, *san, *_version_defines()]
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_version_defines()]
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # torch reads the target from the visible GPU; with none (a build machine, CI) its arch list is
@@ -219,7 +220,7 @@ def _compile(name: str, with_cuda: bool) -> str:
         cuda_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                        "-gencode=arch=compute_90,code=compute_90"]
     try:
-        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp", *san],
                            extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
                            extra_include_paths=wheel_cuda_includes() if with_cuda else None,
                            is_python_module=False, verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
@@ -242,6 +243,22 @@ def _compile(name: str, with_cuda: bool) -> str:
 _emu_ops = None
 
 
+def _sanitizers():
+    """(compiler flags, build-name suffix) for SEQPE_KERNELS_SANITIZE (e.g. "address,undefined"): the C++ CPU
+    extension and the CUDA emulator built with gcc's sanitizers, so that an out-of-bounds read or write -- which in
+    a CUDA kernel on a GPU reads garbage or faults with an illegal address far from its cause -- is reported at
+    the faulting line on CPU. Such builds are CPU-only and need the sanitizer runtime preloaded (python itself is
+    not instrumented): .ci/sanitize."""
+    want = [s for s in re.split(r"[,\s]+", os.environ.get("SEQPE_KERNELS_SANITIZE", "").strip()) if s]
+    bad = [s for s in want if s not in ("address", "undefined")]
+    if bad:
+        raise ValueError(f"SEQPE_KERNELS_SANITIZE: unknown sanitizer(s) {bad}; choose from address, undefined")
+    if not want:
+        return [], ""
+    flags = [f"-fsanitize={','.join(want)}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+    return flags, "_san_" + "_".join(sorted(want))
+
+
 def emulator():
     """torch.ops.seqpe_emu: ops_cuda.cu's kernels and launchers compiled as C++ and run by a CPU emulator of CUDA
     threads, warps and barriers (csrc/emu/cuda_emu.h), on CPU tensors with the CUDA ops' signatures, and the C++
@@ -252,14 +269,15 @@ def emulator():
         if _emu_ops is None:
             from torch.utils import cpp_extension
 
+            san, _ = _sanitizers()
             name = build_name(False).replace("seqpe_ext", "seqpe_emu", 1)
             build_dir = _build_directory(name)
             os.makedirs(build_dir, exist_ok=True)
             # -O1: a quicker build; the emulated kernels only ever run on small test shapes
             cpp_extension.load(name=name, sources=[str(CSRC / "emu" / s) for s in ("ops_cuda_emu.cpp",
                                                                                      "encoder_emu.cpp")],
-                               extra_cflags=["-O1", "-Wno-unknown-pragmas", *_version_defines()],
-                               build_directory=build_dir, is_python_module=False,
+                               extra_cflags=["-O1", "-Wno-unknown-pragmas", *san, *_version_defines()],
+                               extra_ldflags=san, build_directory=build_dir, is_python_module=False,
                                verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
             _emu_ops = torch.ops.seqpe_emu
     return _emu_ops
@@ -276,6 +294,8 @@ def _jit_build() -> str:
     if not cpp_extension.is_ninja_available():
         raise ExtensionUnavailable("ninja is not installed (pip install ninja): torch's JIT extension build needs it")
     with_cuda, cuda_reason = cuda_plan()
+    if with_cuda and _sanitizers()[0]:
+        with_cuda, cuda_reason = False, "SEQPE_KERNELS_SANITIZE: a sanitized build is CPU-only"
     _info["cuda_reason"] = cuda_reason
     if with_cuda:
         try:

@@ -534,3 +534,19 @@ def test_cuda_ext_parity(cfg):
     ref, fus = ext_pair(device="cuda", backend="cuda", **cfg)
     pos = random_positions(4099, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
     check_parity_vs_fp64(ref, fus, pos, tol=FP32_RTOL, seed=s)
+
+
+def test_sanitized_builds_are_named_apart(monkeypatch):
+    """SEQPE_KERNELS_SANITIZE (.ci/sanitize) gives the sanitized libraries their own build names (a plain run never
+    loads an instrumented library, which would need the sanitizer runtime preloaded), refuses unknown sanitizers,
+    and is off when unset."""
+    monkeypatch.delenv("SEQPE_KERNELS_SANITIZE", raising=False)
+    plain = _ext.build_name(False)
+    assert _ext._sanitizers() == ([], "")
+    monkeypatch.setenv("SEQPE_KERNELS_SANITIZE", "undefined, address")
+    flags, tag = _ext._sanitizers()
+    assert "-fsanitize=undefined,address" in flags and tag == "_san_address_undefined"
+    assert _ext.build_name(False) == plain + tag
+    monkeypatch.setenv("SEQPE_KERNELS_SANITIZE", "address,thread")
+    with pytest.raises(ValueError, match="thread"):
+        _ext._sanitizers()

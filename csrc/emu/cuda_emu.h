@@ -145,13 +145,15 @@ struct Launch {
     TORCH_CHECK(smem <= 227 * 1024, "CUDA emulator: ", name, ": ", smem, " bytes of dynamic shared memory");
     constexpr size_t kStack = 64 * 1024;
     std::unique_ptr<unsigned char[]> stacks(new unsigned char[nt * kStack]);  // uninitialised: no 16 MB memset
-    std::vector<uint64_t> dyn_store(smem / 8 + 2);
+    // exactly smem bytes (operator new[]: 16-byte aligned), so that a sanitized build (SEQPE_KERNELS_SANITIZE)
+    // reports a read or write past the launch's dynamic shared memory; none at all when the launch asks for none
+    std::unique_ptr<unsigned char[]> dyn_store(smem > 0 ? new unsigned char[smem] : nullptr);
     const std::function<void()> body = [&] { kernel(args...); };
     Block b;
     b.grid = grid, b.block = block, b.body = &body;
     b.th.resize(nt);
     b.slot.resize(nt);
-    b.dyn = reinterpret_cast<unsigned char*>(dyn_store.data());
+    b.dyn = dyn_store.get();
     for (size_t i = 0; i < nt; ++i)
       b.th[i].idx = dim3(static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
                          static_cast<unsigned>(i / (static_cast<size_t>(block.x) * block.y)));
@@ -164,7 +166,7 @@ struct Launch {
         const size_t i = rev ? nb - 1 - k : k;
         b.bidx = dim3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>((i / grid.x) % grid.y),
                       static_cast<unsigned>(i / (static_cast<size_t>(grid.x) * grid.y)));
-        std::memset(b.dyn, 0xFF, dyn_store.size() * 8);
+        if (smem > 0) std::memset(b.dyn, 0xFF, smem);
         run_block(b, name, kStack, stacks.get(), rev);
       }
     } catch (...) {

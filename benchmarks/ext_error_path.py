@@ -39,6 +39,27 @@ except RuntimeError as e:
 """
 
 
+# what the process that throws links against: the compiler that built the library, python, and the C++ runtime
+# / unwinder actually mapped (a throw that crashes on one machine and not on another often comes down to these)
+MAPS = r"""
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+libs = sorted({ln.split()[-1] for ln in open("/proc/self/maps") if any(k in ln for k in ("libstdc++", "libgcc_s"))})
+print(sys.version.split()[0], "|", " ".join(libs))
+"""
+
+
+def describe(so: str) -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - a diagnostic: say what failed and go on
+        ver = f"({cxx} --version failed: {e})"
+    r = subprocess.run([sys.executable, "-c", MAPS, so], capture_output=True, text=True, timeout=120)
+    mapped = r.stdout.strip() or f"(could not read the mapped libraries: rc={r.returncode})"
+    return f"compiler: {ver}\npython | C++ runtime mapped after loading the library: {mapped}"
+
+
 MODES = ["aten", "aten+ext", "aten+cuda", "aten+ext+cuda", "cpu", "cpu+triton", "cuda", "cuda+triton", "cpu+pkg",
          "cuda+pkg"]
 
@@ -54,6 +75,7 @@ def main(argv=None) -> int:
     _ext.load()
     so = _ext._info.get("path")
     print(f"extension: {so}")
+    print(describe(so), flush=True)
     crashed = []
     for mode in modes:
         r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, mode, so], capture_output=True,

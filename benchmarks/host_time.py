@@ -172,6 +172,10 @@ def main(argv=None):
         return 0
     import torch
 
+    if "triton" in args.backends and not torch.cuda.is_available() and "triton" not in sys.modules:
+        # no GPU: the Triton encoder's host cost is timed under the interpreter with its launches not run
+        # (host_times); the interpreter is chosen when triton is imported, so it is set before anything imports it
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)
     from seqpe_kernels import __version__
 

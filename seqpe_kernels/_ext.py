@@ -212,6 +212,7 @@ def _compile(name: str, with_cuda: bool) -> str:
         log.warning("seqpe_kernels: building the C++%s extension %s (first use on this machine, about a minute; "
                     "cached in %s)", "/CUDA" if with_cuda else "", name, build_dir)
     san = [] if with_cuda else _sanitizers()[0]  # sanitized builds are CPU-only (_jit_build)
+    _require_sanitizer_runtime(san)
     cflags = [*CXX_FLAGS, *arch_flags, *san, *_version_defines()]
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", *_version_defines()]
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -259,6 +260,16 @@ def _sanitizers():
     return flags, "_san_" + "_".join(sorted(want))
 
 
+def _require_sanitizer_runtime(flags) -> None:
+    """Loading an AddressSanitizer-built library into a python that did not preload the runtime ends the process
+    (no exception to catch): refuse before that, saying how to run it."""
+    if any("address" in f for f in flags) and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        raise ExtensionUnavailable(
+            "SEQPE_KERNELS_SANITIZE=address needs the AddressSanitizer runtime preloaded, e.g. LD_PRELOAD=\"$(gcc "
+            "-print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)\" (.ci/sanitize does this), or "
+            "unset SEQPE_KERNELS_SANITIZE")
+
+
 def emulator():
     """torch.ops.seqpe_emu: ops_cuda.cu's kernels and launchers compiled as C++ and run by a CPU emulator of CUDA
     threads, warps and barriers (csrc/emu/cuda_emu.h), on CPU tensors with the CUDA ops' signatures, and the C++
@@ -270,6 +281,7 @@ def emulator():
             from torch.utils import cpp_extension
 
             san, _ = _sanitizers()
+            _require_sanitizer_runtime(san)
             name = build_name(False).replace("seqpe_ext", "seqpe_emu", 1)
             build_dir = _build_directory(name)
             os.makedirs(build_dir, exist_ok=True)

@@ -547,6 +547,11 @@ def test_sanitized_builds_are_named_apart(monkeypatch):
     flags, tag = _ext._sanitizers()
     assert "-fsanitize=undefined,address" in flags and tag == "_san_address_undefined"
     assert _ext.build_name(False) == plain + tag
+    # an ASan library loaded without its runtime preloaded would end the process: refused with the way to run it
+    monkeypatch.setenv("LD_PRELOAD", "")
+    with pytest.raises(_ext.ExtensionUnavailable, match="LD_PRELOAD"):
+        _ext._require_sanitizer_runtime(flags)
+    _ext._require_sanitizer_runtime(["-fsanitize=undefined"])  # UBSan alone needs no preload
     monkeypatch.setenv("SEQPE_KERNELS_SANITIZE", "address,thread")
     with pytest.raises(ValueError, match="thread"):
         _ext._sanitizers()

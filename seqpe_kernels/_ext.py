@@ -95,6 +95,13 @@ def cuda_plan() -> Tuple[bool, str]:
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return False, (f"no CUDA toolkit found (nvcc; set CUDA_HOME) for {_running()}: "
                        "the CUDA sources are not compiled")
+    libs = [os.path.join(CUDA_HOME, d) for d in ("lib64", "lib")]  # where torch's link line looks for -lcudart
+    if not any(os.path.isdir(d) and any(f.startswith("libcudart") for f in os.listdir(d)) for d in libs):
+        # torch guesses CUDA_HOME as the folder above the nvcc on PATH; where that nvcc is a wrapper script
+        # (/usr/local/bin/nvcc) the guess (/usr/local) has no runtime library and the link fails late
+        return False, (f"CUDA_HOME {CUDA_HOME} has no lib64/libcudart.so (guessed from the nvcc on PATH?): set "
+                       "CUDA_HOME to the CUDA toolkit's root (e.g. /usr/local/cuda); the CUDA sources are not "
+                       "compiled")
     v = _nvcc_version(CUDA_HOME)
     if v is None:
         return False, f"nvcc at {CUDA_HOME} does not report its version"

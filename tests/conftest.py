@@ -143,6 +143,7 @@ EXT_SKIP_REASONS = (
     "is a CPU-only build (no CUDA)",                     # cuda_plan: torch cannot run CUDA kernels
     "no CUDA toolkit found",                             # cuda_plan: no nvcc
     "torch/CUDA mismatch: nvcc",                         # cuda_plan: nvcc's major version != torch's CUDA
+    "has no lib64/libcudart.so",                         # cuda_plan: CUDA_HOME guessed wrong (set it)
     "the prebuilt seqpe_kernels._C has no CUDA kernels",  # an AOT install built without CUDA, on purpose
     "but no CUDA device is visible",                     # CUDA kernels built, no GPU to run them
 )

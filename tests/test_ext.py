@@ -555,3 +555,24 @@ def test_sanitized_builds_are_named_apart(monkeypatch):
     monkeypatch.setenv("SEQPE_KERNELS_SANITIZE", "address,thread")
     with pytest.raises(ValueError, match="thread"):
         _ext._sanitizers()
+
+
+def test_cuda_plan_names_a_cuda_home_without_the_runtime(monkeypatch, tmp_path):
+    """torch guesses CUDA_HOME as the folder above the nvcc on PATH; where that nvcc is a wrapper script the guess
+    has no libcudart and the CUDA link failed late, after minutes of compiling: cuda_plan says so up front (and
+    what to set), and takes a toolkit root that has the runtime in lib64 or lib."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    (tmp_path / "bin").mkdir()
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    plan, why = _ext.cuda_plan()
+    assert not plan and "has no lib64/libcudart.so" in why and "set CUDA_HOME" in why, why
+    for sub in ("lib", "lib64"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "libcudart.so.13").write_bytes(b"")
+        assert _ext.cuda_plan() == (True, f"nvcc 13.0 at {tmp_path}")
+        (tmp_path / sub / "libcudart.so.13").unlink()

@@ -223,8 +223,8 @@ def table(launches: List[dict], usage: List[dict]) -> str:
             n *= g
         waves = n / (blocks * SMS)
         rows.append(f"| {d['name']} | {'/'.join(dts)} | {cx} | {grid} | {u['num_warps']} | {u['regs']} | "
-                    f"{u['local']} | {u['smem']} | {blocks} | {occ:.0%} | {waves:.2f} |")
-    head = ("| kernel | dtypes | constexprs | grid | warps | regs | local B | smem B | blocks/SM | occupancy | "
+                    f"{u['local']} / {u['stack']} | {u['smem']} | {blocks} | {occ:.0%} | {waves:.2f} |")
+    head = ("| kernel | dtypes | constexprs | grid | warps | regs | local / stack B | smem B | blocks/SM | occupancy | "
             "waves |\n|---|---|---|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 

@@ -19,8 +19,9 @@
 # PHASE g  (one call of a 15-minute lease, ~9 min) the GPU tier while the extension builds, text-default with
 #          every item-4 provider, its kernel-time profile, the README tables, the extension's error path
 #          (benchmarks/ext_error_path.py), the table / cast / bias-gradient suites on CUDA, `check --backend cuda`,
-#          the attention variant's timing (benchmarks/tune_attention.py), vits-default if time is left. A machine
-#          idle for 30 s goes back, so a second call usually pays a fresh start: one long call fits more.
+#          the attention variant's timing (benchmarks/tune_attention.py), vits-default and its attention warps if
+#          time is left. A machine idle for 30 s goes back, so a second call usually pays a fresh start: one long
+#          call fits more.
 #     bash benchmarks/device_call.sh g "$OUT" 540      (device tool: timeout_s 560)
 # PHASE f  both, in one call (a longer lease, or your own GPU with a deadline).
 # The phases of earlier leases (a-e) are in git history (before this file's f1/f2 split); benchmarks/results/NOTES.md
@@ -140,6 +141,9 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
       --config vits-default --quick --M 4324 --provider $BENCH_PROVIDERS --mode forward full nograd \
       --csv "$OUT/bench_vits-default_$DEV.csv" --png none
   [[ -s "$OUT/bench_vits-default_$DEV.csv" ]] && readme_tables
+  # triton 3.6 spills the fp32 full-block attention backward at one warp at this shape (kernel_resources_sm90_
+  # triton3.6.md): one warp vs two, the package's kernels only
+  TAILN=16 step tune_attention_vits 40 python3 benchmarks/tune_attention.py --shapes vits-default --chunks
 }
 case "$PHASE" in
   g) phase_g ;;

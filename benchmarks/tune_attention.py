@@ -32,10 +32,11 @@ from seqpe_kernels.ops import attention as A  # noqa: E402
 from seqpe_kernels.ops._common import acc_dtype, drop_scales  # noqa: E402
 from seqpe_kernels.ops.launch import direct  # noqa: E402
 
-SHAPES = {  # name: (M, T, D, H, dtype)
-    "text-default": (1552, 6, 768, 12, torch.bfloat16),
-    "vits-default": (4324, 5, 384, 6, torch.float32),
+SHAPES = {  # name: (M, T, D, H, dtype, table rows: layer 0's digit table, base * digits + 1)
+    "text-default": (1552, 6, 768, 12, torch.bfloat16, 51),
+    "vits-default": (4324, 5, 384, 6, torch.float32, 41),
 }
+DEVICE = "cuda"  # tests run the sweep's logic on CPU under the interpreter
 
 
 @triton.jit
@@ -196,12 +197,13 @@ def resources(chunks) -> int:
     import kernel_resources as KR
 
     launches = []
-    for name, (M, T, D, H, dt) in SHAPES.items():
-        qkv, q_cls, kv = (torch.zeros(M, n, w * D, dtype=dt) for n, w in ((T, 3), (1, 1), (T, 2)))
+    for name, (M, T, D, H, dt, n) in SHAPES.items():
+        tab, rows = torch.zeros(n, 3 * D, dtype=dt), torch.zeros(M, T, dtype=torch.long)  # layer 0, as in main()
+        q_cls, kv = torch.zeros(M, 1, D, dtype=dt), torch.zeros(M, T, 2 * D, dtype=dt)
         sdiv = (D // H) ** 0.5
-        for args in ((qkv, None, None, H, True, 0, sdiv, 0.0, None, 0), (q_cls, kv, None, H, True, T - 1, sdiv, 0.0,
-                                                                         None, 0)):
-            dout = torch.zeros(M, args[0].shape[1], D, dtype=dt)
+        for args in ((tab, None, None, H, True, 0, sdiv, 0.0, None, 0, rows),
+                     (q_cls, kv, None, H, True, T - 1, sdiv, 0.0, None, 0, None)):
+            dout = torch.zeros(M, T if args[-1] is not None else 1, D, dtype=dt)
             launches += KR.record(lambda: (A.tiny_attention_forward(*args), A.tiny_attention_backward(dout, *args)),
                                   run=False)
             for c in chunks:
@@ -237,13 +239,15 @@ def main(argv=None):
         ext = None
     print(f"{'shape':14s} {'block':5s} {'kernel':6s} {'warps':>5s} {'fwd us':>8s} {'bwd us':>8s}")
     for name in a.shapes:
-        M, T, D, H, dt = SHAPES[name]
-        qkv = torch.randn(M, T, 3 * D, device="cuda", dtype=dt)
-        q_cls = torch.randn(M, 1, D, device="cuda", dtype=dt)
-        kv = torch.randn(M, T, 2 * D, device="cuda", dtype=dt)
+        M, T, D, H, dt, n = SHAPES[name]
+        # the full block as the step runs it (layer 0): q / k / v read by row index from the table's c_attn output
+        tab = torch.randn(n, 3 * D, device=DEVICE, dtype=dt)
+        rows = torch.randint(0, n, (M, T), device=DEVICE)
+        q_cls = torch.randn(M, 1, D, device=DEVICE, dtype=dt)
+        kv = torch.randn(M, T, 2 * D, device=DEVICE, dtype=dt)
         sdiv = (D // H) ** 0.5
-        for block, args in (("full", (qkv, None, None, H, True, 0, sdiv, 0.0, None, 0)),
-                            ("cls", (q_cls, kv, None, H, True, T - 1, sdiv, 0.0, None, 0))):
+        for block, args in (("full", (tab, None, None, H, True, 0, sdiv, 0.0, None, 0, rows)),
+                            ("cls", (q_cls, kv, None, H, True, T - 1, sdiv, 0.0, None, 0, None))):
             ref = None
             settings = [("pkg", w) for w in (None, 1, 2, 4, 8)] + [(f"dc{c}", w) for c in chunks for w in (1, 2)]
             if ext is not None:  # the C++/CUDA backend's kernels, as its encoder calls them (their own warp count)

@@ -166,6 +166,26 @@ def test_head_chunked_attention_variant_matches(M, K, H, DH, dc, cls_only, index
         assert a.shape == b.shape and (b.numel() == 0 or rel(a, b) <= tol)
 
 
+def test_tune_attention_sweep_runs(monkeypatch, capsys):
+    """benchmarks/tune_attention.py's sweep (a device-call step) end to end at a tiny shape with its timer stubbed:
+    the full block in the step's indexed form (q / k / v from the table by row), the CLS-only block, every warp
+    setting, the chunked variant and the C++ kernels (when the extension loads) agree with each other."""
+    from conftest import benchmark_module
+
+    tune = benchmark_module("tune_attention")
+    monkeypatch.setattr(tune, "DEVICE", DEV)
+    monkeypatch.setattr(tune, "SHAPES", {"tiny": (3, 3, 8, 2, torch.float32, 7)})
+    monkeypatch.setattr("triton.testing.do_bench", lambda fn, **kw: (fn(), 1e-3)[1])
+    tune.main(["--shapes", "tiny", "--chunks", "4"])
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("tiny ")]
+    kernels = {(r[1], r[2], r[3]) for r in rows}
+    for block in ("full", "cls"):
+        assert {(block, "pkg", w) for w in ("rule", "1", "2", "4", "8")} <= kernels, out
+        assert {(block, "dc4", w) for w in ("1", "2")} <= kernels, out
+        assert (block, "ext", "rule") in kernels or "(no ext rows" in out, out
+
+
 def test_indexed_attention_rejects_bad_operands():
     from seqpe_kernels.ops.attention import tiny_attention_forward
 

@@ -51,12 +51,15 @@ def assert_close(e, c, what, floor=0.0):
     assert torch.equal(e.isnan(), c.isnan()), (what, "NaN pattern")
     dt = e.dtype
     e, c = e.double().nan_to_num(), c.double().nan_to_num()
-    scale, err = max(c.abs().max().item(), floor), (e - c).abs()
+    err = (e - c).abs()
+    # floor: a number (the output's error scale), or a tensor of c's shape (each element's own)
+    scale = (floor.double().clamp_min(c.abs().max().item()) if isinstance(floor, torch.Tensor)
+             else max(c.abs().max().item(), floor))
     if dt in (torch.float16, torch.bfloat16):  # one rounding step of the element's magnitude
         bad = err > torch.finfo(dt).eps * c.abs() + 1e-6 * scale
     else:
         bad = err > (1e-12 if dt == torch.float64 else 1e-6) * scale
-    assert not bad.any(), (what, err.max().item(), scale)
+    assert not bad.any(), (what, err.max().item(), float(torch.as_tensor(scale).max()))
 
 
 def run_both(ops, name, args, floors=None):
@@ -224,8 +227,18 @@ def test_gelu(ops, R, C, dtype, du_dtype, seed):
     z = torch.randn(R, C, dtype=dtype) * 3
     du = torch.randn(R, C, dtype=du_dtype or dtype)
     run_both(ops, "gelu_new_fwd", (z,))
-    run_both(ops, "gelu_new_bwd", (du, z))
-    run_both(ops, "gelu_new_bwd_bias", (du, z), lambda c: {1: _colsum_abs(c[0])})
+    # dz = du * (0.5 (1 + t) + 0.5 z (1 - t^2) C (1 + 3A z^2)), t = tanh(C (z + A z^3)) = 1 - 2 / (exp(2u) + 1):
+    # both kernels round t to ~1 ulp of 1, and dz moves by du * (0.5 - z t C (1 + 3A z^2)) per unit of t -- up to
+    # ~15 |du| where t ~ -1 (z ~ -4), whatever dz's own size there (1 + t cancels). Two correct fp32 kernels with
+    # different exp (the emulator: the host's expf; the CPU op: a polynomial) differ by that much: seen 5.3e-6 at
+    # |dz| <= 2.7 (seed 5, 4 x 256), twice a bound scaled by max |dz| alone. So each element's error scale
+    # includes its own sensitivity to t (elsewhere the bound stays 1e-6 max |dz|); the bias gradient's, its column's.
+    zd = z.double()
+    t = torch.tanh(0.7978845608028654 * (zd + 0.044715 * zd ** 3))
+    s = (du.double() * (0.5 - zd * t * 0.7978845608028654 * (1 + 3 * 0.044715 * zd ** 2))).abs()
+    run_both(ops, "gelu_new_bwd", (du, z), lambda c: {0: s})
+    run_both(ops, "gelu_new_bwd_bias", (du, z),
+             lambda c: {0: s, 1: s.sum(0).clamp_min(_colsum_abs(c[0]))})
 
 
 # ----------------------------------------------------------------------------- digit embedding, layer-0 table

@@ -264,6 +264,8 @@ def _sanitizers():
     if not want:
         return [], ""
     flags = [f"-fsanitize={','.join(want)}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+    if "undefined" in want:  # not part of gcc's -fsanitize=undefined: a float -> int conversion out of range
+        flags.insert(1, "-fsanitize=float-cast-overflow")
     return flags, "_san_" + "_".join(sorted(want))
 
 

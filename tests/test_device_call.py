@@ -5,6 +5,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -56,7 +57,49 @@ def _check_commands(calls, what):
             assert os.path.exists(os.path.join(ROOT, t.split("::")[0])), f"{what}: pytest target {t} does not exist"
     for s in scripts:
         assert os.path.exists(os.path.join(ROOT, s)), f"{what}: script {s} does not exist"
+    _check_script_args([a for a in calls if a and a[0].endswith(".py")], what)
     return cli, pytests, scripts
+
+
+PARSE_ONLY = """
+import argparse, runpy, sys
+class Parsed(Exception):
+    pass
+def parse_args(self, args=None, namespace=None):
+    argparse.ArgumentParser.parse_known_args = real  # (parse_args calls it)
+    try:
+        ns, extra = real(self, args, namespace)
+    finally:
+        argparse.ArgumentParser.parse_known_args = guard
+    if extra:
+        self.error("unrecognized arguments: " + " ".join(extra))
+    raise Parsed
+real = argparse.ArgumentParser.parse_known_args
+def guard(self, *a, **k):
+    raise Parsed  # a script parsing with parse_known_args: its arguments are not checked here
+argparse.ArgumentParser.parse_args = parse_args
+argparse.ArgumentParser.parse_known_args = guard
+for argv in {argvs!r}:
+    sys.argv = list(argv)
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except Parsed:
+        continue
+    except SystemExit as e:
+        sys.exit(f"`python {{' '.join(argv)}}` does not parse (exit {{e.code}})")
+    sys.exit(f"`python {{' '.join(argv)}}` ran past its argument parsing")
+"""
+
+
+def _check_script_args(argvs, what):
+    """Each benchmark script's recorded arguments parse: the script runs as __main__ up to its parse_args, which
+    stops it (one process for all: the scripts import torch)."""
+    if not argvs:
+        return
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", PARSE_ONLY.format(argvs=[list(a) for a in argvs])], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{what}: {r.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("phase", ["f1", "f2", "g"])
@@ -90,3 +133,30 @@ def test_every_command_of_gpu_run_is_well_formed(tmp_path):
     assert [a[0] for a in cli] == ["env", "check", "bench"]
     assert any("-m gpu" in " ".join(a) for a in pytests), "the GPU tier"
     assert scripts == ["benchmarks/ext_error_path.py", "benchmarks/readme_table.py"]
+
+
+def test_profile_step_host_breakdown_runs_on_cpu():
+    """profile_step.py --host-rows (the device call's view of where each provider's host time goes) on the C++ CPU
+    backend: the forward / backward host times and the per-step cProfile rows, the extension's call among them."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from profile_step import host_breakdown
+    finally:
+        sys.path.pop(0)
+    import seqpe_kernels as sk
+    from seqpe_kernels.backend import available_backends
+
+    torch.manual_seed(0)
+    ref = sk.SeqPE(embed_dim=16, num_heads=2, max_digits=3).train()
+    backend = "cpu" if available_backends(torch.device("cpu"))["cpu"][0] else "torch"
+    mod = ref if backend == "torch" else sk.FusedSeqPE.from_reference(ref, backend=backend)
+    text = host_breakdown(mod, torch.arange(8), None, steps=3, rows=6)
+    lines = text.splitlines()
+    assert lines[0].startswith("--- host: forward call ") and "backward call" in lines[0]
+    assert len(lines) == 2 + 6
+    assert any("run_backward" in line for line in lines[2:])
+    for line in lines[2:]:
+        own, cum, calls = line.split()[:3]
+        assert 0 <= float(own) <= float(cum) + 0.05 and float(calls) >= 0

@@ -476,6 +476,9 @@ def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: Optio
     problem = _describe_mismatch(module, sd, where, cfg)
     if problem:
         raise ValueError(problem)
+    fdt = {t.dtype for t in sd.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if fdt == {torch.float64}:  # an fp64 file loads as an fp64 module (into fp32 it would be rounded silently);
+        module = module.to(torch.float64)  # fp16 / bf16 files load exactly into the fp32 module
     module.load_state_dict(sd, strict=True)
     dev = _device_of(map_location)
     if dev is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from . import backend as _backend
 from . import encoder as _enc
@@ -35,6 +36,23 @@ def _ext_ops():
 
         _EXT.append(_ext.load())
     return _EXT[0]
+
+
+def _refuse_submodule_hooks(m) -> None:
+    """The fused path never calls the encoder's submodules, so hooks on them would silently not fire: refuse."""
+    hooked, todo = [], [("", m)]
+    while todo:
+        prefix, mod = todo.pop()
+        for name, c in mod._modules.items():
+            full = prefix + name
+            if c._forward_hooks or c._forward_pre_hooks or c._backward_hooks or c._backward_pre_hooks:
+                hooked.append(full)
+            todo.append((full + ".", c))
+    if hooked:
+        raise RuntimeError(f"hooks on the encoder's submodule(s) {', '.join(sorted(hooked))}: the fused forward "
+                           "does not run the submodules, so they would not fire. Remove them (hooks on the encoder "
+                           "module itself are fine), or run it unfused (backend='torch'; a patched module: "
+                           "seqpe_kernels.unpatch).")
 
 
 class FusedSeqPE(SeqPE):
@@ -90,8 +108,28 @@ class FusedSeqPE(SeqPE):
         return name
 
     # ------------------------------------------------------------------ entry points
+    def _live(self):
+        """What the plan reads that a user can change between calls, read from the modules at each call (~0.7 us
+        for two layers): per block the dropout layers' p (what resid_pdrop / attn_pdrop read) and the two
+        LayerNorms' eps, then the final LayerNorm's eps."""
+        out = []
+        for b in self._modules["transformers"]._modules.values():
+            bm = b._modules
+            at = bm["attn"]._modules
+            out.append((at["attn_dropout"].p, at["resid_dropout"].p, bm["mlp"]._modules["dropout"].p,
+                        bm["layernorm_1"].eps, bm["layernorm_2"].eps))
+        ln = self._modules.get("layernorm")
+        out.append(None if ln is None else ln.eps)
+        return tuple(out)
+
     def _dropout_active(self) -> bool:
-        return self.training and (self.resid_pdrop > 0 or self.attn_pdrop > 0)
+        if not self.training:
+            return False
+        for b in self._modules["transformers"]._modules.values():
+            at = b._modules["attn"]._modules
+            if at["attn_dropout"].p > 0 or at["resid_dropout"].p > 0 or b._modules["mlp"]._modules["dropout"].p > 0:
+                return True
+        return False
 
     def _dedup_mode(self) -> str:
         """The deduplication this call uses: "off", "unique" or "prefix" (depends on the configuration and the
@@ -112,7 +150,9 @@ class FusedSeqPE(SeqPE):
         """Integer positions ``[M]`` / ``[M, data_dim]`` -> ``[M, out_dim]``: choose the plan (dedup mode) once,
         validate the positions once, run."""
         mode = self._dedup_mode()
-        pos = check_positions(positions, self.max_digits, self.base, self.data_dim, self.check_range)
+        # prefix sharing syncs with the host anyway (its trie): it always checks the range
+        pos = check_positions(positions, self.max_digits, self.base, self.data_dim,
+                              self.check_range or mode == "prefix")
         if mode == "prefix" and pos.shape[0] > 1:  # the prefix trie of the validated positions
             from .savings.dedup import prefix_shared_forward
 
@@ -135,8 +175,14 @@ class FusedSeqPE(SeqPE):
         if name == "torch" or self.mask_padding:  # the pad mask tensor: the tokenizer builds it on device
             digits, pad_mask = tokenize(pos, self.max_digits, self.base, self.data_dim, check_range=False)
             if name == "torch":
-                return super().forward_digits(digits, pad_mask)
-            return self._fused(digits, pad_mask, from_positions=False, name=name)
+                out = super().forward_digits(digits, pad_mask)
+            else:
+                out = self._fused(digits, pad_mask, from_positions=False, name=name)
+            if not self.check_range:  # unvalidated: the tokenizer wrapped out-of-range positions to their low
+                # digits; their rows come out NaN, as the in-kernel tokenizer's do (no host sync)
+                bad = ((pos < 0) | (pos >= self.base ** self.max_digits)).any(1, keepdim=True)
+                out = out.masked_fill(bad, float("nan"))
+            return out
         return self._fused(pos, None, from_positions=True, name=name)
 
     def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -153,8 +199,11 @@ class FusedSeqPE(SeqPE):
         training = self.training
         if torch.compiler.is_compiling():  # traced once per graph: no cache to mutate
             return self._build_plan(cdt, from_positions, training)
-        key = (cdt, training, from_positions, self.resid_pdrop, self.attn_pdrop, self.temperature,
-               self.attn_direction, self.scale_attn_weights, self.use_last_layernorm)
+        if self.__dict__.get("_hooks_seen") != RemovableHandle.next_id:  # a hook was registered somewhere since
+            _refuse_submodule_hooks(self)                               # the last look (every hook gets a handle)
+            self.__dict__["_hooks_seen"] = RemovableHandle.next_id
+        key = (cdt, training, from_positions, self._live(), self.temperature, self.attn_direction,
+               self.scale_attn_weights, self.use_last_layernorm)
         cache = self.__dict__.setdefault("_plans", {})
         plan = cache.get(key)
         if plan is None:
@@ -163,6 +212,13 @@ class FusedSeqPE(SeqPE):
 
     def _build_plan(self, cdt: torch.dtype, from_positions: bool, training: bool) -> "_enc.Plan":
         D, H = self.embed_dim, self.num_heads
+        lns = [(f"transformers.{i}.{n}", b._modules[n]) for i, b in enumerate(self.transformers)
+               for n in ("layernorm_1", "layernorm_2")]
+        if self.use_last_layernorm:
+            lns.append(("layernorm", self.layernorm))
+        for name, ln in lns:  # (a negative eps is the encoder's "no final LayerNorm" sentinel)
+            if not 0 <= ln.eps < float("inf"):
+                raise ValueError(f"{name}.eps must be a finite number >= 0, got {ln.eps}")
         return _enc.Plan(
             D=D, H=H, K=self.max_digits, L=self.seq_len - 1, T=self.seq_len, base=self.base,
             data_dim=self.data_dim, nl=self.num_layers, causal=self.attn_direction == "causal",

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -194,7 +195,7 @@ class _FusedView:
 
     def __getstate__(self):
         st = dict(self.__dict__)
-        for k in ("_plans", "_resolved", "_verified"):  # caches: rebuilt on the next call
+        for k in ("_plans", "_resolved", "_verified", "_structure", "_hooks_seen"):  # caches: rebuilt on the next call
             st.pop(k, None)
         return st
 
@@ -223,6 +224,8 @@ class _FusedView:
 
     # --------------------------------------------------------------- verification
     def _maybe_verify(self, device: torch.device, name: str):
+        if self.__dict__.get("_structure") != _REGISTRATIONS[0] and not torch.compiler.is_compiling():
+            self._recheck_structure()  # a submodule inside the encoder was (re)assigned since the last look
         if not self.verify:
             return
         p = self.module._parameters.get("cls_token_embed")
@@ -234,6 +237,19 @@ class _FusedView:
             return
         self._verify(torch.device(device), name)
         self.__dict__.setdefault("_verified", set()).add(key)
+
+    def _recheck_structure(self):
+        """The patch-time layout check again, after a submodule inside the encoder was assigned (an activation
+        swapped for another, a Conv1D for an nn.Linear, ...): the fused path would otherwise compute the old
+        module. Also forgets the probe verifications, so the next call runs the probe again."""
+        problems = _check_layout(self.module, self.layout)
+        if problems:
+            raise PatchError(f"seqpe_kernels.patch: {type(self.module).__name__} was changed after it was patched and "
+                             "no longer has the SeqPE encoder layout the fused forward computes:\n  - "
+                             + "\n  - ".join(problems) + "\nseqpe_kernels.unpatch(module) restores its own forward.")
+        _watch(self.module)
+        self.__dict__.pop("_verified", None)
+        self.__dict__["_structure"] = _REGISTRATIONS[0]
 
     @torch.no_grad()
     def _verify(self, device: torch.device, name: str):
@@ -276,6 +292,28 @@ for _n, _v in _FUSED_ATTRS.items():
     if not _n.startswith("__") and _n not in _FusedView.__dict__ and isinstance(_v, (types.FunctionType, property)):
         setattr(_FusedView, _n, _v)
 del _n, _v
+
+
+# ================================================================ submodule assignments inside patched encoders
+# torch calls its global module-registration hooks on every submodule assignment (``blk.mlp.act = ...``,
+# ``add_module``, ``ModuleList[i] = ...``). The one installed below counts those whose parent lies inside a
+# patched encoder; a view whose count is stale re-runs the layout check (and the probe) before its next call.
+_REGISTRATIONS = [0]
+_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_HOOK: list = []
+
+
+def _on_registration(parent, name, sub):
+    if parent in _WATCHED:
+        _REGISTRATIONS[0] += 1
+    return None
+
+
+def _watch(m: nn.Module) -> None:
+    if not _HOOK:
+        _HOOK.append(nn.modules.module.register_module_module_registration_hook(_on_registration))
+    for s in m.modules():
+        _WATCHED.add(s)
 
 
 # ============================================================================================ the patched forwards

@@ -467,7 +467,7 @@ def test_image_init_uses_truncated_normal_text_init_does_not(monkeypatch):
     (dict(resid_pdrop=1.0), r"resid_pdrop must be in \[0, 1\)"),
     (dict(resid_pdrop=-0.1), "resid_pdrop"),
     (dict(attn_pdrop=1.5), r"attn_pdrop must be in \[0, 1\)"),
-    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
     (dict(init="xavier"), "init must be"),
     (dict(max_digits=0), "must be >= 1"),
     (dict(out_dim=-5), "out_dim must be positive"),

@@ -66,13 +66,20 @@ def contrastive_loss(pivots: torch.Tensor, candidates: torch.Tensor, labels: tor
     labels = labels.reshape(-1)
     if labels.numel() != B:
         raise ValueError(f"labels must have one entry per pivot ({B}), got {labels.numel()}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer indices into each pivot's candidates, got {labels.dtype}")
     labels = labels.to(device=logits.device, dtype=torch.long)
     if num_heads > 1:
         labels = labels.repeat_interleave(num_heads)
-    return F.cross_entropy(logits * scale, labels)
+    # no ignored label: cross_entropy's default ignore_index (-100) would skip such rows silently; every label
+    # outside [0, C) is an error (CPU: raised, CUDA: a device-side assert)
+    return F.cross_entropy(logits * scale, labels, ignore_index=_NO_IGNORE)
 
 
 # --------------------------------------------------------------------------------------------- transfer
+_NO_IGNORE = -(2 ** 62)
+
+
 def kl_div_mean(input_log: torch.Tensor, target_log: torch.Tensor) -> torch.Tensor:
     """``F.kl_div(input_log, target_log, log_target=True)`` with the default ``reduction='mean'``.
 
@@ -85,7 +92,7 @@ def kl_div_mean(input_log: torch.Tensor, target_log: torch.Tensor) -> torch.Tens
 def gram_log_softmax(pe: torch.Tensor, batch_size: int, num_heads: int, scale: float = 1.0) -> torch.Tensor:
     """``log_softmax(scale * A A^T)`` over the last axis for ``pe`` [B*T, O] -> [B, n_h, T, T]."""
     BT, O = pe.shape
-    if BT % batch_size:
+    if batch_size < 1 or BT % batch_size:
         raise ValueError(f"{BT} rows are not a multiple of batch_size={batch_size}")
     if num_heads < 1 or O % num_heads:
         raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the PE width {O}")
@@ -142,7 +149,14 @@ def transfer_loss(main_pe: torch.Tensor, main_indices: torch.Tensor, transfer_pe
         raise ValueError(f"PE widths differ: main {main_pe.shape[1]}, transfer {transfer_pe.shape[1]}")
     if batch_size < 1 or main_indices.numel() % batch_size:
         raise ValueError(f"{main_indices.numel()} indices are not a multiple of batch_size={batch_size}")
-    teacher = main_pe[main_indices.to(main_pe.device).long()]
+    if main_indices.dtype.is_floating_point or main_indices.dtype.is_complex or main_indices.dtype == torch.bool:
+        raise TypeError(f"main_indices must be integer slots of the main window, got {main_indices.dtype}")
+    idx = main_indices.to(main_pe.device).long()
+    # a negative slot would wrap to the window's end silently (a too-large one raises in the gather); checked on
+    # the device, no host sync on CUDA
+    torch._assert_async((idx >= 0).all() if idx.numel() else torch.tensor(True, device=idx.device),
+                        "main_indices must be non-negative slots of the main window")
+    teacher = main_pe[idx]
     log_p = gram_log_softmax(teacher, batch_size, num_heads, scale)  # teacher, in-distribution
     log_q = gram_log_softmax(transfer_pe, batch_size, num_heads, scale)  # student, shifted
     if metric == "kl_div":

@@ -7,13 +7,15 @@ Every fused path in this package is tested against this module.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tokenize import tokenize
+from .tokenize import _INT_DTYPES, tokenize
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,10 @@ class SeqPE(nn.Module):
                  init_norm_weight: float = 1.0, base: int = 10, scale_attn_weights: bool = True):
         super().__init__()
         _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out_dim, attn_direction,
-                         resid_pdrop, attn_pdrop, temperature, init, base)
+                         resid_pdrop, attn_pdrop, temperature, init, base, layer_norm_eps)
+        embed_dim, num_heads, max_digits, num_layers, data_dim, base = (
+            operator.index(v) for v in (embed_dim, num_heads, max_digits, num_layers, data_dim, base))
+        out_dim = None if out_dim is None else operator.index(out_dim)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.max_digits = max_digits
@@ -158,9 +163,7 @@ class SeqPE(nn.Module):
         self.attn_direction = attn_direction
         self.mask_padding = mask_padding
         self.use_last_layernorm = use_last_layernorm
-        self.resid_pdrop = resid_pdrop
-        self.attn_pdrop = attn_pdrop
-        self.temperature = temperature
+        self.temperature = temperature  # (resid_pdrop / attn_pdrop: properties over the dropout layers below)
         self.layer_norm_eps = layer_norm_eps
         self.base = base
         self.scale_attn_weights = scale_attn_weights
@@ -221,6 +224,44 @@ class SeqPE(nn.Module):
             names.add("dim_token_embed")
         return names
 
+    # The dropout probabilities are the dropout layers' own ``p`` (what forward applies): a loop that sets
+    # ``m.p`` on every nn.Dropout-like layer changes what every backend computes, and setting ``resid_pdrop`` /
+    # ``attn_pdrop`` sets the layers'. Reading raises if the layers of one kind differ (no single value).
+    def _dropout_layers(self, kind: str):
+        out = []
+        for blk in self._modules["transformers"]._modules.values():
+            at = blk._modules["attn"]._modules
+            if kind == "attn":
+                out.append(at["attn_dropout"])
+            else:
+                out += [at["resid_dropout"], blk._modules["mlp"]._modules["dropout"]]
+        return out
+
+    def _dropout_p(self, kind: str) -> float:
+        layers = self._dropout_layers(kind)
+        p = layers[0].p
+        for m in layers:
+            if m.p != p:
+                names = [f"transformers.{i}.{site}" for i in range(len(self._modules["transformers"]))
+                         for site in (("attn.attn_dropout",) if kind == "attn" else ("attn.resid_dropout",
+                                                                                   "mlp.dropout"))]
+                raise ValueError(f"the {kind} dropout layers' probabilities differ ("
+                                 + ", ".join(f"{n}.p={m_.p}" for n, m_ in zip(names, layers))
+                                 + f"): {kind}_pdrop has no single value; the fused encoder applies one per kind")
+        return float(p)
+
+    def _set_dropout_p(self, kind: str, p: float):
+        p = float(p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{kind}_pdrop must be in [0, 1), got {p}")
+        for m in self._dropout_layers(kind):
+            m.p = p
+
+    resid_pdrop = property(lambda self: self._dropout_p("resid"), lambda self, p: self._set_dropout_p("resid", p),
+                           doc="residual dropout probability (the layers' own p)")
+    attn_pdrop = property(lambda self: self._dropout_p("attn"), lambda self, p: self._set_dropout_p("attn", p),
+                          doc="attention-probability dropout (the layers' own p)")
+
     @property
     def seq_len(self) -> int:
         """Tokens per sequence including CLS (T = d*K + 1)."""
@@ -255,18 +296,29 @@ class SeqPE(nn.Module):
         L = self.data_dim * self.max_digits
         if digits.dim() != 2 or digits.shape[1] != L:
             raise ValueError(f"digits must have shape [M, {L}] (data_dim*max_digits), got {tuple(digits.shape)}")
-        if digits.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        if digits.dtype not in _INT_DTYPES:
             raise TypeError(f"digits must be integer ids, got {digits.dtype}")
+        given_mask = pad_mask is not None
         if pad_mask is None:
             pad_mask = torch.ones(digits.shape, dtype=torch.float32, device=digits.device)
         if pad_mask.shape != digits.shape:
             raise ValueError(f"pad_mask shape {tuple(pad_mask.shape)} != digits shape {tuple(digits.shape)}")
+        # a pad mask the encoder reads must be 0 / 1 (1 = real digit): other values would mean a partial mask in
+        # the reference's additive form and something else in the fused kernels
+        binary = self.mask_padding and given_mask and pad_mask.dtype != torch.bool
         if self.check_range and torch.compiler.is_compiling():
             torch._assert_async(((digits >= 0) & (digits < self.base)).all(), f"digit ids must lie in [0, {self.base})")
+            if binary:
+                torch._assert_async(((pad_mask == 0) | (pad_mask == 1)).all(), "pad_mask values must be 0 or 1")
         elif self.check_range and digits.numel() > 0:
-            lo, hi = torch.aminmax(digits)
-            if int(lo) < 0 or int(hi) >= self.base:
-                raise ValueError(f"digit ids must lie in [0, {self.base}), got range [{int(lo)}, {int(hi)}]")
+            lo, hi = torch.aminmax(digits.long())
+            vals = [lo, hi] + ([((pad_mask != 0) & (pad_mask != 1)).any().long()] if binary else [])
+            vals = torch.stack(vals).tolist()  # one host sync
+            if vals[0] < 0 or vals[1] >= self.base:
+                raise ValueError(f"digit ids must lie in [0, {self.base}), got range [{vals[0]}, {vals[1]}]")
+            if binary and vals[2]:
+                raise ValueError("pad_mask values must be 0 or 1 (1 = a real digit, 0 = padding); got others "
+                                 "(NaN included)")
         return digits.long(), pad_mask
 
     def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -288,7 +340,19 @@ class SeqPE(nn.Module):
 
 
 def _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out_dim, attn_direction,
-                     resid_pdrop, attn_pdrop, temperature, init, base):
+                     resid_pdrop, attn_pdrop, temperature, init, base, layer_norm_eps=1e-5):
+    for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads), ("max_digits", max_digits),
+                    ("num_layers", num_layers), ("data_dim", data_dim), ("base", base), ("out_dim", out_dim)):
+        if v is None and name == "out_dim":
+            continue
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    for name, v in (("resid_pdrop", resid_pdrop), ("attn_pdrop", attn_pdrop), ("temperature", temperature),
+                    ("layer_norm_eps", layer_norm_eps)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+    if not 0 <= layer_norm_eps < float("inf"):  # (also NaN)
+        raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {layer_norm_eps}")
     if embed_dim < 1 or num_heads < 1:
         raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
     if embed_dim % num_heads:
@@ -300,8 +364,8 @@ def _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out
     for name, p in (("resid_pdrop", resid_pdrop), ("attn_pdrop", attn_pdrop)):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {p}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not temperature > 0 or temperature == float("inf"):  # (also NaN)
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if init not in ("text", "image"):
         raise ValueError(f"init must be 'text' or 'image', got {init!r}")
     if base < 2:

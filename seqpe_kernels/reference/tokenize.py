@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) + tuple(
+    getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
 
 def max_digits_for(max_position: int, data_dim: int = 1, base: int = 10) -> int:
@@ -45,6 +46,13 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
     """Validate and normalise positions to int64 ``[M, d]``. Raises with the reason on bad input."""
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be a torch.Tensor of integers, got {type(positions).__name__}")
+    if positions.layout != torch.strided:
+        raise TypeError(f"positions must be a dense tensor, got layout {positions.layout} (call .to_dense())")
+    if check_range and positions.device.type == "meta":
+        raise TypeError("positions on the meta device have no values to check (check_range=False for shapes only)")
+    for name, v in (("base", base), ("max_digits", max_digits)):
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
     if positions.dtype not in _INT_DTYPES:
         raise TypeError(f"positions must have an integer dtype, got {positions.dtype} "
                         "(positions are indices: convert with .long() only if the values are whole numbers)")
@@ -61,8 +69,9 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
     if data_dim is not None and positions.shape[1] != data_dim:
         raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
                          f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")
+    unsigned64 = positions.dtype == getattr(torch, "uint64", None)
     if positions.dtype != torch.int64:  # .long() of an int64 tensor is still a dispatcher call
-        positions = positions.long()
+        positions = positions.long()  # (uint64 values >= 2**63 wrap negative: reported as out of range below)
     if check_range and (torch.compiler.is_compiling() or
                         (positions.is_cuda and torch.cuda.is_current_stream_capturing())):
         # no host sync inside a compiled graph or a CUDA-graph capture: the same check as an on-device assert
@@ -71,6 +80,8 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
     elif check_range and positions.numel() > 0:
         lo, hi = torch.aminmax(positions)
         lo, hi = int(lo), int(hi)  # one sync; switch off with check_range=False on hot paths
+        if lo < 0 and unsigned64:
+            raise ValueError(f"a uint64 position is >= 2**63, outside the encodable range 0..{base ** max_digits - 1}")
         if lo < 0:
             raise ValueError(f"positions must be non-negative, got minimum {lo}")
         if hi >= base ** max_digits:
@@ -146,7 +157,14 @@ def _as_positions(raw, device) -> torch.Tensor:
             pos = raw
         else:
             raw = list(raw)
-            pos = torch.tensor(raw, dtype=torch.int64) if raw else torch.empty(0, dtype=torch.int64)
+            if not raw:
+                pos = torch.empty(0, dtype=torch.int64)
+            else:
+                try:  # dtype inferred, not forced: int64 would truncate 1.5 to 1 (check_positions refuses floats)
+                    pos = torch.tensor(raw)
+                except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                    raise TypeError(f"positions must be non-negative integers (a list of ints, or of tuples of ints "
+                                    f"for n-D), got {raw[:4]!r}{' ...' if len(raw) > 4 else ''}: {e}") from None
     if device is not None:
         pos = pos.to(device)
     return pos

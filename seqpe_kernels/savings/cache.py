@@ -513,6 +513,9 @@ class SeqPECache:
             return [box([r]) for r in ranges]
         if isinstance(ranges, (list, tuple)) and len(ranges) == d and all(is_axis(x) for x in ranges):
             return [box(ranges)]
+        if is_axis(ranges) or not all(isinstance(b, (list, tuple)) for b in ranges):
+            raise ValueError(f"data_dim={d}: pass one box as {d} per-axis ranges, e.g. "
+                             f"({', '.join(['range(100)'] * d)}), or a list of such boxes; got {ranges!r}")
         return [box(b) for b in ranges]
 
     def _dense_total_rows(self) -> int:

@@ -65,7 +65,8 @@ class _Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         pq, pk = ctx.qk(layer)
         o = pe_attention(q, k, v, ctx.method, pq=pq, pk=pk, rope=ctx.rope, scalar_scale=self.scalar_scale,
-                         causal=self.causal, dropout_p=self.attn_pdrop if self.training else 0.0,
+                         causal=self.causal and ctx.mask is None,  # (ALiBi's mask has the causal part)
+                         dropout_p=self.attn_pdrop if self.training else 0.0,
                          attn_mask=ctx.mask)
         return self.resid_drop(self.proj(o.transpose(1, 2).reshape(B, N, C)))
 

@@ -233,6 +233,31 @@ def _head_scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
+def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v [B, H, N(k), d]: one batch and head count, and one key length for k and v (SDPA does not check
+    the latter on every path: a longer v was read as garbage)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{fn}: q, k, v must be [B, H, N, d_h], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
+        raise ValueError(f"{fn}: q, k, v differ in batch or head count: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{fn}: k and v must have the same length and q and k the same head dim, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def _sdpa_mask(attn_mask: Optional[torch.Tensor], causal: bool, Nq: int, Nk: int):
+    """(mask, is_causal) for SDPA: with both a mask and ``causal`` the causal part is folded into the mask (SDPA
+    takes one or the other; dropping ``causal`` silently let queries see the future)."""
+    if attn_mask is None or not causal:
+        return attn_mask, causal and attn_mask is None
+    allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=attn_mask.device).tril(Nk - Nq)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed, False
+    return attn_mask.masked_fill(~allowed, float("-inf")), False
+
+
 def attn_scalar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor,
                 scalar_scale: float = 1.0, causal: bool = False, attn_mask: Optional[torch.Tensor] = None,
                 dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
@@ -240,8 +265,10 @@ def attn_scalar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Ten
 
     ``softmax((q k^T + s P^q P^k^T) * scale [+ mask]) v`` computed as SDPA on ``[q ; s P^q]``, ``[k ; P^k]``
     (head dim d_h + d') and v (d_h), with ``scale`` = 1/sqrt(d_h) of the *model* head dim by default.
-    Returns [B, H, N, d_h]. ``attn_mask`` is an SDPA mask (bool: True = attend, or additive float).
+    Returns [B, H, N, d_h]. ``attn_mask`` is an SDPA mask (bool: True = attend, or additive float); with
+    ``causal=True`` as well, the causal mask is folded into it.
     """
+    _check_qkv("attn_scalar", q, k, v)
     _check_qk_pe("attn_scalar", q, pq, same_width=False)
     _check_qk_pe("attn_scalar", k, pk, same_width=False)
     if pq.shape[-1] != pk.shape[-1]:
@@ -263,8 +290,9 @@ def attn_scalar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Ten
     # for q, k and v, and without them SDPA falls back to the math path that materialises [B, H, N, N]
     d_v = v.shape[-1]
     v_aug = F.pad(v, (0, q_aug.shape[-1] - d_v)) if q_aug.shape[-1] != d_v else v
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=attn_mask, dropout_p=dropout_p,
-                                         is_causal=causal and attn_mask is None, scale=sc)
+    mask, is_causal = _sdpa_mask(attn_mask, causal, q.shape[2], k.shape[2])
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=sc)
     return out[..., :d_v] if v_aug is not v else out
 
 
@@ -327,6 +355,7 @@ def pe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str,
     ``rope = rotary_tables(pe)``; 'alibi' needs ``attn_mask = alibi_attn_mask(pe, B)`` (causal part included);
     'input_add' / 'nope' apply nothing here.
     """
+    _check_qkv("pe_attention", q, k, v)
     sc = _head_scale(q, scale)
     if method in ("attn_mul", "attn_add", "attn_scalar") and (pq is None or pk is None):
         raise ValueError(f"{method} needs the per-window (pq, pk) from PeQK")
@@ -347,5 +376,6 @@ def pe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str,
         q, k = rotary(q, k, tables=rope)
     elif method not in ("input_add", "nope", "alibi"):
         raise ValueError(f"unknown PE method {method!r}; expected one of {METHODS}")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=causal and attn_mask is None, scale=sc)
+    mask, is_causal = _sdpa_mask(attn_mask, causal, q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=sc)

@@ -199,12 +199,19 @@ class MainWindowSampler:
             raise ValueError(f"shift_rate must be in [0, 1], got {shift_rate}")
         self.shift_rate = float(shift_rate)
         self.pointer_reset = int(pointer_reset)
+        if self.pointer_reset < 1:
+            raise ValueError(f"pointer_reset must be >= 1, got {pointer_reset}")
+        if self.max_position < self.window_len:
+            raise ValueError(f"max_position={max_position} is smaller than the window ({self.window_len} positions)")
         self.rng = _as_rng(seed)
         if data_dim == 1:
             n_starts = self.max_position - self.window_len + 1
             if default_start is None:
                 default_start = 0
             self.default_start = np.array([int(default_start)], dtype=np.int64)
+            if not 0 <= self.default_start[0] <= self.max_position - self.window_len:
+                raise ValueError(f"default_start={default_start}: the default window must lie in "
+                                 f"[0, {self.max_position}) (starts 0..{self.max_position - self.window_len})")
             self._offsets = np.arange(self.window_len, dtype=np.int64)
         else:
             G = math.isqrt(self.max_position)
@@ -215,6 +222,10 @@ class MainWindowSampler:
             if default_start is None:
                 default_start = (0, 0)
             self.default_start = np.array([tuple(int(v) for v in default_start)], dtype=np.int64)
+            r0, c0 = self.default_start[0]
+            if not (0 <= r0 <= G - h and 0 <= c0 <= G - w):
+                raise ValueError(f"default_start={tuple(default_start)}: the default {h}x{w} window must lie in "
+                                 f"the {G}x{G} grid (corners (0..{G - h}, 0..{G - w}))")
             self._offsets = grid_positions(0, 0, h, w)
         if self.use_random_shift:
             if n_starts < 1:
@@ -335,6 +346,13 @@ class TransferSampler:
         if not 1 <= self.T <= N:
             raise ValueError(f"transfer_size must be in [1, {N}], got {transfer_size}")
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if n_batch_per_epoch is not None and int(n_batch_per_epoch) < 0:
+            raise ValueError(f"n_batch_per_epoch must be >= 0 (0 / None: one pass over the starts), got "
+                             f"{n_batch_per_epoch}")
+        if min_start is not None and int(min_start) < 0:
+            raise ValueError(f"min_start must be >= 0, got {min_start}")
         extra = 1 if include_last_start else 0
         if data_dim == 1:
             lo = (N // 4 if pipeline == "text" else N) if min_start is None else int(min_start)

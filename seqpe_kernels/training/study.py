@@ -385,6 +385,10 @@ def _replot(args) -> int:
             raise ValueError("not a list of study rows")
         for r in rows:
             r.setdefault("status", "ok" if r["value"] is not None else "diverged")
+            for k, kind in (("value", (int, float, type(None))), ("scale", (int, float)), ("length", int),
+                            ("seed", int)):
+                if isinstance(r[k], bool) or not isinstance(r[k], kind):
+                    raise ValueError(f"row {r!r}: {k} must be a number, got {r[k]!r}")
     except (OSError, ValueError) as e:
         raise UsageError(f"--from-json {args.from_json}: {e}") from None
     base = os.path.basename(args.from_json)

@@ -1,0 +1,299 @@
+"""Bad input and changed state must raise or come out NaN, never give a plausible wrong number (found by an audit
+of the public entry points, 2026-12-01). Each test covers the class (every backend / path / dtype that reaches
+the same code), not just the case found."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import seqpe_kernels as sk
+from seqpe_kernels.backend import available_backends
+from seqpe_kernels.reference.losses import contrastive_loss, gram_log_softmax, transfer_loss
+from seqpe_kernels.training import pe_apply
+from seqpe_kernels.training.samplers import MainWindowSampler, TransferSampler
+
+CPU = torch.device("cpu")
+# the backends this machine runs on CPU tensors: the eager path of FusedSeqPE, the C++ CPU extension, and Triton
+# where the interpreter is on (conftest sets TRITON_INTERPRET=1 without a GPU)
+BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if available_backends(CPU)[b][0]]
+
+
+def _pair(backend, seed=0, dedup="auto", **cfg):
+    cfg = {**dict(embed_dim=16, num_heads=2, max_digits=2), **cfg}
+    torch.manual_seed(seed)
+    ref = sk.SeqPE(**cfg)
+    enc = sk.FusedSeqPE.from_reference(ref, backend=backend, dedup=dedup)
+    return ref, enc
+
+
+# ------------------------------------------------------------------------- check_range=False: NaN rows, every path
+@settings(max_examples=12, deadline=None)
+@given(backend=st.sampled_from(BACKENDS), data_dim=st.sampled_from([1, 2]), mask_padding=st.booleans(),
+       dedup=st.sampled_from(["off", "unique"]), train=st.booleans(), seed=st.integers(0, 2 ** 16),
+       M=st.integers(1, 6))
+def test_unchecked_out_of_range_positions_give_nan_rows_on_every_path(backend, data_dim, mask_padding, dedup, train,
+                                                                     seed, M):
+    """check_range=False gives up the error message only: an out-of-range position's row is NaN and every other
+    row is what the checked call gives, also where the positions go through the tokenizer first (mask_padding,
+    the eager backend) -- those wrapped such positions to their low digits, a plausible wrong row."""
+    ref, enc = _pair(backend, seed, data_dim=data_dim, mask_padding=mask_padding, dedup=dedup, resid_pdrop=0.0)
+    enc.train(train)
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 100, (M, data_dim), generator=g)
+    bad = torch.rand(M, generator=g) < 0.5
+    bad[0] = True
+    wild = torch.where(torch.rand(M, data_dim, generator=g) < 0.5, torch.tensor(-7), torch.tensor(100 + 37 * seed))
+    pos_bad = torch.where(bad[:, None], wild, pos)
+    pos_bad[bad, 0] = wild[bad, 0]  # at least one coordinate out of range in every bad row
+    pos_bad[bad, 0] = torch.where(pos_bad[bad, 0] >= 0, pos_bad[bad, 0].clamp_min(100), pos_bad[bad, 0])
+    with pytest.raises(ValueError):
+        enc(pos_bad)
+    if backend == "cpu" and not mask_padding:
+        return  # the C++ CPU backend's in-kernel tokenizer raises even unchecked (documented)
+    enc.check_range = False
+    out = enc(pos_bad)
+    assert out.isnan().all(1).tolist() == bad.tolist()
+    enc.check_range = True
+    good = enc(torch.where(bad[:, None], torch.zeros_like(pos), pos))
+    torch.testing.assert_close(out[~bad], good[~bad], rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_sharing_always_checks_the_range():
+    """dedup='prefix' builds a trie on the host anyway: unchecked positions are checked there (raise)."""
+    _, enc = _pair("torch", dedup="prefix", attn_direction="causal")
+    enc.eval()
+    enc.check_range = False
+    with pytest.raises(ValueError, match="max_digits"):
+        enc(torch.tensor([1000, 2]))
+
+
+# ------------------------------------------------------------------------- configuration read live, every backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_layers_p_is_what_every_backend_applies(backend):
+    """The dropout layers' own p is the truth (the idiom `for m in model.modules(): m.p = 0`); resid_pdrop /
+    attn_pdrop read and write them; layers of one kind that differ are refused on the fused path."""
+    ref, enc = _pair(backend, resid_pdrop=0.1, attn_pdrop=0.1)
+    ref.train(), enc.train()
+    pos = torch.arange(12)
+    for m in list(ref.modules()) + list(enc.modules()):
+        if hasattr(m, "p"):
+            m.p = 0.0
+    assert enc.resid_pdrop == 0.0 and enc.attn_pdrop == 0.0
+    torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)  # deterministic: no dropout anywhere
+    enc.resid_pdrop = 0.3
+    assert [m.p for m in enc.modules() if hasattr(m, "p")] == [0.0, 0.3, 0.3, 0.0, 0.3, 0.3]
+    enc.transformers[1].mlp.dropout.p = 0.2
+    if backend == "torch":
+        enc(pos)  # the eager path applies each layer's own p
+    else:
+        with pytest.raises(ValueError, match="differ"):
+            enc(pos)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        enc.attn_pdrop = 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layernorm_eps_changed_after_the_first_call(backend):
+    ref, enc = _pair(backend, resid_pdrop=0.0)
+    ref.eval(), enc.eval()
+    pos = torch.arange(10)
+    enc(pos)
+    for m in (ref, enc):
+        m.transformers[0].layernorm_1.eps = 1e-2
+        m.layernorm.eps = 3e-2
+    torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
+    enc.transformers[1].layernorm_2.eps = -1e-9  # (a negative eps was the encoder's "no final LayerNorm" sentinel)
+    if backend != "torch":
+        with pytest.raises(ValueError, match="eps"):
+            enc(pos)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_hooks_on_submodules_are_refused_on_the_fused_path(backend):
+    _, enc = _pair(backend)
+    pos = torch.arange(6)
+    enc(pos)
+    fired = []
+    h = enc.transformers[0].attn.c_attn.register_forward_pre_hook(lambda *a: fired.append(1))
+    with pytest.raises(RuntimeError, match=r"transformers\.0\.attn\.c_attn"):
+        enc(pos)
+    h.remove()
+    enc(pos)
+    enc.register_forward_hook(lambda *a: fired.append(2))  # on the encoder itself: it runs
+    enc(pos)
+    assert fired == [2]
+
+
+def test_patched_module_changed_after_patching_is_refused():
+    """An authors' module patched, called, then a submodule swapped (gelu_new -> ReLU): the fused forward would
+    compute the old module; the next call re-checks the layout instead."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import authors_seqpe as A
+
+    from seqpe_kernels.layout import PatchError
+
+    m = A.SequentialPE(pe_embed_dim=16, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
+                       mask_padding=False, resid_pdrop=0.0, attn_pdrop=0.0).eval()
+    x, pad = A.PeUtils.prepare_seqpe_data(list(range(6)), 2)
+    sk.patch(m, backend="cpu" if "cpu" in BACKENDS else "triton")
+    m(x, pad)
+    m.transformers[0].mlp.act = torch.nn.ReLU()
+    with pytest.raises(PatchError, match="ReLU"):
+        m(x, pad)
+    sk.unpatch(m)
+    m(x, pad)
+
+
+# ------------------------------------------------------------------------- pad masks, positions, dtypes
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0, float("nan")])
+def test_non_binary_pad_masks_are_refused_where_they_are_read(backend, value):
+    ref, enc = _pair(backend, mask_padding=True)
+    digits, pad = sk.tokenize(torch.tensor([3, 45, 7]), 2)
+    pad = pad.clone()
+    pad[1, 0] = value
+    with pytest.raises(ValueError, match="0 or 1"):
+        enc.forward_digits(digits, pad)
+    enc.forward_digits(digits, pad.bool() if value == value else pad.nan_to_num(1.0).bool())  # bool: fine
+    _, enc_nomask = _pair(backend, mask_padding=False)
+    enc_nomask.forward_digits(digits, pad)  # not read: not refused
+
+
+@pytest.mark.parametrize("raw", [[1.5, 2.9], [1, 2.0], [True, False], ["12"], [2 ** 70]])
+def test_prepare_seqpe_data_refuses_what_is_not_an_integer(raw):
+    with pytest.raises(TypeError):
+        sk.prepare_seqpe_data(raw, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)])
+def test_unsigned_position_and_digit_dtypes(backend, dtype):
+    ref, enc = _pair(backend)
+    ref.eval(), enc.eval()
+    pos = torch.tensor([0, 5, 99, 42])
+    torch.testing.assert_close(enc(pos.to(dtype)), ref(pos), rtol=1e-5, atol=1e-6)
+    digits, pad = sk.tokenize(pos, 2)
+    torch.testing.assert_close(enc.forward_digits(digits.to(dtype), pad), ref.forward_digits(digits, pad),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        enc(torch.tensor([100]).to(dtype))
+
+
+@pytest.mark.parametrize("kwargs,err", [
+    (dict(num_heads=2.0), TypeError), (dict(embed_dim=True), TypeError), (dict(max_digits="3"), TypeError),
+    (dict(out_dim=16.0), TypeError), (dict(layer_norm_eps=-1e-9), ValueError),
+    (dict(layer_norm_eps=float("nan")), ValueError), (dict(temperature=float("nan")), ValueError),
+    (dict(temperature=float("inf")), ValueError), (dict(resid_pdrop="0.1"), TypeError)])
+@pytest.mark.parametrize("cls", [sk.SeqPE, sk.FusedSeqPE])
+def test_constructor_refuses_wrong_types_and_values(cls, kwargs, err):
+    with pytest.raises(err):
+        cls(**{**dict(embed_dim=16, num_heads=2, max_digits=3), **kwargs})
+
+
+def test_constructor_takes_numpy_integers():
+    m = sk.SeqPE(np.int64(16), np.int32(2), np.int64(3))
+    assert type(m.embed_dim) is int and type(m.num_heads) is int
+
+
+# ------------------------------------------------------------------------- training side
+def test_attn_scalar_and_pe_attention_fold_causal_into_a_given_mask():
+    torch.manual_seed(0)
+    B, H, N, d = 2, 2, 5, 4
+    q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
+    pq, pk = torch.randn(1, H, N, 3), torch.randn(1, H, N, 3)
+    want = pe_apply.attn_scalar(q, k, v, pq, pk, causal=True)
+    for mask in (torch.ones(B, 1, N, N, dtype=torch.bool), torch.zeros(B, 1, N, N)):
+        torch.testing.assert_close(pe_apply.attn_scalar(q, k, v, pq, pk, causal=True, attn_mask=mask), want)
+    want = pe_apply.pe_attention(q, k, v, "nope", causal=True)
+    got = pe_apply.pe_attention(q, k, v, "nope", causal=True, attn_mask=torch.zeros(B, 1, N, N))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("vshape", [(2, 2, 6, 4), (2, 3, 5, 4), (1, 2, 5, 4)])
+def test_attention_refuses_mismatched_v(vshape):
+    q = k = torch.randn(2, 2, 5, 4)
+    v = torch.randn(*vshape)
+    with pytest.raises(ValueError):
+        pe_apply.attn_scalar(q, k, v, torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3))
+    with pytest.raises(ValueError):
+        pe_apply.pe_attention(q, k, v, "nope")
+
+
+def test_losses_refuse_bad_labels_and_indices():
+    piv, cand = torch.randn(4, 8), torch.randn(20, 8)
+    contrastive_loss(piv, cand, torch.tensor([0, 1, 2, 3]))
+    for labels, err in ((torch.tensor([-100, 1, 2, 3]), IndexError), (torch.tensor([0, 1, 2, 5]), IndexError),
+                        (torch.tensor([0.0, 1, 2, 3]), TypeError)):
+        with pytest.raises(err):
+            contrastive_loss(piv, cand, labels)
+    mp, tp = torch.randn(10, 8), torch.randn(6, 8)
+    transfer_loss(mp, torch.arange(6), tp, 2, batch_size=2)
+    with pytest.raises(RuntimeError, match="non-negative"):
+        transfer_loss(mp, torch.tensor([-1, 1, 2, 3, 4, 5]), tp, 2, batch_size=2)
+    with pytest.raises(TypeError):
+        transfer_loss(mp, torch.arange(6).float(), tp, 2, batch_size=2)
+    with pytest.raises(ValueError):
+        gram_log_softmax(torch.randn(6, 8), 0, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TransferSampler(16, 200, 4, batch_size=-1), lambda: TransferSampler(16, 200, 4, batch_size=0),
+    lambda: TransferSampler(16, 200, 4, batch_size=2, n_batch_per_epoch=-3),
+    lambda: TransferSampler(16, 200, 4, batch_size=2, min_start=-5),
+    lambda: MainWindowSampler(16, 200, pointer_reset=0), lambda: MainWindowSampler(16, 200, default_start=-3),
+    lambda: MainWindowSampler(16, 200, default_start=190), lambda: MainWindowSampler(16, 8),
+    lambda: MainWindowSampler((4, 4), 100, data_dim=2, default_start=(7, 0))])
+def test_samplers_refuse_bad_arguments(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+@pytest.mark.parametrize("ext", ["pth", "safetensors"])
+def test_fp64_checkpoint_loads_as_fp64(tmp_path, ext):
+    """Loading into the fp32 module the constructor builds would round an fp64 file's weights silently."""
+    m = sk.SeqPE(16, 2, 3).double()
+    f = tmp_path / f"enc.{ext}"
+    sk.save_checkpoint(m, str(f))
+    for cls in (sk.SeqPE, sk.FusedSeqPE):
+        got = sk.load_checkpoint(str(f), module_cls=cls)
+        for (k, a), b in zip(m.state_dict().items(), got.state_dict().values()):
+            assert b.dtype == torch.float64 and torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("bad,err", [(dict(base=10.0), TypeError), (dict(base=2.5), TypeError),
+                                     (dict(max_digits=2.0), TypeError)])
+def test_tokenize_refuses_non_integer_base_and_digits(bad, err):
+    with pytest.raises(err):
+        sk.tokenize(torch.tensor([3, 4]), **{**dict(max_digits=2), **bad})
+
+
+def test_positions_must_be_dense_tensors():
+    with pytest.raises(TypeError, match="dense"):
+        sk.FusedSeqPE(16, 2, 2, backend="torch")(torch.tensor([1, 2]).to_sparse())
+    with pytest.raises(TypeError, match="meta"):
+        sk.FusedSeqPE(16, 2, 2, backend="torch")(torch.empty(3, dtype=torch.int64, device="meta"))
+
+
+def test_dense_cache_precompute_names_the_box_format():
+    enc = sk.SeqPE(16, 2, 2, data_dim=2).eval().requires_grad_(False)
+    cache = sk.SeqPECache(enc, mode="dense")
+    with pytest.raises(ValueError, match="per-axis ranges"):
+        cache.precompute(range(10))
+    cache.precompute((range(3), range(4)))
+    assert cache.num_entries == 12
+
+
+@pytest.mark.parametrize("value", ["abc", [1], True])
+def test_study_from_json_refuses_non_numeric_rows(tmp_path, value, capsys):
+    import json
+
+    from seqpe_kernels import cli
+
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps([dict(task="lm", pe="seqpe", seed=0, scale=1, length=64, metric="ppl", value=value)]))
+    assert cli.main(["study", "--from-json", str(f)]) == 2
+    assert "must be a number" in capsys.readouterr().err

@@ -297,3 +297,21 @@ def test_study_from_json_refuses_non_numeric_rows(tmp_path, value, capsys):
     f.write_text(json.dumps([dict(task="lm", pe="seqpe", seed=0, scale=1, length=64, metric="ppl", value=value)]))
     assert cli.main(["study", "--from-json", str(f)]) == 2
     assert "must be a number" in capsys.readouterr().err
+
+
+def test_config_records_the_modules_eps_and_dropout(tmp_path):
+    """config() (what save_checkpoint records and from_reference copies) reads the modules, not the constructor
+    arguments: a changed eps / p survives a save and load, and from_reference."""
+    m = sk.SeqPE(16, 2, 3, layer_norm_eps=1e-6, resid_pdrop=0.1)
+    m.layer_norm_eps = 1e-3
+    for layer in m.modules():
+        if hasattr(layer, "p"):
+            layer.p = 0.0
+    f = tmp_path / "enc.pth"
+    sk.save_checkpoint(m, str(f))
+    for got in (sk.load_checkpoint(str(f)), sk.FusedSeqPE.from_reference(m, backend="torch")):
+        assert got.layer_norm_eps == 1e-3 and got.resid_pdrop == 0.0
+        assert {x.eps for x in got.modules() if isinstance(x, torch.nn.LayerNorm)} == {1e-3}
+    m.transformers[0].layernorm_1.eps = 2e-3
+    with pytest.raises(ValueError, match="eps differ"):
+        m.config()

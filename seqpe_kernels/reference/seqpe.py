@@ -164,7 +164,6 @@ class SeqPE(nn.Module):
         self.mask_padding = mask_padding
         self.use_last_layernorm = use_last_layernorm
         self.temperature = temperature  # (resid_pdrop / attn_pdrop: properties over the dropout layers below)
-        self.layer_norm_eps = layer_norm_eps
         self.base = base
         self.scale_attn_weights = scale_attn_weights
         self.init_scheme = init
@@ -257,6 +256,27 @@ class SeqPE(nn.Module):
         for m in self._dropout_layers(kind):
             m.p = p
 
+    def _layernorms(self):
+        out = []
+        for blk in self._modules["transformers"]._modules.values():
+            out += [blk._modules["layernorm_1"], blk._modules["layernorm_2"]]
+        ln = self._modules.get("layernorm")
+        return out + ([ln] if ln is not None else [])
+
+    def _get_eps(self) -> float:
+        eps = {m.eps for m in self._layernorms()}
+        if len(eps) > 1:
+            raise ValueError(f"the LayerNorms' eps differ ({sorted(eps)}): layer_norm_eps has no single value")
+        return float(eps.pop())
+
+    def _set_eps(self, eps: float):
+        if not 0 <= eps < float("inf"):
+            raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {eps}")
+        for m in self._layernorms():
+            m.eps = float(eps)
+
+    # like the dropout probabilities: the LayerNorms' own eps (what forward uses, what config() records)
+    layer_norm_eps = property(_get_eps, _set_eps, doc="every LayerNorm's eps (the modules' own)")
     resid_pdrop = property(lambda self: self._dropout_p("resid"), lambda self, p: self._set_dropout_p("resid", p),
                            doc="residual dropout probability (the layers' own p)")
     attn_pdrop = property(lambda self: self._dropout_p("attn"), lambda self, p: self._set_dropout_p("attn", p),

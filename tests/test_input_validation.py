@@ -315,3 +315,19 @@ def test_config_records_the_modules_eps_and_dropout(tmp_path):
     m.transformers[0].layernorm_1.eps = 2e-3
     with pytest.raises(ValueError, match="eps differ"):
         m.config()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_attn_weights_is_the_attention_layers(backend):
+    """Set on the encoder (it sets every attention layer) after the first call: every backend follows, and
+    config() records it; num_heads is the layers' and read-only."""
+    ref, enc = _pair(backend, resid_pdrop=0.0)
+    ref.eval(), enc.eval()
+    pos = torch.arange(10)
+    enc(pos)
+    for m in (ref, enc):
+        m.scale_attn_weights = False
+    assert all(not b.attn.scale_attn_weights for b in enc.transformers) and not enc.config()["scale_attn_weights"]
+    torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
+    with pytest.raises(AttributeError):
+        enc.num_heads = 4

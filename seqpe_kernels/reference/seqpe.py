@@ -155,7 +155,6 @@ class SeqPE(nn.Module):
             operator.index(v) for v in (embed_dim, num_heads, max_digits, num_layers, data_dim, base))
         out_dim = None if out_dim is None else operator.index(out_dim)
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
         self.max_digits = max_digits
         self.num_layers = num_layers
         self.data_dim = data_dim
@@ -165,7 +164,6 @@ class SeqPE(nn.Module):
         self.use_last_layernorm = use_last_layernorm
         self.temperature = temperature  # (resid_pdrop / attn_pdrop: properties over the dropout layers below)
         self.base = base
-        self.scale_attn_weights = scale_attn_weights
         self.init_scheme = init
         # check_range: validate positions / digit ids before encoding (one host sync per call; an on-device
         # assert under torch.compile or CUDA-graph capture). Switching it off gives up the error message, not
@@ -274,6 +272,21 @@ class SeqPE(nn.Module):
             raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {eps}")
         for m in self._layernorms():
             m.eps = float(eps)
+
+    def _attn_attr(self, name: str):
+        vals = {getattr(b._modules["attn"], name) for b in self._modules["transformers"]._modules.values()}
+        if len(vals) > 1:
+            raise ValueError(f"the attention layers' {name} differ ({sorted(vals)}): no single value")
+        return vals.pop()
+
+    def _set_scale(self, v):
+        for b in self._modules["transformers"]._modules.values():
+            b._modules["attn"].scale_attn_weights = bool(v)
+
+    # read from the attention layers, which compute with them (the fused path reads these properties)
+    num_heads = property(lambda self: self._attn_attr("num_heads"), doc="heads of every attention layer")
+    scale_attn_weights = property(lambda self: self._attn_attr("scale_attn_weights"), _set_scale,
+                                  doc="whether attention logits are divided by sqrt(head_dim), every layer")
 
     # like the dropout probabilities: the LayerNorms' own eps (what forward uses, what config() records)
     layer_norm_eps = property(_get_eps, _set_eps, doc="every LayerNorm's eps (the modules' own)")

@@ -81,6 +81,22 @@ def test_key_distinguishes_what_changes_the_graph_and_shares_nograd_with_inferen
     k_new = g._key(pos)
     m.out_proj.bias = torch.nn.Parameter(m.out_proj.bias.detach().clone())  # new tensor: new graph
     assert g._key(pos) not in (k_eval, k_new)
+    k_cur = g._key(pos)
+    m.resid_pdrop = 0.3  # what the plan reads from the modules: a graph replays the constants it captured
+    assert g._key(pos) != k_cur
+    m.resid_pdrop = 0.1
+    assert g._key(pos) == k_cur
+    m.transformers[1].layernorm_2.eps = 1e-3
+    assert g._key(pos) != k_cur
+    m.transformers[0].attn.scale_attn_weights = False
+    m.transformers[1].attn.scale_attn_weights = False
+    k_noscale = g._key(pos)
+    m.transformers[1].layernorm_2.eps = 1e-5
+    assert g._key(pos) not in (k_cur, k_noscale)
+    m.scale_attn_weights = True
+    assert g._key(pos) == k_cur
+    m.temperature = 2.0
+    assert g._key(pos) != k_cur
     for p in m.parameters():
         p.requires_grad_(False)
     assert g._key(pos)[4] is False  # grad enabled but nothing requires grad: the no-grad graph

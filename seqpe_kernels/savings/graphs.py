@@ -547,14 +547,21 @@ class GraphedSeqPE(nn.Module):
         return len(self._graphs)
 
     def _key(self, positions: torch.Tensor) -> Tuple:
-        """(shape, dtype, device, training, grad, autocast dtype, params). ``grad`` is False under both
+        """(shape, dtype, device, training, grad, autocast dtype, (params, live configuration)). ``grad`` is False under both
         torch.no_grad and torch.inference_mode: one graph serves both (same kernels)."""
         ac = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         params = list(self.module.parameters())  # one module traversal per call
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         # the Parameter objects too: a training graph routes its gradients to the objects it was captured with
         ptrs = tuple((id(p), p.data_ptr(), p.dtype, p.requires_grad) for p in params)
-        return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac, ptrs)
+        # and what the module's plan reads that a user can change (dropout p, LayerNorm eps, ...): a graph
+        # replays the kernels and constants it was captured with
+        m = self.module
+        live = m._live() if hasattr(m, "_live") else None
+        cfg = (live, getattr(m, "temperature", None), getattr(m, "attn_direction", None),
+               getattr(m, "use_last_layernorm", None))
+        return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac,
+                (ptrs, cfg))
 
     @staticmethod
     def _describe(key: Tuple) -> str:

@@ -331,3 +331,13 @@ def test_scale_attn_weights_is_the_attention_layers(backend):
     torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
     with pytest.raises(AttributeError):
         enc.num_heads = 4
+
+
+def test_cache_invalidates_on_a_layer_configuration_change():
+    m = sk.SeqPE(16, 2, 3).eval().requires_grad_(False)
+    cache = sk.SeqPECache(m)
+    pos = torch.arange(5)
+    first = cache.cache(pos)
+    m.transformers[0].layernorm_1.eps = 1e-2  # one layer only: config() has no single eps, the layers tell
+    torch.testing.assert_close(cache.cache(pos), m(pos), rtol=0, atol=0)
+    assert not torch.equal(first, m(pos)) and cache.stats()["invalidations"] == 1

@@ -12,7 +12,8 @@ Never stale
     every in-place op: optimizer steps, ``with torch.no_grad(): p.add_(...)``, ``load_state_dict``'s
     ``copy_``), ``data_ptr``, device, dtype and shape (catching ``.to(...)``, ``param.data = ...``,
     ``load_state_dict(assign=True)``); the ``training`` flag of every submodule (train/eval toggles); the
-    module's ``config()`` and ``backend`` attribute; and the autocast state of the device.
+    module's ``config()``, the dropout ``p`` / LayerNorm ``eps`` of its layers, its ``backend`` attribute; and the
+    autocast state of the device.
     PyTorch's *fused* optimizers (``Adam(fused=True)``...) update parameters without bumping their version
     counters, so the cache also installs a global optimizer step post-hook that invalidates every cache
     whose module owns a parameter the optimizer holds. The one mutation that no key can see is an in-place
@@ -311,15 +312,19 @@ class SeqPECache:
                 items.append((float(tt.double().sum()), float(tt.double().abs().sum())))
         self._param_ids = ids
         training = tuple(sub.training for sub in m.modules())
-        cfg = m.config() if hasattr(m, "config") and callable(m.config) else None
+        try:
+            cfg = m.config() if hasattr(m, "config") and callable(m.config) else None
+        except ValueError:  # layers configured unevenly (no single eps / p): _live below still tells them apart
+            cfg = None
         cfg = tuple(sorted(cfg.items())) if isinstance(cfg, dict) else None
+        live = m._live() if callable(getattr(m, "_live", None)) else None
         dev = self._device().type
         try:
             autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         except (RuntimeError, TypeError, AttributeError):  # device type without autocast
             autocast = None
         masks = getattr(m, "dropout_masks", None)
-        return (tuple(items), training, cfg, str(getattr(m, "backend", None)), getattr(m, "temperature", None),
+        return (tuple(items), training, cfg, live, str(getattr(m, "backend", None)), getattr(m, "temperature", None),
                 autocast, id(masks) if masks is not None else None, self._external_epoch)
 
     def _refresh(self):

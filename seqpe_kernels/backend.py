@@ -142,11 +142,24 @@ def requested_backend(requested: str) -> str:
     return requested
 
 
+@torch.compiler.assume_constant_result
+def _status_constant(name: str, device_type: str, index: int) -> Tuple[bool, str]:
+    """status() run by torch.compile at trace time, outside the trace: a first call may build or load the C++
+    extension under a lock, which Dynamo cannot trace (a fullgraph compile in a fresh process failed)."""
+    return status(name, torch.device(device_type) if index < 0 else torch.device(device_type, index))
+
+
+def _status(name: str, device: torch.device) -> Tuple[bool, str]:
+    if torch.compiler.is_compiling():
+        return _status_constant(name, device.type, -1 if device.index is None else device.index)
+    return status(name, device)
+
+
 def resolve(module, requested: str, device: torch.device) -> str:
     """Backend that will run `module` on tensors of `device` (raises/warns as described above)."""
     requested = requested_backend(requested)
     if requested != "auto":
-        ok, why = status(requested, device)
+        ok, why = _status(requested, device)
         if not ok:
             raise BackendUnavailable(f"backend={requested!r} cannot run here: {why}")
         prob = config_problem(module, requested)
@@ -156,7 +169,7 @@ def resolve(module, requested: str, device: torch.device) -> str:
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
     reasons = []
     for name in order:
-        ok, why = status(name, device)
+        ok, why = _status(name, device)
         prob = None if not ok else config_problem(module, name)
         if ok and prob is None:
             if reasons:

@@ -25,6 +25,12 @@ def acc_dtype(*tensors):
 
 # Host-side integer helpers of the launchers. Triton >= 3.5 makes triton.cdiv / triton.next_power_of_2
 # ConstexprFunctions, whose host calls cost ~3 us each (argument unwrapping); a training step made ~60 of them.
+def dense(t):
+    """``t`` with the dense row-major strides the kernels index with (parameters loaded with
+    ``load_state_dict(assign=True)`` from views, or assigned views, have others); a no-op check when it has."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, num_sms, tile_chunks
+from ._common import cdiv, dense, next_pow2, num_sms, tile_chunks
 from .launch import direct
 
 
@@ -214,6 +214,7 @@ def digit_embed_forward(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, d
     if with_table and not with_rows:
         raise ValueError("digit_embed_forward: with_table needs with_rows")
     M = x.shape[0]
+    tok, pos, dim, cls = dense(tok), dense(pos), dense(dim), dense(cls)  # (parameters: any strides)
     base, D = tok.shape
     L = pos.shape[0]
     T = L + 1

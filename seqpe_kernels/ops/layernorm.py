@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DTYPES, acc_dtype, cdiv, drop_scales, dtype_code, next_pow2, num_sms
+from ._common import DTYPES, acc_dtype, cdiv, dense, drop_scales, dtype_code, next_pow2, num_sms
 from .launch import direct
 
 
@@ -130,6 +130,7 @@ def residual_layernorm_forward(x: torch.Tensor, y: Optional[torch.Tensor], w: Op
     if x.dim() != 2 or not (x.is_contiguous() or (row_view and y is not None and x.stride(1) == 1)):
         raise ValueError("residual_layernorm: x must be a contiguous [R, D] tensor")
     R, D = x.shape
+    w, b = dense(w), dense(b)  # (parameters: any strides)
     if y is not None and (y.shape != x.shape or not y.is_contiguous()):
         raise ValueError(f"residual_layernorm: y must be contiguous with x's shape {tuple(x.shape)}")
     has_ln = w is not None
@@ -171,6 +172,7 @@ def residual_layernorm_backward(da, dh, ln_in, w, mean, rstd, p, seeds, seed_idx
     # incoming gradients may be expanded (stride 0, from .sum()) or otherwise strided: the kernel indexes rows
     da = da.contiguous() if da is not None else None
     dh = dh.contiguous() if dh is not None else None
+    w = dense(w)
     if dh_every and (dh is None or dh.shape != (R // dh_every, D) or R % dh_every):
         raise ValueError(f"residual_layernorm_backward: dh_every={dh_every} needs dh of shape [R/{dh_every}, D]")
     has_ln = w is not None and da is not None

@@ -604,8 +604,14 @@ class EncoderFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
+        # create_graph=True runs this in grad mode: the gradients below come from kernels, so a second-order term
+        # through them would be silently zero (once_differentiable raises only when the incoming gradient itself
+        # requires grad, which y.sum()'s does not). Refuse, as the C++ node does.
+        if torch.is_grad_enabled():
+            raise RuntimeError("seqpe fused encoder: its backward is not differentiable, so gradients taken with "
+                               "create_graph=True cannot carry second-order terms through it; use "
+                               "backend='torch' for those")
         grads = ctx.runner.backward(ctx.plan, gout, ctx.state, ctx.needs_input_grad[6:], not _keep_graph())
         return (None, None, None, None, None, None, *grads)
 

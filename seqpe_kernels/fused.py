@@ -109,12 +109,12 @@ class FusedSeqPE(SeqPE):
 
     # ------------------------------------------------------------------ entry points
     def _dropout_active(self) -> bool:
-        if not self.training:
-            return False
+        """Whether any dropout layer drops now (its own p and train / eval mode, as nn.Dropout)."""
         for b in self._modules["transformers"]._modules.values():
             at = b._modules["attn"]._modules
-            if at["attn_dropout"].p > 0 or at["resid_dropout"].p > 0 or b._modules["mlp"]._modules["dropout"].p > 0:
-                return True
+            for d in (at["attn_dropout"], at["resid_dropout"], b._modules["mlp"]._modules["dropout"]):
+                if d.training and d.p > 0:
+                    return True
         return False
 
     def _dedup_mode(self) -> str:
@@ -198,6 +198,7 @@ class FusedSeqPE(SeqPE):
 
     def _build_plan(self, cdt: torch.dtype, from_positions: bool, training: bool) -> "_enc.Plan":
         D, H = self.embed_dim, self.num_heads
+        p_res, p_att = self._active_dropout()  # the dropout layers' own p and mode (``training`` is the module's)
         lns = [(f"transformers.{i}.{n}", b._modules[n]) for i, b in enumerate(self.transformers)
                for n in ("layernorm_1", "layernorm_2")]
         if self.use_last_layernorm:
@@ -209,7 +210,7 @@ class FusedSeqPE(SeqPE):
             D=D, H=H, K=self.max_digits, L=self.seq_len - 1, T=self.seq_len, base=self.base,
             data_dim=self.data_dim, nl=self.num_layers, causal=self.attn_direction == "causal",
             sdiv=float(D // H) ** 0.5 if self.scale_attn_weights else 1.0,
-            p_res=self.resid_pdrop if training else 0.0, p_att=self.attn_pdrop if training else 0.0,
+            p_res=p_res, p_att=p_att,
             inv_tau=1 / self.temperature, eps1=tuple(b.layernorm_1.eps for b in self.transformers),
             eps2=tuple(b.layernorm_2.eps for b in self.transformers),
             epsf=self.layernorm.eps if self.use_last_layernorm else -1.0, from_positions=from_positions,

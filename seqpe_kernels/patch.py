@@ -161,7 +161,12 @@ class _FusedView:
 
     @property
     def scale_attn_weights(self):
-        return bool(getattr(self._attn0, "scale_attn_weights", True))
+        vals = {bool(getattr(b._modules["attn"], "scale_attn_weights", True))
+                for b in self.module._modules["transformers"]._modules.values()}
+        if len(vals) > 1:
+            raise PatchError("seqpe_kernels.patch: the attention layers' scale_attn_weights differ; the fused "
+                             "encoder applies one. Set them equal (or unpatch the module).")
+        return vals.pop()
 
     @property
     def base(self):

@@ -83,8 +83,12 @@ def test_key_distinguishes_what_changes_the_graph_and_shares_nograd_with_inferen
     assert g._key(pos) not in (k_eval, k_new)
     k_cur = g._key(pos)
     m.resid_pdrop = 0.3  # what the plan reads from the modules: a graph replays the constants it captured
-    assert g._key(pos) != k_cur
+    assert g._key(pos) == k_cur  # (in eval mode no dropout layer drops, whatever its p)
+    m.train()
+    k_tr = g._key(pos)
     m.resid_pdrop = 0.1
+    assert g._key(pos) != k_tr
+    m.eval()
     assert g._key(pos) == k_cur
     m.transformers[1].layernorm_2.eps = 1e-3
     assert g._key(pos) != k_cur

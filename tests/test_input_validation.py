@@ -398,3 +398,62 @@ def test_compile_fullgraph_in_a_fresh_process():
             "assert err <= 1e-5, err\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_follows_each_layers_train_eval_mode(backend):
+    """nn.Dropout applies p only in train mode, its own: dropout layers switched to eval inside a training encoder
+    drop nothing (equal to the reference, deterministic); layers left in train mode inside an eval encoder
+    (Monte-Carlo dropout) drop; layers of one kind in different modes are refused on the fused path."""
+    ref, enc = _pair(backend, resid_pdrop=0.1, attn_pdrop=0.1)
+    pos = torch.arange(9)
+    for m in (ref, enc):
+        m.train()
+        for d in m.modules():
+            if hasattr(d, "p"):
+                d.eval()
+    a = enc(pos)
+    torch.testing.assert_close(a, ref(pos), rtol=1e-5, atol=1e-6)
+    assert torch.equal(a, enc(pos))
+    enc.eval()
+    for d in enc.modules():
+        if hasattr(d, "p"):
+            d.train()
+    assert not torch.equal(enc(pos), enc(pos))  # fresh masks per call
+    enc.transformers[0].mlp.dropout.eval()
+    if backend != "torch":
+        with pytest.raises(ValueError, match="different probabilities"):
+            enc(pos)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_double_backward_through_the_fused_encoder_is_refused(backend):
+    """create_graph=True: the fused backward is kernels, not differentiable ops; a gradient penalty through it
+    would lose its second-order term silently."""
+    _, enc = _pair(backend, resid_pdrop=0.0)
+    y = enc(torch.arange(5))
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(y.sum(), [enc.transformers[0].mlp.c_fc.weight], create_graph=True)
+    enc(torch.arange(5)).sum().backward()  # the plain backward is unaffected
+
+
+def test_patched_module_scale_changed_on_one_block_after_a_call():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import authors_seqpe as A
+    from seqpe_kernels.layout import PatchError
+
+    m = A.SequentialPE(pe_embed_dim=16, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
+                       mask_padding=False, resid_pdrop=0.0, attn_pdrop=0.0).eval()
+    x, pad = A.PeUtils.prepare_seqpe_data(list(range(6)), 2)
+    sk.patch(m, backend="cpu" if "cpu" in BACKENDS else "triton")
+    m(x, pad)
+    m.transformers[1].attn.scale_attn_weights = False
+    with pytest.raises(PatchError, match="scale_attn_weights"):
+        m(x, pad)
+    m.transformers[0].attn.scale_attn_weights = False
+    got = m(x, pad)
+    sk.unpatch(m)
+    torch.testing.assert_close(got, m(x, pad), rtol=1e-5, atol=1e-6)

@@ -226,17 +226,34 @@ class SeqPE(nn.Module):
     # ``attn_pdrop`` sets the layers'. Reading raises if the layers of one kind differ (no single value).
     def _live(self):
         """What the plan reads that a user can change between calls, read from the modules at each call (~0.8 us
-        for two layers): per block the dropout layers' p (what resid_pdrop / attn_pdrop read), the two
-        LayerNorms' eps and the attention's scale_attn_weights, then the final LayerNorm's eps."""
+        for two layers): per block the dropout layers' active p (their p in train mode, 0 in eval mode: each layer's
+        own mode, as nn.Dropout applies it), the two LayerNorms' eps and the attention's scale_attn_weights, then
+        the final LayerNorm's eps."""
         out = []
         for b in self._modules["transformers"]._modules.values():
             bm = b._modules
             at = bm["attn"]._modules
-            out.append((at["attn_dropout"].p, at["resid_dropout"].p, bm["mlp"]._modules["dropout"].p,
+            d1, d2, d3 = at["attn_dropout"], at["resid_dropout"], bm["mlp"]._modules["dropout"]
+            out.append((d1.p if d1.training else 0.0, d2.p if d2.training else 0.0, d3.p if d3.training else 0.0,
                         bm["layernorm_1"].eps, bm["layernorm_2"].eps, getattr(bm["attn"], "scale_attn_weights", True)))
         ln = self._modules.get("layernorm")
         out.append(None if ln is None else ln.eps)
         return tuple(out)
+
+    def _active_dropout(self):
+        """(residual p, attention p) that forward applies now: each dropout layer's p where that layer is in
+        train mode (a layer switched to eval inside a training module drops nothing; Monte-Carlo dropout keeps
+        layers in train mode inside an eval module). ValueError if the layers of one kind disagree: the fused
+        encoder applies one probability per kind."""
+        live = self._live()[:-1]
+        res = {v for blk in live for v in blk[1:3]}
+        att = {blk[0] for blk in live}
+        if len(res) > 1 or len(att) > 1:
+            kind = "resid" if len(res) > 1 else "attn"
+            raise ValueError(f"the {kind} dropout layers would apply different probabilities "
+                             f"({sorted(res if kind == 'resid' else att)}; a layer in eval mode applies 0): the fused "
+                             "encoder applies one per kind. Give them the same p and train / eval mode.")
+        return float(res.pop()), float(att.pop())
 
     def _dropout_layers(self, kind: str):
         out = []

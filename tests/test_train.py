@@ -374,3 +374,30 @@ def test_resume_from_an_older_train_file(tmp_path, capsys):
     capsys.readouterr()
     assert T.main([*TINY, "--steps", "1", "--resume", str(tmp_path / "old.pt")]) == 0
     assert "no optimizer state saved: AdamW restarts" in capsys.readouterr().out
+
+
+def test_resume_with_only_resume_and_steps_continues_the_saved_run_exactly(tmp_path, capsys):
+    """Every flag left out takes the saved run's value, also those with a default (backend, seed, dropout, task,
+    streams, ...): `--resume F --steps N` alone reproduces the uninterrupted run bit for bit. Learning rates given
+    for the resumed run replace the saved AdamW groups' (they were silently kept), window sizes must match, and
+    --save refuses a .safetensors name (it wrote a pickle)."""
+    base = [*TINY, "--position-streams", "2", "--dropout", "0.2", "--lr", "0.01"]
+    js_all, js_b = tmp_path / "all.json", tmp_path / "b.json"
+    assert T.main([*base, "--steps", "4", "--json", str(js_all)]) == 0
+    assert T.main([*base, "--steps", "2", "--save", str(tmp_path / "a.pt")]) == 0
+    minimal = ["--no-eval", "--no-progress", "--plot", "", "--device", "cpu"]
+    assert T.main([*minimal, "--steps", "2", "--resume", str(tmp_path / "a.pt"), "--json", str(js_b)]) == 0
+    d_all, d_b = json.loads(js_all.read_text()), json.loads(js_b.read_text())
+    assert d_all["losses"][2:] == d_b["losses"]
+    for k in ("backend", "seed", "dropout", "position_streams", "lr", "task", "pe_temperature"):
+        assert d_b["config"][k] == d_all["config"][k], k
+    js_c = tmp_path / "c.json"
+    capsys.readouterr()
+    assert T.main([*minimal, "--steps", "2", "--resume", str(tmp_path / "a.pt"), "--lr", "0.5",
+                   "--json", str(js_c)]) == 0
+    assert "lr 0.01 -> 0.5" in capsys.readouterr().out
+    assert json.loads(js_c.read_text())["losses"] != d_b["losses"]
+    assert T.main([*minimal, "--steps", "1", "--resume", str(tmp_path / "a.pt"), "--block-size", "16"]) == 2
+    assert "block_size: saved 8, this run 16" in capsys.readouterr().err
+    assert T.main([*TINY, "--steps", "1", "--save", str(tmp_path / "x.safetensors")]) == 2
+    assert "use a .pth name" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 TASK_DEFAULTS: Dict[str, dict] = {
     # CPU-sized defaults: a tiny model trains in seconds to minutes on a laptop core
@@ -85,6 +85,9 @@ class TrainConfig:
     progress: bool = True
     cuda_graphs: Optional[bool] = None  # encoder step as CUDA graphs (GraphedSeqPE); None: on where it applies
     resume: Optional[str] = None  # a `train --save` file: continue that run for `steps` more steps
+    # the fields set on the command line (config_from_args); with --resume every other field takes the saved
+    # run's value. None (a TrainConfig built in code): the fields left at None are the ones not given
+    given: Optional[Tuple[str, ...]] = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -15,8 +15,8 @@ from .config import TrainConfig
 _RESUME_MUST_MATCH = ("task", "pe", "model_dim", "model_layers", "model_heads", "pe_dim", "pe_heads", "pe_layers",
                       "pe_temperature", "pe_method", "pe_qk", "max_position", "patch_size", "dropout",
                       "contrastive_weight", "transfer_weight", "transfer_beta", "pe_warmup_steps", "shift_rate",
-                      "shift_pool", "pe_main_batch_size", "weight_decay", "clip")
-_RESUME_NOT_FILLED = ("steps", "device", "position_streams", "resume", "cuda_graphs")
+                      "shift_pool", "pe_main_batch_size", "weight_decay", "clip", "block_size", "img_size")
+_RESUME_NOT_FILLED = ("steps", "device", "resume", "cuda_graphs", "given", "do_eval", "progress")
 
 
 def _to_saveable(x):
@@ -96,12 +96,29 @@ def _read_resume(path: str) -> dict:
 
 
 def _resume_config(cfg: TrainConfig, resume: dict) -> TrainConfig:
-    """``cfg`` with every field left at None (not given) taken from the saved run's config."""
+    """``cfg`` with every field not given (``cfg.given``; in code: left at None) taken from the saved run's
+    config: a resumed run continues with the saved run's backend, seed, learning rates, streams, ..."""
     saved, d = resume["config"], cfg.to_dict()
+    given = cfg.given
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in _RESUME_NOT_FILLED and d.get(f.name) is None and saved.get(f.name) is not None:
+        not_given = d.get(f.name) is None or (given is not None and f.name not in given)
+        if f.name not in _RESUME_NOT_FILLED and not_given and saved.get(f.name) is not None:
             d[f.name] = saved[f.name]
     return TrainConfig(**d)
+
+
+def _apply_given_lrs(opt, groups_now, cfg: TrainConfig, saved: dict, log) -> None:
+    """Learning rates given for the resumed run replace the ones the loaded AdamW state carries (its
+    param_groups keep the saved run's): each group takes the lr ``_param_groups`` gives it now."""
+    given = cfg.given or ()
+    changed = [k for k in ("lr", "pe_lr") if k in given and saved.get(k) != getattr(cfg, k)]
+    if not changed:
+        return
+    lr_of = {id(p): g["lr"] for g in groups_now for p in g["params"]}
+    for g in opt.param_groups:
+        g["lr"] = lr_of.get(id(g["params"][0]), g["lr"]) if g["params"] else g["lr"]
+    log("  learning rates from this run's flags: " + ", ".join(f"{k} {saved.get(k)} -> {getattr(cfg, k)}"
+                                                                for k in changed))
 
 
 def _check_resume_config(cfg: TrainConfig, resume: dict) -> None:
@@ -149,6 +166,9 @@ def _restore(resume: dict, enc, model, opt, sched, streams, data_rng, first_stre
                 getattr(s, name).load_state_dict(_from_saved(saved[name]))
     if missing:
         notes.append(f"position streams {missing} were not saved: they restart from their seeds")
+    dropped = sorted(k for k in state["streams"] if not first_stream <= k < first_stream + len(streams))
+    if dropped and rank == 0 and len(state["torch_rng"]) == 1:  # (a multi-rank save: other ranks hold the rest)
+        notes.append(f"saved position streams {dropped} are not part of this run (--position-streams)")
     if rank < len(state["torch_rng"]):
         torch.set_rng_state(state["torch_rng"][rank])
         cuda = state["cuda_rng"][rank]

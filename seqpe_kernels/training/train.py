@@ -60,7 +60,8 @@ from .config import _BASELINE_METHODS, _SEQPE_DEFAULTS, TASK_DEFAULTS, TrainConf
 from .datasets import (_PAIRS, SYNTHETIC_CLASSES, ImageFolderData, MissingDependency, TextData,  # noqa: F401
                        synthetic_images)
 from .evaluate import evaluate, format_eval, plot, write_json  # noqa: F401
-from .resume import _check_resume_config, _read_resume, _restore, _resume_config, _train_state, save_run  # noqa: F401
+from .resume import (_apply_given_lrs, _check_resume_config, _read_resume, _restore, _resume_config,  # noqa: F401
+                     _train_state, save_run)
 
 # ---------------------------------------------------------------------------------------------------- streams
 class _PositionStream:
@@ -257,6 +258,8 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
     if resume is not None:
         start_step = _restore(resume, enc, model, opt, sched, streams, data_rng, rank * k_local, rank, device,
                               log if is_main else (lambda *a, **k: None))
+        _apply_given_lrs(opt, _param_groups(enc, model, cfg), cfg, resume["config"],
+                         log if is_main else (lambda *a, **k: None))
 
     enc_run, model_run = enc, model
     if distributed:
@@ -414,17 +417,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     def td(key):
         return f"task default: lm {lm.get(key)}, vit {vit.get(key)}"
 
-    p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default="lm", help="language model or ViT (default lm)")
-    p.add_argument("--pe", choices=list(PE_CHOICES), default="seqpe",
+    p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default=None, help="language model or ViT (default lm)")
+    p.add_argument("--pe", choices=list(PE_CHOICES), default=None,
                    help="position encoding: seqpe (default) or a baseline (learned, sinusoidal, rope, alibi, none; "
                         "the ViT takes their 2-D forms and has no alibi). The SeqPE regularisers and random shift "
                         "are off for the baselines")
     p.add_argument("--steps", type=positive_int, default=None, help=f"training steps ({td('steps')})")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "cpu"],
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda", "cpu"],
                    help="FusedSeqPE backend of the position encoder (default auto)")
-    p.add_argument("--dropout", type=float_in(0.0, 1.0, hi_open=True), default=0.1,
-                   help="encoder residual dropout and model dropout (default 0.1; 0 makes runs deterministic)")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of weights, data and positions (rank r: seed + r)")
+    p.add_argument("--dropout", type=float_in(0.0, 1.0, hi_open=True), default=None,
+                   help="encoder residual dropout and model dropout (default 0.1)")
+    p.add_argument("--seed", type=seed_int, default=None, help="seed of weights, data and positions (rank r: seed + r)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_path(),
                    help="write per-step losses, config and evaluation as JSON")
     p.add_argument("--contrastive-weight", type=float_in(0.0), default=None,
@@ -455,7 +458,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pe-dim", type=positive_int, default=None, help=f"encoder embed_dim ({td('pe_dim')})")
     g.add_argument("--pe-heads", type=positive_int, default=None, help=td("pe_heads"))
     g.add_argument("--pe-layers", type=positive_int, default=None, help=td("pe_layers"))
-    g.add_argument("--pe-temperature", type=float_in(0.0, lo_open=True), default=1.0,
+    g.add_argument("--pe-temperature", type=float_in(0.0, lo_open=True), default=None,
                    help="encoder output temperature (default 1.0)")
     g.add_argument("--pe-method", default=None, choices=["input_add", "attn_mul", "attn_add", "attn_scalar"],
                    help=f"how the model applies the PE ({td('pe_method')})")
@@ -472,26 +475,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"B_c pivots ({td('contrastive_batch')})")
     g.add_argument("--transfer-size", type=positive_int, default=None, help=f"T_n slots ({td('transfer_size')})")
     g.add_argument("--transfer-batch", type=positive_int, default=None, help=f"B_t windows ({td('transfer_batch')})")
-    g.add_argument("--transfer-beta", type=float_in(0.0, 1.0), default=1.0,
+    g.add_argument("--transfer-beta", type=float_in(0.0, 1.0), default=None,
                    help="transfer beta in [0, 1] (default 1.0, the scripts)")
     g.add_argument("--shift-rate", type=float_in(0.0, 1.0), default=None,
                    help="random-shift probability (default 0.1 with --pe seqpe; 0 = off; baselines: off)")
-    g.add_argument("--shift-pool", type=int, default=320, help="random-shift pool size (default 320)")
-    g.add_argument("--pe-main-batch-size", type=minus_one_or_positive, default=-1,
+    g.add_argument("--shift-pool", type=int, default=None,
+                   help="random-shift pool size (default 320; <= 0 keeps every window, as the text pipeline)")
+    g.add_argument("--pe-main-batch-size", type=minus_one_or_positive, default=None,
                    help="P windows on a shifted step (default -1: the stream's batch size)")
-    g.add_argument("--pe-warmup-steps", type=nonnegative_int, default=0, help="regulariser weight warm-up (default 0)")
+    g.add_argument("--pe-warmup-steps", type=nonnegative_int, default=None, help="regulariser weight warm-up (default 0)")
     g.add_argument("--position-streams", type=positive_int, default=None,
                    help="independent position streams (seed + index) the global batch is drawn from; default "
                         "the number of ranks. A single process with K streams reproduces a K-rank run")
     g = p.add_argument_group("optimisation and evaluation")
-    g.add_argument("--weight-decay", type=float_in(0.0), default=0.01,
+    g.add_argument("--weight-decay", type=float_in(0.0), default=None,
                    help="AdamW weight decay of matrices (default 0.01)")
-    g.add_argument("--clip", type=float_in(0.0), default=5.0,
+    g.add_argument("--clip", type=float_in(0.0), default=None,
                    help="gradient max-norm, encoder and model separately (5.0; 0 disables)")
     g.add_argument("--eval-scales", type=float_in(0.0, lo_open=True), nargs="+", default=None,
                    help=f"evaluation lengths / grids as multiples of the training ones ({td('eval_scales')})")
-    g.add_argument("--eval-tokens", type=positive_int, default=8192, help="LM: held-out tokens per length, at most")
-    g.add_argument("--eval-samples", type=positive_int, default=512, help="ViT synthetic: images per grid")
+    g.add_argument("--eval-tokens", type=positive_int, default=None, help="LM: held-out tokens per length, at most")
+    g.add_argument("--eval-samples", type=positive_int, default=None, help="ViT synthetic: images per grid")
     g.add_argument("--no-eval", action="store_true", help="skip the extrapolation evaluation")
     g.add_argument("--save", default=None, metavar="PATH", type=output_path(),
                    help="save the run (encoder with its config, model, optimizer, sampler and RNG states); "
@@ -502,11 +506,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed flags (every flag named like a TrainConfig field is taken over)."""
+    """TrainConfig from parsed flags (every flag named like a TrainConfig field is taken over). Flags not given
+    parse to None and keep TrainConfig's default; ``given`` records the ones given, so that ``--resume`` takes
+    the saved run's value for every other one (a default is not a choice)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
     kw.update(do_eval=not args.no_eval, progress=not args.no_progress)
-    return TrainConfig(**kw)
+    cfg = TrainConfig(**kw)
+    cfg.given = tuple(sorted(k for k in kw if k not in ("do_eval", "progress")))
+    return cfg
 
 
 def _init_distributed(device_arg: Optional[str]) -> bool:
@@ -531,6 +539,10 @@ def run(args: argparse.Namespace) -> int:
         resolve_config(cfg)
         if cfg.task == "lm" and cfg.data is not None and os.path.isdir(cfg.data):
             raise ValueError(f"--data {cfg.data}: a directory; the lm task reads one UTF-8 text file")
+        if args.save and args.save.endswith(".safetensors"):
+            raise ValueError(f"--save {args.save}: a run file holds the optimizer, sampler and RNG states too, "
+                             "which safetensors cannot: use a .pth name (load_checkpoint reads the encoder from it; "
+                             "save_checkpoint(encoder, 'x.safetensors') writes the encoder alone)")
         if cfg.pe != "seqpe" and (args.save or cfg.resume):
             raise ValueError(f"--save / --resume write and read SeqPE runs; not available with --pe {cfg.pe}")
     except ValueError as e:

@@ -500,7 +500,17 @@ def encoder_config(module: torch.nn.Module) -> Optional[Dict[str, Any]]:
     """``module.config()`` as plain Python values (what the checkpoints record), or None if it has none."""
     module = _unwrap(module)
     if not callable(getattr(module, "config", None)):
-        return None
+        from .layout import _check_layout, _layout
+        from .patch import _inner, module_config
+
+        m = _inner(module)
+        try:  # the authors' module (patched or not): its configuration is in its modules' attributes
+            layout = _layout(m)
+            if _check_layout(m, layout):
+                return None
+            return {k: v for k, v in module_config(m, layout).items()}
+        except Exception:  # not an encoder this package reads: nothing recorded (load_checkpoint then asks)
+            return None
     cfg = {k: v for k, v in module.config().items()}
     bad = {k: v for k, v in cfg.items() if not isinstance(v, _PLAIN)}
     if bad:

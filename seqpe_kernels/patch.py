@@ -604,6 +604,25 @@ def patch_state(module) -> _FusedView:
     return v
 
 
+def module_config(m: nn.Module, layout: Optional[str] = None) -> Dict[str, Any]:
+    """SeqPE's constructor arguments (``SeqPE.config()``) of an encoder with the authors' layout, read from its
+    modules as they are now (what :func:`to_fused` builds and ``save_checkpoint`` records for such a module,
+    patched or not). PatchError where the fused encoder has one value and the module several."""
+    layout = layout or _layout(m)
+    v = _FusedView(m, layout, "auto", True, False, "auto", False, None, None)
+    eps = {b.layernorm_1.eps for b in m.transformers} | {b.layernorm_2.eps for b in m.transformers}
+    if v.use_last_layernorm:
+        eps.add(m.layernorm.eps)
+    if len(eps) > 1:
+        raise PatchError(f"FusedSeqPE has one LayerNorm eps, this module uses {sorted(eps)}")
+    return dict(embed_dim=v.embed_dim, num_heads=v.num_heads, max_digits=v.max_digits, num_layers=v.num_layers,
+                data_dim=v.data_dim, out_dim=v.out_dim, attn_direction=v.attn_direction,
+                mask_padding=v.mask_padding, use_last_layernorm=v.use_last_layernorm, resid_pdrop=v.resid_pdrop,
+                attn_pdrop=v.attn_pdrop, temperature=v.temperature, layer_norm_eps=eps.pop(),
+                init="image" if type(m).__name__.lower().startswith("image") else "text", base=v.base,
+                scale_attn_weights=v.scale_attn_weights)
+
+
 def to_fused(module: nn.Module, backend: str = "auto", **options) -> FusedSeqPE:
     """A :class:`FusedSeqPE` with ``module``'s configuration and a copy of its weights (same state-dict keys), for
     new code that can pass integer positions: ``enc(positions)`` computes the digits in-kernel (no digit tensors,
@@ -616,18 +635,8 @@ def to_fused(module: nn.Module, backend: str = "auto", **options) -> FusedSeqPE:
     if problems:
         raise PatchError(f"seqpe_kernels.to_fused: {type(m).__name__} does not have the SeqPE encoder layout:\n  - "
                          + "\n  - ".join(problems))
-    v = _FusedView(m, layout, backend, True, False, "auto", False, None, None)
-    eps = {b.layernorm_1.eps for b in m.transformers} | {b.layernorm_2.eps for b in m.transformers}
-    if v.use_last_layernorm:
-        eps.add(m.layernorm.eps)
-    if len(eps) > 1:
-        raise PatchError(f"to_fused: FusedSeqPE has one LayerNorm eps, this module uses {sorted(eps)}")
     p = next(m.parameters())
-    new = FusedSeqPE(embed_dim=v.embed_dim, num_heads=v.num_heads, max_digits=v.max_digits, num_layers=v.num_layers,
-                     data_dim=v.data_dim, out_dim=v.out_dim, attn_direction=v.attn_direction,
-                     mask_padding=v.mask_padding, use_last_layernorm=v.use_last_layernorm, resid_pdrop=v.resid_pdrop,
-                     attn_pdrop=v.attn_pdrop, temperature=v.temperature, layer_norm_eps=eps.pop(), base=v.base,
-                     scale_attn_weights=v.scale_attn_weights, backend=backend, **options)
+    new = FusedSeqPE(**module_config(m, layout), backend=backend, **options)
     new = new.to(device=p.device, dtype=p.dtype)
     new.load_state_dict(m.state_dict(), strict=True)
     new.train(m.training)

@@ -457,3 +457,30 @@ def test_patched_module_scale_changed_on_one_block_after_a_call():
     got = m(x, pad)
     sk.unpatch(m)
     torch.testing.assert_close(got, m(x, pad), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("image", [False, True])
+@pytest.mark.parametrize("patched", [False, True])
+def test_save_checkpoint_of_an_authors_module_records_its_configuration(tmp_path, image, patched):
+    """The authors' module's settings are in its attributes: save_checkpoint records them (it recorded nothing, and
+    load_checkpoint then guessed: 2 heads instead of 4, no pad masking -> rel. err 0.73), patched or not."""
+    import sys
+    import warnings
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import authors_seqpe as A
+
+    cls = A.ImageSequentialPE if image else A.SequentialPE
+    m = cls(pe_embed_dim=48, num_attention_heads=4, layer_num=2, max_digits=2, use_last_layernorm=True,
+            mask_padding=True, resid_pdrop=0.0, attn_pdrop=0.0).eval()
+    if patched:
+        sk.patch(m, backend="cpu" if "cpu" in BACKENDS else "triton")
+    x, pad = A.PeUtils.prepare_seqpe_data([0, 7, 42, 99], 2)
+    f = tmp_path / "enc.pth"
+    sk.save_checkpoint(m, str(f))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing guessed
+        got = sk.load_checkpoint(str(f)).eval()
+    assert (got.num_heads, got.mask_padding, got.init_scheme) == (4, True, "image" if image else "text")
+    torch.testing.assert_close(got.forward_digits(x, pad), m(x, pad), rtol=1e-5, atol=1e-6)

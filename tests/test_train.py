@@ -401,3 +401,11 @@ def test_resume_with_only_resume_and_steps_continues_the_saved_run_exactly(tmp_p
     assert "block_size: saved 8, this run 16" in capsys.readouterr().err
     assert T.main([*TINY, "--steps", "1", "--save", str(tmp_path / "x.safetensors")]) == 2
     assert "use a .pth name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--backend", "cpu"], ["--pe-dim", "8"], ["--pe-temperature", "2"],
+                                  ["--contrastive-size", "4"], ["--shift-pool", "10"]])
+def test_baseline_refuses_seqpe_only_flags(flag, capsys):
+    """They were accepted and ignored with --pe learned (identical losses with and without)."""
+    assert T.main(["--pe", "learned", "--steps", "1", "--no-eval", "--no-progress", "--plot", "", *flag]) == 2
+    assert "--pe learned has neither" in capsys.readouterr().err

@@ -29,6 +29,10 @@ TASK_DEFAULTS: Dict[str, dict] = {
 }
 
 
+# flags that only a SeqPE run reads (refused with a baseline when given on the command line)
+_SEQPE_ONLY = ("backend", "pe_dim", "pe_heads", "pe_layers", "pe_temperature", "pe_warmup_steps", "transfer_beta",
+               "contrastive_size", "contrastive_batch", "transfer_size", "transfer_batch", "shift_pool",
+               "pe_main_batch_size")
 _SEQPE_DEFAULTS = dict(contrastive_weight=0.1, transfer_weight=0.1, shift_rate=0.1)  # the paper scripts
 _BASELINE_METHODS = {"learned": "input_add", "sinusoidal": "input_add", "rope": "rotary", "alibi": "alibi",
                      "none": "nope"}  # how the model applies each baseline (seqpe_kernels.training.baselines)
@@ -118,6 +122,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
                              "itself its own way")
         if cfg.pe_lr is not None:
             raise ValueError(f"--pe-lr is the SeqPE encoder's learning rate; --pe {cfg.pe} trains at --lr")
+        seqpe_only = [k for k in _SEQPE_ONLY if k in (cfg.given or ())]
+        if seqpe_only:  # (on the command line: accepted and ignored before)
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in seqpe_only)} set(s) the SeqPE encoder "
+                             f"or its regularisers; --pe {cfg.pe} has neither")
         d["pe_method"], d["pe_qk"] = _BASELINE_METHODS[cfg.pe], "none"
     for k, v in _SEQPE_DEFAULTS.items():
         if d.get(k) is None:

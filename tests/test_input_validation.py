@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import authors_seqpe as A
 import seqpe_kernels as sk
 from seqpe_kernels.backend import available_backends
+from seqpe_kernels.layout import PatchError
 from seqpe_kernels.reference.losses import contrastive_loss, gram_log_softmax, transfer_loss
 from seqpe_kernels.training import pe_apply
 from seqpe_kernels.training.samplers import MainWindowSampler, TransferSampler
@@ -25,6 +27,16 @@ def _pair(backend, seed=0, dedup="auto", **cfg):
     ref = sk.SeqPE(**cfg)
     enc = sk.FusedSeqPE.from_reference(ref, backend=backend, dedup=dedup)
     return ref, enc
+
+
+def _patched_authors():
+    """A patched authors' encoder (tests/authors_seqpe.py), called once, and its digit inputs."""
+    m = A.SequentialPE(pe_embed_dim=16, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
+                       mask_padding=False, resid_pdrop=0.0, attn_pdrop=0.0).eval()
+    x, pad = A.PeUtils.prepare_seqpe_data(list(range(6)), 2)
+    sk.patch(m, backend="cpu" if "cpu" in BACKENDS else "triton")
+    m(x, pad)
+    return m, x, pad
 
 
 # ------------------------------------------------------------------------- check_range=False: NaN rows, every path
@@ -128,19 +140,7 @@ def test_hooks_on_submodules_are_refused_on_the_fused_path(backend):
 def test_patched_module_changed_after_patching_is_refused():
     """An authors' module patched, called, then a submodule swapped (gelu_new -> ReLU): the fused forward would
     compute the old module; the next call re-checks the layout instead."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import authors_seqpe as A
-
-    from seqpe_kernels.layout import PatchError
-
-    m = A.SequentialPE(pe_embed_dim=16, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
-                       mask_padding=False, resid_pdrop=0.0, attn_pdrop=0.0).eval()
-    x, pad = A.PeUtils.prepare_seqpe_data(list(range(6)), 2)
-    sk.patch(m, backend="cpu" if "cpu" in BACKENDS else "triton")
-    m(x, pad)
+    m, x, pad = _patched_authors()
     m.transformers[0].mlp.act = torch.nn.ReLU()
     with pytest.raises(PatchError, match="ReLU"):
         m(x, pad)
@@ -438,18 +438,7 @@ def test_double_backward_through_the_fused_encoder_is_refused(backend):
 
 
 def test_patched_module_scale_changed_on_one_block_after_a_call():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import authors_seqpe as A
-    from seqpe_kernels.layout import PatchError
-
-    m = A.SequentialPE(pe_embed_dim=16, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
-                       mask_padding=False, resid_pdrop=0.0, attn_pdrop=0.0).eval()
-    x, pad = A.PeUtils.prepare_seqpe_data(list(range(6)), 2)
-    sk.patch(m, backend="cpu" if "cpu" in BACKENDS else "triton")
-    m(x, pad)
+    m, x, pad = _patched_authors()
     m.transformers[1].attn.scale_attn_weights = False
     with pytest.raises(PatchError, match="scale_attn_weights"):
         m(x, pad)
@@ -464,12 +453,7 @@ def test_patched_module_scale_changed_on_one_block_after_a_call():
 def test_save_checkpoint_of_an_authors_module_records_its_configuration(tmp_path, image, patched):
     """The authors' module's settings are in its attributes: save_checkpoint records them (it recorded nothing, and
     load_checkpoint then guessed: 2 heads instead of 4, no pad masking -> rel. err 0.73), patched or not."""
-    import sys
     import warnings
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import authors_seqpe as A
 
     cls = A.ImageSequentialPE if image else A.SequentialPE
     m = cls(pe_embed_dim=48, num_attention_heads=4, layer_num=2, max_digits=2, use_last_layernorm=True,

@@ -647,12 +647,18 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, out_dir):
+    import datetime
+    import faulthandler
+
     import torch.distributed as dist
 
+    # a rank that hangs (seen once in a full local run, not reproduced) prints where and exits instead of holding
+    # the suite until CI's limit; collectives time out too
+    faulthandler.dump_traceback_later(150, exit=True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         base = authors()  # same weights on every rank

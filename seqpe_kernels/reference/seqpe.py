@@ -232,13 +232,14 @@ class SeqPE(nn.Module):
         out = []
         for b in self._modules["transformers"]._modules.values():
             bm = b._modules
-            at = bm["attn"]._modules
+            att = bm["attn"]
+            at = att._modules
             d1, d2, d3 = at["attn_dropout"], at["resid_dropout"], bm["mlp"]._modules["dropout"]
-            out.append((d1.p if d1.training else 0.0, d2.p if d2.training else 0.0, d3.p if d3.training else 0.0,
-                        bm["layernorm_1"].eps, bm["layernorm_2"].eps, getattr(bm["attn"], "scale_attn_weights", True)))
+            out += (d1.p if d1.training else 0.0, d2.p if d2.training else 0.0, d3.p if d3.training else 0.0,
+                    bm["layernorm_1"].eps, bm["layernorm_2"].eps, getattr(att, "scale_attn_weights", True))
         ln = self._modules.get("layernorm")
         out.append(None if ln is None else ln.eps)
-        return tuple(out)
+        return tuple(out)  # flat: 6 values per block, then the final LayerNorm's eps
 
     def _active_dropout(self):
         """(residual p, attention p) that forward applies now: each dropout layer's p where that layer is in
@@ -246,8 +247,8 @@ class SeqPE(nn.Module):
         layers in train mode inside an eval module). ValueError if the layers of one kind disagree: the fused
         encoder applies one probability per kind."""
         live = self._live()[:-1]
-        res = {v for blk in live for v in blk[1:3]}
-        att = {blk[0] for blk in live}
+        res = set(live[1::6]) | set(live[2::6])
+        att = set(live[0::6])
         if len(res) > 1 or len(att) > 1:
             kind = "resid" if len(res) > 1 else "attn"
             raise ValueError(f"the {kind} dropout layers would apply different probabilities "

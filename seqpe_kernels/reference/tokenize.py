@@ -50,9 +50,10 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
         raise TypeError(f"positions must be a dense tensor, got layout {positions.layout} (call .to_dense())")
     if check_range and positions.device.type == "meta":
         raise TypeError("positions on the meta device have no values to check (check_range=False for shapes only)")
-    for name, v in (("base", base), ("max_digits", max_digits)):
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    if type(base) is not int or type(max_digits) is not int:  # (the encoder's own ints: no further look)
+        for name, v in (("base", base), ("max_digits", max_digits)):
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
     if positions.dtype not in _INT_DTYPES:
         raise TypeError(f"positions must have an integer dtype, got {positions.dtype} "
                         "(positions are indices: convert with .long() only if the values are whole numbers)")

@@ -687,8 +687,8 @@ struct EncoderFn : public torch::autograd::Function<EncoderFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     // create_graph=True runs a backward in grad mode: the gradients below come from kernels, not differentiable
-    // ops, so a second-order term through them would be silently zero. Refuse (the Triton path's backward is
-    // once_differentiable: it refuses when that second backward runs).
+    // ops, so a second-order term through them would be silently zero. Refuse (as the Triton path's
+    // EncoderFunction.backward does).
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "seqpe fused encoder: its backward is not differentiable, so gradients taken with "
                 "create_graph=True cannot carry second-order terms through it; use backend='torch' for those");

@@ -508,9 +508,9 @@ def encoder_config(module: torch.nn.Module) -> Optional[Dict[str, Any]]:
             layout = _layout(m)
             if _check_layout(m, layout):
                 return None
-            return {k: v for k, v in module_config(m, layout).items()}
-        except Exception:  # not an encoder this package reads: nothing recorded (load_checkpoint then asks)
-            return None
+            return module_config(m, layout)
+        except (ValueError, AttributeError):  # (PatchError is a ValueError) not an encoder this package reads, or
+            return None                       # one with no single configuration: nothing recorded (the load asks)
     cfg = {k: v for k, v in module.config().items()}
     bad = {k: v for k, v in cfg.items() if not isinstance(v, _PLAIN)}
     if bad:

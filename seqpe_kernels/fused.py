@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import backend as _backend
 from . import encoder as _enc
-from .reference.seqpe import SeqPE
+from .reference.seqpe import SeqPE, _check_eps
 from .reference.tokenize import check_positions, tokenize
 
 
@@ -110,12 +110,8 @@ class FusedSeqPE(SeqPE):
     # ------------------------------------------------------------------ entry points
     def _dropout_active(self) -> bool:
         """Whether any dropout layer drops now (its own p and train / eval mode, as nn.Dropout)."""
-        for b in self._modules["transformers"]._modules.values():
-            at = b._modules["attn"]._modules
-            for d in (at["attn_dropout"], at["resid_dropout"], b._modules["mlp"]._modules["dropout"]):
-                if d.training and d.p > 0:
-                    return True
-        return False
+        live = self._live()
+        return any(live[i] > 0 for i in range(len(live) - 1) if i % 6 < 3)  # (_live: 3 dropout p's per block)
 
     def _dedup_mode(self) -> str:
         """The deduplication this call uses: "off", "unique" or "prefix" (depends on the configuration and the
@@ -184,7 +180,7 @@ class FusedSeqPE(SeqPE):
         configuration attribute it reads has changed."""
         training = self.training
         if torch.compiler.is_compiling():  # traced once per graph: no cache to mutate
-            return self._build_plan(cdt, from_positions, training)
+            return self._build_plan(cdt, from_positions)
         if self.__dict__.get("_hooks_seen") != RemovableHandle.next_id:  # a hook was registered somewhere since
             _refuse_submodule_hooks(self)                               # the last look (every hook gets a handle)
             self.__dict__["_hooks_seen"] = RemovableHandle.next_id
@@ -193,19 +189,14 @@ class FusedSeqPE(SeqPE):
         cache = self.__dict__.setdefault("_plans", {})
         plan = cache.get(key)
         if plan is None:
-            plan = cache[key] = self._build_plan(cdt, from_positions, training)
+            plan = cache[key] = self._build_plan(cdt, from_positions)
         return plan
 
-    def _build_plan(self, cdt: torch.dtype, from_positions: bool, training: bool) -> "_enc.Plan":
+    def _build_plan(self, cdt: torch.dtype, from_positions: bool) -> "_enc.Plan":
         D, H = self.embed_dim, self.num_heads
-        p_res, p_att = self._active_dropout()  # the dropout layers' own p and mode (``training`` is the module's)
-        lns = [(f"transformers.{i}.{n}", b._modules[n]) for i, b in enumerate(self.transformers)
-               for n in ("layernorm_1", "layernorm_2")]
-        if self.use_last_layernorm:
-            lns.append(("layernorm", self.layernorm))
-        for name, ln in lns:  # (a negative eps is the encoder's "no final LayerNorm" sentinel)
-            if not 0 <= ln.eps < float("inf"):
-                raise ValueError(f"{name}.eps must be a finite number >= 0, got {ln.eps}")
+        p_res, p_att = self._active_dropout()  # the dropout layers' own p and mode, not the module's flag
+        for ln in self._layernorms():  # (a negative eps is the encoder's "no final LayerNorm" sentinel)
+            _check_eps(ln.eps, "a LayerNorm's eps")
         return _enc.Plan(
             D=D, H=H, K=self.max_digits, L=self.seq_len - 1, T=self.seq_len, base=self.base,
             data_dim=self.data_dim, nl=self.num_layers, causal=self.attn_direction == "causal",

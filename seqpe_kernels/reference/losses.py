@@ -50,6 +50,14 @@ def contrastive_logits(pivots: torch.Tensor, candidates: torch.Tensor, num_heads
     return torch.matmul(z, w.transpose(-1, -2)).reshape(B * num_heads, C)
 
 
+_NO_IGNORE = -(2 ** 62)  # cross_entropy's ignore_index: no label is ignored
+
+
+def _require_indices(t: torch.Tensor, what: str) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{what}, got {t.dtype}")
+
+
 def contrastive_loss(pivots: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor, scale: float = 1.0,
                      num_heads: int = 1) -> torch.Tensor:
     """Contrastive loss of SEQPE_SPEC §5.2.
@@ -66,8 +74,7 @@ def contrastive_loss(pivots: torch.Tensor, candidates: torch.Tensor, labels: tor
     labels = labels.reshape(-1)
     if labels.numel() != B:
         raise ValueError(f"labels must have one entry per pivot ({B}), got {labels.numel()}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be integer indices into each pivot's candidates, got {labels.dtype}")
+    _require_indices(labels, "labels must be integer indices into each pivot's candidates")
     labels = labels.to(device=logits.device, dtype=torch.long)
     if num_heads > 1:
         labels = labels.repeat_interleave(num_heads)
@@ -77,9 +84,6 @@ def contrastive_loss(pivots: torch.Tensor, candidates: torch.Tensor, labels: tor
 
 
 # --------------------------------------------------------------------------------------------- transfer
-_NO_IGNORE = -(2 ** 62)
-
-
 def kl_div_mean(input_log: torch.Tensor, target_log: torch.Tensor) -> torch.Tensor:
     """``F.kl_div(input_log, target_log, log_target=True)`` with the default ``reduction='mean'``.
 
@@ -149,13 +153,11 @@ def transfer_loss(main_pe: torch.Tensor, main_indices: torch.Tensor, transfer_pe
         raise ValueError(f"PE widths differ: main {main_pe.shape[1]}, transfer {transfer_pe.shape[1]}")
     if batch_size < 1 or main_indices.numel() % batch_size:
         raise ValueError(f"{main_indices.numel()} indices are not a multiple of batch_size={batch_size}")
-    if main_indices.dtype.is_floating_point or main_indices.dtype.is_complex or main_indices.dtype == torch.bool:
-        raise TypeError(f"main_indices must be integer slots of the main window, got {main_indices.dtype}")
+    _require_indices(main_indices, "main_indices must be integer slots of the main window")
     idx = main_indices.to(main_pe.device).long()
     # a negative slot would wrap to the window's end silently (a too-large one raises in the gather); checked on
     # the device, no host sync on CUDA
-    torch._assert_async((idx >= 0).all() if idx.numel() else torch.tensor(True, device=idx.device),
-                        "main_indices must be non-negative slots of the main window")
+    torch._assert_async((idx >= 0).all(), "main_indices must be non-negative slots of the main window")
     teacher = main_pe[idx]
     log_p = gram_log_softmax(teacher, batch_size, num_heads, scale)  # teacher, in-distribution
     log_q = gram_log_softmax(transfer_pe, batch_size, num_heads, scale)  # student, shifted

@@ -300,8 +300,7 @@ class SeqPE(nn.Module):
         return float(eps.pop())
 
     def _set_eps(self, eps: float):
-        if not 0 <= eps < float("inf"):
-            raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {eps}")
+        _check_eps(eps)
         for m in self._layernorms():
             m.eps = float(eps)
 
@@ -363,6 +362,7 @@ class SeqPE(nn.Module):
             raise ValueError(f"digits must have shape [M, {L}] (data_dim*max_digits), got {tuple(digits.shape)}")
         if digits.dtype not in _INT_DTYPES:
             raise TypeError(f"digits must be integer ids, got {digits.dtype}")
+        digits = digits.long()  # (once: the check and the caller read int64)
         given_mask = pad_mask is not None
         if pad_mask is None:
             pad_mask = torch.ones(digits.shape, dtype=torch.float32, device=digits.device)
@@ -376,7 +376,7 @@ class SeqPE(nn.Module):
             if binary:
                 torch._assert_async(((pad_mask == 0) | (pad_mask == 1)).all(), "pad_mask values must be 0 or 1")
         elif self.check_range and digits.numel() > 0:
-            lo, hi = torch.aminmax(digits.long())
+            lo, hi = torch.aminmax(digits)
             vals = [lo, hi] + ([((pad_mask != 0) & (pad_mask != 1)).any().long()] if binary else [])
             vals = torch.stack(vals).tolist()  # one host sync
             if vals[0] < 0 or vals[1] >= self.base:
@@ -384,7 +384,7 @@ class SeqPE(nn.Module):
             if binary and vals[2]:
                 raise ValueError("pad_mask values must be 0 or 1 (1 = a real digit, 0 = padding); got others "
                                  "(NaN included)")
-        return digits.long(), pad_mask
+        return digits, pad_mask
 
     def forward_digits(self, digits: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The authors' interface: digit ids ``[M, L]`` and pad mask ``[M, L]`` -> ``[M, out_dim]``."""
@@ -404,6 +404,11 @@ class SeqPE(nn.Module):
         return self.out_proj(x[:, -1]) * (1 / self.temperature)
 
 
+def _check_eps(eps, what: str = "layer_norm_eps") -> None:
+    if not 0 <= eps < float("inf"):  # (also NaN)
+        raise ValueError(f"{what} must be a finite number >= 0, got {eps}")
+
+
 def _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out_dim, attn_direction,
                      resid_pdrop, attn_pdrop, temperature, init, base, layer_norm_eps=1e-5):
     for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads), ("max_digits", max_digits),
@@ -416,8 +421,7 @@ def _validate_config(embed_dim, num_heads, max_digits, num_layers, data_dim, out
                     ("layer_norm_eps", layer_norm_eps)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
-    if not 0 <= layer_norm_eps < float("inf"):  # (also NaN)
-        raise ValueError(f"layer_norm_eps must be a finite number >= 0, got {layer_norm_eps}")
+    _check_eps(layer_norm_eps)
     if embed_dim < 1 or num_heads < 1:
         raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
     if embed_dim % num_heads:

@@ -9,6 +9,7 @@ import torch
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64) + tuple(
     getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+_UINT64 = getattr(torch, "uint64", None)
 
 
 def max_digits_for(max_position: int, data_dim: int = 1, base: int = 10) -> int:
@@ -70,9 +71,10 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
     if data_dim is not None and positions.shape[1] != data_dim:
         raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
                          f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")
-    unsigned64 = positions.dtype == getattr(torch, "uint64", None)
+    unsigned64 = False
     if positions.dtype != torch.int64:  # .long() of an int64 tensor is still a dispatcher call
-        positions = positions.long()  # (uint64 values >= 2**63 wrap negative: reported as out of range below)
+        unsigned64 = positions.dtype == _UINT64  # (values >= 2**63 wrap negative: reported as out of range below)
+        positions = positions.long()
     if check_range and (torch.compiler.is_compiling() or
                         (positions.is_cuda and torch.cuda.is_current_stream_capturing())):
         # no host sync inside a compiled graph or a CUDA-graph capture: the same check as an on-device assert

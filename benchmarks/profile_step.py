@@ -7,12 +7,18 @@ its wall time (the gap is host / launch overhead), for eager and each fused back
 backward timed apart (each from a synchronised start, CUDA not synchronised inside, so a call that waits for the
 GPU shows as host time), and the N functions with the most own time under cProfile. On the H200 (f1) the Triton
 text step's call took 6.8 ms of host time for 2.1 ms of GPU work and the C++/CUDA one 2.6 ms: this says where.
+Its backward alone took ~5.3 ms of host time (f1's forward rows: 1.5 ms), more than eager's whole backward, while
+the same Python on the dev CPU costs ~0.4 ms. On CUDA, autograd runs that backward on its device thread, so the
+breakdown also times it inside that thread and with the device threads off, and profiles that thread.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
+import threading
 import time
 
 import torch
@@ -76,11 +82,56 @@ def main():
                 print(host_breakdown(mod, pos, ac, args.steps, args.host_rows))
 
 
+class _BackwardWatch:
+    """Wraps ``EncoderFunction.backward`` (the Triton encoder's Python backward) while installed: records on which
+    thread autograd ran it and the time spent inside it, and, when ``profile`` is on, profiles it with a cProfile of
+    that thread. Why: on CUDA the autograd engine runs backward nodes on its own device thread, which a cProfile
+    enabled on the main thread does not see (Python <= 3.11; 3.12's cProfile is process-wide, and a second one then
+    refuses to start: the main one sees it). The C++/CUDA backend's node is C++ and is not wrapped."""
+
+    def __init__(self):
+        from seqpe_kernels.encoder import EncoderFunction
+
+        self.cls, self.orig = EncoderFunction, EncoderFunction.__dict__["backward"]
+        self.main = threading.get_ident()
+        self.profile = False
+        self.times, self.threads, self.profs, self.prof_note = [], set(), [], None
+
+    def __enter__(self):
+        orig = self.orig.__func__
+
+        def backward(ctx, *grads):
+            prof = None
+            if self.profile and threading.get_ident() != self.main:
+                prof = cProfile.Profile()
+                try:
+                    prof.enable()
+                except ValueError as e:  # a process-wide profiler (3.12+) is on: it sees this thread
+                    prof, self.prof_note = None, f"the main thread's profiler covers it ({e})"
+            t0 = time.perf_counter()
+            try:
+                return orig(ctx, *grads)
+            finally:
+                self.times.append(time.perf_counter() - t0)
+                self.threads.add("main" if threading.get_ident() == self.main else "autograd worker")
+                if prof is not None:
+                    prof.disable()
+                    self.profs.append(prof)
+
+        self.cls.backward = staticmethod(backward)
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.backward = self.orig
+        return False
+
+
 def host_breakdown(mod, pos, ac, steps: int, rows: int) -> str:
     """Host time of one training step's forward call and backward call, each from a synchronised start (median of
-    ``steps``), and cProfile's top ``rows`` functions by own time over ``steps`` steps. Runs on CPU too (tests)."""
-    import cProfile
-    import pstats
+    ``steps``); the same backward with autograd's device threads off (``torch.autograd.set_multithreading_enabled
+    (False)``: on CUDA the engine otherwise runs the backward nodes on its own thread); on which thread the Triton
+    encoder's Python backward ran and the time inside it; and cProfile's top ``rows`` functions by own time over
+    ``steps`` steps, the backward's thread included. Runs on CPU too (tests)."""
     import statistics
 
     dev = pos.device
@@ -107,23 +158,45 @@ def host_breakdown(mod, pos, ac, steps: int, rows: int) -> str:
         if timed is not None:
             timed.append((t1 - t0, t3 - t2))
 
-    for _ in range(3):
-        run(None)
-    ts = []
-    for _ in range(steps):
-        run(ts)
-    f_ms = statistics.median(t[0] for t in ts) * 1e3
-    b_ms = statistics.median(t[1] for t in ts) * 1e3
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        run(None, syncs=False)  # (a call that waits for the GPU still shows: its own wait)
-    prof.disable()
-    sync()
-    st = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    def med(xs, i=None):
+        return statistics.median(x if i is None else x[i] for x in xs) * 1e3
+
+    one_thread = getattr(torch.autograd, "set_multithreading_enabled", None)
+    with _BackwardWatch() as w:
+        for _ in range(3):
+            run(None)
+        ts = []
+        w.times.clear()
+        for _ in range(steps):
+            run(ts)
+        body = (f"the Python backward ran on the {' and '.join(sorted(w.threads))} thread, {med(w.times):.3f} ms "
+                "inside it" if w.times else "no Python encoder backward (C++ autograd nodes only)")
+        single = "n/a (this torch has no set_multithreading_enabled)"
+        if one_thread is not None:
+            ts1 = []
+            with one_thread(False):
+                for _ in range(3):
+                    run(None)
+                for _ in range(steps):
+                    run(ts1)
+            single = f"{med(ts1, 1):.3f} ms"
+        w.profile = True
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            run(None, syncs=False)  # (a call that waits for the GPU still shows: its own wait)
+        prof.disable()
+        sync()
+    stats = pstats.Stats(prof)
+    for p in w.profs:
+        stats.add(p)
+    seen = (f"{len(w.profs)} backward calls profiled on their own thread" if w.profs else
+            w.prof_note or "the backward ran on the profiled thread")
+    st = stats.stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
     top = sorted(st.items(), key=lambda kv: -kv[1][2])[:rows]
-    lines = [f"--- host: forward call {f_ms:.3f} ms, backward call {b_ms:.3f} ms (median of {steps}); cProfile over "
-             f"{steps} steps, not synchronised between them, per step:",
+    lines = [f"--- host: forward call {med(ts, 0):.3f} ms, backward call {med(ts, 1):.3f} ms (median of {steps}); "
+             f"{body}; backward call with autograd's device threads off: {single}",
+             f"    cProfile over {steps} steps, not synchronised between them ({seen}), per step:",
              f"{'own us':>9} {'cum us':>9} {'calls':>6}  function"]
     for (fname, line, func), (_, nc, tt, ct, _) in top:
         short = fname.split("site-packages/")[-1] if "site-packages/" in fname else os.path.relpath(fname)

@@ -155,8 +155,53 @@ def test_profile_step_host_breakdown_runs_on_cpu():
     text = host_breakdown(mod, torch.arange(8), None, steps=3, rows=6)
     lines = text.splitlines()
     assert lines[0].startswith("--- host: forward call ") and "backward call" in lines[0]
-    assert len(lines) == 2 + 6
-    assert any("run_backward" in line for line in lines[2:])
-    for line in lines[2:]:
+    assert "device threads off: " in lines[0] and "ms" in lines[0].split("device threads off: ")[1]
+    assert "no Python encoder backward" in lines[0]  # eager and the C++ backend have no Python autograd node
+    assert len(lines) == 3 + 6
+    assert any("run_backward" in line for line in lines[3:])
+    for line in lines[3:]:
         own, cum, calls = line.split()[:3]
         assert 0 <= float(own) <= float(cum) + 0.05 and float(calls) >= 0
+
+
+def test_backward_watch_sees_the_autograd_thread():
+    """On CUDA autograd runs the Triton encoder's Python backward on its device thread, which the main thread's
+    cProfile misses: the breakdown's watch must time and profile it there. A Python thread stands in for the
+    engine's (on CPU the engine runs backward on the calling thread); the Triton encoder runs interpreted."""
+    import threading
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from profile_step import _BackwardWatch, host_breakdown
+    finally:
+        sys.path.pop(0)
+    import seqpe_kernels as sk
+    from seqpe_kernels.backend import available_backends
+    from seqpe_kernels.encoder import EncoderFunction
+
+    if not available_backends(torch.device("cpu"))["triton"][0]:
+        pytest.skip("the Triton backend needs TRITON_INTERPRET=1 on CPU (conftest sets it unless overridden)")
+    torch.manual_seed(0)
+    ref = sk.SeqPE(embed_dim=16, num_heads=2, max_digits=2, num_layers=1).train()
+    mod = sk.FusedSeqPE.from_reference(ref, backend="triton")
+    orig = EncoderFunction.__dict__["backward"]
+    with _BackwardWatch() as w:
+        w.profile = True
+        y = mod(torch.arange(4))
+        t = threading.Thread(target=y.backward, args=(torch.ones_like(y),))
+        t.start()
+        t.join()
+        y = mod(torch.arange(4))
+        y.backward(torch.ones_like(y))
+    assert EncoderFunction.__dict__["backward"] is orig  # uninstalled
+    assert w.threads == {"autograd worker", "main"} and len(w.times) == 2 and min(w.times) > 0
+    assert len(w.profs) == 1  # the worker's call, profiled on its own thread (the main thread's: by the caller)
+    import pstats
+
+    seen = pstats.Stats(w.profs[0]).stats
+    assert any(f.endswith(os.path.join("seqpe_kernels", "encoder.py")) and n == "backward" for (f, _, n) in seen)
+    assert all(p.grad is not None for p in mod.parameters() if p.requires_grad)
+    text = host_breakdown(mod, torch.arange(4), None, steps=1, rows=4)
+    assert "the Python backward ran on the main thread" in text.splitlines()[0]

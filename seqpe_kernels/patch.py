@@ -45,6 +45,7 @@ from __future__ import annotations
 import inspect
 import types
 import weakref
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -213,6 +214,13 @@ class _FusedView:
             raise TypeError(f"digits must be a torch.Tensor of digit ids [M, L], got {type(digits).__name__}")
         name = self.resolved_backend(digits.device)
         if name == "torch":
+            return self.eager_digits(self.module, digits, pad_mask)
+        if self.layout == "authors" and digits.dim() == 2 and 0 < digits.shape[1] < self.data_dim * self.max_digits:
+            # the authors' forward encodes shorter digit rows as shorter sequences (digit slots 0..L-1); the fused
+            # kernels take full rows only, so such a call runs the module's own forward, as before patching
+            warnings.warn(f"seqpe_kernels.patch: digit rows of length {digits.shape[1]} < data_dim*max_digits = "
+                          f"{self.data_dim * self.max_digits} run through {type(self.module).__name__}'s own (eager) "
+                          "forward, unfused", RuntimeWarning, stacklevel=3)
             return self.eager_digits(self.module, digits, pad_mask)
         self._maybe_verify(digits.device, name)
         digits, pad = self._check_digits(digits, pad_mask)

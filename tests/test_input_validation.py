@@ -278,6 +278,18 @@ def test_positions_must_be_dense_tensors():
         sk.FusedSeqPE(16, 2, 2, backend="torch")(torch.empty(3, dtype=torch.int64, device="meta"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("check_range", [True, False])
+def test_positions_without_coordinates_are_refused(backend, check_range):
+    """[M, 0] positions: M rows with no digits at all (the encoder would run on its CLS token alone)."""
+    with pytest.raises(ValueError, match="no coordinates"):
+        sk.tokenize(torch.zeros(3, 0, dtype=torch.int64), max_digits=2, check_range=check_range)
+    mod = sk.FusedSeqPE(16, 2, 2, backend=backend)
+    mod.check_range = check_range
+    with pytest.raises(ValueError, match="no coordinates"):
+        mod(torch.zeros(3, 0, dtype=torch.int64))
+
+
 def test_dense_cache_precompute_names_the_box_format():
     enc = sk.SeqPE(16, 2, 2, data_dim=2).eval().requires_grad_(False)
     cache = sk.SeqPECache(enc, mode="dense")

@@ -207,6 +207,24 @@ def test_patched_equals_unpatched(backend, config, training):
     assert fused_node_in(y), f"the fused encoder did not run (seed {s})"
 
 
+@pytest.mark.parametrize("config", ["text", "image2d_bi_masked"])
+def test_short_digit_rows_run_the_authors_forward(config):
+    """Digit rows shorter than data_dim*max_digits: the authors' forward encodes them as shorter sequences; the
+    patched module gives the same output and gradients (its own forward, with a warning), not an error."""
+    _backend_ok("cpu")
+    _seed()
+    cfg = {**CONFIGS[config], "max_digits": 3}
+    m = authors(**cfg)
+    ref = copy.deepcopy(m)
+    sk.patch(m, backend="cpu")
+    x, pm = digits_for(m, 7)
+    short = x.shape[1] - m.data_dim  # one digit fewer per axis (2-D: L // data_dim digits per axis)
+    with pytest.warns(RuntimeWarning, match=f"length {short} < data_dim\\*max_digits"):
+        compare(m, ref, x[:, :short].contiguous(), pm[:, :short].contiguous(), 1e-6)
+    y = compare(m, ref, x, pm, 1e-5)  # full rows: fused again
+    assert fused_node_in(y)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_parity_with_recorded_masks(backend):
     """Training with dropout on (residual and attention): the unpatched module replays the fused path's masks."""

@@ -32,6 +32,10 @@ def test_study_quick_toy_lm_smoke(tmp_path, capsys):
     assert "±" in out and "2× / 1×" in out
     text = md.read_text()
     assert "seqpe-kernels study --task lm --quick --toy" in text and "commit" in text and "| seqpe |" in text
+    shared = next(l for l in text.splitlines() if l.startswith("Settings shared by every run: "))
+    seqpe_only = next(l for l in text.splitlines() if l.startswith("SeqPE runs also: "))
+    assert "pe_dim=" not in shared and "contrastive_size=" not in shared and "model_dim=" in shared
+    assert "pe_dim=16" in seqpe_only and "contrastive_size=" in seqpe_only and "model_dim=" not in seqpe_only
     assert all(r["steps"] == 3 for r in rows)
     # --from-json: the same table and a redrawn plot, without training
     png2 = tmp_path / "again.png"

@@ -68,6 +68,9 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
         positions = positions.unsqueeze(1)
     elif positions.dim() != 2:
         raise ValueError(f"positions must have shape [M] or [M, d], got {tuple(positions.shape)}")
+    if positions.shape[1] == 0:  # (else M rows of zero digits: the encoder would run on the CLS token alone)
+        raise ValueError(f"positions of shape {tuple(positions.shape)} have no coordinates: expected [M] or [M, d] "
+                         "with d >= 1")
     if data_dim is not None and positions.shape[1] != data_dim:
         raise ValueError(f"positions have {positions.shape[1]} coordinate(s) per row but the encoder has "
                          f"data_dim={data_dim}: expected shape [M] (1-D only) or [M, {data_dim}]")

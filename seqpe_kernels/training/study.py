@@ -307,6 +307,8 @@ def write_report(study: dict, path: str, command: str) -> None:
     """Markdown: provenance (command, device, torch, commit, date, wall time), the table, per-run timings."""
     import torch
 
+    from .config import _SEQPE_ONLY
+
     st = study["settings"]
     lines = [f"# `seqpe-kernels study --task {study['task']}` ({study['preset']})", "",
              f"- command: `{command}`",
@@ -317,7 +319,9 @@ def write_report(study: dict, path: str, command: str) -> None:
              f"- date: {study.get('date', '?')} (start)",
              f"- wall time: {study['wall_s'] / 60:.1f} min for {len(study['runs'])} runs", "",
              _title(study) + ":", "", format_table(study, markdown=True), "",
-             "Settings shared by every run: " + ", ".join(f"{k}={v}" for k, v in st.items() if k != "task") + ".",
+             "Settings shared by every run: " + ", ".join(f"{k}={v}" for k, v in st.items()
+                                                         if k != "task" and k not in _SEQPE_ONLY) + ".",
+             "SeqPE runs also: " + ", ".join(f"{k}={v}" for k, v in st.items() if k in _SEQPE_ONLY) + ".",
              "SeqPE trains with its contrastive and transfer regularisers and the random window shift; the "
              "baselines without them (positions 0..N-1 only).", "",
              "| pe | seed | status | first main loss | final main loss (mean of the last 10 steps) | train s | wall s |",

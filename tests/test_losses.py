@@ -203,3 +203,13 @@ def test_weight_scheduler_warmup():
     s2 = PeWeightScheduler(0.0, 0.0)
     s2.load_state_dict(s.state_dict())
     assert s2.step() == s.step() == (0.3, 0.3)
+
+
+def test_transfer_loss_refuses_an_empty_batch():
+    """0 transfer positions: the means over an empty Gram would be NaN (the authors' criterion fails to reshape)."""
+    main = torch.randn(8, 6)
+    for idx, kw in ((torch.zeros(0, dtype=torch.long), dict(batch_size=1)),
+                    (torch.zeros(4, 0, dtype=torch.long), {})):
+        for metric in ("kl_div", "mse"):
+            with pytest.raises(ValueError, match="at least one position"):
+                transfer_loss(main, idx, torch.randn(0, 6), num_heads=1, metric=metric, **kw)

@@ -399,3 +399,11 @@ def test_main_and_transfer_state_round_trip():
     t.load_state_dict(st)
     b = [(m.next(2).starts.tolist(), t.next().positions.tolist()) for _ in range(4)]
     assert a == b
+
+
+@pytest.mark.parametrize("pipeline", ["text", "image"])
+def test_transfer_size_one_is_refused(pipeline):
+    """One position per transfer sample: a 1x1 Gram, softmax 1, loss identically 0 -- a silent no-op."""
+    with pytest.raises(ValueError, match="identically 0"):
+        TransferSampler(16, 256, 1, 2, pipeline=pipeline, seed=0)
+    TransferSampler(16, 256, 2, 2, pipeline=pipeline, seed=0)

@@ -409,3 +409,34 @@ def test_baseline_refuses_seqpe_only_flags(flag, capsys):
     """They were accepted and ignored with --pe learned (identical losses with and without)."""
     assert T.main(["--pe", "learned", "--steps", "1", "--no-eval", "--no-progress", "--plot", "", *flag]) == 2
     assert "--pe learned has neither" in capsys.readouterr().err
+
+
+def test_shift_pool_smaller_than_the_windows_fails_before_the_first_step():
+    """A shifted step draws one window per sample; a pool with fewer fails at once, not at the first shifted
+    step (a random step, possibly hundreds in)."""
+    steps = []
+    cfg = T.TrainConfig(task="lm", steps=50, shift_pool=4, batch_size=8, block_size=8, model_dim=16, model_layers=1,
+                        model_heads=2, pe_dim=16, pe_heads=2, pe_layers=1, max_position=256, contrastive_size=4,
+                        contrastive_batch=2, transfer_size=4, transfer_batch=2, backend="torch", device="cpu",
+                        do_eval=False, progress=False)
+    with pytest.raises(ValueError, match="shift pool holds 4"):
+        T.train(cfg, log=lambda *a, **k: steps.append(a))
+    assert not any("step" in str(a) for a in steps)
+
+
+@pytest.mark.parametrize("task", ["lm", "vit"])
+def test_encoder_weight_decay_groups_follow_each_reference_pipeline(task):
+    """SEQPE_SPEC §8.2 item 8: the text pipeline decays every encoder parameter whose name matches none of
+    no_weight_decay_keywords (biases included); the image pipeline decays matrices only."""
+    cfg = T.resolve_config(T.TrainConfig(task=task, backend="torch", device="cpu", pe_dim=16, pe_heads=2,
+                                         pe_layers=1, model_dim=16, model_layers=1, model_heads=2, progress=False))
+    enc, model, _ = T._build(cfg, torch.device("cpu"), num_classes=4)
+    groups = T._param_groups(enc, model, cfg)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    skip = tuple(enc.no_weight_decay_keywords())
+    for name, p in enc.named_parameters():
+        want = not any(k in name for k in skip) and (p.dim() >= 2 or task == "lm")
+        assert (id(p) in decayed) == want, name
+    assert any(n.endswith("c_attn.bias") for n, p in enc.named_parameters() if id(p) in decayed) == (task == "lm")
+    for name, p in model.named_parameters():  # the model: matrices only, in both
+        assert (id(p) in decayed) == (p.dim() >= 2 and not any(k in name for k in ("wte", "cls_token"))), name

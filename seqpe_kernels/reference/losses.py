@@ -153,6 +153,9 @@ def transfer_loss(main_pe: torch.Tensor, main_indices: torch.Tensor, transfer_pe
         raise ValueError(f"PE widths differ: main {main_pe.shape[1]}, transfer {transfer_pe.shape[1]}")
     if batch_size < 1 or main_indices.numel() % batch_size:
         raise ValueError(f"{main_indices.numel()} indices are not a multiple of batch_size={batch_size}")
+    if main_indices.numel() == 0:  # (the means below would be NaN; the authors' criterion fails to reshape)
+        raise ValueError(f"the transfer loss needs at least one position per sample, got main_indices of shape "
+                         f"{tuple(main_indices.shape)} (batch_size={batch_size})")
     _require_indices(main_indices, "main_indices must be integer slots of the main window")
     idx = main_indices.to(main_pe.device).long()
     # a negative slot would wrap to the window's end silently (a too-large one raises in the gather); checked on

@@ -146,7 +146,12 @@ def _restore(resume: dict, enc, model, opt, sched, streams, data_rng, first_stre
             raise ValueError(f"--resume {path}: the saved {name} does not fit this run's: {e}") from e
     notes = []
     if resume.get("optimizer") is not None:
-        opt.load_state_dict(resume["optimizer"])
+        try:
+            opt.load_state_dict(resume["optimizer"])
+        except ValueError as e:  # group sizes differ: e.g. a file from before LM encoder biases were decayed
+            raise ValueError(f"--resume {path}: the saved AdamW state groups the parameters differently from this "
+                             f"version (files written before the LM encoder's biases joined its weight-decay group, "
+                             f"SEQPE_SPEC §8.2 item 8, cannot be continued): {e}") from e
     else:
         notes.append("no optimizer state saved: AdamW restarts")
     state = resume.get("train_state")

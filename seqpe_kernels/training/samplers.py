@@ -343,8 +343,9 @@ class TransferSampler:
         self.window_len = N = int(np.prod(shape))
         self.max_position = int(max_position)
         self.T = int(transfer_size)
-        if not 1 <= self.T <= N:
-            raise ValueError(f"transfer_size must be in [1, {N}], got {transfer_size}")
+        if not 2 <= self.T <= N:  # one position: a 1x1 Gram, whose softmax is 1, so the loss is 0 (a silent no-op)
+            raise ValueError(f"transfer_size must be in [2, {N}] (the transfer loss compares the similarities "
+                             f"among a sample's positions; with one it is identically 0), got {transfer_size}")
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -24,8 +24,10 @@ DistributedDataParallel (gloo on CPU, NCCL on CUDA); the global ``--batch-size``
 every rank draws its own positions from samplers seeded with ``seed + rank``, as the reference does. Each
 rank's stream of positions is a *position stream*; ``--position-streams K`` lets one process own several
 streams (its loss is then the mean over its streams, exactly what K DDP ranks average), so a 1-process run
-with ``--position-streams 2`` reproduces a 2-rank run step for step (used by the tests). Only rank 0
-prints and writes files.
+with ``--position-streams 2`` reproduces a 2-rank run step for step with dropout off (used by the tests).
+With dropout on it draws the same positions but not the same dropout pattern: the K streams share one
+encoder call, in which a window that K ranks would encode once each (or once per rank, tiled over its samples)
+gets its own dropout draw per copy in the call. Only rank 0 prints and writes files.
 
 Baselines: ``--pe {learned,sinusoidal,rope,alibi,none}`` trains the same model with a baseline position
 encoding of :mod:`seqpe_kernels.training.baselines` in place of SeqPE (the ViT: their 2-D forms; no ALiBi). The SeqPE
@@ -80,6 +82,12 @@ class _PositionStream:
         self.num_windows = resolve_main_batch_size(stream_batch, cfg.pe_main_batch_size)
         self.main = MainWindowSampler(shape, cfg.max_position, data_dim=dd, use_random_shift=cfg.shift_rate > 0,
                                       shift_rate=cfg.shift_rate, shift_pool_size=cfg.shift_pool, seed=main_seed)
+        if self.main.use_random_shift and self.num_windows > self.main.pool_len:
+            # (the sampler raises this only when a shifted step is first drawn: possibly hundreds of steps in)
+            raise ValueError(f"a shifted step draws {self.num_windows} windows (one per sample of this stream's "
+                             f"batch, or --pe-main-batch-size) but the shift pool holds {self.main.pool_len} "
+                             f"(--shift-pool {cfg.shift_pool}; the windows that fit below --max-position "
+                             f"{cfg.max_position}): raise them, or lower the batch")
         self.contrastive = None
         if cfg.contrastive_weight > 0:
             self.contrastive = ContrastiveSampler(cfg.max_position, cfg.contrastive_size, cfg.contrastive_batch,
@@ -152,15 +160,20 @@ def _build(cfg: TrainConfig, device: torch.device, num_classes: int):
 
 
 def _param_groups(enc: nn.Module, model: nn.Module, cfg: TrainConfig):
-    """AdamW groups: encoder and model, each split into decayed matrices and undecayed rest (biases, norms,
-    embeddings, CLS tokens). The encoder may have its own learning rate (``pe_lr``, as the image pipeline)."""
+    """AdamW groups: encoder and model, each split into decayed and undecayed parameters. Model: matrices are
+    decayed, the rest (biases, norms, embeddings, CLS tokens) not. Encoder: as its reference pipeline does
+    (SEQPE_SPEC §8.2 item 8): the image one decays matrices only; the text one decays every parameter whose
+    name matches none of ``no_weight_decay_keywords`` (its biases included). The encoder may have its own
+    learning rate (``pe_lr``, as the image pipeline)."""
     groups = []
     enc_skip = tuple(enc.no_weight_decay_keywords())
     model_skip = ("wte", "cls_token")  # token embedding (tied head) and the ViT's CLS token / CLS PE
-    for module, skip, lr in ((enc, enc_skip, cfg.pe_lr or cfg.lr), (model, model_skip, cfg.lr)):
+    enc_min_dim = 1 if cfg.task == "lm" else 2
+    for module, skip, lr, min_dim in ((enc, enc_skip, cfg.pe_lr or cfg.lr, enc_min_dim),
+                                      (model, model_skip, cfg.lr, 2)):
         decay, rest = [], []
         for name, p in module.named_parameters():
-            (decay if p.dim() >= 2 and not any(k in name for k in skip) else rest).append(p)
+            (decay if p.dim() >= min_dim and not any(k in name for k in skip) else rest).append(p)
         groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
                    {"params": rest, "weight_decay": 0.0, "lr": lr}]
     return [g for g in groups if g["params"]]  # a parameter-free baseline has none

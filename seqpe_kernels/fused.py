@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import backend as _backend
 from . import encoder as _enc
-from .reference.seqpe import SeqPE, _check_eps
+from .reference.seqpe import LIVE_PER_BLOCK, SeqPE, _check_eps
 from .reference.tokenize import check_positions, tokenize
 
 
@@ -111,7 +111,7 @@ class FusedSeqPE(SeqPE):
     def _dropout_active(self) -> bool:
         """Whether any dropout layer drops now (its own p and train / eval mode, as nn.Dropout)."""
         live = self._live()
-        return any(live[i] > 0 for i in range(len(live) - 1) if i % 6 < 3)  # (_live: 3 dropout p's per block)
+        return any(live[i] > 0 for i in range(len(live) - 1) if i % LIVE_PER_BLOCK < 3)  # (3 dropout p's first)
 
     def _dedup_mode(self) -> str:
         """The deduplication this call uses: "off", "unique" or "prefix" (depends on the configuration and the
@@ -138,6 +138,7 @@ class FusedSeqPE(SeqPE):
         if mode == "prefix" and pos.shape[0] > 1:  # the prefix trie of the validated positions
             from .savings.dedup import prefix_shared_forward
 
+            self._check_hooks()  # (the prefix path reads the weights directly, as the fused kernels do)
             return prefix_shared_forward(self, pos, allow_in_training=True, validated=True)
         if mode == "unique" and pos.shape[0] > 1:
             uniq, inverse = torch.unique(pos, dim=0, return_inverse=True)
@@ -181,9 +182,7 @@ class FusedSeqPE(SeqPE):
         training = self.training
         if torch.compiler.is_compiling():  # traced once per graph: no cache to mutate
             return self._build_plan(cdt, from_positions)
-        if self.__dict__.get("_hooks_seen") != RemovableHandle.next_id:  # a hook was registered somewhere since
-            _refuse_submodule_hooks(self)                               # the last look (every hook gets a handle)
-            self.__dict__["_hooks_seen"] = RemovableHandle.next_id
+        self._check_hooks()
         key = (cdt, training, from_positions, self._live(), self.temperature, self.attn_direction,
                self.use_last_layernorm)
         cache = self.__dict__.setdefault("_plans", {})
@@ -191,6 +190,13 @@ class FusedSeqPE(SeqPE):
         if plan is None:
             plan = cache[key] = self._build_plan(cdt, from_positions)
         return plan
+
+    def _check_hooks(self):
+        """Hooks on submodules never fire on the fused paths: refused (looked at again only when a hook was
+        registered anywhere since the last look: every hook gets a handle)."""
+        if self.__dict__.get("_hooks_seen") != RemovableHandle.next_id:
+            _refuse_submodule_hooks(self)
+            self.__dict__["_hooks_seen"] = RemovableHandle.next_id
 
     def _build_plan(self, cdt: torch.dtype, from_positions: bool) -> "_enc.Plan":
         D, H = self.embed_dim, self.num_heads

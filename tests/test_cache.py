@@ -185,6 +185,60 @@ def test_data_edits_need_invalidate_or_verify(mode, d):
     assert c2.stats()["invalidations"] == 1
 
 
+_DATA_EDITS = {  # edits through .data (no version bump) that keep a plain sum and sum of |x|
+    "swap_rows": lambda m: m.token_of_seqpe_embed.weight.data.index_copy_(
+        0, torch.tensor([0, 1]), m.token_of_seqpe_embed.weight.data[[1, 0]]),
+    "permute": lambda m: m.out_proj.weight.data.copy_(m.out_proj.weight.data.flip(0).clone()),
+    "transpose_square": lambda m: m.transformers[0].attn.c_proj.weight.data.copy_(
+        m.transformers[0].attn.c_proj.weight.data.t().clone()),
+}
+
+
+@pytest.mark.parametrize("edit", list(_DATA_EDITS))
+@pytest.mark.parametrize("mode,d", MODES)
+def test_verify_values_sees_moved_entries(edit, mode, d):
+    """verify_values fingerprinted with a sum and a sum of |x|, which any permutation keeps."""
+    m, c, pos = setup(mode, d, verify_values=True)
+    check(c, m, pos)
+    before = c.stats()["invalidations"]
+    w0 = [p.detach().clone() for p in m.parameters()]
+    _DATA_EDITS[edit](m)
+    assert any(not torch.equal(a, p) for a, p in zip(w0, m.parameters()))  # the edit changed a weight
+    check(c, m, pos)
+    assert c.stats()["invalidations"] == before + 1
+
+
+@pytest.mark.parametrize("mode,d", MODES)
+def test_inference_tensor_parameters_are_fingerprinted(mode, d):
+    """Parameters made under inference_mode have no version counter: in-place updates (a checkpoint loaded, an
+    add_) showed in no key."""
+    with torch.inference_mode():
+        m, c, pos = setup(mode, d)
+        assert m.out_proj.weight.is_inference()
+        check(c, m, pos)
+        m.load_state_dict({k: v * 1.5 for k, v in m.state_dict().items()})
+        check(c, m, pos)
+        m.out_proj.bias.add_(1.0)
+        check(c, m, pos)
+
+
+def test_dense_rows_wider_than_the_parameters_keep_the_bound_and_the_rows():
+    """compute= returning float64 rows of an fp32 module: max_bytes was checked against the parameters' row size
+    (exceeded silently), and a lookup whose compute re-laid out the table gathered with stale row indices."""
+    m = make(K=3)
+    row = m.out_dim * 8  # float64 rows
+    c = SeqPECache(m, mode="dense", max_bytes=row * 120, compute=lambda mod, p: mod(p).double())
+    with torch.no_grad():
+        for box_ in (range(500, 550), range(0, 100), range(300, 320), range(0, 100)):
+            c.precompute(box_)
+            assert c.nbytes <= c.max_bytes
+        m.out_proj.bias.add_(0.1)  # every box stale
+        for pos in (torch.tensor([10, 20, 510, 520, 310]), torch.arange(0, 120), torch.tensor([999, 5, 315])):
+            out, ref = c(pos), m(pos).double()
+            assert out.dtype == torch.float64 and (out - ref).abs().max() <= RTOL * ref.abs().max()
+            assert c.nbytes <= c.max_bytes
+
+
 def test_sparse_eviction_bounded_and_correct():
     m = make()
     row = m.out_dim * 4 + 24

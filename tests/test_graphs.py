@@ -107,6 +107,42 @@ def test_key_distinguishes_what_changes_the_graph_and_shares_nograd_with_inferen
     assert "positions [7] int64" in g._describe(k_eval) and "eval" in g._describe(k_eval)
 
 
+def _set_heads(m, h):
+    for b in m.transformers:
+        b.attn.num_heads, b.attn.head_dim = h, m.embed_dim // h
+
+
+_SETTINGS = {  # name -> (change, whether it changes the output on in-range positions)
+    "mask_padding": (lambda m: setattr(m, "mask_padding", not m.mask_padding), True),
+    "check_range": (lambda m: setattr(m, "check_range", not m.check_range), False),
+    "temperature": (lambda m: setattr(m, "temperature", 0.5), True),
+    "attn_direction": (lambda m: setattr(m, "attn_direction", "bi"), True),
+    "num_heads": (lambda m: _set_heads(m, 4), True),
+    "eps": (lambda m: setattr(m.transformers[0].layernorm_1, "eps", 1e-1), True),
+    "scale": (lambda m: setattr(m.transformers[1].attn, "scale_attn_weights", False), True),
+}
+
+
+@pytest.mark.parametrize("name", list(_SETTINGS))
+def test_key_changes_with_every_setting_a_call_reads(name):
+    """A captured graph replays the encoder as configured at capture: whatever the eager call reads per call must
+    be in the key (mask_padding, check_range and num_heads were not)."""
+    change, changes_output = _SETTINGS[name]
+    torch.manual_seed(0)
+    m = sk.FusedSeqPE(32, 2, 3, backend="torch").eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    g = sk.GraphedSeqPE(m)
+    pos = torch.tensor([0, 5, 42, 7, 999])
+    with torch.no_grad():
+        y0, k0 = m(pos), g._key(pos)
+        change(m)
+        y1, k1 = m(pos), g._key(pos)
+    assert k1 != k0
+    assert (not torch.equal(y0, y1)) == changes_output
+
+
 # ============================================================================================ CPU: bookkeeping
 def test_replay_ledger_one_backward_per_newest_forward():
     led = G.ReplayLedger("test graph")

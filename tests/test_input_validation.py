@@ -71,6 +71,18 @@ def test_unchecked_out_of_range_positions_give_nan_rows_on_every_path(backend, d
     torch.testing.assert_close(out[~bad], good[~bad], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pos", [[5, 1005], [-995, 5], [3, 100]])
+def test_prefix_shared_forward_called_directly_checks_the_range(pos):
+    """The public function: with the module's check_range=False, out-of-range positions were tokenized to their
+    low digits and shared a valid position's row."""
+    from seqpe_kernels.savings.dedup import prefix_shared_forward
+
+    for m in (sk.SeqPE(16, 2, 2).eval(), sk.FusedSeqPE(16, 2, 2, backend="torch").eval()):
+        m.check_range = False
+        with pytest.raises(ValueError, match="position"):
+            prefix_shared_forward(m, torch.tensor(pos))
+
+
 def test_prefix_sharing_always_checks_the_range():
     """dedup='prefix' builds a trie on the host anyway: unchecked positions are checked there (raise)."""
     _, enc = _pair("torch", dedup="prefix", attn_direction="causal")
@@ -105,9 +117,10 @@ def test_dropout_layers_p_is_what_every_backend_applies(backend):
         enc.attn_pdrop = 1.0
 
 
+@pytest.mark.parametrize("dedup", ["auto", "prefix"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layernorm_eps_changed_after_the_first_call(backend):
-    ref, enc = _pair(backend, resid_pdrop=0.0)
+def test_layernorm_eps_changed_after_the_first_call(backend, dedup):
+    ref, enc = _pair(backend, dedup=dedup, resid_pdrop=0.0)
     ref.eval(), enc.eval()
     pos = torch.arange(10)
     enc(pos)
@@ -116,15 +129,17 @@ def test_layernorm_eps_changed_after_the_first_call(backend):
         m.layernorm.eps = 3e-2
     torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
     enc.transformers[1].layernorm_2.eps = -1e-9  # (a negative eps was the encoder's "no final LayerNorm" sentinel)
-    if backend != "torch":
+    if backend != "torch" and dedup != "prefix":  # (eager and prefix sharing call F.layer_norm, as the reference)
         with pytest.raises(ValueError, match="eps"):
             enc(pos)
 
 
+@pytest.mark.parametrize("dedup", ["off", "unique", "prefix"])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
-def test_hooks_on_submodules_are_refused_on_the_fused_path(backend):
-    _, enc = _pair(backend)
-    pos = torch.arange(6)
+def test_hooks_on_submodules_are_refused_on_the_fused_path(backend, dedup):
+    _, enc = _pair(backend, dedup=dedup)
+    enc.eval()  # (prefix sharing: eval mode, or dropout off)
+    pos = torch.tensor([1, 12, 13, 12, 5, 0])
     enc(pos)
     fired = []
     h = enc.transformers[0].attn.c_attn.register_forward_pre_hook(lambda *a: fired.append(1))

@@ -17,6 +17,8 @@ from torch import nn
 
 from .tokenize import _INT_DTYPES, tokenize
 
+LIVE_PER_BLOCK = 7  # values per block in SeqPE._live(): 3 dropout p's, 2 LayerNorm eps, scale, num_heads
+
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh-approximate GELU, written as the authors' ``NewGELUActivation`` (explicit cube via pow)."""
@@ -227,8 +229,8 @@ class SeqPE(nn.Module):
     def _live(self):
         """What the plan reads that a user can change between calls, read from the modules at each call (~0.8 us
         for two layers): per block the dropout layers' active p (their p in train mode, 0 in eval mode: each layer's
-        own mode, as nn.Dropout applies it), the two LayerNorms' eps and the attention's scale_attn_weights, then
-        the final LayerNorm's eps."""
+        own mode, as nn.Dropout applies it), the two LayerNorms' eps, the attention's scale_attn_weights and
+        num_heads, then the final LayerNorm's eps."""
         out = []
         for b in self._modules["transformers"]._modules.values():
             bm = b._modules
@@ -236,19 +238,20 @@ class SeqPE(nn.Module):
             at = att._modules
             d1, d2, d3 = at["attn_dropout"], at["resid_dropout"], bm["mlp"]._modules["dropout"]
             out += (d1.p if d1.training else 0.0, d2.p if d2.training else 0.0, d3.p if d3.training else 0.0,
-                    bm["layernorm_1"].eps, bm["layernorm_2"].eps, getattr(att, "scale_attn_weights", True))
+                    bm["layernorm_1"].eps, bm["layernorm_2"].eps, getattr(att, "scale_attn_weights", True),
+                    att.num_heads)
         ln = self._modules.get("layernorm")
         out.append(None if ln is None else ln.eps)
-        return tuple(out)  # flat: 6 values per block, then the final LayerNorm's eps
+        return tuple(out)  # flat: LIVE_PER_BLOCK values per block, then the final LayerNorm's eps
 
     def _active_dropout(self):
         """(residual p, attention p) that forward applies now: each dropout layer's p where that layer is in
         train mode (a layer switched to eval inside a training module drops nothing; Monte-Carlo dropout keeps
         layers in train mode inside an eval module). ValueError if the layers of one kind disagree: the fused
         encoder applies one probability per kind."""
-        live = self._live()[:-1]
-        res = set(live[1::6]) | set(live[2::6])
-        att = set(live[0::6])
+        live, n = self._live()[:-1], LIVE_PER_BLOCK
+        res = set(live[1::n]) | set(live[2::n])
+        att = set(live[0::n])
         if len(res) > 1 or len(att) > 1:
             kind = "resid" if len(res) > 1 else "attn"
             raise ValueError(f"the {kind} dropout layers would apply different probabilities "

@@ -19,8 +19,10 @@ Never stale
     whose module owns a parameter the optimizer holds. The one mutation that no key can see is an in-place
     write through ``param.data`` (``p.data.copy_(...)``: ``.data`` is a detached alias with its own version
     counter); call ``invalidate()`` after such edits, or construct with ``verify_values=True``, which adds a
-    content fingerprint of every tensor (a float64 sum and sum of |x|; costs one pass over the weights per
-    call).
+    content fingerprint of every tensor (float64 dot products with two fixed pseudo-random vectors, so that
+    moved or swapped entries change it; one pass over the weights per call). *Inference tensors* (parameters
+    created or loaded under ``torch.inference_mode()``) have no version counter: those are always
+    fingerprinted.
 
 Modes
     ``mode="sparse"`` (default) for scattered positions: a position tuple is packed into one int64 key
@@ -93,6 +95,23 @@ def _install_hook():
     global _HOOK_HANDLE
     if _HOOK_HANDLE is None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_optimizer_step_post_hook)
+
+
+_FP_WEIGHTS: dict = {}  # (numel, device) -> [2, numel] float64: the fingerprint's fixed pseudo-random weights
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Two float64 dot products of t's values with fixed pseudo-random vectors: any edit short of one that keeps
+    both (vanishingly unlikely by chance) changes it, moving or swapping entries included (a plain sum would
+    not see those). One host sync."""
+    n, dev = t.numel(), t.device
+    w = _FP_WEIGHTS.get((n, str(dev)))
+    if w is None:
+        g = torch.Generator().manual_seed(n)
+        w = _FP_WEIGHTS[(n, str(dev))] = torch.rand(2, n, generator=g, dtype=torch.float64).add_(0.5).to(dev)
+    with torch.no_grad():
+        v = t.detach().reshape(-1).to(torch.float64)
+        return tuple((w @ v).tolist())
 
 
 # ------------------------------------------------------------------------------------ dense blocks
@@ -304,12 +323,11 @@ class SeqPECache:
             ids.add(id(t))
             try:
                 ver = t._version
-            except RuntimeError:  # inference tensor: no version counter
+            except RuntimeError:  # inference tensor: no version counter, so in-place writes show in the values only
                 ver = None
             items.append((name, ver, t.data_ptr(), str(t.device), t.dtype, tuple(t.shape)))
-            if self.verify_values and t.numel():
-                tt = t.detach()
-                items.append((float(tt.double().sum()), float(tt.double().abs().sum())))
+            if (self.verify_values or ver is None) and t.numel():
+                items.append(_fingerprint(t))
         self._param_ids = ids
         training = tuple(sub.training for sub in m.modules())
         try:
@@ -534,8 +552,10 @@ class SeqPECache:
                 self._clock += 1
                 b.tick = self._clock
                 return
-        # estimate the row size from the parameter dtype before computing (exact size checked below)
-        est_row = self.module.out_dim * next(self.module.parameters()).element_size()
+        # the row size: the table's once it exists (what compute= returns may be wider than the parameters),
+        # else estimated from the parameter dtype (the first compute checks the exact size)
+        est_row = (self._table.shape[1] * self._table.element_size() if self._table is not None
+                   else self.module.out_dim * next(self.module.parameters()).element_size())
         if blk.n * est_row > self.max_bytes:
             raise ValueError(f"box of {blk.n} positions needs about {blk.n * est_row} bytes, more than "
                              f"max_bytes={self.max_bytes}")
@@ -626,9 +646,16 @@ class SeqPECache:
         miss = ~found
         upos, inv = (torch.unique(pos[miss], dim=0, sorted=True, return_inverse=True) if M - n_hit
                      else (pos[:0], None))
+        table, layout = self._table, [(b, b.row_offset) for b in self._blocks]
         y_extra = self._dense_compute(stale, upos)
         if M == 0:
             return y_extra[:0]
+        if self._table is not table or [(b, b.row_offset) for b in self._blocks] != layout:
+            # the compute re-laid out the table (rows wider than estimated: blocks evicted, offsets moved, or a
+            # new table): the row indices above are stale. Look up again (rare; counted once)
+            self._hits -= n_fresh
+            self._misses -= M - n_fresh
+            return self._dense_lookup(pos)
         if n_hit == M:
             return _gather(self._table, rows)
         out = torch.empty(M, y_extra.shape[1], dtype=y_extra.dtype, device=y_extra.device)

@@ -233,7 +233,9 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
     device, _ = _param_device_dtype(module)
     base = getattr(module, "base", 10)
     K, d = module.max_digits, module.data_dim
-    digits, pad = tokenize(positions, K, base, d, getattr(module, "check_range", True) and not validated)
+    # the range is always checked (the trie syncs with the host anyway): with check_range=False an out-of-range
+    # position would be tokenized to its low digits, i.e. share a valid position's row
+    digits, pad = tokenize(positions, K, base, d, not validated)
     M, L = digits.shape
     if M == 0:
         return module(positions)
@@ -243,7 +245,6 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
 
     D, Hh = module.embed_dim, module.num_heads
     de = D // Hh
-    eps = module.layer_norm_eps
     scale = bool(getattr(module, "scale_attn_weights", True))
 
     # ---- embeddings, level by level, then the CLS rows
@@ -297,13 +298,13 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
         res_a_site = _site_dropout(module, getattr(blk.attn, "resid_dropout", None), "resid_pdrop")
         res_m_site = _site_dropout(module, getattr(blk.mlp, "dropout", None), "resid_pdrop")
 
-        a = F.layer_norm(h, (D,), ln1.weight, ln1.bias, eps)
+        a = F.layer_norm(h, (D,), ln1.weight, ln1.bias, ln1.eps)
         if not last:
             q, k, v = torch.addmm(ca.bias, a, ca.weight).split(D, dim=1)
             o = torch.cat([attend(q[trie.offsets[j]:trie.offsets[j + 1]], k, v, j, attn_site)
                            for j in range(L + 1)], dim=0)
             h = _drop(torch.addmm(cp.bias, o, cp.weight), res_a_site) + h
-            a2 = F.layer_norm(h, (D,), ln2.weight, ln2.bias, eps)
+            a2 = F.layer_norm(h, (D,), ln2.weight, ln2.bias, ln2.eps)
             u = _gelu_new(torch.addmm(fc.bias, a2, fc.weight))
             h = h + _drop(torch.addmm(fp.bias, u, fp.weight), res_m_site)
         else:
@@ -315,12 +316,12 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
             o = attend(q_c, k, v, L, attn_site)
             hc = h[n_dig:]
             hc = _drop(torch.addmm(cp.bias, o, cp.weight), res_a_site) + hc
-            a2 = F.layer_norm(hc, (D,), ln2.weight, ln2.bias, eps)
+            a2 = F.layer_norm(hc, (D,), ln2.weight, ln2.bias, ln2.eps)
             u = _gelu_new(torch.addmm(fc.bias, a2, fc.weight))
             h = hc + _drop(torch.addmm(fp.bias, u, fp.weight), res_m_site)
     x = h  # [n_cls, D]
     if getattr(module, "use_last_layernorm", False):
-        x = F.layer_norm(x, (D,), module.layernorm.weight, module.layernorm.bias, eps)
+        x = F.layer_norm(x, (D,), module.layernorm.weight, module.layernorm.bias, module.layernorm.eps)
     y = F.linear(x, module.out_proj.weight, module.out_proj.bias) * (1 / module.temperature)
     return y.index_select(0, trie.leaf)
 

@@ -510,6 +510,12 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+# the module's attributes a call reads besides its parameters and _live() (a captured graph replays what they were
+# at capture): the output scale, attention direction, final LayerNorm, pad masking, the in-kernel range check
+# (NaN rows or clamped), the digit base
+_GRAPH_CONFIG = ("temperature", "attn_direction", "use_last_layernorm", "mask_padding", "check_range", "base")
+
+
 class GraphedSeqPE(nn.Module):
     """CUDA-graph replay of ``module`` (a FusedSeqPE, or any module with a capturable forward); see the module
     docstring for what is guaranteed and what is refused.
@@ -558,8 +564,7 @@ class GraphedSeqPE(nn.Module):
         # replays the kernels and constants it was captured with
         m = self.module
         live = m._live() if hasattr(m, "_live") else None
-        cfg = (live, getattr(m, "temperature", None), getattr(m, "attn_direction", None),
-               getattr(m, "use_last_layernorm", None))
+        cfg = (live, *(getattr(m, a, None) for a in _GRAPH_CONFIG))
         return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac,
                 (ptrs, cfg))
 

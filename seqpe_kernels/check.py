@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -145,7 +147,8 @@ class Quantity:
 
     @property
     def ok(self) -> bool:
-        return self.err <= self.bound
+        # a non-finite bound (the eager low-precision run or the reference overflowed) bounds nothing: a fail
+        return math.isfinite(self.bound) and self.err <= self.bound
 
     @property
     def ratio(self) -> float:
@@ -370,6 +373,25 @@ def _row(backend, case, dname, qs, missing, note=""):
     return CheckRow(backend, case.name, dname, status, qs, note)
 
 
+def _mask_rates(fused, masks) -> str:
+    """The recorded keep-masks replay the kernels' own draw, so a draw that drops too little (or nothing) would
+    pass the replay comparison: each site's dropped fraction, over the entries it draws (the last layer: its CLS
+    query / row only), must be p within 6 binomial standard deviations. '' if so, else what is off."""
+    nl, p_res, p_att = fused.num_layers, fused.resid_pdrop, fused.attn_pdrop
+    out = []
+    for name, t in masks.items():
+        i = int(re.search(r"(\d+)$", name).group(1))  # attn{i}, resid_attn{i}, resid_mlp{i}
+        last = i == nl - 1
+        attn = name.startswith("attn")
+        drawn = (t[:, :, -1:] if attn else t[:, -1]) if last else t
+        p = p_att if attn else p_res
+        n = drawn.numel()
+        frac = float((drawn == 0).sum()) / max(n, 1)
+        if abs(frac - p) > 6 * math.sqrt(p * (1 - p) / max(n, 1)) + 1e-3:
+            out.append(f"{name} drops {frac:.3f} of {n} entries for p={p:g}")
+    return "; ".join(out)
+
+
 def _check_one(b, case, ref, fused, pos, g, dt, y32, g32) -> CheckRow:
     dname = _DNAME.get(dt, str(dt))
     replay = None
@@ -384,8 +406,14 @@ def _check_one(b, case, ref, fused, pos, g, dt, y32, g32) -> CheckRow:
         replay = fused.record_dropout_masks
         fused.record_dropout_masks = None
         if not replay:
-            return CheckRow(b, case.name, dname, "skipped",
-                            note="this backend does not record dropout masks (its dropout is torch's own)")
+            if b == "torch":
+                return CheckRow(b, case.name, dname, "skipped",
+                                note="this backend does not record dropout masks (its dropout is torch's own)")
+            return CheckRow(b, case.name, dname, "FAIL", note=(
+                "recorded no dropout masks although the module's dropout p > 0: its kernels apply no dropout"))
+        bad = _mask_rates(fused, replay)
+        if bad:
+            return CheckRow(b, case.name, dname, "FAIL", note="dropout masks drop at the wrong rate: " + bad)
         y_ref, gr_ref = _run(ref, pos, g, replay=replay)
         qs, missing = _compare_fp32(y, gr, y_ref, gr_ref, FP32_RTOL)
         return _row(b, case, dname, qs, missing, "dropout masks replayed in the reference")

@@ -1,5 +1,6 @@
 """The ``seqpe-kernels`` command line: env, check, bench (CPU; small sizes)."""
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -89,6 +90,55 @@ def test_check_reports_a_failure(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "FAIL" in out and "check FAILED" in out
+
+
+def test_check_fails_a_backend_that_applies_no_dropout(monkeypatch, capsys):
+    """A plan that silently drops no dropout records no masks: that was reported as skipped ("its dropout is
+    torch's own") and check passed."""
+    from seqpe_kernels.backend import available_backends
+    from seqpe_kernels.fused import FusedSeqPE
+
+    fused = [b for b in ("cpu", "triton") if available_backends(torch.device("cpu"))[b][0]]
+    if not fused:
+        pytest.skip("no fused backend is usable on this CPU (the C++ extension and the Triton interpreter are off)")
+    real = FusedSeqPE._plan
+    monkeypatch.setattr(FusedSeqPE, "_plan", lambda self, *a: dataclasses.replace(real(self, *a), p_res=0.0,
+                                                                                    p_att=0.0))
+    rc = cli.main(["check", "--device", "cpu", "--backend", fused[0], "--seed", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "its kernels apply no dropout" in out, out
+
+
+@pytest.mark.parametrize("rate,ok", [(0.1, True), (0.0, False), (0.05, False), (0.3, False)])
+def test_check_mask_rates_catch_a_draw_that_drops_too_little(rate, ok):
+    """Replaying the kernels' own masks cannot catch a draw that drops the wrong fraction: the rates are checked."""
+    from seqpe_kernels import SeqPE, check
+
+    m = SeqPE(32, 2, 3, num_layers=2, resid_pdrop=0.1, attn_pdrop=0.1)
+    g = torch.Generator().manual_seed(0)
+    M, T, D, H = 64, 4, 32, 2
+    masks = {}
+    for i in range(2):
+        masks[f"attn{i}"] = (torch.rand(M, H, T, T, generator=g) >= rate).float()
+        for site in ("resid_attn", "resid_mlp"):
+            masks[f"{site}{i}"] = (torch.rand(M, T, D, generator=g) >= rate).float()
+    msg = check._mask_rates(m, masks)
+    assert (msg == "") == ok, msg
+
+
+def test_check_two_error_rule_fails_when_eager_overflows():
+    """err(fused) <= 2 err(eager low precision): an eager run that overflowed gave an infinite bound, which any
+    finite fused error met."""
+    from seqpe_kernels import check
+
+    ref = torch.ones(4, 3)
+    y = ref + 1000.0
+    y_lp = ref.clone()
+    y_lp[0, 0] = float("inf")
+    qs, _ = check._compare_two_error(y, {}, y_lp, {}, ref, {}, torch.bfloat16)
+    assert not qs[0].ok and "inf" in repr(qs[0].bound)
+    qs, _ = check._compare_two_error(ref + 1e-3, {}, ref + 1e-3, {}, ref, {}, torch.bfloat16)
+    assert qs[0].ok
 
 
 def test_bench_api_tiny_config_writes_csv_and_png(tmp_path):

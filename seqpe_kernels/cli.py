@@ -224,6 +224,47 @@ def _bench_args(p: argparse.ArgumentParser):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _bench_check_outputs(args) -> None:
+    """What would otherwise fail after minutes of timing: a TF32 config off CUDA, a default output path that
+    cannot be written, one file for both outputs, a plot format matplotlib cannot write."""
+    import os
+
+    import torch
+
+    from .bench import CONFIGS
+    from .bench.run import default_csv_path
+
+    dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tf32 = [c for c in args.config if c in CONFIGS and CONFIGS[c].tf32]
+    if tf32 and dev.type != "cuda":
+        raise UsageError(f"--config {' '.join(tf32)}: TF32 is a CUDA GEMM mode (device {dev}); off CUDA it would "
+                         "repeat the fp32 config")
+    paths = {}
+    for kind in ("csv", "png"):
+        v = getattr(args, kind)
+        if v.lower() == "none":
+            continue
+        if v.lower() == "default":
+            v = default_csv_path(dev, kind)
+            why = output_path_problem(v)
+            if why:
+                raise UsageError(f"the default --{kind} path: {why} (pass --{kind} PATH or --{kind} none)")
+        paths[kind] = os.path.abspath(v)
+    if len(paths) == 2 and paths["csv"] == paths["png"]:
+        raise UsageError(f"--csv and --png name the same file ({paths['csv']}): the plot would overwrite the table")
+    if "png" in paths:
+        ext = os.path.splitext(paths["png"])[1].lower().lstrip(".")
+        try:
+            from matplotlib.figure import Figure
+
+            formats = set(Figure().canvas.get_supported_filetypes())
+        except Exception:  # no matplotlib: the run says it cannot plot
+            formats = None
+        if formats is not None and ext not in formats:
+            raise UsageError(f"--png {getattr(args, 'png')}: matplotlib cannot write '.{ext}' files; use one of "
+                             f"{', '.join(sorted(formats))}")
+
+
 def _bench_run(args) -> int:
     from .bench import run_bench
 
@@ -234,11 +275,16 @@ def _bench_run(args) -> int:
         raise UsageError("--sweep-m needs --sweep")
     if args.M is not None and args.sweep:
         raise UsageError("--M and --sweep exclude each other (the sweep sets M; use --sweep-m)")
+    _bench_check_outputs(args)
     rows = run_bench(args.config, providers=args.provider, modes=args.mode, quick=args.quick, sweep=args.sweep,
                      csv_path=none(args.csv), png_path=none(args.png), progress=not args.no_progress,
                      device=args.device, M=args.M, sweep_ms=args.sweep_m, seed=args.seed,
                      threads=args.threads)
     rc = 0 if any(r["status"] == "ok" for r in rows) else 1
+    bad = dict.fromkeys(f"{r['provider']} ({r['status']})" for r in rows if r["status"] in ("failed", "wrong"))
+    if bad:  # a provider that ran and failed, or computed wrong numbers, fails the run (unusable ones are skipped)
+        print(f"seqpe-kernels bench: {', '.join(bad)}: see the table's notes", file=sys.stderr)
+        rc = 1
     for name in dict.fromkeys(args.provider or ()):  # explicitly requested providers must have run
         mine = [r for r in rows if r["provider"] == name]
         if not any(r["status"] == "ok" for r in mine):

@@ -141,6 +141,60 @@ def test_check_two_error_rule_fails_when_eager_overflows():
     assert qs[0].ok
 
 
+@pytest.mark.parametrize("how", ["scaled", "nan"])
+def test_bench_marks_a_provider_with_wrong_outputs_and_gives_it_no_speedup(how, monkeypatch, tmp_path, capsys):
+    """A fused provider computing wrong numbers (10% off, NaN) was timed and shown with its speed-up (NaN errors
+    printed as '-', i.e. not measured) and bench exited 0."""
+    from seqpe_kernels.backend import available_backends
+    from seqpe_kernels.bench import providers as P
+
+    if not available_backends(torch.device("cpu"))["cpu"][0]:
+        pytest.skip("the C++ CPU extension is not usable here (its provider is the one broken below)")
+    real = P.fused_from_reference
+
+    def broken(ref, backend):
+        f = real(ref, backend)
+        fwd = f.forward
+        f.forward = lambda *a, **k: fwd(*a, **k) * (1.1 if how == "scaled" else float("nan"))
+        return f
+
+    monkeypatch.setattr(P, "fused_from_reference", broken)
+    rows = run_bench([TINY], providers=["eager", "cpu"], quick=True, csv_path=str(tmp_path / "b.csv"),
+                     png_path=None, progress=False, M=16, print_table=True)
+    cpu = [r for r in rows if r["provider"] == "cpu"]
+    assert cpu and all(r["status"] == "wrong" for r in cpu), cpu
+    assert all(r["speedup_vs_eager"] != r["speedup_vs_eager"] for r in cpu)  # NaN: no speed-up
+    assert ("not finite" if how == "nan" else "differs from the reference") in cpu[0]["note"]
+    assert "WRONG" in capsys.readouterr().out
+    _, data = _read_csv(tmp_path / "b.csv")
+    nograd = next(r for r in data if r["provider"] == "cpu" and r["mode"] == "nograd")
+    assert nograd["status"] == "wrong" and nograd["speedup_vs_eager"] == ""
+    if how == "nan":
+        assert nograd["rel_err"] == "inf"
+    import seqpe_kernels.bench as B
+
+    monkeypatch.setattr(B, "run_bench", lambda *a, **k: rows)  # the CLI's exit code for such a run: 1
+    assert cli.main(["bench", "--csv", "none", "--png", "none"]) == 1
+    assert "cpu (wrong)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--csv", "same.png", "--png", "same.png"], "same file"),
+    (["--csv", "none", "--png", "plot.out"], "cannot write '.out'"),
+    (["--png", "none"], "default --csv path"),  # ./out is a file below
+] + ([] if torch.cuda.is_available() else [(["--config", "vits-default-tf32", "--csv", "none", "--png", "none"],
+                                            "TF32 is a CUDA GEMM mode")]))
+def test_bench_refuses_outputs_that_would_fail_after_the_run(argv, msg, tmp_path, monkeypatch, capsys):
+    """These failed only after the timing (a traceback, a PNG written over the CSV, 'could not draw')."""
+    import seqpe_kernels.bench as B
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").write_text("a file where the default output folder would go")
+    monkeypatch.setattr(B, "run_bench", lambda *a, **k: pytest.fail("bench ran before refusing its arguments"))
+    assert cli.main(["bench"] + argv) == 2
+    assert msg in capsys.readouterr().err
+
+
 def test_bench_api_tiny_config_writes_csv_and_png(tmp_path):
     csv_path, png_path = tmp_path / "b.csv", tmp_path / "b.png"
     rows = run_bench([TINY], providers=["eager", "triton", "cuda", "cpu", "dedup", "prefix", "cache"],

@@ -213,9 +213,11 @@ def reference_output(ref: SeqPE, positions) -> torch.Tensor:
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (NaN if the shapes differ or got is not finite)."""
+    """max |got - want| / max |want| (NaN if the shapes differ, inf if got is not finite)."""
     if tuple(got.shape) != tuple(want.shape):
         return float("nan")
+    if not bool(torch.isfinite(got).all()):  # (a NaN would read as "not measured")
+        return float("inf")
     scale = max(want.abs().max().item(), 1e-30)
     return (got.float() - want).abs().max().item() / scale
 

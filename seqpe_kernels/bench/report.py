@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from .configs import CSV_COLUMNS, CUDA_GRAPH_PROVIDERS, MODE_FLOP_FACTOR, MODES, PROVIDERS, QUICK_FWD_FLOPS
+from .configs import CONFIGS, CSV_COLUMNS, CUDA_GRAPH_PROVIDERS, MODE_FLOP_FACTOR, MODES, PROVIDERS, QUICK_FWD_FLOPS
 
 def write_csv(rows: List[dict], path: str):
     d = os.path.dirname(os.path.abspath(path))
@@ -46,7 +46,8 @@ def _fmt_csv(v):
 
 def _f(v, fmt):
     if v is None or (isinstance(v, float) and v != v) or v == "":
-        return "-"
+        width = fmt.split(".")[0]  # (padded like a number, so the columns after it stay under their headers)
+        return "-".rjust(int(width) if width.isdigit() else 0)
     return format(v, fmt)
 
 
@@ -56,9 +57,15 @@ def format_table(rows: List[dict], quick: bool = False, device=None) -> str:
         r0 = rows[0]
         lines.append(f"SeqPE encoder benchmark  device: {r0['device']}  torch {r0['torch_version']}  "
                      f"triton {r0['triton_version'] or '-'}  CUDA {r0['cuda_version'] or '-'}  commit {r0['git_commit']}")
+    off_spec = sorted({(r["config"], r["M"]) for r in rows
+                       if r["config"] in CONFIGS and r["M"] != CONFIGS[r["config"]].M})
     if quick:
-        lines.append(f"QUICK mode: M scaled down so one reference forward is ~{QUICK_FWD_FLOPS / 1e9:.0f} GFLOP "
-                     "(NOT the SEQPE_SPEC §6 step sizes); short timing budget.")
+        lines.append("QUICK mode: short timing budget" + (
+            f"; M scaled down so one reference forward is ~{QUICK_FWD_FLOPS / 1e9:.0f} GFLOP unless --M gave it"
+            if off_spec else "") + ".")
+    if off_spec:
+        lines.append("NOT the SEQPE_SPEC §6 step size: " + ", ".join(
+            f"{c} at M={m} (spec M={CONFIGS[c].M})" for c, m in off_spec) + ".")
     if device is not None and torch.device(device).type == "cpu":
         lines.append("CPU timings are only meaningful as ratios measured in the same run.")
     hdr = (f"{'provider':<9} {'mode':<8} {'median ms':>10} {'p20':>9} {'p80':>9} {'mem MB':>8} {'host ms':>8} "
@@ -84,6 +91,10 @@ def format_table(rows: List[dict], quick: bool = False, device=None) -> str:
                 continue
             if r["status"] == "failed":
                 lines.append(f"{r['provider']:<9} {r['mode']:<8} FAILED: {r['note']}")
+                continue
+            if r["status"] == "wrong":
+                lines.append(f"{r['provider']:<9} {r['mode']:<8} WRONG ({_f(r['median_ms'], '.3f')} ms, not a result): "
+                             f"{r['note']}")
                 continue
             mark = "*" if r["status"] == "derived" else ""
             lines.append(f"{r['provider']:<9} {r['mode']:<8} {_f(r['median_ms'], '10.3f')}{mark:1}"

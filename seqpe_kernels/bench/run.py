@@ -244,6 +244,7 @@ def _run_point(cfg, ref, ref_key, providers, modes, rows, bar, device, dynamo, p
         # drop the provider's module/compiled code before the next provider
         del prov
     _derive_backward(rows, cfg)
+    _flag_wrong(rows, cfg)
     _fill_metrics(rows, cfg, rate)
     return ref, ref_key
 
@@ -279,6 +280,35 @@ def _derive_backward(rows: List[dict], cfg: BenchConfig):
         else:
             r["status"] = "failed"
             r["note"] += " (forward and full rows needed to derive it are missing)"
+
+
+WRONG_FACTOR, WRONG_FLOOR = 3.0, 1e-4  # a provider is wrong past 3x eager's own error + 1e-4 (relative)
+
+
+def _flag_wrong(rows: List[dict], cfg: BenchConfig):
+    """A provider whose eval output (its nograd row's ``rel_err`` against the IEEE-fp32 reference) is not finite,
+    or off by more than ``WRONG_FACTOR`` x eager's own error (the same precision's rounding: bf16 ~1e-2, TF32
+    ~1e-3, fp32 ~1e-6 on the H200) + ``WRONG_FLOOR``, gets status "wrong" on every mode of this point: a speed-up
+    of wrong numbers is no result (it is left out of speed-ups, plots, tables and targets; its times stay)."""
+    mine = [r for r in rows if r["config"] == cfg.name and r["M"] == cfg.M]
+    eager = next((r.get("rel_err") for r in mine if r["provider"] == "eager" and r["mode"] == "nograd"
+                  and r.get("status") == "ok"), None)
+    for r in mine:
+        err = r.get("rel_err")
+        if (r["provider"] == "eager" or r["mode"] != "nograd" or r.get("status") != "ok" or err is None
+                or err != err):  # (NaN: not measured)
+            continue
+        if err == float("inf"):
+            why = "its output is not finite (NaN / inf)"
+        elif eager is not None and eager == eager and err > WRONG_FACTOR * eager + WRONG_FLOOR:
+            why = (f"its output differs from the reference by {err:.2e} (relative), past "
+                   f"{WRONG_FACTOR:g}x eager's {eager:.2e} + {WRONG_FLOOR:g}")
+        else:
+            continue
+        for o in mine:
+            if o["provider"] == r["provider"] and o.get("status") in ("ok", "derived"):
+                o["status"] = "wrong"
+                o["note"] = (o.get("note") + "; " if o.get("note") else "") + why
 
 
 def _fill_metrics(rows: List[dict], cfg: BenchConfig, rate: float):

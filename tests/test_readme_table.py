@@ -2,14 +2,14 @@
 import math
 
 from conftest import benchmark_module
-from seqpe_kernels.bench import CSV_COLUMNS, read_csv, write_csv
+from seqpe_kernels.bench import CONFIGS, CSV_COLUMNS, read_csv, write_csv
 
 RT = benchmark_module("readme_table")
 
 
-def _row(config, provider, mode, ms, floor=0.5, err=math.nan, status="ok", eager_ms=None, note=""):
+def _row(config, provider, mode, ms, floor=0.5, err=math.nan, status="ok", eager_ms=None, note="", M=None):
     r = {c: "" for c in CSV_COLUMNS}
-    r.update(config=config, provider=provider, mode=mode, status=status, M=100, T=6, tokens=600, median_ms=ms,
+    r.update(config=config, provider=provider, mode=mode, status=status, M=M or CONFIGS[config].M, T=6, tokens=600, median_ms=ms,
              p20_ms=ms, p80_ms=ms, peak_mem_mb=123.0, host_ms=math.nan, tflops=1.0, floor_ratio=floor,
              speedup_vs_eager=(eager_ms / ms) if eager_ms else math.nan, rel_err=err, gemm_tflops=50.0,
              device="Test GPU", torch_version="2.x", triton_version="3.x", cuda_version="13", dtype="fp32",
@@ -34,7 +34,7 @@ def test_tables_and_verdicts_from_a_csv(tmp_path, capsys):
     path = tmp_path / "b.csv"
     write_csv(rows, str(path))
     back = read_csv(str(path))
-    assert back[0]["M"] == 100 and back[0]["median_ms"] == 8.0 and math.isnan(back[0]["rel_err"])
+    assert back[0]["M"] == 1552 and back[0]["median_ms"] == 8.0 and math.isnan(back[0]["rel_err"])
     out_md = tmp_path / "t.md"
     assert RT.main([str(path), "--out", str(out_md)]) == 0
     text = capsys.readouterr().out
@@ -59,3 +59,48 @@ def test_missing_or_empty_csv_is_a_clear_error(tmp_path, capsys):
     write_csv([], str(empty))
     assert RT.main([str(empty)]) == 2
     assert "no rows" in capsys.readouterr().err
+
+
+def test_rows_of_two_devices_or_two_runs_are_refused(tmp_path, capsys):
+    """Two GPUs' CSVs were merged into one table (rows from one, the heading from the other)."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    write_csv([_row("text-default", "eager", "full", 8.0, eager_ms=8.0)], str(a))
+    other = _row("text-default", "triton", "full", 2.0, eager_ms=8.0)
+    other["device"] = "Other GPU"
+    write_csv([other], str(b))
+    assert RT.main([str(a), str(b)]) == 2
+    assert "2 devices" in capsys.readouterr().err
+    write_csv([_row("text-default", "eager", "full", 7.0, eager_ms=7.0)], str(b))
+    assert RT.main([str(a), str(b)]) == 2
+    assert "appears twice" in capsys.readouterr().err
+
+
+def test_verdicts_only_at_the_spec_step_size(tmp_path, capsys):
+    """A run at another M (a quick CPU run, --M) got 'met' / 'NOT met' verdicts for targets stated at the spec's M."""
+    path = tmp_path / "b.csv"
+    write_csv([_row("vits-default", "eager", "full", 18.0, floor=0.38, eager_ms=18.0, M=84),
+               _row("vits-default", "triton", "full", 7.0, floor=1.02, eager_ms=18.0, M=84)], str(path))
+    assert RT.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "met" not in text.split("**Targets")[1] and "not the spec's M=4324: no verdict" in text
+    write_csv([_row("vits-default", "eager", "full", 18.0, floor=0.38, eager_ms=18.0, M=84),
+               _row("vits-default", "cpu", "full", 7.0, floor=1.02, eager_ms=18.0, M=84)], str(path))
+    assert RT.main([str(path)]) == 0
+    assert "No fused CUDA provider" in capsys.readouterr().out
+
+
+def test_malformed_inputs_are_clear_errors(tmp_path, capsys):
+    ok = tmp_path / "ok.csv"
+    write_csv([_row("text-default", "eager", "full", 8.0, eager_ms=8.0)], str(ok))
+    cases = {"binary.csv": b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "cols.csv": b"a,b\n1,2\n",
+             "num.csv": ok.read_bytes().replace(b",8,", b",eight,", 1)}
+    lines = ok.read_text().splitlines()
+    cases["trunc.csv"] = ("\n".join(lines[:1] + [lines[1][:40]]) + "\n").encode()
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert RT.main([str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("readme_table: ") and "Traceback" not in err, (name, err)
+    assert RT.main([str(tmp_path)]) == 2  # a directory
+    assert RT.main([str(ok), "--out", str(ok / "x.md")]) == 2  # --out under a file
+    assert "readme_table: --out" in capsys.readouterr().err

@@ -117,3 +117,54 @@ def test_presets_cover_both_tasks():
         assert set(p) == {"lm", "vit"} and all(p[t]["seeds"] >= 1 for t in p), name
     assert S.PRESETS["quick"]["lm"]["seeds"] >= 2 and S.PRESETS["quick"]["vit"]["seeds"] >= 2
     assert S.STUDY_SCALES["lm"] == (1.0, 2.0, 4.0, 8.0, 16.0) and S.STUDY_SCALES["vit"] == (1.0, 2.0, 3.0, 4.0)
+
+
+def _rows():
+    return [dict(task="lm", pe=pe, seed=seed, scale=sc, length=int(8 * sc), metric="perplexity",
+                 value=100.0 + seed + sc, status="ok", steps=3)
+            for pe in ("seqpe", "rope") for seed in (0, 1) for sc in (1.0, 2.0)]
+
+
+def _set(i, **kw):
+    def f(rows):
+        rows[i].update(kw)
+        return rows
+    return f
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (_set(0, value=float("nan")), "finite value goes with status ok"),
+    (_set(0, value=float("inf")), "finite value goes with status ok"),
+    (_set(0, value=None, status="ok"), "finite value goes with status ok"),
+    (_set(0, status="diverged"), "finite value goes with status ok"),  # diverged with a value
+    (_set(0, status="banana"), "status one of"),
+    (_set(0, pe=7), "pe must be a name"),
+    (_set(0, scale=float("nan")), "positive finite"),
+    (_set(0, scale=0.0), "positive finite"),
+    (lambda rows: rows + [dict(rows[0])], "appears twice"),
+    (lambda rows: [r for r in rows if not (r["pe"] == "rope" and r["scale"] == 2.0)], "lacks scale"),
+    (lambda rows: [dict(r, task="vit", metric="accuracy") if r["pe"] == "rope" else r for r in rows],
+     "more than one task"),
+], ids=["nan", "inf", "null", "diverged-with-value", "status", "pe", "scale-nan", "scale-0", "dup", "missing",
+        "mixed"])
+def test_from_json_refuses_rows_it_would_misreport(bad, msg, tmp_path, capsys):
+    """Such rows printed 'nan ± nan', averaged unknown statuses into ratios, counted duplicates twice, titled
+    perplexities as accuracies, or ended in a bare StopIteration."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(_rows()))
+    assert cli.main(["study", "--from-json", str(path)]) == 0
+    capsys.readouterr()
+    path.write_text(json.dumps(bad(_rows())))
+    assert cli.main(["study", "--from-json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag", [["--md", "x.md"], ["--json", "x.json"], ["--task", "vit"], ["--seeds", "2"]])
+def test_from_json_refuses_flags_it_would_ignore(flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(_rows()))
+    assert cli.main(["study", "--from-json", str(path)] + flag) == 2
+    assert f"{flag[0]} would be ignored" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists() and not (tmp_path / "x.json").exists()

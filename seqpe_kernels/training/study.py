@@ -377,22 +377,61 @@ def _existing_file(text: str) -> str:
     return text
 
 
+_STATUSES = ("ok", "diverged", "n/a")
+
+
+def _check_rows(rows) -> None:
+    """ValueError unless ``rows`` are one study's rows as ``--json`` writes them: one task and metric, a finite
+    value exactly where the status is ok, each (pe, seed, scale) once, every PE at every scale."""
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and {"task", "pe", "seed", "scale", "length", "metric", "value"} <= set(r)
+            for r in rows):
+        raise ValueError("not a list of study rows")
+    for r in rows:
+        r.setdefault("status", "ok" if r["value"] is not None else "diverged")
+        for k, kind in (("value", (int, float, type(None))), ("scale", (int, float)), ("length", int),
+                        ("seed", int)):
+            if isinstance(r[k], bool) or not isinstance(r[k], kind):
+                raise ValueError(f"row {r!r}: {k} must be a number, got {r[k]!r}")
+        if not isinstance(r["pe"], str) or r["task"] not in ("lm", "vit") or r["status"] not in _STATUSES:
+            raise ValueError(f"row {r!r}: pe must be a name, task lm or vit, status one of {', '.join(_STATUSES)}")
+        if not (math.isfinite(r["scale"]) and r["scale"] > 0):
+            raise ValueError(f"row {r!r}: scale must be a positive finite number")
+        if (r["status"] == "ok") != _finite(r["value"]):
+            raise ValueError(f"row {r!r}: a finite value goes with status ok, and only with it")
+    for k in ("task", "metric"):
+        vals = sorted({str(r[k]) for r in rows})
+        if len(vals) > 1:
+            raise ValueError(f"rows of more than one {k} ({', '.join(vals)}): one study per table")
+    seen = set()
+    for r in rows:
+        key = (r["pe"], r["seed"], r["scale"])
+        if key in seen:
+            raise ValueError(f"pe {key[0]} seed {key[1]} scale {key[2]:g} appears twice")
+        seen.add(key)
+    scales = sorted({r["scale"] for r in rows})
+    for pe in dict.fromkeys(r["pe"] for r in rows):
+        have = {r["scale"] for r in rows if r["pe"] == pe}
+        if have != set(scales):
+            raise ValueError(f"pe {pe} lacks scale(s) {', '.join(f'{s:g}' for s in scales if s not in have)}")
+
+
 def _replot(args) -> int:
     from ..cli import UsageError
 
+    # what --from-json does not use: the training flags and the other outputs (it only prints and redraws --plot)
+    unused = [f"--{k.replace('_', '-')}" for k, default in (("task", "lm"), ("pe", None), ("seeds", None),
+                                                              ("quick", False), ("large", False), ("toy", False),
+                                                              ("steps", None), ("json", None), ("md", None),
+                                                              ("data", None), ("device", None), ("backend", "auto"),
+                                                              ("threads", None))
+              if getattr(args, k, default) != default]
+    if unused:
+        raise UsageError(f"--from-json trains nothing and writes only --plot: {' '.join(unused)} would be ignored")
     try:
         with open(args.from_json) as f:
             rows = json.load(f)
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"task", "pe", "seed", "scale",
-                                                                                    "length", "metric", "value"} <= set(r)
-                                                               for r in rows):
-            raise ValueError("not a list of study rows")
-        for r in rows:
-            r.setdefault("status", "ok" if r["value"] is not None else "diverged")
-            for k, kind in (("value", (int, float, type(None))), ("scale", (int, float)), ("length", int),
-                            ("seed", int)):
-                if isinstance(r[k], bool) or not isinstance(r[k], kind):
-                    raise ValueError(f"row {r!r}: {k} must be a number, got {r[k]!r}")
+        _check_rows(rows)
     except (OSError, ValueError) as e:
         raise UsageError(f"--from-json {args.from_json}: {e}") from None
     base = os.path.basename(args.from_json)

@@ -61,19 +61,20 @@ def default_cases(device: torch.device) -> List[CheckCase]:
         d2 = dict(embed_dim=128, num_heads=2, max_digits=2, data_dim=2, out_dim=256, attn_direction="bi",
                   init="image")
         d3 = dict(embed_dim=128, num_heads=2, max_digits=4, data_dim=1, attn_direction="causal", mask_padding=True)
-        Ms = (61, 53, 47, 41)
+        Ms = (61, 53, 47, 41, 1031)  # (the last: ~6200 rows, several rows per LayerNorm-backward program)
     else:
         d1 = dict(embed_dim=32, num_heads=2, max_digits=5, data_dim=1, out_dim=24, attn_direction="causal")
         d2 = dict(embed_dim=32, num_heads=2, max_digits=2, data_dim=2, out_dim=48, attn_direction="bi",
                   init="image")
         d3 = dict(embed_dim=32, num_heads=2, max_digits=4, data_dim=1, attn_direction="causal", mask_padding=True)
-        Ms = (7, 5, 11, 7)
+        Ms = (7, 5, 11, 7, 131)  # (the last: ~800 rows, chunked over threads by the C++ CPU loops)
     nodrop = dict(resid_pdrop=0.0, attn_pdrop=0.0)
     return [
         CheckCase("1d-causal", {**d1, **nodrop}, Ms[0]),
         CheckCase("2d-bi", {**d2, **nodrop}, Ms[1]),
         CheckCase("1d-causal-maskpad", {**d3, **nodrop}, Ms[2]),
         CheckCase("1d-causal-dropout", {**d1, "resid_pdrop": 0.1, "attn_pdrop": 0.1}, Ms[3], dropout=True),
+        CheckCase("1d-causal-many-rows", {**d3, **nodrop, "mask_padding": False}, Ms[4]),
     ]
 
 

@@ -306,13 +306,16 @@ def _check_args(p: argparse.ArgumentParser):
                         "here must be usable on the device (exit 2 otherwise) and must run at least one comparison "
                         "(exit 1 otherwise)")
     p.add_argument("--seed", type=seed_int, default=None, help=f"seed (0..{SEED_MAX}; default fresh, printed)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default 1 on CPU; more also checks the C++ CPU backend's parallel loops)")
 
 
 def _check_run(args) -> int:
     from .check import CheckRequestError, run_check
 
     try:
-        ok = run_check(device=args.device, dtypes=args.dtype, backends=args.backend, seed=args.seed)
+        ok = run_check(device=args.device, dtypes=args.dtype, backends=args.backend, seed=args.seed,
+                       threads=args.threads)
     except CheckRequestError as e:  # raised before any work: the request cannot be checked here
         raise UsageError(str(e)) from None
     return 0 if ok else 1

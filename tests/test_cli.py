@@ -109,6 +109,32 @@ def test_check_fails_a_backend_that_applies_no_dropout(monkeypatch, capsys):
     assert rc == 1 and "its kernels apply no dropout" in out, out
 
 
+@pytest.mark.parametrize("when", ["many_rows", "threads"])
+def test_check_covers_many_rows_and_threads(when, monkeypatch, capsys):
+    """Defects that show only past ~16 rows or with more than one CPU thread passed check: every case had M <= 11
+    and check forced one thread with no flag to change it."""
+    from seqpe_kernels import check
+
+    real = check._fused_from
+
+    def broken(ref, backend):
+        m = real(ref, backend)
+        fwd = m.forward
+
+        def f(pos, *a, **k):
+            y = fwd(pos, *a, **k)
+            off = pos.shape[0] > 100 if when == "many_rows" else torch.get_num_threads() > 1
+            return y * 1.01 if off else y
+        m.forward = f
+        return m
+
+    monkeypatch.setattr(check, "_fused_from", broken)
+    argv = ["check", "--device", "cpu", "--backend", "torch", "--seed", "4"]
+    assert cli.main(argv + (["--threads", "2"] if when == "threads" else [])) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and ("1d-causal-many-rows" in out or when == "threads")
+
+
 @pytest.mark.parametrize("rate,ok", [(0.1, True), (0.0, False), (0.05, False), (0.3, False)])
 def test_check_mask_rates_catch_a_draw_that_drops_too_little(rate, ok):
     """Replaying the kernels' own masks cannot catch a draw that drops the wrong fraction: the rates are checked."""

@@ -145,15 +145,35 @@ def _is_state_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+_PREFIX_RE = re.compile("|".join(re.escape(p) for p in _PREFIXES))
+_MAX_WRAPPERS = 8  # DDP around torch.compile around DDP ...: a few; more is a crafted file (and was quadratic)
+
+
 def _strip_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    changed = True
-    while changed and sd:
-        changed = False
-        for pre in _PREFIXES:
-            if all(k.startswith(pre) for k in sd):
-                sd = {k[len(pre):]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    """Drop the wrapper prefixes (``module.``, ``_orig_mod.``, in any nesting) that every key shares, in one pass
+    per key."""
+    common = None
+    for k in sd:
+        chain, i = [], 0
+        while len(chain) <= _MAX_WRAPPERS and (m := _PREFIX_RE.match(k, i)):
+            chain.append(m.group())
+            i = m.end()
+        if common is None:
+            common = chain
+        else:
+            n = 0
+            while n < min(len(common), len(chain)) and common[n] == chain[n]:
+                n += 1
+            common = common[:n]
+        if not common:
+            return sd
+    if not common:
+        return sd
+    if len(common) > _MAX_WRAPPERS:
+        raise ValueError(f"the state dict's keys are nested under more than {_MAX_WRAPPERS} wrapper prefixes "
+                         f"({'/'.join(_PREFIXES)}): not a checkpoint of a wrapped encoder")
+    cut = sum(map(len, common))
+    return {k[cut:]: v for k, v in sd.items()}
 
 
 def _no_encoder_error(path, what: str, keys) -> ValueError:
@@ -336,14 +356,22 @@ def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
                      scale_attn_weights=True, init="image" if run.get("task") == "vit" else "text")
         return {k: v for k, v in hints.items() if isinstance(v, _PLAIN) and v is not None}, \
             "the train run's 'config' entry"
+    if info["format"] == "image-pth" and run is not None:  # the authors' image checkpoint (its run config beside
+        hints["init"] = "image"                              # the weights): truncated-normal init
     heads = _lookup(run, "NUM_ATTENTION_HEADS")
     if isinstance(heads, int) and not isinstance(heads, bool):
         if heads == -1 and embed_dim // 64 >= 1:  # the authors' -1 means embed_dim // 64
             heads = embed_dim // 64
         if heads > 0:
             hints["num_heads"] = heads
+    def prob(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
     for key, name, ok in (("SEQPE_ATTN_DIRECTION", "attn_direction", lambda v: v in ("causal", "bi")),
                           ("SEQPE_MASK_PADDING", "mask_padding", lambda v: isinstance(v, bool)),
+                          ("SEQPE_SCALE_ATTN_WEIGHTS", "scale_attn_weights", lambda v: isinstance(v, bool)),
+                          ("SEQPE_RESID_PDROP", "resid_pdrop", prob),
+                          ("SEQPE_ATTN_PDROP", "attn_pdrop", prob),
                           ("SEQPE_TEMPERATURE", "temperature",
                            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)):
         v = _lookup(run, key)
@@ -352,14 +380,32 @@ def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
     return hints, "the checkpoint's pickled run config"
 
 
-def _describe_mismatch(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], path, cfg) -> Optional[str]:
-    expected = module.state_dict()
+def _expected_shapes(module_cls, cfg) -> Dict[str, tuple]:
+    """{key: shape} of ``module_cls(**cfg)``'s state dict, built on the meta device (nothing allocated) with one
+    transformer block whose keys stand for every block's: a file's sizes are checked before they are allocated,
+    and a crafted block count costs no time."""
+    n = cfg.get("num_layers")
+    one = type(n) is int and n > 1
+    with torch.device("meta"):
+        probe = module_cls(**({**cfg, "num_layers": 1} if one else cfg))
+    out: Dict[str, tuple] = {}
+    for k, t in probe.state_dict().items():
+        if one and k.startswith("transformers.0."):
+            for i in range(n):
+                out[f"transformers.{i}.{k[len('transformers.0.'):]}"] = tuple(t.shape)
+        else:
+            out[k] = tuple(t.shape)
+    return out
+
+
+def _describe_mismatch(expected: Mapping[str, tuple], sd: Mapping[str, torch.Tensor], path, cfg,
+                       name: str) -> Optional[str]:
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = []
     for k in expected:
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape):
-            a, b = list(sd[k].shape), list(expected[k].shape)
+        if k in sd and tuple(sd[k].shape) != expected[k]:
+            a, b = list(sd[k].shape), list(expected[k])
             note = ""
             if len(a) == 2 and a[::-1] == b:
                 note = " (transposed: Conv1D weights are stored [in, out], nn.Linear weights [out, in])"
@@ -373,7 +419,7 @@ def _describe_mismatch(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], 
         parts.append(f"keys in the file the module does not have: {_short_list(unexpected)}")
     if shapes:
         parts.append("shape mismatches: " + "; ".join(shapes[:12]) + (" ..." if len(shapes) > 12 else ""))
-    return (f"{path}: the weights do not fit {type(module).__name__}({cfg}): " + "; ".join(parts))
+    return (f"{path}: the weights do not fit {name}({cfg}): " + "; ".join(parts))
 
 
 def _same(a, b) -> bool:
@@ -468,17 +514,28 @@ def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: Optio
                       f"settings): {', '.join(guessed)}. If the encoder was trained otherwise its outputs are wrong: "
                       f"pass {names} to load_checkpoint. (Files written by save_checkpoint or seqpe-kernels train "
                       "--save record them.)", CheckpointConfigWarning, stacklevel=2)
+    for k, t in sd.items():  # an expanded view (stride 0) would be materialised at its full size by the load
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise ValueError(f"{where}: {k} has {t.numel()} elements backed by {t.untyped_storage().nbytes()} bytes "
+                             f"(shape {list(t.shape)}, strides {list(t.stride())}: an expanded view, not weights)")
+    name = getattr(module_cls, "__name__", module_cls)
     try:
-        module = module_cls(**cfg)
+        expected = _expected_shapes(module_cls, cfg)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}: cannot build {getattr(module_cls, '__name__', module_cls)} with the "
-                         f"configuration {cfg}: {e}") from e
-    problem = _describe_mismatch(module, sd, where, cfg)
+        raise ValueError(f"{where}: cannot build {name} with the configuration {cfg}: {e}") from e
+    problem = _describe_mismatch(expected, sd, where, cfg, name)
     if problem:
         raise ValueError(problem)
+    try:
+        module = module_cls(**cfg)
+    except (RuntimeError, MemoryError) as e:  # (the file's tensors are this size too: they were loaded)
+        raise ValueError(f"{where}: cannot allocate {name} with the configuration {cfg}: {e}") from e
     fdt = {t.dtype for t in sd.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    if fdt == {torch.float64}:  # an fp64 file loads as an fp64 module (into fp32 it would be rounded silently);
+    if torch.float64 in fdt:  # fp64 tensors load into an fp64 module (into fp32 they would be rounded silently);
         module = module.to(torch.float64)  # fp16 / bf16 files load exactly into the fp32 module
+        if len(fdt) > 1:
+            warnings.warn(f"{where}: the file mixes {', '.join(sorted(str(d) for d in fdt))} tensors; the encoder "
+                          "is loaded in float64, so that none is rounded", CheckpointConfigWarning, stacklevel=2)
     module.load_state_dict(sd, strict=True)
     dev = _device_of(map_location)
     if dev is not None:

@@ -124,7 +124,8 @@ class _InertUnpickler(pickle._Unpickler):
     (trusted object or inert class, never an import); REDUCE/NEWOBJ/NEWOBJ_EX/OBJ/INST call only trusted
     globals (inert classes just record); BUILD sets state only on inert objects, OrderedDicts and tensors (as
     torch's weights-only unpickler does); APPEND(S)/SETITEM(S)/ADDITEMS accept only real lists/dicts/sets
-    (and inert objects); out-of-band buffers are refused. Persistent ids (tensor storages) are torch's.
+    (and inert objects); trusted globals are never called with inert objects; out-of-band buffers are refused.
+    Persistent ids must be tensor storages (torch resolves those).
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -162,6 +163,8 @@ class _InertUnpickler(pickle._Unpickler):
             return InertObject.__new__(func, *args, **kwargs)  # records; runs nothing
         if not self._is_trusted(func):
             raise pickle.UnpicklingError(f"refusing to call {type(func).__name__} {func!r}: not a trusted global")
+        if any(isinstance(a, InertObject) for a in args):  # a stand-in's attributes are data the file chose
+            raise pickle.UnpicklingError(f"refusing to call {func!r} with an object of an untrusted class")
         if kwargs:
             raise pickle.UnpicklingError(f"refusing keyword arguments for {func!r}")
         if func is codecs.encode:  # protocol-2 bytes: _codecs.encode(str, 'latin1') only
@@ -179,6 +182,8 @@ class _InertUnpickler(pickle._Unpickler):
             return InertObject.__new__(cls, *args, **kwargs)
         if cls is torch.nn.Parameter and not kwargs:
             return torch.nn.Parameter(*args)
+        if any(isinstance(a, InertObject) for a in args):
+            raise pickle.UnpicklingError(f"refusing to create {cls!r} from an object of an untrusted class")
         if isinstance(cls, type) and self._is_trusted(cls) and not kwargs:
             return cls.__new__(cls, *args)
         raise pickle.UnpicklingError(f"refusing to create an object of {cls!r}: not a trusted class")
@@ -263,12 +268,25 @@ class _InertUnpickler(pickle._Unpickler):
     def load_refused(self):
         raise pickle.UnpicklingError("out-of-band pickle buffers are not supported")
 
+    # --- persistent ids: tensor storages only, as torch's weights-only unpickler (legacy files' "module" ids
+    # make torch read source files)
+    def load_binpersid(self):
+        pid = self.stack.pop()
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"refusing persistent id {str(pid)[:80]!r}: only tensor storages")
+        self.append(self.persistent_load(pid))
+
+    def load_persid_refused(self):
+        raise pickle.UnpicklingError("refusing a text persistent id: only tensor storages")
+
 
 for _op, _fn in ((pickle.REDUCE, _InertUnpickler.load_reduce), (pickle.NEWOBJ, _InertUnpickler.load_newobj),
                  (pickle.NEWOBJ_EX, _InertUnpickler.load_newobj_ex), (pickle.BUILD, _InertUnpickler.load_build),
                  (pickle.APPEND, _InertUnpickler.load_append), (pickle.APPENDS, _InertUnpickler.load_appends),
                  (pickle.SETITEM, _InertUnpickler.load_setitem), (pickle.SETITEMS, _InertUnpickler.load_setitems),
                  (pickle.ADDITEMS, _InertUnpickler.load_additems),
+                 (pickle.BINPERSID, _InertUnpickler.load_binpersid),
+                 (pickle.PERSID, _InertUnpickler.load_persid_refused),
                  (pickle.NEXT_BUFFER, _InertUnpickler.load_refused),
                  (pickle.READONLY_BUFFER, _InertUnpickler.load_refused)):
     _InertUnpickler.dispatch[_op[0]] = _fn

@@ -8,6 +8,7 @@ Only the tests that write or read .safetensors files skip when safetensors is mi
 """
 import importlib
 import json
+import collections
 import os
 import pickle
 import subprocess
@@ -669,3 +670,103 @@ def test_inconsistent_shapes_are_explained(tmp_path):
     torch.save(sd, tmp_path / "gap.pth")
     with pytest.raises(ValueError, match=r"block indices are not 0..n-1: found \[0, 1, 3\]"):
         load_checkpoint(tmp_path / "gap.pth")
+
+
+# ============================================================================ crafted files: size, time, state
+def test_expanded_views_are_refused_before_anything_is_built(tmp_path):
+    """A ~2 KB file of stride-0 views named sizes of tens of GB: the loader built the module at those sizes first."""
+    sd = small().state_dict()
+    sd["token_of_seqpe_embed.weight"] = torch.zeros(1).expand(*sd["token_of_seqpe_embed.weight"].shape)
+    torch.save({"pe_model": sd}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="expanded view"):
+        load_checkpoint(tmp_path / "x.pth", num_heads=2)
+
+
+def test_sizes_are_checked_before_the_module_is_allocated(tmp_path):
+    """20 000 block keys of one tiny tensor each made the loader build a 20 000-block encoder (132 GiB at D=384)
+    before comparing shapes; the comparison now runs on a one-block meta module."""
+    sd = small().state_dict()
+    tiny = torch.zeros(1)
+    for i in range(2, 300):
+        sd[f"transformers.{i}.attn.c_attn.weight"] = tiny
+    built = []
+
+    class Counting(SeqPE):
+        def __init__(self, **kw):
+            built.append((kw["num_layers"], torch.empty(0).device.type))
+            super().__init__(**kw)
+
+    torch.save({"pe_model": sd}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_checkpoint(tmp_path / "x.pth", num_heads=2, module_cls=Counting)
+    assert built == [(1, "meta")]
+
+
+def test_nested_wrapper_prefixes(tmp_path):
+    """One key under N 'module.' prefixes took O(N^2) to strip (14 s at 1 MB): nesting is capped."""
+    sd = small().state_dict()
+    cfg = small().config()
+    torch.save({"pe_model": {"module._orig_mod.module." + k: v for k, v in sd.items()}, "seqpe_config": cfg},
+               tmp_path / "ok.pth")
+    assert set(quiet_load(tmp_path / "ok.pth").state_dict()) == set(sd)
+    torch.save({"pe_model": {"module." * 20000 + k: v for k, v in sd.items()}}, tmp_path / "deep.pth")
+    with pytest.raises(ValueError, match="more than 8 wrapper prefixes"):
+        load_checkpoint(tmp_path / "deep.pth", num_heads=2)
+
+
+def test_authors_scale_and_dropout_settings_are_read(tmp_path, monkeypatch):
+    """The authors' image config records SEQPE_SCALE_ATTN_WEIGHTS / SEQPE_RESID_PDROP / SEQPE_ATTN_PDROP; they
+    were ignored and guessed (True / 0.1 / 0.1) with a warning saying the file does not record them."""
+    _, CfgNode = _fake_yacs(monkeypatch)
+    m = small(scale_attn_weights=False, resid_pdrop=0.3, attn_pdrop=0.05, init="image")
+    torch.save({"pe_model": m.state_dict(), "config": CfgNode(
+        NUM_ATTENTION_HEADS=2, SEQPE_ATTN_DIRECTION="causal", SEQPE_MASK_PADDING=False, SEQPE_TEMPERATURE=1.0,
+        SEQPE_SCALE_ATTN_WEIGHTS=False, SEQPE_RESID_PDROP=0.3, SEQPE_ATTN_PDROP=0.05)}, tmp_path / "c.pth")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        o = load_checkpoint(tmp_path / "c.pth").eval()
+    assert all("scale_attn_weights" not in str(x.message) and "pdrop" not in str(x.message) for x in w)
+    assert (o.scale_attn_weights, o.resid_pdrop, o.attn_pdrop, o.config()["init"]) == (False, 0.3, 0.05, "image")
+    pos = torch.arange(50)
+    assert torch.equal(o(pos), m(pos))
+
+
+def test_mixed_fp64_file_is_not_rounded(tmp_path):
+    m = small().double()
+    sd = m.state_dict()
+    sd["out_proj.bias"] = sd["out_proj.bias"].float()
+    torch.save({"pe_model": sd, "seqpe_config": m.config()}, tmp_path / "x.pth")
+    with pytest.warns(CheckpointConfigWarning, match="mixes"):
+        o = load_checkpoint(tmp_path / "x.pth")
+    assert o.out_proj.weight.dtype == torch.float64 and torch.equal(o.out_proj.weight, m.out_proj.weight)
+
+
+def test_only_storage_persistent_ids_and_no_inert_arguments(tmp_path):
+    """Hardening of the restricted unpickler: torch's legacy 'module' persistent ids made torch read source files;
+    trusted functions were callable with stand-in objects whose attributes the file chose."""
+    import io
+
+    from seqpe_kernels.safe_pickle import _InertUnpickler
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("module", "x.py", "source") if obj == "MOD" else None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump(["MOD"])
+    u = _InertUnpickler(io.BytesIO(buf.getvalue()))
+    u.persistent_load = lambda pid: pytest.fail("a non-storage persistent id reached torch")
+    with pytest.raises(pickle.UnpicklingError, match="only tensor storages"):
+        u.load()
+
+    class Duck:
+        def __reduce__(self):
+            return collections.OrderedDict, (_Inert(),)
+
+    class _Inert:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    u = _InertUnpickler(io.BytesIO(pickle.dumps(Duck(), protocol=2)))
+    with pytest.raises(pickle.UnpicklingError, match="untrusted class"):
+        u.load()

@@ -390,7 +390,7 @@ def test_check_fails_when_no_comparison_ran(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "check FAILED (no backend comparison ran)" in out
-    assert "backends compared against the reference: torch (0 comparisons, 4 skipped)" in out
+    assert "backends compared against the reference: torch (0 comparisons, 5 skipped)" in out
     # the library call says the same thing (False), and refuses unknown backends before any work
     assert check_mod.run_check(device="cpu", backends=["torch"], seed=2, verbose=False) is False
     with pytest.raises(check_mod.CheckRequestError, match="unknown backend 'foo'"):
@@ -401,7 +401,7 @@ def test_check_table_names_the_backends_that_ran(capsys):
     rc = cli.main(["check", "--device", "cpu", "--backend", "torch", "--seed", "3"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "backends compared against the reference: torch (3 comparisons, 1 skipped)" in out
+    assert "backends compared against the reference: torch (4 comparisons, 1 skipped)" in out
     assert "check PASSED" in out
 
 

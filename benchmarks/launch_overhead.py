@@ -5,8 +5,10 @@ Without a GPU: a stand-in Triton driver (current device 0, stream 0, an sm_90 ta
 records the final launch call instead of calling the CUDA driver. So the figure is everything Triton and this
 package do in Python per launch, on this machine's CPU, minus the driver's own ``cuLaunchKernel`` (the same for
 both paths). tests/test_launch.py uses the same harness to check the direct path passes the compiled kernel
-exactly the arguments ``JITFunction.run`` passes. With ``--gpu`` (on a GPU): the real kernel, launched both ways
-on a small input (host-bound), timed to a final synchronize.
+exactly the arguments ``JITFunction.run`` passes (tensors as their addresses). With ``--gpu`` (on a GPU): the
+real kernel, launched each way on a small input (host-bound), timed to a final synchronize; "direct, tensors"
+is the direct path passing tensors as JITFunction.run does, whose C launcher then calls each tensor's
+data_ptr() and queries the driver (cuPointerGetAttribute) per tensor per launch: the rows say which is cheaper.
 
     python benchmarks/launch_overhead.py [--iters N] [--gpu]
 """
@@ -133,15 +135,21 @@ def main(argv=None) -> int:
             jf[grid](*args, **kwargs)
             dk[grid](*args, **kwargs)
         assert dk.compiled, "the direct path did not engage"
-        times = {"JITFunction.run": [], "direct": []}
-        for _ in range(a.reps):  # interleaved
-            for name, k in (("JITFunction.run", jf), ("direct", dk)):
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(a.iters):
-                    k[grid](*args, **kwargs)
-                sync()
-                times[name].append((time.perf_counter() - t0) / a.iters * 1e6)
+        times = {"JITFunction.run": [], "direct": [], "direct, tensors": []}
+        try:
+            for _ in range(a.reps):  # interleaved
+                for name, k in (("JITFunction.run", jf), ("direct", dk), ("direct, tensors", dk)):
+                    # "direct" passes tensors as addresses; "direct, tensors" as JITFunction.run does (the C
+                    # launcher then reads each data_ptr() and asks the driver about the pointer)
+                    launch.PASS_ADDRESSES = name != "direct, tensors"
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(a.iters):
+                        k[grid](*args, **kwargs)
+                    sync()
+                    times[name].append((time.perf_counter() - t0) / a.iters * 1e6)
+        finally:
+            launch.PASS_ADDRESSES = True
     where = torch.cuda.get_device_name() if a.gpu else "a stand-in GPU"
     print(f"Triton {triton.__version__}, torch {torch.__version__}, {cpu_model()}, 1 thread, {where}")
     print(f"host time per launch of the LayerNorm backward ({len(args)} runtime + {len(kwargs) - 1} constexpr "
@@ -150,7 +158,10 @@ def main(argv=None) -> int:
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for k, v in times.items():
         print(f"  {k:16s} median {med[k]:6.2f} us  (min {min(v):.2f}, max {max(v):.2f})")
-    print(f"  direct / JITFunction.run = {med['direct'] / med['JITFunction.run']:.2f}")
+    print(f"  direct / JITFunction.run = {med['direct'] / med['JITFunction.run']:.2f}; addresses / tensors = "
+          f"{med['direct'] / med['direct, tensors']:.2f}"
+          + ("" if a.gpu else " (the stand-in skips what tensors cost the C launcher: data_ptr() and the driver's "
+                              "pointer query, per tensor)"))
     return 0
 
 

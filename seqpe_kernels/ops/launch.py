@@ -2,7 +2,9 @@
 
 Why: ``JITFunction.run`` re-derives on every call what a call site keeps fixed (knobs, device and stream
 lookups, the argument binder, the cache key, a check of global values): ~12.5 us per launch against ~3.5 us for
-calling the compiled kernel (KERNEL_GUIDE §8), and a text training step launches ~40 Triton kernels. ``direct``
+calling the compiled kernel (KERNEL_GUIDE §8), and a text training step launches ~40 Triton kernels. The compiled
+kernel then gets tensors as their addresses (ints): its C launcher would otherwise call each tensor's data_ptr()
+and query the driver about the pointer (cuPointerGetAttribute) on every launch. ``direct``
 wraps a ``@triton.jit`` kernel (same ``kernel[grid](*args, **kwargs)`` call). The first launches of each
 argument *specialisation* go through ``JITFunction.run``, which compiles and returns the ``CompiledKernel``;
 once two of them returned the same compiled kernel for one key, later launches with that key call it the way
@@ -32,6 +34,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 MODE_ENV = "SEQPE_KERNELS_TRITON_LAUNCH"
+# direct launches pass tensors as their addresses (see DirectKernel._run); False passes the tensors, as
+# JITFunction.run does (benchmarks/launch_overhead.py times both on a GPU)
+PASS_ADDRESSES = True
 # the last statement of JITFunction.run (Triton >= 3.3), whitespace-normalised; mirrored by DirectKernel._run
 _LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
                 "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
@@ -77,15 +82,32 @@ def _decide() -> Tuple[bool, str]:
 
 def arg_keys(full, constexpr) -> list:
     """Per argument, what Triton specialises it on, or more (never less): constexprs by value; tensors by dtype
-    and 16-byte alignment; ints by == 1, % 16 and range; floats by type; anything else (bools, None) by value.
-    One comprehension, no per-argument calls: it runs on every launch (~0.1 us per argument)."""
+    and 16-byte alignment; ints by == 1, % 16 and range; floats by type; anything else (bools, None) by value."""
+    return keys_and_args(full, constexpr)[0]
+
+
+def keys_and_args(full, constexpr):
+    """(``arg_keys``, the arguments with every tensor as its address): each tensor's data_ptr() is read once, for
+    its alignment and for the launch. One loop, bound appends: this runs on every launch (~0.1 us per argument,
+    0.3 us more than the keys alone for a 28-argument kernel on the dev CPU)."""
     Tensor = torch.Tensor
-    return [a if c else
-            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else
-            (int, a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a >= 9223372036854775808)
-            if type(a) is int else
-            float if type(a) is float else (type(a), a)
-            for a, c in zip(full, constexpr)]
+    keys, args = [], []
+    key, arg = keys.append, args.append
+    for a, c in zip(full, constexpr):
+        if c:
+            key(a)
+            arg(a)
+        elif isinstance(a, Tensor):
+            p = a.data_ptr()
+            key((a.dtype, p % 16 == 0))
+            arg(p)
+        elif type(a) is int:
+            key((int, a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a >= 9223372036854775808))
+            arg(a)
+        else:
+            key(float if type(a) is float else (type(a), a))
+            arg(a)
+    return keys, args
 
 
 def spec_key(a: Any):
@@ -130,13 +152,14 @@ class DirectKernel:
         names = self._names
         opts = tuple([kv for kv in kwargs.items() if kv[0] not in names])  # launch options (num_warps, ...)
         dev = torch.cuda.current_device()
-        key = (dev, opts, *arg_keys(full, self.constexpr))
+        keys, ptrs = keys_and_args(full, self.constexpr)
+        key = (dev, opts, *keys)
         try:
             k = self.compiled.get(key)
         except TypeError:  # an unhashable argument: no key, the plain launch
             return self.fn[grid](*args, **kwargs)
         if k is not None:
-            return self._run(k, grid, full, dev)
+            return self._run(k, grid, full, ptrs, dev)
         k = self.fn[grid](*args, **kwargs)  # compiles when needed, launches, returns the CompiledKernel
         if k is None:  # a compile hook declined: nothing to reuse
             return k
@@ -166,14 +189,17 @@ class DirectKernel:
                 return None
         return full
 
-    def _run(self, k, grid, full, dev):
+    def _run(self, k, grid, full, ptrs, dev):
         knobs = _STATE["knobs"]
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         stream = torch._C._cuda_getCurrentRawStream(dev)
+        # tensors go in as their device addresses (``ptrs``, read for the key): Triton's launcher would call each
+        # tensor's data_ptr() from C and ask the driver about it (cuPointerGetAttribute) on every launch; an int
+        # goes straight in. The wrappers pass CUDA tensors only. Launch hooks see the arguments as given.
         k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(grid, stream, *full),
-              knobs.launch_enter_hook, knobs.launch_exit_hook, *full)
+              knobs.launch_enter_hook, knobs.launch_exit_hook, *(ptrs if PASS_ADDRESSES else full))
         return k
 
 

@@ -132,6 +132,8 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
   # (--host-rows: where each provider's host time goes; f1's Triton call took 6.8 ms of host for 2.1 ms of GPU)
   TAILN=60 step profile_text 45 python3 benchmarks/profile_step.py --config text-default --rows 40 --steps 5 \
       --host-rows 30
+  # per Triton launch: JITFunction.run, direct (tensors as addresses), direct passing tensors (driver queries)
+  TAILN=6 step launch_overhead 20 python3 benchmarks/launch_overhead.py --gpu --iters 2000 --reps 5
   readme_tables
   TAILN=30 step ext_error_path 60 python3 benchmarks/ext_error_path.py
   TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \

@@ -32,7 +32,9 @@ def test_shapes_and_methods(name, dd, out):
     m = B.build_position_module(name, dd, model_dim=32, num_heads=4, max_position=400)
     pos = torch.arange(10) if dd == 1 else _grid(3)
     y = m(pos)
-    assert y.shape == (pos.shape[0], out) and y.dtype == torch.float32 and m.out_dim == out
+    # (ALiBi's coordinates m_h * p are float64: the mask takes their differences, exact only from exact products)
+    assert y.shape == (pos.shape[0], out) and m.out_dim == out
+    assert y.dtype == (torch.float64 if name == "alibi" else torch.float32)
     assert m.pe_method == T._BASELINE_METHODS[name]
     assert torch.isfinite(y).all()
     if dd == 1:  # [M] and [M, 1] are the same positions
@@ -282,6 +284,46 @@ def test_learned_vit_eval_past_its_table_is_reported_not_measured():
     rows = r["eval"]["rows"]
     assert rows[0]["value"] is not None and rows[1]["value"] is None and "exceeds" in rows[1]["note"]
     assert "n/a" in T.format_eval(r["eval"])
+
+
+@pytest.mark.parametrize("pe,measured", [("rope", True), ("alibi", True), ("learned", False), ("seqpe", True)])
+def test_lm_eval_limits_are_the_encoders(pe, measured):
+    """Every PE was refused past max_position ('n/a'); only a learned table (its rows) and SeqPE (its digits:
+    max_position 64 -> 2 digits, positions < 100) have a limit."""
+    cfg = T.TrainConfig(task="lm", pe=pe, steps=1, batch_size=2, block_size=8, model_dim=16, model_heads=2,
+                        model_layers=1, pe_dim=16, pe_heads=2, pe_layers=1, max_position=64, contrastive_size=4,
+                        contrastive_batch=2, transfer_size=4, transfer_batch=2, eval_scales=(1, 10, 16),
+                        eval_tokens=512, backend="torch", progress=False)
+    rows = T.train(cfg, log=lambda *a, **k: None)["eval"]["rows"]
+    assert rows[0]["value"] is not None
+    assert (rows[1]["value"] is not None) == measured  # length 80 > max_position 64
+    if pe == "seqpe":
+        assert rows[2]["value"] is None and "100 positions" in rows[2]["note"]  # length 128 > 10**2
+
+
+def test_lm_eval_never_scores_training_text_as_held_out(tmp_path):
+    """A held-out split shorter than the length was replaced by the training text (reported 'ok', its note in the
+    JSON only): the 16x column compared training-text perplexity with held-out perplexity."""
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = T.TrainConfig(task="lm", pe="rope", steps=1, batch_size=2, block_size=8, model_dim=16, model_heads=2,
+                        model_layers=1, max_position=4096, eval_scales=(1, 64), data=str(text), progress=False)
+    rows = T.train(cfg, log=lambda *a, **k: None)["eval"]["rows"]
+    assert rows[0]["value"] is not None
+    assert rows[1]["value"] is None and "held-out text" in rows[1]["note"], rows[1]
+
+
+@pytest.mark.parametrize("heads", [4, 12, 16])
+def test_alibi_mask_is_the_rounded_exact_bias(heads):
+    """The mask took differences of fp32 products m_h * p: up to ~1e-3 off at p ~ 16k for slopes that are not
+    powers of two. It now equals bias()'s fp32 -m_h (p_i - p_j) bit for bit."""
+    al = B.ALiBi(heads)
+    N = 2048
+    pos = torch.arange(14000, 14000 + N)
+    m = alibi_attn_mask(al(pos)[None], causal=True)[0]
+    tril = torch.ones(N, N, dtype=torch.bool).tril()
+    assert m.dtype == torch.float32 and torch.equal(m[:, tril], al.bias(pos)[:, tril])
+    assert bool(torch.isinf(m[:, ~tril]).all())
 
 
 def test_encoder_lr_defaults():

@@ -210,10 +210,16 @@ class ALiBi(_Baseline):
         super().__init__()
         self.out_dim, self.data_dim, self.num_heads = num_heads, 1, num_heads
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+        # the fp32 slopes, held in float64: their products with integer positions (< 2**29) are exact there
+        self.register_buffer("_slopes64", self.slopes.double(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """[M, H] coordinates m_h * p, in float64 so that they are exact: the mask takes their differences, which
+        from fp32 products lose up to ~1e-3 at p ~ 16k when a slope is not a power of two (12 or 16 heads). From
+        exact ones, the mask's fp32 -m_h (p_i - p_j) is the one rounding of the exact value, as :meth:`bias`
+        and the usual fp32 implementation compute it."""
         p = _check_positions(positions, 1, "ALiBi")[:, 0]
-        return p.to(torch.float32)[:, None] * self.slopes[None, :].to(p.device)
+        return p.to(torch.float64)[:, None] * self._slopes64[None, :].to(p.device)
 
     def bias(self, q_positions: torch.Tensor, k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[H, Nq, Nk] = -m_h (p_i - p_j) (no causal mask)."""

@@ -27,18 +27,21 @@ def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: t
             for s in cfg.eval_scales:
                 L = max(2, int(round(s * N)))
                 row = {"scale": float(s), "length": L, "value": None, "tokens": 0}
-                if L > cfg.max_position:
-                    row["note"] = f"length {L} exceeds max_position {cfg.max_position}"
+                # an encoder with a position limit (a learned table's rows; SeqPE's digits) cannot encode past it;
+                # RoPE, ALiBi, sinusoidal and none have none
+                limit = getattr(enc, "position_limit", None)
+                if limit is None and getattr(enc, "max_digits", None) is not None:
+                    limit = getattr(enc, "base", 10) ** enc.max_digits
+                if limit is not None and L > limit:
+                    row["note"] = f"length {L} exceeds the {cfg.pe} encoder's {limit} positions"
                     rows.append(row)
                     continue
-                toks = data.eval if len(data.eval) >= L else np.concatenate([data.train, data.eval])
+                toks = data.eval
                 n_seq = min(len(toks) // L, max(1, cfg.eval_tokens // L))
-                if n_seq == 0:
-                    row["note"] = f"not enough text for length {L}"
+                if n_seq == 0:  # (held-out perplexity is never measured on the training text)
+                    row["note"] = f"held-out text ({len(toks)} tokens) shorter than the length {L}"
                     rows.append(row)
                     continue
-                if len(data.eval) < L:
-                    row["note"] = "held-out text shorter than the length: evaluated on the training text"
                 seqs = torch.from_numpy(toks[:n_seq * L].reshape(n_seq, L))
                 pe = enc(torch.arange(L, device=device)).view(1, L, -1)  # once per length
                 nll, cnt = 0.0, 0

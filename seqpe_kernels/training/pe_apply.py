@@ -327,7 +327,7 @@ def alibi_attn_mask(pe: torch.Tensor, batch_size: Optional[int] = None, causal: 
     mask for the batch (sample b uses window b mod P; [1, H, N, N] when P == 1, broadcast by SDPA)."""
     if pe.dim() != 3:
         raise ValueError(f"alibi: per-window coordinates must be [P, N, H], got {tuple(pe.shape)}")
-    c = pe.float().transpose(1, 2)  # [P, H, N]
+    c = pe.to(torch.float64).transpose(1, 2)  # [P, H, N] (differences of large products: in float64)
     d = c[..., :, None] - c[..., None, :]  # m_h (p_i - p_j)
     if causal:
         N = c.shape[-1]
@@ -335,6 +335,7 @@ def alibi_attn_mask(pe: torch.Tensor, batch_size: Optional[int] = None, causal: 
         mask = torch.where(allowed, -d, torch.full_like(d, float("-inf")))
     else:
         mask = -d.abs()
+    mask = mask.to(torch.float32)
     if batch_size is not None and mask.shape[0] > 1:
         if batch_size % mask.shape[0]:
             raise ValueError(f"batch size {batch_size} is not a multiple of the number of PE windows "

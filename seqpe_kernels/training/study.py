@@ -8,7 +8,9 @@ scales -- LM perplexity at 1x, 2x, 4x, 8x, 16x the training length, ViT accuracy
 the lowest to the highest seed). ``--json`` writes one row per (pe, seed, scale): ``task, pe, seed, scale,
 length, metric, value`` (``length``: tokens for the LM, patches per grid side for the ViT) plus ``status``
 (``ok``, ``diverged``: a non-finite training loss or evaluation, reported with ``value`` null instead of being
-dropped, or ``n/a``: a length a learned table has no rows for). ``--md`` writes a report with the command,
+dropped, or ``n/a``: a length the encoder has no positions for -- a learned table's rows, SeqPE's digits -- or,
+for the LM, longer than the held-out text, which is never replaced by training text). ``--md`` writes a report
+with the command,
 device, commit, date, timings and the table.
 
 Sizes (:data:`PRESETS`): ``--quick`` (3 seeds, short runs: minutes on 2 CPU cores), the default (more steps,

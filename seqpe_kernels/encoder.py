@@ -71,24 +71,54 @@ def flat_params(m) -> List[Optional[torch.Tensor]]:
     tok, pos, dim (or None), cls; per layer ln1.w, ln1.b, c_attn.w, c_attn.b, attn.c_proj.w, .b, ln2.w, ln2.b,
     c_fc.w, c_fc.b, mlp.c_proj.w, .b; final ln.w, .b (or None, None); out_proj.w, .b.
     Read through the modules' own dicts (nn.Module.__getattr__ made this ~45 us per call on the dev CPU), so a
-    replaced parameter or submodule is always picked up."""
-    mods, prm = m._modules, m._parameters
-    ps = [mods["token_of_seqpe_embed"]._parameters["weight"], mods["pos_of_seqpe_embed"]._parameters["weight"],
+    replaced parameter or submodule is always picked up. A parametrized tensor (torch.nn.utils.parametrize:
+    weight_norm, orthogonal, ...) is not in those dicts: then every tensor is read through getattr, which
+    computes it (the fused node's gradient then flows into its parametrization)."""
+    try:
+        return _flat_params(m)
+    except KeyError:
+        from torch.nn.utils import parametrize
+
+        if not any(parametrize.is_parametrized(s) for s in m.modules()):
+            raise
+        return _flat_params(m, get=True)
+
+
+def _flat_params(m, get: bool = False) -> List[Optional[torch.Tensor]]:
+    if get:  # nn.Module.__getattr__ / parametrizations, for every tensor (the slow path)
+        class _Get(dict):
+            def __init__(self, mod):
+                super().__init__()
+                self.mod = mod
+
+            def __getitem__(self, k):
+                return getattr(self.mod, k)
+
+            def get(self, k, default=None):
+                return getattr(self.mod, k, default)
+
+        def params(mod):
+            return _Get(mod)
+    else:
+        def params(mod):
+            return mod._parameters
+    mods, prm = m._modules, params(m)
+    ps = [params(mods["token_of_seqpe_embed"])["weight"], params(mods["pos_of_seqpe_embed"])["weight"],
           prm.get("dim_token_embed"), prm["cls_token_embed"]]
     for blk in mods["transformers"]._modules.values():
         bm = blk._modules
         at, ml = bm["attn"]._modules, bm["mlp"]._modules
-        l1, l2 = bm["layernorm_1"]._parameters, bm["layernorm_2"]._parameters
-        ca, cp, fc, mp = (at["c_attn"]._parameters, at["c_proj"]._parameters, ml["c_fc"]._parameters,
-                          ml["c_proj"]._parameters)
+        l1, l2 = params(bm["layernorm_1"]), params(bm["layernorm_2"])
+        ca, cp, fc, mp = (params(at["c_attn"]), params(at["c_proj"]), params(ml["c_fc"]), params(ml["c_proj"]))
         ps += [l1["weight"], l1["bias"], ca["weight"], ca["bias"], cp["weight"], cp["bias"], l2["weight"], l2["bias"],
                fc["weight"], fc["bias"], mp["weight"], mp["bias"]]
     ln = mods.get("layernorm")
     if ln is not None and m.use_last_layernorm:
-        ps += [ln._parameters["weight"], ln._parameters["bias"]]
+        lp = params(ln)
+        ps += [lp["weight"], lp["bias"]]
     else:
         ps += [None, None]
-    op = mods["out_proj"]._parameters
+    op = params(mods["out_proj"])
     ps += [op["weight"], op["bias"]]
     return ps
 

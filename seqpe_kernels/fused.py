@@ -55,6 +55,12 @@ def _refuse_submodule_hooks(m) -> None:
                            "seqpe_kernels.unpatch).")
 
 
+
+_fwd_ad = torch.autograd.forward_ad
+if not hasattr(_fwd_ad, "_current_level"):  # pragma: no cover - a torch without it: no dual level is ever seen
+    _fwd_ad = type("_NoLevel", (), {"_current_level": -1})
+_functorch_level = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
 class FusedSeqPE(SeqPE):
     """Drop-in replacement for :class:`SeqPE` (same constructor plus ``backend``; same state dict).
 
@@ -98,6 +104,11 @@ class FusedSeqPE(SeqPE):
         device = torch.device(device)
         if torch.compiler.is_compiling():
             return _backend.resolve(self, self.backend, device)
+        if _fwd_ad._current_level >= 0 or _functorch_level() is not None:
+            # forward-mode AD (a dual level is open) or a torch.func transform (jvp, vmap, grad): the fused kernels
+            # carry no tangents and have no batching rule (tangents came out missing or wrong, silently), the eager
+            # reference's ATen ops have both. ~0.05 us per call
+            return "torch"
         # cached per (device, requested backend): availability does not change within a process, and the
         # checks (environment, extension status, config) cost ~10 us per call on the host
         key = (device, _backend.requested_backend(self.backend))
@@ -219,7 +230,8 @@ class FusedSeqPE(SeqPE):
         backends in C++). Under torch.compile: the same layer sequence over the registered seqpe:: operators
         (each with its fake and autograd formula), which is what the compiler traces."""
         dev = x.device
-        cdt = _compute_dtype(dev, self._parameters["cls_token_embed"].dtype)
+        cls = self._parameters.get("cls_token_embed")
+        cdt = _compute_dtype(dev, (cls if cls is not None else self.cls_token_embed).dtype)  # (parametrized: computed)
         plan = self._plan(cdt, from_positions)
         seeds = None
         rec = self.record_dropout_masks

@@ -389,7 +389,7 @@ def test_compile_fullgraph_parity(backend):
 
 # ----------------------------------------------------------------------------- GPU-only
 # (tests/conftest.py runs every gpu-marked test with TF32 off and float32 matmul precision "highest")
-def _lowp_case(dtype, cfg, M, seed=None, draws=3):
+def _lowp_case(dtype, cfg, M, seed=None, draws=3, params=False, device="cuda", backend="triton"):
     """Two-error rule (KERNEL_GUIDE §5, seqpe_kernels.check's constants): err(fused autocast) <= 2 * err(reference
     autocast) + LP_ATOL_ULPS * eps * max|ref|, per output and parameter gradient, against an fp32 reference.
 
@@ -400,16 +400,20 @@ def _lowp_case(dtype, cfg, M, seed=None, draws=3):
     eps = torch.finfo(dtype).eps
     worst = {}  # name -> (fused err, torch low-precision err, max|ref|)
     for _ in range(draws):
-        ref, fus = perturbed_pair(device="cuda", **cfg)
-        pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
+        ref, fus = perturbed_pair(device=device, backend=backend, **cfg)
+        pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device=device)
         y32 = ref(pos)
         g = torch.randn_like(y32)
         y32.backward(g)
         g32 = {n: p.grad.clone() for n, p in ref.named_parameters()}
         ref.zero_grad()
-        with torch.autocast("cuda", dtype=dtype):
-            yl = ref(pos)
-            yfl = fus(pos)
+        if params:  # the modules' parameters in the low precision (.to(dtype)), not autocast
+            ref, fus = ref.to(dtype), fus.to(dtype)
+            yl, yfl = ref(pos), fus(pos)
+        else:
+            with torch.autocast(device, dtype=dtype):
+                yl = ref(pos)
+                yfl = fus(pos)
         yl.float().backward(g), yfl.float().backward(g)
         qs = _two_error_quantities(dtype, (yfl, {n: p.grad for n, p in fus.named_parameters()}),
                                    (yl, {n: p.grad for n, p in ref.named_parameters()}), (y32, g32),
@@ -447,6 +451,22 @@ def test_gpu_parity_fp32_large(cfg):
 def test_gpu_parity_low_precision(cfg, dtype):
     s = _seed()
     _lowp_case(dtype, cfg, 1553, seed=s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_parity_low_precision_parameters(dtype, backend):
+    """Parameters stored in bf16 / fp16 (module.to(dtype), no autocast): the two-error rule against the fp32
+    reference, as under autocast. (Under the CPU interpreter Triton's bf16 arithmetic is unreliable, so only a GPU
+    can tell; an audit saw 0.58 there.)"""
+    if backend == "cuda":
+        from seqpe_kernels.backend import available_backends
+        ok, why = available_backends(torch.device("cuda"))["cuda"]
+        if not ok:
+            pytest.skip(f"the CUDA extension is not usable here: {why}")
+    s = _seed()
+    _lowp_case(dtype, GPU_CONFIGS[0], 1553, seed=s, params=True, backend=backend)
 
 
 # ------------------------------------------------ GPU-only: element offsets beyond 2**31 (int64 index arithmetic)

@@ -291,6 +291,12 @@ class _FusedView:
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dt, 5e-2)
         scale = want.abs().max().clamp_min(1e-30)
         err = ((got.to(dt) - want).abs().max() / scale).item()
+        if not err <= tol and not bool(torch.isfinite(want).all()) and bool(torch.isfinite(got).all()):
+            raise PatchError(
+                f"seqpe_kernels.patch: {type(m).__name__}.forward itself gives NaN / inf on the probe batch "
+                f"({dt}, {device}) where the fused encoder is finite: in fp64 the authors' fp32 attention mask "
+                "overflows to -inf, so fully masked rows become NaN (README, Notes on the reference). The fused "
+                "encoder promotes the mask as this package's SeqPE does; patch(..., verify=False) accepts that.")
         if not err <= tol:  # NaN included
             raise PatchError(
                 f"seqpe_kernels.patch: the fused encoder does not reproduce {type(m).__name__}.forward on a probe "

@@ -207,6 +207,20 @@ def test_patched_equals_unpatched(backend, config, training):
     assert fused_node_in(y), f"the fused encoder did not run (seed {s})"
 
 
+def test_fp64_authors_module_nan_is_named_not_blamed_on_a_fork():
+    """In fp64 the authors' fp32 mask overflows and their forward gives NaN on fully masked rows; the probe said
+    'a fork that changed the math?'. It now names the quirk, and verify=False runs the (finite) fused encoder."""
+    _backend_ok("cpu")
+    m = authors(mask_padding=True, max_digits=3).double().eval()
+    x, pm = digits_for(m, 5)
+    sk.patch(m, backend="cpu")
+    with pytest.raises(PatchError, match="itself gives NaN"):
+        m(x, pm.double())
+    sk.unpatch(m)
+    sk.patch(m, backend="cpu", verify=False)
+    assert torch.isfinite(m(x, pm.double())).all()
+
+
 @pytest.mark.parametrize("config", ["text", "image2d_bi_masked"])
 def test_short_digit_rows_run_the_authors_forward(config):
     """Digit rows shorter than data_dim*max_digits: the authors' forward encodes them as shorter sequences; the

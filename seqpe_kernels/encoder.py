@@ -75,33 +75,34 @@ def flat_params(m) -> List[Optional[torch.Tensor]]:
     weight_norm, orthogonal, ...) is not in those dicts: then every tensor is read through getattr, which
     computes it (the fused node's gradient then flows into its parametrization)."""
     try:
-        return _flat_params(m)
+        return _flat_params(m, _own)
     except KeyError:
         from torch.nn.utils import parametrize
 
         if not any(parametrize.is_parametrized(s) for s in m.modules()):
             raise
-        return _flat_params(m, get=True)
+        return _flat_params(m, _Computed)
 
 
-def _flat_params(m, get: bool = False) -> List[Optional[torch.Tensor]]:
-    if get:  # nn.Module.__getattr__ / parametrizations, for every tensor (the slow path)
-        class _Get(dict):
-            def __init__(self, mod):
-                super().__init__()
-                self.mod = mod
+def _own(mod):
+    return mod._parameters
 
-            def __getitem__(self, k):
-                return getattr(self.mod, k)
 
-            def get(self, k, default=None):
-                return getattr(self.mod, k, default)
+class _Computed:
+    """A module's tensors through nn.Module.__getattr__ (parametrizations computed), read like its _parameters."""
+    __slots__ = ("mod",)
 
-        def params(mod):
-            return _Get(mod)
-    else:
-        def params(mod):
-            return mod._parameters
+    def __init__(self, mod):
+        self.mod = mod
+
+    def __getitem__(self, k):
+        return getattr(self.mod, k)
+
+    def get(self, k, default=None):
+        return getattr(self.mod, k, default)
+
+
+def _flat_params(m, params) -> List[Optional[torch.Tensor]]:
     mods, prm = m._modules, params(m)
     ps = [params(mods["token_of_seqpe_embed"])["weight"], params(mods["pos_of_seqpe_embed"])["weight"],
           prm.get("dim_token_embed"), prm["cls_token_embed"]]

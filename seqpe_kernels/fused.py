@@ -55,11 +55,11 @@ def _refuse_submodule_hooks(m) -> None:
                            "seqpe_kernels.unpatch).")
 
 
-
 _fwd_ad = torch.autograd.forward_ad
 if not hasattr(_fwd_ad, "_current_level"):  # pragma: no cover - a torch without it: no dual level is ever seen
     _fwd_ad = type("_NoLevel", (), {"_current_level": -1})
 _functorch_level = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
 
 class FusedSeqPE(SeqPE):
     """Drop-in replacement for :class:`SeqPE` (same constructor plus ``backend``; same state dict).

@@ -17,6 +17,7 @@ GEMMs: explicit casts to the compute dtype (each weight cast once per call; fp32
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -84,8 +85,7 @@ def flat_params(m) -> List[Optional[torch.Tensor]]:
         return _flat_params(m, _Computed)
 
 
-def _own(mod):
-    return mod._parameters
+_own = operator.attrgetter("_parameters")  # (a C call: the fast path stays ~1.5 us for two layers)
 
 
 class _Computed:

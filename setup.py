@@ -18,7 +18,10 @@ import os
 from setuptools import setup
 
 ext_modules, cmdclass = [], {}
-if os.environ.get("SEQPE_KERNELS_BUILD_EXT", "0") == "1":
+_flag = os.environ.get("SEQPE_KERNELS_BUILD_EXT", "").strip().lower()
+if _flag not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+    raise SystemExit(f"SEQPE_KERNELS_BUILD_EXT={_flag!r}: use 1 / true / yes / on, or 0 / false / no / off")
+if _flag in ("1", "true", "yes", "on"):
     import re
 
     try:
@@ -46,8 +49,14 @@ if os.environ.get("SEQPE_KERNELS_BUILD_EXT", "0") == "1":
     def _tag(s: str) -> str:  # as seqpe_kernels._ext._version_token
         return re.sub(r"[^A-Za-z0-9.+_]", "_", s)
 
+    import importlib.util as _ilu
+
+    _spec = _ilu.spec_from_file_location("_srchash", os.path.join(here, "seqpe_kernels", "_srchash.py"))
+    _srchash = _ilu.module_from_spec(_spec)
+    _spec.loader.exec_module(_srchash)
     defines = [f"-DSEQPE_TORCH_VERSION={_tag(torch.__version__)}",
-               f"-DSEQPE_CUDA_VERSION={_tag(torch.version.cuda or 'none') if with_cuda else 'none'}"]
+               f"-DSEQPE_CUDA_VERSION={_tag(torch.version.cuda or 'none') if with_cuda else 'none'}",
+               f"-DSEQPE_SOURCE_HASH={_srchash.source_hash(os.path.join(here, csrc))}"]  # (_load_aot compares)
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *defines]
     if os.environ.get("SEQPE_KERNELS_CPU_ARCH"):
         cxx.append(os.environ["SEQPE_KERNELS_CPU_ARCH"])

@@ -1237,5 +1237,9 @@ TORCH_LIBRARY_IMPL(seqpe_ext, CPU, m) {
 #ifndef SEQPE_CUDA_VERSION
 #define SEQPE_CUDA_VERSION none
 #endif
+#ifndef SEQPE_SOURCE_HASH
+#define SEQPE_SOURCE_HASH unknown
+#endif
 extern "C" __attribute__((used, visibility("default"))) const char seqpe_ext_build_info[] =
-    "SEQPE_EXT_BUILD_INFO{torch=" SEQPE_STR(SEQPE_TORCH_VERSION) ";cuda=" SEQPE_STR(SEQPE_CUDA_VERSION) "}";
+    "SEQPE_EXT_BUILD_INFO{torch=" SEQPE_STR(SEQPE_TORCH_VERSION) ";cuda=" SEQPE_STR(SEQPE_CUDA_VERSION)
+    ";src=" SEQPE_STR(SEQPE_SOURCE_HASH) "}";

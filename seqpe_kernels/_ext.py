@@ -16,6 +16,8 @@ the path of the compiler log). ``SEQPE_KERNELS_NO_EXT=1`` disables the extension
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -25,6 +27,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -53,8 +56,22 @@ class ExtensionUnavailable(RuntimeError):
     """The C++/CUDA extension cannot be loaded or built here; the message says why."""
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off/unset (any case); anything else raises
+    naming it (``SEQPE_KERNELS_NO_EXT=ture`` must not quietly build and run the extension)."""
+    v = os.environ.get(name, "").strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{name}={os.environ.get(name)!r}: use 1 / true / yes / on, or 0 / false / no / off")
+
+
 def disabled() -> bool:
-    return os.environ.get("SEQPE_KERNELS_NO_EXT", "0") == "1"
+    return env_flag("SEQPE_KERNELS_NO_EXT")
 
 
 def _running() -> str:
@@ -138,10 +155,25 @@ def _build_directory(name: str) -> str:
         return os.path.join(root, name)
 
 
+def source_hash() -> str:
+    """csrc/'s content hash (``_srchash``), once per process; "none" without csrc/ (an installed package)."""
+    if not _SOURCE_HASH:
+        from ._srchash import source_hash as _hash
+
+        _SOURCE_HASH.append(_hash(CSRC) if CSRC.is_dir() else "none")
+    return _SOURCE_HASH[0]
+
+
+_SOURCE_HASH: list = []
+
+
 def build_name(with_cuda: bool) -> str:
+    """The JIT build's folder name: torch / CUDA / ISA, and this checkout's csrc/ path (two checkouts sharing one
+    TORCH_EXTENSIONS_DIR rebuilt each other on every start: build.ninja holds absolute source paths)."""
     tag, _ = _cpu_tag_and_flags()
     cu = f"_cu{_sanitize(torch.version.cuda)}" if with_cuda else ""
-    return f"seqpe_ext_t{_sanitize(torch.__version__.split('+')[0])}{cu}_{tag}{_sanitizers()[1]}"
+    where = hashlib.sha1(str(CSRC).encode()).hexdigest()[:6]
+    return f"seqpe_ext_t{_sanitize(torch.__version__.split('+')[0])}{cu}_{tag}_p{where}{_sanitizers()[1]}"
 
 
 def _version_token(v: str) -> str:
@@ -150,12 +182,15 @@ def _version_token(v: str) -> str:
 
 
 def _version_defines():
+    # the source hash as a flag too: a changed flag makes torch rewrite build.ninja and ninja rebuild, whatever
+    # the sources' timestamps say
     return [f"-DSEQPE_TORCH_VERSION={_version_token(torch.__version__)}",
-            f"-DSEQPE_CUDA_VERSION={_version_token(torch.version.cuda or 'none')}"]
+            f"-DSEQPE_CUDA_VERSION={_version_token(torch.version.cuda or 'none')}",
+            f"-DSEQPE_SOURCE_HASH={source_hash()}"]
 
 
 def _read_build_info(path: str) -> str:
-    """'torch=...;cuda=...' from a built library without loading it (the marker string in ops_cpu.cpp)."""
+    """'torch=...;cuda=...;src=...' from a built library without loading it (the marker string in ops_cpu.cpp)."""
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -186,7 +221,16 @@ def _load_aot() -> Optional[str]:
         spec = None
     if spec is None:
         return None
+    if _sanitizers()[0]:  # a sanitized run must test instrumented code: the JIT build with the sanitizers
+        log.warning("seqpe_kernels: SEQPE_KERNELS_SANITIZE is set: the prebuilt %s is not used", spec.origin)
+        return None
     built = _read_build_info(spec.origin)
+    src = dict(kv.split("=", 1) for kv in built.split(";") if "=" in kv).get("src")
+    if CSRC.is_dir() and src != source_hash():  # (a checkout: its sources changed since the build, or unknown)
+        log.warning("seqpe_kernels: the prebuilt %s was built from other sources (%s, these are %s): using the "
+                    "JIT build of these instead; rebuild it with SEQPE_KERNELS_BUILD_EXT=1 pip install "
+                    "--no-build-isolation -e .", spec.origin, src or "not recorded", source_hash())
+        return None
     how = ("Rebuild it (SEQPE_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .) or delete it to use the "
            "JIT build")
     what = _build_mismatch(built)
@@ -200,6 +244,38 @@ def _load_aot() -> Optional[str]:
             f"the prebuilt seqpe_kernels._C ({spec.origin}) does not load: {e}. It was built for "
             f"{built.replace(';', ', ')}; running {_running()}. {how}")
     return spec.origin
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """One build per folder at a time, by an OS file lock the kernel releases when its process dies. torch's own
+    lock (a ``lock`` file it waits on forever) outlives a build killed by a signal (timeout, Slurm, a dropped ssh
+    session, the OOM killer) and then hung every later first use, ``seqpe-kernels env`` included. Every build of
+    this package takes this lock first, so a torch ``lock`` found while holding it is such a leftover: removed."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: torch's lock alone
+        yield
+        return
+    with open(os.path.join(build_dir, "seqpe.lock"), "a+") as f:
+        t0, said = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not said and time.monotonic() - t0 > 5:
+                    log.warning("seqpe_kernels: waiting for another process's build in %s", build_dir)
+                    said = True
+                time.sleep(0.2)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                log.warning("seqpe_kernels: removing %s, left by a build that was killed", stale)
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _compile(name: str, with_cuda: bool) -> str:
@@ -228,10 +304,11 @@ def _compile(name: str, with_cuda: bool) -> str:
         cuda_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                        "-gencode=arch=compute_90,code=compute_90"]
     try:
-        cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp", *san],
-                           extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
-                           extra_include_paths=wheel_cuda_includes() if with_cuda else None,
-                           is_python_module=False, verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
+        with _build_lock(build_dir):
+            cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp", *san],
+                               extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
+                               extra_include_paths=wheel_cuda_includes() if with_cuda else None,
+                               is_python_module=False, verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
     except Exception as e:
         log_path = os.path.join(build_dir, "seqpe_build_error.log")
         try:
@@ -242,7 +319,8 @@ def _compile(name: str, with_cuda: bool) -> str:
             log_path = "(could not write the log)"
         msg = str(e)
         first = next((ln for ln in msg.splitlines() if re.search(r"\b(fatal )?error:", ln)),
-                     msg.splitlines()[0] if msg else type(e).__name__)
+                     next((ln for ln in msg.splitlines() if re.search(r"not found|No such file|FAILED:", ln)),
+                          msg.splitlines()[0] if msg else type(e).__name__))
         raise ExtensionUnavailable(f"building the C++{'/CUDA' if with_cuda else ''} extension {name} failed for "
                                    f"{_running()}: {first.strip()[:300]} (full compiler output: {log_path})") from e
     return so
@@ -295,11 +373,12 @@ def emulator():
             build_dir = _build_directory(name)
             os.makedirs(build_dir, exist_ok=True)
             # -O1: a quicker build; the emulated kernels only ever run on small test shapes
-            cpp_extension.load(name=name, sources=[str(CSRC / "emu" / s) for s in ("ops_cuda_emu.cpp",
-                                                                                     "encoder_emu.cpp")],
-                               extra_cflags=["-O1", "-Wno-unknown-pragmas", *san, *_version_defines()],
-                               extra_ldflags=san, build_directory=build_dir, is_python_module=False,
-                               verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
+            with _build_lock(build_dir):
+                cpp_extension.load(name=name,
+                                   sources=[str(CSRC / "emu" / s) for s in ("ops_cuda_emu.cpp", "encoder_emu.cpp")],
+                                   extra_cflags=["-O1", "-Wno-unknown-pragmas", *san, *_version_defines()],
+                                   extra_ldflags=san, build_directory=build_dir, is_python_module=False,
+                                   verbose=os.environ.get("SEQPE_KERNELS_VERBOSE_BUILD") == "1")
             _emu_ops = torch.ops.seqpe_emu
     return _emu_ops
 
@@ -308,6 +387,9 @@ def _jit_build() -> str:
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
+    if os.environ.get("CXX") and shutil.which(cxx.split()[0]) is None:  # torch compiles with $CXX when it is set
+        raise ExtensionUnavailable(f"CXX={cxx!r} is not an executable on PATH (torch builds extensions with $CXX): "
+                                   "point it at a C++ compiler or unset it")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         raise ExtensionUnavailable(
             f"no C++ compiler found ({cxx!r} / 'g++' not on PATH): install g++ (e.g. apt-get install g++) "

@@ -13,6 +13,7 @@ with the reason; ``auto`` falls back with one warning per (reason) naming why.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -129,17 +130,36 @@ def config_problem(module, name: str) -> Optional[str]:
 _warned = set()
 
 
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
 def _warn_once(msg: str):
     if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        f, level = sys._getframe(0), 1  # point at the first frame outside this package and torch (the user's)
+        while f is not None and f.f_code.co_filename.startswith(_INTERNAL):
+            f, level = f.f_back, level + 1
+        warnings.warn(msg, RuntimeWarning, stacklevel=level)
+        _warned.add(msg)  # (after the warning: under -W error it raised, and the next call must raise again)
+
+
+ENV = "SEQPE_KERNELS_BACKEND"
 
 
 def requested_backend(requested: str) -> str:
-    """The backend asked for: ``requested``, or for "auto" the SEQPE_KERNELS_BACKEND override if set."""
+    """The backend asked for: ``requested``, or for "auto" the SEQPE_KERNELS_BACKEND override if set (spaces and
+    case ignored; an unknown value raises naming the variable)."""
     if requested == "auto":
-        requested = os.environ.get("SEQPE_KERNELS_BACKEND", "auto") or "auto"
+        env = os.environ.get(ENV, "").strip().lower() or "auto"
+        if env not in ("auto",) + BACKENDS:
+            raise ValueError(f"{ENV}={os.environ.get(ENV)!r}: choose auto, {', '.join(BACKENDS)} (or unset it)")
+        return env
     return requested
+
+
+def _asked(requested: str) -> str:
+    """How the request reads in an error: the argument, or the environment variable that overrode 'auto'."""
+    env = os.environ.get(ENV, "").strip().lower()
+    return f"{ENV}={env}" if env and env != "auto" and requested == env else f"backend={requested!r}"
 
 
 @torch.compiler.assume_constant_result
@@ -157,14 +177,16 @@ def _status(name: str, device: torch.device) -> Tuple[bool, str]:
 
 def resolve(module, requested: str, device: torch.device) -> str:
     """Backend that will run `module` on tensors of `device` (raises/warns as described above)."""
+    asked = requested
     requested = requested_backend(requested)
     if requested != "auto":
+        said = _asked(requested) if asked == "auto" else f"backend={requested!r}"
         ok, why = _status(requested, device)
         if not ok:
-            raise BackendUnavailable(f"backend={requested!r} cannot run here: {why}")
+            raise BackendUnavailable(f"{said} cannot run here: {why}")
         prob = config_problem(module, requested)
         if prob:
-            raise BackendUnavailable(f"backend={requested!r} does not support this configuration: {prob}")
+            raise BackendUnavailable(f"{said} does not support this configuration: {prob}")
         return requested
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
     reasons = []

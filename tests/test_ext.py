@@ -576,3 +576,84 @@ def test_cuda_plan_names_a_cuda_home_without_the_runtime(monkeypatch, tmp_path):
         (tmp_path / sub / "libcudart.so.13").write_bytes(b"")
         assert _ext.cuda_plan() == (True, f"nvcc 13.0 at {tmp_path}")
         (tmp_path / sub / "libcudart.so.13").unlink()
+
+
+# ------------------------------------------------------------------ the build: locks, sources, stale libraries
+def test_a_build_killed_midway_leaves_no_lock_that_hangs_later_ones(tmp_path):
+    """torch's JIT lock (a file waited on forever) outlived a build killed by a signal and hung every later first
+    use. Builds take an OS file lock first; a torch lock found while holding it is a leftover and goes."""
+    import fcntl
+    import threading
+
+    (tmp_path / "lock").write_text("")  # what a killed build leaves
+    with _ext._build_lock(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+    # a live build elsewhere holds the OS lock: the next one waits for it, then runs
+    holder = open(tmp_path / "seqpe.lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    entered = threading.Event()
+
+    def second():
+        with _ext._build_lock(str(tmp_path)):
+            entered.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not entered.wait(0.6)
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    assert entered.wait(10)
+    t.join()
+
+
+def test_source_hash_sees_contents_not_timestamps(tmp_path):
+    """A source copied with an older timestamp (tar, rsync -a, cp -p) was not rebuilt: ninja compares times."""
+    import os
+    import shutil
+
+    from seqpe_kernels._srchash import source_hash
+
+    src = tmp_path / "csrc"
+    shutil.copytree(_ext.CSRC, src)
+    h0 = source_hash(src)
+    f = src / "ops_cpu.cpp"
+    st = f.stat()
+    f.write_text(f.read_text() + "\n// changed\n")
+    os.utime(f, (st.st_atime - 10 ** 6, st.st_mtime - 10 ** 6))  # older than before
+    assert source_hash(src) != h0
+    assert f"-DSEQPE_SOURCE_HASH={_ext.source_hash()}" in _ext._version_defines()
+
+
+def test_a_prebuilt_library_from_other_sources_or_under_sanitizers_is_not_loaded(tmp_path, monkeypatch, caplog):
+    """An ahead-of-time seqpe_kernels._C was loaded whatever csrc/ held since (git pull), and also under
+    SEQPE_KERNELS_SANITIZE (the sanitizer run then tested uninstrumented code)."""
+    import importlib.util
+    import types
+
+    lib = tmp_path / "_C.so"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: types.SimpleNamespace(origin=str(lib)) if name == "seqpe_kernels._C" else None)
+    lib.write_bytes(b"\0ELF SEQPE_EXT_BUILD_INFO{torch=x;cuda=none;src=0123456789ab}\0")
+    with caplog.at_level("WARNING", logger="seqpe_kernels._ext"):
+        assert _ext._load_aot() is None
+    assert "built from other sources" in caplog.text
+    monkeypatch.setenv("SEQPE_KERNELS_SANITIZE", "undefined")
+    lib.write_bytes(b"\0ELF SEQPE_EXT_BUILD_INFO{torch=x;cuda=none;src=" + _ext.source_hash().encode() + b"}\0")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seqpe_kernels._ext"):
+        assert _ext._load_aot() is None
+    assert "SANITIZE" in caplog.text
+
+
+def test_build_environment_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.raises(_ext.ExtensionUnavailable, match="CXX='/nonexistent/g\\+\\+' is not an executable"):
+        _ext._jit_build()
+    monkeypatch.delenv("CXX")
+    for v, want in (("1", True), ("TRUE", True), (" yes ", True), ("on", True), ("0", False), ("", False),
+                    ("off", False)):
+        monkeypatch.setenv("SEQPE_KERNELS_NO_EXT", v)
+        assert _ext.env_flag("SEQPE_KERNELS_NO_EXT") is want
+    monkeypatch.setenv("SEQPE_KERNELS_NO_EXT", "ture")
+    with pytest.raises(ValueError, match="SEQPE_KERNELS_NO_EXT='ture'"):
+        _ext.disabled()

@@ -580,3 +580,49 @@ def test_parametrized_layers_run_fused_with_the_references_gradients(backend):
     assert grads[1][1].keys() == grads[0][1].keys()
     for n in grads[0][1]:
         torch.testing.assert_close(grads[1][1][n], grads[0][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_backend_environment_variable_is_normalised_and_named(monkeypatch):
+    """SEQPE_KERNELS_BACKEND=' CPU ' raised "unknown backend 'CPU'" at the first call, and an override that cannot
+    run was reported as if the caller had passed backend='...'."""
+    from seqpe_kernels.backend import BackendUnavailable
+
+    pos = torch.arange(4)
+    monkeypatch.setenv("SEQPE_KERNELS_BACKEND", " Torch ")
+    assert sk.FusedSeqPE(16, 2, 2).resolved_backend(pos.device) == "torch"
+    monkeypatch.setenv("SEQPE_KERNELS_BACKEND", "cpux")
+    with pytest.raises(ValueError, match="SEQPE_KERNELS_BACKEND='cpux'"):
+        sk.FusedSeqPE(16, 2, 2)(pos)
+    monkeypatch.setenv("SEQPE_KERNELS_BACKEND", "cuda")  # (no GPU here: the override cannot run)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="SEQPE_KERNELS_BACKEND=cuda cannot run here"):
+            sk.FusedSeqPE(16, 2, 2)(pos)
+
+
+def test_auto_fallback_warning_points_at_the_caller_and_repeats_under_w_error(tmp_path):
+    """Under -W error the first fallback warning raised and later calls fell back silently; the warning pointed
+    inside the package."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, warnings\n"
+        "os.environ['SEQPE_KERNELS_NO_EXT'] = '1'\n"
+        "import torch, seqpe_kernels as sk\n"
+        "for i in range(2):\n"
+        "    try:\n"
+        "        sk.FusedSeqPE(16, 2, 2)(torch.arange(3))\n"
+        "        print('ran', i)\n"
+        "    except RuntimeWarning as e:\n"
+        "        print('raised', i)\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import seqpe_kernels.backend as b; b._warned.clear()\n"
+        "    sk.FusedSeqPE(16, 2, 2)(torch.arange(3))  # line 14\n"
+        "print('at', [(os.path.basename(x.filename), x.lineno) for x in w])\n")
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", str(script)], capture_output=True, text=True,
+                       timeout=120)
+    assert "raised 0" in r.stdout and "raised 1" in r.stdout, r.stdout + r.stderr
+    assert "('s.py', 14)" in r.stdout, r.stdout

@@ -440,3 +440,18 @@ def test_encoder_weight_decay_groups_follow_each_reference_pipeline(task):
     assert any(n.endswith("c_attn.bias") for n, p in enc.named_parameters() if id(p) in decayed) == (task == "lm")
     for name, p in model.named_parameters():  # the model: matrices only, in both
         assert (id(p) in decayed) == (p.dim() >= 2 and not any(k in name for k in ("wte", "cls_token"))), name
+
+
+def test_image_folder_without_held_out_images_is_not_scored_on_training_images(tmp_path):
+    """One image per class leaves no held-out split: accuracy was then measured on the training images and
+    reported as held-out. Now those rows are n/a with the reason."""
+    pil = pytest.importorskip("PIL.Image")
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        pil.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / "imgs" / c / "0.png")
+    cfg = T.TrainConfig(task="vit", pe="learned", steps=1, batch_size=2, img_size=8, patch_size=4, model_dim=16,
+                        model_heads=2, model_layers=1, max_position=16, eval_scales=(1,), data=str(tmp_path / "imgs"),
+                        backend="torch", progress=False)
+    row = T.train(cfg, log=lambda *a, **k: None)["eval"]["rows"][0]
+    assert row["value"] is None and "no held-out images" in row["note"]

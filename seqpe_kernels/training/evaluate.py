@@ -67,8 +67,12 @@ def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: t
             if data is None:
                 x, lab = synthetic_images(np.random.default_rng([cfg.seed, 31337, grid]), cfg.eval_samples, grid,
                                           cfg.patch_size)
+            elif not data.eval_files:  # (held-out accuracy is never measured on the training images)
+                rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": None, "samples": 0,
+                             "note": "the image folder has no held-out images"})
+                continue
             else:
-                x, lab = ImageFolderData.load(data.eval_files or data.train_files, size)
+                x, lab = ImageFolderData.load(data.eval_files, size)
             pe = enc(torch.from_numpy(grid_positions(0, 0, grid, grid)).to(device)).view(1, grid * grid, -1)
             correct = 0
             for i in range(0, len(lab), 64):

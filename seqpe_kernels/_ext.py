@@ -388,8 +388,8 @@ def _jit_build() -> str:
 
     cxx = os.environ.get("CXX", "c++")
     if os.environ.get("CXX") and shutil.which(cxx.split()[0]) is None:  # torch compiles with $CXX when it is set
-        raise ExtensionUnavailable(f"CXX={cxx!r} is not an executable on PATH (torch builds extensions with $CXX): "
-                                   "point it at a C++ compiler or unset it")
+        raise ExtensionUnavailable(f"no C++ compiler: CXX={cxx!r} is not an executable on PATH (torch builds "
+                                   "extensions with $CXX): point it at a C++ compiler or unset it")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         raise ExtensionUnavailable(
             f"no C++ compiler found ({cxx!r} / 'g++' not on PATH): install g++ (e.g. apt-get install g++) "

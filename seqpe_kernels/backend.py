@@ -175,6 +175,31 @@ def _status(name: str, device: torch.device) -> Tuple[bool, str]:
     return status(name, device)
 
 
+def auto_order(device: torch.device) -> Tuple[str, ...]:
+    """The backends ``auto`` tries on ``device``, first usable wins."""
+    return ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+
+
+def auto_choice(device) -> str:
+    """What ``backend="auto"`` runs on ``device`` for an encoder every backend supports (``seqpe-kernels env``),
+    with the reason: the SEQPE_KERNELS_BACKEND override, or the first usable backend of :func:`auto_order`."""
+    device = torch.device(device)
+    try:
+        req = requested_backend("auto")
+    except ValueError as e:
+        return f"nothing: {e}"
+    if req != "auto":
+        ok, why = status(req, device)
+        return f"{req} ({ENV}={req})" if ok else f"nothing: {ENV}={req} cannot run here ({why})"
+    skipped = []
+    for name in auto_order(device):
+        ok, why = status(name, device)
+        if ok:
+            return name + (f" (unusable first: {', '.join(skipped)})" if skipped else "")
+        skipped.append(name)
+    return "nothing usable"
+
+
 def resolve(module, requested: str, device: torch.device) -> str:
     """Backend that will run `module` on tensors of `device` (raises/warns as described above)."""
     asked = requested
@@ -188,7 +213,7 @@ def resolve(module, requested: str, device: torch.device) -> str:
         if prob:
             raise BackendUnavailable(f"{said} does not support this configuration: {prob}")
         return requested
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    order = auto_order(device)
     reasons = []
     for name in order:
         ok, why = _status(name, device)

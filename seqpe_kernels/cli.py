@@ -170,7 +170,7 @@ def _env_run(args) -> int:
     import torch
 
     from . import __version__
-    from .backend import available_backends, interpret_mode
+    from .backend import auto_choice, available_backends, interpret_mode
 
     print(f"seqpe-kernels {__version__}")
     print(f"python      {platform.python_version()} ({sys.executable})")
@@ -191,6 +191,7 @@ def _env_run(args) -> int:
         print(f"\nbackends for device {dev}:")
         for name, (ok, why) in available_backends(dev).items():
             print(f"  {name:<7} {'usable' if ok else 'unusable':<9} {why}")
+        print(f"  backend='auto' runs: {auto_choice(dev)}")
     return 0
 
 

@@ -51,6 +51,18 @@ def test_subcommand_table_is_extensible(capsys):
         cli.SUBCOMMANDS.update(table)
 
 
+def test_env_says_what_auto_runs(capsys, monkeypatch):
+    """env listed the backends and the raw SEQPE_KERNELS_BACKEND value but not what backend='auto' would run."""
+    from seqpe_kernels.backend import auto_order, available_backends
+
+    assert cli.main(["env", "--device", "cpu"]) == 0
+    usable = [b for b in auto_order(torch.device("cpu")) if available_backends("cpu")[b][0]]
+    assert f"backend='auto' runs: {usable[0]}" in capsys.readouterr().out
+    monkeypatch.setenv("SEQPE_KERNELS_BACKEND", "Bogus")
+    assert cli.main(["env", "--device", "cpu"]) == 0
+    assert "backend='auto' runs: nothing: SEQPE_KERNELS_BACKEND='Bogus'" in capsys.readouterr().out
+
+
 def test_check_passes_on_cpu(capsys):
     rc = cli.main(["check", "--device", "cpu", "--seed", "1234"])
     out = capsys.readouterr().out
@@ -429,8 +441,9 @@ def test_env_cuda_on_cpu_only_machine_says_unusable(capsys):
     assert cli.main(["env", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     table = out.split("backends for device cuda:")[1].splitlines()[1:]
-    rows = {ln.split()[0]: ln for ln in table if ln.strip()}
+    rows = {ln.split()[0]: ln for ln in table if ln.strip() and "backend='auto' runs" not in ln}
     assert set(rows) == set(BACKENDS)
+    assert "backend='auto' runs: nothing usable" in out or torch.cuda.is_available()
     for b, ln in rows.items():
         assert ln.split()[1] == "unusable" and "CUDA is not available" in ln, ln
 

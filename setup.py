@@ -14,10 +14,30 @@ C++/CUDA extension (csrc/) is JIT-built by seqpe_kernels._ext on first use of th
 module will run with; seqpe_kernels._ext reports a mismatch with both versions).
 """
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
 
-ext_modules, cmdclass = [], {}
+
+class build_py(_build_py):
+    """A non-editable install (a wheel) carries csrc/ inside the package as seqpe_kernels/csrc, so that the C++
+    extension can still be JIT-built there (seqpe_kernels._ext looks beside the package, then inside it). An
+    editable install reads the checkout's csrc/ directly."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+        dst = os.path.join(self.build_lib, "seqpe_kernels", "csrc")
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, dirs_exist_ok=True,
+                            ignore=lambda d, names: [n for n in names if not os.path.isdir(os.path.join(d, n))
+                                                     and not n.endswith((".cpp", ".cu", ".h", ".cuh"))])
+
+
+ext_modules, cmdclass = [], {"build_py": build_py}
 _flag = os.environ.get("SEQPE_KERNELS_BUILD_EXT", "").strip().lower()
 if _flag not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
     raise SystemExit(f"SEQPE_KERNELS_BUILD_EXT={_flag!r}: use 1 / true / yes / on, or 0 / false / no / off")
@@ -83,6 +103,6 @@ if _flag in ("1", "true", "yes", "on"):
           + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, NVCC_THREADS={nvcc_threads}"
              if with_cuda else ""))
     ext_modules = [ext]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

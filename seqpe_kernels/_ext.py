@@ -36,7 +36,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_PKG = Path(__file__).resolve().parent
+# a checkout (or an editable install): csrc/ beside the package; a wheel install: the copy inside it (setup.py)
+CSRC = next((c for c in (_PKG.parent / "csrc", _PKG / "csrc") if (c / "ops_cpu.cpp").is_file()),
+            _PKG.parent / "csrc")
 CPU_SOURCES = ("ops_cpu.cpp", "encoder.cpp")
 CUDA_SOURCES = ("ops_cuda.cu",)
 PROBE_OP = "seqpe_ext::gelu_new_fwd"

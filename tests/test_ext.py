@@ -658,3 +658,28 @@ def test_build_environment_errors_name_the_variable(monkeypatch):
     monkeypatch.setenv("SEQPE_KERNELS_NO_EXT", "ture")
     with pytest.raises(ValueError, match="SEQPE_KERNELS_NO_EXT='ture'"):
         _ext.disabled()
+
+
+def test_a_wheel_carries_the_sources_the_extension_is_built_from(tmp_path):
+    """A non-editable install had no csrc/ (only the checkout does), so the C++ backend could never be built there:
+    'auto' fell back to eager with a warning. A wheel's package build (setup.py's build_py, which pip runs to make
+    the wheel) now puts csrc/ inside the package, and _ext finds it there."""
+    import shutil
+
+    src = tmp_path / "src"
+    skip = {".venv", ".git", "build", "dist", "out", ".hypothesis", ".pytest_cache", "__pycache__", ".benchmarks"}
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in skip or n.endswith(".egg-info")
+                                                        or n.endswith(".so")])
+    lib = tmp_path / "lib"
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=src,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("ops_cpu.cpp", "encoder.cpp", "ops_cuda.cu", "seqpe_ext.h", "emu/cuda_emu.h"):
+        assert (lib / "seqpe_kernels" / "csrc" / f).is_file(), f
+    code = "from seqpe_kernels import _ext; print(_ext.CSRC); print(_ext.source_hash())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(lib)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    where, digest = r.stdout.split()
+    assert where == str(lib / "seqpe_kernels" / "csrc")
+    assert digest == _ext.source_hash()  # the same sources as this checkout's

@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("csv", nargs="+", help="bench CSVs (seqpe-kernels bench --csv ...)")
     ap.add_argument("--out", help="write the markdown here as well as to stdout")
     a = ap.parse_args(argv)
-    if a.out and output_path_problem(a.out):
-        print(f"readme_table: --out {a.out}: {output_path_problem(a.out)}", file=sys.stderr)
+    why = output_path_problem(a.out) if a.out else None
+    if why:
+        print(f"readme_table: --out {a.out}: {why}", file=sys.stderr)
         return 2
     rows = []
     for path in a.csv:

@@ -17,6 +17,7 @@ the path of the compiler log). ``SEQPE_KERNELS_NO_EXT=1`` disables the extension
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -158,16 +159,12 @@ def _build_directory(name: str) -> str:
         return os.path.join(root, name)
 
 
+@functools.lru_cache(maxsize=None)
 def source_hash() -> str:
-    """csrc/'s content hash (``_srchash``), once per process; "none" without csrc/ (an installed package)."""
-    if not _SOURCE_HASH:
-        from ._srchash import source_hash as _hash
+    """csrc/'s content hash (``_srchash``), once per process; "none" without csrc/."""
+    from ._srchash import source_hash as _hash
 
-        _SOURCE_HASH.append(_hash(CSRC) if CSRC.is_dir() else "none")
-    return _SOURCE_HASH[0]
-
-
-_SOURCE_HASH: list = []
+    return _hash(CSRC) if CSRC.is_dir() else "none"
 
 
 def build_name(with_cuda: bool) -> str:
@@ -202,9 +199,14 @@ def _read_build_info(path: str) -> str:
     return m.group(1).decode(errors="replace") if m else "unknown"
 
 
+def _build_fields(built: str) -> Dict[str, str]:
+    """{'torch': ..., 'cuda': ..., 'src': ...} of a build-information string ('torch=...;cuda=...;src=...')."""
+    return dict(kv.split("=", 1) for kv in built.split(";") if "=" in kv)
+
+
 def _build_mismatch(built: str) -> Optional[str]:
     """Why a library built for ``built`` ('torch=...;cuda=...') must not be loaded by the running torch."""
-    fields = dict(kv.split("=", 1) for kv in built.split(";") if "=" in kv)
+    fields = _build_fields(built)
     want_torch, want_cuda = _version_token(torch.__version__), _version_token(torch.version.cuda or "none")
     if fields.get("torch") not in (None, "unknown", want_torch):
         return "torch"
@@ -228,7 +230,7 @@ def _load_aot() -> Optional[str]:
         log.warning("seqpe_kernels: SEQPE_KERNELS_SANITIZE is set: the prebuilt %s is not used", spec.origin)
         return None
     built = _read_build_info(spec.origin)
-    src = dict(kv.split("=", 1) for kv in built.split(";") if "=" in kv).get("src")
+    src = _build_fields(built).get("src")
     if CSRC.is_dir() and src != source_hash():  # (a checkout: its sources changed since the build, or unknown)
         log.warning("seqpe_kernels: the prebuilt %s was built from other sources (%s, these are %s): using the "
                     "JIT build of these instead; rebuild it with SEQPE_KERNELS_BUILD_EXT=1 pip install "

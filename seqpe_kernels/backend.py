@@ -156,12 +156,6 @@ def requested_backend(requested: str) -> str:
     return requested
 
 
-def _asked(requested: str) -> str:
-    """How the request reads in an error: the argument, or the environment variable that overrode 'auto'."""
-    env = os.environ.get(ENV, "").strip().lower()
-    return f"{ENV}={env}" if env and env != "auto" and requested == env else f"backend={requested!r}"
-
-
 @torch.compiler.assume_constant_result
 def _status_constant(name: str, device_type: str, index: int) -> Tuple[bool, str]:
     """status() run by torch.compile at trace time, outside the trace: a first call may build or load the C++
@@ -205,7 +199,7 @@ def resolve(module, requested: str, device: torch.device) -> str:
     asked = requested
     requested = requested_backend(requested)
     if requested != "auto":
-        said = _asked(requested) if asked == "auto" else f"backend={requested!r}"
+        said = f"{ENV}={requested}" if asked == "auto" else f"backend={requested!r}"  # ('auto' overridden)
         ok, why = _status(requested, device)
         if not ok:
             raise BackendUnavailable(f"{said} cannot run here: {why}")

@@ -230,12 +230,10 @@ def _bench_check_outputs(args) -> None:
     cannot be written, one file for both outputs, a plot format matplotlib cannot write."""
     import os
 
-    import torch
-
     from .bench import CONFIGS
-    from .bench.run import default_csv_path
+    from .bench.run import _resolve_device, default_csv_path
 
-    dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _resolve_device(args.device)
     tf32 = [c for c in args.config if c in CONFIGS and CONFIGS[c].tf32]
     if tf32 and dev.type != "cuda":
         raise UsageError(f"--config {' '.join(tf32)}: TF32 is a CUDA GEMM mode (device {dev}); off CUDA it would "
@@ -262,7 +260,7 @@ def _bench_check_outputs(args) -> None:
         except Exception:  # no matplotlib: the run says it cannot plot
             formats = None
         if formats is not None and ext not in formats:
-            raise UsageError(f"--png {getattr(args, 'png')}: matplotlib cannot write '.{ext}' files; use one of "
+            raise UsageError(f"--png {args.png}: matplotlib cannot write '.{ext}' files; use one of "
                              f"{', '.join(sorted(formats))}")
 
 

@@ -218,6 +218,19 @@ def test_prefix_shared_forward_eager_when_asked_or_dropout(monkeypatch):
     monkeypatch.delenv("SEQPE_KERNELS_BACKEND")
     prefix_shared_forward(fus, pos)
     assert spy.calls == 1
+    # a C++ backend named (by the module or the override) runs no Triton kernel: the eager chain
+    fus.backend = "torch"
+    want = fus(pos)
+    for how in ("module", "env"):
+        spy.calls = 0
+        if how == "module":
+            fus.backend = "cuda"
+        else:
+            fus.backend = "auto"
+            monkeypatch.setenv("SEQPE_KERNELS_BACKEND", "cpu")
+        torch.testing.assert_close(prefix_shared_forward(fus, pos), want, rtol=1e-5, atol=1e-6)
+        assert spy.calls == 0, how
+    monkeypatch.delenv("SEQPE_KERNELS_BACKEND")
     # attention dropout active: the op has no dropout, so the eager attention runs
     m = make(D=16, H=2, K=3, layers=1, attn_pdrop=0.1).to(DEV).train()
     spy.calls = 0

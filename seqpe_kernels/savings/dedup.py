@@ -206,11 +206,12 @@ def _drop(x, site):
 
 def _fused_prefix_attention(module: nn.Module, device: torch.device) -> bool:
     """Whether prefix_shared_forward runs its ancestor attention with the seqpe::prefix_attention Triton op:
-    where seqpe_kernels.backend says Triton can run (CUDA tensors, or the interpreter on CPU), unless the
-    module asks for the eager reference (``backend="torch"``, or ``SEQPE_KERNELS_BACKEND=torch`` under
-    ``"auto"``)."""
+    where seqpe_kernels.backend says Triton can run (CUDA tensors, or the interpreter on CPU) and the module
+    asks for Triton or "auto" (itself, or ``SEQPE_KERNELS_BACKEND`` under ``"auto"``). ``backend="torch"``,
+    ``"cuda"`` or ``"cpu"`` run the eager chain: the C++ backends have no prefix attention op, and a user who
+    names one (for instance because Triton misbehaves on their machine) gets no Triton kernel."""
     requested = _backend.requested_backend(getattr(module, "backend", "auto"))
-    return requested != "torch" and _backend.triton_status(torch.device(device))[0]
+    return requested in ("auto", "triton") and _backend.triton_status(torch.device(device))[0]
 
 
 def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_training: bool = False, *,

@@ -388,9 +388,41 @@ def emulator():
     return _emu_ops
 
 
+def _readonly_library(name: str) -> Optional[str]:
+    """The library of JIT build ``name`` when its folder cannot be written (a cache shared read-only by a cluster's
+    users, or baked into a container image): loaded as it is if built from these sources for this torch / CUDA,
+    since nothing can be (re)built there. None when the folder is writable: build (or find up to date) as usual."""
+    build_dir = _build_directory(name)
+    probe = build_dir
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.access(probe, os.W_OK):
+        return None
+    so = os.path.join(build_dir, f"{name}.so")
+    how = ("point TORCH_EXTENSIONS_DIR at a writable folder (the extension is built there on first use, about a "
+           "minute), or rebuild the shared cache")
+    if not os.path.exists(so):
+        raise ExtensionUnavailable(f"the extension cache {probe} is read-only and holds no {name}.so: {how}")
+    built = _read_build_info(so)
+    src = _build_fields(built).get("src")
+    why = (_build_mismatch(built) and f"for another {_build_mismatch(built)} ({built.replace(';', ', ')})") or \
+        (src != source_hash() and f"from other sources ({src or 'not recorded'}, these are {source_hash()})")
+    if why:
+        raise ExtensionUnavailable(f"the read-only extension cache holds {so}, built {why}: {how}")
+    torch.ops.load_library(so)
+    return so
+
+
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
+    with_cuda, cuda_reason = cuda_plan()
+    if with_cuda and _sanitizers()[0]:
+        with_cuda, cuda_reason = False, "SEQPE_KERNELS_SANITIZE: a sanitized build is CPU-only"
+    _info["cuda_reason"] = cuda_reason
+    so = _readonly_library(build_name(with_cuda))  # (before the toolchain checks: such a cache needs none)
+    if so is not None:
+        return so
     cxx = os.environ.get("CXX", "c++")
     if os.environ.get("CXX") and shutil.which(cxx.split()[0]) is None:  # torch compiles with $CXX when it is set
         raise ExtensionUnavailable(f"no C++ compiler: CXX={cxx!r} is not an executable on PATH (torch builds "
@@ -401,10 +433,6 @@ def _jit_build() -> str:
             "or set CXX, or install a prebuilt seqpe_kernels._C")
     if not cpp_extension.is_ninja_available():
         raise ExtensionUnavailable("ninja is not installed (pip install ninja): torch's JIT extension build needs it")
-    with_cuda, cuda_reason = cuda_plan()
-    if with_cuda and _sanitizers()[0]:
-        with_cuda, cuda_reason = False, "SEQPE_KERNELS_SANITIZE: a sanitized build is CPU-only"
-    _info["cuda_reason"] = cuda_reason
     if with_cuda:
         try:
             return _compile(build_name(True), True)

@@ -683,3 +683,57 @@ def test_a_wheel_carries_the_sources_the_extension_is_built_from(tmp_path):
     where, digest = r.stdout.split()
     assert where == str(lib / "seqpe_kernels" / "csrc")
     assert digest == _ext.source_hash()  # the same sources as this checkout's
+
+
+def _readonly_cache_child(tmp_path, lib: bytes, extra: str = "") -> subprocess.CompletedProcess:
+    """A fresh process whose TORCH_EXTENSIONS_DIR cannot be written (``os.access`` says so, as it does on a
+    read-only mount; root ignores file modes, so a chmod would not do) and holds ``lib`` as its JIT build, with no
+    compiler and no ninja reachable."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        from seqpe_kernels import _ext
+        root = {str(tmp_path / "ext")!r}
+        name = _ext.build_name(False)
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, name + ".so"), "wb") as f:
+            f.write(open({str(tmp_path / "lib.so")!r}, "rb").read())
+        real = os.access
+        os.access = lambda p, m, *a, **k: False if (m & os.W_OK and str(p).startswith(root)) else real(p, m, *a, **k)
+        os.environ["CXX"] = "no-such-compiler-xyz"
+        import torch.utils.cpp_extension as ce
+        ce.is_ninja_available = lambda: False
+        {extra}
+        ok, why = _ext.status("cpu")
+        print("STATUS", ok, why)
+        if ok:
+            import torch
+            x = torch.randn(8, 16)
+            assert torch.allclose(_ext.load().gelu_new_fwd(x), torch.nn.functional.gelu(x, approximate="tanh"),
+                                  atol=1e-6)
+            print("OK")
+    """)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "lib.so").write_bytes(lib)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_a_read_only_extension_cache_loads_what_it_holds(tmp_path):
+    """A read-only JIT cache (shared by a cluster's users, or in a container image) failed on its lock file
+    ("building ... failed: Read-only file system") although it held the right library. Now: the library is
+    loaded as it is when built from these sources for this torch, with no toolchain; else a clear error."""
+    if "path" not in _ext._info or _ext._info.get("source") != "JIT build":
+        pytest.skip("this process loaded a prebuilt seqpe_kernels._C, not a JIT build to copy")
+    lib = Path(_ext._info["path"]).read_bytes()
+    out = _readonly_cache_child(tmp_path, lib)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
+    # one from other sources (a git pull since the cache was built): refused, saying what to do
+    stale = lib.replace(f"src={_ext.source_hash()}".encode(), b"src=0123456789ab")
+    assert stale != lib
+    out = _readonly_cache_child(tmp_path / "stale", stale)
+    assert out.returncode == 0 and "STATUS False" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "read-only" in out.stdout and "from other sources" in out.stdout and "TORCH_EXTENSIONS_DIR" in out.stdout
+    # an empty one: the same, naming the folder
+    out = _readonly_cache_child(tmp_path / "empty", lib, extra="import shutil; shutil.rmtree(os.path.join(root, name))")
+    assert "STATUS False" in out.stdout and "holds no" in out.stdout, out.stdout + out.stderr[-3000:]

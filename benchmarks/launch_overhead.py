@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import sys
 import time
@@ -62,7 +63,7 @@ def gpu_standin():
     from triton import knobs
 
     launch._STATE.clear()
-    launch._STATE.update(on=True, why="stand-in GPU", knobs=knobs.runtime)
+    launch.switch_on(knobs.runtime, knobs.compilation, inspect.getsource(JITFunction.run), why="stand-in GPU")
 
     def jit(py_fn):
         jf = JITFunction(py_fn)

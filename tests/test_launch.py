@@ -113,8 +113,9 @@ class _FakeJIT:
 @pytest.fixture
 def direct_on(monkeypatch):
     """Direct launches switched on as on a GPU (device 0, stream 123) for the stand-in."""
-    hooks = types.SimpleNamespace(launch_enter_hook="enter", launch_exit_hook="exit")
-    monkeypatch.setattr(launch, "_STATE", {"on": True, "why": "test", "knobs": hooks})
+    hooks = types.SimpleNamespace(launch_enter_hook="enter", launch_exit_hook="exit", debug=False)
+    monkeypatch.setattr(launch, "_STATE", {})
+    launch.switch_on(hooks, types.SimpleNamespace(instrumentation_mode=""), why="test")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 123, raising=False)
     return hooks
@@ -247,19 +248,97 @@ def test_direct_path_calls_the_compiled_kernel_as_jitfunction_run_does():
             assert len(via_jit) == len(via_direct) == 3
 
             def comparable(call):  # the stand-ins' function / metadata handles are per compiled kernel; the
-                # direct path passes tensors as their addresses (the launcher's data_ptr() without the driver query)
-                return call[:4] + call[6:9] + tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a
-                                                    for a in call[9:])
+                # direct path passes tensors as their addresses (the launcher's data_ptr() without the driver query),
+                # and no hooks (None) where Triton passes empty hook chains (the launcher calls them to no effect)
+                hooks = tuple(None if getattr(h, "calls", None) == [] else h for h in call[7:9])
+                return call[:4] + (call[6] if any(hooks) else None,) + hooks + tuple(
+                    a.data_ptr() if isinstance(a, torch.Tensor) else a for a in call[9:])
 
             assert all(comparable(a) == comparable(b) for a, b in zip(via_jit, via_direct))
             assert via_direct[2][4] is _compiled(dk.fn).function
             assert via_direct[2][5] is _compiled(dk.fn).packed_metadata
+            # a registered launch hook (proton's way): the direct path passes Triton's chains and the metadata
+            from triton import knobs
+
+            seen = []
+            knobs.runtime.launch_enter_hook.add(seen.append)
+            try:
+                dk[grid](*args, **kwargs)
+            finally:
+                knobs.runtime.launch_enter_hook.remove(seen.append)
+            assert len(_compiled(dk.fn).calls) == 4, "not a direct launch"
+            assert _compiled(dk.fn).calls[3][7] is knobs.runtime.launch_enter_hook
             # another specialisation (a misaligned tensor): through JITFunction.run, which compiles it apart
             x = args[0]
             args2 = (x.view(-1)[1:1 + x.numel() - 768].view(-1, 768),) + args[1:]
             for _ in range(3):
                 dk[grid](*args2, **kwargs)
             assert len(dk.fn.device_caches[0][0]) == 2 and len(dk.compiled) == 2 and dk.off is None
+
+
+def test_the_real_launcher_gets_the_same_bytes_both_ways(tmp_path):
+    """The installed Triton's real JITFunction.run, sm_90 compile and C launcher (no GPU: a stand-in libcuda.so.1,
+    built here, records what cuLaunchKernelEx would get): launches through JITFunction.run and through the direct
+    path (tensors as addresses, no empty hook chains) hand the driver the same grid, block, shared memory, stream,
+    function (one per cubin: the aligned and the misaligned specialisation differ) and kernel-parameter bytes; a
+    registered launch hook sees the same metadata. A wrong argument layout fails here: Triton 3.6's launcher
+    checks the argument count (PyArg_ParseTuple); 3.9's does not, but the parameter bytes then differ."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+
+    if HAS_CUDA:
+        pytest.skip("on a GPU the GPU test below launches the real kernels both ways")
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: Triton cannot build its launcher")
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        pytest.skip("no Python headers: Triton cannot build its launcher")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    child = os.path.join(os.path.dirname(__file__), "real_launcher", "child.py")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    r = subprocess.run([sys.executable, child, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    aligned, misaligned = out["cases"]
+    for c in out["cases"]:
+        assert all(c["same"]), c["example"]
+        assert c["jit_runs"][2:] == [0, 0], c["jit_runs"]  # the last launches were direct ones
+    assert aligned["example"][0]["function"] != misaligned["example"][0]["function"]
+    assert len(out["hook_calls"]) == 2 and out["hook_calls"][0] == out["hook_calls"][1], out["hook_calls"]
+
+
+def test_triton_knob_options_and_constexpr_types_are_in_the_key(direct_on):
+    fn = _FakeJIT()
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(3):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    n = len(fn.jit_calls)
+    direct_on.debug = True  # JITFunction.run adds knobs.runtime.debug to the options
+    k[(1,)](x, 5, 0.5, BLOCK=16)
+    direct_on.debug = False
+    launch._STATE["compilation"].instrumentation_mode = "on"  # proton sets it when profiling starts
+    k[(1,)](x, 5, 0.5, BLOCK=16)
+    launch._STATE["compilation"].instrumentation_mode = ""
+    k[(1,)](x, 5, 0.5, BLOCK=16, FLAG=0)  # after FLAG=False (the default): Triton compiles 0 apart
+    assert len(fn.jit_calls) == n + 3
+    assert launch.arg_keys([1, True, 1.0], [True] * 3) == [(int, 1), (bool, True), (float, 1.0)]
+
+
+def test_callable_grids_and_pre_run_hooks_go_through_jit(direct_on):
+    fn = _FakeJIT()
+    k = launch.DirectKernel(fn)
+    x = torch.zeros(8)
+    for _ in range(3):
+        k[lambda meta: (1,)](x, 5, 0.5, BLOCK=16)
+    assert len(fn.jit_calls) == 3 and not k.compiled
+    fn.pre_run_hooks = [lambda *a, **kw: None]
+    for _ in range(3):
+        k[(1,)](x, 5, 0.5, BLOCK=16)
+    assert len(fn.jit_calls) == 6 and "pre-run hooks" in k.off
 
 
 # ----------------------------------------------------------------------------- when it is off

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -41,6 +42,10 @@ PASS_ADDRESSES = True
 _LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
                 "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
                 "*bound_args.values())")
+# the options JITFunction.run (3.3 .. 3.9) adds to a launch's keywords from Triton's knobs; each is part of its
+# compiled-kernel key, so each is part of ``DirectKernel.launch``'s key (read per launch: proton's instrumentation
+# mode is set when profiling starts, often after the kernels' first launches)
+_KNOB_OPTIONS = {"debug", "instrumentation_mode", "fpsan_homomorphic_casts"}
 _STATE: Dict[str, Any] = {}
 
 
@@ -76,13 +81,30 @@ def _decide() -> Tuple[bool, str]:
     if _LAUNCH_CALL not in src:
         return False, (f"Triton {triton.__version__}'s JITFunction.run does not end in the launch call mirrored "
                        "here (its private launcher convention changed)")
-    _STATE["knobs"] = knobs.runtime
+    unknown = set(re.findall(r'kwargs\["(\w+)"\] =', src)) - _KNOB_OPTIONS
+    if unknown:
+        return False, (f"Triton {triton.__version__}'s JITFunction.run adds launch options this key does not "
+                       f"cover ({sorted(unknown)})")
+    switch_on(knobs.runtime, knobs.compilation, src)
     return True, f"Triton {triton.__version__}: cached compiled kernels, called directly"
+
+
+def switch_on(runtime, compilation, run_src: str = "", why: str = "") -> None:
+    """What the direct path reads per launch: Triton's runtime and compilation knobs, and which of the per-launch
+    knobs this Triton's JITFunction.run (source ``run_src``) reads. ``why``: also switch direct launches on
+    (stand-in GPUs in tests and benchmarks)."""
+    _STATE.update(knobs=runtime, compilation=compilation,
+                  # Triton 3.9 (not 3.6) also keys on knobs.compilation.fpsan_homomorphic_casts (an env lookup)
+                  fpsan="fpsan_homomorphic_casts" in run_src,
+                  stages_hook="add_stages_inspection_hook" in run_src)
+    if why:
+        _STATE.update(on=True, why=why)
 
 
 def arg_keys(full, constexpr) -> list:
     """Per argument, what Triton specialises it on, or more (never less): constexprs by value; tensors by dtype
-    and 16-byte alignment; ints by == 1, % 16 and range; floats by type; anything else (bools, None) by value."""
+    and 16-byte alignment; ints by == 1, % 16 and range; floats by type; anything else (bools, None) by value
+    and type (Triton keys a constexpr on str(value): 1, True and 1.0 are three kernels)."""
     return keys_and_args(full, constexpr)[0]
 
 
@@ -95,11 +117,12 @@ def keys_and_args(full, constexpr):
     key, arg = keys.append, args.append
     for a, c in zip(full, constexpr):
         if c:
-            key(a)
+            key((type(a), a))
             arg(a)
         elif isinstance(a, Tensor):
             p = a.data_ptr()
-            key((a.dtype, p % 16 == 0))
+            # is_cuda: passed as an address, a CPU tensor would reach the GPU (Triton's launcher raises for it)
+            key((a.dtype, p % 16 == 0, a.is_cuda))
             arg(p)
         elif type(a) is int:
             key((int, a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a >= 9223372036854775808))
@@ -131,6 +154,8 @@ class DirectKernel:
         self.off: Optional[str] = None        # why this kernel went back to JITFunction.run for good
 
     def __getitem__(self, grid):
+        if callable(grid):  # JITFunction.run calls it with the bound arguments: not mirrored here
+            return self.fn[grid]
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def __repr__(self):
@@ -153,7 +178,11 @@ class DirectKernel:
         opts = tuple([kv for kv in kwargs.items() if kv[0] not in names])  # launch options (num_warps, ...)
         dev = torch.cuda.current_device()
         keys, ptrs = keys_and_args(full, self.constexpr)
-        key = (dev, opts, *keys)
+        rt, comp = _STATE["knobs"], _STATE["compilation"]  # the options JITFunction.run adds from knobs
+        key = (dev, opts, rt.debug, comp.instrumentation_mode,
+               comp.fpsan_homomorphic_casts if _STATE["fpsan"] else None, *keys)
+        if _STATE["stages_hook"] and rt.add_stages_inspection_hook is not None:  # (Triton 3.9) keyed per call
+            return self.fn[grid](*args, **kwargs)
         try:
             k = self.compiled.get(key)
         except TypeError:  # an unhashable argument: no key, the plain launch
@@ -169,6 +198,9 @@ class DirectKernel:
         elif first is k:  # a second launch with this key found the same compiled kernel: reuse it from now on
             if getattr(self.fn, "used_global_vals", None):  # JITFunction.run re-checks module globals per launch
                 self.off = f"{self.fn!r} reads module globals, which JITFunction.run checks on every launch"
+                return k
+            if getattr(self.fn, "pre_run_hooks", None):  # JITFunction.run calls them on every launch
+                self.off = f"{self.fn!r} has pre-run hooks, which JITFunction.run calls on every launch"
                 return k
             self.compiled[key] = k
         else:
@@ -197,9 +229,17 @@ class DirectKernel:
         stream = torch._C._cuda_getCurrentRawStream(dev)
         # tensors go in as their device addresses (``ptrs``, read for the key): Triton's launcher would call each
         # tensor's data_ptr() from C and ask the driver about it (cuPointerGetAttribute) on every launch; an int
-        # goes straight in. The wrappers pass CUDA tensors only. Launch hooks see the arguments as given.
-        k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(grid, stream, *full),
-              knobs.launch_enter_hook, knobs.launch_exit_hook, *(ptrs if PASS_ADDRESSES else full))
+        # goes straight in. The key holds is_cuda, so only CUDA tensors get here. Launch hooks see the arguments
+        # as given.
+        enter, exit_ = knobs.launch_enter_hook, knobs.launch_exit_hook
+        if getattr(enter, "calls", None) == [] and getattr(exit_, "calls", None) == []:
+            # Triton 3.6 / 3.9's hooks are HookChains, never None: with none registered the launcher would still
+            # build the launch metadata and call both empty chains (~1.3 us); None skips them, to the same effect
+            k.run(g0, g1, g2, stream, k.function, k.packed_metadata, None, None, None,
+                  *(ptrs if PASS_ADDRESSES else full))
+        else:
+            k.run(g0, g1, g2, stream, k.function, k.packed_metadata, k.launch_metadata(grid, stream, *full),
+                  enter, exit_, *(ptrs if PASS_ADDRESSES else full))
         return k
 
 

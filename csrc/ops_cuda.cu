@@ -113,6 +113,13 @@ __device__ __forceinline__ acc_t tanh_k(acc_t u) {  // the Triton kernel's tanh:
   return acc_t(1) - acc_t(2) / (exp_acc(acc_t(2) * u) + acc_t(1));
 }
 
+// Dynamic shared memory a launch may ask for without the per-kernel opt-in (cudaFuncAttributeMaxDynamicSharedMemory
+// Size): 48 KB less the kernel's static shared memory. ln_fwd_kernel / ln_bwd_kernel also hold a static
+// `red[66]` (ptxas: 272 B fp32, 528 B fp64), so their dynamic part must leave room for it: a launch at exactly
+// 48 KB of dynamic memory fails on a GPU with cudaErrorInvalidValue (the emulator does not model static memory).
+constexpr size_t kDynSmemDefault = 48 * 1024;
+constexpr size_t kDynSmemWithRed = kDynSmemDefault - 1024;
+
 inline int ln_threads(int64_t D) {
   int t = 32;
   while (t < D && t < 256) t <<= 1;
@@ -570,7 +577,11 @@ Tensor4 residual_layernorm_fwd_cuda(const Tensor& x_, const OptTensor& y_, const
       case 32: SEQPE_LAUNCH(wblocks, 256, 0, ln_fwd_warp_kernel<scalar_t, 32>)(P, epsv, sc); break;
       default: {
         const size_t smem = static_cast<size_t>(D) * sizeof(scalar_t);
-        TORCH_CHECK(smem <= 48 * 1024, "seqpe_ext::residual_layernorm_fwd (CUDA): width ", D, " too large");
+        if (smem > kDynSmemWithRed) {  // the row past ~47 KB: opt in (the static `red` needs the rest of 48 KB)
+          TORCH_CHECK(smem + (kDynSmemDefault - kDynSmemWithRed) <= smem_optin(),
+                      "seqpe_ext::residual_layernorm_fwd (CUDA): width ", D, " too large");
+          allow_smem(ln_fwd_kernel<scalar_t>, smem);
+        }
         SEQPE_LAUNCH(static_cast<unsigned>(R), threads, smem, ln_fwd_kernel<scalar_t>)(P, epsv, sc);
       }
     }
@@ -694,7 +705,7 @@ Tensor5 rln_bwd_cuda(const OptTensor& da_, const OptTensor& dh_, const Tensor& l
   // (zeroed for the other, and for an empty batch: one zero row)
   const size_t elt = acc_dt == at::kDouble ? sizeof(double) : sizeof(float);
   const size_t psmem = static_cast<size_t>(pstride) * elt;
-  const bool smem_parts = psmem <= 48 * 1024 && n_chunks > 0 && D > 0;
+  const bool smem_parts = psmem <= kDynSmemWithRed && n_chunks > 0 && D > 0;
   Tensor part;
   if (k_parts) {
     part = at::empty({std::max<int64_t>(n_chunks, 1), pstride}, x.options().dtype(acc_dt));
@@ -1467,8 +1478,11 @@ int attn_reg_tp(const AttnP& a, bool f64) {
   const char* force = std::getenv("SEQPE_EMU_ATTN");
   if (force != nullptr && std::string(force) == "staged") return 0;
 #endif
-  if (f64 || a.T > 8 || a.DH > 32 * kAttnRegCols) return 0;
-  return a.T <= 4 ? 4 : 8;
+  // TP bounds the keys and also the query rows: the kernels stage min(TQ, TP) query (and dout) rows in a [TP, 64]
+  // scratch and then read TQ of them, so q [M, TQ, D] with kv and TQ > TP would read past the warp's scratch
+  const int64_t n = std::max(a.T, a.TQ);
+  if (f64 || n > 8 || a.DH > 32 * kAttnRegCols) return 0;
+  return n <= 4 ? 4 : 8;
 }
 
 Tensor tiny_attention_fwd_cuda(const Tensor& qkv, const OptTensor& kv, const OptTensor& pad_mask, int64_t num_heads,

@@ -112,6 +112,24 @@ def test_attention_paper_shapes(ops, T, cross, staged):
         _check_attention(ops, 2, T, 1, 64, torch.float32, cross, False, False, 0.0, True, T + 1)
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["register", "staged"])
+@pytest.mark.parametrize("TQ,T", [(6, 2), (9, 8), (5, 4), (8, 3)])
+def test_attention_more_queries_than_keys(ops, TQ, T, staged):
+    """q [M, TQ, D] with kv [M, T, 2D] and TQ > T: the register kernel stages at most TP query rows, so its TP
+    must cover TQ as well as T (it read past its scratch: NaN here, garbage or a fault on a GPU)."""
+    torch.manual_seed(TQ * 10 + T)
+    M, H, DH = 3, 2, 64
+    D = H * DH
+    q, kv = torch.randn(M, TQ, D), torch.randn(M, T, 2 * D)
+    seeds = _seeds()
+    args = (q, kv, None, H, False, 0, float(DH) ** 0.5, 0.3, seeds, 1, None)
+    with mock.patch.dict(os.environ, SEQPE_EMU_ATTN="staged" if staged else "auto"):
+        run_both(ops, "tiny_attention_fwd", args)
+        dout = torch.randn(M, TQ, D)
+        terms = dout.abs().max().item() * max(q.abs().max().item(), kv.abs().max().item()) ** 2 * DH * T
+        run_both(ops, "tiny_attention_bwd", (dout,) + args, lambda c: {0: terms, 1: terms})
+
+
 def _check_attention(ops, M, T, H, DH, dtype, cross, causal, masked, p, strided, seed):
     torch.manual_seed(seed)
     D = H * DH
@@ -216,6 +234,22 @@ def test_residual_layernorm(ops, R, D, dtype, with_y, affine, p, out_fp32, with_
                           (da, dh.view(R // every, every, D)[:, every - 1], *args[2:], every), floors)
         for k, (a_, b_) in enumerate(zip(dense, sparse)):
             assert torch.equal(a_.nan_to_num(), b_.nan_to_num()), f"dh_every={every}: output {k} differs"
+
+
+@pytest.mark.parametrize("D", [4096, 12300])
+def test_residual_layernorm_wide_rows(ops, D):
+    """Widths whose shared memory nears 48 KB: the backward's three partial rows at D = 4096 (exactly 48 KB, which
+    with the kernel's static reduction buffer a GPU refuses without the opt-in: the global-partials kernel runs),
+    and a forward row of 12300 fp32 values (past 48 KB: the launcher opts in, which the emulator checks)."""
+    torch.manual_seed(D)
+    R = 3
+    x, y, w, b = torch.randn(R, D), torch.randn(R, D), torch.randn(D), torch.randn(D)
+    seeds = _seeds()
+    h, a, mean, rstd = run_both(ops, "residual_layernorm_fwd", (x, y, w, b, 1e-5, 0.2, seeds, 2, 0),
+                                lambda c: {2: 10.0})
+    da, dh = torch.randn(R, D), torch.randn(R, D)
+    run_both(ops, "residual_layernorm_bwd_bias", (da, dh, h, w, mean, rstd, 0.2, seeds, 2, True, 0, 0),
+             lambda c: {k: 100.0 * R for k in range(5)})
 
 
 # ----------------------------------------------------------------------------- gelu_new

@@ -25,7 +25,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -131,6 +133,19 @@ inline void run_block(Block& b, const char* name, size_t stack_bytes, unsigned c
   }
 }
 
+// the dynamic shared memory each kernel was opted in to (allow_smem: cudaFuncSetAttribute's
+// MaxDynamicSharedMemorySize); a launch past 48 KB without it fails on a GPU
+inline std::map<const void*, size_t>& smem_optins(std::unique_lock<std::mutex>& lock) {
+  static std::mutex mu;
+  static std::map<const void*, size_t> m;
+  lock = std::unique_lock<std::mutex>(mu);
+  return m;
+}
+template <typename K>
+const void* kernel_key(K k) {
+  return reinterpret_cast<const void*>(k);
+}
+
 // kernel<<<grid, block, smem>>>(args...) as SEQPE_LAUNCH(grid, block, smem, kernel)(args...)
 template <typename K>
 struct Launch {
@@ -143,6 +158,18 @@ struct Launch {
     const size_t nt = static_cast<size_t>(block.x) * block.y * block.z;
     TORCH_CHECK(nt >= 1 && nt <= 1024, "CUDA emulator: ", name, ": ", nt, " threads per block");
     TORCH_CHECK(smem <= 227 * 1024, "CUDA emulator: ", name, ": ", smem, " bytes of dynamic shared memory");
+    // the launch limits a GPU enforces (it fails the launch; the emulator would run it)
+    TORCH_CHECK(grid.x >= 1 && grid.x <= 0x7fffffffu && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
+                    grid.z <= 65535,
+                "CUDA emulator: ", name, ": grid (", grid.x, ", ", grid.y, ", ", grid.z, ") outside a GPU's limits");
+    TORCH_CHECK(block.z <= 64, "CUDA emulator: ", name, ": blockDim.z ", block.z, " > 64");
+    if (smem > 48 * 1024) {
+      std::unique_lock<std::mutex> lock;
+      auto& m = smem_optins(lock);
+      const auto it = m.find(kernel_key(kernel));
+      TORCH_CHECK(it != m.end() && it->second >= smem, "CUDA emulator: ", name, ": ", smem,
+                  " bytes of dynamic shared memory without allow_smem (cudaFuncSetAttribute) for at least that");
+    }
     constexpr size_t kStack = 64 * 1024;
     std::unique_ptr<unsigned char[]> stacks(new unsigned char[nt * kStack]);  // uninitialised: no 16 MB memset
     // exactly smem bytes (operator new[]: 16-byte aligned), so that a sanitized build (SEQPE_KERNELS_SANITIZE)
@@ -241,10 +268,14 @@ inline int64_t sm_count() {
   const char* s = std::getenv("SEQPE_EMU_SMS");
   return s ? std::atoll(s) : 2;
 }
-// an H100 / H200's opt-in dynamic shared memory per block; the launch checks the size, so nothing to set
+// an H100 / H200's opt-in dynamic shared memory per block; allow_smem records the opt-in the launch checks
 inline size_t smem_optin() { return 227 * 1024; }
 template <typename K>
-void allow_smem(K, size_t) {}
+void allow_smem(K kernel, size_t bytes) {
+  TORCH_CHECK(bytes <= smem_optin(), "CUDA emulator: allow_smem(", bytes, ") past the opt-in limit");
+  std::unique_lock<std::mutex> lock;
+  ::seqpe_emu::smem_optins(lock)[::seqpe_emu::kernel_key(kernel)] = bytes;
+}
 }  // namespace emu
 }  // namespace seqpe
 

@@ -458,6 +458,25 @@ def test_image_init_uses_truncated_normal_text_init_does_not(monkeypatch):
     assert calls == []
 
 
+def test_image_init_has_no_atom_at_the_truncation_bounds(monkeypatch):
+    """torch < 2.13's trunc_normal_ draws by inverse CDF and clamps erfinv(-1) = -inf to a: about one ViT-S image
+    init in five held a -2.0 weight (100 sigma). Simulated here (an nn.init.trunc_normal_ that returns bound
+    values), so the check runs under every torch."""
+    from seqpe_kernels.reference.seqpe import trunc_normal_
+
+    orig = torch.nn.init.trunc_normal_
+
+    def with_atoms(t, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
+        orig(t, mean=mean, std=std, a=a, b=b)
+        t.view(-1)[:3] = torch.tensor([a, b, a], dtype=t.dtype)
+        return t
+
+    monkeypatch.setattr(torch.nn.init, "trunc_normal_", with_atoms)
+    assert trunc_normal_(torch.empty(1000), std=0.02).abs().max().item() < 0.2
+    m = SeqPE(64, 4, 2, data_dim=2, out_dim=32, init="image")
+    assert max(p.abs().max().item() for p in m.parameters()) < 1.5  # LayerNorm weights are 1
+
+
 # ============================================================================ bad inputs
 @pytest.mark.parametrize("kwargs, match", [
     (dict(embed_dim=40, num_heads=3), "num_heads=3 does not divide embed_dim=40"),

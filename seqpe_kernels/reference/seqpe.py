@@ -17,6 +17,27 @@ from torch import nn
 
 from .tokenize import _INT_DTYPES, tokenize
 
+
+def trunc_normal_(t: torch.Tensor, std: float = 0.02, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """``nn.init.trunc_normal_(t, std=std, a=a, b=b)`` (mean 0), without the atom at the bounds of torch < 2.13:
+    there it draws by inverse CDF, and a uniform draw of exactly -1 gives erfinv = -inf, clamped to ``a`` (at std
+    0.02: a weight of -2.0, 100 sigma; one element in ~2^24, so ~1 ViT-S init in 5 holds one). Such elements are
+    redrawn from N(0, std^2) until inside (a, b): rejection sampling, as torch >= 2.13 does (no atom there, so
+    nothing is redrawn and the random stream is unchanged)."""
+    nn.init.trunc_normal_(t, std=std, a=a, b=b)
+    if t.is_meta:  # no values (checkpoint.py builds the module on the meta device first)
+        return t
+    with torch.no_grad():
+        for _ in range(100):  # (each round keeps all but P(outside) of the rest: bounds within a sigma end fast too)
+            bad = (t <= a) | (t >= b)
+            if not bool(bad.any()):
+                break
+            t[bad] = torch.empty(int(bad.sum()), dtype=t.dtype, device=t.device).normal_(0.0, std)
+        else:
+            t.clamp_(a, b)
+    return t
+
+
 LIVE_PER_BLOCK = 7  # values per block in SeqPE._live(): 3 dropout p's, 2 LayerNorm eps, scale, num_heads
 
 
@@ -199,7 +220,7 @@ class SeqPE(nn.Module):
     def reset_parameters(self, init_norm_weight: float = 1.0):
         if self.init_scheme == "image":
             def draw(t):
-                nn.init.trunc_normal_(t, std=0.02, a=-2.0, b=2.0)
+                trunc_normal_(t, std=0.02, a=-2.0, b=2.0)
         else:
             def draw(t):
                 nn.init.normal_(t, std=0.02)

@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..reference.seqpe import trunc_normal_
+
 __all__ = ["PE_CHOICES", "VIT_PE_CHOICES", "LearnedPE", "SinusoidalPE", "RoPE", "ALiBi", "NoPE", "alibi_slopes",
            "build_position_module", "sinusoidal_table", "LM_SINUSOIDAL_SCALE"]
 
@@ -102,7 +104,7 @@ class LearnedPE(_Baseline):
         if self.data_dim == 1:
             nn.init.normal_(self.table.weight, std=0.02)
         else:
-            nn.init.trunc_normal_(self.table.weight, std=0.02)
+            trunc_normal_(self.table.weight, std=0.02)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         p = _check_positions(positions, self.data_dim, "LearnedPE")

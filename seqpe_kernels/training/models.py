@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reference.seqpe import trunc_normal_
 from .pe_apply import PeQK, alibi_attn_mask, input_add, pe_attention, pe_out_dim, rotary_tables
 from .samplers import grid_positions
 
@@ -311,14 +312,14 @@ class SeqPEViT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
         if isinstance(getattr(self, "cls_token_pos_embed", None), nn.Parameter):
-            nn.init.trunc_normal_(self.cls_token_pos_embed, std=0.02)
+            trunc_normal_(self.cls_token_pos_embed, std=0.02)
         for name, m in self.named_modules():
             if name.startswith("pe_encoder"):
                 continue
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, nn.LayerNorm):

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reference.seqpe import trunc_normal_
+
 __all__ = ["METHODS", "pe_out_dim", "tile_windows", "window_broadcast", "input_add", "split_pe_qk", "PeQK",
            "attn_mul", "attn_add", "rotary_tables", "rotary", "rotate_pairs", "attn_scalar",
            "attn_scalar_bias", "attn_scalar_explicit", "pe_attention", "alibi_attn_mask"]
@@ -143,7 +145,7 @@ class PeQK(nn.Module):
                 if self.init == "normal":
                     nn.init.normal_(m.weight, std=0.02)
                 else:
-                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     m.bias.zero_()
 

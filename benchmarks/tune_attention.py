@@ -234,6 +234,12 @@ def main(argv=None):
         from seqpe_kernels import _ext
 
         ext = _ext.load()
+        # a library without kernels for this device (e.g. its CUDA sources did not build: CPU kernels only)
+        # would raise NotImplementedError at the first "ext" row and end the sweep there
+        ok, why = _ext.status(torch.device(DEVICE).type)
+        if not ok:
+            print(f"(no ext rows: {why[:160]})")
+            ext = None
     except Exception as e:  # noqa: BLE001 - a missing compiler only drops the ext rows
         print(f"(no ext rows: {type(e).__name__}: {str(e)[:160]})")
         ext = None

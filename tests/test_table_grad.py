@@ -186,6 +186,34 @@ def test_tune_attention_sweep_runs(monkeypatch, capsys):
         assert (block, "ext", "rule") in kernels or "(no ext rows" in out, out
 
 
+def test_tune_attention_sweep_without_the_extensions_device_kernels(monkeypatch, capsys):
+    """A library without kernels for the sweep's device (on the GPU: the CUDA sources did not build, so _ext.load()
+    gives the CPU kernels alone, and a CUDA tensor makes each op raise NotImplementedError) drops the "ext" rows
+    with the reason instead of ending the sweep at the first of them (the rest of both blocks unmeasured)."""
+    from conftest import benchmark_module
+
+    from seqpe_kernels import _ext
+
+    class NoKernels:
+        def __getattr__(self, name):
+            def op(*a, **k):
+                raise NotImplementedError(f"Could not run 'seqpe_ext::{name}' with arguments from this backend")
+            return op
+
+    tune = benchmark_module("tune_attention")
+    monkeypatch.setattr(tune, "DEVICE", DEV)
+    monkeypatch.setattr(tune, "SHAPES", {"tiny": (3, 3, 8, 2, torch.float32, 7)})
+    monkeypatch.setattr("triton.testing.do_bench", lambda fn, **kw: (fn(), 1e-3)[1])
+    monkeypatch.setattr(_ext, "load", lambda: NoKernels())
+    monkeypatch.setattr(_ext, "status", lambda device_type="cpu": (False, "the C++ extension has no CUDA kernels"))
+    tune.main(["--shapes", "tiny", "--chunks"])
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("tiny ")]
+    assert "(no ext rows: the C++ extension has no CUDA kernels" in out, out
+    for block in ("full", "cls"):
+        assert {(r[1], r[2]) for r in rows if r[1] == block} == {(block, "pkg")}, out
+
+
 def test_indexed_attention_rejects_bad_operands():
     from seqpe_kernels.ops.attention import tiny_attention_forward
 

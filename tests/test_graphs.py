@@ -1145,3 +1145,213 @@ def test_fresh_copies_are_clones_in_one_foreach_copy(monkeypatch):
             o.fill_(-1.0)
     assert all(t is None or torch.equal(t, b) for t, b in zip(ts, before))
     assert G.fresh_copies((None, None)) == (None, None) and calls == [5]
+
+
+# ============================================================================================ CPU: review fixes
+@pytest.fixture
+def capture_log(stand_in_cuda, monkeypatch):
+    """Every stand-in capture_begin() call: its keyword arguments and whether anomaly mode was on then."""
+    log = []
+    cls = torch.cuda.CUDAGraph
+    begin = cls.capture_begin
+
+    def capture_begin(self, pool=None, **kw):
+        log.append(dict(kw, anomaly=torch.is_anomaly_enabled()))
+        return begin(self, pool=pool, **kw)
+
+    monkeypatch.setattr(cls, "capture_begin", capture_begin)
+    return log
+
+
+_NUMERICS = {  # what cuBLAS / ATen read per call, baked into a captured graph
+    "tf32": (lambda: torch.backends.cuda.matmul.allow_tf32,
+             lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v), lambda v: not v),
+    "bf16_rpr": (lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                 lambda v: setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", v),
+                 lambda v: not v),
+    "fp16_rpr": (lambda: torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                 lambda v: setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", v),
+                 lambda v: not v),
+    "deterministic": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms,
+                      lambda v: not v),
+}
+
+
+@pytest.mark.parametrize("name", list(_NUMERICS))
+def test_key_changes_with_gemm_numerics(name):
+    """A graph replays the cuBLAS math mode (TF32, reduced-precision reductions) and the deterministic-kernel
+    choice it was captured with; eager reads them per call. Toggling one must not replay the old graph."""
+    get, put, flip = _NUMERICS[name]
+    g = sk.GraphedSeqPE(sk.FusedSeqPE(32, 2, 3, backend="torch"))
+    pos = torch.arange(7)
+    before = get()
+    k0 = g._key(pos)
+    try:
+        put(flip(before))
+        assert g._key(pos) != k0
+    finally:
+        put(before)
+    assert g._key(pos) == k0
+
+
+def test_key_changes_with_backend():
+    """m.backend = 'torch' (e.g. to rule the fused kernels out while debugging) must not keep replaying them."""
+    m = sk.FusedSeqPE(32, 2, 3, backend="triton")
+    g = sk.GraphedSeqPE(m)
+    pos = torch.arange(7)
+    k0 = g._key(pos)
+    m.backend = "torch"
+    assert g._key(pos) != k0
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available.*")
+@pytest.mark.filterwarnings("ignore:.*device_type of 'cuda'.*")
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@pytest.mark.filterwarnings("ignore:Error detected in _ReplayBackward")  # (anomaly mode reports what it raises)
+def test_capture_without_anomaly_checks_replay_keeps_them(capture_log):
+    """Anomaly mode checks every backward output for NaN on the host (.item()): inside the backward capture that
+    is a sync on the capturing stream (the capture fails). Captures run with it off; the replayed backward still
+    gets the user's check (outside any capture)."""
+    torch.manual_seed(0)
+    m = sk.FusedSeqPE(32, 2, 3, resid_pdrop=0.0, backend="torch").train()
+    g = sk.GraphedSeqPE(m, warmup=1)
+    pos = torch.randint(0, 1000, (7,))
+    with torch.autograd.detect_anomaly():
+        y = g(pos)
+        assert torch.is_anomaly_enabled()
+    assert capture_log and not any(c["anomaly"] for c in capture_log)
+    entry = next(iter(g._graphs.values()))
+    entry.static_grads[0].fill_(float("nan"))
+    with torch.autograd.detect_anomaly():
+        with pytest.raises(RuntimeError, match="returned nan values"):
+            y.backward(torch.ones_like(y))
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available.*")
+@pytest.mark.filterwarnings("ignore:.*device_type of 'cuda'.*")
+def test_captures_are_thread_local(capture_log):
+    """capture_error_mode='thread_local' (as torch.compile's CUDA-graph trees): in 'global' mode another thread's
+    cudaEventQuery / cuMemHostAlloc (a DataLoader's pin-memory thread) fails it, or fails the capture."""
+    m = sk.FusedSeqPE(32, 2, 3, resid_pdrop=0.0, backend="torch").train()
+    g = sk.GraphedSeqPE(m, warmup=1)
+    pos = torch.randint(0, 1000, (7,))
+    g(pos)
+    with torch.no_grad():
+        g(pos)
+    G._leave_generator_capture_mode(torch.device("cpu"))
+    assert len(capture_log) == 4
+    assert all(c.get("capture_error_mode") == "thread_local" for c in capture_log), capture_log
+
+
+def test_close_during_a_foreign_capture_is_deferred(monkeypatch):
+    """A graph closed (garbage collector, del) while some other capture is underway on this thread (the user's
+    own, torch.compile's): no device synchronisation (illegal there: it invalidates that capture) and nothing
+    freed (a replay may be in flight); freed at the next call outside a capture."""
+    syncs, capturing = [], [True]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(capturing[0]))
+    monkeypatch.setattr(G, "_deferred", [])
+    fg = _fake_training_graph()
+    static_out = fg.static_out
+    fg.close()
+    assert syncs == [] and len(G._deferred) == 1 and G._deferred[0]["static_out"] is static_out
+    capturing[0] = False
+    g = sk.GraphedSeqPE(sk.SeqPE(32, 2, 3))
+    g.reset()  # (also at the start of every call)
+    assert syncs == [False] and G._deferred == []
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available.*")
+@pytest.mark.filterwarnings("ignore:.*device_type of 'cuda'.*")
+def test_hooks_on_the_wrapped_module_are_refused(stand_in_cuda):
+    """A replay runs the captured kernels only: hooks on the wrapped encoder (fine for its eager forward) and
+    hooks put on its submodules after the capture (which the eager forward refuses) would silently not fire."""
+    m = sk.FusedSeqPE(32, 2, 3, resid_pdrop=0.0, backend="torch").eval()
+    g = sk.GraphedSeqPE(m, warmup=1)
+    pos = torch.randint(0, 1000, (7,))
+    h = m.register_forward_hook(lambda mod, inp, out: out * 2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hook"):
+        g(pos)
+    h.remove()
+    with torch.no_grad():
+        g(pos)  # captured
+        h = m.transformers[0].register_forward_pre_hook(lambda mod, inp: None)
+        with pytest.raises(RuntimeError, match="hook"):
+            g(pos)
+        h.remove()
+        g(pos)
+    assert g.num_graphs == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_training_capture_under_anomaly_mode():
+    """torch.autograd.detect_anomaly() around the capturing call (its NaN check is a host sync, which failed the
+    backward capture) and the replays: parity, and the graph is reused."""
+    s = _seed()
+    ref, fus = perturbed_pair(**CFG)
+    ref.train(), fus.train()
+    g = sk.GraphedSeqPE(fus)
+    M, O = 101, ref.out_proj.out_features
+    with torch.autograd.detect_anomaly():
+        for step in range(3):
+            pos = random_positions(M, CFG["max_digits"], 1)
+            gout = torch.randn(M, O, device="cuda")
+            _zero(ref, fus)
+            yr, yg = ref(pos), g(pos)
+            assert rel(yg, yr) <= 1e-5, f"step {step}: output rel err {rel(yg, yr):.3e} (seed {s})"
+            yr.backward(gout)
+            yg.backward(gout)
+            _grads_match(ref, fus, 1e-5, f"step {step} under anomaly mode (seed {s})")
+    assert g.num_graphs == 1
+
+
+@pytest.mark.gpu
+def test_capture_while_another_thread_pins_memory():
+    """A DataLoader-like pin-memory thread (cuMemHostAlloc for new sizes, cudaEventQuery for blocks a
+    non-blocking copy used) runs through the captures: in 'global' capture mode its calls fail or invalidate
+    the capture; with 'thread_local' both go on, and the replays match eager."""
+    import threading
+    import time
+
+    s = _seed()
+    ref, fus = perturbed_pair(**CFG)
+    ref.train(), fus.train()
+    g = sk.GraphedSeqPE(fus)
+    O = ref.out_proj.out_features
+    stop, errors, spins = threading.Event(), [], [0]
+
+    def pin():
+        try:
+            side = torch.cuda.Stream()
+            n = 0
+            while not stop.is_set():
+                h = torch.empty(1024 << (n % 6)).pin_memory()  # cycling sizes: host allocations and reuse
+                with torch.cuda.stream(side):
+                    h.to("cuda", non_blocking=True)  # the block gets an event: the next pin queries it
+                n += 1
+                spins[0] = n
+                time.sleep(0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    th = threading.Thread(target=pin, daemon=True)
+    th.start()
+    try:
+        while spins[0] < 10:
+            time.sleep(0.001)
+        for step, M in enumerate([97, 211, 97, 211]):  # two captures, then replays
+            pos = random_positions(M, CFG["max_digits"], 1)
+            gout = torch.randn(M, O, device="cuda")
+            _zero(ref, fus)
+            yr, yg = ref(pos), g(pos)
+            assert rel(yg, yr) <= 1e-5, f"step {step}: output rel err {rel(yg, yr):.3e} (seed {s})"
+            yr.backward(gout)
+            yg.backward(gout)
+            _grads_match(ref, fus, 1e-5, f"step {step} with a pinning thread (seed {s})")
+    finally:
+        stop.set()
+        th.join(10)
+    assert not errors, f"the pin-memory thread failed during a capture: {errors[0]!r}"
+    assert g.num_graphs == 2 and spins[0] > 10

@@ -11,7 +11,9 @@ few fixed shapes (SEQPE_SPEC §6: windows + contrastive + transfer positions; th
     loss(pe).backward()                      # the backward replays a captured graph too
 
 Keys: one graph (training: a forward/backward pair) per positions shape / dtype / device, ``module.training``,
-grad mode, CUDA autocast dtype and the parameters (objects, addresses, dtypes, requires_grad).
+grad mode, CUDA autocast dtype, the parameters (objects, addresses, dtypes, requires_grad), the module's live
+configuration and backend, and the GEMM numerics ATen reads per call (TF32, reduced-precision reductions,
+deterministic algorithms).
 ``torch.no_grad`` and ``torch.inference_mode`` share one graph: they run the same kernels (inference mode only
 changes host-side autograd bookkeeping), and the graph's static input is a normal tensor that both may write.
 At most ``max_graphs`` keys are captured; calls with further keys run eagerly (one warning).
@@ -53,7 +55,12 @@ Refused with an error (``GraphReplayError``, a RuntimeError) instead of silently
   backward before the next forward with the same key, or use two GraphedSeqPE instances. Autograd may already
   have run the other output's backward when the error is raised: zero the gradients before retrying;
 * backward of an output after ``reset()``; ``warmup < 1``; positions that are not an integer CUDA tensor on
-  the parameters' device.
+  the parameters' device; forward / backward hooks on the wrapped module or (as its eager forward does) on its
+  submodules, which a replay would not run.
+
+Captures use ``capture_error_mode="thread_local"`` (other threads' CUDA calls, e.g. a DataLoader's pin-memory
+thread, neither fail nor invalidate them) and run with anomaly detection off (its NaN check is a host sync);
+replayed backward outputs are still checked by it.
 
 The caller's duties (the usual CUDA-graph ones):
 * replays run on the caller's current stream, after the copy of ``positions`` into the static input on that
@@ -79,6 +86,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from ..precision import tf32_enabled
 
 __all__ = ["GraphedSeqPE", "GraphReplayError", "GraphCaptureError", "ReplayLedger", "ReplayTicket",
            "triton_compile_watch"]
@@ -186,8 +195,28 @@ def _clear_cublas_workspaces() -> None:
 # Graphs closed while a capture is in progress (e.g. by the garbage collector, which may run during one): their
 # resources are parked here and freed after the capture, because a device synchronisation is illegal during a
 # capture and freeing the static input then could hand its memory to an allocation while a replay still reads it.
+# Ours are flushed when they end; another's (the user's torch.cuda.graph, torch.compile's) at the next
+# GraphedSeqPE call or reset() outside a capture.
 _capturing = [0]
 _deferred: List[dict] = []
+
+
+def _foreign_capture() -> bool:
+    """Whether this thread's current stream is capturing (someone else's capture: ours count in _capturing)."""
+    try:
+        return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - no CUDA
+        return False
+
+
+def _flush_deferred() -> None:
+    """Free the parked resources of graphs closed during a capture, once no capture is underway."""
+    if not _deferred or _capturing[0] or _foreign_capture():
+        return
+    try:
+        torch.cuda.synchronize()
+    finally:
+        _deferred.clear()
 
 
 @contextlib.contextmanager
@@ -245,6 +274,14 @@ def _leaf_aliases(module: nn.Module, params: Tuple[torch.Tensor, ...]) -> Iterat
             sub._parameters[name] = p
 
 
+# "thread_local", as torch.compile's CUDA-graph trees capture: in "global" mode any other thread's potentially unsafe
+# CUDA call during a capture (a DataLoader pin-memory thread's cudaEventQuery / cuMemHostAlloc, a logging thread's
+# .item()) fails that thread or invalidates the capture. The capturing thread stays checked; the autograd worker that
+# runs the captured backward launches on the capture stream, whose capture catches it syncing or touching the legacy
+# stream in any mode.
+_CAPTURE_MODE = "thread_local"
+
+
 def _end_allocate_to_pool(device: torch.device, pool) -> None:
     torch._C._cuda_endAllocateToPool(device.index, pool)
 
@@ -269,7 +306,7 @@ def _leave_generator_capture_mode(device: torch.device) -> None:
         side.wait_stream(torch.cuda.current_stream(device))  # the prologue rewrites the state's replay tensors
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
-            graph.capture_begin()
+            graph.capture_begin(capture_error_mode=_CAPTURE_MODE)
             try:
                 x.zero_()  # one node: an empty graph warns
             finally:
@@ -307,9 +344,9 @@ def _abandon_capture(graph, pool, device: torch.device, end: bool) -> None:
 
 @contextlib.contextmanager
 def _graph_capture(graph, pool, stream, device: torch.device) -> Iterator[None]:
-    """``torch.cuda.graph(graph, pool=pool, stream=stream)`` (same capture mode), except that a capture that
-    fails leaves nothing behind. When torch.cuda.graph's ``__exit__`` calls a ``capture_end()`` that raises (an
-    invalidated capture: cudaStreamEndCapture fails), torch skips the rest of its bookkeeping: the capture stream
+    """``torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local")``, except that a
+    capture that fails leaves nothing behind. When torch.cuda.graph's ``__exit__`` calls a ``capture_end()`` that
+    raises (an invalidated capture: cudaStreamEndCapture fails), torch skips the rest of its bookkeeping: the capture stream
     stays the current stream (``__exit__`` never restores it), the CUDA generator stays in capture mode, the
     caching allocator keeps the capture registered against the pool and the pool keeps the graph's reference
     (``reset()`` releases it only after a completed capture). Here the stream is restored by ``with`` and the
@@ -317,7 +354,7 @@ def _graph_capture(graph, pool, stream, device: torch.device) -> Iterator[None]:
     torch.cuda.synchronize()  # as torch.cuda.graph: nothing of earlier work in flight, memory freed for the graph
     torch.cuda.empty_cache()
     with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool)
+        graph.capture_begin(pool=pool, capture_error_mode=_CAPTURE_MODE)
         try:
             yield
         except BaseException:
@@ -389,7 +426,9 @@ class _Graph:
         self.closed = True
         self.ledger.close()
         held = {k: self.__dict__.pop(k) for k in self._RESOURCES if k in self.__dict__}
-        if _capturing[0]:
+        if _capturing[0] or _foreign_capture():
+            # a synchronisation now would invalidate that capture, and freeing without one could hand memory a
+            # replay still uses to a new allocation: freed after the capture (_flush_deferred)
             _deferred.append(held)
             return
         try:
@@ -513,7 +552,18 @@ def _is_int(v) -> bool:
 # the module's attributes a call reads besides its parameters and _live() (a captured graph replays what they were
 # at capture): the output scale, attention direction, final LayerNorm, pad masking, the in-kernel range check
 # (NaN rows or clamped), the digit base
-_GRAPH_CONFIG = ("temperature", "attn_direction", "use_last_layernorm", "mask_padding", "check_range", "base")
+_GRAPH_CONFIG = ("temperature", "attn_direction", "use_last_layernorm", "mask_padding", "check_range", "base",
+                 "backend")
+
+_RPR = tuple(getattr(torch._C, n, None) for n in ("_get_cublas_allow_fp16_reduced_precision_reduction",
+                                                  "_get_cublas_allow_bf16_reduced_precision_reduction"))
+
+
+def _numerics() -> Tuple:
+    """What ATen reads per call and a capture bakes in: cuBLAS's fp32 math mode (TF32), its fp16 / bf16
+    reduced-precision reductions, and the deterministic-kernel choice (~1 us)."""
+    return (tf32_enabled(), *(f() if f is not None else None for f in _RPR),
+            torch.are_deterministic_algorithms_enabled())
 
 
 class GraphedSeqPE(nn.Module):
@@ -547,14 +597,15 @@ class GraphedSeqPE(nn.Module):
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
+        _flush_deferred()
 
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
     def _key(self, positions: torch.Tensor) -> Tuple:
-        """(shape, dtype, device, training, grad, autocast dtype, (params, live configuration)). ``grad`` is False under both
-        torch.no_grad and torch.inference_mode: one graph serves both (same kernels)."""
+        """(shape, dtype, device, training, grad, autocast dtype, (params, live configuration, GEMM numerics)).
+        ``grad`` is False under both torch.no_grad and torch.inference_mode: one graph serves both (same kernels)."""
         ac = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         params = list(self.module.parameters())  # one module traversal per call
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -566,7 +617,7 @@ class GraphedSeqPE(nn.Module):
         live = m._live() if hasattr(m, "_live") else None
         cfg = (live, *(getattr(m, a, None) for a in _GRAPH_CONFIG))
         return (tuple(positions.shape), positions.dtype, positions.device, self.module.training, grad, ac,
-                (ptrs, cfg))
+                (ptrs, cfg, _numerics()))
 
     @staticmethod
     def _describe(key: Tuple) -> str:
@@ -586,8 +637,22 @@ class GraphedSeqPE(nn.Module):
         if p is not None and p.device != positions.device:
             raise ValueError(f"positions are on {positions.device} but the encoder's parameters on {p.device}")
 
+    def _check_hooks(self) -> None:
+        """A replay runs the captured kernels only: hooks on the wrapped module (its eager forward runs them) or,
+        put there after a capture, on its submodules (its eager forward refuses them) would silently not fire."""
+        m = self.module
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            raise RuntimeError("GraphedSeqPE: the wrapped module has forward / backward hooks, which a CUDA-graph "
+                               "replay would not run. Register them on the GraphedSeqPE instead")
+        chk = getattr(m, "_check_hooks", None)  # FusedSeqPE: submodule hooks (cached until a hook is registered)
+        if chk is not None:
+            chk()
+
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         self._check(positions)
+        self._check_hooks()
+        if _deferred:
+            _flush_deferred()
         if positions.numel() == 0:
             return self.module(positions)  # nothing worth a graph
         key = self._key(positions)
@@ -618,7 +683,10 @@ class GraphedSeqPE(nn.Module):
         rec = getattr(self.module, "record_dropout_masks", None)
         rec_before = dict(rec) if isinstance(rec, dict) else None
         try:
-            with torch.cuda.device(positions.device), torch.autocast("cuda", enabled=False):
+            # anomaly mode's NaN check of every backward output is a host sync (.item()): illegal inside the
+            # backward capture. Off for warm-up and capture; replays' backward outputs are still checked
+            with torch.cuda.device(positions.device), torch.autocast("cuda", enabled=False), \
+                    torch.autograd.set_detect_anomaly(False):
                 if grad:
                     params = tuple(p for p in self.module.parameters() if p.requires_grad)
                     return _TrainingGraph(core, positions, params, self.warmup, self.clone_outputs, what)

@@ -133,6 +133,46 @@ def pytest_runtest_makereport(item, call):
         rep.sections.append(("random seed", note))
 
 
+# ------------------------------------------------------------------------------------ big GPU allocations
+_GPU_BYTES_LOCK = "seqpe-kernels-gpu-bytes.lock"
+
+
+@pytest.fixture
+def gpu_bytes():
+    """For tests that allocate tens of GB (the offsets-beyond-2**31 tests): yields need(nbytes), which first takes
+    a machine-wide lock (one such test at a time across the pytest-xdist workers: with -n 8, tests that start
+    together would each see the memory free, pass the check and then run out of memory together; a test that is
+    still compiling has allocated only part of its tensors), then skips the test unless ``nbytes`` of device
+    memory is free (a GPU too small for it is not a failure of the kernels). Call it after anything that may
+    wait (require_ext waits for the extension build), so the lock is not held meanwhile. The CUDA caching
+    allocator is emptied before the check and after the test, before the lock is released."""
+    import fcntl
+    import gc
+    import tempfile
+
+    held = []
+
+    def need(nbytes):
+        if not held:
+            f = open(os.path.join(tempfile.gettempdir(), _GPU_BYTES_LOCK), "a")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held.append(f)
+        gc.collect()
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info()[0]
+        if free < nbytes:
+            pytest.skip(f"needs {nbytes / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
+
+    try:
+        yield need
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+        for f in held:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+
 # ------------------------------------------------------------------------------------ C++/CUDA extension
 # Reasons the loader gives (seqpe_kernels._ext) for which the extension cannot be built here without anything
 # being broken: skipped, with the reason. Anything else (a compile error, a load error, a stale prebuilt module,

@@ -14,12 +14,13 @@ from seqpe_kernels.savings.dedup import (build_prefix_trie, dedup_forward, prefi
 RTOL = 1e-5
 
 
-def make(D=32, H=4, K=3, d=1, mask_padding=False, direction="causal", layers=2, seed=0, cls=SeqPE, **kw):
+def make(D=32, H=4, K=3, d=1, mask_padding=False, direction="causal", layers=2, seed=0, cls=SeqPE, noise=0.3,
+         **kw):
     torch.manual_seed(seed)
     m = cls(D, H, K, num_layers=layers, data_dim=d, attn_direction=direction, mask_padding=mask_padding, **kw)
     with torch.no_grad():  # move off the init (LN weights 1, biases 0, tiny embeddings): sharper attention
         for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+            p.add_(torch.randn_like(p) * noise)
     return m.eval()
 
 

@@ -4,7 +4,6 @@ On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) with
 `gpu` run the large-M and low-precision cases whenever a CUDA device is present.
 """
 import copy
-import gc
 import math
 
 import pytest
@@ -461,10 +460,7 @@ def test_gpu_parity_low_precision_parameters(dtype, backend):
     reference, as under autocast. (Under the CPU interpreter Triton's bf16 arithmetic is unreliable, so only a GPU
     can tell; an audit saw 0.58 there.)"""
     if backend == "cuda":
-        from seqpe_kernels.backend import available_backends
-        ok, why = available_backends(torch.device("cuda"))["cuda"]
-        if not ok:
-            pytest.skip(f"the CUDA extension is not usable here: {why}")
+        require_ext("cuda")  # skips for a documented reason only: a build or load error fails, as everywhere else
     s = _seed()
     _lowp_case(dtype, GPU_CONFIGS[0], 1553, seed=s, params=True, backend=backend)
 
@@ -477,23 +473,6 @@ def test_gpu_parity_low_precision_parameters(dtype, backend):
 INT32_LIMIT = 2 ** 31
 BF16_REL = torch.finfo(torch.bfloat16).eps  # fp32 math rounded once to bf16: <= half an ulp (2**-8) per element
 IMPLS = pytest.mark.parametrize("impl", [0, 1], ids=["triton", "ext"])
-
-
-@pytest.fixture
-def gpu_bytes():
-    """Empties the CUDA caching allocator before and after the test; yields need(nbytes), which skips the test
-    unless that much device memory is free (a GPU too small for it is not a failure of the kernels)."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-    def need(nbytes):
-        free = torch.cuda.mem_get_info()[0]
-        if free < nbytes:
-            pytest.skip(f"needs {nbytes / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
-
-    yield need
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def rows_around(n, *edges, k=2):

@@ -57,24 +57,15 @@ def test_cache_uses_triton_gather_on_cuda(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_gather_offsets_beyond_int32():
+def test_gpu_gather_offsets_beyond_int32(gpu_bytes):
     """Table and output both past 2**31 elements (D=768 bf16, 2 796 266 table rows, 64 more output rows): rows at
     both ends and around the 2**31 boundaries of table and output, including table rows past the boundary
     gathered into the first output rows and vice versa, equal index_select bit for bit. Needs ~9 GB."""
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
     D = 768
     N = 2 ** 31 // D + 64
     M = N + 64
-    need = (N + M) * D * 2 + (1 << 30)
-    free = torch.cuda.mem_get_info()[0]
-    if free < need:
-        pytest.skip(f"needs {need / 2**30:.1f} GiB free on the GPU, {free / 2**30:.1f} GiB free")
+    gpu_bytes((N + M) * D * 2 + (1 << 30))
     equal = _gather_beyond_int32(N, M, D)  # the big tensors are gone before anything is asserted
-    gc.collect()
-    torch.cuda.empty_cache()
     assert equal
 
 

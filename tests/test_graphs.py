@@ -619,6 +619,20 @@ def _grads_match(ref, fus, tol, what=""):
         assert rel(pf.grad, pr.grad) <= tol, f"{what} grad {n}: rel err {rel(pf.grad, pr.grad):.3e}"
 
 
+def _step_matches(ref, fus, g, M, data_dim, what, tol=1e-5):
+    """One training step of fresh positions through the eager reference and the graphed module: gradients reset,
+    output and every parameter gradient within ``tol``. Returns the graphed output."""
+    pos = random_positions(M, fus.max_digits, data_dim)
+    gout = torch.randn(M, ref.out_proj.out_features, device="cuda")
+    _zero(ref, fus)
+    yr, yg = ref(pos), g(pos)
+    assert rel(yg, yr) <= tol, f"{what}: output rel err {rel(yg, yr):.3e}"
+    yr.backward(gout)
+    yg.backward(gout)
+    _grads_match(ref, fus, tol, what)
+    return yg
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend,cfg", CASES)
 def test_graphed_training_replays_match_eager(backend, cfg):
@@ -801,14 +815,7 @@ def test_two_position_shapes_alternate():
     g = sk.GraphedSeqPE(fus)
     O = ref.out_proj.out_features
     for step, M in enumerate([97, 545, 97, 545, 97]):
-        pos = random_positions(M, CFG["max_digits"], 1)
-        gout = torch.randn(M, O, device="cuda")
-        _zero(ref, fus)
-        yr, yg = ref(pos), g(pos)
-        assert rel(yg, yr) <= 1e-5, f"step {step} (M={M}): output rel err {rel(yg, yr):.3e} (seed {s})"
-        yr.backward(gout)
-        yg.backward(gout)
-        _grads_match(ref, fus, 1e-5, f"step {step} M={M} (seed {s})")
+        _step_matches(ref, fus, g, M, 1, f"step {step} M={M} (seed {s})")
     assert g.num_graphs == 2
     _zero(ref, fus)
     pa, pb = random_positions(97, CFG["max_digits"], 1), random_positions(545, CFG["max_digits"], 1)
@@ -872,18 +879,10 @@ def test_capture_while_the_caller_keeps_autograd_graphs_alive():
     ref, fus = perturbed_pair(**CFG)
     ref.train(), fus.train()
     g = sk.GraphedSeqPE(fus)
-    O = ref.out_proj.out_features
     kept_eager = fus(random_positions(50, CFG["max_digits"], 1))
     kept_replay = g(random_positions(70, CFG["max_digits"], 1))  # captures the first key
     for M in (90, 90):  # captures the second key, then replays it
-        pos = random_positions(M, CFG["max_digits"], 1)
-        gout = torch.randn(M, O, device="cuda")
-        _zero(ref, fus)
-        yr, yg = ref(pos), g(pos)
-        assert rel(yg, yr) <= 1e-5, f"M={M}: output rel err {rel(yg, yr):.3e} (seed {s})"
-        yr.backward(gout)
-        yg.backward(gout)
-        _grads_match(ref, fus, 1e-5, f"M={M} (seed {s})")
+        _step_matches(ref, fus, g, M, 1, f"M={M} (seed {s})")
     assert g.num_graphs == 2 and kept_eager.requires_grad and kept_replay.requires_grad
 
 
@@ -1295,17 +1294,10 @@ def test_training_capture_under_anomaly_mode():
     ref, fus = perturbed_pair(**CFG)
     ref.train(), fus.train()
     g = sk.GraphedSeqPE(fus)
-    M, O = 101, ref.out_proj.out_features
+    M = 101
     with torch.autograd.detect_anomaly():
         for step in range(3):
-            pos = random_positions(M, CFG["max_digits"], 1)
-            gout = torch.randn(M, O, device="cuda")
-            _zero(ref, fus)
-            yr, yg = ref(pos), g(pos)
-            assert rel(yg, yr) <= 1e-5, f"step {step}: output rel err {rel(yg, yr):.3e} (seed {s})"
-            yr.backward(gout)
-            yg.backward(gout)
-            _grads_match(ref, fus, 1e-5, f"step {step} under anomaly mode (seed {s})")
+            _step_matches(ref, fus, g, M, 1, f"step {step} under anomaly mode (seed {s})")
     assert g.num_graphs == 1
 
 
@@ -1321,7 +1313,6 @@ def test_capture_while_another_thread_pins_memory():
     ref, fus = perturbed_pair(**CFG)
     ref.train(), fus.train()
     g = sk.GraphedSeqPE(fus)
-    O = ref.out_proj.out_features
     stop, errors, spins = threading.Event(), [], [0]
 
     def pin():
@@ -1347,14 +1338,7 @@ def test_capture_while_another_thread_pins_memory():
             time.sleep(0.001)
         assert spins[0] >= 10, f"the pin-memory thread did not get going: {errors[:1]!r}"
         for step, M in enumerate([97, 211, 97, 211]):  # two captures, then replays
-            pos = random_positions(M, CFG["max_digits"], 1)
-            gout = torch.randn(M, O, device="cuda")
-            _zero(ref, fus)
-            yr, yg = ref(pos), g(pos)
-            assert rel(yg, yr) <= 1e-5, f"step {step}: output rel err {rel(yg, yr):.3e} (seed {s})"
-            yr.backward(gout)
-            yg.backward(gout)
-            _grads_match(ref, fus, 1e-5, f"step {step} with a pinning thread (seed {s})")
+            _step_matches(ref, fus, g, M, 1, f"step {step} with a pinning thread (seed {s})")
     finally:
         stop.set()
         th.join(10)

@@ -142,12 +142,18 @@ def test_second_launch_confirms_then_direct(direct_on):
     assert meta[:3] == ("meta", (3,), 123) and meta[3][0] is x and list(meta[3][1:]) == args[1:]
 
 
-def test_a_new_specialisation_goes_through_jit_again(direct_on):
+def _confirmed():
+    """A stand-in kernel launched three times with one key (confirmed: its later launches are direct)."""
     fn = _FakeJIT()
     k = launch.DirectKernel(fn)
     x = torch.zeros(8)
     for _ in range(3):
         k[(1,)](x, 5, 0.5, BLOCK=16)
+    return fn, k, x
+
+
+def test_a_new_specialisation_goes_through_jit_again(direct_on):
+    fn, k, x = _confirmed()
     n = len(fn.jit_calls)
     k[(1,)](x[1:], 5, 0.5, BLOCK=16)   # misaligned pointer
     k[(1,)](x, 1, 0.5, BLOCK=16)       # an int equal to 1
@@ -311,11 +317,7 @@ def test_the_real_launcher_gets_the_same_bytes_both_ways(tmp_path):
 
 
 def test_triton_knob_options_and_constexpr_types_are_in_the_key(direct_on):
-    fn = _FakeJIT()
-    k = launch.DirectKernel(fn)
-    x = torch.zeros(8)
-    for _ in range(3):
-        k[(1,)](x, 5, 0.5, BLOCK=16)
+    fn, k, x = _confirmed()
     n = len(fn.jit_calls)
     direct_on.debug = True  # JITFunction.run adds knobs.runtime.debug to the options
     k[(1,)](x, 5, 0.5, BLOCK=16)

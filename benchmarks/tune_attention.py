@@ -230,19 +230,15 @@ def main(argv=None):
     if a.resources:
         return resources(chunks)
     torch.manual_seed(0)
-    try:  # the C++/CUDA extension's attention beside Triton's ("ext" rows), when it builds here
-        from seqpe_kernels import _ext
+    # the C++/CUDA extension's attention beside Triton's ("ext" rows), when it has kernels for this device: status
+    # loads it and never raises (no compiler, or CUDA sources that did not build: a library with the CPU kernels
+    # alone, whose ops raise NotImplementedError on CUDA tensors, would end the sweep at the first "ext" row)
+    from seqpe_kernels import _ext
 
-        ext = _ext.load()
-        # a library without kernels for this device (e.g. its CUDA sources did not build: CPU kernels only)
-        # would raise NotImplementedError at the first "ext" row and end the sweep there
-        ok, why = _ext.status(torch.device(DEVICE).type)
-        if not ok:
-            print(f"(no ext rows: {why[:160]})")
-            ext = None
-    except Exception as e:  # noqa: BLE001 - a missing compiler only drops the ext rows
-        print(f"(no ext rows: {type(e).__name__}: {str(e)[:160]})")
-        ext = None
+    ok, why = _ext.status(torch.device(DEVICE).type)
+    ext = _ext.load() if ok else None
+    if not ok:
+        print(f"(no ext rows: {why[:160]})")
     print(f"{'shape':14s} {'block':5s} {'kernel':6s} {'warps':>5s} {'fwd us':>8s} {'bwd us':>8s}")
     for name in a.shapes:
         M, T, D, H, dt, n = SHAPES[name]

@@ -117,8 +117,8 @@ __device__ __forceinline__ acc_t tanh_k(acc_t u) {  // the Triton kernel's tanh:
 // Size): 48 KB less the kernel's static shared memory. ln_fwd_kernel / ln_bwd_kernel also hold a static
 // `red[66]` (ptxas: 272 B fp32, 528 B fp64), so their dynamic part must leave room for it: a launch at exactly
 // 48 KB of dynamic memory fails on a GPU with cudaErrorInvalidValue (the emulator does not model static memory).
-constexpr size_t kDynSmemDefault = 48 * 1024;
-constexpr size_t kDynSmemWithRed = kDynSmemDefault - 1024;
+constexpr size_t kLnStaticReserve = 1024;
+constexpr size_t kDynSmemWithRed = 48 * 1024 - kLnStaticReserve;
 
 inline int ln_threads(int64_t D) {
   int t = 32;
@@ -578,7 +578,7 @@ Tensor4 residual_layernorm_fwd_cuda(const Tensor& x_, const OptTensor& y_, const
       default: {
         const size_t smem = static_cast<size_t>(D) * sizeof(scalar_t);
         if (smem > kDynSmemWithRed) {  // the row past ~47 KB: opt in (the static `red` needs the rest of 48 KB)
-          TORCH_CHECK(smem + (kDynSmemDefault - kDynSmemWithRed) <= smem_optin(),
+          TORCH_CHECK(smem + kLnStaticReserve <= smem_optin(),
                       "seqpe_ext::residual_layernorm_fwd (CUDA): width ", D, " too large");
           allow_smem(ln_fwd_kernel<scalar_t>, smem);
         }

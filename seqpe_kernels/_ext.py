@@ -404,8 +404,8 @@ def _readonly_library(name: str) -> Optional[str]:
     if not os.path.exists(so):
         raise ExtensionUnavailable(f"the extension cache {probe} is read-only and holds no {name}.so: {how}")
     built = _read_build_info(so)
-    src = _build_fields(built).get("src")
-    why = (_build_mismatch(built) and f"for another {_build_mismatch(built)} ({built.replace(';', ', ')})") or \
+    src, what = _build_fields(built).get("src"), _build_mismatch(built)
+    why = (what and f"for another {what} ({built.replace(';', ', ')})") or \
         (src != source_hash() and f"from other sources ({src or 'not recorded'}, these are {source_hash()})")
     if why:
         raise ExtensionUnavailable(f"the read-only extension cache holds {so}, built {why}: {how}")

@@ -4,6 +4,7 @@ On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py). Outputs and the g
 compared relative to the largest reference magnitude: fp32 at 1e-5, fp64 at 1e-12 (on the GPU, where n and
 the atomic dk/dv sums are large, fp32 at 1e-5 of an fp64 reference).
 """
+import copy
 import zlib
 
 import pytest
@@ -16,6 +17,7 @@ from seqpe_kernels.savings.dedup import prefix_shared_forward
 
 from conftest import HAS_CUDA
 from test_dedup import assert_close_rel, make, positions_for
+from test_fused import check_parity_vs_fp64
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -179,22 +181,16 @@ def check_parity(m, pos, fn=prefix_shared_forward):
         assert_close_rel(x, y, f"grad {name}")
 
 
-def check_parity_vs_fp64(m, pos, fn=prefix_shared_forward):
-    """fn(m, pos) in m's fp32 against the plain forward of m in fp64: output and every parameter gradient within
-    RTOL (1e-5) x max|exact| (test_fused.check_parity_vs_fp64's rule)."""
-    import copy
+class _PrefixShared(torch.nn.Module):
+    """``prefix_shared_forward(m, .)`` as a module (its parameters are m's): what test_fused.check_parity_vs_fp64
+    compares with the reference."""
 
-    m64 = copy.deepcopy(m).double()
-    out, ref = fn(m, pos), m64(pos)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    assert_close_rel(out.double(), ref, "output vs fp64")
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
-    names, params = zip(*m.named_parameters())
-    go = torch.autograd.grad((out * g).sum(), params)
-    gr = torch.autograd.grad((ref * g.double()).sum(), tuple(m64.parameters()))
-    for name, x, y in zip(names, go, gr):
-        assert y.abs().max() > 0 or name.startswith("transformers"), f"{name}: zero reference grad"
-        assert_close_rel(x.double(), y, f"grad {name} vs fp64")
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, pos):
+        return prefix_shared_forward(self.m, pos)
 
 
 class _Spy:
@@ -268,7 +264,7 @@ def test_gpu_large():
     # 0.7-1.9e-5 off fp64 on CPU, the prefix path 1.23e-5 off the plain one at this seed), so their difference
     # cannot be held to 1e-5; the prefix path's own error can (<= 4.2e-6 on CPU at this noise)
     m = make(D=128, H=4, K=5, mask_padding=True, layers=2, noise=0.1 * (64 / 128) ** 0.5).to(DEV)
-    check_parity_vs_fp64(m, torch.randint(0, 10 ** 5, (4000,), device=DEV))
+    check_parity_vs_fp64(m, _PrefixShared(copy.deepcopy(m)), torch.randint(0, 10 ** 5, (4000,), device=DEV))
 
 
 def _prefix_beyond_int32(R, H, de, a, dev="cuda", lp=torch.bfloat16, limit=2 ** 31, e=64):

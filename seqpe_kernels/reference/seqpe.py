@@ -21,7 +21,7 @@ from .tokenize import _INT_DTYPES, tokenize
 def trunc_normal_(t: torch.Tensor, std: float = 0.02, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
     """``nn.init.trunc_normal_(t, std=std, a=a, b=b)`` (mean 0), without the atom at the bounds of torch < 2.13:
     there it draws by inverse CDF, and a uniform draw of exactly -1 gives erfinv = -inf, clamped to ``a`` (at std
-    0.02: a weight of -2.0, 100 sigma; one element in ~2^24, so ~1 ViT-S init in 5 holds one). Such elements are
+    0.02: a weight of -2.0, 100 sigma; one element in ~2^24, so ~1 ViT-S init in 8 holds one). Such elements are
     redrawn from N(0, std^2) until inside (a, b): rejection sampling, as torch >= 2.13 does (no atom there, so
     nothing is redrawn and the random stream is unchanged)."""
     nn.init.trunc_normal_(t, std=std, a=a, b=b)

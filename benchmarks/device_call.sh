@@ -141,6 +141,8 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
   TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \
       tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
   TAILN=24 step check_cuda 30 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda
+  # dedup="auto"'s unique on the GPU: the row-wise torch.unique it used against one int64 key per row
+  TAILN=5 step dedup_unique 15 python3 benchmarks/bench_dedup_unique.py
   # the head-dimension-chunked attention variant against the package's kernels (fwd / bwd us per setting)
   TAILN=30 step tune_attention 60 python3 benchmarks/tune_attention.py --shapes text-default
   TAILN=40 step bench_vits-default 90 python3 -X faulthandler -m seqpe_kernels.cli bench --no-progress \

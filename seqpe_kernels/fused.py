@@ -152,7 +152,9 @@ class FusedSeqPE(SeqPE):
             self._check_hooks()  # (the prefix path reads the weights directly, as the fused kernels do)
             return prefix_shared_forward(self, pos, allow_in_training=True, validated=True)
         if mode == "unique" and pos.shape[0] > 1:
-            uniq, inverse = torch.unique(pos, dim=0, return_inverse=True)
+            from .savings.dedup import unique_positions
+
+            uniq, inverse = unique_positions(pos, self.base ** self.max_digits)
             if uniq.shape[0] < pos.shape[0]:
                 return self._encode(uniq)[inverse]
         return self._encode(pos)

@@ -7,9 +7,12 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seqpe_kernels import FusedSeqPE, SeqPE
-from seqpe_kernels.savings.dedup import (build_prefix_trie, dedup_forward, prefix_shared_forward, prefix_trie_stats)
+from seqpe_kernels.savings.dedup import (build_prefix_trie, dedup_forward, prefix_shared_forward, prefix_trie_stats,
+                                         unique_positions)
 
 RTOL = 1e-5
 
@@ -189,3 +192,48 @@ def test_trie_structure():
         assert {tuple(r) for r in paths.tolist()} == {tuple(r) for r in digits[:, :j + 1].tolist()}
     # leaf maps each sequence to its CLS node: duplicates share one
     assert t.leaf[0] == t.leaf[2] and len(set(t.leaf.tolist())) == 3
+
+
+# ---------------------------------------------------------------------------------------------- unique_positions
+@settings(max_examples=60, deadline=None)
+@given(d=st.integers(1, 3), radix=st.sampled_from([1, 2, 10, 100, 10 ** 5, 10 ** 7, 2 ** 31]),
+       M=st.integers(0, 40), bad_rate=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2 ** 16))
+def test_unique_positions_matches_the_rowwise_unique(d, radix, M, bad_rate, seed):
+    """The packed 1-D unique gives the row-wise unique's rows and inverse, for validated positions (the same
+    order) and for unvalidated ones (check_range=False): a row with a coordinate outside [0, radix) is never merged
+    with another row, even where packing it would alias a valid row's key ([1, radix + 5] and [2, 5]); with d > 1
+    such rows are kept one per input row (their outputs are NaN rows; sharing them would save nothing worth a
+    second key space)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randint(0, radix, (max(1, M // 3), d), generator=g)  # few distinct rows: many duplicates
+    pos = pool[torch.randint(0, pool.shape[0], (M,), generator=g)]
+    bad = torch.rand(M, generator=g) < bad_rate
+    if bad.any() and d > 1:
+        # aliasing candidates: one coordinate shifted by +-radix, the next one moved to compensate in the key
+        j = torch.randint(0, d - 1, (1,), generator=g).item()
+        alias = pos.clone()
+        alias[:, j] -= 1
+        alias[:, j + 1] += radix
+        pos = torch.where(bad[:, None], alias, pos)
+    elif bad.any():
+        pos = torch.where(bad[:, None], torch.where(pos > 0, -pos, pos + radix), pos)
+    uniq, inv = unique_positions(pos, radix)
+    ref_u, ref_inv = torch.unique(pos, dim=0, sorted=True, return_inverse=True)
+    assert uniq.dtype == pos.dtype and inv.shape == (M,)
+    assert torch.equal(uniq[inv], pos)  # every row maps back to itself: no two different rows merged
+    ok = ((uniq >= 0) & (uniq < radix)).all(1)
+    ref_ok = ((ref_u >= 0) & (ref_u < radix)).all(1)
+    # in-range rows: each once, in the row-wise unique's (lexicographic) order
+    assert torch.equal(uniq[ok], ref_u[ref_ok])
+    if d == 1 or radix ** d > 2 ** 63 - 1:  # the column's own unique, or no int64 key (the row-wise unique):
+        # identical rows, out of range or not, merged as the row-wise unique does
+        assert torch.equal(uniq, ref_u) and torch.equal(inv, ref_inv)
+    else:  # out-of-range rows (their outputs are NaN rows anyway) are kept one per input row, never shared
+        assert int((~ok).sum()) == int(((pos < 0) | (pos >= radix)).any(1).sum())
+
+
+def test_unique_positions_without_an_int64_key():
+    """radix ** d past int64: the row-wise unique itself."""
+    pos = torch.tensor([[2 ** 40, 1, 3], [2 ** 40, 1, 3], [0, 0, 0]])
+    uniq, inv = unique_positions(pos, 2 ** 41)
+    assert torch.equal(uniq, torch.tensor([[0, 0, 0], [2 ** 40, 1, 3]])) and inv.tolist() == [1, 1, 0]

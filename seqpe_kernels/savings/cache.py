@@ -60,7 +60,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..backend import triton_status
-from .dedup import dropout_active
+from .dedup import dropout_active, unique_positions
 from ..reference.tokenize import check_positions
 
 __all__ = ["SeqPECache"]
@@ -436,7 +436,7 @@ class SeqPECache:
             uk, inv = torch.unique(self._pack(miss_pos), sorted=True, return_inverse=True)
             upos = self._unpack(uk)
         else:
-            upos, inv = torch.unique(miss_pos, dim=0, sorted=True, return_inverse=True)
+            upos, inv = unique_positions(miss_pos, self._radix)
         y = self._encode(upos)
         if M == 0:
             return y[:0]
@@ -644,8 +644,7 @@ class SeqPECache:
         if n_hit == M and not stale and M > 0:
             return _gather(self._table, rows)
         miss = ~found
-        upos, inv = (torch.unique(pos[miss], dim=0, sorted=True, return_inverse=True) if M - n_hit
-                     else (pos[:0], None))
+        upos, inv = unique_positions(pos[miss], self._radix) if M - n_hit else (pos[:0], None)
         table, layout = self._table, [(b, b.row_offset) for b in self._blocks]
         y_extra = self._dense_compute(stale, upos)
         if M == 0:

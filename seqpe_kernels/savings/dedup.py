@@ -42,7 +42,7 @@ from ..reference.seqpe import gelu_new as _gelu_new
 from ..reference.tokenize import check_positions, tokenize
 
 __all__ = ["dedup_forward", "prefix_shared_forward", "build_prefix_trie", "PrefixTrie", "prefix_trie_stats",
-           "dropout_active"]
+           "dropout_active", "unique_positions"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -75,6 +75,36 @@ def _param_device_dtype(module: nn.Module):
     return p.device, p.dtype
 
 
+def unique_positions(pos: torch.Tensor, radix: int):
+    """``torch.unique(pos, dim=0, sorted=True, return_inverse=True)`` for positions [M, d] (int64), by a 1-D
+    unique over one int64 key per row. Why: the row-wise unique sorts rows with a comparator and costs ~70x the
+    1-D one (2-core dev CPU, M = 1552: 1.3 ms against 18 us; M = 8720: 9.4 ms against 0.33 ms), and every eval
+    call of a FusedSeqPE (``dedup="auto"``) paid it. ``radix`` = base ** max_digits, the per-dimension range.
+
+    d = 1: the column itself. d > 1: key = the row's digits in base ``radix`` (the same order as the row-wise
+    sort), where that fits in int64. A row outside [0, radix) in some dimension (positions not validated:
+    ``check_range=False``) gets a key of its own (negative, one per row), so it is never merged with another row
+    (packing it could alias a valid one); each unique row is read back from its first occurrence. Returns
+    (unique rows [U, d], inverse [M]); the unique in-range rows come in lexicographic order, as the row-wise
+    unique's."""
+    M, d = pos.shape
+    if d == 1:
+        u, inv = torch.unique(pos[:, 0], sorted=True, return_inverse=True)
+        return u.unsqueeze(1), inv
+    if radix ** d > 2 ** 63 - 1:  # no int64 key: the row-wise unique
+        return torch.unique(pos, dim=0, sorted=True, return_inverse=True)
+    ok = ((pos >= 0) & (pos < radix)).all(1)
+    key = pos[:, 0].clamp(0, radix - 1)
+    for a in range(1, d):
+        key = key * radix + pos[:, a].clamp(0, radix - 1)
+    idx = torch.arange(M, device=pos.device)
+    key = torch.where(ok, key, -1 - idx)
+    uk, inv = torch.unique(key, sorted=True, return_inverse=True)
+    first = torch.full((uk.shape[0],), M, dtype=torch.int64, device=pos.device)
+    first.scatter_reduce_(0, inv, idx, "amin")
+    return pos[first], inv
+
+
 # ---------------------------------------------------------------------------------------------- (a) dedup
 def dedup_forward(module: nn.Module, positions: torch.Tensor, allow_in_training: bool = False) -> torch.Tensor:
     """``module(positions)`` with identical positions encoded once and gathered back.
@@ -88,11 +118,9 @@ def dedup_forward(module: nn.Module, positions: torch.Tensor, allow_in_training:
     M = pos.shape[0]
     if M == 0:
         return module(positions)
-    if pos.shape[1] == 1:
-        uniq, inverse = torch.unique(pos[:, 0], sorted=True, return_inverse=True)
-        uniq_in = uniq if positions.dim() == 1 else uniq.unsqueeze(1)
-    else:
-        uniq_in, inverse = torch.unique(pos, dim=0, sorted=True, return_inverse=True)
+    uniq_in, inverse = unique_positions(pos, getattr(module, "base", 10) ** module.max_digits)
+    if positions.dim() == 1:
+        uniq_in = uniq_in[:, 0]
     if uniq_in.shape[0] == M:  # nothing to share: keep the plain call (no extra gather)
         return module(positions)
     out = module(uniq_in)

@@ -455,3 +455,22 @@ def test_image_folder_without_held_out_images_is_not_scored_on_training_images(t
                         backend="torch", progress=False)
     row = T.train(cfg, log=lambda *a, **k: None)["eval"]["rows"][0]
     assert row["value"] is None and "no held-out images" in row["note"]
+
+
+def test_losses_read_in_batches_are_the_per_step_losses(tmp_path, monkeypatch):
+    """On CUDA the logged losses are read every _LOG_EVERY steps (one host sync each) instead of every step: the
+    per-step history must not change by it (also for a run length that is not a multiple of the interval, with
+    the transfer term inactive on some steps: its None entries kept in place)."""
+    log_every = T._log_every
+
+    def run(name, every):
+        monkeypatch.setattr(T, "_log_every", lambda device: every)
+        js = tmp_path / f"{name}.json"
+        assert T.main([*TINY, "--steps", "7", "--json", str(js)]) == 0
+        return json.loads(js.read_text())
+
+    one, three = run("one", 1), run("three", 3)
+    for k in ("losses", "main", "contrastive", "transfer"):
+        assert len(one[k]) == 7 and one[k] == three[k], k
+    assert None in one["transfer"] and any(v is not None for v in one["transfer"])  # (the case is exercised)
+    assert log_every(torch.device("cpu")) == 1 and log_every(torch.device("cuda")) == T._LOG_EVERY > 1

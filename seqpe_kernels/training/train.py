@@ -204,6 +204,39 @@ def cuda_graphs_plan(requested: Optional[bool], device: torch.device, backend: s
     return False, f"off ({'requested, but ' if requested else ''}{why})"
 
 
+_LOG_EVERY = 25  # CUDA: training steps between host reads of the logged losses (each read is a host-device sync)
+
+
+def _log_every(device: torch.device) -> int:
+    """Steps per host read of the logged losses: every step on CPU (no sync to save; the bar moves per step)."""
+    return _LOG_EVERY if device.type == "cuda" else 1
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync. A plain ``.to("cuda")`` of pageable memory first waits for
+    the stream's queued work (CUDA stages pageable copies synchronously), so every step's samplers and data
+    loading ran with the GPU idle; from pinned memory the copy is queued (torch's pinned-memory cache keeps the
+    buffer until the copy has run)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _flush_stats(pending: list, hist: dict, K: int, bar) -> None:
+    """The logged losses of the steps in ``pending`` (one [5] tensor each: total, main, contrastive, transfer sum,
+    active transfer streams) into ``hist``, in one host read; empties ``pending``."""
+    rows = torch.stack([st for st, _ in pending]).tolist()
+    for s, (_, ct) in zip(rows, pending):
+        hist["losses"].append(s[0])
+        hist["main"].append(s[1])
+        hist["contrastive"].append(s[2] if ct else None)
+        hist["transfer"].append(s[3] / K if s[4] > 0 else None)
+    if bar is not None:
+        bar.set_postfix(loss=f"{rows[-1][0]:.4f}", main=f"{rows[-1][1]:.4f}", refresh=False)
+        bar.update(len(rows))
+    pending.clear()
+
+
 def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> dict:
     """Run one training (and evaluation). Uses the default process group if one is initialised.
     ``progress_desc`` labels the progress bar (default ``train <task>``).
@@ -316,6 +349,8 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
     t0 = time.perf_counter()
     enc.train()
     model.train()
+    pending: list = []  # (stats on the device, contrastive active) of the steps not yet read (_flush_stats)
+    log_every = _log_every(device)
     for step in range(cfg.steps):
         w_ct, w_tr = sched.step()
         # --- 1-2. positions of every stream owned by this process
@@ -328,24 +363,24 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
         if cts is not None:
             piv = torch.cat([c.pivots for c in cts])
             cand = torch.cat([c.candidates for c in cts])
-            labels_ct = torch.cat([c.labels for c in cts]).to(device)
+            labels_ct = _to_device(torch.cat([c.labels for c in cts]), device)
         active = [t for t in trs if t is not None]
         tr_pos = torch.cat([t.positions for t in active]) if active else None
         # --- 3-4. one merged encoder call, split
         merged, layout = merge_positions(main_pos, piv, cand, tr_pos, num_windows=P)
-        y = enc_run(merged.to(device))
+        y = enc_run(_to_device(merged, device))
         parts = split_outputs(y, layout)
         # --- 5. main task (this process's slice of the global batch)
         lo = rank * local_batch
         if cfg.task == "lm":
-            ids = data.batch(data_rng, cfg.batch_size, cfg.block_size)[lo:lo + local_batch].to(device)
+            ids = _to_device(data.batch(data_rng, cfg.batch_size, cfg.block_size)[lo:lo + local_batch], device)
             _, loss_main = model_run(ids, pe=parts.main, labels=ids)
         else:
             if data is None:
                 x, lab = synthetic_images(data_rng, cfg.batch_size, cfg.img_size // cfg.patch_size, cfg.patch_size)
             else:
                 x, lab = data.batch(data_rng, cfg.batch_size)
-            x, lab = x[lo:lo + local_batch].to(device), lab[lo:lo + local_batch].to(device)
+            x, lab = _to_device(x[lo:lo + local_batch], device), _to_device(lab[lo:lo + local_batch], device)
             loss_main = F.cross_entropy(model_run(x, pe=parts.main).float(), lab)
         # --- 6. regularisers
         total = loss_main
@@ -359,7 +394,8 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
             if t is None:
                 continue
             n = t.positions.shape[0]
-            tr_sum = tr_sum + transfer_loss(parts.main[teacher[r]], t.pivot_indices, parts.transfer[row:row + n],
+            tr_sum = tr_sum + transfer_loss(parts.main[teacher[r]], _to_device(t.pivot_indices, device),
+                                            parts.transfer[row:row + n],
                                             num_heads=cfg.pe_heads, beta=cfg.transfer_beta,
                                             batch_size=t.batch_size)
             row += n
@@ -380,18 +416,15 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
         # --- logging: averages over all ranks (the DDP loss), transfer as its contribution to the total
         stats = torch.stack([total.detach().float(), loss_main.detach().float(),
                              (loss_ct.detach().float() if loss_ct is not None else torch.zeros((), device=device)),
-                             tr_sum.detach().float(), torch.tensor(float(len(active)), device=device)])
+                             tr_sum.detach().float(), torch.full((), float(len(active)), device=device)])
         if distributed:
             dist.all_reduce(stats)
             stats[:3] /= world
-        s = stats.tolist()
-        hist["losses"].append(s[0])
-        hist["main"].append(s[1])
-        hist["contrastive"].append(s[2] if loss_ct is not None else None)
-        hist["transfer"].append(s[3] / K if s[4] > 0 else None)
-        if bar is not None:
-            bar.set_postfix(loss=f"{s[0]:.4f}", main=f"{s[1]:.4f}", refresh=False)
-            bar.update(1)
+        # on CUDA read on the host every _LOG_EVERY steps, not every step: a read waits for the step's GPU work,
+        # after which the next step's host work (samplers, data, launches) ran with the GPU idle
+        pending.append((stats, loss_ct is not None))
+        if len(pending) == log_every or step == cfg.steps - 1:
+            _flush_stats(pending, hist, K, bar)
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - t0

@@ -474,3 +474,40 @@ def test_losses_read_in_batches_are_the_per_step_losses(tmp_path, monkeypatch):
         assert len(one[k]) == 7 and one[k] == three[k], k
     assert None in one["transfer"] and any(v is not None for v in one["transfer"])  # (the case is exercised)
     assert log_every(torch.device("cpu")) == 1 and log_every(torch.device("cuda")) == T._LOG_EVERY > 1
+
+
+def test_positions_checked_on_the_host_while_training(monkeypatch):
+    """The encoder's range check (a host sync per call on CUDA) is off during the loop because the merged positions
+    are checked on the host first: an out-of-range position still raises, with the encoder's message, and the
+    encoder's own setting is back after training."""
+    from seqpe_kernels.training import samplers
+
+    cfg = T.TrainConfig(task="lm", steps=2, backend="torch", device="cpu", do_eval=False, progress=False,
+                        block_size=8, batch_size=2, model_dim=16, model_heads=2, model_layers=1, pe_dim=16,
+                        pe_heads=2, pe_layers=1, max_position=64, contrastive_size=2, contrastive_batch=2,
+                        transfer_size=2, transfer_batch=1)
+    seen = []
+    orig_train = T._build
+
+    def build(*a, **k):
+        enc, model, mcfg = orig_train(*a, **k)
+        seen.append(enc)
+        return enc, model, mcfg
+
+    monkeypatch.setattr(T, "_build", build)
+    out = T.train(cfg, log=lambda *a, **k: None)
+    assert out["encoder"].check_range is True and len(out["losses"]) == 2
+
+    merge = samplers.merge_positions
+
+    def bad_merge(*a, **k):
+        merged, layout = merge(*a, **k)
+        merged = merged.clone()
+        merged[-1] = seen[-1].base ** seen[-1].max_digits  # one digit too many
+        return merged, layout
+
+    monkeypatch.setattr(samplers, "merge_positions", bad_merge)
+    with pytest.raises(ValueError, match="needs more than max_digits") as e:
+        T.train(cfg, log=lambda *a, **k: None)
+    assert not any(f.path.name == "fused.py" for f in e.traceback)  # the host check raised, not the encoder's
+    assert seen[-1].check_range is True  # restored also when the loop raises

@@ -346,87 +346,100 @@ def train(cfg: TrainConfig, log=print, progress_desc: Optional[str] = None) -> d
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc=progress_desc or f"train {cfg.task}", dynamic_ncols=True, file=sys.stderr)
+    # positions are range-checked on the host, where the samplers made them (no device sync); the encoder's own
+    # check (a host sync per call on CUDA, a device-side assert inside a CUDA graph) is off while training
+    host_check = seqpe and getattr(enc, "check_range", False) is True
+    if host_check:
+        from ..reference.tokenize import check_positions
+
+        enc.check_range = False
     t0 = time.perf_counter()
     enc.train()
     model.train()
     pending: list = []  # (stats on the device, contrastive active) of the steps not yet read (_flush_stats)
     log_every = _log_every(device)
-    for step in range(cfg.steps):
-        w_ct, w_tr = sched.step()
-        # --- 1-2. positions of every stream owned by this process
-        mains = [s.main.next(s.num_windows) for s in streams]
-        cts = [s.contrastive.next() for s in streams] if cfg.contrastive_weight > 0 else None
-        trs = [s.transfer.next() if transfer_active(m, cfg.transfer_weight) else None
-               for s, m in zip(streams, mains)]
-        main_pos, P, teacher = _combine_main(mains, stream_batch)
-        piv = cand = None
-        if cts is not None:
-            piv = torch.cat([c.pivots for c in cts])
-            cand = torch.cat([c.candidates for c in cts])
-            labels_ct = _to_device(torch.cat([c.labels for c in cts]), device)
-        active = [t for t in trs if t is not None]
-        tr_pos = torch.cat([t.positions for t in active]) if active else None
-        # --- 3-4. one merged encoder call, split
-        merged, layout = merge_positions(main_pos, piv, cand, tr_pos, num_windows=P)
-        y = enc_run(_to_device(merged, device))
-        parts = split_outputs(y, layout)
-        # --- 5. main task (this process's slice of the global batch)
-        lo = rank * local_batch
-        if cfg.task == "lm":
-            ids = _to_device(data.batch(data_rng, cfg.batch_size, cfg.block_size)[lo:lo + local_batch], device)
-            _, loss_main = model_run(ids, pe=parts.main, labels=ids)
-        else:
-            if data is None:
-                x, lab = synthetic_images(data_rng, cfg.batch_size, cfg.img_size // cfg.patch_size, cfg.patch_size)
+    try:
+        for step in range(cfg.steps):
+            w_ct, w_tr = sched.step()
+            # --- 1-2. positions of every stream owned by this process
+            mains = [s.main.next(s.num_windows) for s in streams]
+            cts = [s.contrastive.next() for s in streams] if cfg.contrastive_weight > 0 else None
+            trs = [s.transfer.next() if transfer_active(m, cfg.transfer_weight) else None
+                   for s, m in zip(streams, mains)]
+            main_pos, P, teacher = _combine_main(mains, stream_batch)
+            piv = cand = None
+            if cts is not None:
+                piv = torch.cat([c.pivots for c in cts])
+                cand = torch.cat([c.candidates for c in cts])
+                labels_ct = _to_device(torch.cat([c.labels for c in cts]), device)
+            active = [t for t in trs if t is not None]
+            tr_pos = torch.cat([t.positions for t in active]) if active else None
+            # --- 3-4. one merged encoder call, split
+            merged, layout = merge_positions(main_pos, piv, cand, tr_pos, num_windows=P)
+            if host_check:
+                check_positions(merged, enc.max_digits, enc.base, enc.data_dim)
+            y = enc_run(_to_device(merged, device))
+            parts = split_outputs(y, layout)
+            # --- 5. main task (this process's slice of the global batch)
+            lo = rank * local_batch
+            if cfg.task == "lm":
+                ids = _to_device(data.batch(data_rng, cfg.batch_size, cfg.block_size)[lo:lo + local_batch], device)
+                _, loss_main = model_run(ids, pe=parts.main, labels=ids)
             else:
-                x, lab = data.batch(data_rng, cfg.batch_size)
-            x, lab = _to_device(x[lo:lo + local_batch], device), _to_device(lab[lo:lo + local_batch], device)
-            loss_main = F.cross_entropy(model_run(x, pe=parts.main).float(), lab)
-        # --- 6. regularisers
-        total = loss_main
-        loss_ct = None
-        if cts is not None:
-            loss_ct = contrastive_loss(parts.pivots, parts.candidates, labels_ct)
-            total = total + w_ct * loss_ct
-        tr_sum = torch.zeros((), device=device)
-        row = 0
-        for r, t in enumerate(trs):
-            if t is None:
-                continue
-            n = t.positions.shape[0]
-            tr_sum = tr_sum + transfer_loss(parts.main[teacher[r]], _to_device(t.pivot_indices, device),
-                                            parts.transfer[row:row + n],
-                                            num_heads=cfg.pe_heads, beta=cfg.transfer_beta,
-                                            batch_size=t.batch_size)
-            row += n
-        if active:
-            total = total + w_tr * (tr_sum / k_local)
-        # --- 7. backward, separate clipping, one AdamW step
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if step == 0:
-            checks["encoder_params_without_grad"] = [n for n, p in enc.named_parameters() if p.grad is None]
-            checks["model_params_without_grad"] = [n for n, p in model.named_parameters() if p.grad is None]
-        if cfg.clip > 0:
-            if seqpe or any(True for _ in enc.parameters()):  # not for parameter-free baselines
-                torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.clip)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+                if data is None:
+                    x, lab = synthetic_images(data_rng, cfg.batch_size, cfg.img_size // cfg.patch_size, cfg.patch_size)
+                else:
+                    x, lab = data.batch(data_rng, cfg.batch_size)
+                x, lab = _to_device(x[lo:lo + local_batch], device), _to_device(lab[lo:lo + local_batch], device)
+                loss_main = F.cross_entropy(model_run(x, pe=parts.main).float(), lab)
+            # --- 6. regularisers
+            total = loss_main
+            loss_ct = None
+            if cts is not None:
+                loss_ct = contrastive_loss(parts.pivots, parts.candidates, labels_ct)
+                total = total + w_ct * loss_ct
+            tr_sum = torch.zeros((), device=device)
+            row = 0
+            for r, t in enumerate(trs):
+                if t is None:
+                    continue
+                n = t.positions.shape[0]
+                tr_sum = tr_sum + transfer_loss(parts.main[teacher[r]], _to_device(t.pivot_indices, device),
+                                                parts.transfer[row:row + n],
+                                                num_heads=cfg.pe_heads, beta=cfg.transfer_beta,
+                                                batch_size=t.batch_size)
+                row += n
+            if active:
+                total = total + w_tr * (tr_sum / k_local)
+            # --- 7. backward, separate clipping, one AdamW step
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if step == 0:
+                checks["encoder_params_without_grad"] = [n for n, p in enc.named_parameters() if p.grad is None]
+                checks["model_params_without_grad"] = [n for n, p in model.named_parameters() if p.grad is None]
+            if cfg.clip > 0:
+                if seqpe or any(True for _ in enc.parameters()):  # not for parameter-free baselines
+                    torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
 
-        # --- logging: averages over all ranks (the DDP loss), transfer as its contribution to the total
-        stats = torch.stack([total.detach().float(), loss_main.detach().float(),
-                             (loss_ct.detach().float() if loss_ct is not None else torch.zeros((), device=device)),
-                             tr_sum.detach().float(), torch.full((), float(len(active)), device=device)])
-        if distributed:
-            dist.all_reduce(stats)
-            stats[:3] /= world
-        # on CUDA read on the host every _LOG_EVERY steps, not every step: a read waits for the step's GPU work,
-        # after which the next step's host work (samplers, data, launches) ran with the GPU idle
-        pending.append((stats, loss_ct is not None))
-        if len(pending) == log_every or step == cfg.steps - 1:
-            _flush_stats(pending, hist, K, bar)
-    if bar is not None:
-        bar.close()
+            # --- logging: averages over all ranks (the DDP loss), transfer as its contribution to the total
+            stats = torch.stack([total.detach().float(), loss_main.detach().float(),
+                                 (loss_ct.detach().float() if loss_ct is not None else torch.zeros((), device=device)),
+                                 tr_sum.detach().float(), torch.full((), float(len(active)), device=device)])
+            if distributed:
+                dist.all_reduce(stats)
+                stats[:3] /= world
+            # on CUDA read on the host every _LOG_EVERY steps, not every step: a read waits for the step's GPU work,
+            # after which the next step's host work (samplers, data, launches) ran with the GPU idle
+            pending.append((stats, loss_ct is not None))
+            if len(pending) == log_every or step == cfg.steps - 1:
+                _flush_stats(pending, hist, K, bar)
+        if bar is not None:
+            bar.close()
+    finally:
+        if host_check:
+            enc.check_range = True
     train_time = time.perf_counter() - t0
     train_state = _train_state(start_step + cfg.steps, sched, data_rng, streams, rank * k_local, device, distributed)
     if is_main:

@@ -266,8 +266,13 @@ class FusedSeqPE(SeqPE):
         fused backend draws the same Philox stream (offset = flat index of the site's tensor)."""
         from .ops._common import IMPL_EXT
 
+        # the C++ backend's stream drawn by the Triton kernel where Triton runs on CUDA (the same Philox stream,
+        # tests/test_ext.py; on the device, so no host read of the seeds: recording works inside a CUDA-graph
+        # capture, where that read fails the capture); elsewhere by the extension's host copy of the stream
+        host = impl == IMPL_EXT and not (seeds.is_cuda and _backend.triton_status(seeds.device)[0])
+
         def keep(idx, shape, p):
-            if impl == IMPL_EXT:  # the extension's host copy of the stream (no Triton needed)
+            if host:
                 from ._ext import load
 
                 n = 1

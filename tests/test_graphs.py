@@ -941,11 +941,16 @@ def test_positions_produced_on_another_stream():
 
 
 @pytest.mark.gpu
-def test_dropout_masks_differ_between_replays_and_replay_exactly_with_recorded_masks():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_dropout_masks_differ_between_replays_and_replay_exactly_with_recorded_masks(backend):
     """Training with dropout: each replay draws new masks; the reference driven by the masks a replay drew
-    (record_dropout_masks, as in test_fused.check_dropout_replay) matches it at 1e-5 (output and gradients)."""
+    (record_dropout_masks, as in test_fused.check_dropout_replay) matches it at 1e-5 (output and gradients).
+    The C++/CUDA backend's masks are recorded by the Triton kernel on the device (its host copy of the stream
+    read the seeds on the host, which failed the capture)."""
+    if backend == "cuda":
+        require_ext("cuda")
     s = _seed()
-    ref, fus = perturbed_pair(**CFG, resid_pdrop=0.2, attn_pdrop=0.15)
+    ref, fus = perturbed_pair(backend=backend, **CFG, resid_pdrop=0.2, attn_pdrop=0.15)
     ref.train(), fus.train()
     fus.record_dropout_masks = {}  # set before the capture: the recording kernels are captured too
     g = sk.GraphedSeqPE(fus)

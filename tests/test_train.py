@@ -511,3 +511,35 @@ def test_positions_checked_on_the_host_while_training(monkeypatch):
         T.train(cfg, log=lambda *a, **k: None)
     assert not any(f.path.name == "fused.py" for f in e.traceback)  # the host check raised, not the encoder's
     assert seen[-1].check_range is True  # restored also when the loop raises
+
+
+def test_host_to_device_copies_are_non_blocking_from_pinned_memory(monkeypatch):
+    """_to_device: CPU -> CUDA through pinned memory, non-blocking (a pageable .to() waits for the stream); where
+    pinning fails, blocking copies from then on; anything else a plain .to()."""
+    calls = []
+
+    class Host:
+        device = torch.device("cpu")
+
+        def __init__(self, pin_ok=True, pinned=False):
+            self.pin_ok, self.pinned = pin_ok, pinned
+
+        def pin_memory(self):
+            if not self.pin_ok:
+                raise RuntimeError("cannot allocate page-locked memory")
+            return Host(pinned=True)
+
+        def to(self, device, non_blocking=False):
+            calls.append((self.pinned, non_blocking))
+            return "moved"
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(T, "_PIN", [True])
+    assert T._to_device(Host(), cuda) == "moved" and calls == [(True, True)]
+    calls.clear()
+    assert T._to_device(Host(pin_ok=False), cuda) == "moved" and calls == [(False, False)] and T._PIN == [False]
+    calls.clear()
+    assert T._to_device(Host(), cuda) == "moved" and calls == [(False, False)]  # (not tried again)
+    monkeypatch.setattr(T, "_PIN", [True])
+    calls.clear()
+    assert T._to_device(Host(), torch.device("cpu")) == "moved" and calls == [(False, False)]

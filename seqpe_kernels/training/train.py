@@ -217,9 +217,17 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     the stream's queued work (CUDA stages pageable copies synchronously), so every step's samplers and data
     loading ran with the GPU idle; from pinned memory the copy is queued (torch's pinned-memory cache keeps the
     buffer until the copy has run)."""
-    if device.type != "cuda" or t.device.type != "cpu":
+    if device.type != "cuda" or t.device.type != "cpu" or not _PIN[0]:
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    try:
+        pinned = t.pin_memory()
+    except RuntimeError:  # no page-locked memory here (a locked-memory limit, some containers): blocking copies
+        _PIN[0] = False
+        return t.to(device)
+    return pinned.to(device, non_blocking=True)
+
+
+_PIN = [True]  # pinned host memory usable (set False after the first failure)
 
 
 def _flush_stats(pending: list, hist: dict, K: int, bar) -> None:

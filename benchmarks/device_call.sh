@@ -137,7 +137,7 @@ phase_g() {  # a short verification call (~5 min): the fixes of the first H200 l
   # per Triton launch: JITFunction.run, direct (tensors as addresses), direct passing tensors (driver queries)
   TAILN=6 step launch_overhead 20 python3 benchmarks/launch_overhead.py --gpu --iters 2000 --reps 5
   readme_tables
-  TAILN=30 step ext_error_path 60 python3 benchmarks/ext_error_path.py
+  TAILN=50 step ext_error_path 90 python3 benchmarks/ext_error_path.py
   TAILN=8 step table_cast 60 python3 -X faulthandler -m pytest -q -p no:cacheprovider -rfs -n 8 \
       tests/test_table_grad.py tests/test_cast.py tests/test_bias_grads.py
   TAILN=24 step check_cuda 30 python3 -X faulthandler -m seqpe_kernels.cli check --backend cuda

@@ -40,13 +40,37 @@ except RuntimeError as e:
 
 
 # what the process that throws links against: the compiler that built the library, python, and the C++ runtime
-# / unwinder actually mapped (a throw that crashes on one machine and not on another often comes down to these)
+# / unwinder actually mapped (a throw that crashes on one machine and not on another often comes down to these),
+# and which library each unwinder entry point binds to: a second unwinder in the process (libunwind.so.8, LLVM's,
+# one linked into python) taking over _Unwind_RaiseException ends C++ throws in SIGSEGV (bloomberg/memray#863)
 MAPS = r"""
 import sys, torch
 torch.ops.load_library(sys.argv[1])
-libs = sorted({ln.split()[-1] for ln in open("/proc/self/maps") if any(k in ln for k in ("libstdc++", "libgcc_s"))})
+keys = ("libstdc++", "libgcc_s", "libunwind", "libc++", "libgomp", "libomp")
+libs = sorted({ln.split()[-1] for ln in open("/proc/self/maps") if any(k in ln for k in keys)})
 print(sys.version.split()[0], "|", " ".join(libs))
 """
+UNWIND_SYMBOLS = ("__cxa_throw", "_Unwind_RaiseException", "_Unwind_Resume", "_Unwind_Find_FDE")
+
+
+def bindings(so: str, cuda: bool = False) -> list:
+    """Where the unwinder entry points bind, per library that uses them (the dynamic linker's own account:
+    LD_DEBUG=bindings with every symbol bound at load time); ``cuda``: after CUDA is initialised too (the driver
+    and the libraries it loads)."""
+    env = dict(os.environ, LD_DEBUG="bindings", LD_BIND_NOW="1")
+    code = "import sys, torch; torch.ops.load_library(sys.argv[1])" + ("; torch.zeros(1, device='cuda')" if cuda
+                                                                        else "")
+    r = subprocess.run([sys.executable, "-c", code, so], capture_output=True, text=True, timeout=120, env=env)
+    out = set()
+    for ln in r.stderr.splitlines():
+        sym = next((s for s in UNWIND_SYMBOLS if f"`{s}'" in ln), None)
+        if sym and "binding file" in ln:
+            parts = ln.split("binding file", 1)[1].split(":")[0].split(" to ")
+            if len(parts) == 2:
+                src = os.path.basename(parts[0].split()[0])
+                dst = parts[1].split()[0]
+                out.add(f"{sym}: {src} -> {dst}")
+    return sorted(out)
 
 
 def describe(so: str) -> str:
@@ -56,12 +80,38 @@ def describe(so: str) -> str:
     except Exception as e:  # noqa: BLE001 - a diagnostic: say what failed and go on
         ver = f"({cxx} --version failed: {e})"
     r = subprocess.run([sys.executable, "-c", MAPS, so], capture_output=True, text=True, timeout=120)
-    mapped = r.stdout.strip() or f"(could not read the mapped libraries: rc={r.returncode})"
-    return f"compiler: {ver}\npython | C++ runtime mapped after loading the library: {mapped}"
+    mapped = r.stdout.strip() or f"(could not read the mapped libraries: rc={r.returncode}: {r.stderr[-300:]})"
+    elf = ""
+    if shutil.which("readelf"):  # the library's unwind tables and CET properties (an unwinder may not know them)
+        sec = subprocess.run(["readelf", "-SW", so], capture_output=True, text=True, timeout=60).stdout
+        notes = subprocess.run(["readelf", "-nW", so], capture_output=True, text=True, timeout=60).stdout
+        props = [ln.strip() for ln in notes.splitlines() if "feature" in ln.lower() or "x86" in ln.lower()]
+        elf = (f"\nlibrary: .eh_frame_hdr {'yes' if '.eh_frame_hdr' in sec else 'NO'}, .eh_frame "
+               f"{'yes' if '.eh_frame ' in sec else 'NO'}; properties: {'; '.join(props) or 'none'}")
+    cpu = bindings(so)
+    bound = ("\nunwinder bindings (LD_DEBUG):\n  " + "\n  ".join(cpu[:40])) if cpu else ""
+    import torch
+
+    if torch.cuda.is_available():  # only what CUDA's initialisation adds or changes
+        extra = [b for b in bindings(so, cuda=True) if b not in cpu]
+        bound += "\n  after CUDA init, also:\n  " + ("\n  ".join(extra[:40]) if extra else "(nothing)")
+    return f"compiler: {ver}\npython | C++ runtime mapped after loading the library: {mapped}{elf}{bound}"
 
 
+def libgcc_s() -> str:
+    """The path of the system's libgcc_s.so.1 (for the mode that preloads it), or ''."""
+    try:
+        p = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libgcc_s.so.1"], capture_output=True,
+                           text=True, timeout=30).stdout.strip()
+    except Exception:  # noqa: BLE001 - a diagnostic
+        return ""
+    return p if os.path.isabs(p) and os.path.exists(p) else ""
+
+
+# "+gcc_s": the child runs with the compiler's libgcc_s.so.1 preloaded, so its unwinder is the one every throw
+# binds to: a crash that goes away there is a foreign unwinder's
 MODES = ["aten", "aten+ext", "aten+cuda", "aten+ext+cuda", "cpu", "cpu+triton", "cuda", "cuda+triton", "cpu+pkg",
-         "cuda+pkg"]
+         "cuda+pkg", "cpu+gcc_s", "cuda+gcc_s"]
 
 
 def main(argv=None) -> int:
@@ -77,9 +127,16 @@ def main(argv=None) -> int:
     print(f"extension: {so}")
     print(describe(so), flush=True)
     crashed = []
+    gcc_s = libgcc_s()
     for mode in modes:
+        env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="0")
+        if "gcc_s" in mode:
+            if not gcc_s:
+                print(f"{mode:14s} skipped: no libgcc_s.so.1 from the compiler to preload", flush=True)
+                continue
+            env["LD_PRELOAD"] = " ".join(filter(None, [gcc_s, os.environ.get("LD_PRELOAD", "")]))
         r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, mode, so], capture_output=True,
-                           text=True, timeout=120, env=dict(os.environ, TORCH_SHOW_CPP_STACKTRACES="0"))
+                           text=True, timeout=120, env=env)
         out = (r.stdout.strip().splitlines() or [""])[-1]
         err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         why = out or (err[-1][:160] if err else "(no output)")

@@ -6,6 +6,7 @@ Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py before triton is
 the parity configurations are tiny (encoder D=32, 2 heads, 2 layers, positions < 10 / a 6x6 grid).
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -543,3 +544,69 @@ def test_host_to_device_copies_are_non_blocking_from_pinned_memory(monkeypatch):
     monkeypatch.setattr(T, "_PIN", [True])
     calls.clear()
     assert T._to_device(Host(), torch.device("cpu")) == "moved" and calls == [(False, False)]
+
+
+# ------------------------------------------------------------------ no host-device sync per training step (CUDA)
+SYNC_FREE_FROM_STEP = 4  # steps 1-3: CUDA / cuBLAS initialisation, Triton compilation, CUDA-graph captures
+
+
+def _train_with_sync_guard(monkeypatch, cfg, set_mode, synchronize):
+    """``train(cfg)`` with torch's CUDA sync debug mode at "error" from step SYNC_FREE_FROM_STEP on, except for
+    the one read of the logged losses at the end (logging every step would be the per-step sync this guards
+    against): any other synchronising operation in a step raises, naming itself."""
+    from seqpe_kernels.reference import losses
+
+    calls = [0]
+    step, flush = losses.PeWeightScheduler.step, T._flush_stats
+
+    def guarded_step(self):  # the first thing of every training step
+        calls[0] += 1
+        if calls[0] == SYNC_FREE_FROM_STEP:
+            synchronize()
+            set_mode("error")
+        return step(self)
+
+    def unguarded_flush(*a, **k):
+        set_mode("default")
+        return flush(*a, **k)
+
+    monkeypatch.setattr(losses.PeWeightScheduler, "step", guarded_step)
+    monkeypatch.setattr(T, "_flush_stats", unguarded_flush)
+    monkeypatch.setattr(T, "_log_every", lambda device: 10 ** 9)  # one read, after the last step
+    try:
+        return T.train(cfg, log=lambda *a, **k: None)
+    finally:
+        set_mode("default")
+
+
+def _sync_guard_cfg(device, backend, graphs):
+    # dropout on, as the paper trains (dedup, which has to sync, is off then); no random shift: one positions
+    # shape, so no new graph capture after the first step
+    return T.TrainConfig(task="lm", steps=8, device=device, backend=backend, dropout=0.1, shift_rate=0.0, seed=3,
+                         progress=False, do_eval=False, cuda_graphs=graphs)
+
+
+def test_sync_guard_harness_switches_at_the_right_steps(monkeypatch):
+    """The GPU test below, on CPU with stand-ins for the CUDA calls: the mode goes to "error" at the start of step
+    SYNC_FREE_FROM_STEP (after a device sync) and back to "default" before the losses are read, once."""
+    events = []
+    out = _train_with_sync_guard(monkeypatch, _sync_guard_cfg("cpu", "torch", None), events.append,
+                                 lambda: events.append("sync"))
+    assert events == ["sync", "error", "default", "default"]  # (the last: the finally)
+    assert len(out["losses"]) == 8 and all(math.isfinite(x) for x in out["losses"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,graphs", [("triton", None), ("triton", False), ("cuda", False)])
+def test_training_steps_do_not_synchronise_with_the_host(monkeypatch, backend, graphs):
+    """After warm-up a `seqpe-kernels train` step on CUDA makes no host-device sync (torch's sync debug mode
+    raises on any), so the host's samplers and launches run ahead of the GPU: with the encoder replayed as CUDA
+    graphs (the default) and eager (as under DDP), Triton and C++/CUDA backends."""
+    if backend == "cuda":
+        from conftest import require_ext
+
+        require_ext("cuda")
+    out = _train_with_sync_guard(monkeypatch, _sync_guard_cfg("cuda", backend, graphs),
+                                 torch.cuda.set_sync_debug_mode, torch.cuda.synchronize)
+    assert out["config"]["encoder_cuda_graphs"] is (graphs is None)
+    assert len(out["losses"]) == 8 and all(math.isfinite(x) for x in out["losses"])

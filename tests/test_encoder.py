@@ -260,3 +260,43 @@ def test_weight_gradient_gemm_writes_fp32(dt):
     assert err <= (1e-5 if E._MM_OUT_DTYPE[0] else 2 ** -7)
     b = E._bsum(A, like[0])
     assert b.dtype == torch.float32 and torch.allclose(b.double(), A.double().sum(0), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_calls_make_no_host_sync(backend, autocast):
+    """The host-light path stays host-light: after warm-up, FusedSeqPE training steps (forward + backward, dropout
+    on) and eval calls make no host-device sync (torch's sync debug mode at "error" raises on one, naming it), in
+    fp32 and under bf16 autocast. (``check_range=False`` and ``dedup="off"``: the range check and deduplication
+    sync by design, and say so in their docs.)"""
+    if backend == "cuda":
+        from conftest import require_ext
+
+        require_ext("cuda")
+    torch.manual_seed(_seed())
+    ref = sk.SeqPE(embed_dim=64, num_heads=4, max_digits=5, resid_pdrop=0.1, attn_pdrop=0.1)
+    fus = sk.FusedSeqPE.from_reference(ref, backend=backend, dedup="off").cuda()
+    fus.check_range = False
+    pos = random_positions(257, 5, 1)
+    gout = torch.randn(257, fus.out_dim, device="cuda")
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else torch.enable_grad
+
+    def steps():
+        fus.train()
+        for _ in range(2):
+            with ctx():
+                y = fus(pos)
+            y.backward(gout.to(y.dtype))
+        fus.eval()
+        with torch.no_grad(), ctx():
+            fus(pos)
+
+    steps()  # warm-up: Triton compilation, cuBLAS handles, the fp32-output GEMM probe
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fus.parameters())

@@ -610,3 +610,50 @@ def test_training_steps_do_not_synchronise_with_the_host(monkeypatch, backend, g
                                  torch.cuda.set_sync_debug_mode, torch.cuda.synchronize)
     assert out["config"]["encoder_cuda_graphs"] is (graphs is None)
     assert len(out["losses"]) == 8 and all(math.isfinite(x) for x in out["losses"])
+
+
+def test_evaluation_sums_on_the_device_equal_the_per_batch_reads(monkeypatch):
+    """evaluate() sums the LM's NLL (fp64) and the ViT's hits on the device and reads them once per length /
+    grid: the same perplexities and accuracies, bit for bit, as summing per-batch host reads (the old loop)."""
+    from seqpe_kernels.training import evaluate as E
+
+    for task, extra in (("lm", dict(block_size=8, eval_scales=(1.0, 2.0), eval_tokens=200)),
+                        ("vit", dict(img_size=8, patch_size=4, eval_scales=(1.0, 2.0), eval_samples=70))):
+        cfg = T.TrainConfig(task=task, steps=2, backend="torch", device="cpu", do_eval=False, progress=False,
+                            batch_size=2, model_dim=16, model_heads=2, model_layers=1, pe_dim=16, pe_heads=2,
+                            pe_layers=1, contrastive_size=2, contrastive_batch=2, transfer_size=2, transfer_batch=1,
+                            **extra)
+        out = T.train(cfg, log=lambda *a, **k: None)
+        rcfg = T.resolve_config(cfg)
+        data = T.TextData(rcfg.data) if task == "lm" else None
+        ev = E.evaluate(rcfg, out["encoder"], out["model"], data, torch.device("cpu"))
+        enc, model = out["encoder"].eval(), out["model"].eval()
+        with torch.no_grad():
+            for row in ev["rows"]:
+                if task == "lm":
+                    L, toks = row["length"], data.eval
+                    n_seq = min(len(toks) // L, max(1, rcfg.eval_tokens // L))
+                    seqs = torch.from_numpy(toks[:n_seq * L].reshape(n_seq, L))
+                    pe = enc(torch.arange(L)).view(1, L, -1)
+                    nll, cnt = 0.0, 0
+                    for i in range(0, n_seq, 8):  # the old loop: a host read per batch
+                        _, loss = model(seqs[i:i + 8], pe=pe, labels=seqs[i:i + 8])
+                        k = seqs[i:i + 8].shape[0] * (L - 1)
+                        nll += loss.item() * k
+                        cnt += k
+                    assert n_seq > 8  # (several batches summed)
+                    assert row["value"] == math.exp(nll / cnt) and row["tokens"] == cnt
+                else:
+                    grid = row["grid"]
+                    x, lab = T.synthetic_images(np.random.default_rng([rcfg.seed, 31337, grid]), rcfg.eval_samples,
+                                                grid, rcfg.patch_size)
+                    pe = enc(torch.from_numpy(_grid(grid))).view(1, grid * grid, -1)
+                    hits = sum(int((model(x[i:i + 64], pe=pe).argmax(-1) == lab[i:i + 64]).sum())
+                               for i in range(0, len(lab), 64))
+                    assert row["value"] == hits / len(lab) and row["samples"] == len(lab) > 64
+
+
+def _grid(grid):
+    from seqpe_kernels.training.samplers import grid_positions
+
+    return grid_positions(0, 0, grid, grid)

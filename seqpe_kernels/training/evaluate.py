@@ -42,16 +42,18 @@ def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: t
                     row["note"] = f"held-out text ({len(toks)} tokens) shorter than the length {L}"
                     rows.append(row)
                     continue
-                seqs = torch.from_numpy(toks[:n_seq * L].reshape(n_seq, L))
+                seqs = torch.from_numpy(toks[:n_seq * L].reshape(n_seq, L)).to(device)  # one copy per length
                 pe = enc(torch.arange(L, device=device)).view(1, L, -1)  # once per length
-                nll, cnt = 0.0, 0
+                # summed on the device in fp64 (the same products and sums as Python floats) and read once per
+                # length: a read per batch is a host-device sync per batch
+                nll, cnt = torch.zeros((), dtype=torch.float64, device=device), 0
                 for i in range(0, n_seq, 8):
-                    ids = seqs[i:i + 8].to(device)
+                    ids = seqs[i:i + 8]
                     _, loss = model(ids, pe=pe, labels=ids)
                     k = ids.shape[0] * (L - 1)
-                    nll += loss.item() * k
+                    nll = nll + loss.double() * k
                     cnt += k
-                mean_nll = nll / cnt  # exp overflows past ~709 nats (a diverged model): report inf
+                mean_nll = nll.item() / cnt  # exp overflows past ~709 nats (a diverged model): report inf
                 row.update(value=math.exp(mean_nll) if mean_nll < 700 else float("inf"), tokens=cnt)
                 rows.append(row)
             return {"metric": "perplexity", "train_length": N, "rows": rows}
@@ -74,11 +76,14 @@ def evaluate(cfg: TrainConfig, enc: nn.Module, model: nn.Module, data, device: t
             else:
                 x, lab = ImageFolderData.load(data.eval_files, size)
             pe = enc(torch.from_numpy(grid_positions(0, 0, grid, grid)).to(device)).view(1, grid * grid, -1)
-            correct = 0
+            # the images copied once per grid and the hits counted on the device, read once: a copy or read per batch
+            # is a host-device sync per batch
+            x, lab_d = x.to(device), lab.to(device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
             for i in range(0, len(lab), 64):
-                logits = model(x[i:i + 64].to(device), pe=pe)
-                correct += int((logits.argmax(-1).cpu() == lab[i:i + 64]).sum())
-            rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": correct / len(lab),
+                logits = model(x[i:i + 64], pe=pe)
+                correct += (logits.argmax(-1) == lab_d[i:i + 64]).sum()
+            rows.append({"scale": float(s), "grid": grid, "img_size": size, "value": int(correct) / len(lab),
                          "samples": len(lab)})
         return {"metric": "accuracy", "train_grid": g, "chance": 1.0 / model.config.num_classes,
                 "position_blind_ceiling": 2.0 / SYNTHETIC_CLASSES if data is None else None, "rows": rows}

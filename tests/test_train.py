@@ -616,6 +616,7 @@ def test_evaluation_sums_on_the_device_equal_the_per_batch_reads(monkeypatch):
     """evaluate() sums the LM's NLL (fp64) and the ViT's hits on the device and reads them once per length /
     grid: the same perplexities and accuracies, bit for bit, as summing per-batch host reads (the old loop)."""
     from seqpe_kernels.training import evaluate as E
+    from seqpe_kernels.training.samplers import grid_positions
 
     for task, extra in (("lm", dict(block_size=8, eval_scales=(1.0, 2.0), eval_tokens=200)),
                         ("vit", dict(img_size=8, patch_size=4, eval_scales=(1.0, 2.0), eval_samples=70))):
@@ -647,13 +648,7 @@ def test_evaluation_sums_on_the_device_equal_the_per_batch_reads(monkeypatch):
                     grid = row["grid"]
                     x, lab = T.synthetic_images(np.random.default_rng([rcfg.seed, 31337, grid]), rcfg.eval_samples,
                                                 grid, rcfg.patch_size)
-                    pe = enc(torch.from_numpy(_grid(grid))).view(1, grid * grid, -1)
+                    pe = enc(torch.from_numpy(grid_positions(0, 0, grid, grid))).view(1, grid * grid, -1)
                     hits = sum(int((model(x[i:i + 64], pe=pe).argmax(-1) == lab[i:i + 64]).sum())
                                for i in range(0, len(lab), 64))
                     assert row["value"] == hits / len(lab) and row["samples"] == len(lab) > 64
-
-
-def _grid(grid):
-    from seqpe_kernels.training.samplers import grid_positions
-
-    return grid_positions(0, 0, grid, grid)

@@ -212,6 +212,9 @@ def _log_every(device: torch.device) -> int:
     return _LOG_EVERY if device.type == "cuda" else 1
 
 
+_PIN = [True]  # pinned host memory usable (set False after the first failure)
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device`` without a host sync. A plain ``.to("cuda")`` of pageable memory first waits for
     the stream's queued work (CUDA stages pageable copies synchronously), so every step's samplers and data
@@ -225,9 +228,6 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         _PIN[0] = False
         return t.to(device)
     return pinned.to(device, non_blocking=True)
-
-
-_PIN = [True]  # pinned host memory usable (set False after the first failure)
 
 
 def _flush_stats(pending: list, hist: dict, K: int, bar) -> None:

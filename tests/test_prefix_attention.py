@@ -252,6 +252,30 @@ def test_prefix_shared_forward_eager_when_asked_or_dropout(monkeypatch):
     assert spy.calls == 0
 
 
+def test_prefix_shared_forward_deterministic_mode(monkeypatch):
+    """The op's backward scatters dk / dv with atomic adds (order varies between runs on a GPU): under
+    torch.use_deterministic_algorithms a call that will be differentiated takes the eager chain (the spy sees
+    no op call), results unchanged; a no-grad call (forward only, deterministic) keeps the op."""
+    spy = _Spy(monkeypatch)
+    m = make(D=16, H=2, K=3, layers=1, seed=3).to(DEV)
+    pos = torch.cat([torch.arange(25), torch.tensor([999, 5, 5])]).to(DEV)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for warn in (False, True):
+            torch.use_deterministic_algorithms(True, warn_only=warn)
+            spy.calls = 0
+            check_parity(m, pos)
+            assert spy.calls == 0, warn
+            with torch.no_grad():
+                torch.testing.assert_close(prefix_shared_forward(m, pos), m(pos), rtol=1e-5, atol=1e-6)
+            assert spy.calls == 1, warn  # one layer = the last block: its CLS rows' one call
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    spy.calls = 0
+    check_parity(m, pos)  # deterministic mode off again: the op runs
+    assert spy.calls > 0
+
+
 @pytest.mark.gpu
 def test_gpu_large():
     seed_for("gpu")

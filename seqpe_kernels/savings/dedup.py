@@ -296,9 +296,14 @@ def prefix_shared_forward(module: nn.Module, positions: torch.Tensor, allow_in_t
 
     def attend(q, k, v, j, attn_site):
         """Rows of level j (q: [n_j, D]) over their ancestors' keys/values (global k, v: [*, D])."""
-        if fused_attn and not (attn_site[1] and attn_site[0] > 0):
+        if fused_attn and not (attn_site[1] and attn_site[0] > 0) and not (
+                torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+                and (q.requires_grad or k.requires_grad or v.requires_grad)):
             # one fused Triton op (forward and backward) instead of the gather/matmul/softmax chain below;
-            # it has no attention dropout, so the eager path keeps that case
+            # it has no attention dropout, so the eager path keeps that case. Its backward scatters dk / dv
+            # with atomic adds (summation order varies run to run): under torch.use_deterministic_algorithms
+            # a backward goes through the eager chain, deterministic wherever PyTorch's index_select backward
+            # is (and PyTorch's own alert where it is not)
             return _pa.prefix_attention(q, k, v, trie.anc[j], trie.key_mask[j], Hh, scale)
         idx = trie.anc[j]
         n, a = idx.shape

@@ -17,8 +17,9 @@ safetensors metadata (also for ``model_1.safetensors`` of a directory). The layo
 loaders read. On loading, the architecture is read off the tensor shapes (width, digits per axis, data_dim,
 layers, output width, final LayerNorm, digit base); what the weights cannot tell (heads, attention direction,
 pad masking, temperature, dropout, ...) comes, in this order, from the caller's arguments, the file's recorded
-configuration (``seqpe_config``; for older files the train run's ``config`` or the image checkpoint's pickled
-yacs config, e.g. ``NUM_ATTENTION_HEADS``), else a stated guess: a :class:`CheckpointConfigWarning` names every
+configuration (``seqpe_config``; for older files the train run's ``config``, the image checkpoint's pickled
+yacs config, e.g. ``NUM_ATTENTION_HEADS``, or the authors' text run files ``pe_config.json`` / ``train_args.json``
+in or above the save_state folder), else a stated guess: a :class:`CheckpointConfigWarning` names every
 guessed value and the argument that overrides it. An argument that contradicts the file's record is used, with
 a warning naming both values.
 
@@ -64,6 +65,11 @@ _CONFIG_KEYS = _SHAPE_KEYS + _CHOSEN_KEYS
 _GUESSES = {"attn_direction": "causal", "mask_padding": False, "temperature": 1.0, "resid_pdrop": 0.1,
             "attn_pdrop": 0.0, "scale_attn_weights": True}
 _PLAIN = (bool, int, float, str, type(None))
+# the authors' text runs record their settings beside the save_state folders, not in them: output_dir/pe_config.json
+# (a yacs YAML dump despite the name) and output_dir/train_args.json (the CLI arguments, lower-case keys)
+_TEXT_RUN_FILES = ("pe_config.json", "train_args.json")
+# SEQPE_ACTIVATION_FUNCTION values (HF ACT2FN names) that compute gelu_new, the one activation SeqPE implements
+_GELU_NEW_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate")
 
 
 class CheckpointConfigWarning(UserWarning):
@@ -213,14 +219,15 @@ def read_state_dict(path, map_location="cpu", allow_unsafe_pickle: bool = False
     Returns ``(state_dict, info)``; ``info`` has ``format`` ("image-pth", "train-pth", "state-dict-pth",
     "safetensors", "text-dir"), ``file`` (the file actually read), ``seqpe_config`` (the recorded encoder
     configuration, or None), ``config`` (the run config of an image checkpoint or a train file, or None),
-    ``unpickler`` ("weights_only", "inert", "unsafe" or None for safetensors) and ``inert_globals`` (names the
-    pickle referred to that were read as :class:`InertObject`). ``allow_unsafe_pickle``: see
+    ``unpickler`` ("weights_only", "inert", "unsafe" or None for safetensors), ``inert_globals`` (names the
+    pickle referred to that were read as :class:`InertObject`) and ``config_files`` (for a text save_state folder
+    or its ``model_1.safetensors``: the authors' run files read into ``config``, see :func:`_text_run_config`). ``allow_unsafe_pickle``: see
     :func:`load_checkpoint`.
     """
     path = Path(os.fspath(path))
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
-    info: Dict[str, Any] = {"format": None, "file": path, "config": None, "seqpe_config": None,
+    info: Dict[str, Any] = {"format": None, "file": path, "config": None, "config_files": [], "seqpe_config": None,
                             "unpickler": None, "inert_globals": []}
     if path.is_dir():
         f = path / _TEXT_ENCODER_FILE
@@ -230,6 +237,8 @@ def read_state_dict(path, map_location="cpu", allow_unsafe_pickle: bool = False
                              f"accelerate save_state directory); files found: {_short_list(found)}")
         info.update(format="text-dir", file=f)
         path = f
+    if path.name == _TEXT_ENCODER_FILE:
+        info["config"], info["config_files"] = _text_run_config(path.parent)
     if path.suffix == ".safetensors":
         st = _require_safetensors()
         from safetensors import safe_open
@@ -277,6 +286,53 @@ def read_state_dict(path, map_location="cpu", allow_unsafe_pickle: bool = False
     if _PROBE_KEY not in sd:
         raise _no_encoder_error(path, what, sd.keys())
     return sd, info
+
+
+def _scalar(v: str):
+    """A plain YAML scalar as yacs dumps it (true / false / null / numbers / strings); None for anything else."""
+    if v in ("", "~", "null"):
+        return None
+    if v in ("true", "false"):
+        return v == "true"
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    if re.fullmatch(r"[-+]?\d+", v):
+        return int(v)
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", v):
+        return float(v)
+    return None if v[0] in "{[&*|>!%@`" else v
+
+
+def _text_run_config(folder: Path) -> Tuple[Optional[Dict[str, Any]], list]:
+    """The authors' text run settings for a ``save_state`` folder (``step_N/``, ``best_model/``): ``pe_config.json``
+    and ``train_args.json`` in the folder, else in the run folder above it. Returns ({KEY: value}, files read):
+    upper-case keys (train_args' lower-case ones upper-cased, so both read as the image config's yacs keys),
+    pe_config's values first. Only top-level plain values; unreadable or oversized files are passed over."""
+    for where in (folder, folder.parent):
+        found: Dict[str, Any] = {}
+        files = []
+        for name in _TEXT_RUN_FILES:
+            f = where / name
+            try:
+                if not f.is_file() or f.stat().st_size > (1 << 20):
+                    continue
+                text = f.read_text(errors="replace")
+            except OSError:
+                continue
+            try:
+                data = json.loads(text)
+            except ValueError:  # pe_config.json: YAML
+                data = {m.group(1): _scalar(m.group(2)) for m in
+                        (re.match(r"([A-Za-z_][A-Za-z0-9_]*):[ \t]*(.*?)[ \t]*$", ln) for ln in text.splitlines()) if m}
+            if not isinstance(data, dict):
+                continue
+            for k, v in data.items():
+                if isinstance(k, str) and isinstance(v, _PLAIN):
+                    found.setdefault(k.upper(), v)
+            files.append(f)
+        if files:
+            return found, files
+    return None, []
 
 
 def _shape(sd, key):
@@ -344,10 +400,12 @@ def _lookup(cfg, key):
     return v if isinstance(v, _PLAIN) else None
 
 
-def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
-    """Encoder settings recorded in an older file's run config: the image checkpoint's yacs config, or the
-    ``config`` of a train file written before ``seqpe_config`` existed."""
-    run = info["config"]
+def _run_config_hints(info, shapes: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
+    """Encoder settings recorded in an older file's run config: the image checkpoint's yacs config, the authors'
+    text run files (:func:`_text_run_config`), or the ``config`` of a train file written before ``seqpe_config``
+    existed. ``shapes``: what the weights say (:func:`infer_config`). Raises for an activation SeqPE does not
+    compute; a run config whose sizes contradict the weights is not this checkpoint's: warned about, not used."""
+    run, embed_dim = info["config"], shapes["embed_dim"]
     hints: Dict[str, Any] = {}
     if info["format"] == "train-pth" and isinstance(run, Mapping) and "pe_heads" in run:
         # what seqpe_kernels.training.train._build passed to FusedSeqPE (direction, padding, attn dropout: defaults)
@@ -356,6 +414,21 @@ def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
                      scale_attn_weights=True, init="image" if run.get("task") == "vit" else "text")
         return {k: v for k, v in hints.items() if isinstance(v, _PLAIN) and v is not None}, \
             "the train run's 'config' entry"
+    files = info.get("config_files") or []
+    source = (f"the run's {' and '.join(str(f) for f in files)}" if files else "the checkpoint's pickled run config")
+    act = _lookup(run, "SEQPE_ACTIVATION_FUNCTION")
+    if isinstance(act, str) and act not in _GELU_NEW_NAMES:
+        raise ValueError(f"{info['file']}: {source} records SEQPE_ACTIVATION_FUNCTION={act!r}; SeqPE computes "
+                         f"gelu_new (the authors' default; also {', '.join(_GELU_NEW_NAMES[1:])}), so this encoder "
+                         "cannot be loaded without computing something else")
+    sizes = [(k, _lookup(run, k), shapes[name]) for k, name in (("PE_EMBED_DIM", "embed_dim"),
+             ("SEQPE_LAYER_NUM", "num_layers"), ("SEQPE_MAX_DIGITS", "max_digits"), ("PE_DATA_DIM", "data_dim"))]
+    wrong = [f"{k}={v!r} (weights: {w!r})" for k, v, w in sizes
+             if isinstance(v, int) and not isinstance(v, bool) and v > 0 and v != w]
+    if wrong:
+        warnings.warn(f"{info['file']}: {source} does not describe these weights ({', '.join(wrong)}), so none of "
+                      "its settings are used", CheckpointConfigWarning, stacklevel=4)
+        return {}, source
     if info["format"] == "image-pth" and run is not None:  # the authors' image checkpoint (its run config beside
         hints["init"] = "image"                              # the weights): truncated-normal init
     heads = _lookup(run, "NUM_ATTENTION_HEADS")
@@ -377,7 +450,7 @@ def _run_config_hints(info, embed_dim: int) -> Tuple[Dict[str, Any], str]:
         v = _lookup(run, key)
         if v is not None and ok(v):
             hints[name] = v
-    return hints, "the checkpoint's pickled run config"
+    return hints, source
 
 
 def _expected_shapes(module_cls, cfg) -> Dict[str, tuple]:
@@ -444,9 +517,9 @@ def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: Optio
             ``resid_pdrop``, ``attn_pdrop``, ``scale_attn_weights``, ``layer_norm_eps``, ``init``, FusedSeqPE's
             ``backend`` ...). The architecture comes from the tensor shapes; the rest from these arguments,
             else from the configuration the file records (``seqpe_config``, written by :func:`save_checkpoint`
-            and ``train --save``; for older files the train run's config or the image config's
-            ``NUM_ATTENTION_HEADS`` / ``SEQPE_ATTN_DIRECTION`` / ``SEQPE_MASK_PADDING`` /
-            ``SEQPE_TEMPERATURE``), else a guess announced by a :class:`CheckpointConfigWarning` that names the
+            and ``train --save``; for older files the train run's config or the image config's / text run's
+            (``pe_config.json`` / ``train_args.json`` in or above the save_state folder) ``NUM_ATTENTION_HEADS`` /
+            ``SEQPE_ATTN_DIRECTION`` / ``SEQPE_MASK_PADDING`` / ``SEQPE_TEMPERATURE`` ...), else a guess announced by a :class:`CheckpointConfigWarning` that names the
             argument to pass: ``num_heads = embed_dim // 64`` as the authors' CLI defaults (12 for the text
             config, 6 for the image config), the paper's causal direction, no pad masking, temperature 1,
             ``resid_pdrop`` 0.1, ``attn_pdrop`` 0, scaled attention. An argument that contradicts the file's
@@ -471,7 +544,7 @@ def load_checkpoint(path, num_heads: Optional[int] = None, attn_direction: Optio
 
     recorded, source = info["seqpe_config"], f"its {_CONFIG_ENTRY}"
     if recorded is None:
-        recorded, source = _run_config_hints(info, cfg["embed_dim"])
+        recorded, source = _run_config_hints(info, cfg)
     else:
         recorded = dict(recorded)
         if recorded.get("out_dim") in (None, -1):

@@ -135,6 +135,78 @@ def test_text_accelerate_directory(tmp_path):
         load_checkpoint(d / "model.safetensors")
 
 
+_PE_CONFIG_YAML = """MODEL: {{}}
+NUM_ATTENTION_HEADS: {heads}
+PE_DATA_DIM: 1
+PE_EMBED_DIM: {dim}
+PE_TYPE: seq_pe
+SEQPE_ACTIVATION_FUNCTION: {act}
+SEQPE_ATTN_DIRECTION: bi
+SEQPE_ATTN_PDROP: 0.0
+SEQPE_LAST_LAYERNORM: true
+SEQPE_LAYER_NUM: {layers}
+SEQPE_MASK_PADDING: true
+SEQPE_MAX_DIGITS: 5
+SEQPE_PRETRAINED: null
+SEQPE_RESID_PDROP: 0.1
+SEQPE_SCALE_ATTN_WEIGHTS: true
+SEQPE_TEMPERATURE: 0.5
+"""
+
+
+def _authors_text_run(tmp_path, m, files=("pe_config.json",), heads=4, act="gelu_new", layers=None):
+    """An authors' text run folder: output_dir/{pe_config.json (a yacs YAML dump), train_args.json} and
+    output_dir/step_5/model_1.safetensors as accelerate's save_state writes it under DDP (``module.`` keys, no
+    seqpe_config metadata)."""
+    run = tmp_path / "250610_run"
+    (run / "step_5").mkdir(parents=True)
+    safetensors_torch.save_file({"module." + k: v.contiguous() for k, v in m.state_dict().items()},
+                                str(run / "step_5" / "model_1.safetensors"))
+    if "pe_config.json" in files:
+        (run / "pe_config.json").write_text(_PE_CONFIG_YAML.format(heads=heads, dim=m.embed_dim, act=act,
+                                                                   layers=layers or m.num_layers))
+    if "train_args.json" in files:
+        (run / "train_args.json").write_text(json.dumps({
+            "num_attention_heads": heads, "pe_embed_dim": m.embed_dim, "seqpe_layer_num": layers or m.num_layers,
+            "seqpe_attn_direction": "bi", "seqpe_mask_padding": True, "seqpe_temperature": 0.5,
+            "seqpe_attn_pdrop": 0.0, "seqpe_resid_pdrop": 0.1, "seqpe_scale_attn_weights": True,
+            "seqpe_activation_function": act, "mixed_precision": "bf16"}, indent=2))
+    return run / "step_5"
+
+
+@needs_safetensors
+@pytest.mark.parametrize("files", [("pe_config.json",), ("train_args.json",), ("pe_config.json", "train_args.json")])
+def test_authors_text_run_settings_are_read(tmp_path, files):
+    """The authors' text checkpoints record heads / direction / masking / temperature in the run folder above the
+    save_state folder (pe_config.json, train_args.json), not in model_1.safetensors: loading guessed
+    num_heads = D // 64 (here 2 instead of 4: every output wrong, with only a warning)."""
+    m = small(num_heads=4, attn_direction="bi", mask_padding=True, temperature=0.5, max_digits=5)
+    step = _authors_text_run(tmp_path, m, files)
+    pos = torch.randint(0, 10 ** 5, (13,))
+    for where in (step, step / "model_1.safetensors"):
+        o = quiet_load(where).eval()  # every setting read: no guess, no warning
+        assert (o.num_heads, o.attn_direction, o.mask_padding, o.temperature) == (4, "bi", True, 0.5)
+        assert torch.equal(o(pos), m(pos))
+    _, info = read_state_dict(step)
+    assert [f.name for f in info["config_files"]] == list(files)
+
+
+@needs_safetensors
+def test_authors_text_run_other_activation_or_other_run_is_refused(tmp_path):
+    m = small(num_heads=4, max_digits=5)
+    for act in ("gelu", "relu"):  # SeqPE computes gelu_new only
+        with pytest.raises(ValueError, match=f"SEQPE_ACTIVATION_FUNCTION='{act}'.*gelu_new"):
+            load_checkpoint(_authors_text_run(tmp_path / act, m, act=act))
+    assert quiet_load(_authors_text_run(tmp_path / "tanh", m, act="gelu_pytorch_tanh")).num_heads == 4
+    # a run file describing other weights (3 layers, these have 2) is not this checkpoint's: warned, not used
+    step = _authors_text_run(tmp_path / "other", m, layers=3)
+    with pytest.warns(CheckpointConfigWarning) as w:
+        o = load_checkpoint(step)
+    text = " | ".join(str(x.message) for x in w)
+    assert "SEQPE_LAYER_NUM=3 (weights: 2)" in text and "num_heads=2 (embed_dim // 64" in text
+    assert o.num_heads == 2
+
+
 def test_bare_state_dict_pth(tmp_path):
     m = small()
     torch.save(m.state_dict(), tmp_path / "sd.pt")

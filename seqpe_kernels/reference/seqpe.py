@@ -106,8 +106,9 @@ class SeqPEAttention(nn.Module):
         # additive mask after scaling, finfo(dtype of the logits).min, built from a float32 0/1 mask: under
         # autocast bf16 logits + fp32 mask promote to fp32 (SEQPE_SPEC §2.3, §7.2)
         # (1 - mask) is promoted to at least the logits' precision: identical to the authors for fp32 and for
-        # bf16/fp16 autocast (stays fp32), and avoids their fp32 overflow of finfo(fp64).min -> -inf -> NaN
-        # on fully masked rows when the module runs in fp64 (a deviation that only exists in fp64).
+        # bf16/fp16 autocast (stays fp32), and avoids their fp32 overflow of finfo(fp64).min -> -inf, whose
+        # product with the allowed entries' 0 is NaN: in fp64 every output of theirs is NaN (a deviation that
+        # only exists in fp64).
         mask = attention_mask.unsqueeze(1)
         w = w + torch.finfo(w.dtype).min * (1 - mask).to(torch.promote_types(mask.dtype, w.dtype))
         w = F.softmax(w, dim=-1).type(v.dtype)

@@ -71,17 +71,19 @@ def flat_params(m) -> List[Optional[torch.Tensor]]:
     tok, pos, dim (or None), cls; per layer ln1.w, ln1.b, c_attn.w, c_attn.b, attn.c_proj.w, .b, ln2.w, ln2.b,
     c_fc.w, c_fc.b, mlp.c_proj.w, .b; final ln.w, .b (or None, None); out_proj.w, .b.
     Read through the modules' own dicts (nn.Module.__getattr__ made this ~45 us per call on the dev CPU), so a
-    replaced parameter or submodule is always picked up. A parametrized tensor (torch.nn.utils.parametrize:
-    weight_norm, orthogonal, ...) is not in those dicts: then every tensor is read through getattr, which
-    computes it (the fused node's gradient then flows into its parametrization)."""
+    replaced parameter or submodule is always picked up. A tensor missing from those dicts is read through
+    getattr, for every tensor: a parametrized one (torch.nn.utils.parametrize: weight_norm, orthogonal, ...; the
+    fused node's gradient then flows into its parametrization), an nn.DataParallel replica's (replicate() empties
+    ``_parameters`` and sets the broadcast copies as plain attributes), a plain tensor put where a parameter was
+    (``del lin.weight; lin.weight = w``, as hypernetworks do)."""
     try:
         return _flat_params(m, _own)
     except KeyError:
-        from torch.nn.utils import parametrize
-
-        if not any(parametrize.is_parametrized(s) for s in m.modules()):
-            raise
-        return _flat_params(m, _Computed)
+        try:
+            return _flat_params(m, _Computed)
+        except AttributeError as e:
+            raise AttributeError(f"the SeqPE encoder is missing a weight of its layout ({e}); it cannot run "
+                                 "fused") from None
 
 
 def _own(mod):  # (a plain function: torch.compile traces flat_params, and Dynamo cannot trace attrgetter)

@@ -237,11 +237,14 @@ class _FusedView:
 
     # --------------------------------------------------------------- verification
     def _maybe_verify(self, device: torch.device, name: str):
-        if self.__dict__.get("_structure") != _REGISTRATIONS[0] and not torch.compiler.is_compiling():
+        if self.__dict__.get("_structure") != _REGISTRATIONS[0] and not torch.compiler.is_compiling() \
+                and not self.module.__dict__.get("_is_replica"):  # (a DataParallel replica: of a checked module)
             self._recheck_structure()  # a submodule inside the encoder was (re)assigned since the last look
         if not self.verify:
             return
         p = self.module._parameters.get("cls_token_embed")
+        if p is None:  # a DataParallel replica's parameters are plain attributes
+            p = self.module.__dict__.get("cls_token_embed")
         key = (device, name, p.dtype if p is not None else None)
         done = self.__dict__.get("_verified")
         if done is not None and key in done:
@@ -295,7 +298,7 @@ class _FusedView:
             raise PatchError(
                 f"seqpe_kernels.patch: {type(m).__name__}.forward itself gives NaN / inf on the probe batch "
                 f"({dt}, {device}) where the fused encoder is finite: in fp64 the authors' fp32 attention mask "
-                "overflows to -inf, so fully masked rows become NaN (README, Notes on the reference). The fused "
+                "overflows to -inf and -inf * 0 on every allowed entry is NaN (README, Notes on the reference). The fused "
                 "encoder promotes the mask as this package's SeqPE does; patch(..., verify=False) accepts that.")
         if not err <= tol:  # NaN included
             raise PatchError(
@@ -377,7 +380,49 @@ def _patched_extra_repr(self):
 _FUSED_FUNCS = (_authors_forward, _seqpe_forward, _seqpe_forward_digits)
 
 
+def _patched_replicate(self):
+    """``nn.DataParallel``'s replica of a patched module. torch's ``Module._replicate_for_data_parallel`` copies
+    ``__dict__``, so the replica would call the fused forward bound to *this* module, i.e. compute with this
+    module's parameters on this module's device (and its gradients would skip the broadcast's backward). The
+    replica gets the same patch bound to itself; replicate() then sets its parameters, which the fused path
+    reads live."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    d, v = replica.__dict__, _view(self)
+    if v is None:  # unpatched since: a plain replica
+        d.pop("_replicate_for_data_parallel", None)
+        return replica
+    nv = _FusedView.__new__(_FusedView)
+    nv.__dict__.update(v.__getstate__())  # options and the test hook; not the caches, but the probe verifications
+    nv.__dict__["_verified"] = v.__dict__.setdefault("_verified", set())  # shared: replicas are built every call
+    nv.module = replica
+    nv.installed = {k: _rebind(f, self, replica) for k, f in v.installed.items()}
+    nv.saved = {k: _rebind(f, self, replica) for k, f in v.saved.items()}
+    for attr in list(d):
+        if attr != _STATE:
+            d[attr] = _rebind(d[attr], self, replica)
+    d[_STATE] = nv
+    return replica
+
+
 # ============================================================================================ wrapper chains
+def _rebind(fn, old, new):
+    """``fn`` with every method binding to ``old`` in its wrapper chain (bound methods, _Bound) bound to ``new``
+    instead; ``fn`` itself when nothing in it is bound to ``old`` (any other value: itself)."""
+    if isinstance(fn, (types.MethodType, _Bound)):
+        inner = _rebind(fn.__func__, old, new)
+        owner = new if fn.__self__ is old else fn.__self__
+        if inner is fn.__func__ and owner is fn.__self__:
+            return fn
+        return types.MethodType(inner, owner) if isinstance(fn, types.MethodType) else _Bound(owner, inner)
+    if not callable(fn):
+        return fn
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None or inner is fn:
+        return fn
+    new_inner = _rebind(inner, old, new)
+    return fn if new_inner is inner else _substitute(fn, inner, new_inner)
+
+
 def _chain(fn) -> List[Any]:
     """``fn`` and what it wraps (``__func__`` of a method, ``__wrapped__`` of a decorator), outermost first."""
     out, seen = [], set()
@@ -573,6 +618,10 @@ def patch(module: Optional[nn.Module], backend: str = "auto", *, check_range: bo
         v.saved["extra_repr"] = m.__dict__["extra_repr"]
     v.installed["extra_repr"] = _Bound(m, _patched_extra_repr)
     object.__setattr__(m, "extra_repr", v.installed["extra_repr"])
+    if "_replicate_for_data_parallel" in m.__dict__:
+        v.saved["_replicate_for_data_parallel"] = m.__dict__["_replicate_for_data_parallel"]
+    v.installed["_replicate_for_data_parallel"] = _Bound(m, _patched_replicate)
+    object.__setattr__(m, "_replicate_for_data_parallel", v.installed["_replicate_for_data_parallel"])
     object.__setattr__(m, _STATE, v)
     return module
 
@@ -585,14 +634,14 @@ def unpatch(module: Optional[nn.Module]):
     v = _view(m)
     if v is None:
         return module
-    for attr in ("forward", "forward_digits", "extra_repr", "_original_forward"):
+    for attr in ("forward", "forward_digits", "extra_repr", "_original_forward", "_replicate_for_data_parallel"):
         if attr not in v.installed:
             continue
         if attr == "_original_forward":
             if m.__dict__.get(attr) is v.installed[attr]:
                 object.__setattr__(m, attr, v.saved[attr])
             continue
-        if attr == "extra_repr":
+        if attr in ("extra_repr", "_replicate_for_data_parallel"):
             if m.__dict__.get(attr) is v.installed[attr]:
                 if attr in v.saved:
                     object.__setattr__(m, attr, v.saved[attr])

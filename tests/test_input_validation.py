@@ -626,3 +626,25 @@ def test_auto_fallback_warning_points_at_the_caller_and_repeats_under_w_error(tm
                        timeout=120)
     assert "raised 0" in r.stdout and "raised 1" in r.stdout, r.stdout + r.stderr
     assert "('s.py', 14)" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_plain_tensor_in_a_parameter_slot_is_read(backend):
+    """``del lin.weight; lin.weight = w`` (hypernetworks, meta-learning) leaves a plain tensor attribute where a
+    parameter was: the fused path raised a bare KeyError('weight'). It now reads w (output and w's gradient as the
+    reference's); a weight missing altogether is named."""
+    ref, enc = _pair(backend, seed=4)
+    ref.eval(), enc.eval()  # (no dropout: outputs comparable)
+    pos = torch.tensor([0, 7, 42, 99, 5])
+    ws = []
+    for m in (ref, enc):
+        w = (m.out_proj.weight.detach() * 1.5).requires_grad_(True)
+        del m.out_proj.weight
+        m.out_proj.weight = w
+        ws.append(w)
+        (m(pos) ** 2).sum().backward()
+    torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ws[1].grad, ws[0].grad, rtol=1e-4, atol=1e-6)
+    del enc.out_proj.weight
+    with pytest.raises(AttributeError, match="missing a weight.*weight"):
+        enc(pos)

@@ -10,6 +10,7 @@ name what differs, the vectorised prepare_seqpe_data, the attn_scalar replacemen
 section's code (run as written). C++ CPU backend everywhere; Triton (interpreter) at tiny shapes.
 """
 import copy
+import importlib
 import io
 import math
 import os
@@ -208,7 +209,7 @@ def test_patched_equals_unpatched(backend, config, training):
 
 
 def test_fp64_authors_module_nan_is_named_not_blamed_on_a_fork():
-    """In fp64 the authors' fp32 mask overflows and their forward gives NaN on fully masked rows; the probe said
+    """In fp64 the authors' fp32 mask overflows to -inf and -inf * 0 makes every output NaN; the probe said
     'a fork that changed the math?'. It now names the quirk, and verify=False runs the (finite) fused encoder."""
     _backend_ok("cpu")
     m = authors(mask_padding=True, max_digits=3).double().eval()
@@ -378,6 +379,61 @@ def test_none_fused_and_wrapped_modules():
     assert sk.patch(dp, backend="cpu") is dp and is_patched(m) and is_patched(dp)
     sk.unpatch(dp)
     assert not is_patched(m)
+
+
+def replicate_on_cpu(monkeypatch, module, scales):
+    """torch.nn.parallel.replicate (what nn.DataParallel runs every forward) on CPU: its module / parameter
+    replication as it is, the cross-GPU broadcast replaced by differentiable copies ``p * scale`` (one scale per
+    replica; Broadcast's backward sums the replicas' gradients, as the product's does)."""
+    rep = importlib.import_module("torch.nn.parallel.replicate")  # (the package's attribute is the function)
+
+    def broadcast(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) * s for t in tensors] for s in scales] if len(tensors) else []
+
+    monkeypatch.setattr(rep, "_broadcast_coalesced_reshape", broadcast)
+    return rep.replicate(module, list(range(len(scales))))
+
+
+@pytest.mark.parametrize("what", ["patched authors' module", "FusedSeqPE"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_parallel_replicas_compute_with_their_own_parameters(monkeypatch, what, backend):
+    """nn.DataParallel replicates the module every forward: a copy of its __dict__, parameters set as plain
+    attributes (the broadcast copies). A patched module's replica called the fused forward bound to the original
+    (the original's weights and device; the replica's parameters ignored); FusedSeqPE's replica raised a bare
+    KeyError('weight'). Each replica now computes with its own (here: scaled) copies, and the gradients reach the
+    original's parameters through the copies, as unpatched / eager replicas do."""
+    _backend_ok(backend)
+    _seed()
+    if what == "FusedSeqPE":
+        ref = sk.SeqPE(16, 2, max_digits=2, num_layers=2, resid_pdrop=0.0)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        fused = sk.FusedSeqPE.from_reference(ref, backend=backend)
+        x = (torch.randint(0, 100, (6,)),)
+    else:
+        ref = authors(pe_embed_dim=16)
+        fused = sk.patch(copy.deepcopy(ref), backend=backend)
+        x = digits_for(ref, 6)
+    scales = (1.0, 1.5)
+    outs = {}
+    for name, m in (("ref", ref), ("fused", fused)):
+        reps = replicate_on_cpu(monkeypatch, m, scales)
+        ys = [r(*x) for r in reps]
+        g = torch.randn(ys[0].shape, generator=torch.Generator().manual_seed(5))
+        sum((y * g * (j + 1)).sum() for j, y in enumerate(ys)).backward()
+        outs[name] = ys
+    if what != "FusedSeqPE":
+        assert fused_node_in(outs["fused"][0]) and fused_node_in(outs["fused"][1])
+    for a, b in zip(outs["fused"], outs["ref"]):
+        assert rel(a, b) <= 1e-5, rel(a, b)
+    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert a.grad is not None and rel(a.grad, b.grad) <= 1e-4, n
+    assert is_patched(fused) or what == "FusedSeqPE"
+    if what != "FusedSeqPE":  # unpatched: replicas are plain again
+        sk.unpatch(fused)
+        assert "_replicate_for_data_parallel" not in fused.__dict__
+        assert not is_patched(replicate_on_cpu(monkeypatch, fused, scales)[1])
 
 
 def test_patches_this_packages_seqpe_too():

@@ -122,6 +122,8 @@ EVENTS = {
     "reset_parameters": _reset,
     "to_float64": lambda m: m.to(torch.float64),
     "temperature": lambda m: setattr(m, "temperature", 2.5),
+    "forward_hook_added": lambda m: m.register_forward_hook(lambda mod, args, out: out * 2),
+    "forward_pre_hook_added": lambda m: m.register_forward_pre_hook(lambda mod, args: (args[0] // 2,)),
 }
 
 
@@ -139,6 +141,31 @@ def test_invalidation_events(event, mode, d):
     check(c, m, pos)
     assert c.stats()["invalidations"] == inv + 1
     check(c, m, pos)  # and caches again under the new state
+    assert c.stats()["invalidations"] == inv + 1
+
+
+@pytest.mark.parametrize("mode,d", MODES)
+def test_replacement_at_the_freed_address_with_the_same_version(mode, d):
+    """A parameter replaced by a new tensor that lands where the old one was freed, at the same version (the CUDA
+    caching allocator hands a same-sized block straight back): data_ptr, _version, shape and dtype all equal, so
+    the key matched and stale rows came back (0.58 off in the audit's repro). Deterministic here: both parameters
+    are numpy-owned views of one buffer, the old one dropped before new values are written into the buffer."""
+    import numpy as np
+
+    m, c, pos = setup(mode, d)
+    buf = m.out_proj.weight.detach().numpy().copy()
+    m.out_proj.weight = torch.nn.Parameter(torch.from_numpy(buf))
+    old = check(c, m, pos)
+    check(c, m, pos)
+    addr, ver = m.out_proj.weight.data_ptr(), m.out_proj.weight._version
+    inv = c.stats()["invalidations"]
+    m.out_proj.weight = None  # the old parameter and its storage are freed
+    buf[:] = np.random.default_rng(0).standard_normal(buf.shape).astype(buf.dtype)
+    m.out_proj.weight = torch.nn.Parameter(torch.from_numpy(buf))
+    assert (m.out_proj.weight.data_ptr(), m.out_proj.weight._version) == (addr, ver)
+    with torch.no_grad():
+        assert not torch.allclose(old, m(pos))
+    check(c, m, pos)
     assert c.stats()["invalidations"] == inv + 1
 
 

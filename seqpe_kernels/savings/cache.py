@@ -11,7 +11,9 @@ Never stale
     recomputed. The key holds, for every parameter and buffer: its version counter (``_version``, bumped by
     every in-place op: optimizer steps, ``with torch.no_grad(): p.add_(...)``, ``load_state_dict``'s
     ``copy_``), ``data_ptr``, device, dtype and shape (catching ``.to(...)``, ``param.data = ...``,
-    ``load_state_dict(assign=True)``); the ``training`` flag of every submodule (train/eval toggles); the
+    ``load_state_dict(assign=True)``) and, by identity, its storage (a replacement that reuses the freed memory
+    and version); the ``training`` flag and the forward hooks of every submodule (train/eval toggles, a hook
+    added or removed); the
     module's ``config()``, the dropout ``p`` / LayerNorm ``eps`` of its layers, its ``backend`` attribute; and the
     autocast state of the device.
     PyTorch's *fused* optimizers (``Adam(fused=True)``...) update parameters without bumping their version
@@ -57,6 +59,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..backend import triton_status
@@ -203,6 +206,7 @@ class SeqPECache:
         self._param_ids = {id(p) for p in module.parameters()}
         self._external_epoch = 0
         self._key = None
+        self._key_storages: list = []  # weak references to the keyed tensors' storages (see _refresh)
         self._clock = 0
         self._hits = self._misses = self._computed = self._invalidations = self._evictions = 0
         self._table: Optional[torch.Tensor] = None
@@ -316,11 +320,15 @@ class SeqPECache:
         return pos.to(self._device())
 
     def _state_key(self):
+        """(key, tensors): the key compared by value, and the parameters / buffers it describes (whose storages
+        ``_refresh`` also compares by identity)."""
         m = self.module
         items = []
         ids = set()
+        tensors = []
         for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
             ids.add(id(t))
+            tensors.append(t)
             try:
                 ver = t._version
             except RuntimeError:  # inference tensor: no version counter, so in-place writes show in the values only
@@ -329,7 +337,10 @@ class SeqPECache:
             if (self.verify_values or ver is None) and t.numel():
                 items.append(_fingerprint(t))
         self._param_ids = ids
-        training = tuple(sub.training for sub in m.modules())
+        # train / eval flags, and the forward hooks (their registration ids: a hook added or removed changes the
+        # output module(...) gives; what a hook does later is its own business)
+        training = tuple((sub.training, tuple(sub._forward_hooks), tuple(sub._forward_pre_hooks))
+                         for sub in m.modules())
         try:
             cfg = m.config() if hasattr(m, "config") and callable(m.config) else None
         except ValueError:  # layers configured unevenly (no single eps / p): _live below still tells them apart
@@ -343,14 +354,21 @@ class SeqPECache:
             autocast = None
         masks = getattr(m, "dropout_masks", None)
         return (tuple(items), training, cfg, live, str(getattr(m, "backend", None)), getattr(m, "temperature", None),
-                autocast, id(masks) if masks is not None else None, self._external_epoch)
+                autocast, id(masks) if masks is not None else None, self._external_epoch), tensors
 
     def _refresh(self):
-        key = self._state_key()
-        if key != self._key:
+        key, tensors = self._state_key()
+        # a replaced tensor can land at the freed one's address with the same version (the CUDA caching allocator
+        # hands a same-sized block straight back), so the key's data_ptr / _version cannot tell it from the old
+        # one: the storages are also compared by identity, through weak references taken with the key (a weak
+        # reference keeps the storage object's address from being reused; expired means it was freed)
+        same = key == self._key and len(tensors) == len(self._key_storages) and all(
+            not r.expired() and r.cdata == t.untyped_storage()._cdata for r, t in zip(self._key_storages, tensors))
+        if not same:
             if self._key is not None and (self.num_entries > 0 or self._table is not None):
                 self._invalidations += 1
             self._key = key
+            self._key_storages = [StorageWeakRef(t.untyped_storage()) for t in tensors]
             self._drop_table()
 
     def _drop_table(self):

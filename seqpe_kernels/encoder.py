@@ -590,7 +590,11 @@ class PythonRunner:
         out, S = forward(plan, self.prims, x, pad, seeds, params, save, clamp_rows)
         if not save:
             return out, None
-        return out, [x, pad, seeds, params, [p._version if p is not None else 0 for p in params], S]
+        try:
+            versions = [p._version if p is not None else 0 for p in params]
+        except RuntimeError:  # an inference tensor (no version counter)
+            versions = [_version(p) for p in params]
+        return out, [x, pad, seeds, params, versions, S]
 
     def backward(self, plan, gout, state, needs, release: bool):
         if state[0] is None:
@@ -603,6 +607,17 @@ class PythonRunner:
         if release:
             state[:] = [None] * len(state)
         return grads
+
+
+def _version(p: Optional[torch.Tensor]) -> int:
+    if p is None:
+        return 0
+    if p.is_inference():  # (no version counter): PyTorch's own error for saving one, not "do not track version"
+        raise RuntimeError("Inference tensors cannot be saved for backward. To work around you can make a clone to "
+                           "get a normal tensor and use it in autograd. (A parameter of the fused SeqPE encoder was "
+                           "created under torch.inference_mode(); rebuild or clone it outside inference mode to "
+                           "train it.)")
+    return p._version
 
 
 _SECOND_BACKWARD = ("Trying to backward through the fused SeqPE encoder a second time (its saved activations were "

@@ -648,3 +648,14 @@ def test_plain_tensor_in_a_parameter_slot_is_read(backend):
     del enc.out_proj.weight
     with pytest.raises(AttributeError, match="missing a weight.*weight"):
         enc(pos)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_tensor_parameters_in_a_training_call(backend):
+    """Parameters built under torch.inference_mode() used with grad: every backend raises PyTorch's own "cannot
+    be saved for backward" (Triton said "Inference tensors do not track version counter", from its bookkeeping)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        enc = sk.FusedSeqPE(16, 2, max_digits=2, backend=backend)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        enc(torch.tensor([3, 14, 15])).sum().backward()

@@ -649,6 +649,8 @@ class EncoderFunction(torch.autograd.Function):
     def forward(ctx, plan, runner, x, pad, seeds, clamp_rows, *params):
         out, state = runner.forward(plan, x, pad, seeds, params, True, clamp_rows)
         ctx.plan, ctx.runner, ctx.state = plan, runner, state
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            _save_through_hooks(ctx, state)
         return out
 
     @staticmethod
@@ -660,8 +662,42 @@ class EncoderFunction(torch.autograd.Function):
             raise RuntimeError("seqpe fused encoder: its backward is not differentiable, so gradients taken with "
                                "create_graph=True cannot carry second-order terms through it; use "
                                "backend='torch' for those")
-        grads = ctx.runner.backward(ctx.plan, gout, ctx.state, ctx.needs_input_grad[6:], not _keep_graph())
+        state = ctx.state if ctx.state is not None else _state_from_hooks(ctx)
+        grads = ctx.runner.backward(ctx.plan, gout, state, ctx.needs_input_grad[6:], not _keep_graph())
         return (None, None, None, None, None, None, *grads)
+
+
+def _save_through_hooks(ctx, state) -> None:
+    """Under saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, non-reentrant activation checkpointing,
+    any ``saved_tensors_hooks``) what the backward needs goes through ``ctx.save_for_backward``, so the hooks
+    offload / drop / recompute it like any node's; without hooks the runner's list is kept as it is (cheaper).
+    Saved: each tensor's base (views of one base share it: aliasing and strides survive a hook that copies),
+    and per tensor how to view it again."""
+    x, pad, seeds, params, versions, S = state
+    bases, index, views = [], {}, {}
+    for name, t in S.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        b = t._base if t._base is not None else t
+        j = index.setdefault(id(b), len(bases))
+        if j == len(bases):
+            bases.append(b)
+        views[name] = (j, None if t is b else (t.size(), t.stride(), t.storage_offset() - b.storage_offset()))
+    ctx.save_for_backward(x, pad, seeds, *bases)
+    # the parameters stay referenced as they are (alive anyway; an offloading hook would copy them every step),
+    # with their versions for the in-place check
+    ctx.hooked = (params, versions, views, {k: v for k, v in S.items() if not isinstance(v, torch.Tensor)})
+    ctx.state = None
+
+
+def _state_from_hooks(ctx):
+    saved = ctx.saved_tensors
+    params, versions, views, rest = ctx.hooked
+    S = dict(rest)
+    for name, (j, v) in views.items():
+        b = saved[3 + j]
+        S[name] = b if v is None else b.as_strided(v[0], v[1], b.storage_offset() + v[2])
+    return [saved[0], saved[1], saved[2], params, versions, S]
 
 
 def run(plan: Plan, runner, x, pad, seeds, params, clamp_rows: bool) -> torch.Tensor:

@@ -84,6 +84,61 @@ def test_parameter_changed_between_forward_and_backward_raises(backend):
         y.sum().backward()
 
 
+def _grads(m):
+    return [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("hooks", ["copying", "save_on_cpu", "checkpoint"])
+def test_saved_tensor_hooks_see_the_activations(backend, hooks):
+    """Saved-tensor hooks (save_on_cpu offload, non-reentrant activation checkpointing, any saved_tensors_hooks)
+    see what the fused node keeps for its backward, as they see any node's: the Triton node kept it privately
+    (nothing offloaded or dropped, 0 tensors through the hooks). Gradients are unchanged: a hook that copies every
+    tensor (views lose their aliasing unless rebuilt from their bases), save_on_cpu, and checkpointing with
+    dropout on (its recompute must draw the same masks) give the gradients of the plain call, same seed."""
+    s = _seed()
+    _, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, num_layers=2, data_dim=2, resid_pdrop=0.2,
+                            attn_pdrop=0.1, backend=backend)
+    fus.train()
+    pos = random_positions(7, 3, 2)
+    g = torch.randn(7, 32, device=DEV)
+    torch.manual_seed(11)
+    y0 = fus(pos)
+    y0.backward(g)
+    want = _grads(fus)
+    fus.zero_grad(set_to_none=True)
+    packed = []
+    torch.manual_seed(11)
+    if hooks == "checkpoint":
+        from torch.utils.checkpoint import checkpoint
+
+        y = checkpoint(fus, pos, use_reentrant=False)
+    else:
+        ctx = (torch.autograd.graph.save_on_cpu() if hooks == "save_on_cpu" else
+               torch.autograd.graph.saved_tensors_hooks(lambda t: (packed.append(t.numel()), t.clone())[1],
+                                                        lambda t: t))
+        with ctx:
+            y = fus(pos)
+        assert hooks != "copying" or len(packed) > 10, packed
+    if backend == "triton":
+        assert y.grad_fn.state is None  # nothing held privately
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    y.backward(g)
+    for a, b in zip(_grads(fus), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{m} (seed {s})")  # the same kernels
+    # an in-place parameter update between forward and backward under hooks: PyTorch skips its version check for
+    # tensors a hook packed (an eager matmul's backward then uses the hook's copy) and so does the C++ node, which
+    # saves its parameters through the hooks; the Triton node keeps them out of the hooks (an offloading hook would
+    # copy them every step) and still refuses the update
+    if backend == "triton":
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            y = fus(pos)
+        with torch.no_grad():
+            fus.transformers[0].mlp.c_fc.weight.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_retain_graph_and_second_backward(backend):
     """retain_graph=True allows a second backward (same gradients again); without it the second one raises."""

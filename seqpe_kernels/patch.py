@@ -43,9 +43,11 @@ Note: ``seqpe_kernels.patch`` is the function (exported by the package); this mo
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 import weakref
 import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -682,8 +684,17 @@ def module_config(m: nn.Module, layout: Optional[str] = None) -> Dict[str, Any]:
                 data_dim=v.data_dim, out_dim=v.out_dim, attn_direction=v.attn_direction,
                 mask_padding=v.mask_padding, use_last_layernorm=v.use_last_layernorm, resid_pdrop=v.resid_pdrop,
                 attn_pdrop=v.attn_pdrop, temperature=v.temperature, layer_norm_eps=eps.pop(),
-                init="image" if type(m).__name__.lower().startswith("image") else "text", base=v.base,
+                init=_init_of(type(m)), base=v.base,
                 scale_attn_weights=v.scale_attn_weights)
+
+
+def _init_of(cls) -> str:
+    """"image" (truncated-normal init) for the authors' image encoder, else "text". Their image class is also named
+    SequentialPE: told apart by its file (image_seqpe/models/sequential_pe.py) when the name does not say."""
+    if cls.__name__.lower().startswith("image"):
+        return "image"
+    f = getattr(sys.modules.get(cls.__module__), "__file__", None) or ""
+    return "image" if "image_seqpe" in Path(f).parts else "text"
 
 
 def to_fused(module: nn.Module, backend: str = "auto", **options) -> FusedSeqPE:

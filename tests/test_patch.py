@@ -910,3 +910,23 @@ def test_readme_section_runs(tmp_path, monkeypatch):
     assert ns["out"].shape == (196, 32)
     want = _authors_attn_scalar(ns["q"], ns["k"], ns["v"], ns["pe"], ns["pe_qk"], "single", H, 1.0, causal=True)
     assert rel(ns["attn_output"], want) <= 1e-5
+
+
+def test_image_encoder_is_told_apart_by_its_file(tmp_path, monkeypatch):
+    """The authors' image encoder is also a class named SequentialPE (image_seqpe/models/sequential_pe.py): the
+    configuration of a patched module records init="image" for it (to_fused(...).reset_parameters(), the `init`
+    save_checkpoint writes), not "text" as the class name alone said."""
+    from seqpe_kernels.patch import module_config
+
+    for sub, want in (("image_seqpe", "image"), ("text_seqpe", "text")):
+        d = tmp_path / sub / "models"
+        d.mkdir(parents=True)
+        src = Path(A.__file__).read_text().replace("class ImageSequentialPE(SequentialPE)", "class _Image(SequentialPE)")
+        (d / f"seqpe_{sub}.py").write_text(src)
+        monkeypatch.syspath_prepend(str(d))
+        mod = importlib.import_module(f"seqpe_{sub}")
+        cls = mod._Image if sub == "image_seqpe" else mod.SequentialPE
+        cls = type("SequentialPE", (cls,), {"__module__": mod.__name__})
+        m = cls(pe_embed_dim=16, num_attention_heads=2, layer_num=1, max_digits=2)
+        assert module_config(m)["init"] == want, sub
+    assert module_config(authors(cls=A.ImageSequentialPE))["init"] == "image"

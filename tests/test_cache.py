@@ -407,3 +407,100 @@ def test_unpackable_keys_fallback():
     check(c, m, pos)
     check(c, m, pos)
     assert c.stats()["computed"] == 40
+
+
+def test_threads_share_one_cache():
+    """An evaluation server's threads filling and reading one cache: each call gets its own positions' rows, the
+    index stays whole, and rows a thread computed while another changed the weights are not served afterwards
+    (calls run one at a time). Without the lock ~450 of 540 calls got other positions' rows, and the index stayed
+    corrupt for later single-threaded calls."""
+    import sys
+    import threading
+    import time
+
+    m = make(d=1, D=16, H=2)
+    with torch.no_grad():
+        truth = m(torch.arange(1000))
+    c = SeqPECache(m)
+    wrong, errors = [], []
+
+    def work(r, t, bar):
+        g = torch.Generator().manual_seed(r * 100 + t)
+        pos = torch.randint(0, 1000, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)
+        bar.wait()
+        with torch.no_grad():  # (grad mode is per thread)
+            try:
+                for _ in range(3):
+                    if not (c(pos) - truth[pos]).abs().max().item() < 1e-5:
+                        wrong.append(pos)
+            except Exception as e:  # noqa: BLE001 - counted, reported below
+                errors.append(repr(e))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # many interleavings
+    try:
+        for r in range(15):
+            bar = threading.Barrier(6)
+            ts = [threading.Thread(target=work, args=(r, t, bar)) for t in range(6)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+    finally:
+        sys.setswitchinterval(old)
+    assert not wrong and not errors, (len(wrong), errors[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(c(torch.arange(1000)), truth, rtol=1e-5, atol=1e-6)  # (GEMM rounding by batch)
+
+    # thread A misses and encodes; meanwhile the weights change and thread B calls the cache
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(mod, p):
+        out = mod(p)
+        if threading.current_thread().name == "A":
+            entered.set()
+            release.wait(10)
+        return out
+
+    c2 = SeqPECache(m, compute=slow)
+    pos_a, pos_b = torch.tensor([1, 2, 3]), torch.tensor([500])
+
+    def call(p):
+        with torch.no_grad():
+            c2(p)
+
+    ta = threading.Thread(target=call, args=(pos_a,), name="A")
+    ta.start()
+    assert entered.wait(10)
+    with torch.no_grad():
+        m.out_proj.weight.add_(1.0)
+    tb = threading.Thread(target=call, args=(pos_b,), name="B")
+    tb.start()
+    time.sleep(0.2)  # B's call waits for A's (without the lock: B refreshes the key, then A inserts old rows)
+    release.set()
+    ta.join(), tb.join()
+    with torch.no_grad():
+        torch.testing.assert_close(c2(pos_a), m(pos_a), rtol=1e-5, atol=1e-6)
+
+
+def test_copied_and_pickled_cache_is_fresh_and_safe():
+    """deepcopy / torch.save of a used cache: the copy works on its own module. The key's storage weak references
+    are not copied (a copied StorageWeakRef frees one weak reference twice: 'corrupted double-linked list' at
+    exit), so this runs in a subprocess whose exit status is checked."""
+    import subprocess
+    import sys
+
+    code = """
+import copy, io, gc, torch, seqpe_kernels as sk
+from seqpe_kernels.savings.cache import SeqPECache
+m = sk.SeqPE(16, 2, 3).eval(); c = SeqPECache(m)
+with torch.no_grad():
+    c(torch.arange(5))
+    for c2 in (copy.deepcopy(c), None):
+        if c2 is None:
+            b = io.BytesIO(); torch.save(c, b); b.seek(0); c2 = torch.load(b, weights_only=False)
+        assert c2.module is not m and torch.equal(c2(torch.arange(7)), c2.module(torch.arange(7)))
+        del c2
+        gc.collect()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout[-500:], r.stderr[-2000:])

@@ -53,6 +53,7 @@ valid key).
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -91,7 +92,7 @@ def _optimizer_step_post_hook(optimizer, args, kwargs):
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for c in list(_LIVE_CACHES):
         if c._param_ids & ids:
-            c._external_epoch += 1
+            c.invalidate()
 
 
 def _install_hook():
@@ -219,6 +220,9 @@ class SeqPECache:
         # dense state
         self._blocks: List[_Block] = []
         self._encode_inference = False
+        # one call at a time: lookups, inserts, evictions and the state key share the index (threads filling one
+        # cache at once handed each other's rows back and corrupted the index for good)
+        self._lock = threading.RLock()
         _install_hook()
         _LIVE_CACHES.add(self)
 
@@ -226,8 +230,25 @@ class SeqPECache:
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
         return self.cache(positions)
 
+    def __getstate__(self):
+        # (copy / pickle: not the lock; not the storages' weak references either: a copied StorageWeakRef frees
+        # the same weak reference twice, a heap corruption; the copy refreshes its key on its first call)
+        st = dict(self.__dict__)
+        st.pop("_lock", None)
+        st["_key_storages"], st["_key"] = [], None
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self._lock = threading.RLock()
+
     def cache(self, positions: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[M, out_dim]`` of positions ``[M]`` or ``[M, data_dim]``, equal to ``module(positions)``."""
+        """Embeddings ``[M, out_dim]`` of positions ``[M]`` or ``[M, data_dim]``, equal to ``module(positions)``.
+        Thread-safe: concurrent calls run one at a time (the encoder call of a miss included)."""
+        with self._lock:
+            return self._cache(positions)
+
+    def _cache(self, positions: torch.Tensor) -> torch.Tensor:
         self._check_usable()
         pos = self._validate(positions)
         # the cache's own tensors are always normal (non-inference) tensors, so that it can be used both
@@ -246,6 +267,10 @@ class SeqPECache:
         n-D: a sequence of ``data_dim`` per-axis ranges (one box, row-major, first axis outer), or a list
         of such boxes, e.g. ``(range(100), range(100))`` for a 100x100 grid.
         """
+        with self._lock:
+            self._precompute(ranges)
+
+    def _precompute(self, ranges) -> None:
         self._check_usable()
         boxes = [b for b in self._parse_boxes(ranges) if b.n > 0]
         self._encode_inference = torch.is_inference_mode_enabled()
@@ -264,21 +289,25 @@ class SeqPECache:
 
     def invalidate(self) -> None:
         """Drop every cached row (e.g. after editing weights through ``param.data``)."""
-        self._external_epoch += 1
+        with self._lock:
+            self._external_epoch += 1
 
     def clear(self) -> None:
         """Drop all cached rows and, in dense mode, forget the precomputed boxes."""
-        self._drop_table()
-        self._blocks = []
-        self._key = None
+        with self._lock:
+            self._drop_table()
+            self._blocks = []
+            self._key = None
 
     def stats(self) -> dict:
-        return dict(mode=self.mode, hits=self._hits, misses=self._misses, computed=self._computed,
-                    invalidations=self._invalidations, evictions=self._evictions, entries=self.num_entries,
-                    bytes=self.nbytes, max_bytes=self.max_bytes)
+        with self._lock:
+            return dict(mode=self.mode, hits=self._hits, misses=self._misses, computed=self._computed,
+                        invalidations=self._invalidations, evictions=self._evictions, entries=self.num_entries,
+                        bytes=self.nbytes, max_bytes=self.max_bytes)
 
     def reset_stats(self) -> None:
-        self._hits = self._misses = self._computed = self._invalidations = self._evictions = 0
+        with self._lock:
+            self._hits = self._misses = self._computed = self._invalidations = self._evictions = 0
 
     @property
     def num_entries(self) -> int:

@@ -42,6 +42,7 @@ Note: ``seqpe_kernels.patch`` is the function (exported by the package); this mo
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import types
@@ -271,8 +272,17 @@ class _FusedView:
 
     @torch.no_grad()
     def _verify(self, device: torch.device, name: str):
-        """The module's own forward and the fused one on a fixed probe batch, eval mode, no autocast."""
-        m = self.module
+        """The module's own forward and the fused one on a fixed probe batch, eval mode, no autocast. On a copy of
+        the module where one can be made: switching the shared module to eval for the probe made another thread's
+        training calls in that window run without dropout, silently (a DataParallel replica, whose parameters are
+        non-leaf copies that deepcopy refuses, is probed in place: it belongs to one forward call)."""
+        m, v = self.module, self
+        if not m.__dict__.get("_is_replica"):
+            try:
+                m = copy.deepcopy(m)
+                v = _view(m)
+            except Exception:  # noqa: BLE001 - an attribute deepcopy cannot copy: probe in place, as before
+                m, v = self.module, self
         K, d = self.max_digits, self.data_dim
         top = min(self.base ** K, 2 ** 62)
         i = torch.arange(7, dtype=torch.int64)
@@ -287,8 +297,8 @@ class _FusedView:
             m.eval()
             # fp32 on both sides: a TF32 GEMM is ~1e-3 off (set and restored under either precision API)
             with fp32_matmul(tf32=False), torch.autocast(device.type, enabled=False):
-                want = self.eager_digits(m, digits, pad)
-                got = self._fused(digits, pad if self.mask_padding else None, from_positions=False, name=name)
+                want = v.eager_digits(m, digits, pad)
+                got = v._fused(digits, pad if v.mask_padding else None, from_positions=False, name=name)
         finally:
             for s, t in flags:
                 s.training = t

@@ -930,3 +930,27 @@ def test_image_encoder_is_told_apart_by_its_file(tmp_path, monkeypatch):
         m = cls(pe_embed_dim=16, num_attention_heads=2, layer_num=1, max_digits=2)
         assert module_config(m)["init"] == want, sub
     assert module_config(authors(cls=A.ImageSequentialPE))["init"] == "image"
+
+
+def test_probe_runs_on_a_copy_and_leaves_the_shared_module_training():
+    """The first fused call's probe ran the module's own forward in eval mode by switching the shared module to
+    eval: another thread's training call in that window ran without dropout, and overlapping probes could leave
+    the module in eval for good. The probe now runs on a copy; the module's train flags never change."""
+    _backend_ok("cpu")
+    _seed()
+    m = authors(resid_pdrop=0.1).train()
+    sk.patch(m, backend="cpu")
+    v = patch_state(m)
+    seen = []
+    orig = v.eager_digits
+
+    def spy(mod, digits, pad):
+        seen.append((mod is m, mod.training, [s.training for s in m.modules()]))
+        return orig(mod, digits, pad)
+
+    v.eager_digits = spy
+    x, pm = digits_for(m, 5)
+    m(x, pm)
+    (is_shared, probe_training, shared_flags), = seen
+    assert not is_shared and not probe_training  # the probe: a copy, in eval
+    assert all(shared_flags) and all(s.training for s in m.modules())

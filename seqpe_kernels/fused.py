@@ -201,7 +201,11 @@ class FusedSeqPE(SeqPE):
         cache = self.__dict__.setdefault("_plans", {})
         plan = cache.get(key)
         if plan is None:
-            plan = cache[key] = self._build_plan(cdt, from_positions)
+            plan = self._build_plan(cdt, from_positions)
+            if self._live() == key[3] and self.training == training:
+                # (kept only if nothing it reads changed while it was built: another thread switching train /
+                # eval in between would otherwise leave a plan with the other mode's dropout under this key)
+                cache[key] = plan
         return plan
 
     def _check_hooks(self):

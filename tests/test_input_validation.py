@@ -659,3 +659,28 @@ def test_inference_tensor_parameters_in_a_training_call(backend):
         enc = sk.FusedSeqPE(16, 2, max_digits=2, backend=backend)
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
         enc(torch.tensor([3, 14, 15])).sum().backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_plan_built_while_another_thread_switches_mode_is_not_kept(backend, monkeypatch):
+    """A call's plan is cached under the train / eval state read at its start; another thread switching the mode
+    while the plan was built cached the other mode's dropout under this key, so every later eval call dropped
+    (the forced interleaving below). Such a plan is now used once and not kept."""
+    ref, enc = _pair(backend, seed=5, resid_pdrop=0.3)
+    enc.eval()
+    pos = torch.tensor([1, 22, 33, 7])
+    orig = type(enc)._build_plan
+
+    def build(self, *a, **k):
+        self.train()  # the other thread's switch, mid-build
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(type(enc), "_build_plan", build)
+    with torch.no_grad():
+        enc(pos)
+    monkeypatch.setattr(type(enc), "_build_plan", orig)
+    enc.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(enc(pos), enc(pos), rtol=0, atol=0)

@@ -449,3 +449,42 @@ def test_host_integer_helpers_match_triton(a, b):
 
     assert cdiv(a, b) == triton.cdiv(a, b)
     assert next_pow2(a) == triton.next_power_of_2(max(a, 1))
+
+
+def test_interpreted_launches_from_several_threads():
+    """The Triton backend under TRITON_INTERPRET=1 called from four threads at once: the interpreter's grid state
+    is process-wide, so concurrent launches read each other's grids (wrong rows, NaN, InterpreterError, once a
+    segfault: hence a subprocess). Launches now take one lock while interpreted."""
+    import os
+    import subprocess
+
+    code = r"""
+import sys, threading, warnings, torch
+import seqpe_kernels as sk
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+sys.setswitchinterval(1e-6)
+torch.manual_seed(0)
+ref = sk.SeqPE(embed_dim=16, num_heads=2, max_digits=3, num_layers=2, resid_pdrop=0.0, attn_pdrop=0.0).eval()
+enc = sk.FusedSeqPE.from_reference(ref, backend="triton").eval()
+bad = []
+def work(r, t, bar):
+    g = torch.Generator().manual_seed(100 * r + t)
+    pos = torch.randint(0, 1000, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g)
+    bar.wait()
+    try:
+        with torch.no_grad():
+            err = (enc(pos) - ref(pos)).abs().max().item()
+        if not err < 1e-4:
+            bad.append(err)
+    except Exception as e:
+        bad.append(repr(e)[:100])
+for r in range(6):
+    bar = threading.Barrier(4)
+    ts = [threading.Thread(target=work, args=(r, t, bar)) for t in range(4)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+print("ok" if not bad else f"{len(bad)} bad: {bad[:3]}")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout[-500:], r.stderr[-1500:])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import threading
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +48,18 @@ _LAUNCH_CALL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, ker
 # mode is set when profiling starts, often after the kernels' first launches)
 _KNOB_OPTIONS = {"debug", "instrumentation_mode", "fpsan_homomorphic_casts"}
 _STATE: Dict[str, Any] = {}
+
+
+# Triton's interpreter keeps one process-wide builder (the grid, the program ids) and patches triton.language for
+# the duration of a launch: launches from two threads at once read each other's grids (wrong rows, NaN, crashes)
+_INTERP_LOCK = threading.RLock()
+
+
+def _interpreting() -> bool:
+    v = _STATE.get("interp")
+    if v is None:
+        v = _STATE["interp"] = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return v
 
 
 def status() -> Tuple[bool, str]:
@@ -167,6 +180,9 @@ class DirectKernel:
         if on is None:
             on = status()[0]
         if not on or self.off is not None:
+            if _interpreting():  # one launch at a time: the interpreter's grid state is process-global
+                with _INTERP_LOCK:
+                    return self.fn[grid](*args, **kwargs)
             return self.fn[grid](*args, **kwargs)
         try:  # the constexprs come as keywords, in any order
             full = [*args, *map(kwargs.__getitem__, self.names[len(args):])]

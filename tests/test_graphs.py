@@ -10,6 +10,7 @@ the Triton compile watch, and the bench's handling of the graph providers.
 """
 import gc
 import math
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -172,6 +173,7 @@ def _fake_training_graph(M=6, O=3, seed=0):
     g = object.__new__(G._TrainingGraph)
     g.what, g.clone_outputs, g.closed, g.pool = "fake graph", True, False, None
     g.ledger = G.ReplayLedger("fake graph")
+    g.lock, g.last_stream = threading.Lock(), None
     W = torch.nn.Parameter(torch.randn(2, O, generator=gen))
     b = torch.nn.Parameter(torch.randn(O, generator=gen))
     g.params = (W, b)
@@ -1349,3 +1351,110 @@ def test_capture_while_another_thread_pins_memory():
         th.join(10)
     assert not errors, f"the pin-memory thread failed during a capture: {errors[0]!r}"
     assert g.num_graphs == 2 and spins[0] > 10
+
+
+def _stand_in_graph(kind, enc, M):
+    """A graph of ``kind`` ("inference" / "training") built around the package's own replay code, whose captured
+    kernels are stand-ins computing on the CPU from the static buffers, as a replay does."""
+    g = object.__new__(G._InferenceGraph if kind == "inference" else G._TrainingGraph)
+    # what _Graph.__init__ sets (it needs CUDA for its pool)
+    g.what, g.clone_outputs, g.closed, g.ledger = "stand-in", True, False, G.ReplayLedger("stand-in")
+    g.lock, g.last_stream = threading.Lock(), None
+    g.static_in = torch.zeros(M, dtype=torch.int64)
+    with torch.no_grad():
+        g.static_out = enc(g.static_in).clone()
+
+    class Fwd:
+        def replay(self):
+            with torch.enable_grad():
+                out = enc(g.static_in)
+            g.saved = out
+            g.static_out.copy_(out.detach())
+
+    class Bwd:
+        def replay(self):
+            grads = torch.autograd.grad(g.saved, g.params, g.static_grad_out)
+            for s, d in zip(g.static_grads, grads):
+                s.copy_(d)
+
+    if kind == "inference":
+        g.graph = Fwd()
+    else:
+        g.params = tuple(enc.parameters())
+        g.static_grad_out = torch.zeros_like(g.static_out)
+        g.static_grads = tuple(torch.zeros_like(p) for p in g.params)
+        g.fwd_graph, g.bwd_graph = Fwd(), Bwd()
+    return g
+
+
+@pytest.mark.parametrize("kind", ["inference", "training"])
+def test_threads_replaying_one_graph_get_their_own_rows(kind):
+    """Four threads calling one GraphedSeqPE with one shape share its graph's static buffers: copy-in and replay
+    interleaved, and a thread got another thread's rows (194 of 400 inference replays in the audit) and, training,
+    gradients. Now each replay holds the graph: every thread gets its own positions' rows; a training thread whose
+    forward replay was superseded before its backward gets the GraphReplayError (never another's gradients)."""
+    import sys
+
+    torch.manual_seed(0)
+    enc = sk.FusedSeqPE(16, 2, max_digits=3, backend="torch").eval()
+    g = _stand_in_graph(kind, enc, 12)
+    wrong, other = [], []
+
+    def work(r, t, bar):
+        pos = torch.randint(0, 1000, (12,), generator=torch.Generator().manual_seed(100 * r + t))
+        bar.wait()
+        try:
+            if kind == "inference":
+                with torch.no_grad():
+                    y = g(pos)
+                    if not torch.allclose(y, enc(pos), atol=1e-6):
+                        wrong.append(pos)
+                return
+            y = g(pos)
+            gr = torch.autograd.grad(y.sum(), g.params)
+            want = torch.autograd.grad(enc(pos).sum(), g.params)
+            if not torch.allclose(y, enc(pos).detach(), atol=1e-6) or \
+                    not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gr, want)):
+                wrong.append(pos)
+        except G.GraphReplayError:
+            pass  # superseded before its backward: refused, as documented
+        except Exception as e:  # noqa: BLE001 - reported below
+            other.append(repr(e))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for r in range(40):
+            bar = threading.Barrier(4)
+            ts = [threading.Thread(target=work, args=(r, t, bar)) for t in range(4)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+    finally:
+        sys.setswitchinterval(old)
+    assert not wrong and not other, (len(wrong), other[:3])
+
+
+@pytest.mark.gpu
+def test_replays_on_two_streams_are_ordered():
+    """Two streams (threads with streams of their own) replaying one graph: the second replay's copy into the static
+    input waits for the first replay on the other stream (the host lock orders the host only). Each output is its
+    own positions' (no_grad), also when the first stream is still busy."""
+    _seed()
+    _, fus = perturbed_pair(**CFG)
+    fus.eval()
+    g = sk.GraphedSeqPE(fus)
+    M = 2048
+    p1, p2 = random_positions(M, CFG["max_digits"], 1), random_positions(M, CFG["max_digits"], 1)
+    with torch.no_grad():
+        want1, want2 = fus(p1), fus(p2)
+        g(p1)  # capture
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        for _ in range(3):
+            with torch.cuda.stream(s1):
+                torch.cuda._sleep(2_000_000)  # keep s1 busy: unordered, s2's copy-in would land first
+                a = g(p1)
+            with torch.cuda.stream(s2):
+                b = g(p2)
+            torch.cuda.synchronize()
+            assert rel(a, want1) <= 1e-5 and rel(b, want2) <= 1e-5

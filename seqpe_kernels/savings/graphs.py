@@ -62,10 +62,17 @@ Captures use ``capture_error_mode="thread_local"`` (other threads' CUDA calls, e
 thread, neither fail nor invalidate them) and run with anomaly detection off (its NaN check is a host sync);
 replayed backward outputs are still checked by it.
 
+Threads: replays of one graph run one at a time (its static buffers are shared: copy-in, replay and output copy
+under a lock per graph, and a replay on another stream than the graph's previous use waits for that stream), and
+a key is captured once (a lock per GraphedSeqPE). So threads calling one GraphedSeqPE get their own rows; a
+training thread whose forward replay another thread's superseded gets the stale-output error above. During a
+capture the module's parameters are swapped for aliases and the CUDA generator is put back afterwards: other
+threads' eager calls of the same module must not run concurrently with a capture.
+
 The caller's duties (the usual CUDA-graph ones):
 * replays run on the caller's current stream, after the copy of ``positions`` into the static input on that
   stream. Positions written on another stream must be waited for first
-  (``torch.cuda.current_stream().wait_stream(s)``), exactly as for an eager op; use it from one thread;
+  (``torch.cuda.current_stream().wait_stream(s)``), exactly as for an eager op;
 * the encoder's weights must stay the same tensors (in-place optimizer updates are fine; ``.to()`` or
   ``load_state_dict(assign=True)`` after capture gives new keys and new captures: call ``reset()`` to free the
   old ones). Not for DDP-wrapped modules;
@@ -80,6 +87,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import sys
+import threading
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -405,6 +413,22 @@ class _Graph:
         self.pool = torch.cuda.graph_pool_handle()
         self.ledger = ReplayLedger(what)
         self.closed = False
+        # one use of the static buffers at a time: two threads replaying one graph interleaved copy-in and replay
+        # and got each other's rows (and, training, gradients)
+        self.lock = threading.Lock()
+        self.last_stream = None
+
+    def _order_streams(self) -> None:
+        """Put this use on the current stream after the previous use of the static buffers when that ran on
+        another stream (the lock orders the host only; threads may run on streams of their own)."""
+        si = self.__dict__.get("static_in")
+        if si is None or not si.is_cuda:  # (closed: the caller raises; CPU stand-ins in tests)
+            return
+        cur = torch.cuda.current_stream(si.device)
+        last = self.last_stream
+        if last is not None and last != cur:
+            cur.wait_stream(last)
+        self.last_stream = cur
 
     def _copy_in(self, positions: torch.Tensor) -> None:
         if positions.data_ptr() != self.static_in.data_ptr():
@@ -481,19 +505,23 @@ class _TrainingGraph(_Graph):
         return _Replay.apply(self, positions, *self.params)
 
     def replay_forward(self, positions: torch.Tensor) -> Tuple[ReplayTicket, torch.Tensor]:
-        ticket = self.ledger.forward()  # before the replay: from here on older tickets are stale
-        self._copy_in(positions)
-        self.fwd_graph.replay()
-        return ticket, self._out(self.static_out)
+        with self.lock:
+            ticket = self.ledger.forward()  # before the replay: from here on older tickets are stale
+            self._order_streams()
+            self._copy_in(positions)
+            self.fwd_graph.replay()
+            return ticket, self._out(self.static_out)
 
     def replay_backward(self, ticket: ReplayTicket, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        ticket.claim_backward()
-        if grad.data_ptr() != self.static_grad_out.data_ptr():
-            self.static_grad_out.copy_(grad)
-        self.bwd_graph.replay()
-        # fresh tensors: autograd may install a returned gradient as p.grad as is, and the next replay rewrites
-        # the static buffers (pytorch#181723); one copy of the gradients per step
-        return fresh_copies(self.static_grads)
+        with self.lock:
+            ticket.claim_backward()
+            self._order_streams()
+            if grad.data_ptr() != self.static_grad_out.data_ptr():
+                self.static_grad_out.copy_(grad)
+            self.bwd_graph.replay()
+            # fresh tensors: autograd may install a returned gradient as p.grad as is, and the next replay
+            # rewrites the static buffers (pytorch#181723); one copy of the gradients per step
+            return fresh_copies(self.static_grads)
 
 
 def fresh_copies(ts: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
@@ -538,10 +566,12 @@ class _InferenceGraph(_Graph):
         self.static_out = out
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
-        self.ledger.forward()
-        self._copy_in(positions)
-        self.graph.replay()
-        return self._out(self.static_out)
+        with self.lock:
+            self.ledger.forward()
+            self._order_streams()
+            self._copy_in(positions)
+            self.graph.replay()
+            return self._out(self.static_out)
 
 
 # ------------------------------------------------------------------------------------------- the module
@@ -590,13 +620,24 @@ class GraphedSeqPE(nn.Module):
         self.max_graphs = int(max_graphs)
         self._graphs: Dict[Tuple, _Graph] = {}
         self._warned_full = False
+        self._lock = threading.RLock()  # the graphs dict and captures: one thread captures a key, once
+
+    def __getstate__(self):  # (a lock neither copies nor pickles)
+        st = dict(self.__dict__)
+        st.pop("_lock", None)
+        return st
+
+    def __setstate__(self, st):
+        super().__setstate__(st)
+        self._lock = threading.RLock()
 
     def reset(self):
         """Free every captured graph, its static tensors and its pool (after a device synchronisation). Needed
         after moving the module or replacing its parameters; outputs of earlier replays refuse backward."""
-        for g in self._graphs.values():
-            g.close()
-        self._graphs.clear()
+        with self._lock:
+            for g in self._graphs.values():
+                g.close()
+            self._graphs.clear()
         _flush_deferred()
 
     @property
@@ -658,15 +699,18 @@ class GraphedSeqPE(nn.Module):
         key = self._key(positions)
         g = self._graphs.get(key)
         if g is None:
-            if len(self._graphs) >= self.max_graphs:
-                if not self._warned_full:
-                    warnings.warn(f"GraphedSeqPE: {self.max_graphs} graphs captured already (max_graphs); calls "
-                                  f"with new keys (here {self._describe(key)}) run eagerly", RuntimeWarning,
-                                  stacklevel=2)
-                    self._warned_full = True
-                return self.module(positions)
-            g = self._capture(positions, key)
-            self._graphs[key] = g
+            with self._lock:
+                g = self._graphs.get(key)  # (another thread may have captured it meanwhile)
+                if g is None:
+                    if len(self._graphs) >= self.max_graphs:
+                        if not self._warned_full:
+                            warnings.warn(f"GraphedSeqPE: {self.max_graphs} graphs captured already (max_graphs); "
+                                          f"calls with new keys (here {self._describe(key)}) run eagerly",
+                                          RuntimeWarning, stacklevel=2)
+                            self._warned_full = True
+                        return self.module(positions)
+                    g = self._capture(positions, key)
+                    self._graphs[key] = g
         return g(positions)
 
     def _capture(self, positions: torch.Tensor, key: Tuple) -> _Graph:

@@ -232,3 +232,21 @@ def benchmark_module(name: str):
             os.environ.clear()
             os.environ.update(env)
     return mod
+
+
+def race(work, rounds: int, threads: int) -> None:
+    """``work(round, thread, barrier)`` in ``threads`` threads per round, each waiting at the barrier before the
+    part under test, with a tiny thread switch interval (many interleavings) restored afterwards."""
+    import sys
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for r in range(rounds):
+            bar = threading.Barrier(threads)
+            ts = [threading.Thread(target=work, args=(r, t, bar)) for t in range(threads)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+    finally:
+        sys.setswitchinterval(old)

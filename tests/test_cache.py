@@ -414,9 +414,10 @@ def test_threads_share_one_cache():
     index stays whole, and rows a thread computed while another changed the weights are not served afterwards
     (calls run one at a time). Without the lock ~450 of 540 calls got other positions' rows, and the index stayed
     corrupt for later single-threaded calls."""
-    import sys
     import threading
     import time
+
+    from conftest import race
 
     m = make(d=1, D=16, H=2)
     with torch.no_grad():
@@ -436,16 +437,7 @@ def test_threads_share_one_cache():
             except Exception as e:  # noqa: BLE001 - counted, reported below
                 errors.append(repr(e))
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # many interleavings
-    try:
-        for r in range(15):
-            bar = threading.Barrier(6)
-            ts = [threading.Thread(target=work, args=(r, t, bar)) for t in range(6)]
-            [t.start() for t in ts]
-            [t.join() for t in ts]
-    finally:
-        sys.setswitchinterval(old)
+    race(work, rounds=15, threads=6)
     assert not wrong and not errors, (len(wrong), errors[:3])
     with torch.no_grad():
         torch.testing.assert_close(c(torch.arange(1000)), truth, rtol=1e-5, atol=1e-6)  # (GEMM rounding by batch)

@@ -19,7 +19,7 @@ import torch
 import seqpe_kernels as sk
 from seqpe_kernels.savings import graphs as G
 
-from conftest import HAS_CUDA, require_ext
+from conftest import HAS_CUDA, race, require_ext
 from test_fused import perturbed_pair, random_positions, rel, _seed
 
 
@@ -1393,8 +1393,6 @@ def test_threads_replaying_one_graph_get_their_own_rows(kind):
     interleaved, and a thread got another thread's rows (194 of 400 inference replays in the audit) and, training,
     gradients. Now each replay holds the graph: every thread gets its own positions' rows; a training thread whose
     forward replay was superseded before its backward gets the GraphReplayError (never another's gradients)."""
-    import sys
-
     torch.manual_seed(0)
     enc = sk.FusedSeqPE(16, 2, max_digits=3, backend="torch").eval()
     g = _stand_in_graph(kind, enc, 12)
@@ -1421,16 +1419,7 @@ def test_threads_replaying_one_graph_get_their_own_rows(kind):
         except Exception as e:  # noqa: BLE001 - reported below
             other.append(repr(e))
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for r in range(40):
-            bar = threading.Barrier(4)
-            ts = [threading.Thread(target=work, args=(r, t, bar)) for t in range(4)]
-            [t.start() for t in ts]
-            [t.join() for t in ts]
-    finally:
-        sys.setswitchinterval(old)
+    race(work, rounds=40, threads=4)
     assert not wrong and not other, (len(wrong), other[:3])
 
 

@@ -158,13 +158,14 @@ inline void for_each_keep(uint64_t seed, uint32_t off0, float p, int64_t n, F&& 
   }
 }
 
-// h = x + dropout(y): keep iff tl.rand(seed, off0 + c) > p, kept values scaled (as the Triton kernel)
+// h = x + dropout(y): keep iff tl.rand(seed, off0 + c) > p, kept values scaled (as the Triton kernel). A multiply
+// by 0 / scale, not a select, as F.dropout: a NaN / inf in a dropped element stays NaN (divergence shows as the
+// reference shows it)
 template <typename acc_t>
 inline void dropout_add_row(const acc_t* __restrict x, const acc_t* __restrict y, acc_t* __restrict h, int64_t n,
                             uint64_t seed, uint32_t off0, float p, acc_t scale) {
   for_each_keep(seed, off0, p, n, [&](int64_t c, bool keep) {
-    const acc_t yv = y[c] * scale;
-    h[c] = x[c] + (keep ? yv : acc_t(0));
+    h[c] = x[c] + y[c] * (keep ? scale : acc_t(0));
   });
 }
 
@@ -173,8 +174,7 @@ template <typename acc_t>
 inline void dropout_row(const acc_t* __restrict g, acc_t* __restrict o, int64_t n, uint64_t seed, uint32_t off0,
                         float p, acc_t scale) {
   for_each_keep(seed, off0, p, n, [&](int64_t c, bool keep) {
-    const acc_t gv = g[c] * scale;
-    o[c] = keep ? gv : acc_t(0);
+    o[c] = g[c] * (keep ? scale : acc_t(0));
   });
 }
 

@@ -439,7 +439,8 @@ __device__ __forceinline__ acc_t ln_residual(const LnFwdP& a, uint64_t seed, acc
   acc_t v = ld<acc_t>(a.x, a.xdt, i);
   if (a.has_y) {
     acc_t y = ld<acc_t>(a.y, a.ydt, i);
-    if (a.dropout) y = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(i)), a.p) ? y * scale : acc_t(0);
+    // (a multiply by 0 / scale, as F.dropout: a NaN / inf in a dropped element stays NaN)
+    if (a.dropout) y = y * (dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(i)), a.p) ? scale : acc_t(0));
     v = v + y;
     st<acc_t>(a.h, a.xdt, i, v);
   }
@@ -653,7 +654,7 @@ __global__ void ln_bwd_kernel(LnBwdP a, acc_t scale, acc_t* part, int64_t pstrid
         acc_t dy = g;
         if (a.dropout) {
           const bool keep = dropout_keep(seed, static_cast<uint32_t>(static_cast<uint64_t>(base + c)), a.p);
-          dy = keep ? dy * scale : acc_t(0);
+          dy = dy * (keep ? scale : acc_t(0));
         }
         st<acc_t>(a.dy, a.ydt, base + c, dy);
         if (dyb_off >= 0) acc[dyb_off + c] += dy;

@@ -419,6 +419,12 @@ def test_cuda_backend_dropout_replays_reference_masks(emulated_backend, directio
     check_dropout_replay(ref, fus, random_positions(5, 3, 1, device="cpu"))
 
 
+def test_cuda_backend_nan_survives_residual_dropout(emulated_backend):
+    from test_input_validation import check_nan_survives_residual_dropout
+
+    check_nan_survives_residual_dropout("cpu")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_backend_autocast_two_error_rule(emulated_backend, dtype):
     """Half-precision GEMM outputs into the emulated kernels (mixed dtypes, fp32 residual stream)."""

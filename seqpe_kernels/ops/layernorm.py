@@ -36,7 +36,8 @@ def _res_ln_fwd(X, Y, W, B, H, A, MEAN, RSTD, SEEDS, seed_idx, R, D, sx, eps, p,
         if DROPOUT:
             seed = tl.load(SEEDS + seed_idx)
             keep = tl.rand(seed, (row * D + cols).to(tl.int32)) > p
-            y = tl.where(keep, y * (tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC)), 0.0)
+            # (a multiply by 0 / scale, not a select, as F.dropout: a NaN / inf in a dropped element stays NaN)
+            y = y * tl.where(keep, tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
         x = x + y
         tl.store(H + row * D + cols, x.to(H.dtype.element_ty), mask=m)
     if HAS_LN:
@@ -100,7 +101,7 @@ def _res_ln_bwd(DA, DH, LN_IN, W, MEAN, RSTD, SEEDS, seed_idx, DX, DY, PART, R, 
                 if DROPOUT:
                     seed = tl.load(SEEDS + seed_idx)
                     keep = tl.rand(seed, off.to(tl.int32)) > p
-                    dy = tl.where(keep, dy * (tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC)), 0.0)
+                    dy = dy * tl.where(keep, tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
                 tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)
                 if DYB:
                     dyb_acc += dy

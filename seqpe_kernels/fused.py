@@ -128,7 +128,9 @@ class FusedSeqPE(SeqPE):
         """The deduplication this call uses: "off", "unique" or "prefix" (depends on the configuration and the
         train/eval mode only, not on the data)."""
         mode = self.dedup
-        if mode == "off" or torch.compiler.is_compiling():  # unique / prefix sync with the host: not in a graph
+        # unique / prefix sync with the host and give data-dependent shapes: not in a compiled graph, nor under a
+        # torch.func transform (vmap has no batching rule for unique; the call runs the eager reference anyway)
+        if mode == "off" or torch.compiler.is_compiling() or _functorch_level() is not None:
             return "off"
         exact = not self._dropout_active()
         if mode == "auto":

@@ -547,7 +547,14 @@ def test_torch_func_transforms_match_the_reference(backend):
         y, t = jvp(lambda ps: functional_call(m, ps, (pos,)), (params,), (tang,))
         stacked, _ = stack_module_state([m, m])
         yv = vmap(lambda ps: functional_call(m, ps, (pos,)))(stacked)
-        results.append((y, t, yv))
+        # vmap over positions (range check off: a data-dependent branch has no batching rule, in the reference
+        # too) in eval mode, where FusedSeqPE deduplicates: torch.unique has no batching rule either ("vmap: We
+        # do not support batching operators that can output dynamic shape"): no deduplication under transforms
+        m.eval()
+        was, m.check_range = m.check_range, False
+        yp = vmap(m)(torch.stack([pos, pos.flip(0)]))
+        m.check_range = was
+        results.append((y, t, yv, yp))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
@@ -684,3 +691,26 @@ def test_plan_built_while_another_thread_switches_mode_is_not_kept(backend, monk
     with torch.no_grad():
         torch.testing.assert_close(enc(pos), ref(pos), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(enc(pos), enc(pos), rtol=0, atol=0)
+
+
+def check_nan_survives_residual_dropout(backend):
+    """A NaN in a branch's output (here a projection bias) reaches every row as in the reference, training mode with
+    residual dropout: the fused kernels dropped with a select (keep ? y * scale : 0), so each row where that element
+    was dropped came out finite, where F.dropout's multiply keeps NaN * 0 = NaN (a diverged model looked partly
+    healthy). Shared with test_cuda_emu (the CUDA kernels, emulated)."""
+    for name in ("transformers.1.mlp.c_proj.bias", "transformers.0.attn.c_proj.bias"):
+        torch.manual_seed(0)
+        ref = sk.SeqPE(16, 2, max_digits=2, num_layers=2, resid_pdrop=0.5, attn_pdrop=0.0).train()
+        enc = sk.FusedSeqPE.from_reference(ref, backend=backend).train()
+        pos = torch.arange(24)
+        rows = []
+        for m in (ref, enc):
+            with torch.no_grad():
+                dict(m.named_parameters())[name][0] = float("nan")
+            rows.append(torch.isnan(m(pos)).all(1))
+        assert rows[0].all() and torch.equal(rows[1], rows[0]), (name, rows[1].tolist())
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_nan_survives_residual_dropout(backend):
+    check_nan_survives_residual_dropout(backend)

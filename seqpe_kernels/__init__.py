@@ -5,6 +5,9 @@ Public API:
   SeqPE(...)                                   reference encoder (authors' state-dict layout)
   FusedSeqPE(..., backend="auto")              same module, fused forward/backward
   load_checkpoint(path, ...)                   the authors' image .pth / text model_1.safetensors
+  save_checkpoint(module, path)                their layouts, with the full configuration recorded
+  max_digits_for(max_position, data_dim=1)    K as the authors derive it from pe_max_position
+  available_backends(device=None)              {backend: (usable, why)} on a device
   SeqPECache(module)                           never-stale PE cache for evaluation / inference
   dedup_forward / prefix_shared_forward        exact deduplication (dropout off)
   GraphedSeqPE(module)                         CUDA-graph replay of the encoder's forward + backward

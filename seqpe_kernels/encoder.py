@@ -4,13 +4,14 @@ Why: a SeqPE step is ~60 small ops. Run one op at a time, each with its own auto
 host cost (Python, dispatcher, autograd engine) exceeds the kernels' own time at the paper's sizes on a GPU
 (H100: 2.8 ms of GPU work behind ~10 ms of host time) and dominates on CPU. Here one ``autograd.Function``
 runs every layer forward and saves what the backward needs; its backward computes every parameter gradient
-in one pass. The kernels are the same as the per-op path's (``seqpe_kernels.ops`` launchers for Triton; the
+in one pass. The kernels are the registered operators' (``seqpe_kernels.ops`` launchers for Triton; the
 ``seqpe_ext`` operators for the C++/CUDA backends), called directly.
 
 The layer sequence itself (which kernel, which GEMM, what is saved) is written twice, deliberately: here in
 Python for the Triton backend, and in C++ (``csrc/encoder.cpp``, one extension call per direction) for the
-``cpu`` / ``cuda`` backends, where it replaces ~60 Python-level calls by one. Both follow fused.py's per-op
-dataflow (which torch.compile traces) exactly; tests/test_encoder.py holds all three to the reference.
+``cpu`` / ``cuda`` backends, where it replaces ~60 Python-level calls by one. Under torch.compile the same
+Python sequence runs over the registered operators (``operator_prims``), which is what the compiler traces;
+tests (test_encoder.py, test_fused.py, test_ext.py) hold all three to the reference.
 
 GEMMs: explicit casts to the compute dtype (each weight cast once per call; fp32: no cast), then
 ``torch.addmm`` -- the same values autocast produces for the reference's ``Conv1D`` / ``nn.Linear``.

@@ -62,7 +62,8 @@ _functorch_level = getattr(torch._C._functorch, "peek_interpreter_stack", lambda
 
 
 class FusedSeqPE(SeqPE):
-    """Drop-in replacement for :class:`SeqPE` (same constructor plus ``backend``; same state dict).
+    """Drop-in replacement for :class:`SeqPE` (same constructor plus ``backend``, ``dedup`` and
+    ``dedup_in_training``; same state dict).
 
     backend: "auto" (Triton on CUDA tensors, else the best CPU path, else eager), "triton", "cuda", "cpu" or
     "torch" (the eager reference). An explicit backend that cannot run raises BackendUnavailable with the

@@ -51,7 +51,7 @@ PRESETS: Dict[str, Dict[str, dict]] = {
                     contrastive_batch=2, transfer_size=4, transfer_batch=2, eval_samples=32,
                     eval_scales=(1.0, 2.0)),
     },
-    # 2-core CPU, one torch thread, measured: LM quick ~4 min, default ~15 min; ViT quick ~5 min, default ~12 min
+    # 2-core CPU, one torch thread, measured: LM quick ~3 min, default ~12 min; ViT quick ~4.5 min, default ~11 min
     "quick": {
         "lm": dict(seeds=3, steps=500),
         "vit": dict(seeds=3, steps=1000),
@@ -349,7 +349,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seeds 0..N-1 per PE (default: quick 3, default 3 (lm) / 5 (vit), large 3)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="3 seeds of short runs (LM 500 steps, ViT 1000): ~5 min on 2 CPU cores for all PEs")
+                      help="3 seeds of short runs (LM 500 steps, ViT 1000): ~3 (LM) / ~4.5 (ViT) min on 2 CPU "
+                           "cores for all PEs")
     size.add_argument("--large", action="store_true",
                       help="a bigger model and longer runs, for a GPU (see PRESETS in seqpe_kernels/training/study.py)")
     p.add_argument("--toy", action="store_true", help=argparse.SUPPRESS)  # CI smoke size (seconds); wins over the rest

@@ -107,8 +107,10 @@ class _Computed:
 
 def _flat_params(m, params) -> List[Optional[torch.Tensor]]:
     mods, prm = m._modules, params(m)
+    # (dim_token_embed exists only for data_dim > 1: read with [] then, so that a plain tensor in its slot falls
+    # back to getattr like any other instead of reading as absent)
     ps = [params(mods["token_of_seqpe_embed"])["weight"], params(mods["pos_of_seqpe_embed"])["weight"],
-          prm.get("dim_token_embed"), prm["cls_token_embed"]]
+          prm["dim_token_embed"] if m.data_dim > 1 else prm.get("dim_token_embed"), prm["cls_token_embed"]]
     for blk in mods["transformers"]._modules.values():
         bm = blk._modules
         at, ml = bm["attn"]._modules, bm["mlp"]._modules
@@ -650,7 +652,8 @@ class EncoderFunction(torch.autograd.Function):
     def forward(ctx, plan, runner, x, pad, seeds, clamp_rows, *params):
         out, state = runner.forward(plan, x, pad, seeds, params, True, clamp_rows)
         ctx.plan, ctx.runner, ctx.state = plan, runner, state
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None and not (
+                x.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a hook's copy would break a capture)
             _save_through_hooks(ctx, state)
         return out
 
@@ -672,33 +675,36 @@ def _save_through_hooks(ctx, state) -> None:
     """Under saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, non-reentrant activation checkpointing,
     any ``saved_tensors_hooks``) what the backward needs goes through ``ctx.save_for_backward``, so the hooks
     offload / drop / recompute it like any node's; without hooks the runner's list is kept as it is (cheaper).
-    Saved: each tensor's base (views of one base share it: aliasing and strides survive a hook that copies),
-    and per tensor how to view it again."""
+    Saved: each activation's base (views of one base share it: aliasing and strides survive a hook that copies),
+    and per tensor how to view it again. Kept by reference instead: the parameters and what is a parameter or a
+    view of one (fp32 GEMM weights are the parameters themselves: an offloading hook would copy them every step
+    and free nothing), and the positions, pad mask and seeds (small; an inference-mode positions tensor cannot be
+    saved)."""
     x, pad, seeds, params, versions, S = state
-    bases, index, views = [], {}, {}
+    pids = {id(p) for p in params if p is not None}
+    bases, index, views, rest = [], {}, {}, {}
     for name, t in S.items():
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or id(t) in pids or (t._base is not None and id(t._base) in pids):
+            rest[name] = t
             continue
         b = t._base if t._base is not None else t
         j = index.setdefault(id(b), len(bases))
         if j == len(bases):
             bases.append(b)
         views[name] = (j, None if t is b else (t.size(), t.stride(), t.storage_offset() - b.storage_offset()))
-    ctx.save_for_backward(x, pad, seeds, *bases)
-    # the parameters stay referenced as they are (alive anyway; an offloading hook would copy them every step),
-    # with their versions for the in-place check
-    ctx.hooked = (params, versions, views, {k: v for k, v in S.items() if not isinstance(v, torch.Tensor)})
+    ctx.save_for_backward(*bases)
+    ctx.hooked = ((x, pad, seeds), params, versions, views, rest)  # (versions: the in-place check)
     ctx.state = None
 
 
 def _state_from_hooks(ctx):
     saved = ctx.saved_tensors
-    params, versions, views, rest = ctx.hooked
+    (x, pad, seeds), params, versions, views, rest = ctx.hooked
     S = dict(rest)
     for name, (j, v) in views.items():
-        b = saved[3 + j]
+        b = saved[j]
         S[name] = b if v is None else b.as_strided(v[0], v[1], b.storage_offset() + v[2])
-    return [saved[0], saved[1], saved[2], params, versions, S]
+    return [x, pad, seeds, params, versions, S]
 
 
 def run(plan: Plan, runner, x, pad, seeds, params, clamp_rows: bool) -> torch.Tensor:

@@ -655,6 +655,15 @@ def test_plain_tensor_in_a_parameter_slot_is_read(backend):
     del enc.out_proj.weight
     with pytest.raises(AttributeError, match="missing a weight.*weight"):
         enc(pos)
+    # the slot that exists only for data_dim > 1 (read as absent, i.e. no dim embedding, silently)
+    ref, enc = _pair(backend, seed=6, data_dim=2)
+    ref.eval(), enc.eval()
+    pos2 = torch.tensor([[0, 7], [42, 9], [5, 5]])
+    for m in (ref, enc):
+        w = m.dim_token_embed.detach() * 3.0
+        del m.dim_token_embed
+        m.dim_token_embed = w
+    torch.testing.assert_close(enc(pos2), ref(pos2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -490,6 +490,12 @@ with torch.no_grad():
         if c2 is None:
             b = io.BytesIO(); torch.save(c, b); b.seek(0); c2 = torch.load(b, weights_only=False)
         assert c2.module is not m and torch.equal(c2(torch.arange(7)), c2.module(torch.arange(7)))
+        # the copy is invalidated by a fused optimizer step on its module (no version bump: the hook's epoch)
+        for p in c2.module.parameters():
+            p.grad = torch.ones_like(p)
+        with torch.enable_grad():
+            torch.optim.Adam(c2.module.parameters(), lr=0.1, fused=True).step()
+        assert torch.allclose(c2(torch.arange(7)), c2.module(torch.arange(7)), atol=1e-6), "stale copy"
         del c2
         gc.collect()
 print("ok")

@@ -92,7 +92,9 @@ def _optimizer_step_post_hook(optimizer, args, kwargs):
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for c in list(_LIVE_CACHES):
         if c._param_ids & ids:
-            c.invalidate()
+            # (no lock: a training thread's step must not wait for an evaluation thread's encoder call; a bump
+            # lost to a concurrent one still changes the epoch after both steps' updates)
+            c._external_epoch += 1
 
 
 def _install_hook():
@@ -241,6 +243,10 @@ class SeqPECache:
     def __setstate__(self, st):
         self.__dict__.update(st)
         self._lock = threading.RLock()
+        # a copy is a cache of its own: the optimizer hook must see it (fused optimizers bump no version)
+        self._param_ids = {id(p) for p in self.module.parameters()}
+        _install_hook()
+        _LIVE_CACHES.add(self)
 
     def cache(self, positions: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[M, out_dim]`` of positions ``[M]`` or ``[M, data_dim]``, equal to ``module(positions)``.

@@ -1425,13 +1425,13 @@ def test_threads_replaying_one_graph_get_their_own_rows(kind):
 
 @pytest.mark.gpu
 def test_replays_on_two_streams_are_ordered():
-    """Two streams (threads with streams of their own) replaying one graph: the second replay's copy into the static
-    input waits for the first replay on the other stream (the host lock orders the host only). Each output is its
-    own positions' (no_grad), also when the first stream is still busy."""
+    """Two streams (threads with streams of their own) replaying one graph: the second use waits for the first on
+    the other stream (the host lock orders the host only). With clone_outputs=False the output is the static
+    buffer: unordered, s2's replay runs while s1 sleeps, then s1's replay overwrites the buffer b aliases."""
     _seed()
     _, fus = perturbed_pair(**CFG)
     fus.eval()
-    g = sk.GraphedSeqPE(fus)
+    g = sk.GraphedSeqPE(fus, clone_outputs=False)
     M = 2048
     p1, p2 = random_positions(M, CFG["max_digits"], 1), random_positions(M, CFG["max_digits"], 1)
     with torch.no_grad():
@@ -1441,9 +1441,9 @@ def test_replays_on_two_streams_are_ordered():
         torch.cuda.synchronize()
         for _ in range(3):
             with torch.cuda.stream(s1):
-                torch.cuda._sleep(2_000_000)  # keep s1 busy: unordered, s2's copy-in would land first
-                a = g(p1)
+                torch.cuda._sleep(2_000_000)  # keep s1 busy: unordered, s2's whole use would run first
+                a = g(p1).clone()
             with torch.cuda.stream(s2):
-                b = g(p2)
+                b = g(p2)  # the static buffer itself
             torch.cuda.synchronize()
             assert rel(a, want1) <= 1e-5 and rel(b, want2) <= 1e-5

@@ -417,7 +417,7 @@ class _Graph:
         # one use of the static buffers at a time: two threads replaying one graph interleaved copy-in and replay
         # and got each other's rows (and, training, gradients)
         self.lock = threading.Lock()
-        self.last_stream = None
+        self.last_stream = None  # (the stream object, its raw handle) of the previous use
 
     def _order_streams(self) -> None:
         """Put this use on the current stream after the previous use of the static buffers when that ran on
@@ -425,11 +425,14 @@ class _Graph:
         si = self.__dict__.get("static_in")
         if si is None or not si.is_cuda:  # (closed: the caller raises; CPU stand-ins in tests)
             return
-        cur = torch.cuda.current_stream(si.device)
+        raw = torch._C._cuda_getCurrentRawStream(si.device.index)  # (an int: ~0.2 us, no Stream object)
         last = self.last_stream
-        if last is not None and last != cur:
-            cur.wait_stream(last)
-        self.last_stream = cur
+        if last is not None and last[1] == raw:
+            return
+        cur = torch.cuda.current_stream(si.device)
+        if last is not None:
+            cur.wait_stream(last[0])
+        self.last_stream = (cur, raw)
 
     def _copy_in(self, positions: torch.Tensor) -> None:
         if positions.data_ptr() != self.static_in.data_ptr():
@@ -448,9 +451,10 @@ class _Graph:
         freed after that capture."""
         if getattr(self, "closed", True):
             return
-        self.closed = True
-        self.ledger.close()
-        held = {k: self.__dict__.pop(k) for k in self._RESOURCES if k in self.__dict__}
+        with self.lock:  # (after a replay in flight on another thread: its buffers are popped below)
+            self.closed = True
+            self.ledger.close()
+            held = {k: self.__dict__.pop(k) for k in self._RESOURCES if k in self.__dict__}
         if _capturing[0] or _foreign_capture():
             # a synchronisation now would invalidate that capture, and freeing without one could hand memory a
             # replay still uses to a new allocation: freed after the capture (_flush_deferred)
@@ -623,9 +627,10 @@ class GraphedSeqPE(nn.Module):
         self._warned_full = False
         self._lock = threading.RLock()  # the graphs dict and captures: one thread captures a key, once
 
-    def __getstate__(self):  # (a lock neither copies nor pickles)
+    def __getstate__(self):  # (a lock neither copies nor pickles; nor do captured graphs: a copy captures anew)
         st = dict(self.__dict__)
         st.pop("_lock", None)
+        st["_graphs"] = {}
         return st
 
     def __setstate__(self, st):
@@ -700,18 +705,23 @@ class GraphedSeqPE(nn.Module):
         key = self._key(positions)
         g = self._graphs.get(key)
         if g is None:
+            full = False
             with self._lock:
-                g = self._graphs.get(key)  # (another thread may have captured it meanwhile)
+                # the key again: read during another thread's capture it held that capture's parameter aliases
+                key = self._key(positions)
+                g = self._graphs.get(key)  # (or that thread captured this key meanwhile)
                 if g is None:
-                    if len(self._graphs) >= self.max_graphs:
-                        if not self._warned_full:
-                            warnings.warn(f"GraphedSeqPE: {self.max_graphs} graphs captured already (max_graphs); "
-                                          f"calls with new keys (here {self._describe(key)}) run eagerly",
-                                          RuntimeWarning, stacklevel=2)
-                            self._warned_full = True
-                        return self.module(positions)
-                    g = self._capture(positions, key)
-                    self._graphs[key] = g
+                    full = len(self._graphs) >= self.max_graphs
+                    if not full:
+                        g = self._capture(positions, key)
+                        self._graphs[key] = g
+            if full:  # eagerly, outside the lock
+                if not self._warned_full:
+                    warnings.warn(f"GraphedSeqPE: {self.max_graphs} graphs captured already (max_graphs); calls "
+                                  f"with new keys (here {self._describe(key)}) run eagerly", RuntimeWarning,
+                                  stacklevel=2)
+                    self._warned_full = True
+                return self.module(positions)
         return g(positions)
 
     def _capture(self, positions: torch.Tensor, key: Tuple) -> _Graph:

@@ -272,17 +272,14 @@ class _FusedView:
 
     @torch.no_grad()
     def _verify(self, device: torch.device, name: str):
-        """The module's own forward and the fused one on a fixed probe batch, eval mode, no autocast. On a copy of
-        the module where one can be made: switching the shared module to eval for the probe made another thread's
-        training calls in that window run without dropout, silently (a DataParallel replica, whose parameters are
-        non-leaf copies that deepcopy refuses, is probed in place: it belongs to one forward call)."""
-        m, v = self.module, self
-        if not m.__dict__.get("_is_replica"):
-            try:
-                m = copy.deepcopy(m)
-                v = _view(m)
-            except Exception:  # noqa: BLE001 - an attribute deepcopy cannot copy: probe in place, as before
-                m, v = self.module, self
+        """The module's own forward and the fused one on a fixed probe batch, eval mode, no autocast, on a probe
+        copy of the module (``_probe_copy``: its own train / eval flags, the same tensors): switching the shared
+        module to eval for the probe made another thread's training calls in that window run without dropout."""
+        m = _probe_copy(self.module)
+        v = _FusedView.__new__(_FusedView)
+        v.__dict__.update(self.__getstate__())
+        v.module = m
+        m.__dict__[_STATE] = v
         K, d = self.max_digits, self.data_dim
         top = min(self.base ** K, 2 ** 62)
         i = torch.arange(7, dtype=torch.int64)
@@ -392,26 +389,56 @@ def _patched_extra_repr(self):
 _FUSED_FUNCS = (_authors_forward, _seqpe_forward, _seqpe_forward_digits)
 
 
+def _probe_copy(m: nn.Module) -> nn.Module:
+    """``m`` with every module in it copied shallowly (its own ``__dict__``, so its own ``training`` flag and
+    submodule dict) and every tensor shared: what the probe switches to eval without touching ``m``. Cheap (no
+    tensor copied; a deepcopy would also copy whatever else the module holds, accelerate's hooks included) and
+    fine for any parameter kind (a DataParallel replica's non-leaf copies, plain tensors)."""
+    memo: Dict[int, nn.Module] = {}
+
+    def cp(mod):
+        c = memo.get(id(mod))
+        if c is None:
+            c = memo[id(mod)] = object.__new__(type(mod))
+            c.__dict__.update(mod.__dict__)
+            c.__dict__["_modules"] = {k: (None if s is None else cp(s)) for k, s in mod._modules.items()}
+        return c
+
+    return cp(m)
+
+
 def _patched_replicate(self):
     """``nn.DataParallel``'s replica of a patched module. torch's ``Module._replicate_for_data_parallel`` copies
     ``__dict__``, so the replica would call the fused forward bound to *this* module, i.e. compute with this
     module's parameters on this module's device (and its gradients would skip the broadcast's backward). The
     replica gets the same patch bound to itself; replicate() then sets its parameters, which the fused path
     reads live."""
+    v = _view(self)
+    if v is not None and v.__dict__.get("_structure") != _REGISTRATIONS[0]:
+        v._recheck_structure()  # (a submodule reassigned since the last direct call: replicas skip the check)
     replica = type(self)._replicate_for_data_parallel(self)
-    d, v = replica.__dict__, _view(self)
+    d = replica.__dict__
     if v is None:  # unpatched since: a plain replica
         d.pop("_replicate_for_data_parallel", None)
         return replica
     nv = _FusedView.__new__(_FusedView)
-    nv.__dict__.update(v.__getstate__())  # options and the test hook; not the caches, but the probe verifications
-    nv.__dict__["_verified"] = v.__dict__.setdefault("_verified", set())  # shared: replicas are built every call
+    nv.__dict__.update(v.__getstate__())  # options and the test hook
+    # the caches shared (replicas are built every call; plans and backends depend on the configuration only)
+    for k in ("_verified", "_plans", "_resolved"):
+        nv.__dict__[k] = v.__dict__.setdefault(k, set() if k == "_verified" else {})
     nv.module = replica
-    nv.installed = {k: _rebind(f, self, replica) for k, f in v.installed.items()}
-    nv.saved = {k: _rebind(f, self, replica) for k, f in v.saved.items()}
+
+    def rebound(f):
+        try:
+            return _rebind(f, self, replica)
+        except PatchError:  # a wrapper this patch cannot see through: as torch's replicate leaves it
+            return f
+
+    nv.installed = {k: rebound(f) for k, f in v.installed.items()}
+    nv.saved = {k: rebound(f) for k, f in v.saved.items()}
     for attr in list(d):
         if attr != _STATE:
-            d[attr] = _rebind(d[attr], self, replica)
+            d[attr] = rebound(d[attr])
     d[_STATE] = nv
     return replica
 

@@ -430,6 +430,12 @@ def test_data_parallel_replicas_compute_with_their_own_parameters(monkeypatch, w
     for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
         assert a.grad is not None and rel(a.grad, b.grad) <= 1e-4, n
     assert is_patched(fused) or what == "FusedSeqPE"
+    if what != "FusedSeqPE":  # a submodule reassigned after patching is refused through DataParallel too
+        saved_act = fused.transformers[0].mlp.act
+        fused.transformers[0].mlp.act = nn.ReLU()
+        with pytest.raises(PatchError, match="changed after it was patched"):
+            replicate_on_cpu(monkeypatch, fused, scales)
+        fused.transformers[0].mlp.act = saved_act
     if what != "FusedSeqPE":  # unpatched: replicas are plain again
         sk.unpatch(fused)
         assert "_replicate_for_data_parallel" not in fused.__dict__

@@ -416,19 +416,19 @@ def _run_config_hints(info, shapes: Dict[str, Any]) -> Tuple[Dict[str, Any], str
             "the train run's 'config' entry"
     files = info.get("config_files") or []
     source = (f"the run's {' and '.join(str(f) for f in files)}" if files else "the checkpoint's pickled run config")
-    act = _lookup(run, "SEQPE_ACTIVATION_FUNCTION")
-    if isinstance(act, str) and act not in _GELU_NEW_NAMES:
-        raise ValueError(f"{info['file']}: {source} records SEQPE_ACTIVATION_FUNCTION={act!r}; SeqPE computes "
-                         f"gelu_new (the authors' default; also {', '.join(_GELU_NEW_NAMES[1:])}), so this encoder "
-                         "cannot be loaded without computing something else")
     sizes = [(k, _lookup(run, k), shapes[name]) for k, name in (("PE_EMBED_DIM", "embed_dim"),
              ("SEQPE_LAYER_NUM", "num_layers"), ("SEQPE_MAX_DIGITS", "max_digits"), ("PE_DATA_DIM", "data_dim"))]
     wrong = [f"{k}={v!r} (weights: {w!r})" for k, v, w in sizes
              if isinstance(v, int) and not isinstance(v, bool) and v > 0 and v != w]
     if wrong:
         warnings.warn(f"{info['file']}: {source} does not describe these weights ({', '.join(wrong)}), so none of "
-                      "its settings are used", CheckpointConfigWarning, stacklevel=4)
+                      "its settings are used", CheckpointConfigWarning, stacklevel=3)
         return {}, source
+    act = _lookup(run, "SEQPE_ACTIVATION_FUNCTION")
+    if isinstance(act, str) and act not in _GELU_NEW_NAMES:
+        raise ValueError(f"{info['file']}: {source} records SEQPE_ACTIVATION_FUNCTION={act!r}; SeqPE computes "
+                         f"gelu_new (the authors' default; also {', '.join(_GELU_NEW_NAMES[1:])}), so this encoder "
+                         "cannot be loaded without computing something else")
     if info["format"] == "image-pth" and run is not None:  # the authors' image checkpoint (its run config beside
         hints["init"] = "image"                              # the weights): truncated-normal init
     heads = _lookup(run, "NUM_ATTENTION_HEADS")

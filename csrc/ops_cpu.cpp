@@ -969,7 +969,7 @@ void attn_fwd_kernel(const AttnViews& V, const float* pad, Tensor& out) {
           if (g.dropout) {
             const uint64_t base = static_cast<uint64_t>(((m * g.H + h) * g.TQ + i) * g.T);
             dropout_keep_block(g.seed, static_cast<uint32_t>(base), pf, g.T, keep.data());
-            for (int64_t j = 0; j < g.T; ++j) s[j] = keep[j] ? s[j] * scale : acc_t(0);
+            for (int64_t j = 0; j < g.T; ++j) s[j] = s[j] * (keep[j] ? scale : acc_t(0));  // (NaN stays NaN)
           }
           acc_t* __restrict o = out_row<acc_t>(ob + ((m * g.TQ + i) * g.D + col) * es, st, obuf.data());
           std::fill(o, o + DH, acc_t(0));

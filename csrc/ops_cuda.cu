@@ -1074,7 +1074,7 @@ __global__ void attn_fwd_kernel(AttnP a, acc_t sdiv, acc_t scale, void* out) {
     const uint64_t seed = static_cast<uint64_t>(a.seeds[a.seed_idx]);
     for (int64_t idx = lane; idx < n; idx += 32) {
       const uint64_t off = static_cast<uint64_t>((m * a.H + h) * n + idx);  // ((m*H+h)*TQ+i)*T+j
-      S[idx] = dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? S[idx] * scale : acc_t(0);
+      S[idx] = S[idx] * (dropout_keep(seed, static_cast<uint32_t>(off), a.p) ? scale : acc_t(0));  // (NaN stays)
     }
     __syncwarp();
   }

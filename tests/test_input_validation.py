@@ -704,12 +704,14 @@ def test_plan_built_while_another_thread_switches_mode_is_not_kept(backend, monk
 
 def check_nan_survives_residual_dropout(backend):
     """A NaN in a branch's output (here a projection bias) reaches every row as in the reference, training mode with
-    residual dropout: the fused kernels dropped with a select (keep ? y * scale : 0), so each row where that element
+    residual (and attention) dropout: the fused kernels dropped with a select (keep ? y * scale : 0), so each row where that element
     was dropped came out finite, where F.dropout's multiply keeps NaN * 0 = NaN (a diverged model looked partly
     healthy). Shared with test_cuda_emu (the CUDA kernels, emulated)."""
-    for name in ("transformers.1.mlp.c_proj.bias", "transformers.0.attn.c_proj.bias"):
+    for name, resid, attn in (("transformers.1.mlp.c_proj.bias", 0.5, 0.0), ("transformers.0.attn.c_proj.bias", 0.5, 0.0),
+                              ("transformers.0.attn.c_attn.bias", 0.0, 0.9)):  # (last: NaN queries, attention
+        # rows whose every probability is dropped: 0 with a select, NaN as F.dropout gives)
         torch.manual_seed(0)
-        ref = sk.SeqPE(16, 2, max_digits=2, num_layers=2, resid_pdrop=0.5, attn_pdrop=0.0).train()
+        ref = sk.SeqPE(16, 2, max_digits=2, num_layers=2, resid_pdrop=resid, attn_pdrop=attn).train()
         enc = sk.FusedSeqPE.from_reference(ref, backend=backend).train()
         pos = torch.arange(24)
         rows = []

@@ -120,8 +120,9 @@ def _attn_fwd(Q, K, V, ROWS, PAD, O, SEEDS, seed_idx, sqm, sqt, skm, skt, svm, s
                         Q_ROWS, KV_ROWS, ACC)
     pr, allowed = _probs(q, k, PAD, m * spm, iq, jk, T, L, q_start, sdiv, CAUSAL, HAS_MASK, USE_DOT)
     if DROPOUT:
-        pr = tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
-                      pr * (tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC)), 0.0)
+        # (a multiply by 0 / scale, not a select, as F.dropout: NaN stays NaN)
+        pr = pr * tl.where(_keep(SEEDS, seed_idx, m, H, h, TQ, T, iq, jk, p),
+                           tl.cast(drop_scale, ACC) + tl.cast(drop_scale_lo, ACC), 0.0)
     if USE_DOT:
         o = tl.dot(pr, v, input_precision="ieee")
     else:

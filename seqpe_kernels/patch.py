@@ -275,11 +275,14 @@ class _FusedView:
         """The module's own forward and the fused one on a fixed probe batch, eval mode, no autocast, on a probe
         copy of the module (``_probe_copy``: its own train / eval flags, the same tensors): switching the shared
         module to eval for the probe made another thread's training calls in that window run without dropout."""
-        m = _probe_copy(self.module)
-        v = _FusedView.__new__(_FusedView)
-        v.__dict__.update(self.__getstate__())
-        v.module = m
-        m.__dict__[_STATE] = v
+        try:
+            m = _probe_copy(self.module)
+            v = _FusedView.__new__(_FusedView)
+            v.__dict__.update(self.__getstate__())
+            v.module = m
+            m.__dict__[_STATE] = v
+        except Exception:  # noqa: BLE001 - a module class that cannot be copied this way: probe in place
+            m, v = self.module, self
         K, d = self.max_digits, self.data_dim
         top = min(self.base ** K, 2 ** 62)
         i = torch.arange(7, dtype=torch.int64)

@@ -960,3 +960,21 @@ def test_probe_runs_on_a_copy_and_leaves_the_shared_module_training():
     (is_shared, probe_training, shared_flags), = seen
     assert not is_shared and not probe_training  # the probe: a copy, in eval
     assert all(shared_flags) and all(s.training for s in m.modules())
+
+
+def test_probe_falls_back_to_the_module_itself(monkeypatch):
+    """Where the probe copy cannot be made (an exotic module class), the probe runs on the module in place, as
+    before, and puts its train flags back."""
+    _backend_ok("cpu")
+    _seed()
+    m = authors(resid_pdrop=0.1).train()
+    sk.patch(m, backend="cpu")
+
+    def fail(mod):
+        raise TypeError("cannot copy")
+
+    monkeypatch.setattr(importlib.import_module("seqpe_kernels.patch"), "_probe_copy", fail)  # (the module)
+    x, pm = digits_for(m, 5)
+    m(x, pm)
+    assert all(s.training for s in m.modules())
+    assert patch_state(m).__dict__.get("_verified")

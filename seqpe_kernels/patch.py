@@ -42,7 +42,6 @@ Note: ``seqpe_kernels.patch`` is the function (exported by the package); this mo
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import sys
 import types

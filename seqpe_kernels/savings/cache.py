@@ -206,7 +206,6 @@ class SeqPECache:
         self.base = getattr(module, "base", 10)
         self._radix = self.base ** self.max_digits
         self._packable = self._radix ** self.data_dim <= 2 ** 63 - 1
-        self._param_ids = {id(p) for p in module.parameters()}
         self._external_epoch = 0
         self._key = None
         self._key_storages: list = []  # weak references to the keyed tensors' storages (see _refresh)
@@ -225,6 +224,11 @@ class SeqPECache:
         # one call at a time: lookups, inserts, evictions and the state key share the index (threads filling one
         # cache at once handed each other's rows back and corrupted the index for good)
         self._lock = threading.RLock()
+        self._register()
+
+    def _register(self) -> None:
+        """Under the optimizer hook's watch (fused optimizers bump no version): this cache, and each copy of it."""
+        self._param_ids = {id(p) for p in self.module.parameters()}
         _install_hook()
         _LIVE_CACHES.add(self)
 
@@ -243,10 +247,7 @@ class SeqPECache:
     def __setstate__(self, st):
         self.__dict__.update(st)
         self._lock = threading.RLock()
-        # a copy is a cache of its own: the optimizer hook must see it (fused optimizers bump no version)
-        self._param_ids = {id(p) for p in self.module.parameters()}
-        _install_hook()
-        _LIVE_CACHES.add(self)
+        self._register()  # a copy is a cache of its own
 
     def cache(self, positions: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[M, out_dim]`` of positions ``[M]`` or ``[M, data_dim]``, equal to ``module(positions)``.

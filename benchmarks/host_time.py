@@ -12,6 +12,8 @@
 2. **Launches per text-default training step** (M=1552, D=768, 12 heads, K=5, dropout 0.1; counted on a small M
    since the count does not depend on M): ATen operators that reach a CPU kernel (torch profiler, CPU) and
    Triton kernel launches (counted by wrapping the launcher), per backend. On a GPU each is one kernel launch.
+   Beside them, the step's host syncs (``seqpe_kernels.launches.host_syncs``: scalar reads, value-sized outputs,
+   host copies; each would stall the host behind the GPU's queue): none on every backend.
 
 3. ``--instructions``: the same tiny step counted in CPU instructions under valgrind's callgrind (each backend in
    its own process, counting only the steps: warm-up and imports excluded). Instruction counts do not depend
@@ -156,6 +158,16 @@ def count_launches(backend: str, M: int = 16):
     return count(lambda: step(mod, pos, gout))
 
 
+def host_syncs(backend: str, M: int = 16):
+    """The calls of one text-config training step that would make the host wait for a GPU (check_range off, as
+    ``make`` sets it: with it on, one read per call)."""
+    from seqpe_kernels.launches import host_syncs as syncs
+
+    mod, pos, gout = make(backend, TEXT, M)
+    step(mod, pos, gout)
+    return [f"{op} at {where}" for op, where in syncs(lambda: step(mod, pos, gout))]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=7)
@@ -208,7 +220,9 @@ def main(argv=None):
         backends = ["torch", "cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
         for b in backends:
             aten, tri = count_launches(b)
-            print(f"  {b:<8} ATen/extension ops {aten:>4}  Triton launches {tri:>4}  total {aten + tri:>4}")
+            syncs = host_syncs(b)
+            print(f"  {b:<8} ATen/extension ops {aten:>4}  Triton launches {tri:>4}  total {aten + tri:>4}  "
+                  f"host syncs {len(syncs)}{'' if not syncs else ' (' + ', '.join(sorted(set(syncs))) + ')'}")
         if "triton" not in backends:
             print("  (triton: run with TRITON_INTERPRET=1 to count its launches on CPU)")
     return 0

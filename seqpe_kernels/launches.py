@@ -5,11 +5,14 @@ its host cost; on CPU the same operators run, so counting them there measures wh
 ``count_launches(fn)`` runs ``fn`` once under the torch profiler and returns ``(ops, triton)``: operators that
 do work (ATen and ``seqpe_ext`` kernels, a composite operator counted through the operators it calls; views,
 allocations and scalar reads excluded) outside Triton launches, and the number of Triton launches (the
-interpreter's own tensor copies inside a launch are not counted).
+interpreter's own tensor copies inside a launch are not counted). ``host_syncs(fn)`` lists the operators of a
+call that would make the host wait for a GPU (scalar reads, value-dependent output sizes): a host-light step
+on a GPU needs none of them.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import contextlib
+from typing import Callable, List, Tuple
 
 # operators that only make views / allocate / read a scalar: no kernel launch on a GPU
 NO_KERNEL = frozenset({
@@ -39,13 +42,19 @@ def _inside_triton(e) -> bool:
     return False
 
 
-def count_launches(fn: Callable[[], object]) -> Tuple[int, int]:
-    """(operators that launch a kernel, Triton launches) of one call of ``fn`` (run it once before, so that
-    compilation and lazy loading are not counted)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
+# operators that make the host wait for the device on a GPU: a scalar read, or an output whose size depends on
+# the values (the host must read it back before it can allocate)
+SYNCS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
+                   "unique_dim", "unique_consecutive", "repeat_interleave", "bincount", "histc"})
+# Tensor methods that read a tensor on the host (a device-to-host copy on a GPU); on CPU most never reach the
+# dispatcher (``.tolist()``, ``.numpy()``), so they are watched at the Python level
+HOST_READS = frozenset({"tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"})
 
-    launches = [0]
+
+@contextlib.contextmanager
+def _triton_launches(on_launch: Callable[[], contextlib.AbstractContextManager]):
+    """Wrap every path a Triton launch takes (JITFunction.run and the interpreter's, and the direct call of a
+    cached compiled kernel, seqpe_kernels.ops.launch) in ``on_launch()``."""
     restore = []
     try:
         import triton.runtime.interpreter as interp
@@ -53,8 +62,6 @@ def count_launches(fn: Callable[[], object]) -> Tuple[int, int]:
 
         from .ops.launch import DirectKernel
 
-        # every path a Triton launch takes: JITFunction.run (and the interpreter's), and the direct call of a
-        # cached compiled kernel (seqpe_kernels.ops.launch)
         methods = ((jit.JITFunction, "run"), (interp.InterpretedFunction, "run"), (DirectKernel, "_run"))
     except Exception:  # pragma: no cover - no triton here
         methods = ()
@@ -62,20 +69,77 @@ def count_launches(fn: Callable[[], object]) -> Tuple[int, int]:
         orig = getattr(cls, name)
 
         def run(self, *a, _orig=orig, **k):
-            launches[0] += 1
-            with record_function(_TRITON_RANGE):
+            with on_launch():
                 return _orig(self, *a, **k)
 
         setattr(cls, name, run)
         restore.append((cls, name, orig))
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
+        yield
     finally:
         for cls, name, orig in restore:
             setattr(cls, name, orig)
+
+
+def count_launches(fn: Callable[[], object]) -> Tuple[int, int]:
+    """(operators that launch a kernel, Triton launches) of one call of ``fn`` (run it once before, so that
+    compilation and lazy loading are not counted)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    launches = [0]
+
+    def on_launch():
+        launches[0] += 1
+        return record_function(_TRITON_RANGE)
+
+    with _triton_launches(on_launch), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
     events = [e for e in prof.events() if not _inside_triton(e)]
     parents = {e.cpu_parent.id for e in events if _significant(e) and e.cpu_parent is not None}
     ops = sum(1 for e in events if _significant(e) and e.id not in parents)
-    del torch
     return ops, launches[0]
+
+
+def host_syncs(fn: Callable[[], object]) -> List[Tuple[str, str]]:
+    """The calls made by one call of ``fn`` that would make the host wait for a GPU (``SYNCS`` operators and
+    ``HOST_READS`` tensor methods), each with the innermost frame outside torch that made it. Counted on any
+    machine: on CPU the same calls run. What runs inside a Triton launch (the interpreter's own reads) is not
+    counted."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inside = [0]  # > 0 inside a Triton launch or a host read already recorded
+    found: List[Tuple[str, str]] = []
+
+    def record(name):
+        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+        found.append((name, f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"))
+
+    @contextlib.contextmanager
+    def nested():
+        inside[0] += 1
+        try:
+            yield
+        finally:
+            inside[0] -= 1
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if inside[0] or name not in HOST_READS:
+                return func(*args, **(kwargs or {}))
+            record(f"Tensor.{name}")
+            with nested():
+                return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and func.overloadpacket.__name__ in SYNCS:
+                record(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with _triton_launches(nested), Reads(), Ops():
+        fn()
+    return found

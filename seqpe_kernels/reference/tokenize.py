@@ -84,8 +84,9 @@ def check_positions(positions: torch.Tensor, max_digits: int, base: int = 10, da
         torch._assert_async(((positions >= 0) & (positions < base ** max_digits)).all(),
                             f"positions must lie in [0, {base ** max_digits}) (max_digits={max_digits}, base={base})")
     elif check_range and positions.numel() > 0:
-        lo, hi = torch.aminmax(positions)
-        lo, hi = int(lo), int(hi)  # one sync; switch off with check_range=False on hot paths
+        # one device-to-host read for both bounds (two int() calls would be two syncs on a GPU); switch the
+        # check off with check_range=False on hot paths
+        lo, hi = torch.stack(torch.aminmax(positions)).tolist()
         if lo < 0 and unsigned64:
             raise ValueError(f"a uint64 position is >= 2**63, outside the encodable range 0..{base ** max_digits - 1}")
         if lo < 0:

@@ -12,7 +12,7 @@ on a GPU needs none of them.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 # operators that only make views / allocate / read a scalar: no kernel launch on a GPU
 NO_KERNEL = frozenset({
@@ -100,11 +100,12 @@ def count_launches(fn: Callable[[], object]) -> Tuple[int, int]:
     return ops, launches[0]
 
 
-def host_syncs(fn: Callable[[], object]) -> List[Tuple[str, str]]:
-    """The calls made by one call of ``fn`` that would make the host wait for a GPU (``SYNCS`` operators and
-    ``HOST_READS`` tensor methods), each with the innermost frame outside torch that made it. Counted on any
-    machine: on CPU the same calls run. What runs inside a Triton launch (the interpreter's own reads) is not
-    counted."""
+@contextlib.contextmanager
+def watch_host_syncs() -> Iterator[List[Tuple[str, str]]]:
+    """Inside: the calls that would make the host wait for a GPU (``SYNCS`` operators and ``HOST_READS`` tensor
+    methods) are appended to the yielded list, each with the innermost frame outside torch that made it. Counted
+    on any machine: on CPU the same calls run. What runs inside a Triton launch (the interpreter's own reads) is
+    not counted."""
     import traceback
 
     from torch.overrides import TorchFunctionMode
@@ -141,5 +142,11 @@ def host_syncs(fn: Callable[[], object]) -> List[Tuple[str, str]]:
             return func(*args, **(kwargs or {}))
 
     with _triton_launches(nested), Reads(), Ops():
+        yield found
+
+
+def host_syncs(fn: Callable[[], object]) -> List[Tuple[str, str]]:
+    """``watch_host_syncs`` around one call of ``fn``: what it would sync on a GPU."""
+    with watch_host_syncs() as found:
         fn()
     return found

@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 import threading
 import time
@@ -199,6 +200,38 @@ def _read_build_info(path: str) -> str:
     return m.group(1).decode(errors="replace") if m else "unknown"
 
 
+def _truncated(path: str) -> Optional[str]:
+    """Why the shared library at ``path`` is shorter than its own ELF headers say (a link or copy cut short: a
+    killed build, a full disk, an interrupted sync of a shared cache), or None. Loading such a file ends the
+    process with SIGBUS when the loader touches the missing pages, so it is checked before. Only 64-bit
+    little-endian ELF is checked (what torch runs on); anything else is left to the loader."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+            if head[:4] != b"\x7fELF"[:len(head)]:
+                return None  # (not ELF: the loader's to judge)
+            if len(head) < 64:
+                return f"{size} bytes, less than an ELF header"
+            if head[4] != 2 or head[5] != 1:  # not ELFCLASS64 / ELFDATA2LSB
+                return None
+            phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+            need = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            if phoff + phentsize * phnum <= size:
+                f.seek(phoff)
+                table = f.read(phentsize * phnum)
+                for i in range(phnum):
+                    p_type, = struct.unpack_from("<I", table, i * phentsize)
+                    p_offset, = struct.unpack_from("<Q", table, i * phentsize + 8)
+                    p_filesz, = struct.unpack_from("<Q", table, i * phentsize + 32)
+                    if p_type == 1:  # PT_LOAD: mapped from the file
+                        need = max(need, p_offset + p_filesz)
+    except OSError:
+        return None  # (unreadable: the loader says why)
+    return f"{size} bytes where its headers need {need}" if need > size else None
+
+
 def _build_fields(built: str) -> Dict[str, str]:
     """{'torch': ..., 'cuda': ..., 'src': ...} of a build-information string ('torch=...;cuda=...;src=...')."""
     return dict(kv.split("=", 1) for kv in built.split(";") if "=" in kv)
@@ -229,6 +262,11 @@ def _load_aot() -> Optional[str]:
     if _sanitizers()[0]:  # a sanitized run must test instrumented code: the JIT build with the sanitizers
         log.warning("seqpe_kernels: SEQPE_KERNELS_SANITIZE is set: the prebuilt %s is not used", spec.origin)
         return None
+    cut = _truncated(spec.origin)
+    if cut:
+        raise ExtensionUnavailable(f"the prebuilt seqpe_kernels._C ({spec.origin}) is cut short ({cut}; an "
+                                   "interrupted install or copy): reinstall the package, or delete the file to use "
+                                   "the JIT build")
     built = _read_build_info(spec.origin)
     src = _build_fields(built).get("src")
     if CSRC.is_dir() and src != source_hash():  # (a checkout: its sources changed since the build, or unknown)
@@ -310,6 +348,11 @@ def _compile(name: str, with_cuda: bool) -> str:
                        "-gencode=arch=compute_90,code=compute_90"]
     try:
         with _build_lock(build_dir):
+            cut = os.path.exists(so) and _truncated(so)
+            if cut:  # ninja would call it up to date and the loader would crash on it: relink
+                log.warning("seqpe_kernels: the cached %s is cut short (%s; an interrupted build or copy): "
+                            "rebuilding it", so, cut)
+                os.remove(so)
             cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp", *san],
                                extra_cuda_cflags=cuda_flags, with_cuda=with_cuda, build_directory=build_dir,
                                extra_include_paths=wheel_cuda_includes() if with_cuda else None,
@@ -403,6 +446,10 @@ def _readonly_library(name: str) -> Optional[str]:
            "minute), or rebuild the shared cache")
     if not os.path.exists(so):
         raise ExtensionUnavailable(f"the extension cache {probe} is read-only and holds no {name}.so: {how}")
+    cut = _truncated(so)
+    if cut:
+        raise ExtensionUnavailable(f"the read-only extension cache holds {so}, cut short ({cut}; an interrupted "
+                                   f"build or copy): {how}")
     built = _read_build_info(so)
     src, what = _build_fields(built).get("src"), _build_mismatch(built)
     why = (what and f"for another {what} ({built.replace(';', ', ')})") or \

@@ -719,13 +719,74 @@ def _readonly_cache_child(tmp_path, lib: bytes, extra: str = "") -> subprocess.C
                           env=env)
 
 
+def _jit_library() -> Path:
+    require_ext("cpu")
+    if "path" not in _ext._info or _ext._info.get("source") != "JIT build":
+        pytest.skip("this process loaded a prebuilt seqpe_kernels._C, not a JIT build to copy")
+    return Path(_ext._info["path"])
+
+
+def test_a_library_cut_short_is_rebuilt_or_refused_never_loaded(tmp_path, monkeypatch):
+    """A cached library cut short (a build killed while linking, a full disk, an interrupted copy of a shared
+    cache) was loaded as it was: ninja calls it up to date, and the loader's first touch of a missing page ended
+    the process with SIGBUS, every run after. Now: a writable cache relinks it, a read-only cache and a prebuilt
+    seqpe_kernels._C are refused with the reason."""
+    import importlib.util
+    import random
+    import shutil
+    import types
+
+    so = _jit_library()
+    lib = so.read_bytes()
+    assert _ext._truncated(str(so)) is None
+    rng = random.Random(_seed())
+    cut = tmp_path / "cut.so"
+    for n in [0, 3, 30, 63, 64, 65, 4096, len(lib) - 1] + [rng.randrange(len(lib)) for _ in range(12)]:
+        cut.write_bytes(lib[:n])
+        assert _ext._truncated(str(cut)), n  # (the section headers end the file: any cut is seen)
+    cut.write_bytes(b"#!/bin/sh\n")  # not ELF: left to the loader
+    assert _ext._truncated(str(cut)) is None
+
+    # a writable JIT cache: relinked (the objects are kept), loaded, warned about, in a fresh process
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    where = subprocess.run([sys.executable, "-c", "from seqpe_kernels import _ext; import sys; "
+                            f"print(_ext._build_directory({so.stem!r}))"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120).stdout.strip()
+    shutil.copytree(so.parent, where, dirs_exist_ok=True)  # (torch made the folder when asked for it)
+    copy = Path(where) / so.name
+    copy.write_bytes(lib[:len(lib) // 3])
+    code = textwrap.dedent("""
+        import torch
+        from seqpe_kernels import _ext
+        x = torch.randn(8, 16)
+        assert torch.allclose(_ext.load().gelu_new_fwd(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
+        print("OK", _ext.info()["path"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "cut short" in out.stderr and str(copy) in out.stdout
+    assert _ext._truncated(str(copy)) is None and copy.stat().st_size > len(lib) // 3
+
+    # a read-only cache: refused, saying why and what to do
+    out = _readonly_cache_child(tmp_path / "ro", lib[:len(lib) // 2])
+    assert out.returncode == 0 and "STATUS False" in out.stdout and "cut short" in out.stdout, \
+        out.stdout + out.stderr[-3000:]
+
+    # a prebuilt seqpe_kernels._C: refused before it is imported
+    monkeypatch.delenv("SEQPE_KERNELS_SANITIZE", raising=False)
+    aot = tmp_path / "_C.so"
+    aot.write_bytes(lib[:len(lib) // 2])
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: types.SimpleNamespace(origin=str(aot)) if name == "seqpe_kernels._C" else None)
+    with pytest.raises(_ext.ExtensionUnavailable, match="cut short"):
+        _ext._load_aot()
+
+
 def test_a_read_only_extension_cache_loads_what_it_holds(tmp_path):
     """A read-only JIT cache (shared by a cluster's users, or in a container image) failed on its lock file
     ("building ... failed: Read-only file system") although it held the right library. Now: the library is
     loaded as it is when built from these sources for this torch, with no toolchain; else a clear error."""
-    if "path" not in _ext._info or _ext._info.get("source") != "JIT build":
-        pytest.skip("this process loaded a prebuilt seqpe_kernels._C, not a JIT build to copy")
-    lib = Path(_ext._info["path"]).read_bytes()
+    lib = _jit_library().read_bytes()
     out = _readonly_cache_child(tmp_path, lib)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
     # one from other sources (a git pull since the cache was built): refused, saying what to do

@@ -148,6 +148,15 @@ def test_residual_layernorm_backward_bias_grad(impl, R, D, dt, has_ln, has_dh, d
     assert _scaled_err(dx, dx64, scale) <= TOL[dt] and _scaled_err(dy, dy64, scale * drop) <= TOL[dt]
     # a column sum can cancel to ~0: its error is measured against the bound of its magnitude, R rows of the scale
     assert _scaled_err(dyb, dy64.sum(0), scale * drop * max(R, 1)) <= TOL[dt]
+    if has_ln:  # the LayerNorm's weight and bias gradients, column sums too: the same measure
+        h64 = h.double()
+        xhat = (h64 - h64.mean(1, keepdim=True)) / torch.sqrt(h64.var(1, unbiased=False, keepdim=True) + 1e-5)
+        da64 = da.double()
+        assert dw.shape == db.shape == (D,)
+        one = torch.ones((), dtype=torch.float64, device=h.device)
+        dmax, xmax = (da64.abs().max(), xhat.abs().max()) if R else (one, one)
+        assert _scaled_err(dw, (da64 * xhat).sum(0), max(R, 1) * dmax * xmax) <= TOL[dt]
+        assert _scaled_err(db, da64.sum(0), max(R, 1) * dmax) <= TOL[dt]
     # the four tensors the operator returns are the same values without bias_grad
     plain = residual_layernorm_backward(da, dh, h, w, mean, rstd, p, seeds, 1, True, dtype_code(dt))
     assert len(plain) == 4

@@ -83,6 +83,14 @@ def current_seed() -> int:
     return _CURRENT_SEED[0]
 
 
+def seed_for_case(*key) -> int:
+    """A seed for one case of a parametrized test: the test's fresh seed (``current_seed``, replayable with
+    SEQPE_TEST_SEED) mixed with the case's key, so that cases differ from each other and from run to run."""
+    import zlib
+
+    return (current_seed() ^ zlib.crc32(repr(key).encode())) % (2 ** 31)
+
+
 def _seed_of(item):
     seeds = [v for k, v in getattr(item, "user_properties", ()) if k == "seed"]
     return seeds[-1] if seeds else None
@@ -99,6 +107,9 @@ def pytest_runtest_setup(item):
     seed_everything(s)
     _CURRENT_SEED[0] = s
     item.user_properties.append(("seed", s))
+    backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+    if backend in EXT_BACKENDS and item.get_closest_marker("backend_needs_ext"):
+        require_ext(EXT_BACKENDS[backend])  # (fused_backends keeps a broken extension's cases: they fail here)
     if HAS_CUDA and "gpu" in item.keywords:
         exact = fp32_matmul(tf32=False)  # IEEE fp32 GEMMs, restored through the API the state was set with
         exact.__enter__()
@@ -214,6 +225,23 @@ def require_ext(device_type: str = "cpu") -> None:
     if verdict == "fail":
         pytest.fail(f"the C++/CUDA extension ({device_type}) must build and load on this machine but did not: {why}",
                     pytrace=False)
+
+
+# the fused backends that run the C++/CUDA extension, and the device type whose kernels each needs
+EXT_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def fused_backends(device) -> list:
+    """The fused backends a test parametrizes over on ``device``: the usable ones, and an extension backend that
+    is unusable for a reason that must fail (a build or load error, ``ext_verdict``) too, so that its cases fail
+    with the reason instead of dropping out of the run unseen (in a module marked ``backend_needs_ext``:
+    ``pytest_runtest_setup``). One unusable for a documented reason (no compiler, a CPU-only torch for
+    ``cuda``, the extension switched off) is left out."""
+    from seqpe_kernels.backend import available_backends
+
+    device = torch.device(device)
+    return [b for b, (ok, _) in available_backends(device).items() if b != "torch" and
+            (ok or (EXT_BACKENDS.get(b) == device.type and ext_verdict(device.type)[0] == "fail"))]
 
 
 def benchmark_module(name: str):

@@ -8,11 +8,12 @@ import torch
 
 import seqpe_kernels as sk
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, fused_backends
 from test_fused import perturbed_pair, random_positions, rel, _seed
 
 DEV = "cuda" if HAS_CUDA else "cpu"
-FUSED = [b for b, (ok, _) in sk.available_backends(DEV).items() if ok and b != "torch"]
+FUSED = fused_backends(DEV)
+pytestmark = pytest.mark.backend_needs_ext  # a broken extension fails its cases (conftest)
 
 
 def test_every_fused_backend_is_covered():

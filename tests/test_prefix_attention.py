@@ -5,7 +5,6 @@ compared relative to the largest reference magnitude: fp32 at 1e-5, fp64 at 1e-1
 the atomic dk/dv sums are large, fp32 at 1e-5 of an fp64 reference).
 """
 import copy
-import zlib
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import seqpe_kernels.ops.prefix_attention as pa
 from seqpe_kernels import FusedSeqPE
 from seqpe_kernels.savings.dedup import prefix_shared_forward
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, seed_for_case
 from test_dedup import assert_close_rel, make, positions_for
 from test_fused import check_parity_vs_fp64
 
@@ -24,7 +23,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def seed_for(*key):
-    torch.manual_seed(zlib.crc32(repr(key).encode()))
+    torch.manual_seed(seed_for_case(*key))  # fresh per run, replayable (conftest)
 
 
 def ref_attend(q, k, v, anc, key_mask, H, scale):
@@ -212,7 +211,7 @@ class _Spy:
 def test_prefix_shared_forward_triton_path(monkeypatch, d, K, mask_padding):
     spy = _Spy(monkeypatch)
     m = make(D=24, H=3, K=K, d=d, mask_padding=mask_padding, layers=2,
-             seed=zlib.crc32(repr(("pfx", d, K, mask_padding)).encode()) % 1000).to(DEV)
+             seed=seed_for_case("pfx", d, K, mask_padding)).to(DEV)
     check_parity(m, positions_for("mixed", K, d).to(DEV))
     # every level of both layers went through the op (in the checked forward only, not the plain one)
     assert spy.calls == K * d + 1 + 1

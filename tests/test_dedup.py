@@ -101,8 +101,11 @@ def test_parity_other_configs(fn):
     pos = torch.cat([torch.arange(40), torch.tensor([999, 5, 5, 40, 123])])
     for kw in (dict(D=48, H=3, K=3, layers=1, out_dim=20, temperature=0.7),
                dict(D=40, H=5, K=4, layers=3, use_last_layernorm=False, scale_attn_weights=False,
-                    mask_padding=True)):
+                    mask_padding=True),
+               dict(D=32, H=2, K=2, base=16, mask_padding=True)):  # (digits >= 10: the trie's keys use the base)
         m = make(**kw)
+        if kw.get("base"):
+            pos = torch.cat([pos % 256, torch.tensor([255, 16, 15, 240])])
         check_parity(m, pos, FNS[fn])
         check_parity(m, pos.unsqueeze(1), FNS[fn])
         m.train()

@@ -69,7 +69,7 @@ def test_parity_matrix(cfg):
     s = _seed()
     M = 37 if cfg["embed_dim"] >= 384 else 53  # primes; the C++ path is cheap, unlike the interpreter
     ref, fus = ext_pair(**cfg)
-    pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu")
+    pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), device="cpu", base=cfg.get("base", 10))
     check_parity(ref, fus, pos, tol=1e-5, seed=s)
 
 
@@ -531,7 +531,7 @@ def test_cuda_ext_parity(cfg):
     require_ext("cuda")  # TF32 is off in gpu tests (conftest.py)
     s = _seed()
     ref, fus = ext_pair(device="cuda", backend="cuda", **cfg)
-    pos = random_positions(4099, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda")
+    pos = random_positions(4099, cfg["max_digits"], cfg.get("data_dim", 1), device="cuda", base=cfg.get("base", 10))
     check_parity_vs_fp64(ref, fus, pos, tol=FP32_RTOL, seed=s)
 
 

@@ -152,15 +152,20 @@ def check_cpu_autocast(ref, fus, pos, dtype, what):
 
 # One config per row covers each value of the matrix at least once (a full product is too slow interpreted):
 # data_dim 1/2/3, K 1..6, D 64/96/384/768, heads 1/6/12, layers 1/2/3, causal/bi, mask_padding, final LN, tau.
+# Every option that changes what the kernels compute is set in some row (a mutation-testing pass found the eps,
+# base, head width and attention-scale options set in none: a wrong value there passed every parity test):
+# LayerNorm eps (the final one included), base 16 (a power of two: the table kernels' padded row counts), a
+# head width that is not a power of two (24), unscaled attention.
 CONFIGS = [
     dict(embed_dim=64, num_heads=1, max_digits=5),
-    dict(embed_dim=96, num_heads=6, max_digits=1, num_layers=1),
+    dict(embed_dim=96, num_heads=6, max_digits=1, num_layers=1, layer_norm_eps=1e-2),
     dict(embed_dim=96, num_heads=12, max_digits=2, data_dim=2, attn_direction="bi", out_dim=40),
-    dict(embed_dim=64, num_heads=1, max_digits=3, data_dim=3, num_layers=3, mask_padding=True),
+    dict(embed_dim=64, num_heads=1, max_digits=3, data_dim=3, num_layers=3, mask_padding=True, base=16),
     dict(embed_dim=64, num_heads=1, max_digits=6, mask_padding=True, use_last_layernorm=False, temperature=0.5),
     dict(embed_dim=384, num_heads=6, max_digits=2, data_dim=2, out_dim=96, init="image"),
     dict(embed_dim=768, num_heads=12, max_digits=5, num_layers=2),
-    dict(embed_dim=96, num_heads=6, max_digits=4, attn_direction="bi", mask_padding=True, temperature=2.0),
+    dict(embed_dim=72, num_heads=3, max_digits=4, attn_direction="bi", mask_padding=True, temperature=2.0,
+         scale_attn_weights=False),
 ]
 
 
@@ -169,7 +174,7 @@ def test_parity_matrix(cfg):
     s = _seed()
     M = 3 if cfg["embed_dim"] >= 384 else 7  # interpreter cost grows with width
     ref, fus = perturbed_pair(**cfg)
-    pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1))
+    pos = random_positions(M, cfg["max_digits"], cfg.get("data_dim", 1), base=cfg.get("base", 10))
     check_parity(ref, fus, pos, tol=1e-5, seed=s)
 
 
@@ -211,15 +216,34 @@ def test_eval_mode_and_dropout_off_in_eval():
 
 
 @pytest.mark.parametrize("direction,mask_padding", [("causal", False), ("bi", True)])
-def test_dropout_replays_reference_masks(direction, mask_padding):
-    """With p > 0 the fused path equals the reference driven by the same keep-masks."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_replays_reference_masks(direction, mask_padding, dtype):
+    """With p > 0 the fused path equals the reference driven by the same keep-masks; in fp64 to fp64 accuracy
+    (the kernels' dropout scale is an fp32 pair there: a kernel using its high word alone is ~2e-8 off)."""
     _seed()
     ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, resid_pdrop=0.3, attn_pdrop=0.25,
-                              attn_direction=direction, mask_padding=mask_padding, num_layers=2)
-    check_dropout_replay(ref, fus, random_positions(5, 3, 1))
+                              attn_direction=direction, mask_padding=mask_padding, num_layers=2, dtype=dtype)
+    check_dropout_replay(ref, fus, random_positions(5, 3, 1), tol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
-def check_dropout_replay(ref, fus, pos, num_layers=2):
+def test_each_layernorm_keeps_its_own_eps():
+    """Each LayerNorm's eps is read from its module (config() refuses differing ones, but a module edited after
+    construction has them): a kernel handed another LayerNorm's eps passed every parity test until this one."""
+    _seed()
+    for backend in ("triton", "cpu"):
+        if backend == "cpu":
+            require_ext("cpu")
+        ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, num_layers=3, backend=backend)
+        lns = [m for m in ref.modules() if isinstance(m, torch.nn.LayerNorm)]
+        for m, eps in zip(lns, [3e-3, 1e-2, 3e-2, 1e-1, 5e-3, 2e-2, 7e-2]):  # 2 per block + the final one
+            m.eps = eps
+        for m, r in zip([m for m in fus.modules() if isinstance(m, torch.nn.LayerNorm)], lns):
+            m.eps = r.eps
+        assert len(lns) == 7
+        check_parity(ref, fus, random_positions(6, 3, 1), tol=1e-5)
+
+
+def check_dropout_replay(ref, fus, pos, num_layers=2, tol=1e-5):
     """Train-mode fused forward records its keep-masks; the reference replaying them must agree in the
     output and every parameter gradient, and must differ without them (the dropout did something)."""
     ref.train(), fus.train()
@@ -229,11 +253,11 @@ def check_dropout_replay(ref, fus, pos, num_layers=2):
                                              for s in ("attn", "resid_attn", "resid_mlp")}
     ref.dropout_masks = {k: v.to(pos.device) for k, v in fus.record_dropout_masks.items()}
     yr = ref(pos)
-    assert rel(yf, yr) <= 1e-5
+    assert rel(yf, yr) <= tol
     g = torch.randn_like(yr)
     yr.backward(g), yf.backward(g)
     for (n, pr), (_, pf) in zip(ref.named_parameters(), fus.named_parameters()):
-        assert rel(pf.grad, pr.grad) <= 1e-5, n
+        assert rel(pf.grad, pr.grad) <= tol, n
     # the dropout actually did something: without the masks the reference differs
     ref.dropout_masks = None
     ref.eval()
@@ -372,10 +396,12 @@ def test_fp64_gradcheck_ops():
 def test_compile_fullgraph_parity(backend):
     _seed()
     torch._dynamo.reset()
-    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3)
+    # the traced path (the registered ops) has its own plan code: a config with the options that change it
+    ref, fus = perturbed_pair(embed_dim=48, num_heads=3, max_digits=2, data_dim=2, mask_padding=True, base=16,
+                              attn_direction="bi", layer_norm_eps=1e-3)
     compiled = torch.compile(fus, fullgraph=True, backend=backend)
     for M in (5, 9):  # two shapes
-        pos = random_positions(M, 3, 1)
+        pos = random_positions(M, 2, 2, base=16)
         fus.zero_grad(), ref.zero_grad()
         yc = compiled(pos)
         yr = ref(pos)

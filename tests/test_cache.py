@@ -254,6 +254,22 @@ def test_inference_tensor_parameters_are_fingerprinted(mode, d):
         check(c, m, pos)
 
 
+def test_fingerprint_vectors_are_freed_with_the_cache():
+    """verify_values' fingerprint vectors (float64, two per parameter size: 1.3x the parameters) lived in a
+    module-level table for the life of the process, after every cache using them was gone."""
+    import gc
+    import weakref
+
+    m, c, pos = setup("sparse", 1)
+    c.verify_values = True
+    check(c, m, pos)
+    vectors = [weakref.ref(w) for w in c._fp_weights.values()]
+    assert vectors and all(r() is not None for r in vectors)
+    del c
+    gc.collect()
+    assert all(r() is None for r in vectors)
+
+
 def test_dense_rows_wider_than_the_parameters_keep_the_bound_and_the_rows():
     """compute= returning float64 rows of an fp32 module: max_bytes was checked against the parameters' row size
     (exceeded silently), and a lookup whose compute re-laid out the table gathered with stale row indices."""

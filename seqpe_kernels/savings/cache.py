@@ -103,18 +103,16 @@ def _install_hook():
         _HOOK_HANDLE = register_optimizer_step_post_hook(_optimizer_step_post_hook)
 
 
-_FP_WEIGHTS: dict = {}  # (numel, device) -> [2, numel] float64: the fingerprint's fixed pseudo-random weights
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
+def _fingerprint(t: torch.Tensor, weights: dict) -> tuple:
     """Two float64 dot products of t's values with fixed pseudo-random vectors: any edit short of one that keeps
     both (vanishingly unlikely by chance) changes it, moving or swapping entries included (a plain sum would
-    not see those). One host sync."""
+    not see those). One host sync. ``weights`` ((numel, device) -> [2, numel] float64) is the calling cache's:
+    the vectors live as long as it does (a module-level table kept 1.3x the encoder's parameters for good)."""
     n, dev = t.numel(), t.device
-    w = _FP_WEIGHTS.get((n, str(dev)))
+    w = weights.get((n, str(dev)))
     if w is None:
         g = torch.Generator().manual_seed(n)
-        w = _FP_WEIGHTS[(n, str(dev))] = torch.rand(2, n, generator=g, dtype=torch.float64).add_(0.5).to(dev)
+        w = weights[(n, str(dev))] = torch.rand(2, n, generator=g, dtype=torch.float64).add_(0.5).to(dev)
     with torch.no_grad():
         v = t.detach().reshape(-1).to(torch.float64)
         return tuple((w @ v).tolist())
@@ -241,6 +239,7 @@ class SeqPECache:
         # the same weak reference twice, a heap corruption; the copy refreshes its key on its first call)
         st = dict(self.__dict__)
         st.pop("_lock", None)
+        st.pop("_fp_weights", None)  # (rebuilt on demand)
         st["_key_storages"], st["_key"] = [], None
         return st
 
@@ -371,7 +370,7 @@ class SeqPECache:
                 ver = None
             items.append((name, ver, t.data_ptr(), str(t.device), t.dtype, tuple(t.shape)))
             if (self.verify_values or ver is None) and t.numel():
-                items.append(_fingerprint(t))
+                items.append(_fingerprint(t, self.__dict__.setdefault("_fp_weights", {})))
         self._param_ids = ids
         # train / eval flags, and the forward hooks (their registration ids: a hook added or removed changes the
         # output module(...) gives; what a hook does later is its own business)

@@ -538,3 +538,32 @@ def test_forward_digits_default_pad_mask_equals_positions_path():
     digits, pad = tokenize(pos, 3)
     assert torch.equal(m(pos), m.forward_digits(digits))
     assert torch.equal(m(pos), m.forward_digits(digits, pad))
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "cpu", "triton"])
+def test_an_encoder_is_freed_when_its_last_reference_goes(backend):
+    """Each dropout layer held a reference back to its SeqPE (for the dropout_masks test hook): every encoder was
+    a reference cycle, its parameters (on a GPU, their memory) freed only when the cycle collector ran. A SeqPE
+    (backend None) and a FusedSeqPE on each backend, after training and eval calls."""
+    import gc
+    import weakref
+
+    import seqpe_kernels as sk
+    from conftest import require_ext
+
+    if backend == "cpu":
+        require_ext("cpu")
+    gc.collect()
+    gc.disable()
+    try:
+        cfg = dict(resid_pdrop=0.1, attn_pdrop=0.1)
+        m = sk.SeqPE(16, 2, 3, **cfg) if backend is None else sk.FusedSeqPE(16, 2, 3, **cfg, backend=backend)
+        m.dropout_masks = None
+        m.train()(torch.arange(5)).sum().backward()
+        with torch.no_grad():
+            m.eval()(torch.arange(5))
+        w = weakref.ref(m.out_proj.weight)
+        del m
+        assert w() is None
+    finally:
+        gc.enable()

@@ -72,10 +72,12 @@ class _Dropout(nn.Module):
         super().__init__()
         self.p = p
         self.site = ""
-        self.owner: Optional[list] = None  # [SeqPE], set by the owner; a list so it is not a submodule
+        # the owner's dropout_masks, handed down by its setter (a reference back to the owner instead made every
+        # SeqPE a reference cycle, its parameters freed only by the cycle collector)
+        self.masks: Optional[Dict[str, torch.Tensor]] = None
 
     def forward(self, x):
-        masks = self.owner[0].dropout_masks if self.owner else None
+        masks = self.__dict__.get("masks")  # (a module pickled by an earlier version has none)
         if masks is not None and self.site in masks and self.training and self.p > 0:
             m = masks[self.site]
             return x * m.to(x.dtype) * (1.0 / (1.0 - self.p))
@@ -195,8 +197,8 @@ class SeqPE(nn.Module):
         # out-of-range input (the C++ CPU backend still raises); this eager reference raises from
         # F.embedding for a digit id >= base and wraps positions >= base**max_digits to their low digits.
         self.check_range = True
-        # test hook: {site: keep-mask} replayed by the dropout layers (see _Dropout)
-        self.dropout_masks: Optional[Dict[str, torch.Tensor]] = None
+        # test hook: {site: keep-mask} replayed by the dropout layers (see _Dropout and the property below)
+        self.dropout_masks = None
 
         L = data_dim * max_digits
         self.pos_of_seqpe_embed = nn.Embedding(L, embed_dim)
@@ -213,8 +215,21 @@ class SeqPE(nn.Module):
         for i, blk in enumerate(self.transformers):
             for site, mod in ((f"attn{i}", blk.attn.attn_dropout), (f"resid_attn{i}", blk.attn.resid_dropout),
                               (f"resid_mlp{i}", blk.mlp.dropout)):
-                mod.site, mod.owner = site, [self]
+                mod.site = site
         self.reset_parameters(init_norm_weight)
+
+    @property
+    def dropout_masks(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Test hook: ``{site: keep-mask}`` that the dropout layers replay (sites ``attn{i}``, ``resid_attn{i}``,
+        ``resid_mlp{i}``), or None."""
+        return self.__dict__.get("_dropout_masks")
+
+    @dropout_masks.setter
+    def dropout_masks(self, masks: Optional[Dict[str, torch.Tensor]]) -> None:
+        self.__dict__["_dropout_masks"] = masks
+        for mod in self.modules():
+            if isinstance(mod, _Dropout):
+                mod.masks = masks
 
     # ------------------------------------------------------------------ init (SEQPE_SPEC §2.6, §2.7)
     @torch.no_grad()

@@ -149,13 +149,18 @@ def instructions(backends, steps: int = 50):
     return out
 
 
+def _warm_text_step(backend: str, M: int = 16):
+    """One text-config training step of ``backend`` as a call, run once (compilation, extension load)."""
+    mod, pos, gout = make(backend, TEXT, M)
+    step(mod, pos, gout)
+    return lambda: step(mod, pos, gout)
+
+
 def count_launches(backend: str, M: int = 16):
     """(operators that launch a kernel, Triton launches) for one text-config training step."""
     from seqpe_kernels.launches import count_launches as count
 
-    mod, pos, gout = make(backend, TEXT, M)
-    step(mod, pos, gout)  # warm-up (compilation, extension load)
-    return count(lambda: step(mod, pos, gout))
+    return count(_warm_text_step(backend, M))
 
 
 def host_syncs(backend: str, M: int = 16):
@@ -163,9 +168,7 @@ def host_syncs(backend: str, M: int = 16):
     ``make`` sets it: with it on, one read per call)."""
     from seqpe_kernels.launches import host_syncs as syncs
 
-    mod, pos, gout = make(backend, TEXT, M)
-    step(mod, pos, gout)
-    return [f"{op} at {where}" for op, where in syncs(lambda: step(mod, pos, gout))]
+    return [f"{op} at {where}" for op, where in syncs(_warm_text_step(backend, M))]
 
 
 def main(argv=None):

@@ -5,9 +5,9 @@ its host cost; on CPU the same operators run, so counting them there measures wh
 ``count_launches(fn)`` runs ``fn`` once under the torch profiler and returns ``(ops, triton)``: operators that
 do work (ATen and ``seqpe_ext`` kernels, a composite operator counted through the operators it calls; views,
 allocations and scalar reads excluded) outside Triton launches, and the number of Triton launches (the
-interpreter's own tensor copies inside a launch are not counted). ``host_syncs(fn)`` lists the operators of a
-call that would make the host wait for a GPU (scalar reads, value-dependent output sizes): a host-light step
-on a GPU needs none of them.
+interpreter's own tensor copies inside a launch are not counted). ``host_syncs(fn)`` lists the calls (operators
+and tensor methods) that would make the host wait for a GPU (scalar reads, value-dependent output sizes, host
+copies): a host-light step on a GPU needs none of them.
 """
 from __future__ import annotations
 

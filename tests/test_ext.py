@@ -748,7 +748,7 @@ def test_a_library_cut_short_is_rebuilt_or_refused_never_loaded(tmp_path, monkey
 
     # a writable JIT cache: relinked (the objects are kept), loaded, warned about, in a fresh process
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    where = subprocess.run([sys.executable, "-c", "from seqpe_kernels import _ext; import sys; "
+    where = subprocess.run([sys.executable, "-c", "from seqpe_kernels import _ext; "
                             f"print(_ext._build_directory({so.stem!r}))"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120).stdout.strip()
     shutil.copytree(so.parent, where, dirs_exist_ok=True)  # (torch made the folder when asked for it)

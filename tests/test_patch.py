@@ -822,22 +822,17 @@ def test_ddp_two_processes(tmp_path):
         assert torch.equal(a, b)  # all-reduced: the ranks agree
     if reps[0]["acc_type"] is not None:
         assert reps[0]["acc_type"] == "DistributedType.MULTI_CPU"
-        from seqpe_kernels.check import LP_ATOL_ULPS, _err, _scale
-
-        def two_error(fused, eager, fp32):  # KERNEL_GUIDE §5 against the fp32 module
-            bound = 2 * _err(eager, fp32) + LP_ATOL_ULPS * torch.finfo(torch.bfloat16).eps * _scale(fp32)
-            return _err(fused, fp32) <= bound, (_err(fused, fp32), bound)
+        from seqpe_kernels.check import _compare_two_error, _err
 
         for rep in reps:
             (yr, gr, fr), (yp, gp, fp), (y32, g32, _) = rep["acc_ref"], rep["acc_pat"], rep["acc_32"]
             assert fp and not fr and yp.dtype == torch.float32
             assert _err(yp, y32) > 0  # it did compute in bf16
-            ok, why = two_error(yp, yr, y32)
-            assert ok, why
             assert len(gp) == len(gr) == len(g32)
-            for i, (a, b, c) in enumerate(zip(gp, gr, g32)):
-                ok, why = two_error(a, b, c)
-                assert ok, (i, why)
+            # KERNEL_GUIDE §5 against the fp32 module, output and every gradient
+            qs, missing = _compare_two_error(yp, dict(enumerate(gp)), yr, dict(enumerate(gr)), y32,
+                                             dict(enumerate(g32)), torch.bfloat16)
+            assert not missing and all(q.ok for q in qs), [q for q in qs if not q.ok]
 
 
 # ----------------------------------------------------------------------------------------------- main model: attn_scalar

@@ -222,6 +222,7 @@ class SeqPECache:
         # one call at a time: lookups, inserts, evictions and the state key share the index (threads filling one
         # cache at once handed each other's rows back and corrupted the index for good)
         self._lock = threading.RLock()
+        self._fp_weights: dict = {}  # verify_values' fingerprint vectors (_fingerprint): this cache's
         self._register()
 
     def _register(self) -> None:
@@ -239,7 +240,7 @@ class SeqPECache:
         # the same weak reference twice, a heap corruption; the copy refreshes its key on its first call)
         st = dict(self.__dict__)
         st.pop("_lock", None)
-        st.pop("_fp_weights", None)  # (rebuilt on demand)
+        st["_fp_weights"] = {}  # (rebuilt on demand)
         st["_key_storages"], st["_key"] = [], None
         return st
 
@@ -370,7 +371,7 @@ class SeqPECache:
                 ver = None
             items.append((name, ver, t.data_ptr(), str(t.device), t.dtype, tuple(t.shape)))
             if (self.verify_values or ver is None) and t.numel():
-                items.append(_fingerprint(t, self.__dict__.setdefault("_fp_weights", {})))
+                items.append(_fingerprint(t, self._fp_weights))
         self._param_ids = ids
         # train / eval flags, and the forward hooks (their registration ids: a hook added or removed changes the
         # output module(...) gives; what a hook does later is its own business)

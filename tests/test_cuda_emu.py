@@ -429,10 +429,7 @@ def test_cuda_backend_nan_survives_residual_dropout(emulated_backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_backend_autocast_two_error_rule(emulated_backend, dtype):
     """Half-precision GEMM outputs into the emulated kernels (mixed dtypes, fp32 residual stream)."""
-    from test_fused import _seed, check_cpu_autocast, perturbed_pair, random_positions
+    from test_fused import _seed, check_two_error_rule
 
-    s = _seed()
-    ref, fus = perturbed_pair(device="cpu", backend="cpu", embed_dim=64, num_heads=4, max_digits=3,
-                              mask_padding=True)
-    check_cpu_autocast(ref, fus, random_positions(47, 3, 1, device="cpu"), dtype,
-                       f"emulated CUDA backend, CPU autocast {dtype} seed {s}")
+    check_two_error_rule(dtype, dict(embed_dim=64, num_heads=4, max_digits=3, mask_padding=True), 47, device="cpu",
+                         backend="cpu", seed=_seed(), what="emulated CUDA backend, CPU autocast")

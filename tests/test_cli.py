@@ -8,6 +8,7 @@ import torch
 from seqpe_kernels import cli
 from seqpe_kernels.bench import CSV_COLUMNS, BenchConfig, make_positions, run_bench, CONFIGS, quick_M
 from seqpe_kernels.backend import BACKENDS
+from conftest import current_seed
 
 REQUIRED = ("config", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "tflops", "floor_ratio",
             "speedup_vs_eager", "device", "torch_version", "triton_version", "cuda_version", "dtype", "git_commit",
@@ -162,6 +163,36 @@ def test_check_mask_rates_catch_a_draw_that_drops_too_little(rate, ok):
             masks[f"{site}{i}"] = (torch.rand(M, T, D, generator=g) >= rate).float()
     msg = check._mask_rates(m, masks)
     assert (msg == "") == ok, msg
+
+
+def test_check_table_shows_what_the_two_error_judgement_read_as_noise_and_why_a_quantity_fails():
+    """check's table: a quantity past its max-abs bound that judge_two_error read as one element's rounding noise
+    gets a 'passing:' line with its ratios and the row passes; a failing one names the reason."""
+    from seqpe_kernels.check import CheckRow, ErrStats, _row, format_check_table, judge_two_error
+
+    gen = torch.Generator().manual_seed(current_seed())
+    ref = torch.randn(4, 64, generator=gen, dtype=torch.float64)
+    unit = torch.finfo(torch.bfloat16).eps * ref.abs().max(1, keepdim=True).values
+    noise = (torch.rand(4, 64, generator=gen, dtype=torch.float64) * 2 - 1) * 0.3 * unit
+    t = ref + noise
+    t[1, 5] = ref[1, 5] + 1.2 * unit[1, 0]  # torch's worst element in the run
+    f = ref + noise.flip(1)
+    f[0, 7] = ref[0, 7] + 2.0 * unit[0, 0]  # one element 2 eps off: past 2x its own quantity's torch error
+    stats = {"out": ErrStats.of(t[2], t[2], ref[2])}  # (a row prints its quantities when it has an output)
+    stats.update({f"grad:w{i}": ErrStats.of(f[i], t[i], ref[i]) for i in range(4)})
+
+    class Case:
+        name = "text"
+
+    qs = judge_two_error(stats, torch.bfloat16)
+    row = _row("triton", Case, "bf16", qs, [])
+    table = format_check_table([row], torch.device("cpu"), 1, {}, 0.1)
+    assert row.status == "pass" and "passing: grad:w0" in table and "rounding noise" in table, table
+    f[0, 7] += 20.0 * unit[0, 0]
+    stats["grad:w0"] = ErrStats.of(f[0], t[0], ref[0])
+    row = _row("triton", Case, "bf16", judge_two_error(stats, torch.bfloat16), [])
+    table = format_check_table([row], torch.device("cpu"), 1, {}, 0.1)
+    assert row.status == "FAIL" and "failing: grad:w0" in table and "torch's worst in any quantity" in table, table
 
 
 def test_check_two_error_rule_fails_when_eager_overflows():
@@ -343,8 +374,9 @@ def test_check_command_as_a_user_runs_it():
 
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "seqpe_kernels.cli", "check"], env=env, capture_output=True,
-                       text=True, timeout=600)
+    # (the test's seed, so SEQPE_TEST_SEED replays a failure; check's own default is a fresh one)
+    r = subprocess.run([sys.executable, "-m", "seqpe_kernels.cli", "check", "--seed", str(current_seed())], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "check PASSED" in r.stdout and " FAIL" not in r.stdout
 

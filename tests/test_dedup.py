@@ -219,6 +219,12 @@ def test_unique_positions_matches_the_rowwise_unique(d, radix, M, bad_rate, seed
     second key space)."""
     g = torch.Generator().manual_seed(seed)
     pool = torch.randint(0, radix, (max(1, M // 3), d), generator=g)  # few distinct rows: many duplicates
+    # half the coordinates at the range's edges (0, 1, radix - 2, radix - 1): a packing that aliases distinct rows
+    # does so there first ([a, radix - 1] and [a + 1, 0] with a radix - 1 multiplier; a mutant that uniform
+    # coordinates let through)
+    edges = torch.tensor([0, 1, radix - 2, radix - 1]).clamp(0, radix - 1)
+    at_edge = torch.rand(pool.shape, generator=g) < 0.5
+    pool = torch.where(at_edge, edges[torch.randint(0, 4, pool.shape, generator=g)], pool)
     pos = pool[torch.randint(0, pool.shape[0], (M,), generator=g)]
     bad = torch.rand(M, generator=g) < bad_rate
     if bad.any() and d > 1:
@@ -243,6 +249,27 @@ def test_unique_positions_matches_the_rowwise_unique(d, radix, M, bad_rate, seed
         assert torch.equal(uniq, ref_u) and torch.equal(inv, ref_inv)
     else:  # out-of-range rows (their outputs are NaN rows anyway) are kept one per input row, never shared
         assert int((~ok).sum()) == int(((pos < 0) | (pos >= radix)).any(1).sum())
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("radix", [2, 3, 10, 1000])
+def test_unique_positions_never_merges_distinct_rows(d, radix):
+    """Every distinct in-range row stays its own: the whole grid where it is small, else rows that differ by a
+    carry between neighbouring coordinates ([.., a, radix - 1, ..] and [.., a + 1, 0, ..]), the pairs a wrong
+    packing radix merges first."""
+    if radix ** d <= 4096:
+        pos = torch.cartesian_prod(*[torch.arange(radix)] * d).view(-1, d)
+    else:
+        g = torch.Generator().manual_seed(seed_for_case("carry", d, radix))
+        a = torch.randint(0, radix - 1, (50, d), generator=g)
+        j = torch.randint(0, d - 1, (50,), generator=g)
+        lo, hi = a.clone(), a.clone()
+        rows = torch.arange(50)
+        lo[rows, j + 1], hi[rows, j], hi[rows, j + 1] = radix - 1, a[rows, j] + 1, 0
+        pos = torch.cat([lo, hi, lo])  # (and one duplicate of each, which must merge)
+    uniq, inv = unique_positions(pos, radix)
+    ref_u, ref_inv = torch.unique(pos, dim=0, sorted=True, return_inverse=True)
+    assert torch.equal(uniq[inv], pos) and torch.equal(uniq, ref_u) and torch.equal(inv, ref_inv)
 
 
 def test_unique_positions_without_an_int64_key():

@@ -589,21 +589,17 @@ def test_verify_catches_a_fork_that_changed_the_math():
 # ----------------------------------------------------------------------------------------------- precision
 def test_autocast_bf16_two_error_rule():
     """bf16 autocast: patched and unpatched compute in bf16 (same dtypes out); against the fp32 module, the fused
-    error is within twice the eager bf16 error (+ atol) for the output and every gradient.
+    errors are within check.judge_two_error's two-error rule, output and every gradient, pooled over three
+    independent draws (modules, digits, gradients).
 
-    Each error is the largest over three independent draws (modules, digits, gradients): with one draw the rule
-    compares the maxima of two 64-element error vectors, whose ratio has a tail past 2 even where the fused path is
-    the more accurate one (measured over 200 seeds: median fused/eager max-error ratio 0.8-0.98 for every
-    parameter, RMS-error ratio <= 1.46, yet 3 draws in 200 broke the rule on one element, in the last block's
-    LayerNorm weight or layer 0's c_attn weight; over three draws: 0 of 66 triples, worst ratio to the bound 0.86).
-    The bound itself is unchanged."""
+    With its own max-abs rule (2x eager's error + 1e-3 x max|ref|, also over three draws) this test failed 5 runs
+    in 1,000 on correct code (a CI-flake audit, 2026-12-01: always one LayerNorm weight gradient, 2.1-2.5x eager's
+    error on one element), the tail the shared judgement tells from a less accurate path."""
+    from seqpe_kernels.check import ErrStats, judge_two_error
+
     require_ext("cpu")
     _seed()
-    errs = {}
-
-    def err(a, b):
-        return (a.float() - b.float()).abs().max().item()
-
+    stats = {}
     for _ in range(3):
         m = authors(pe_embed_dim=64, num_attention_heads=4)
         ref = copy.deepcopy(m)
@@ -621,11 +617,10 @@ def test_autocast_bf16_two_error_rule():
         quantities = [("out", outs["fused"][0], outs["eager"][0], outs["fp32"][0])]
         quantities += [(n, outs["fused"][1][n], outs["eager"][1][n], g32) for n, g32 in outs["fp32"][1].items()]
         for n, f, e, r in quantities:
-            fe, ee, sc = errs.get(n, (0.0, 0.0, 0.0))
-            errs[n] = (max(fe, err(f, r)), max(ee, err(e, r)), max(sc, r.abs().max().item()))
-    atol = 1e-3
-    for n, (fe, ee, sc) in errs.items():
-        assert fe <= 2 * ee + atol * (sc if n != "out" else 1.0), (n, fe, ee, sc)
+            new = ErrStats.of(f, e, r)
+            stats[n] = stats[n].merge(new) if n in stats else new
+    bad = [(q.name, q.err, q.bound, q.why) for q in judge_two_error(stats, torch.bfloat16) if not q.ok]
+    assert not bad, bad
 
 
 def test_detect_anomaly():

@@ -183,21 +183,23 @@ inline void add_row(const acc_t* __restrict x, const acc_t* __restrict y, acc_t*
   for (int64_t c = 0; c < n; ++c) h[c] = x[c] + y[c];
 }
 
-// LayerNorm statistics of a row: mean and 1/sqrt(var + eps), biased variance (as the Triton kernel)
+// LayerNorm statistics of a row: mean and 1/sqrt(var + eps), biased variance (as the Triton kernel). The two row
+// sums accumulate in double: a float sum over the row in sequence was up to 2.2e-6 off at D = 12300 (6e-7 at 4100)
+// where the GPU kernels' tree sums stay at 1.4e-7 (a sanitizer run's emulated-CUDA comparison failed on it)
 template <typename acc_t>
 inline void ln_stats_row(const acc_t* __restrict h, int64_t n, acc_t eps, acc_t& mean, acc_t& rstd) {
-  acc_t s = 0;
+  double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += h[c];
-  const acc_t mu = s / static_cast<acc_t>(n);
-  acc_t sq = 0;
+  for (int64_t c = 0; c < n; ++c) s += static_cast<double>(h[c]);
+  const acc_t mu = static_cast<acc_t>(s / static_cast<double>(n));
+  double sq = 0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t c = 0; c < n; ++c) {
-    const acc_t d = h[c] - mu;
+    const double d = static_cast<double>(h[c] - mu);
     sq += d * d;
   }
   mean = mu;
-  rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(n) + eps);
+  rstd = static_cast<acc_t>(1.0 / std::sqrt(sq / static_cast<double>(n) + static_cast<double>(eps)));
 }
 
 template <typename acc_t>

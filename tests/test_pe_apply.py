@@ -297,3 +297,23 @@ def test_attn_scalar_runs_on_the_flash_kernel():
         out = attn_scalar(q, k, v, pq, pk, scalar_scale=0.5, causal=True)
     want = attn_scalar_explicit(q, k, v, pq, pk, scalar_scale=0.5, causal=True)
     assert out.shape == (B, H, N, d) and (out - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("mask", ["none", "zero_float", "all_true_bool"])
+@pytest.mark.parametrize("Nq,Nk", [(2, 5), (1, 4), (3, 3)])
+def test_causal_with_cached_keys_is_bottom_right_aligned(mask, Nq, Nk):
+    """Nq < Nk (decoding with cached keys): query i sits at key Nk - Nq + i, as GPT-2's mask slice and
+    attn_scalar_explicit have it, with or without an extra attn_mask. SDPA's own is_causal aligns top-left when
+    Nq != Nk: used unmasked, it let a decode step see only the first keys."""
+    g = torch.Generator().manual_seed(seed_for_case(mask, Nq, Nk))
+    B, H, d = 2, 2, 4
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(B, H, Nq, d), r(B, H, Nk, d), r(B, H, Nk, d)
+    pq, pk = r(1, H, Nq, d), r(1, H, Nk, d)
+    m = {"zero_float": torch.zeros(Nq, Nk, dtype=torch.float64),
+         "all_true_bool": torch.ones(Nq, Nk, dtype=torch.bool), "none": None}[mask]
+    got = attn_scalar(q, k, v, pq, pk, scalar_scale=0.5, causal=True, attn_mask=m)
+    torch.testing.assert_close(got, attn_scalar_explicit(q, k, v, pq, pk, scalar_scale=0.5, causal=True))
+    allowed = torch.ones(Nq, Nk, dtype=torch.bool).tril(Nk - Nq)
+    w = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(pe_attention(q, k, v, "nope", causal=True, attn_mask=m), w.softmax(-1) @ v)

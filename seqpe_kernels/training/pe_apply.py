@@ -249,12 +249,19 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
-def _sdpa_mask(attn_mask: Optional[torch.Tensor], causal: bool, Nq: int, Nk: int):
+def _sdpa_mask(attn_mask: Optional[torch.Tensor], causal: bool, Nq: int, Nk: int, device: torch.device):
     """(mask, is_causal) for SDPA: with both a mask and ``causal`` the causal part is folded into the mask (SDPA
-    takes one or the other; dropping ``causal`` silently let queries see the future)."""
-    if attn_mask is None or not causal:
-        return attn_mask, causal and attn_mask is None
-    allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=attn_mask.device).tril(Nk - Nq)
+    takes one or the other; dropping ``causal`` silently let queries see the future). The causal diagonal is
+    bottom-right aligned (query i sits at key Nk - Nq + i: decoding with cached keys, as GPT-2's mask slice and
+    attn_scalar_explicit have it); SDPA's ``is_causal`` is top-left aligned when Nq != Nk, so it is used only for
+    Nq == Nk (a mismatch there let a cached decode step attend to the wrong keys)."""
+    if not causal:
+        return attn_mask, False
+    if attn_mask is None and Nq == Nk:
+        return None, True
+    allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(Nk - Nq)
+    if attn_mask is None:
+        return allowed, False
     if attn_mask.dtype == torch.bool:
         return attn_mask & allowed, False
     return attn_mask.masked_fill(~allowed, float("-inf")), False
@@ -292,7 +299,7 @@ def attn_scalar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: torch.Ten
     # for q, k and v, and without them SDPA falls back to the math path that materialises [B, H, N, N]
     d_v = v.shape[-1]
     v_aug = F.pad(v, (0, q_aug.shape[-1] - d_v)) if q_aug.shape[-1] != d_v else v
-    mask, is_causal = _sdpa_mask(attn_mask, causal, q.shape[2], k.shape[2])
+    mask, is_causal = _sdpa_mask(attn_mask, causal, q.shape[2], k.shape[2], q.device)
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=sc)
     return out[..., :d_v] if v_aug is not v else out
@@ -379,6 +386,6 @@ def pe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str,
         q, k = rotary(q, k, tables=rope)
     elif method not in ("input_add", "nope", "alibi"):
         raise ValueError(f"unknown PE method {method!r}; expected one of {METHODS}")
-    mask, is_causal = _sdpa_mask(attn_mask, causal, q.shape[2], k.shape[2])
+    mask, is_causal = _sdpa_mask(attn_mask, causal, q.shape[2], k.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=sc)

@@ -192,6 +192,21 @@ def test_authors_text_run_settings_are_read(tmp_path, files):
 
 
 @needs_safetensors
+def test_authors_text_run_pe_config_wins_over_train_args(tmp_path):
+    """Where the two run files disagree, pe_config.json (the PE's own config dump) is read first and
+    train_args.json only fills what it lacks (the test above writes the same values to both)."""
+    m = small(num_heads=4, attn_direction="bi", mask_padding=True, temperature=0.5, max_digits=5)
+    step = _authors_text_run(tmp_path, m, ("pe_config.json", "train_args.json"))
+    args = json.loads((step.parent / "train_args.json").read_text())
+    args.update(seqpe_attn_direction="causal", seqpe_temperature=2.0, seqpe_mask_padding=False)
+    (step.parent / "train_args.json").write_text(json.dumps(args))
+    o = quiet_load(step).eval()
+    assert (o.num_heads, o.attn_direction, o.mask_padding, o.temperature) == (4, "bi", True, 0.5)
+    pos = torch.randint(0, 10 ** 5, (13,))
+    assert torch.equal(o(pos), m(pos))
+
+
+@needs_safetensors
 def test_authors_text_run_other_activation_or_other_run_is_refused(tmp_path):
     m = small(num_heads=4, max_digits=5)
     for act in ("gelu", "relu"):  # SeqPE computes gelu_new only

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqpe_kernels.reference.losses import (PeWeightScheduler, contrastive_loss, kl_div_mean, transfer_loss)
+from seqpe_kernels.reference.losses import (PeWeightScheduler, contrastive_loss, gram_log_softmax, kl_div_mean,
+                                            transfer_loss)
 
 
 
@@ -137,16 +138,19 @@ def test_transfer_beta_one_main_gets_exactly_zero_grad(metric):
     assert torch.count_nonzero(y.grad[N:]) > 0
 
 
-def test_transfer_beta_splits_gradients():
-    g = torch.Generator().manual_seed(4)
+@pytest.mark.parametrize("metric", ["kl_div", "mse"])
+def test_transfer_beta_splits_gradients(metric):
+    """beta x the loss with the main PEs as the (detached) teacher trains only the transfer PEs; (1 - beta) x the
+    mirror image trains only the main PEs: for each metric (a detach on the wrong side of the mse form left the
+    main PEs untrained and the loss still fell)."""
     N, O, bt, tn, nh = 8, 8, 2, 3, 2
-    main0 = torch.randn(N, O, generator=g, dtype=torch.float64)
-    trans0 = torch.randn(bt * tn, O, generator=g, dtype=torch.float64)
-    idx = torch.tensor([0, 5, 2, 7, 1, 3])
+    main0 = torch.randn(N, O, dtype=torch.float64)
+    trans0 = torch.randn(bt * tn, O, dtype=torch.float64)
+    idx = torch.randperm(N)[:bt * tn]
 
     def grads(beta):
         m, t = main0.clone().requires_grad_(), trans0.clone().requires_grad_()
-        transfer_loss(m, idx, t, nh, beta=beta, batch_size=bt).backward()
+        transfer_loss(m, idx, t, nh, beta=beta, metric=metric, batch_size=bt).backward()
         return (m.grad if m.grad is not None else torch.zeros_like(m)), t.grad
 
     gm1, gt1 = grads(1.0)
@@ -158,8 +162,22 @@ def test_transfer_beta_splits_gradients():
     lp = F.log_softmax((lambda a: a @ a.transpose(-1, -2))(m[idx].reshape(bt, tn, nh, -1).permute(0, 2, 1, 3)), -1)
     b = trans0.reshape(bt, tn, nh, -1).permute(0, 2, 1, 3)
     lq = F.log_softmax(b @ b.transpose(-1, -2), -1)
-    (0.2 * ((lp.exp() * (lp - lq)).mean() + (lq.exp() * (lq - lp)).mean())).backward()
+    mirror = (lp.exp() * (lp - lq)).mean() + (lq.exp() * (lq - lp)).mean() if metric == "kl_div" else F.mse_loss(lq, lp)
+    (0.2 * mirror).backward()
+    assert torch.count_nonzero(m.grad) > 0
     torch.testing.assert_close(gm8, m.grad)
+
+
+def test_gram_log_softmax_normalises_the_last_axis():
+    """Each row of the [B, n_h, T, T] result is a log-distribution over keys. The Gram matrix is symmetric, so
+    transfer_loss cannot tell a softmax over the other axis (the transpose); the exported function's rows can."""
+    B, T, H, w = 2, 5, 3, 2
+    pe = torch.randn(B * T, H * w, dtype=torch.float64)
+    out = gram_log_softmax(pe, batch_size=B, num_heads=H, scale=0.7)
+    assert out.shape == (B, H, T, T)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(B, H, T, dtype=torch.float64))
+    a = pe.reshape(B, T, H, w).permute(0, 2, 1, 3)
+    torch.testing.assert_close(out, F.log_softmax(0.7 * a @ a.transpose(-1, -2), dim=-1))
 
 
 def test_transfer_mse_value():

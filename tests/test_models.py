@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from seqpe_kernels.training.models import GPTConfig, SeqPEGPT, SeqPEViT, ViTConfig
 from seqpe_kernels.reference.seqpe import SeqPE
@@ -109,6 +110,56 @@ def test_vit_forward_extend_and_windows(method, qk, mh):
 def test_vit_default_positions_row_major():
     m = _vit("attn_mul", "multi", True)
     assert m.default_positions((2, 3)).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+
+
+# --- the wiring a "loss falls" test cannot see (each test below fails on one mutation that trains fine)
+@pytest.mark.parametrize("method,qk", [("input_add", "single"), ("attn_scalar", "single")])
+def test_gpt_loss_is_next_token_cross_entropy(method, qk):
+    """GPT-2's convention: logits at token t are scored against token t+1 (labels shifted inside). Unshifted,
+    a model learns to copy its input and its loss still falls."""
+    m = _gpt(method, qk, True).eval()
+    V = m.config.vocab_size
+    ids = torch.randint(0, V, (3, 12))
+    logits, loss = m(ids, labels=ids)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+    assert not torch.allclose(loss, F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, :-1].reshape(-1)))
+
+
+@pytest.mark.parametrize("method,qk,mh", [("input_add", "single", True), ("attn_add", "single", False),
+                                        ("rotary", "single", False)])
+def test_gpt_reads_the_first_rows_of_a_longer_pe_table(method, qk, mh):
+    """pe [P, >= N, O]: token t takes row t (the documented API accepts a table longer than the sequence).
+    (attn_mul / attn_scalar are left out: at init their PE projections move the logits by < 1e-6.)"""
+    m = _gpt(method, qk, mh).eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        long_pe = m.encode_positions(20)
+        torch.testing.assert_close(m(ids, pe=long_pe)[0], m(ids, pe=long_pe[:, :8])[0])
+        torch.testing.assert_close(m(ids, pe=long_pe)[0], m(ids)[0])
+
+
+@pytest.mark.parametrize("method,qk,mh", [("attn_mul", "multi", True), ("input_add", "single", True)])
+def test_vit_classifies_from_the_cls_token(method, qk, mh):
+    m = _vit(method, qk, mh).eval()
+    seen = {}
+    m.norm.register_forward_hook(lambda mod, inp, out: seen.__setitem__("x", out))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.head(seen["x"][:, 0]))  # token 0 = the CLS token (prepended)
+
+
+def test_vit_cls_token_takes_the_cls_pe_row_and_patch_t_row_t():
+    m = _vit("input_add", "single", True).eval()
+    seen = {}
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        m(x)
+        tokens = torch.cat([m.cls_token.expand(1, -1, -1), m.patch_embed(x).flatten(2).transpose(1, 2)], 1)
+        pe = m.encode_positions(m.config.grid)
+        want = tokens + torch.cat([m.cls_token_pos_embed, pe], 1)
+    torch.testing.assert_close(seen["x"], want)
 
 
 def test_paper_configs():

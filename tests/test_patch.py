@@ -978,3 +978,35 @@ def test_probe_falls_back_to_the_module_itself(monkeypatch):
     m(x, pm)
     assert all(s.training for s in m.modules())
     assert patch_state(m).__dict__.get("_verified")
+
+
+def test_each_dropout_kind_survives_module_config_to_fused_and_the_patch_view():
+    """Residual and attention dropout differ here (elsewhere they are equal or attention's is 0, so a swap of the
+    two in module_config / to_fused / save_checkpoint's record / the patched view could not show)."""
+    from seqpe_kernels.checkpoint import encoder_config
+    from seqpe_kernels.patch import module_config
+
+    m = A.SequentialPE(pe_embed_dim=32, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
+                       mask_padding=False, resid_pdrop=0.1, attn_pdrop=0.25)
+    want = (0.1, 0.25)
+    cfg = module_config(m)
+    assert (cfg["resid_pdrop"], cfg["attn_pdrop"]) == want
+    rec = encoder_config(m)  # what save_checkpoint records for the authors' module
+    assert (rec["resid_pdrop"], rec["attn_pdrop"]) == want
+    enc = to_fused(m, backend="torch")
+    assert (enc.resid_pdrop, enc.attn_pdrop) == want
+    sk.patch(m, backend="torch")
+    v = patch_state(m)
+    assert (v.resid_pdrop, v.attn_pdrop) == want
+
+
+def test_module_config_refuses_a_module_whose_mlp_dropout_differs():
+    """The MLP's dropout is a residual dropout: one block's set apart is refused with the reason (PatchError),
+    not read as the others' value."""
+    from seqpe_kernels.patch import module_config
+
+    m = A.SequentialPE(pe_embed_dim=32, num_attention_heads=2, layer_num=2, max_digits=2, use_last_layernorm=True,
+                       mask_padding=False, resid_pdrop=0.1, attn_pdrop=0.0)
+    m.transformers[1].mlp.dropout.p = 0.3
+    with pytest.raises(PatchError, match="residual-dropout"):
+        module_config(m)

@@ -418,6 +418,24 @@ def test_state_dict_without_last_layernorm():
     assert got == expected_state_dict(64, 3, 1, 64, layers=3, last_ln=False)
 
 
+@pytest.mark.parametrize("data_dim", [1, 2])
+def test_no_weight_decay_keywords_are_the_authors(data_dim):
+    """What an optimizer's grouping skips (SEQPE_SPEC §2): every LayerNorm, both embeddings, CLS, the dim tokens;
+    against the authors' transcription (a training test that used the module's own list as its oracle could not
+    see a LayerNorm dropped from it). The authors' set has CLS only with use_cls_token, which SeqPE always has."""
+    import authors_seqpe as A
+
+    ours = SeqPE(16, 2, 2, data_dim=data_dim).no_weight_decay_keywords()
+    theirs = A.SequentialPE(16, 2, 1, 2, data_dim=data_dim).no_weight_decay_keywords()
+    assert set(ours) == set(theirs) == {"pos_of_seqpe_embed", "token_of_seqpe_embed", "layernorm",
+                                        "cls_token_embed"} | ({"dim_token_embed"} if data_dim > 1 else set())
+    skipped = {n for n, _ in SeqPE(16, 2, 2, data_dim=data_dim, use_last_layernorm=True).named_parameters()
+               if any(k in n for k in ours)}
+    assert {n for n in skipped if "layernorm" in n} == {f"transformers.{i}.layernorm_{j}.{w}" for i in range(2)
+                                                        for j in (1, 2) for w in ("weight", "bias")} | \
+        {"layernorm.weight", "layernorm.bias"}
+
+
 # ============================================================================ initialisation (§2.6, §2.7)
 def _check_normal(t, std, name, n_sigma=6.0):
     n = t.numel()

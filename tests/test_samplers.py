@@ -10,6 +10,8 @@ from seqpe_kernels.training.samplers import (MainWindowSampler, TransferSampler,
                                              merge_positions, resolve_main_batch_size, split_outputs, transfer_active)
 from seqpe_kernels.training.samplers import _ordered_sample
 
+from conftest import current_seed
+
 
 
 def _sq(a, b):
@@ -25,20 +27,27 @@ def test_ordered_sample_distinct_in_range(n, k):
     assert all(len(set(r)) == k for r in x.tolist())
 
 
-def test_ordered_sample_uniform_first_slot():
-    x = _ordered_sample(np.random.default_rng(1), 8, 2, 40000)  # sparse path
-    counts = np.bincount(x[:, 1], minlength=8)
-    assert counts.min() > 4500 and counts.max() < 5500  # expected 5000 each
+@pytest.mark.parametrize("n,k", [(8, 2), (8, 4), (8, 8)], ids=["sparse", "dense", "permutation"])
+def test_ordered_sample_uniform_in_every_slot(n, k):
+    """Each slot of a row is uniform over range(n), on both paths: a dense path (4k > n) returning its subsets
+    sorted biased the simple negatives (the largest draw is the one a [:C] cut drops)."""
+    x = _ordered_sample(np.random.default_rng(current_seed()), n, k, 40000)
+    for slot in range(k):
+        counts = np.bincount(x[:, slot], minlength=n)  # expected 5000 each (sd ~66)
+        assert counts.min() > 4500 and counts.max() < 5500, (slot, counts)
 
 
 def test_epoch_order_structure():
-    rng = np.random.default_rng(0)
-    o = epoch_order(rng, 10, n_batch=2, batch_size=4)  # 8 < 10: all once, topped up to 12
-    assert len(o) == 12 and set(o.tolist()) == set(range(10))
-    assert np.bincount(o, minlength=10).max() <= 2
-    o = epoch_order(rng, 10, n_batch=5, batch_size=5)  # 25 >= 10: 2 copies + 5 distinct extra
-    c = np.bincount(o, minlength=10)
-    assert len(o) == 25 and c.min() == 2 and c.max() == 3 and (c == 3).sum() == 5
+    """§5.1: the items once each (or whole copies), then a remainder drawn without replacement; over many draws
+    (one fixed draw hid a top-up drawn with replacement)."""
+    for s in range(100):
+        rng = np.random.default_rng(current_seed() + s)
+        o = epoch_order(rng, 10, n_batch=2, batch_size=4)  # 8 < 10: all once, topped up to 12
+        c = np.bincount(o, minlength=10)
+        assert len(o) == 12 and c.min() == 1 and c.max() == 2 and (c == 2).sum() == 2, s
+        o = epoch_order(rng, 10, n_batch=5, batch_size=5)  # 25 >= 10: 2 copies + 5 distinct extra
+        c = np.bincount(o, minlength=10)
+        assert len(o) == 25 and c.min() == 2 and c.max() == 3 and (c == 3).sum() == 5, s
 
 
 def test_grid_positions_row_major():
@@ -77,6 +86,16 @@ def test_main_shift_pool_1d():
     # whole valid range reachable with a pool of everything
     m_all = MainWindowSampler(N, mx, use_random_shift=True, shift_pool_size=0, seed=0)
     assert sorted(m_all.pool.tolist()) == list(range(mx - N + 1))
+
+
+def test_main_shift_pool_2d_holds_every_corner():
+    """§4.5: the 2-D pool is every corner (i, j) in {0..G-h} x {0..G-w} (14x14 windows in a 100x100 grid: 87^2);
+    a pool one row / column short never trains the last positions."""
+    m = MainWindowSampler((14, 14), 10000, data_dim=2, use_random_shift=True, shift_pool_size=0, seed=current_seed())
+    assert len(m.pool) == 87 * 87
+    assert {tuple(c) for c in m.pool.tolist()} == {(i, j) for i in range(87) for j in range(87)}
+    r = MainWindowSampler((3, 4), 100, data_dim=2, use_random_shift=True, shift_pool_size=0, seed=current_seed())
+    assert {tuple(c) for c in r.pool.tolist()} == {(i, j) for i in range(8) for j in range(7)}
 
 
 def test_main_shift_pointer_semantics():
@@ -227,6 +246,22 @@ def test_hard_negatives_1d_2d():
         assert all((r, c) != p for r, c in hn)  # squared distance > 0
         far = s2.generate_hard_negatives(p, 40, min_sq_dist=50)
         assert all((r - p[0]) ** 2 + (c - p[1]) ** 2 > 50 for r, c in far)
+
+
+def test_hard_negative_threshold_is_over_the_first_simple_negatives():
+    """§5.1: a hard negative must be farther from its pivot than the nearest of the first C+1-n_hard simple
+    negatives (the ones it does not replace); recomputed here from the sampler's own draw (a copy of its RNG),
+    not from the threshold it reports."""
+    import copy
+
+    s = ContrastiveSampler(20000, 32, 8, pipeline="text", seed=current_seed())
+    for trial in range(3):
+        piv = np.sort(np.random.default_rng(current_seed() + trial).choice(20000, 8, replace=False))
+        rng = copy.deepcopy(s.rng)  # the simple negatives are prepare_batch's first draw
+        simple = s._coords(_ordered_sample(rng, s.n_pivots, s.C + 1, 8))
+        b = s.prepare_batch(piv, modes=np.full(8, 1))
+        want = ((simple[:, :s.C + 1 - s.n_hard] - piv[:, None]) ** 2).min(1)
+        assert b.simple_min_sq_dist.tolist() == want.astype(float).tolist()
 
 
 def test_hard_negatives_look_like_edits():

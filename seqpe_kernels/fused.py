@@ -270,7 +270,9 @@ class FusedSeqPE(SeqPE):
 
     def _record_masks(self, rec, seeds, M, p_res, p_att, impl):
         """Fill ``rec`` with the keep-masks the kernels will draw, shaped like the reference's sites. Every
-        fused backend draws the same Philox stream (offset = flat index of the site's tensor)."""
+        fused backend draws the same Philox stream (offset = flat index of the site's tensor). The call's masks
+        go in with one ``dict.update`` (atomic under the GIL): calls from several threads leave one call's
+        complete set, never a mix of two calls' sites."""
         from .ops._common import IMPL_EXT
 
         # the C++ backend's stream drawn by the Triton kernel where Triton runs on CUDA (the same Philox stream,
@@ -292,13 +294,14 @@ class FusedSeqPE(SeqPE):
 
         D, H, T, nl = self.embed_dim, self.num_heads, self.seq_len, self.num_layers
         dev = seeds.device
+        out = {}
         for i in range(nl):
             last = i == nl - 1
             TQ = 1 if last else T
             if p_att > 0:  # attention offsets ((m*H + h)*TQ + i)*T + j are the flat index of [M, H, TQ, T]
                 full = torch.ones(M, H, T, T, device=dev)
                 full[:, :, T - TQ:] = keep(3 * i, (M, H, TQ, T), p_att)
-                rec[f"attn{i}"] = full
+                out[f"attn{i}"] = full
             if p_res > 0:
                 for site, idx in ((f"resid_attn{i}", 3 * i + 1), (f"resid_mlp{i}", 3 * i + 2)):
                     if last:
@@ -306,4 +309,7 @@ class FusedSeqPE(SeqPE):
                         full[:, T - 1] = keep(idx, (M, D), p_res)
                     else:
                         full = keep(idx, (M * T, D), p_res).view(M, T, D)
-                    rec[site] = full
+                    out[site] = full
+        held = dict(rec)  # the masks replaced stay alive until after the update: a tensor freed inside it can
+        rec.update(out)   # let another thread run (measured: mixed sets without this)
+        del held

@@ -743,3 +743,30 @@ def test_dedup_refuses_dropout_unless_asked():
     fus.dedup, fus.dedup_in_training = "auto", False  # auto: off under dropout, no error
     assert fus(torch.tensor([1, 1, 2], device=DEV)).shape == (3, 32)
 
+
+
+def test_recorded_dropout_masks_are_one_calls_set_under_threads():
+    """record_dropout_masks from calls in several threads (different M each): the dict ends holding one call's
+    complete set of sites, never some sites from one call and some from another (a replay of a mix raised a
+    shape error at best, or replayed masks the kernels never drew)."""
+    from conftest import race
+
+    require_ext("cpu")
+    torch.manual_seed(current_seed())
+    ref = sk.SeqPE(embed_dim=16, num_heads=2, max_digits=3, num_layers=3, resid_pdrop=0.2, attn_pdrop=0.2)
+    fus = sk.FusedSeqPE.from_reference(ref, backend="cpu").train()
+    pos = [torch.randint(0, 1000, (4 + 3 * t,)) for t in range(4)]
+    mixed = []
+
+    def work(r, t, bar):
+        bar.wait()
+        fus(pos[t])
+
+    for _ in range(30):
+        fus.record_dropout_masks = {}
+        race(work, rounds=1, threads=4)
+        ms = {v.shape[0] for v in fus.record_dropout_masks.values()}
+        assert len(fus.record_dropout_masks) == 9
+        if len(ms) != 1:
+            mixed.append(sorted(ms))
+    assert not mixed, f"masks of several calls mixed in one record: M = {mixed}"

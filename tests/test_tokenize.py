@@ -253,3 +253,39 @@ def test_bad_inputs(positions, kwargs, exc, match):
     K = kwargs.pop("max_digits", 3)
     with pytest.raises(exc, match=match):
         tokenize(positions, K, **kwargs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_cases(), st.sampled_from(["list", "tuples", "numpy", "range"]))
+def test_prepare_seqpe_data_takes_python_lists_as_tensors(case, form):
+    """A Python list (ints, or tuples of ints for n-D; converted through numpy) gives what the same positions
+    as an int64 tensor give."""
+    import numpy as np
+
+    from seqpe_kernels.reference.tokenize import prepare_seqpe_data
+
+    base, K, data_dim, rows, _ = case
+    if not rows:
+        return
+    t = torch.tensor(rows, dtype=torch.int64)
+    if data_dim == 1:
+        t = t.reshape(-1)
+        raw = {"list": [r[0] for r in rows], "tuples": [r[0] for r in rows], "numpy": t.numpy(),
+               "range": range(rows[0][0], rows[0][0] + 1)}[form]
+        if form == "range":
+            t = torch.tensor([rows[0][0]])
+    else:
+        raw = {"list": [list(r) for r in rows], "tuples": [tuple(r) for r in rows],
+               "numpy": np.asarray(rows), "range": [tuple(r) for r in rows]}[form]
+    want = prepare_seqpe_data(t, K, base=base)
+    got = prepare_seqpe_data(raw, K, base=base)
+    assert got[0].dtype == torch.int64 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("raw", [[1.5, 2], [True, False], [(1, 2), (3,)], [2 ** 70], [-1, 2], ["7"]],
+                         ids=["float", "bool", "ragged", "huge", "negative", "str"])
+def test_prepare_seqpe_data_refuses_what_is_not_a_position(raw):
+    from seqpe_kernels.reference.tokenize import prepare_seqpe_data
+
+    with pytest.raises((TypeError, ValueError)):
+        prepare_seqpe_data(raw, 5)

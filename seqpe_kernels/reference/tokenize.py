@@ -153,6 +153,7 @@ def _as_positions(raw, device) -> torch.Tensor:
     if isinstance(raw, torch.Tensor):
         pos = raw
     else:
+        np = None
         try:
             import numpy as np
 
@@ -164,8 +165,21 @@ def _as_positions(raw, device) -> torch.Tensor:
             pos = raw
         else:
             raw = list(raw)
+            arr = None
+            if raw and np is not None:
+                # a list of ints / of int tuples through numpy: ~3.5x faster than torch.tensor on 2-D tuples (the
+                # data side of a ViT step). Only a signed-integer result is taken; anything else (floats, bools,
+                # ragged rows, ints past int64) goes to torch.tensor below for its dtype or its error
+                try:
+                    arr = np.asarray(raw)
+                except (TypeError, ValueError, OverflowError, RuntimeError):
+                    arr = None
+                if arr is not None and arr.dtype.kind != "i":
+                    arr = None
             if not raw:
                 pos = torch.empty(0, dtype=torch.int64)
+            elif arr is not None:
+                pos = torch.from_numpy(arr)
             else:
                 try:  # dtype inferred, not forced: int64 would truncate 1.5 to 1 (check_positions refuses floats)
                     pos = torch.tensor(raw)

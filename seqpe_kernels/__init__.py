@@ -19,9 +19,10 @@ from .fused import FusedSeqPE
 from .backend import available_backends
 from .checkpoint import load_checkpoint, save_checkpoint
 from .savings import GraphedSeqPE, SeqPECache, dedup_forward, prefix_shared_forward
+from .savings.graphs import GraphReplayError  # what GraphedSeqPE raises instead of replaying garbage
 from .patch import patch, unpatch, prepare_seqpe_data  # binds seqpe_kernels.patch to the function (see patch.py)
 
 __version__ = "0.1.0"
 __all__ = ["SeqPE", "FusedSeqPE", "tokenize", "max_digits_for", "load_checkpoint", "save_checkpoint",
            "available_backends", "SeqPECache", "dedup_forward", "prefix_shared_forward", "GraphedSeqPE",
-           "patch", "unpatch", "prepare_seqpe_data", "__version__"]
+           "GraphReplayError", "patch", "unpatch", "prepare_seqpe_data", "__version__"]

@@ -1447,3 +1447,11 @@ def test_replays_on_two_streams_are_ordered():
                 b = g(p2)  # the static buffer itself
             torch.cuda.synchronize()
             assert rel(a, want1) <= 1e-5 and rel(b, want2) <= 1e-5
+
+
+def test_graph_replay_error_is_importable_from_the_package():
+    """The README tells users to catch it: ``seqpe_kernels.GraphReplayError`` is the class GraphedSeqPE raises."""
+    import seqpe_kernels as sk
+    from seqpe_kernels.savings.graphs import GraphReplayError
+
+    assert sk.GraphReplayError is GraphReplayError and "GraphReplayError" in sk.__all__

@@ -687,3 +687,43 @@ def test_check_table_names_the_single_draw_tail_of_a_low_precision_failure():
     assert "re-run with other seeds" in table("bf16", one)
     assert "re-run with other seeds" not in table("fp32", one)
     assert "re-run with other seeds" not in table("bf16", many)
+
+
+# --- flag plumbing: every flag reaches its run_bench / run_check argument (a dropped --seed printed a seed that
+# did not replay; mutation campaign 2026-12-02)
+def test_bench_flags_reach_run_bench(monkeypatch, tmp_path):
+    """Every bench flag lands in its run_bench argument (mutants: --seed, --mode, --sweep-m dropped)."""
+    import seqpe_kernels.bench as B
+
+    seen = {}
+
+    def fake(configs, **kw):
+        seen.update(kw, configs=configs)
+        return [dict(provider="eager", status="ok", mode="nograd", note="")]
+
+    monkeypatch.setattr(B, "run_bench", fake)
+    argv = ["bench", "--config", "text-default", "--provider", "eager", "--mode", "nograd", "forward",
+            "--sweep", "--sweep-m", "4", "8", "--seed", "7", "--threads", "3", "--csv", "none", "--png", "none",
+            "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert seen["configs"] == ["text-default"] and seen["providers"] == ["eager"]
+    assert seen["modes"] == ["nograd", "forward"] and seen["sweep"] is True and seen["sweep_ms"] == [4, 8]
+    assert seen["seed"] == 7 and seen["threads"] == 3 and seen["csv_path"] is None and seen["png_path"] is None
+    assert seen["progress"] is False and seen["device"] == "cpu" and seen["M"] is None
+    seen.clear()
+    assert cli.main(["bench", "--quick", "--M", "9", "--csv", "none", "--png", "none"]) == 0
+    assert seen["quick"] is True and seen["M"] == 9 and seen["sweep"] is False
+
+
+def test_check_flags_reach_run_check(monkeypatch):
+    """--seed / --threads / --backend / --dtype / --device reach run_check (mutants: --seed and --threads dropped:
+    the printed seed would not replay, and --threads would not test the parallel loops)."""
+    from seqpe_kernels import check as check_mod
+
+    seen = {}
+    monkeypatch.setattr(check_mod, "run_check", lambda **kw: seen.update(kw) or True)
+    assert cli.main(["check", "--device", "cpu", "--backend", "torch", "--dtype", "fp32", "--seed", "11",
+                     "--threads", "2"]) == 0
+    assert seen == dict(device="cpu", dtypes=["fp32"], backends=["torch"], seed=11, threads=2)
+    monkeypatch.setattr(check_mod, "run_check", lambda **kw: False)
+    assert cli.main(["check", "--device", "cpu"]) == 1

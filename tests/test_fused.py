@@ -770,3 +770,37 @@ def test_recorded_dropout_masks_are_one_calls_set_under_threads():
         if len(ms) != 1:
             mixed.append(sorted(ms))
     assert not mixed, f"masks of several calls mixed in one record: M = {mixed}"
+
+
+# --- backend resolution (mutation campaign 2026-12-02: auto's order and Triton's token limit were unguarded)
+def _fake_status(table):
+    return lambda name, device: table[name]
+
+
+@pytest.mark.parametrize("dev,usable,want", [
+    ("cuda", {"torch", "triton", "cuda"}, "triton"),   # auto on CUDA: Triton first (mutant: the extension)
+    ("cuda", {"torch", "cuda"}, "cuda"),
+    ("cpu", {"torch", "cpu"}, "cpu"),                  # auto on CPU: the C++ extension first (mutant: torch)
+    ("cpu", {"torch"}, "torch"),
+])
+def test_auto_picks_the_documented_backend(dev, usable, want, monkeypatch):
+    import warnings
+
+    import seqpe_kernels.backend as B
+
+    table = {b: ((True, "ok") if b in usable else (False, "not here")) for b in B.BACKENDS}
+    monkeypatch.setattr(B, "status", _fake_status(table))
+    monkeypatch.delenv("SEQPE_KERNELS_BACKEND", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback warning is tested elsewhere)
+        assert B.resolve(sk.FusedSeqPE(32, 2, 3), "auto", torch.device(dev)) == want
+    assert B.auto_choice(torch.device(dev)).split()[0] == want
+
+
+def test_triton_takes_exactly_32_tokens():
+    """MAX_TRITON_T = 32 tokens per sequence, CLS included: T = 32 runs on Triton, T = 33 does not (mutant: T = 32
+    refused, so 'auto' silently fell back to torch for it)."""
+    import seqpe_kernels.backend as B
+
+    assert B.config_problem(sk.FusedSeqPE(32, 2, 31), "triton") is None           # T = 1 * 31 + 1
+    assert "T=33" in B.config_problem(sk.FusedSeqPE(32, 2, 16, data_dim=2), "triton")

@@ -488,3 +488,25 @@ print("ok" if not bad else f"{len(bad)} bad: {bad[:3]}")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout[-500:], r.stderr[-1500:])
+
+
+# --- seqpe_kernels.launches.count_launches must not undercount (the launch-count guards bound from above only;
+# mutation campaign 2026-12-02)
+def _count(fn):
+    from seqpe_kernels.launches import count_launches
+
+    fn()  # warm-up, as count_launches asks
+    return count_launches(fn)
+
+
+def test_an_operator_that_allocates_its_output_is_counted():
+    """native_layer_norm calls aten::empty for its outputs: it is still one kernel (mutant: an operator with any
+    child event -- an allocation included -- was read as a composite and dropped: layer_norm counted 0)."""
+    x = torch.randn(8, 8)
+    assert _count(lambda: torch.nn.functional.layer_norm(x, (8,))) == (1, 0)
+
+
+def test_a_copy_is_a_kernel():
+    """aten::copy_ moves data (a kernel on a GPU): counted (mutant: treated as a view / allocation)."""
+    x, y = torch.randn(64), torch.empty(64)
+    assert _count(lambda: y.copy_(x)) == (1, 0)

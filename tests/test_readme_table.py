@@ -104,3 +104,40 @@ def test_malformed_inputs_are_clear_errors(tmp_path, capsys):
     assert RT.main([str(tmp_path)]) == 2  # a directory
     assert RT.main([str(ok), "--out", str(ok / "x.md")]) == 2  # --out under a file
     assert "readme_table: --out" in capsys.readouterr().err
+
+
+# --- verdict edge cases (mutation campaign 2026-12-02)
+def _targets(tmp_path, capsys, rows):
+    path = tmp_path / "b.csv"
+    write_csv(rows, str(path))
+    assert RT.main([str(path)]) == 0
+    return capsys.readouterr().out.split("**Targets")[1]
+
+
+def test_a_wrong_provider_gets_no_target_verdict(tmp_path, capsys):
+    """A provider bench marked WRONG (its numbers are off) is no result: no 'met' for it (mutant: _full accepted
+    status 'wrong', so a wrong fast kernel 'met' the 4x target)."""
+    t = _targets(tmp_path, capsys, [
+        _row("text-default", "eager", "full", 8.0, eager_ms=8.0),
+        _row("text-default", "cuda-graph", "full", 1.0, status="wrong"),  # bench writes no speed-up for it
+        _row("text-default", "triton", "full", 4.0, eager_ms=8.0)])
+    assert "| cuda-graph |" not in t and "| triton | 2.00× NOT met |" in t, t
+
+
+def test_verdicts_need_every_row_at_the_spec_M(tmp_path, capsys):
+    """A CSV with the spec M and another M (a sweep) gets no verdict (mutant: 'spec M among the Ms' was enough,
+    and the verdict could read the other M's row)."""
+    M = CONFIGS["text-default"].M
+    t = _targets(tmp_path, capsys, [
+        _row("text-default", "eager", "full", 1.0, eager_ms=1.0, M=64),
+        _row("text-default", "triton", "full", 0.1, eager_ms=1.0, M=64),
+        _row("text-default", "eager", "full", 8.0, eager_ms=8.0, M=M),
+        _row("text-default", "triton", "full", 4.0, eager_ms=8.0, M=M)])
+    assert "no verdict" in t and "met" not in t, t
+
+
+def test_a_target_met_exactly_is_met(tmp_path, capsys):
+    """'≥ 4×': exactly 4x eager is met (mutant: strictly greater)."""
+    t = _targets(tmp_path, capsys, [_row("text-default", "eager", "full", 8.0, eager_ms=8.0),
+                                    _row("text-default", "triton", "full", 2.0, eager_ms=8.0)])
+    assert "| triton | 4.00× met |" in t, t

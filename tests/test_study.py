@@ -168,3 +168,15 @@ def test_from_json_refuses_flags_it_would_ignore(flag, tmp_path, capsys, monkeyp
     assert cli.main(["study", "--from-json", str(path)] + flag) == 2
     assert f"{flag[0]} would be ignored" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_table_cells_are_mean_std_and_the_mean_ratio_over_seeds():
+    """A cell is mean ± std (ddof 1) over seeds; the last column the mean ± std of the per-seed ratio
+    largest-scale / smallest-scale (mutants: the cell's spread as max - mean, the ratio of the last seed only --
+    the suite's rows had equal per-seed ratios and one-value cells)."""
+    vals = {1.0: (10.0, 12.0), 4.0: (12.0, 16.8)}  # per-seed ratios 1.2 and 1.4
+    rows = [dict(task="lm", pe="a", seed=s, scale=sc, length=int(8 * sc), metric="perplexity", value=v, status="ok")
+            for sc, vs in vals.items() for s, v in enumerate(vs)]
+    table = S.format_table({"rows": rows, "task": "lm"}, markdown=True)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| a |"))
+    assert line == "| a | 11.00 ± 1.41 | 14.40 ± 3.39 | +30.0 % ± 14.1 |", line

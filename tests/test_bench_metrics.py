@@ -4,6 +4,7 @@ fails on a mutant of the 2026-12-02 campaign that gave a wrong verdict or number
 1.0 and that the rest are positive). CPU, fast."""
 import math
 
+import pytest
 import torch
 
 from conftest import current_seed
@@ -94,8 +95,7 @@ def test_cpu_peak_memory_is_the_calls_own():
         return float(x[::4096].sum())
 
     mb, note = _peak_mem_mb(fn, lambda: None, torch.device("cpu"))
-    if mb != mb:
-        import pytest
+    if math.isnan(mb):  # no /proc/self/clear_refs or VmHWM (not Linux, or a restricted container)
         pytest.skip(note)
     assert 40.0 <= mb <= 200.0, (mb, note)
 

@@ -31,6 +31,11 @@ def _check_with_broken_fused(monkeypatch, wrap=None, edit=None):
         return m
 
     monkeypatch.setattr(check, "_fused_from", broken)
+    return _run_tiny()
+
+
+def _run_tiny():
+    """run_check of TINY on the torch backend: (ok, printed table)."""
     buf = io.StringIO()
     ok = check.run_check(device="cpu", backends=["torch"], cases=[TINY], seed=current_seed() % 2 ** 31, file=buf)
     return ok, buf.getvalue()
@@ -59,9 +64,7 @@ def test_check_fails_a_reference_5e_5_off_its_fp64_run(monkeypatch):
         return ref
 
     monkeypatch.setattr(check, "_random_module", perturbed)
-    buf = io.StringIO()
-    ok = check.run_check(device="cpu", backends=["torch"], cases=[TINY], seed=current_seed() % 2 ** 31, file=buf)
-    table = buf.getvalue()
+    ok, table = _run_tiny()
     rows = [ln for ln in table.splitlines() if ln.startswith("reference-fp64")]
     assert not ok and rows and all(" FAIL" in ln for ln in rows), table
 

@@ -773,10 +773,6 @@ def test_recorded_dropout_masks_are_one_calls_set_under_threads():
 
 
 # --- backend resolution (mutation campaign 2026-12-02: auto's order and Triton's token limit were unguarded)
-def _fake_status(table):
-    return lambda name, device: table[name]
-
-
 @pytest.mark.parametrize("dev,usable,want", [
     ("cuda", {"torch", "triton", "cuda"}, "triton"),   # auto on CUDA: Triton first (mutant: the extension)
     ("cuda", {"torch", "cuda"}, "cuda"),
@@ -789,7 +785,7 @@ def test_auto_picks_the_documented_backend(dev, usable, want, monkeypatch):
     import seqpe_kernels.backend as B
 
     table = {b: ((True, "ok") if b in usable else (False, "not here")) for b in B.BACKENDS}
-    monkeypatch.setattr(B, "status", _fake_status(table))
+    monkeypatch.setattr(B, "status", lambda name, device: table[name])
     monkeypatch.delenv("SEQPE_KERNELS_BACKEND", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the fallback warning is tested elsewhere)

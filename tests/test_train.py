@@ -425,13 +425,20 @@ def test_shift_pool_smaller_than_the_windows_fails_before_the_first_step():
     assert not any("step" in str(a) for a in steps)
 
 
+def _tiny_built(task, **kw):
+    """(resolved config, encoder, model) of a tiny run on CPU, built as train() builds them."""
+    cfg = T.resolve_config(T.TrainConfig(task=task, backend="torch", device="cpu", pe_dim=16, pe_heads=2,
+                                         pe_layers=1, model_dim=16, model_layers=1, model_heads=2, progress=False,
+                                         **kw))
+    enc, model, _ = T._build(cfg, torch.device("cpu"), num_classes=4)
+    return cfg, enc, model
+
+
 @pytest.mark.parametrize("task", ["lm", "vit"])
 def test_encoder_weight_decay_groups_follow_each_reference_pipeline(task):
     """SEQPE_SPEC §8.2 item 8: the text pipeline decays every encoder parameter whose name matches none of
     no_weight_decay_keywords (biases included); the image pipeline decays matrices only."""
-    cfg = T.resolve_config(T.TrainConfig(task=task, backend="torch", device="cpu", pe_dim=16, pe_heads=2,
-                                         pe_layers=1, model_dim=16, model_layers=1, model_heads=2, progress=False))
-    enc, model, _ = T._build(cfg, torch.device("cpu"), num_classes=4)
+    cfg, enc, model = _tiny_built(task)
     groups = T._param_groups(enc, model, cfg)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     # SEQPE_SPEC §2's set, written out (the module's own list as the oracle could not see one dropped from it)
@@ -449,11 +456,8 @@ def test_encoder_weight_decay_groups_follow_each_reference_pipeline(task):
 def test_encoder_trains_at_pe_lr_and_the_model_at_lr(task, pe_lr):
     """The image pipeline trains the encoder 10x slower than the model (config.py: the difference between
     learning and collapsing); an explicit pe_lr applies to the encoder on either task, lr to the model."""
-    cfg = T.resolve_config(T.TrainConfig(task=task, backend="torch", device="cpu", pe_dim=16, pe_heads=2,
-                                         pe_layers=1, model_dim=16, model_layers=1, model_heads=2, pe_lr=pe_lr,
-                                         progress=False))
+    cfg, enc, model = _tiny_built(task, pe_lr=pe_lr)
     assert cfg.pe_lr is not None and cfg.pe_lr != cfg.lr
-    enc, model, _ = T._build(cfg, torch.device("cpu"), num_classes=4)
     lr_of = {id(p): g["lr"] for g in T._param_groups(enc, model, cfg) for p in g["params"]}
     assert {lr_of[id(p)] for p in enc.parameters()} == {cfg.pe_lr}
     assert {lr_of[id(p)] for p in model.parameters()} == {cfg.lr}

@@ -249,6 +249,12 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
+def _causal_allowed(Nq: int, Nk: int, device) -> torch.Tensor:
+    """[Nq, Nk] bool, True where query i may attend key j: j <= Nk - Nq + i (bottom-right aligned: with cached
+    keys, query i sits at key Nk - Nq + i, as GPT-2's mask slice has it)."""
+    return torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(Nk - Nq)
+
+
 def _sdpa_mask(attn_mask: Optional[torch.Tensor], causal: bool, Nq: int, Nk: int, device: torch.device):
     """(mask, is_causal) for SDPA: with both a mask and ``causal`` the causal part is folded into the mask (SDPA
     takes one or the other; dropping ``causal`` silently let queries see the future). The causal diagonal is
@@ -259,7 +265,7 @@ def _sdpa_mask(attn_mask: Optional[torch.Tensor], causal: bool, Nq: int, Nk: int
         return attn_mask, False
     if attn_mask is None and Nq == Nk:
         return None, True
-    allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(Nk - Nq)
+    allowed = _causal_allowed(Nq, Nk, device)
     if attn_mask is None:
         return allowed, False
     if attn_mask.dtype == torch.bool:
@@ -320,8 +326,7 @@ def attn_scalar_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pq: 
     bias = attn_scalar_bias(pq, pk, scalar_scale)
     w = window_broadcast(torch.matmul(q, k.transpose(-1, -2)), bias, torch.add) * sc
     if causal:
-        N, Nk = q.shape[-2], k.shape[-2]
-        allowed = torch.ones(N, Nk, dtype=torch.bool, device=q.device).tril(Nk - N)
+        allowed = _causal_allowed(q.shape[-2], k.shape[-2], q.device)
         w = w + (~allowed).to(w.dtype) * torch.finfo(w.dtype).min
     w = F.softmax(w, dim=-1).to(v.dtype)
     w = F.dropout(w, dropout_p, training)
@@ -340,7 +345,7 @@ def alibi_attn_mask(pe: torch.Tensor, batch_size: Optional[int] = None, causal: 
     d = c[..., :, None] - c[..., None, :]  # m_h (p_i - p_j)
     if causal:
         N = c.shape[-1]
-        allowed = torch.ones(N, N, dtype=torch.bool, device=pe.device).tril()
+        allowed = _causal_allowed(N, N, pe.device)
         mask = torch.where(allowed, -d, torch.full_like(d, float("-inf")))
     else:
         mask = -d.abs()

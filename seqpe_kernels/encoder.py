@@ -597,6 +597,9 @@ class PythonRunner:
             versions = [p._version if p is not None else 0 for p in params]
         except RuntimeError:  # an inference tensor (no version counter)
             versions = [_version(p) for p in params]
+        # the backward reads the digit ids / positions and the pad mask again (the C++ node saves them, which
+        # checks the same): modified in place before it, the gradients would silently follow the new values
+        versions += [_input_version(x), _input_version(pad)]
         return out, [x, pad, seeds, params, versions, S]
 
     def backward(self, plan, gout, state, needs, release: bool):
@@ -606,6 +609,9 @@ class PythonRunner:
         for i, (p, v) in enumerate(zip(params, versions)):
             if p is not None and p._version != v:
                 raise RuntimeError(_modified(i, p._version, v))
+        for what, t, v in (("digit ids / positions", x, versions[-2]), ("pad mask", pad, versions[-1])):
+            if v is not None and t._version != v:
+                raise RuntimeError(_input_modified(what, t._version, v))
         grads = backward(plan, self.prims, gout, x, pad, seeds, params, S, needs)
         if release:
             state[:] = [None] * len(state)
@@ -621,6 +627,18 @@ def _version(p: Optional[torch.Tensor]) -> int:
                            "created under torch.inference_mode(); rebuild or clone it outside inference mode to "
                            "train it.)")
     return p._version
+
+
+def _input_version(t: Optional[torch.Tensor]) -> Optional[int]:
+    """An input's version, or None for none or an inference tensor (no counter; it cannot be modified outside
+    inference mode)."""
+    return None if t is None or t.is_inference() else t._version
+
+
+def _input_modified(what, now, then):
+    return ("one of the variables needed for gradient computation has been modified by an inplace operation: the "
+            f"{what} of the fused SeqPE encoder (its backward reads them again) at version {now}; expected "
+            f"version {then} instead. Modify it after backward (optimizer.step() after backward), or pass a copy.")
 
 
 _SECOND_BACKWARD = ("Trying to backward through the fused SeqPE encoder a second time (its saved activations were "
@@ -639,7 +657,27 @@ def ext_encoder(plan: Plan, ops, x, pad, seeds, params, clamp_rows: bool) -> tor
     """The C++/CUDA backends: one ``seqpe_ext::encoder`` call, which carries its own C++ autograd node
     (csrc/encoder.cpp); the parameters are passed as the list of those present."""
     icfg, fcfg = plan.ext_config(clamp_rows)
-    return ops.encoder.default(x, pad, seeds, [p for p in params if p is not None], icfg, fcfg)
+    present = [p for p in params if p is not None]
+    out = ops.encoder.default(x, pad, seeds, present, icfg, fcfg)
+    if out.grad_fn is not None and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        _guard_saved(out.grad_fn, x, pad, present)
+    return out
+
+
+def _guard_saved(node, x, pad, params) -> None:
+    """Under saved-tensor hooks autograd does not check the versions of what a node saved (and ``save_on_cpu``
+    keeps a CPU tensor by reference, not a copy): a parameter, digit-id or position tensor modified in place before
+    the backward would silently give the gradients of its new values, as eager's do there. The C++ node's inputs
+    are checked before its backward instead (the Triton node checks its own always)."""
+    seen = [(f"parameter {i}", p, _input_version(p)) for i, p in enumerate(params)]
+    seen += [("digit ids / positions", x, _input_version(x)), ("pad mask", pad, _input_version(pad))]
+
+    def check(grad_outputs):
+        for what, t, v in seen:
+            if v is not None and t._version != v:
+                raise RuntimeError(_input_modified(what, t._version, v))
+
+    node.register_prehook(check)
 
 
 class EncoderFunction(torch.autograd.Function):

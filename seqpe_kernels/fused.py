@@ -251,7 +251,12 @@ class FusedSeqPE(SeqPE):
             # none (one Python-level call less per step).
             seeds = torch.randint(0, 2 ** 31 - 1, (3 * plan.nl,), device=dev, dtype=torch.int64)
         if pad_mask is not None:
+            given = pad_mask
             pad_mask = pad_mask.to(torch.float32).contiguous()
+            if pad_mask is given and torch.is_grad_enabled() and not compiling:
+                # the backward reads the mask again: a private copy, so that a caller refilling theirs before the
+                # backward gets the gradients of this call, as from the eager module (which keeps none of it)
+                pad_mask = pad_mask.clone()
         if rec is not None and seeds is not None:
             from .ops._common import IMPL_EXT, IMPL_TRITON
 

@@ -3,6 +3,8 @@ backends): one node per call, autograd's own contracts kept (retain_graph, a sec
 parameter updates between forward and backward refused, frozen parameters, gradient accumulation), on every
 usable fused backend. Parity of outputs and gradients is tested in test_fused.py / test_ext.py / test_layouts.py,
 which all run through this boundary."""
+import contextlib
+
 import pytest
 import torch
 
@@ -73,16 +75,76 @@ def test_no_grad_call_saves_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_parameter_changed_between_forward_and_backward_raises(backend):
+@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "save_on_cpu"])
+def test_parameter_changed_between_forward_and_backward_raises(backend, hooks):
     """An in-place parameter update between forward and backward (an optimizer step) raises, as autograd does for
-    any saved tensor, instead of mixing old activations with new weights."""
+    any saved tensor, instead of mixing old activations with new weights. Also under saved-tensor hooks, where
+    autograd skips its version check and save_on_cpu keeps CPU tensors by reference (eager computes silently with
+    the new weights there)."""
     _seed()
     _, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, backend=backend)
-    y = fus(random_positions(3, 3, 1))
+    with torch.autograd.graph.save_on_cpu() if hooks else contextlib.nullcontext():
+        y = fus(random_positions(3, 3, 1))
     with torch.no_grad():
         fus.transformers[0].mlp.c_fc.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+# What each input becomes between forward and backward, and what must follow: "raise" (as eager autograd raises
+# for the digit ids its embedding saved), or "same" (eager keeps no reference to it, so its gradients are those of
+# the values at forward time: the pad mask, positions of a dtype the call converts). int64 positions are read
+# again by the fused backward and raise, where eager (which keeps its own digits) computes on.
+INPUT_WRITES = {"digits": "raise", "pad mask": "same", "positions int64 [M]": "raise",
+                "positions int64 [M, 2]": "raise", "positions int32 [M]": "same"}
+
+
+@pytest.mark.parametrize("what", list(INPUT_WRITES))
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "save_on_cpu"])
+def test_inputs_changed_between_forward_and_backward(backend, what, hooks):
+    """A caller refilling its position / digit / mask buffer before the backward (two calls on one buffer, then
+    one backward) never gets gradients of the new values: the backward raises or uses the values of the call. On
+    the Triton backend the digit ids and int64 positions were read again silently (token-embedding gradient 0.4-0.5
+    off), and on both backends a refilled float32 pad mask gave wrong gradients (Triton) or raised (C++) where
+    eager computes on."""
+    _seed()
+    d = 2 if "[M, 2]" in what else 1
+    masked = what in ("digits", "pad mask")
+    ref, fus = perturbed_pair(embed_dim=32, num_heads=2, max_digits=3, data_dim=d, mask_padding=masked,
+                              backend=backend)
+    fus.dedup = "off"  # (deduplication would hand the kernels new position tensors: nothing to test)
+    pos = random_positions(5, 3, d).to(torch.int32 if "int32" in what else torch.int64)
+    pos[0] = 7  # padded digits in the batch
+    if masked:
+        dg, pm = (t.clone() for t in ref.tokenize(pos))
+        assert pm.dtype == torch.float32 and pm.is_contiguous()  # (a mask of another dtype is converted: a copy)
+        call = lambda m: m.forward_digits(dg, pm)  # noqa: E731
+        buf = dg if what == "digits" else pm
+        refill = (lambda: dg.copy_(torch.randint(0, 10, dg.shape, device=dg.device))) if what == "digits" \
+            else (lambda: pm.copy_(1 - pm))
+    else:
+        call = lambda m: m(pos)  # noqa: E731
+        buf = pos
+        refill = lambda: pos.copy_(random_positions(5, 3, d).view(pos.shape))  # noqa: E731
+    g = torch.randn(5, 32, device=DEV)
+    call(ref).backward(g)  # the truth: eager, the buffer untouched
+    with torch.autograd.graph.save_on_cpu() if hooks else contextlib.nullcontext():
+        y = call(fus)
+    before = buf.clone()
+    refill()
+    assert not torch.equal(buf, before)
+    if INPUT_WRITES[what] == "raise" and not hooks:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(g)
+        return
+    try:
+        y.backward(g)
+    except RuntimeError as e:  # under save_on_cpu: raising or the gradients of the saved copy, never the new values
+        assert hooks and INPUT_WRITES[what] == "raise" and "modified by an inplace operation" in str(e), e
+        return
+    for (n, pr), pf in zip(ref.named_parameters(), fus.parameters()):
+        assert rel(pf.grad, pr.grad) <= 1e-5, f"{backend} {what}: grad {n} rel err {rel(pf.grad, pr.grad):.3e}"
 
 
 def _grads(m):

@@ -148,7 +148,9 @@ void allow_smem(K kernel, size_t bytes) {
 #endif
 
 // ==================================================================================== digit embedding
-constexpr int kMaxDigits = 32;
+// digits per coordinate the in-kernel tokenizer takes (positions < base**K <= 2**62, so K <= 62 at base 2; the digit
+// ids interface has no power table and no limit)
+constexpr int kMaxDigits = 62;
 struct DigitP {
   const int64_t* x;
   int64_t sxm, M, L, T, D, K, base;
@@ -321,16 +323,18 @@ void chunk_sum(const acc_t* part, int64_t n_chunks, int64_t n, int64_t stride, a
 
 DigitP digit_params(const Tensor& x, int64_t M, int64_t L, int64_t T, int64_t D, int64_t K, int64_t base,
                     bool from_positions) {
-  TORCH_CHECK(K >= 1 && K <= kMaxDigits, "seqpe_ext::digit_embed (CUDA): max_digits must lie in [1, ", kMaxDigits,
-              "]");
+  TORCH_CHECK(K >= 1 && (K <= kMaxDigits || !from_positions), "seqpe_ext::digit_embed (CUDA): max_digits must lie in "
+              "[1, ", kMaxDigits, "] for positions");
   DigitP a{};
   a.x = x.data_ptr<int64_t>();
   a.sxm = x.dim() == 2 ? x.size(1) : 1;
   a.M = M, a.L = L, a.T = T, a.D = D, a.K = K, a.base = base, a.from_positions = from_positions;
-  int64_t v = 1;
-  for (int64_t s = K - 1; s >= 0; --s) {
-    a.pw[s] = v;
-    v *= base;
+  if (from_positions) {  // pw[s] = base**(K-1-s); the digit ids interface reads none
+    int64_t v = 1;
+    for (int64_t s = K - 1; s >= 0; --s) {
+      a.pw[s] = v;
+      if (s > 0) v *= base;
+    }
   }
   return a;
 }

@@ -668,7 +668,8 @@ def _guard_saved(node, x, pad, params) -> None:
     """Under saved-tensor hooks autograd does not check the versions of what a node saved (and ``save_on_cpu``
     keeps a CPU tensor by reference, not a copy): a parameter, digit-id or position tensor modified in place before
     the backward would silently give the gradients of its new values, as eager's do there. The C++ node's inputs
-    are checked before its backward instead (the Triton node checks its own always)."""
+    are checked before its backward instead (the Triton node checks its own always). The hook holds the positions
+    and mask on their device past an offloading hook's copy: [M, d] / [M, L], small beside the activations."""
     seen = [(f"parameter {i}", p, _input_version(p)) for i, p in enumerate(params)]
     seen += [("digit ids / positions", x, _input_version(x)), ("pad mask", pad, _input_version(pad))]
 

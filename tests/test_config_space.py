@@ -47,6 +47,7 @@ from seqpe_kernels.check import FP32_RTOL, ErrStats, judge_two_error
 
 from conftest import HAS_CUDA, require_ext
 from test_fused import perturbed_pair, rel
+from test_layouts import _grad_out
 
 # backend -> (examples per run, the largest T = data_dim * max_digits + 1 it is asked to run)
 BACKENDS = {"cpu": (60, 40), "cuda-emu": (25, 40), "triton": (8, MAX_TRITON_T), "cuda": (40, 40)}
@@ -54,15 +55,21 @@ TRITON_DEV = "cuda" if HAS_CUDA else "cpu"
 HEAD_WIDTHS = [1, 2, 3, 5, 8, 16, 24]
 
 
-@st.composite
-def case(draw, max_T):
-    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+def _heads_and_width(draw, min_D):
+    """(heads, width D): head widths from HEAD_WIDTHS, D at least ``min_D`` (see the module docstring)."""
     H = draw(st.integers(1, 4))
     dh = draw(st.sampled_from(HEAD_WIDTHS))
     if dh * H > 64:  # (the interpreter's and the emulator's cost grows with width)
         dh = 16
-    while dh * H < (3 if dtype == torch.float64 else 8):  # small widths: see the module docstring
+    while dh * H < min_D:
         dh += 1
+    return H, dh * H
+
+
+@st.composite
+def case(draw, max_T):
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    H, D = _heads_and_width(draw, 3 if dtype == torch.float64 else 8)
     d = draw(st.integers(1, 3))
     K = draw(st.integers(1, min(6, (max_T - 1) // d)))
     if draw(st.integers(0, 7)) == 0:  # now and then the longest sequence the backend takes
@@ -70,7 +77,7 @@ def case(draw, max_T):
     base = draw(st.sampled_from([2, 3, 10, 16]))
     while base ** K > 2 ** 62:  # (positions are int64)
         base -= 1
-    cfg = dict(embed_dim=H * dh, num_heads=H, max_digits=K, data_dim=d, base=base,
+    cfg = dict(embed_dim=D, num_heads=H, max_digits=K, data_dim=d, base=base,
                num_layers=draw(st.integers(1, 3)), attn_direction=draw(st.sampled_from(["causal", "bi"])),
                mask_padding=draw(st.booleans()), use_last_layernorm=draw(st.booleans()),
                temperature=draw(st.sampled_from([0.5, 1.0, 2.0])),
@@ -100,14 +107,6 @@ def _positions(c, device):
     if c["repeats"] and M > 1:  # repeated rows: eval-mode deduplication encodes each once
         pos[M // 2:] = pos[: M - M // 2].clone()
     return pos[:, 0] if d == 1 else pos
-
-
-def _grad_out(shape, layout, dtype, device):
-    if layout == "dense":
-        return torch.randn(shape, dtype=dtype, device=device)
-    if layout == "transposed":
-        return torch.randn(shape[1], shape[0], dtype=dtype, device=device).t()
-    return torch.ones((), dtype=dtype, device=device).expand(shape)  # stride 0, as .sum() hands back
 
 
 def _run(backend, c, device="cpu"):
@@ -205,11 +204,7 @@ def test_gpu_cuda_encoder_any_configuration(c):
 # ----------------------------------------------------------------------------- the authors' module, patched
 @st.composite
 def authors_case(draw):
-    H = draw(st.integers(1, 4))
-    dh = draw(st.sampled_from(HEAD_WIDTHS))
-    while dh * H < 8:  # (float32: see the module docstring)
-        dh += 1
-    D = min(dh * H, 64 - 64 % H)
+    H, D = _heads_and_width(draw, 8)  # (float32)
     d = draw(st.integers(1, 3))
     train = draw(st.booleans())
     cfg = dict(pe_embed_dim=D, num_attention_heads=H, layer_num=draw(st.integers(1, 3)),

@@ -73,14 +73,14 @@ def _layout(base: torch.Tensor, layout: str) -> torch.Tensor:
 LAYOUTS = ["contiguous", "column_major", "row_step", "col_step", "narrow", "expanded"]
 
 
-def _grad_out(shape, layout, dtype):
+def _grad_out(shape, layout, dtype, device=DEV):
     if layout == "dense":
-        return torch.randn(shape, device=DEV, dtype=dtype)
+        return torch.randn(shape, device=device, dtype=dtype)
     if layout == "transposed":
-        return torch.randn(shape[1], shape[0], device=DEV, dtype=dtype).t()
+        return torch.randn(shape[1], shape[0], device=device, dtype=dtype).t()
     if layout == "stride0":  # what .sum() hands back
-        return torch.ones((), device=DEV, dtype=dtype).expand(shape)
-    return torch.randn(shape[0], 2 * shape[1], device=DEV, dtype=dtype)[:, 1::2]  # "sliced"
+        return torch.ones((), device=device, dtype=dtype).expand(shape)
+    return torch.randn(shape[0], 2 * shape[1], device=device, dtype=dtype)[:, 1::2]  # "sliced"
 
 
 def _compare(ref, fus, call_ref, call_fus, gout_layout, what):
